@@ -1,0 +1,504 @@
+#include "comm/backend.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace disttrain::comm {
+namespace {
+
+RedOp to_redop(const c10d::ReduceOp& op) {
+  switch (op.op_) {
+    case c10d::ReduceOp::SUM: return RedOp::kSum;
+    case c10d::ReduceOp::AVG: return RedOp::kAvg;
+    case c10d::ReduceOp::PRODUCT: return RedOp::kProduct;
+    case c10d::ReduceOp::MIN: return RedOp::kMin;
+    case c10d::ReduceOp::MAX: return RedOp::kMax;
+    case c10d::ReduceOp::BAND: return RedOp::kBand;
+    case c10d::ReduceOp::BOR: return RedOp::kBor;
+    case c10d::ReduceOp::BXOR: return RedOp::kBxor;
+    default: break;
+  }
+  TORCH_CHECK_VALUE(false, "disttrain: reduce op ", static_cast<int>(op.op_),
+                    " (PREMUL_SUM) is not supported; use SUM and scale the tensor");
+}
+
+const at::Tensor& single(const std::vector<at::Tensor>& tensors, const char* op) {
+  TORCH_CHECK_VALUE(tensors.size() == 1, "disttrain: ", op, " takes exactly one tensor per rank, got ",
+                    tensors.size());
+  return tensors[0];
+}
+
+void check_cpu(const at::Tensor& t, const char* op) {
+  TORCH_CHECK_VALUE(t.defined(), "disttrain: ", op, " got an undefined tensor");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "disttrain: ", op, " got a tensor on ", t.device(),
+                    "; the disttrain backend handles CPU tensors (use NCCL for CUDA)");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "disttrain: ", op, " needs a dense tensor, got ", t.layout());
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* what) {
+  check_cpu(t, op);
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type() && t.numel() == ref.numel(), "disttrain: ", op, ": ",
+                    what, " has dtype ", t.scalar_type(), " and ", t.numel(), " elements, expected ",
+                    ref.scalar_type(), " and ", ref.numel());
+}
+
+// Finishes an AVG reduction: the wire carried the sum.
+void divide_by(at::Tensor& t, int world) {
+  if (at::isFloatingType(t.scalar_type())) {
+    t.div_(world);
+  } else {
+    TORCH_CHECK_VALUE(t.scalar_type() != at::kBool, "disttrain: AVG is not defined for bool tensors");
+    t.div_(world, "trunc");
+  }
+}
+
+void copy_back(at::Tensor& user, const at::Tensor& buffer) {
+  if (!user.is_same(buffer)) user.copy_(buffer.view(user.sizes()));
+}
+
+at::Tensor flat_cat(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> flat;
+  flat.reserve(ts.size());
+  for (const auto& t : ts) flat.push_back(t.reshape(-1));
+  return at::cat(flat);
+}
+
+void split_into(const at::Tensor& flat, std::vector<at::Tensor>& outs) {
+  int64_t off = 0;
+  for (auto& o : outs) {
+    o.copy_(flat.narrow(0, off, o.numel()).view(o.sizes()));
+    off += o.numel();
+  }
+}
+
+}  // namespace
+
+DisttrainWork::DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs)
+    : c10d::Work(rank, type),
+      seq_(seq),
+      outputs_(std::move(outputs)),
+      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {}
+
+void DisttrainWork::complete(std::exception_ptr error) {
+  if (error) {
+    future_->setError(error);
+  } else {
+    future_->markCompleted(c10::IValue(outputs_));
+  }
+  finish(error);
+}
+
+DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                   std::chrono::milliseconds timeout)
+    : c10d::Backend(rank, size),
+      transport_(std::make_unique<TcpTransport>(store, rank, size, timeout)),
+      timeout_(timeout),
+      sent_to_(size, 0),
+      received_from_(size, 0) {
+  worker_ = std::thread([this] { run_worker(); });
+}
+
+DisttrainBackend::~DisttrainBackend() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+void DisttrainBackend::run_worker() {
+  while (true) {
+    std::pair<c10::intrusive_ptr<DisttrainWork>, Task> item;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      if (stop_) {
+        for (auto& [work, task] : queue_) {
+          work->complete(std::make_exception_ptr(
+              c10::DistBackendError("disttrain: the process group was destroyed before this op ran", {})));
+        }
+        queue_.clear();
+        return;
+      }
+      item = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    std::exception_ptr error;
+    try {
+      transport_->check_alive();
+      item.second(Clock::now() + timeout_);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    item.first->complete(error);
+  }
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
+                                                         std::vector<at::Tensor> outputs, Task fn) {
+  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.emplace_back(work, std::move(fn));
+  }
+  cv_.notify_one();
+  return work;
+}
+
+OpSignature DisttrainBackend::signature(OpKind op, const at::Tensor& t, RedOp redop, uint64_t count, int64_t aux) {
+  return OpSignature{next_seq_++, op, static_cast<uint8_t>(t.scalar_type()), redop, count, aux};
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tensor>& tensors,
+                                                           const c10d::AllreduceOptions& opts) {
+  at::Tensor user = single(tensors, "all_reduce");
+  check_cpu(user, "all_reduce");
+  RedOp op = to_redop(opts.reduceOp);
+  reduce_kernel(user.scalar_type(), op);  // unsupported (dtype, op) fails here, in the caller
+  if (op == RedOp::kAvg) {
+    TORCH_CHECK_VALUE(user.scalar_type() != at::kBool, "disttrain: AVG is not defined for bool tensors");
+  }
+  OpSignature sig = signature(OpKind::kAllreduce, user, op, user.numel());
+  at::Tensor buf = user.contiguous();
+  int world = getSize();
+  return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::allreduce(*transport_, sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
+    if (op == RedOp::kAvg) divide_by(buf, world);
+    copy_back(user, buf);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,
+                                                                     const c10d::AllreduceCoalescedOptions& opts) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "disttrain: all_reduce_coalesced got no tensors");
+  for (auto& t : tensors) check_like(t, t, "all_reduce_coalesced", "tensor");
+  for (auto& t : tensors) {
+    TORCH_CHECK_VALUE(t.scalar_type() == tensors[0].scalar_type(),
+                      "disttrain: all_reduce_coalesced needs one dtype, got ", tensors[0].scalar_type(), " and ",
+                      t.scalar_type());
+  }
+  RedOp op = to_redop(opts.reduceOp);
+  reduce_kernel(tensors[0].scalar_type(), op);
+  at::Tensor flat = flat_cat(tensors);
+  OpSignature sig = signature(OpKind::kAllreduce, flat, op, flat.numel());
+  std::vector<at::Tensor> users = tensors;
+  int world = getSize();
+  return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
+    comm::allreduce(*transport_, sig, flat.data_ptr(), flat.numel(), flat.scalar_type(), dl);
+    if (op == RedOp::kAvg) divide_by(flat, world);
+    split_into(flat, users);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce(std::vector<at::Tensor>& tensors,
+                                                        const c10d::ReduceOptions& opts) {
+  at::Tensor user = single(tensors, "reduce");
+  check_cpu(user, "reduce");
+  RedOp op = to_redop(opts.reduceOp);
+  reduce_kernel(user.scalar_type(), op);
+  int root = static_cast<int>(opts.rootRank);
+  TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: reduce root ", root, " outside [0, ", getSize(), ")");
+  OpSignature sig = signature(OpKind::kReduce, user, op, user.numel(), root);
+  bool is_root = getRank() == root;
+  // Only the root's tensor receives the result; the others work on a copy.
+  at::Tensor buf = is_root ? user.contiguous() : user.clone(at::MemoryFormat::Contiguous);
+  int world = getSize();
+  return enqueue(c10d::OpType::REDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::allreduce(*transport_, sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
+    if (is_root) {
+      if (op == RedOp::kAvg) divide_by(buf, world);
+      copy_back(user, buf);
+    }
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::broadcast(std::vector<at::Tensor>& tensors,
+                                                           const c10d::BroadcastOptions& opts) {
+  at::Tensor user = single(tensors, "broadcast");
+  check_cpu(user, "broadcast");
+  int root = static_cast<int>(opts.rootRank);
+  TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: broadcast root ", root, " outside [0, ", getSize(),
+                    ")");
+  OpSignature sig = signature(OpKind::kBroadcast, user, RedOp::kNone, user.numel(), root);
+  at::Tensor buf = user.contiguous();
+  return enqueue(c10d::OpType::BROADCAST, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::broadcast(*transport_, sig, buf.data_ptr(), buf.nbytes(), root, dl);
+    copy_back(user, buf);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
+                                                                 const c10d::AllgatherOptions&) {
+  check_cpu(input, "all_gather_into_tensor");
+  check_cpu(output, "all_gather_into_tensor");
+  TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type() && output.numel() == input.numel() * getSize(),
+                    "disttrain: all_gather_into_tensor: output must have ", getSize(), " x ", input.numel(),
+                    " elements of ", input.scalar_type(), ", got ", output.numel(), " of ", output.scalar_type());
+  OpSignature sig = signature(OpKind::kAllgather, input, RedOp::kNone, input.numel());
+  at::Tensor in = input.contiguous();
+  at::Tensor out_user = output;
+  at::Tensor out = output.contiguous();
+  return enqueue(c10d::OpType::_ALLGATHER_BASE, sig.seq, {out_user}, [=, this](Deadline dl) mutable {
+    comm::allgather(*transport_, sig, in.data_ptr(), out.data_ptr(), in.nbytes(), dl);
+    copy_back(out_user, out);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                           std::vector<at::Tensor>& inputs,
+                                                           const c10d::AllgatherOptions&) {
+  at::Tensor input = single(inputs, "all_gather");
+  check_cpu(input, "all_gather");
+  TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(getSize()),
+                    "disttrain: all_gather needs a list of ", getSize(), " output tensors");
+  for (auto& o : outputs[0]) check_like(o, input, "all_gather", "an output tensor");
+  OpSignature sig = signature(OpKind::kAllgather, input, RedOp::kNone, input.numel());
+  at::Tensor in = input.contiguous();
+  std::vector<at::Tensor> outs = outputs[0];
+  int world = getSize();
+  return enqueue(c10d::OpType::ALLGATHER, sig.seq, outs, [=, this](Deadline dl) mutable {
+    at::Tensor flat = at::empty({in.numel() * world}, in.options());
+    comm::allgather(*transport_, sig, in.data_ptr(), flat.data_ptr(), in.nbytes(), dl);
+    split_into(flat, outs);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
+                                                                     std::vector<at::Tensor>& inputs,
+                                                                     const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "disttrain: allgather_coalesced needs one output list per input");
+  c10::intrusive_ptr<c10d::Work> last;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::vector<std::vector<at::Tensor>> o{outputs[i]};
+    std::vector<at::Tensor> in{inputs[i]};
+    last = allgather(o, in, opts);
+  }
+  return last;
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                                 std::vector<at::Tensor>& inputs,
+                                                                                 const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK_VALUE(outputs.size() == inputs.size() && !inputs.empty(),
+                    "disttrain: allgather_into_tensor_coalesced needs one output per input");
+  // Ops run in issue order, so the last one's completion implies the others'.
+  c10::intrusive_ptr<c10d::Work> last;
+  for (size_t i = 0; i < inputs.size(); ++i) last = _allgather_base(outputs[i], inputs[i], opts);
+  return last;
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                        std::vector<at::Tensor>& inputs,
+                                                        const c10d::GatherOptions& opts) {
+  at::Tensor input = single(inputs, "gather");
+  check_cpu(input, "gather");
+  int root = static_cast<int>(opts.rootRank);
+  TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: gather root ", root, " outside [0, ", getSize(), ")");
+  bool is_root = getRank() == root;
+  std::vector<at::Tensor> outs;
+  if (is_root) {
+    TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(getSize()),
+                      "disttrain: gather needs a list of ", getSize(), " output tensors on the root");
+    for (auto& o : outputs[0]) check_like(o, input, "gather", "an output tensor");
+    outs = outputs[0];
+  } else {
+    TORCH_CHECK_VALUE(outputs.empty() || outputs[0].empty(), "disttrain: gather takes output tensors on the root only");
+  }
+  OpSignature sig = signature(OpKind::kGather, input, RedOp::kNone, input.numel(), root);
+  at::Tensor in = input.contiguous();
+  int world = getSize();
+  return enqueue(c10d::OpType::GATHER, sig.seq, outs, [=, this](Deadline dl) mutable {
+    at::Tensor flat = is_root ? at::empty({in.numel() * world}, in.options()) : at::Tensor();
+    comm::gather(*transport_, sig, in.data_ptr(), is_root ? flat.data_ptr() : nullptr, in.nbytes(), root, dl);
+    if (is_root) split_into(flat, outs);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::scatter(std::vector<at::Tensor>& outputs,
+                                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                                         const c10d::ScatterOptions& opts) {
+  at::Tensor output = single(outputs, "scatter");
+  check_cpu(output, "scatter");
+  int root = static_cast<int>(opts.rootRank);
+  TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: scatter root ", root, " outside [0, ", getSize(), ")");
+  bool is_root = getRank() == root;
+  at::Tensor flat;
+  if (is_root) {
+    TORCH_CHECK_VALUE(inputs.size() == 1 && inputs[0].size() == static_cast<size_t>(getSize()),
+                      "disttrain: scatter needs a list of ", getSize(), " input tensors on the root");
+    for (auto& i : inputs[0]) check_like(i, output, "scatter", "an input tensor");
+    flat = flat_cat(inputs[0]);
+  }
+  OpSignature sig = signature(OpKind::kScatter, output, RedOp::kNone, output.numel(), root);
+  at::Tensor user = output;
+  at::Tensor out = output.contiguous();
+  return enqueue(c10d::OpType::SCATTER, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::scatter(*transport_, sig, is_root ? flat.data_ptr() : nullptr, out.data_ptr(), out.nbytes(), root, dl);
+    copy_back(user, out);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
+                                                                      const c10d::ReduceScatterOptions& opts) {
+  check_cpu(input, "reduce_scatter_tensor");
+  check_cpu(output, "reduce_scatter_tensor");
+  TORCH_CHECK_VALUE(input.scalar_type() == output.scalar_type() && input.numel() == output.numel() * getSize(),
+                    "disttrain: reduce_scatter_tensor: input must have ", getSize(), " x ", output.numel(),
+                    " elements of ", output.scalar_type(), ", got ", input.numel(), " of ", input.scalar_type());
+  RedOp op = to_redop(opts.reduceOp);
+  reduce_kernel(output.scalar_type(), op);
+  OpSignature sig = signature(OpKind::kReduceScatter, output, op, output.numel());
+  at::Tensor in = input.contiguous();
+  at::Tensor user = output;
+  at::Tensor out = output.contiguous();
+  int world = getSize();
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::reduce_scatter(*transport_, sig, in.data_ptr(), out.data_ptr(), out.numel(), out.scalar_type(), dl);
+    if (op == RedOp::kAvg) divide_by(out, world);
+    copy_back(user, out);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                                std::vector<std::vector<at::Tensor>>& inputs,
+                                                                const c10d::ReduceScatterOptions& opts) {
+  at::Tensor output = single(outputs, "reduce_scatter");
+  TORCH_CHECK_VALUE(inputs.size() == 1 && inputs[0].size() == static_cast<size_t>(getSize()),
+                    "disttrain: reduce_scatter needs a list of ", getSize(), " input tensors");
+  for (auto& i : inputs[0]) check_like(i, output, "reduce_scatter", "an input tensor");
+  at::Tensor flat = flat_cat(inputs[0]);
+  return _reduce_scatter_base(output, flat, opts);
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce_scatter_tensor_coalesced(
+    std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {
+  TORCH_CHECK_VALUE(outputs.size() == inputs.size() && !inputs.empty(),
+                    "disttrain: reduce_scatter_tensor_coalesced needs one output per input");
+  c10::intrusive_ptr<c10d::Work> last;
+  for (size_t i = 0; i < inputs.size(); ++i) last = _reduce_scatter_base(outputs[i], inputs[i], opts);
+  return last;
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::alltoall_base(at::Tensor& output, at::Tensor& input,
+                                                               std::vector<int64_t>& output_split_sizes,
+                                                               std::vector<int64_t>& input_split_sizes,
+                                                               const c10d::AllToAllOptions&) {
+  check_cpu(input, "all_to_all_single");
+  check_cpu(output, "all_to_all_single");
+  TORCH_CHECK_VALUE(input.scalar_type() == output.scalar_type(), "disttrain: all_to_all_single: input is ",
+                    input.scalar_type(), " but output is ", output.scalar_type());
+  const int world = getSize();
+  auto plan = [&](const at::Tensor& t, const std::vector<int64_t>& splits, const char* which) {
+    std::vector<size_t> offsets(world), bytes(world);
+    int64_t rows = t.dim() == 0 ? 1 : t.size(0);
+    size_t row_bytes = rows == 0 ? 0 : t.nbytes() / rows;
+    if (splits.empty()) {
+      TORCH_CHECK_VALUE(rows % world == 0, "disttrain: all_to_all_single: ", which, " has ", rows,
+                        " rows, not divisible by the world size ", world, "; pass split sizes");
+    } else {
+      TORCH_CHECK_VALUE(splits.size() == static_cast<size_t>(world), "disttrain: all_to_all_single: ", which,
+                        " split sizes need ", world, " entries, got ", splits.size());
+    }
+    size_t off = 0;
+    int64_t total = 0;
+    for (int i = 0; i < world; ++i) {
+      int64_t r = splits.empty() ? rows / world : splits[i];
+      TORCH_CHECK_VALUE(r >= 0, "disttrain: all_to_all_single: negative split size ", r);
+      offsets[i] = off;
+      bytes[i] = static_cast<size_t>(r) * row_bytes;
+      off += bytes[i];
+      total += r;
+    }
+    TORCH_CHECK_VALUE(total == rows, "disttrain: all_to_all_single: ", which, " split sizes add up to ", total,
+                      " but the tensor has ", rows, " rows");
+    return std::make_pair(offsets, bytes);
+  };
+  auto [send_off, send_bytes] = plan(input, input_split_sizes, "input");
+  auto [recv_off, recv_bytes] = plan(output, output_split_sizes, "output");
+  OpSignature sig = signature(OpKind::kAlltoall, input, RedOp::kNone, 0);
+  at::Tensor in = input.contiguous();
+  at::Tensor user = output;
+  at::Tensor out = output.contiguous();
+  size_t elem = input.element_size();
+  return enqueue(c10d::OpType::ALLTOALL_BASE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::alltoall(*transport_, sig, in.data_ptr(), send_off, send_bytes, out.data_ptr(), recv_off, recv_bytes, elem,
+                   dl);
+    copy_back(user, out);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::alltoall(std::vector<at::Tensor>& outputs,
+                                                          std::vector<at::Tensor>& inputs,
+                                                          const c10d::AllToAllOptions&) {
+  const int world = getSize();
+  TORCH_CHECK_VALUE(inputs.size() == static_cast<size_t>(world) && outputs.size() == static_cast<size_t>(world),
+                    "disttrain: all_to_all needs ", world, " input and ", world, " output tensors");
+  for (auto& t : inputs) check_like(t, t, "all_to_all", "an input tensor");
+  for (auto& t : outputs) {
+    check_cpu(t, "all_to_all");
+    TORCH_CHECK_VALUE(t.scalar_type() == inputs[0].scalar_type(), "disttrain: all_to_all: mixed dtypes ",
+                      t.scalar_type(), " and ", inputs[0].scalar_type());
+  }
+  std::vector<size_t> send_off(world), send_bytes(world), recv_off(world), recv_bytes(world);
+  size_t so = 0, ro = 0;
+  for (int i = 0; i < world; ++i) {
+    send_off[i] = so;
+    send_bytes[i] = inputs[i].nbytes();
+    so += send_bytes[i];
+    recv_off[i] = ro;
+    recv_bytes[i] = outputs[i].nbytes();
+    ro += recv_bytes[i];
+  }
+  at::Tensor in = flat_cat(inputs);
+  OpSignature sig = signature(OpKind::kAlltoall, in, RedOp::kNone, 0);
+  std::vector<at::Tensor> outs = outputs;
+  size_t elem = inputs[0].element_size();
+  return enqueue(c10d::OpType::ALLTOALL, sig.seq, outs, [=, this](Deadline dl) mutable {
+    int64_t total = 0;
+    for (auto& o : outs) total += o.numel();
+    at::Tensor flat = at::empty({total}, in.options());
+    comm::alltoall(*transport_, sig, in.data_ptr(), send_off, send_bytes, flat.data_ptr(), recv_off, recv_bytes, elem,
+                   dl);
+    split_into(flat, outs);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::send(std::vector<at::Tensor>& tensors, int dst_rank, int tag) {
+  at::Tensor user = single(tensors, "send");
+  check_cpu(user, "send");
+  TORCH_CHECK_VALUE(dst_rank >= 0 && dst_rank < getSize() && dst_rank != getRank(), "disttrain: send to rank ",
+                    dst_rank, " is invalid for rank ", getRank(), " of ", getSize());
+  OpSignature sig{sent_to_[dst_rank]++, OpKind::kSend, static_cast<uint8_t>(user.scalar_type()), RedOp::kNone,
+                  static_cast<uint64_t>(user.numel()), tag};
+  at::Tensor buf = user.contiguous();
+  return enqueue(c10d::OpType::SEND, sig.seq, {user}, [=, this](Deadline dl) {
+    comm::send(*transport_, sig, buf.data_ptr(), buf.nbytes(), dst_rank, dl);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::recv(std::vector<at::Tensor>& tensors, int src_rank, int tag) {
+  at::Tensor user = single(tensors, "recv");
+  check_cpu(user, "recv");
+  TORCH_CHECK_VALUE(src_rank >= 0 && src_rank < getSize() && src_rank != getRank(), "disttrain: recv from rank ",
+                    src_rank, " is invalid for rank ", getRank(), " of ", getSize());
+  OpSignature sig{received_from_[src_rank]++, OpKind::kSend, static_cast<uint8_t>(user.scalar_type()), RedOp::kNone,
+                  static_cast<uint64_t>(user.numel()), tag};
+  at::Tensor buf = user.contiguous();
+  return enqueue(c10d::OpType::RECV, sig.seq, {user}, [=, this](Deadline dl) mutable {
+    comm::recv(*transport_, sig, buf.data_ptr(), buf.nbytes(), src_rank, dl);
+    copy_back(user, buf);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {
+  OpSignature sig{next_seq_++, OpKind::kBarrier, static_cast<uint8_t>(at::kByte), RedOp::kSum, 0, 0};
+  return enqueue(c10d::OpType::BARRIER, sig.seq, {}, [=, this](Deadline dl) {
+    if (getSize() > 1) {
+      recursive_doubling_allreduce(*transport_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);
+    }
+  });
+}
+
+}  // namespace disttrain::comm

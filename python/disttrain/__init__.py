@@ -1,0 +1,17 @@
+"""disttrain: distributed training with a C++ core.
+
+``import disttrain`` registers the ``"disttrain"`` torch.distributed backend, so
+``torch.distributed.init_process_group("disttrain")`` works under torchrun.
+"""
+
+import torch
+import torch.distributed  # registers c10d's types with pybind11 before _C binds against them
+
+from . import _C
+from .distributed import init, register_backend
+
+__version__ = "0.1.0"
+
+register_backend()
+
+__all__ = ["init", "register_backend", "__version__"]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything disttrain needs on a fresh Debian machine and builds the
+# package. Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# The CPU build of torch; never let pip resolve an open 'torch' (a CUDA build of several GB).
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q "torch==2.13.0"
+fi
+# GoogleTest for the C++ unit tests, Open MPI for the MPI-style strategies.
+if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
+  else
+    echo "setup: libgtest-dev missing and cannot apt-get install it (not root); C++ tests will be skipped" >&2
+  fi
+fi
+$PY -m pip install -q scikit-build-core ninja
+$PY -m pip install -q --no-build-isolation ".[dev]"

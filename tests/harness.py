@@ -1,0 +1,121 @@
+"""Multi-process test harness: a test names its world size, the harness starts
+the ranks as processes (each with the launcher environment torchrun would give
+it and a free port), runs the test function in every rank and reports the
+failing rank's traceback.
+
+    def _check(rank, world_size, n):
+        t = torch.ones(n); dist.all_reduce(t); assert t[0] == world_size
+        return t.sum().item()
+
+    def test_allreduce():
+        results = run_ranks(_check, world_size=3, args=(10,))
+
+The function must live at module level (it is pickled by name).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank, world_size, args, env, backend, pg_timeout, results):
+    try:
+        os.environ.update(env)
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                           "LOCAL_WORLD_SIZE": str(world_size)})
+        import torch
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+        import disttrain  # noqa: F401  (registers the backend)
+        if backend is not None:
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=pg_timeout))
+        value = fn(rank, world_size, *args)
+        if backend is not None and dist.is_initialized():
+            dist.destroy_process_group()
+        results.put(("ok", rank, value))
+    except BaseException:  # report everything, including SystemExit
+        results.put(("error", rank, traceback.format_exc()))
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
+              backend: str | None = "disttrain", timeout: float = 120.0, pg_timeout: float = 60.0,
+              env: dict[str, str] | None = None, expect_exit: Sequence[int] = ()) -> list[Any]:
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` processes.
+
+    Args:
+        fn: module-level function; its return value must be picklable.
+        backend: process-group backend to initialise, or None for none.
+        timeout: seconds for the whole job before it is killed and reported.
+        pg_timeout: the process group's own timeout (seconds).
+        env: extra environment variables for every rank.
+        expect_exit: ranks that are allowed to die without a result (fault tests).
+
+    Returns:
+        The return values, indexed by rank (None for ranks in ``expect_exit``).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    base_env.update(env or {})
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, tuple(args), base_env, backend,
+                                                   pg_timeout, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outcome: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            try:
+                status, rank, value = results.get(timeout=0.2)
+                outcome[rank] = (status, value)
+                continue
+            except queue.Empty:
+                pass
+            dead_without_result = [r for r, p in enumerate(procs)
+                                   if not p.is_alive() and r not in outcome]
+            if dead_without_result:
+                # Give its queue message a moment to arrive before judging.
+                time.sleep(0.5)
+                while not results.empty():
+                    status, rank, value = results.get()
+                    outcome[rank] = (status, value)
+                for r in dead_without_result:
+                    if r not in outcome:
+                        if r in expect_exit:
+                            outcome[r] = ("ok", None)
+                        else:
+                            outcome[r] = ("error", f"rank {r} exited with code {procs[r].exitcode} "
+                                                   f"without reporting")
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world_size) if r not in outcome]
+                raise RankFailure(f"ranks {missing} did not finish within {timeout:.0f} s")
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failures = {r: v for r, (s, v) in outcome.items() if s == "error"}
+    if failures:
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        raise RankFailure(f"{len(failures)} of {world_size} ranks failed:\n{text}")
+    return [outcome[r][1] for r in range(world_size)]
