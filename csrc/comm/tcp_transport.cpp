@@ -351,11 +351,6 @@ void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
   Peer& peer = peers_[peer_rank];
   while (true) {
     InFrame& f = peer.partial_frame;
-    if (!peer.partial) {
-      peer.partial = true;
-      peer.hdr_got = 0;
-      peer.payload_got = 0;
-    }
     if (peer.hdr_got < sizeof(FrameHeader)) {
       ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&f.hdr) + peer.hdr_got,
                          sizeof(FrameHeader) - peer.hdr_got, MSG_DONTWAIT);
@@ -393,16 +388,17 @@ void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
     }
     peer.backlog.push_back(std::move(f));
     peer.partial_frame = InFrame{};
-    peer.partial = false;
+    peer.hdr_got = 0;
+    peer.payload_got = 0;
   }
 }
 
 void TcpTransport::do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step) {
   Peer& peer = peers_[r.spec.peer];
   // Frames that arrived ahead come first, in order.
-  if (peer.partial) {
+  if (peer.mid_frame()) {
     read_ahead(r.spec.peer, sig);
-    if (peer.partial) {
+    if (peer.mid_frame()) {
       if (peer.closed) lost_peer(r.spec.peer, sig, "closed its connection");
       return;
     }

@@ -84,10 +84,10 @@ class TcpTransport {
     int fd = -1;
     bool closed = false;
     std::deque<InFrame> backlog;  // frames read ahead of the receive they belong to
-    bool partial = false;         // a backlog frame is half read
-    InFrame partial_frame;
+    InFrame partial_frame;        // the backlog frame being read
     size_t hdr_got = 0;
     size_t payload_got = 0;
+    bool mid_frame() const { return hdr_got > 0; }
   };
   struct SendState;
   struct RecvState;

@@ -1,0 +1,195 @@
+"""Collective benchmark in the style of nccl-tests, disttrain against gloo.
+
+    disttrain bench allreduce --nproc 2            # starts 2 ranks itself
+    torchrun --nproc-per-node 4 -m disttrain.bench.collectives allreduce
+
+For each size, both backends run the same op on the same tensors in the same
+job, alternating rounds so that both see the same machine. Per row: time,
+algbw (bytes / time), busbw (algbw scaled by the op's traffic factor:
+2(n-1)/n for all-reduce, (n-1)/n for all-gather and reduce-scatter, 1 for
+broadcast), the gloo/disttrain time ratio and a correctness check. Rank 0
+writes ``benchmarks/results/<op>_ws<N>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    for suffix, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1)):
+        if text.endswith(suffix):
+            return int(float(text[:-1]) * mult)
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disttrain bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("op", choices=OPS)
+    p.add_argument("-b", "--min-bytes", type=_parse_size, default=8, help="smallest size (default 8)")
+    p.add_argument("-e", "--max-bytes", type=_parse_size, default=64 << 20, help="largest size (default 64M)")
+    p.add_argument("-f", "--factor", type=int, default=4, help="size multiplier between rows (default 4)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks to start when not under torchrun (default 2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16", "int32"])
+    p.add_argument("--iters", type=int, default=0, help="timed iterations per round (default: by size)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per backend (default 3)")
+    p.add_argument("--baseline", default="gloo", help="backend to compare against (default gloo)")
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<op>_ws<N>.csv)")
+    return p
+
+
+def _bus_factor(op: str, n: int) -> float:
+    if op == "allreduce":
+        return 2 * (n - 1) / n if n > 1 else 1.0
+    if op in ("allgather", "reduce_scatter"):
+        return (n - 1) / n if n > 1 else 1.0
+    return 1.0
+
+
+def _make_case(op, nbytes, dtype, rank, world):
+    """Returns (run(pg), check()) for one op and size; check verifies the last result."""
+    import torch
+    import torch.distributed as dist
+
+    elem = torch.tensor([], dtype=dtype).element_size()
+    count = max(nbytes // elem, 1) if nbytes > 0 else 0
+    if op == "allreduce":
+        t = torch.empty(count, dtype=dtype)
+
+        def run(pg):
+            t.fill_(rank + 1)
+            dist.all_reduce(t, group=pg)
+
+        def check():
+            return count == 0 or bool((t == world * (world + 1) // 2).all())
+        return run, check, count * elem
+    if op == "allgather":
+        per = max(count // world, 1)
+        src = torch.full((per,), rank, dtype=dtype)
+        out = torch.empty(per * world, dtype=dtype)
+        expect = torch.arange(world, dtype=dtype).repeat_interleave(per)
+
+        def run(pg):
+            dist.all_gather_into_tensor(out, src, group=pg)
+        return run, lambda: bool(torch.equal(out, expect)), per * world * elem
+    if op == "reduce_scatter":
+        per = max(count // world, 1)
+        src = torch.arange(world, dtype=dtype).repeat_interleave(per)
+        out = torch.empty(per, dtype=dtype)
+
+        def run(pg):
+            dist.reduce_scatter_tensor(out, src, group=pg)
+        return run, lambda: bool((out == rank * world).all()), per * world * elem
+    t = torch.empty(count, dtype=dtype)
+
+    def run(pg):
+        t.fill_(7 if rank == 0 else 0)
+        dist.broadcast(t, src=0, group=pg)
+    return run, lambda: count == 0 or bool((t == 7).all()), count * elem
+
+
+def _time(run, pg, iters):
+    import torch.distributed as dist
+
+    dist.barrier(group=pg)
+    start = time.perf_counter()
+    for _ in range(iters):
+        run(pg)
+    return (time.perf_counter() - start) / iters
+
+
+def bench_rank(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import disttrain
+
+    torch.set_num_threads(1)
+    disttrain.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    base_pg = dist.new_group(backend=args.baseline)
+    ours_pg = dist.group.WORLD
+    dtype = getattr(torch, args.dtype)
+    sizes = []
+    s = args.min_bytes
+    while s <= args.max_bytes:
+        sizes.append(s)
+        s *= args.factor
+    rows = []
+    if rank == 0:
+        print(f"# disttrain bench {args.op}: {world} ranks, dtype {args.dtype}, baseline {args.baseline}, "
+              f"transport {os.environ.get('DISTTRAIN_TRANSPORT', 'auto')}")
+        print(f"{'size(B)':>12} {'count':>10} | {'disttrain us':>12} {'algbw':>8} {'busbw':>8} | "
+              f"{args.baseline + ' us':>12} {'algbw':>8} {'busbw':>8} | {'speedup':>7} check")
+    for nbytes in sizes:
+        run, check, moved = _make_case(args.op, nbytes, dtype, rank, world)
+        iters = args.iters or max(3, min(200, int(32e6 / max(moved, 1))))
+        run(ours_pg)
+        run(base_pg)  # warm-up both
+        ours, base = [], []
+        ok = True
+        for _ in range(args.rounds):
+            ours.append(_time(run, ours_pg, iters))
+            ok = ok and check()
+            base.append(_time(run, base_pg, iters))
+        # Rank 0 reports the slowest rank's view: a collective is as fast as its last rank.
+        t = torch.tensor([statistics.median(ours), statistics.median(base), 0.0 if ok else 1.0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=base_pg)
+        t_ours, t_base, bad = t.tolist()
+        factor = _bus_factor(args.op, world)
+        row = {
+            "op": args.op, "world_size": world, "dtype": args.dtype, "size_bytes": moved,
+            "disttrain_us": t_ours * 1e6, "disttrain_algbw_GBps": moved / t_ours / 1e9,
+            "disttrain_busbw_GBps": moved / t_ours / 1e9 * factor,
+            "baseline": args.baseline, "baseline_us": t_base * 1e6, "baseline_algbw_GBps": moved / t_base / 1e9,
+            "baseline_busbw_GBps": moved / t_base / 1e9 * factor,
+            "speedup": t_base / t_ours, "correct": bad == 0.0,
+        }
+        rows.append(row)
+        if rank == 0:
+            print(f"{moved:>12} {moved // torch.tensor([], dtype=dtype).element_size():>10} | "
+                  f"{row['disttrain_us']:>12.1f} {row['disttrain_algbw_GBps']:>8.3f} {row['disttrain_busbw_GBps']:>8.3f} | "
+                  f"{row['baseline_us']:>12.1f} {row['baseline_algbw_GBps']:>8.3f} {row['baseline_busbw_GBps']:>8.3f} | "
+                  f"{row['speedup']:>7.2f} {'OK' if row['correct'] else 'WRONG'}", flush=True)
+    if rank == 0:
+        out = args.out or os.path.join("benchmarks", "results", f"{args.op}_ws{world}.csv")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"# wrote {out}")
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        bench_rank(args)
+        return 0
+    from torch.distributed.run import main as torchrun
+
+    forwarded = list(sys.argv[1:] if argv is None else argv)
+    # --nproc is ours, and torchrun's parser would take it for --nproc-per-node.
+    for i, a in enumerate(forwarded):
+        if a == "--nproc":
+            del forwarded[i:i + 2]
+            break
+        if a.startswith("--nproc="):
+            del forwarded[i]
+            break
+    torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "disttrain.bench.collectives", *forwarded])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

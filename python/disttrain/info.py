@@ -1,0 +1,70 @@
+"""``disttrain info``: versions, how the extension was built, and what a job
+started here would use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def collect() -> dict:
+    import torch
+
+    import disttrain
+    from disttrain import _C
+
+    build = dict(_C.build_info)
+    transport = os.environ.get("DISTTRAIN_TRANSPORT", "auto")
+    return {
+        "disttrain": disttrain.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "build": build,
+        "reduce_kernels": _C.reduce_kernel_isa(),
+        "backends": {
+            "disttrain": True,
+            "gloo": torch.distributed.is_gloo_available(),
+            "nccl": torch.distributed.is_nccl_available(),
+            "mpi": torch.distributed.is_mpi_available(),
+        },
+        "transport": {
+            "requested": transport,
+            "between ranks on this host": "tcp (loopback)",
+            "between hosts": "tcp",
+        },
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disttrain info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    b = info["build"]
+    print(f"disttrain {info['disttrain']}  (torch {info['torch']}, Python {info['python']})")
+    print(f"platform      {info['platform']}, {info['cpus']} CPUs")
+    print(f"built with    {b['compiler']}, C++{str(b['cplusplus'])[2:4]}, "
+          f"_GLIBCXX_USE_CXX11_ABI={int(b['cxx11_abi'])}, against torch {b['torch_version']}")
+    print(f"flags         {b['cxx_flags'].strip() or '(none)'}")
+    print(f"components    {', '.join(b['components'])}")
+    print(f"NCCL path     {'built' if b['nccl'] else 'not built'}")
+    print(f"reduce kernels {info['reduce_kernels']} (runtime dispatch)")
+    backends = ", ".join(k for k, v in info["backends"].items() if v)
+    print(f"backends      {backends}")
+    t = info["transport"]
+    print(f"transport     DISTTRAIN_TRANSPORT={t['requested']}: on this host {t['between ranks on this host']}, "
+          f"across hosts {t['between hosts']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+// Transport and algorithm tests with threads as ranks, sharing an in-memory store.
+#include <gtest/gtest.h>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/collectives.h"
+#include "comm/reduce_kernels.h"
+
+using namespace disttrain::comm;
+using namespace std::chrono_literals;
+
+namespace {
+
+// Runs fn(transport) on `world` threads; returns each rank's error message ("" if none).
+std::vector<std::string> run_ranks(int world, const std::function<void(TcpTransport&)>& fn,
+                                   std::chrono::milliseconds timeout = 20000ms) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::string> errors(world);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        TcpTransport t(store, r, world, timeout);
+        fn(t);
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+Deadline soon(std::chrono::milliseconds ms = 20000ms) { return Clock::now() + ms; }
+
+OpSignature sig_for(OpKind op, uint64_t count, RedOp redop = RedOp::kSum, c10::ScalarType dtype = c10::kFloat) {
+  return OpSignature{0, op, static_cast<uint8_t>(dtype), redop, count, 0};
+}
+
+void expect_no_errors(const std::vector<std::string>& errors) {
+  for (size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+}  // namespace
+
+TEST(ReduceKernels, SumMinMaxProductFloat) {
+  std::vector<float> a{1, -2, 3.5f, 0}, b{2, 5, -1, 7}, out(4);
+  reduce_kernel(c10::kFloat, RedOp::kSum)(out.data(), a.data(), b.data(), 4);
+  EXPECT_EQ(out, (std::vector<float>{3, 3, 2.5f, 7}));
+  reduce_kernel(c10::kFloat, RedOp::kMin)(out.data(), a.data(), b.data(), 4);
+  EXPECT_EQ(out, (std::vector<float>{1, -2, -1, 0}));
+  reduce_kernel(c10::kFloat, RedOp::kMax)(out.data(), a.data(), b.data(), 4);
+  EXPECT_EQ(out, (std::vector<float>{2, 5, 3.5f, 7}));
+  reduce_kernel(c10::kFloat, RedOp::kProduct)(a.data(), a.data(), b.data(), 4);  // in place
+  EXPECT_EQ(a, (std::vector<float>{2, -10, -3.5f, 0}));
+}
+
+TEST(ReduceKernels, HalfAccumulatesInFloatAndRoundsOnce) {
+  // 2048 + 1 is not representable in fp16; the sum must round like float->half.
+  std::vector<c10::Half> a(1000, c10::Half(2048.0f)), b(1000, c10::Half(1.0f)), out(1000);
+  reduce_kernel(c10::kHalf, RedOp::kSum)(out.data(), a.data(), b.data(), out.size());
+  for (auto v : out) EXPECT_EQ(static_cast<float>(v), static_cast<float>(c10::Half(2049.0f)));
+}
+
+TEST(ReduceKernels, BitwiseOnIntegersAndClearErrorOnFloat) {
+  std::vector<int32_t> a{0b1100, 7}, b{0b1010, 1}, out(2);
+  reduce_kernel(c10::kInt, RedOp::kBxor)(out.data(), a.data(), b.data(), 2);
+  EXPECT_EQ(out, (std::vector<int32_t>{0b0110, 6}));
+  try {
+    reduce_kernel(c10::kFloat, RedOp::kBand);
+    FAIL() << "BAND on float must throw";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("BAND"), std::string::npos);
+  }
+}
+
+class AllreduceTest : public ::testing::TestWithParam<std::tuple<int, AllreduceAlgorithm>> {};
+
+TEST_P(AllreduceTest, EveryRankGetsTheSum) {
+  auto [world, algo] = GetParam();
+  for (size_t count : {size_t(0), size_t(1), size_t(3), size_t(1001), size_t(300000)}) {
+    auto errors = run_ranks(world, [&, algo = algo](TcpTransport& t) {
+      std::vector<float> data(count, static_cast<float>(t.rank() + 1));
+      allreduce(t, sig_for(OpKind::kAllreduce, count), data.data(), count, c10::kFloat, soon(), algo);
+      float expected = world * (world + 1) / 2.0f;
+      for (size_t i = 0; i < count; ++i) {
+        if (data[i] != expected) throw std::runtime_error("wrong value at " + std::to_string(i));
+      }
+    });
+    expect_no_errors(errors);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(AllreduceAlgorithm::kRing,
+                                                              AllreduceAlgorithm::kRecursiveDoubling)));
+
+TEST(Collectives, BroadcastTreeAndChainFromEveryRoot) {
+  for (size_t bytes : {size_t(5), size_t(1 << 20)}) {
+    for (int root = 0; root < 3; ++root) {
+      auto errors = run_ranks(3, [&](TcpTransport& t) {
+        std::vector<uint8_t> data(bytes, t.rank() == root ? 0xAB : 0);
+        broadcast(t, sig_for(OpKind::kBroadcast, bytes, RedOp::kNone, c10::kByte), data.data(), bytes, root, soon());
+        for (auto v : data)
+          if (v != 0xAB) throw std::runtime_error("broadcast lost data");
+      });
+      expect_no_errors(errors);
+    }
+  }
+}
+
+TEST(Collectives, AllgatherAndReduceScatterRing) {
+  const int world = 3;
+  const size_t n = 1000;
+  auto errors = run_ranks(world, [&](TcpTransport& t) {
+    std::vector<int64_t> in(n, t.rank()), out(n * world);
+    allgather(t, sig_for(OpKind::kAllgather, n, RedOp::kNone, c10::kLong), in.data(), out.data(), n * 8, soon());
+    for (int r = 0; r < world; ++r)
+      for (size_t i = 0; i < n; ++i)
+        if (out[r * n + i] != r) throw std::runtime_error("allgather block " + std::to_string(r));
+    std::vector<int64_t> blocks(n * world), mine(n);
+    for (int b = 0; b < world; ++b) std::fill(blocks.begin() + b * n, blocks.begin() + (b + 1) * n, b * 10 + t.rank());
+    reduce_scatter(t, sig_for(OpKind::kReduceScatter, n, RedOp::kSum, c10::kLong), blocks.data(), mine.data(), n,
+                   c10::kLong, soon());
+    int64_t expected = t.rank() * 10 * world + (0 + 1 + 2);
+    for (auto v : mine)
+      if (v != expected) throw std::runtime_error("reduce_scatter got " + std::to_string(v));
+  });
+  expect_no_errors(errors);
+}
+
+TEST(Collectives, MismatchRaisesTheSameErrorOnEveryRank) {
+  auto errors = run_ranks(2, [](TcpTransport& t) {
+    size_t count = t.rank() == 0 ? 10 : 20;
+    std::vector<float> data(count, 1.0f);
+    allreduce(t, sig_for(OpKind::kAllreduce, count), data.data(), count, c10::kFloat, soon());
+  });
+  ASSERT_NE(errors[0], "");
+  EXPECT_EQ(errors[0], errors[1]);
+  EXPECT_NE(errors[0].find("collective mismatch"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[0].find("numel=10"), std::string::npos);
+  EXPECT_NE(errors[0].find("numel=20"), std::string::npos);
+}
+
+TEST(Collectives, SilentPeerTimesOutNamingIt) {
+  auto errors = run_ranks(2, [](TcpTransport& t) {
+    if (t.rank() == 1) {
+      std::this_thread::sleep_for(1500ms);
+      return;
+    }
+    std::vector<float> data(4, 1.0f);
+    allreduce(t, sig_for(OpKind::kAllreduce, 4), data.data(), 4, c10::kFloat, Clock::now() + 300ms);
+  });
+  EXPECT_NE(errors[0].find("timeout"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[0].find("rank(s) 1"), std::string::npos) << errors[0];
+}
+
+TEST(Collectives, SimultaneousLargeSendsDoNotDeadlock) {
+  const size_t bytes = 32 << 20;  // far beyond the socket buffers
+  auto errors = run_ranks(2, [&](TcpTransport& t) {
+    int peer = 1 - t.rank();
+    std::vector<uint8_t> out(bytes, static_cast<uint8_t>(t.rank() + 1)), in(bytes);
+    OpSignature sig{0, OpKind::kSend, static_cast<uint8_t>(c10::kByte), RedOp::kNone, bytes, 0};
+    send(t, sig, out.data(), bytes, peer, soon());
+    recv(t, sig, in.data(), bytes, peer, soon());
+    for (auto v : in)
+      if (v != peer + 1) throw std::runtime_error("wrong payload");
+  });
+  expect_no_errors(errors);
+}

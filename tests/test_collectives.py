@@ -1,0 +1,193 @@
+"""Every op x dtype x reduce op x size x world size, disttrain against gloo and
+against a reference computed locally from every rank's (deterministic) input.
+One job per world size runs the whole matrix, so the suite stays fast."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_ranks
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int32, torch.int64,
+          torch.uint8]
+REDUCE_OPS = ["SUM", "AVG", "MIN", "MAX", "PRODUCT"]
+BIG = 64 << 20  # bytes per rank for the largest case
+
+
+def counts_for(dtype):
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return [0, 1, 1001, BIG // elem]
+
+
+PERIOD = 5
+
+
+def pattern(rank, dtype, salt=0):
+    """The repeating unit of a rank's input: small integers, so that every
+    reduction is exact in every dtype and in any order."""
+    base = (torch.arange(PERIOD, dtype=torch.int64) * (rank + 3) + rank * 5 + salt) % PERIOD
+    return (base + 1).to(dtype) if dtype == torch.uint8 else (base - 2).to(dtype)
+
+
+def tile(unit, n):
+    return unit.repeat((n + PERIOD - 1) // PERIOD)[:n].clone()
+
+
+def make_input(rank, n, dtype, salt=0):
+    return tile(pattern(rank, dtype, salt), n)
+
+
+def reference(units, op, world, n):
+    """Reduces the ranks' repeating units and tiles the result to n elements."""
+    stacked = torch.stack([u.to(torch.float64) for u in units])
+    if op in ("SUM", "AVG"):
+        out = stacked.sum(0)
+    elif op == "MIN":
+        out = stacked.min(0).values
+    elif op == "MAX":
+        out = stacked.max(0).values
+    else:
+        out = stacked.prod(0)
+    dtype = units[0].dtype
+    if op == "AVG":
+        if dtype.is_floating_point:  # the exact sum, divided in the tensor's own dtype
+            return tile(out.to(dtype), n) / world
+        out = torch.div(out, world, rounding_mode="trunc")
+    if dtype == torch.uint8:
+        out = out.to(torch.int64).remainder(256)  # wraps around like the hardware
+    return tile(out.to(dtype), n)
+
+
+def gloo_supports(dtype, op):
+    return op != "AVG"
+
+
+def _run_matrix(rank, world, big):
+    gloo = dist.new_group(backend="gloo")
+    failures = []
+
+    def expect(name, got, want):
+        if not torch.equal(got, want):
+            diff = (got.to(torch.float64) - want.to(torch.float64)).abs()
+            failures.append(f"{name}: mismatch (max abs diff {diff.max().item() if diff.numel() else 0})")
+
+    for dtype in DTYPES:
+        for n in counts_for(dtype):
+            if n * torch.tensor([], dtype=dtype).element_size() >= BIG and not big:
+                continue
+            tag = f"{dtype} n={n}"
+            units = [pattern(r, dtype) for r in range(world)]
+            mine = make_input(rank, n, dtype)
+            # all_reduce, every op
+            for op in REDUCE_OPS:
+                t = mine.clone()
+                dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+                want = reference(units, op, world, n)
+                expect(f"all_reduce {op} {tag}", t, want)
+                if gloo_supports(dtype, op):
+                    g = mine.clone()
+                    dist.all_reduce(g, op=getattr(dist.ReduceOp, op), group=gloo)
+                    expect(f"all_reduce {op} {tag} vs gloo", t, g)
+            # broadcast from the last rank
+            t = mine.clone()
+            dist.broadcast(t, src=world - 1)
+            expect(f"broadcast {tag}", t, make_input(world - 1, n, dtype))
+            # all_gather (list) and all_gather_into_tensor
+            outs = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(outs, mine)
+            for r in range(world):
+                expect(f"all_gather[{r}] {tag}", outs[r], make_input(r, n, dtype))
+            flat = torch.empty(n * world, dtype=dtype)
+            dist.all_gather_into_tensor(flat, mine)
+            expect(f"all_gather_into_tensor {tag}", flat, torch.cat([make_input(r, n, dtype) for r in range(world)]))
+            g = torch.empty_like(flat)
+            dist.all_gather_into_tensor(g, mine, group=gloo)
+            expect(f"all_gather_into_tensor {tag} vs gloo", flat, g)
+            # reduce_scatter: each rank contributes world blocks of n // world elements
+            per = n // world
+            blocks = [make_input(rank, per, dtype, salt=b) for b in range(world)]
+            units_for_mine = [pattern(r, dtype, salt=rank) for r in range(world)]
+            out = torch.empty(per, dtype=dtype)
+            dist.reduce_scatter(out, blocks)
+            expect(f"reduce_scatter {tag}", out, reference(units_for_mine, "SUM", world, per))
+            out2 = torch.empty(per, dtype=dtype)
+            dist.reduce_scatter_tensor(out2, torch.cat(blocks), op=dist.ReduceOp.MAX)
+            expect(f"reduce_scatter_tensor MAX {tag}", out2,
+                   reference(units_for_mine, "MAX", world, per))
+            g = torch.empty(per, dtype=dtype)
+            dist.reduce_scatter_tensor(g, torch.cat(blocks), op=dist.ReduceOp.MAX, group=gloo)
+            expect(f"reduce_scatter_tensor MAX {tag} vs gloo", out2, g)
+            # all_to_all_single, even split, and all_to_all with uneven per-peer sizes
+            send = torch.cat([make_input(rank, per, dtype, salt=d) for d in range(world)])
+            recv = torch.empty_like(send)
+            dist.all_to_all_single(recv, send)
+            expect(f"all_to_all_single {tag}", recv, torch.cat([make_input(s, per, dtype, salt=rank)
+                                                                for s in range(world)]))
+            sizes = lambda src, dst: (src + 2 * dst) % 3 + (per if n < 100 else 7)  # noqa: E731
+            ins = [make_input(rank, sizes(rank, d), dtype, salt=d) for d in range(world)]
+            outs = [torch.empty(sizes(s, rank), dtype=dtype) for s in range(world)]
+            dist.all_to_all(outs, ins)
+            for s in range(world):
+                expect(f"all_to_all[{s}] {tag}", outs[s], make_input(s, sizes(s, rank), dtype, salt=rank))
+            # point to point around a ring, both directions posted before waiting
+            if world > 1:
+                right, left = (rank + 1) % world, (rank - 1) % world
+                got = torch.empty_like(mine)
+                reqs = [dist.isend(mine, right), dist.irecv(got, left)]
+                for q in reqs:
+                    q.wait()
+                expect(f"send/recv {tag}", got, make_input(left, n, dtype))
+            dist.barrier()
+    # Non-contiguous tensors and the coalesced path.
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4) * (rank + 1)
+    view = base.t()
+    dist.all_reduce(view)
+    expect("all_reduce non-contiguous", base, torch.arange(12, dtype=torch.float32).reshape(3, 4)
+           * sum(range(1, world + 1)))
+    ts = [torch.full((3,), float(rank)), torch.full((5,), float(rank + 1))]
+    dist.all_reduce_coalesced(ts)
+    expect("all_reduce_coalesced[0]", ts[0], torch.full((3,), float(sum(range(world)))))
+    expect("all_reduce_coalesced[1]", ts[1], torch.full((5,), float(sum(range(1, world + 1)))))
+    # reduce / gather / scatter with a non-zero root
+    root = world // 2
+    t = torch.full((4,), float(rank + 1))
+    dist.reduce(t, dst=root)
+    if rank == root:
+        expect("reduce", t, torch.full((4,), float(sum(range(1, world + 1)))))
+    else:
+        expect("reduce leaves non-root input alone", t, torch.full((4,), float(rank + 1)))
+    gathered = [torch.empty(2) for _ in range(world)] if rank == root else None
+    dist.gather(torch.full((2,), float(rank)), gathered, dst=root)
+    if rank == root:
+        for r in range(world):
+            expect(f"gather[{r}]", gathered[r], torch.full((2,), float(r)))
+    out = torch.empty(2)
+    dist.scatter(out, [torch.full((2,), float(r)) for r in range(world)] if rank == root else None, src=root)
+    expect("scatter", out, torch.full((2,), float(rank)))
+    return failures
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matrix_matches_gloo(world):
+    # The 64 MiB cases run at world sizes 2 and 3; 1 and 4 run every size below
+    # it (4 ranks with 64 MiB each x every dtype is long on a 2-core machine).
+    big = world in (2, 3)
+    results = run_ranks(_run_matrix, world, args=(big,), timeout=900, pg_timeout=300)
+    failures = [f"rank {r}: {f}" for r, fs in enumerate(results) for f in fs]
+    assert not failures, "\n".join(failures[:40])
+
+
+def _forced_algorithms(rank, world):
+    failures = []
+    for n in [0, 1, 3, 1000, 300_001]:
+        t = torch.full((n,), float(rank + 1))
+        dist.all_reduce(t)
+        if not torch.equal(t, torch.full((n,), float(sum(range(1, world + 1))))):
+            failures.append(f"n={n}")
+    return failures
+
+
+@pytest.mark.parametrize("algo", ["ring", "rd"])
+def test_each_allreduce_algorithm_at_every_size(algo):
+    results = run_ranks(_forced_algorithms, 3, env={"DISTTRAIN_ALLREDUCE_ALGO": algo, "DISTTRAIN_CHUNK_BYTES": "4096"})
+    assert results == [[], [], []]
