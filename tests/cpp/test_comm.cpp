@@ -30,6 +30,8 @@ std::vector<std::string> run_ranks(int world, const std::function<void(TcpTransp
       try {
         TcpTransport t(store, r, world, timeout);
         fn(t);
+      } catch (const c10::Error& e) {
+        errors[r] = e.what_without_backtrace();
       } catch (const std::exception& e) {
         errors[r] = e.what();
       }

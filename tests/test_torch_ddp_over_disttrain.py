@@ -1,0 +1,44 @@
+"""PyTorch's own DistributedDataParallel over the disttrain backend trains a
+model to the same parameters as over gloo."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from harness import run_ranks
+
+
+def _train(rank, world, steps):
+    from disttrain.models import small_cnn
+
+    gloo = dist.new_group(backend="gloo")
+    finals = {}
+    for name, group in (("disttrain", None), ("gloo", gloo)):
+        torch.manual_seed(0)
+        model = DDP(small_cnn(num_classes=10, in_channels=1), process_group=group, bucket_cap_mb=0.01)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        for _ in range(steps):
+            x = torch.randn(16, 1, 8, 8, generator=gen)
+            y = torch.randint(0, 10, (16,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        finals[name] = [p.detach().clone() for p in model.module.parameters()]
+    worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                for a, b in zip(finals["disttrain"], finals["gloo"]))
+    # Ranks must hold identical replicas after DDP.
+    flat = torch.cat([p.reshape(-1) for p in finals["disttrain"]])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    replicas_equal = all(torch.equal(g, gathered[0]) for g in gathered)
+    return worst, replicas_equal
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_over_disttrain_matches_gloo(world):
+    for worst, replicas_equal in run_ranks(_train, world, args=(8,)):
+        assert replicas_equal
+        assert worst < 1e-5, f"parameters differ from gloo's by {worst:.2e} (relative)"
