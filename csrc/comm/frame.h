@@ -10,7 +10,7 @@ namespace disttrain::comm {
 constexpr uint32_t kFrameMagic = 0x31465444;      // "DTF1"
 constexpr uint32_t kHelloMagic = 0x4c454844;      // "DHEL"
 constexpr uint32_t kMaxFramePayload = 1u << 20;   // frames above this are rejected
-constexpr uint32_t kDefaultChunkBytes = 256u << 10;
+constexpr uint32_t kDefaultChunkBytes = 1u << 20;  // measured: fewer wake-ups beat finer overlap
 
 enum class FrameKind : uint8_t { kCollective = 1, kPointToPoint = 2 };
 
