@@ -16,6 +16,7 @@ DISTTRAIN_BINDINGS(comm) {
            py::arg("store"), py::arg("rank"), py::arg("size"), py::arg("timeout"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("address", &DisttrainBackend::address)
+      .def_property_readonly("transport", &DisttrainBackend::transport_name)
       .def_property_readonly("rejected_connections", &DisttrainBackend::rejected_connections);
   m.def("reduce_kernel_isa", &disttrain::comm::reduce_kernel_isa);
 }

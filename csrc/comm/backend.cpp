@@ -3,6 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+
+#include "comm/host_identity.h"
+
 namespace disttrain::comm {
 namespace {
 
@@ -95,7 +99,58 @@ DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store,
       timeout_(timeout),
       sent_to_(size, 0),
       received_from_(size, 0) {
+  const char* requested = std::getenv("DISTTRAIN_TRANSPORT");
+  std::string mode = requested ? requested : "auto";
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "tcp" || mode == "shm", "disttrain: DISTTRAIN_TRANSPORT='", mode,
+                    "' is not one of auto, tcp, shm");
+  if (size > 1 && mode != "tcp") {
+    std::string me = host_identity();
+    store->set("disttrain/host/" + std::to_string(rank), std::vector<uint8_t>(me.begin(), me.end()));
+    int first_elsewhere = -1;
+    for (int q = 0; q < size && first_elsewhere < 0; ++q) {
+      auto theirs = store->get("disttrain/host/" + std::to_string(q));
+      if (std::string(theirs.begin(), theirs.end()) != me) first_elsewhere = q;
+    }
+    TORCH_CHECK_VALUE(mode != "shm" || first_elsewhere < 0, "disttrain: DISTTRAIN_TRANSPORT=shm needs every rank on ",
+                      "one host, but rank ", first_elsewhere, " is on another host than rank ", rank);
+    if (first_elsewhere < 0) shm_ = std::make_unique<ShmGroup>(store, *transport_, transport_->secret());
+  }
   worker_ = std::thread([this] { run_worker(); });
+}
+
+void DisttrainBackend::run_allreduce(const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
+                                     Deadline dl) {
+  if (shm_) {
+    shm_allreduce(*shm_, sig, data, count, dtype, dl);
+  } else {
+    comm::allreduce(*transport_, sig, data, count, dtype, dl);
+  }
+}
+
+void DisttrainBackend::run_broadcast(const OpSignature& sig, void* data, size_t bytes, int root, Deadline dl) {
+  if (shm_) {
+    shm_broadcast(*shm_, sig, data, bytes, root, dl);
+  } else {
+    comm::broadcast(*transport_, sig, data, bytes, root, dl);
+  }
+}
+
+void DisttrainBackend::run_allgather(const OpSignature& sig, const void* in, void* out, size_t bytes_per_rank,
+                                     Deadline dl) {
+  if (shm_) {
+    shm_allgather(*shm_, sig, in, out, bytes_per_rank, dl);
+  } else {
+    comm::allgather(*transport_, sig, in, out, bytes_per_rank, dl);
+  }
+}
+
+void DisttrainBackend::run_reduce_scatter(const OpSignature& sig, const void* in, void* out, size_t count,
+                                          c10::ScalarType dtype, Deadline dl) {
+  if (shm_) {
+    shm_reduce_scatter(*shm_, sig, in, out, count, dtype, dl);
+  } else {
+    comm::reduce_scatter(*transport_, sig, in, out, count, dtype, dl);
+  }
 }
 
 DisttrainBackend::~DisttrainBackend() {
@@ -164,7 +219,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   at::Tensor buf = user.contiguous();
   int world = getSize();
   return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
-    comm::allreduce(*transport_, sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
+    run_allreduce(sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
     if (op == RedOp::kAvg) divide_by(buf, world);
     copy_back(user, buf);
   });
@@ -186,7 +241,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
   std::vector<at::Tensor> users = tensors;
   int world = getSize();
   return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
-    comm::allreduce(*transport_, sig, flat.data_ptr(), flat.numel(), flat.scalar_type(), dl);
+    run_allreduce(sig, flat.data_ptr(), flat.numel(), flat.scalar_type(), dl);
     if (op == RedOp::kAvg) divide_by(flat, world);
     split_into(flat, users);
   });
@@ -206,7 +261,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce(std::vector<at::Tensor>&
   at::Tensor buf = is_root ? user.contiguous() : user.clone(at::MemoryFormat::Contiguous);
   int world = getSize();
   return enqueue(c10d::OpType::REDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
-    comm::allreduce(*transport_, sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
+    run_allreduce(sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
     if (is_root) {
       if (op == RedOp::kAvg) divide_by(buf, world);
       copy_back(user, buf);
@@ -224,7 +279,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::broadcast(std::vector<at::Tenso
   OpSignature sig = signature(OpKind::kBroadcast, user, RedOp::kNone, user.numel(), root);
   at::Tensor buf = user.contiguous();
   return enqueue(c10d::OpType::BROADCAST, sig.seq, {user}, [=, this](Deadline dl) mutable {
-    comm::broadcast(*transport_, sig, buf.data_ptr(), buf.nbytes(), root, dl);
+    run_broadcast(sig, buf.data_ptr(), buf.nbytes(), root, dl);
     copy_back(user, buf);
   });
 }
@@ -241,7 +296,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::_allgather_base(at::Tensor& out
   at::Tensor out_user = output;
   at::Tensor out = output.contiguous();
   return enqueue(c10d::OpType::_ALLGATHER_BASE, sig.seq, {out_user}, [=, this](Deadline dl) mutable {
-    comm::allgather(*transport_, sig, in.data_ptr(), out.data_ptr(), in.nbytes(), dl);
+    run_allgather(sig, in.data_ptr(), out.data_ptr(), in.nbytes(), dl);
     copy_back(out_user, out);
   });
 }
@@ -260,7 +315,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather(std::vector<std::vect
   int world = getSize();
   return enqueue(c10d::OpType::ALLGATHER, sig.seq, outs, [=, this](Deadline dl) mutable {
     at::Tensor flat = at::empty({in.numel() * world}, in.options());
-    comm::allgather(*transport_, sig, in.data_ptr(), flat.data_ptr(), in.nbytes(), dl);
+    run_allgather(sig, in.data_ptr(), flat.data_ptr(), in.nbytes(), dl);
     split_into(flat, outs);
   });
 }
@@ -355,7 +410,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::_reduce_scatter_base(at::Tensor
   at::Tensor out = output.contiguous();
   int world = getSize();
   return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, sig.seq, {user}, [=, this](Deadline dl) mutable {
-    comm::reduce_scatter(*transport_, sig, in.data_ptr(), out.data_ptr(), out.numel(), out.scalar_type(), dl);
+    run_reduce_scatter(sig, in.data_ptr(), out.data_ptr(), out.numel(), out.scalar_type(), dl);
     if (op == RedOp::kAvg) divide_by(out, world);
     copy_back(user, out);
   });
@@ -495,7 +550,9 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::recv(std::vector<at::Tensor>& t
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {
   OpSignature sig{next_seq_++, OpKind::kBarrier, static_cast<uint8_t>(at::kByte), RedOp::kSum, 0, 0};
   return enqueue(c10d::OpType::BARRIER, sig.seq, {}, [=, this](Deadline dl) {
-    if (getSize() > 1) {
+    if (shm_) {
+      shm_barrier(*shm_, sig, dl);
+    } else if (getSize() > 1) {
       recursive_doubling_allreduce(*transport_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);
     }
   });

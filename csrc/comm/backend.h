@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "comm/collectives.h"
+#include "comm/shm_group.h"
 #include "comm/tcp_transport.h"
 
 namespace disttrain::comm {
@@ -87,6 +88,8 @@ class DisttrainBackend : public c10d::Backend {
 
   // Where this rank listens, and how many stray connections were dropped.
   std::string address() const { return transport_->address(); }
+  // "shm" when every rank is on this host and shared memory is in use, else "tcp".
+  std::string transport_name() const { return shm_ ? "shm" : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
 
  private:
@@ -97,7 +100,15 @@ class DisttrainBackend : public c10d::Backend {
   void run_worker();
   OpSignature signature(OpKind op, const at::Tensor& t, RedOp redop, uint64_t count, int64_t aux = 0);
 
+  // The same-host path when there is one, else TCP.
+  void run_allreduce(const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype, Deadline dl);
+  void run_broadcast(const OpSignature& sig, void* data, size_t bytes, int root, Deadline dl);
+  void run_allgather(const OpSignature& sig, const void* in, void* out, size_t bytes_per_rank, Deadline dl);
+  void run_reduce_scatter(const OpSignature& sig, const void* in, void* out, size_t count, c10::ScalarType dtype,
+                          Deadline dl);
+
   std::unique_ptr<TcpTransport> transport_;
+  std::unique_ptr<ShmGroup> shm_;
   std::chrono::milliseconds timeout_;
   uint64_t next_seq_ = 0;
   std::vector<uint64_t> sent_to_, received_from_;

@@ -55,3 +55,16 @@ void send(TcpTransport& t, const OpSignature& sig, const void* data, size_t byte
 void recv(TcpTransport& t, const OpSignature& sig, void* data, size_t bytes, int src, Deadline deadline);
 
 }  // namespace disttrain::comm
+
+// Same-host versions over shared memory; same contracts as above.
+namespace disttrain::comm {
+class ShmGroup;
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
+                   Deadline deadline);
+void shm_broadcast(ShmGroup& g, const OpSignature& sig, void* data, size_t bytes, int root, Deadline deadline);
+void shm_allgather(ShmGroup& g, const OpSignature& sig, const void* in, void* out, size_t bytes_per_rank,
+                   Deadline deadline);
+void shm_reduce_scatter(ShmGroup& g, const OpSignature& sig, const void* in, void* out, size_t count,
+                        c10::ScalarType dtype, Deadline deadline);
+void shm_barrier(ShmGroup& g, const OpSignature& sig, Deadline deadline);
+}  // namespace disttrain::comm

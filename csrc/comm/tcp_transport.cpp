@@ -241,6 +241,17 @@ void TcpTransport::lost_peer(int peer, const OpSignature& sig, const char* what)
   abort(m.str());
 }
 
+void TcpTransport::check_peer(int peer, const OpSignature& sig) {
+  check_alive();
+  if (peer == rank_ || peers_[peer].fd < 0) return;
+  pollfd p{peers_[peer].fd, POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+    std::string reason = recorded_abort_reason();
+    if (!reason.empty()) abort(reason);
+    lost_peer(peer, sig, "closed its connection");
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The exchange engine.
 

@@ -72,6 +72,12 @@ class TcpTransport {
   // Throws the recorded failure if the group was aborted before.
   void check_alive() const;
 
+  // Raises (after aborting the group) if the connection to `peer` has closed:
+  // how waits that do not read from sockets notice a dead peer.
+  void check_peer(int peer, const OpSignature& sig);
+  // The job secret every connection presented; other transports derive names from it.
+  const uint8_t* secret() const { return secret_; }
+
   // Connection attempts rejected since setup (bad secret, garbage, late).
   uint64_t rejected_connections() const { return rejected_.load(); }
 

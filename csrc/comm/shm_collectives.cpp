@@ -1,0 +1,139 @@
+// Collectives over ShmGroup. Each works in epochs of at most one slot of data
+// per rank; every epoch checks every rank's signature before any data is used.
+#include <cstring>
+
+#include "comm/collectives.h"
+#include "comm/shm_group.h"
+
+namespace disttrain::comm {
+namespace {
+
+// Below this, every rank reduces the whole buffer itself (one phase); above,
+// each rank reduces a 1/p slice and the slices are gathered (two phases).
+constexpr size_t kDirectReduceMaxBytes = 32 << 10;
+
+struct Slice {
+  size_t offset, length;  // elements
+};
+
+Slice slice(size_t n, int p, int k) {
+  size_t base = n / p, rem = n % p, uk = static_cast<size_t>(k);
+  return {uk * base + std::min(uk, rem), base + (uk < rem ? 1 : 0)};
+}
+
+}  // namespace
+
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
+                   Deadline deadline) {
+  const ReduceFn fn = reduce_kernel(dtype, sig.redop);
+  const size_t elem = c10::elementSize(dtype);
+  const int p = g.size(), r = g.rank();
+  auto* bytes = static_cast<uint8_t*>(data);
+  const size_t max_elems = g.slot_bytes() / elem;
+  size_t offset = 0;
+  do {
+    const size_t n = std::min(count - offset, max_elems);
+    uint8_t* out = bytes + offset * elem;
+    uint8_t* mine = g.begin(sig, deadline);
+    if (n > 0) std::memcpy(mine, out, n * elem);
+    g.publish();
+    if (n * elem <= kDirectReduceMaxBytes) {
+      // Everyone combines the slots in rank order: identical results everywhere.
+      std::vector<const uint8_t*> slots(p);
+      for (int q = 0; q < p; ++q) slots[q] = q == r ? mine : g.peer(q);
+      if (n > 0) {
+        fn(out, slots[0], slots[1], n);
+        for (int q = 2; q < p; ++q) fn(out, out, slots[q], n);
+      }
+    } else {
+      Slice s = slice(n, p, r);
+      uint8_t* my_slice = mine + s.offset * elem;
+      for (int q = 0; q < p; ++q) {
+        if (q == r) continue;
+        fn(my_slice, my_slice, g.peer(q) + s.offset * elem, s.length);
+      }
+      g.mark_reduced();
+      for (int q = 0; q < p; ++q) {
+        Slice t = slice(n, p, q);
+        const uint8_t* src = q == r ? mine : g.reduced(q);
+        if (t.length > 0) std::memcpy(out + t.offset * elem, src + t.offset * elem, t.length * elem);
+      }
+    }
+    g.finish();
+    offset += n;
+  } while (offset < count);
+}
+
+void shm_broadcast(ShmGroup& g, const OpSignature& sig, void* data, size_t bytes, int root, Deadline deadline) {
+  const int p = g.size(), r = g.rank();
+  auto* out = static_cast<uint8_t*>(data);
+  size_t offset = 0;
+  do {
+    const size_t n = std::min(bytes - offset, g.slot_bytes());
+    uint8_t* mine = g.begin(sig, deadline);
+    if (r == root && n > 0) std::memcpy(mine, out + offset, n);
+    g.publish();
+    for (int q = 0; q < p; ++q) {
+      if (q == r) continue;
+      const uint8_t* src = g.peer(q);
+      if (q == root && n > 0) std::memcpy(out + offset, src, n);
+    }
+    g.finish();
+    offset += n;
+  } while (offset < bytes);
+}
+
+void shm_allgather(ShmGroup& g, const OpSignature& sig, const void* in, void* out, size_t bytes_per_rank,
+                   Deadline deadline) {
+  const int p = g.size(), r = g.rank();
+  auto* src_all = static_cast<const uint8_t*>(in);
+  auto* dst_all = static_cast<uint8_t*>(out);
+  size_t offset = 0;
+  do {
+    const size_t n = std::min(bytes_per_rank - offset, g.slot_bytes());
+    uint8_t* mine = g.begin(sig, deadline);
+    if (n > 0) std::memcpy(mine, src_all + offset, n);
+    g.publish();
+    for (int q = 0; q < p; ++q) {
+      const uint8_t* src = q == r ? mine : g.peer(q);
+      if (n > 0) std::memcpy(dst_all + q * bytes_per_rank + offset, src, n);
+    }
+    g.finish();
+    offset += n;
+  } while (offset < bytes_per_rank);
+}
+
+void shm_reduce_scatter(ShmGroup& g, const OpSignature& sig, const void* in, void* out, size_t count,
+                        c10::ScalarType dtype, Deadline deadline) {
+  const ReduceFn fn = reduce_kernel(dtype, sig.redop);
+  const size_t elem = c10::elementSize(dtype);
+  const int p = g.size(), r = g.rank();
+  auto* input = static_cast<const uint8_t*>(in);
+  auto* output = static_cast<uint8_t*>(out);
+  const size_t max_elems = std::max<size_t>(1, g.slot_bytes() / (elem * p));
+  size_t offset = 0;
+  std::vector<const uint8_t*> slots(p);
+  do {
+    const size_t n = std::min(count - offset, max_elems);
+    uint8_t* mine = g.begin(sig, deadline);
+    for (int b = 0; b < p && n > 0; ++b) std::memcpy(mine + b * n * elem, input + (b * count + offset) * elem, n * elem);
+    g.publish();
+    for (int q = 0; q < p; ++q) slots[q] = (q == r ? mine : g.peer(q)) + r * n * elem;
+    if (n > 0) {
+      fn(output + offset * elem, slots[0], slots[1], n);
+      for (int q = 2; q < p; ++q) fn(output + offset * elem, output + offset * elem, slots[q], n);
+    }
+    g.finish();
+    offset += n;
+  } while (offset < count);
+}
+
+void shm_barrier(ShmGroup& g, const OpSignature& sig, Deadline deadline) {
+  g.begin(sig, deadline);
+  g.publish();
+  for (int q = 0; q < g.size(); ++q)
+    if (q != g.rank()) g.peer(q);
+  g.finish();
+}
+
+}  // namespace disttrain::comm
