@@ -62,9 +62,12 @@ def gloo_supports(dtype, op):
     return op != "AVG"
 
 
-def _run_matrix(rank, world, big):
+def _run_matrix(rank, world, big, transport):
     gloo = dist.new_group(backend="gloo")
     failures = []
+    used = dist.group.WORLD._get_backend(torch.device("cpu")).transport
+    if world > 1 and used != transport:
+        failures.append(f"transport {used} in use, {transport} requested")
 
     def expect(name, got, want):
         if not torch.equal(got, want):
@@ -167,12 +170,14 @@ def _run_matrix(rank, world, big):
     return failures
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_matrix_matches_gloo(world):
+def test_matrix_matches_gloo(world, transport):
     # The 64 MiB cases run at world sizes 2 and 3; 1 and 4 run every size below
     # it (4 ranks with 64 MiB each x every dtype is long on a 2-core machine).
     big = world in (2, 3)
-    results = run_ranks(_run_matrix, world, args=(big,), timeout=900, pg_timeout=300)
+    results = run_ranks(_run_matrix, world, args=(big, transport), timeout=900, pg_timeout=300,
+                        env={"DISTTRAIN_TRANSPORT": transport})
     failures = [f"rank {r}: {f}" for r, fs in enumerate(results) for f in fs]
     assert not failures, "\n".join(failures[:40])
 

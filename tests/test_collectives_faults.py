@@ -13,6 +13,13 @@ import torch.distributed as dist
 
 from harness import run_ranks
 
+# Every fault test runs over both same-host transports.
+pytestmark = pytest.mark.parametrize("transport", ["shm", "tcp"])
+
+
+def env(transport):
+    return {"DISTTRAIN_TRANSPORT": transport}
+
 
 def _backend():
     return dist.group.WORLD._get_backend(torch.device("cpu"))
@@ -33,8 +40,8 @@ def _killed_mid_allreduce(rank, world):
     return {"error": None, "seconds": time.monotonic() - start}
 
 
-def test_killed_rank_makes_every_other_rank_raise_naming_it():
-    results = run_ranks(_killed_mid_allreduce, 3, pg_timeout=30, expect_exit=[2])
+def test_killed_rank_makes_every_other_rank_raise_naming_it(transport):
+    results = run_ranks(_killed_mid_allreduce, 3, pg_timeout=30, expect_exit=[2], env=env(transport))
     for r in (0, 1):
         res = results[r]
         assert res["error"] is not None, f"rank {r} never noticed the dead rank"
@@ -52,8 +59,8 @@ def _mismatched_shapes(rank, world):
     return None
 
 
-def test_mismatched_shapes_raise_the_same_error_everywhere():
-    a, b = run_ranks(_mismatched_shapes, 2, pg_timeout=30)
+def test_mismatched_shapes_raise_the_same_error_everywhere(transport):
+    a, b = run_ranks(_mismatched_shapes, 2, pg_timeout=30, env=env(transport))
     assert a is not None and a == b
     assert "collective mismatch" in a and "seq=0" in a
     assert "numel=100" in a and "numel=200" in a
@@ -69,8 +76,8 @@ def _skips_collective(rank, world):
     return None
 
 
-def test_rank_that_skips_a_collective_is_reported():
-    results = run_ranks(_skips_collective, 3, pg_timeout=30)
+def test_rank_that_skips_a_collective_is_reported(transport):
+    results = run_ranks(_skips_collective, 3, pg_timeout=30, env=env(transport))
     assert all(r is not None for r in results), results
     assert len(set(results)) == 1, results
     assert "allreduce" in results[0] and "barrier" in results[0]
@@ -88,8 +95,8 @@ def _silent_peer(rank, world):
     return {"error": None}
 
 
-def test_silent_peer_times_out_within_the_group_timeout():
-    results = run_ranks(_silent_peer, 2, pg_timeout=3)
+def test_silent_peer_times_out_within_the_group_timeout(transport):
+    results = run_ranks(_silent_peer, 2, pg_timeout=3, env=env(transport))
     res = results[0]
     assert res["error"] is not None and "timeout" in res["error"] and "rank(s) 1" in res["error"], res
     assert 2.5 < res["seconds"] < 10
@@ -120,8 +127,8 @@ def _stray_connections(rank, world):
     return backend.rejected_connections
 
 
-def test_stray_connections_are_dropped_without_disturbing_the_job():
-    rejected = run_ranks(_stray_connections, 2, pg_timeout=30)
+def test_stray_connections_are_dropped_without_disturbing_the_job(transport):
+    rejected = run_ranks(_stray_connections, 2, pg_timeout=30, env=env(transport))
     assert rejected[0] >= 3
 
 
@@ -146,8 +153,8 @@ def _bad_input(rank, world):
     return errors
 
 
-def test_bad_input_is_a_clear_error_and_leaves_the_group_usable():
-    res = run_ranks(_bad_input, 2)[0]
+def test_bad_input_is_a_clear_error_and_leaves_the_group_usable(transport):
+    res = run_ranks(_bad_input, 2, env=env(transport))[0]
     assert res["band_float"][0] == "ValueError" and "BAND" in res["band_float"][1]
     assert res["avg_bool"][0] == "ValueError"
     assert res["send_to_self"] is not None

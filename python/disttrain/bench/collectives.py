@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=0, help="timed iterations per round (default: by size)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per backend; the best counts (default 5)")
     p.add_argument("--baseline", default="gloo", help="backend to compare against (default gloo)")
-    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<op>_ws<N>.csv)")
+    p.add_argument("--transport", choices=["auto", "tcp", "shm"], default=None,
+                   help="force disttrain's transport (default: DISTTRAIN_TRANSPORT or auto)")
+    p.add_argument("--out", default=None,
+                   help="CSV path (default benchmarks/results/<op>_ws<N>_<transport>.csv)")
     return p
 
 
@@ -107,15 +110,37 @@ def _time(run, pg, iters):
     return (time.perf_counter() - start) / iters, (time.process_time() - cpu0) / iters
 
 
+def memcpy_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
+    """Bytes per second one core copies between two large buffers (best of repeats)."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
 def bench_rank(args) -> None:
     import torch
     import torch.distributed as dist
 
     import disttrain
 
+    if args.transport:
+        os.environ["DISTTRAIN_TRANSPORT"] = args.transport
     torch.set_num_threads(1)
     disttrain.init()
     rank, world = dist.get_rank(), dist.get_world_size()
+    transport = dist.group.WORLD._get_backend(torch.device("cpu")).transport
+    # The machine's copy bandwidth, measured by rank 0 alone, in the same run.
+    dist.barrier()
+    memcpy = torch.tensor([memcpy_bandwidth() if rank == 0 else 0.0], dtype=torch.float64)
+    dist.broadcast(memcpy, src=0)
+    memcpy_gbps = memcpy.item() / 1e9
     base_pg = dist.new_group(backend=args.baseline)
     ours_pg = dist.group.WORLD
     dtype = getattr(torch, args.dtype)
@@ -129,9 +154,9 @@ def bench_rank(args) -> None:
     rows = []
     if rank == 0:
         print(f"# disttrain bench {args.op}: {world} ranks, dtype {args.dtype}, baseline {args.baseline}, "
-              f"transport {os.environ.get('DISTTRAIN_TRANSPORT', 'auto')}")
+              f"disttrain transport {transport}, memcpy {memcpy_gbps:.2f} GB/s (one core, same run)")
         print(f"{'size(B)':>12} {'count':>10} | {'disttrain us':>12} {'algbw':>8} {'busbw':>8} | "
-              f"{args.baseline + ' us':>12} {'algbw':>8} {'busbw':>8} | {'speedup':>7} check")
+              f"{args.baseline + ' us':>12} {'algbw':>8} {'busbw':>8} | {'speedup':>7} {'bw/memcpy':>9} check")
     for nbytes in sizes:
         run, check, moved = _make_case(args.op, nbytes, dtype, rank, world)
         iters = args.iters or max(3, min(200, int(32e6 / max(moved, 1))))
@@ -152,12 +177,13 @@ def bench_rank(args) -> None:
         t_ours, t_base, cpu_ours, cpu_base, bad = t.tolist()
         factor = _bus_factor(args.op, world)
         row = {
-            "op": args.op, "world_size": world, "dtype": args.dtype, "size_bytes": moved,
+            "op": args.op, "world_size": world, "transport": transport, "dtype": args.dtype, "size_bytes": moved,
             "disttrain_us": t_ours * 1e6, "disttrain_algbw_GBps": moved / t_ours / 1e9,
             "disttrain_busbw_GBps": moved / t_ours / 1e9 * factor,
             "baseline": args.baseline, "baseline_us": t_base * 1e6, "baseline_algbw_GBps": moved / t_base / 1e9,
             "baseline_busbw_GBps": moved / t_base / 1e9 * factor,
             "speedup": t_base / t_ours, "disttrain_cpu_us": cpu_ours * 1e6, "baseline_cpu_us": cpu_base * 1e6,
+            "memcpy_GBps": memcpy_gbps, "busbw_over_memcpy": moved / t_ours / 1e9 * factor / memcpy_gbps,
             "correct": bad == 0.0,
         }
         rows.append(row)
@@ -165,9 +191,10 @@ def bench_rank(args) -> None:
             print(f"{moved:>12} {moved // torch.tensor([], dtype=dtype).element_size():>10} | "
                   f"{row['disttrain_us']:>12.1f} {row['disttrain_algbw_GBps']:>8.3f} {row['disttrain_busbw_GBps']:>8.3f} | "
                   f"{row['baseline_us']:>12.1f} {row['baseline_algbw_GBps']:>8.3f} {row['baseline_busbw_GBps']:>8.3f} | "
-                  f"{row['speedup']:>7.2f} {'OK' if row['correct'] else 'WRONG'}", flush=True)
+                  f"{row['speedup']:>7.2f} {row['busbw_over_memcpy']:>9.3f} {'OK' if row['correct'] else 'WRONG'}",
+                  flush=True)
     if rank == 0:
-        out = args.out or os.path.join("benchmarks", "results", f"{args.op}_ws{world}.csv")
+        out = args.out or os.path.join("benchmarks", "results", f"{args.op}_ws{world}_{transport}.csv")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
