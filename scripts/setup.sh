@@ -9,12 +9,16 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
-# GoogleTest for the C++ unit tests, Open MPI for the MPI-style strategies.
-if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
+# Debian packages: GoogleTest for the C++ unit tests, iproute2 for the multi-host
+# (network namespace) tests.
+missing=""
+dpkg -s libgtest-dev >/dev/null 2>&1 || missing="$missing libgtest-dev"
+command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
   else
-    echo "setup: libgtest-dev missing and cannot apt-get install it (not root); C++ tests will be skipped" >&2
+    echo "setup: missing Debian packages:$missing (run as root to install them)" >&2
   fi
 fi
 $PY -m pip install -q scikit-build-core ninja

@@ -48,9 +48,21 @@ def _launch(node, out_dir, mode):
     cmd = ["ip", "netns", "exec", NAMESPACES[node], sys.executable, "-m", "torch.distributed.run",
            "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2", f"--master-addr={ADDRESSES[0]}",
            "--master-port=29555", WORKER, out_dir, mode]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # gloo (the reference) picks its interface from the host name otherwise.
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=f"dt-veth{node}")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def _kill_host(node):
+    """SIGKILL every process in the host's namespace (torchrun starts its
+    workers in sessions of their own, so a process group is not enough)."""
+    pids = _ip("netns", "pids", NAMESPACES[node]).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _results(out_dir):
@@ -82,9 +94,15 @@ def test_killed_host_makes_the_other_host_raise(two_hosts, tmp_path):
         assert all(p.poll() is None for p in procs), procs[0].stdout.read() if procs[0].poll() is not None else ""
         time.sleep(0.2)
     time.sleep(0.5)
-    os.killpg(procs[1].pid, signal.SIGKILL)  # host 1 vanishes: launcher and both ranks
+    _kill_host(1)  # host 1 vanishes: launcher and both ranks
     procs[1].wait()
-    log = procs[0].communicate(timeout=120)[0]
+    # Host 0's ranks report; its launcher would then wait for the dead host's
+    # launcher at its exit barrier, so it is stopped once the ranks have spoken.
+    deadline = time.monotonic() + 60
+    while len(_results(str(tmp_path))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _kill_host(0)
+    log = procs[0].communicate(timeout=30)[0]
     results = _results(str(tmp_path))
     for rank in (0, 1):
         assert rank in results, log
