@@ -83,7 +83,7 @@ def test_two_hosts_match_gloo(two_hosts, tmp_path):
     for rank, res in results.items():
         assert res.get("error") is None, res
         assert res["mismatches"] == [], (rank, res["mismatches"])
-        assert res["transport"] == "tcp"  # ranks span two hosts
+        assert res["transport"] == "shm+tcp"  # shared memory within a host, TCP between hosts
 
 
 def test_killed_host_makes_the_other_host_raise(two_hosts, tmp_path):

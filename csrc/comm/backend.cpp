@@ -5,6 +5,11 @@
 
 #include <cstdlib>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
+#include <algorithm>
+#include <map>
+
 #include "comm/host_identity.h"
 
 namespace disttrain::comm {
@@ -99,28 +104,66 @@ DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store,
       timeout_(timeout),
       sent_to_(size, 0),
       received_from_(size, 0) {
+  setup_shared_memory(store, timeout);
+  worker_ = std::thread([this] { run_worker(); });
+}
+
+void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store,
+                                           std::chrono::milliseconds timeout) {
+  const int rank = getRank(), size = getSize();
   const char* requested = std::getenv("DISTTRAIN_TRANSPORT");
   std::string mode = requested ? requested : "auto";
   TORCH_CHECK_VALUE(mode == "auto" || mode == "tcp" || mode == "shm", "disttrain: DISTTRAIN_TRANSPORT='", mode,
                     "' is not one of auto, tcp, shm");
-  if (size > 1 && mode != "tcp") {
-    std::string me = host_identity();
-    store->set("disttrain/host/" + std::to_string(rank), std::vector<uint8_t>(me.begin(), me.end()));
-    int first_elsewhere = -1;
-    for (int q = 0; q < size && first_elsewhere < 0; ++q) {
-      auto theirs = store->get("disttrain/host/" + std::to_string(q));
-      if (std::string(theirs.begin(), theirs.end()) != me) first_elsewhere = q;
-    }
-    TORCH_CHECK_VALUE(mode != "shm" || first_elsewhere < 0, "disttrain: DISTTRAIN_TRANSPORT=shm needs every rank on ",
-                      "one host, but rank ", first_elsewhere, " is on another host than rank ", rank);
-    if (first_elsewhere < 0) shm_ = std::make_unique<ShmGroup>(store, *transport_, transport_->secret());
+  if (size == 1 || mode == "tcp") return;
+  // Group the ranks by host, hosts numbered in order of their first rank.
+  std::string me = host_identity();
+  store->set("disttrain/host/" + std::to_string(rank), std::vector<uint8_t>(me.begin(), me.end()));
+  std::map<std::string, int> host_index;
+  std::vector<int> host_of(size);
+  for (int q = 0; q < size; ++q) {
+    auto bytes = store->get("disttrain/host/" + std::to_string(q));
+    auto it = host_index.emplace(std::string(bytes.begin(), bytes.end()), static_cast<int>(host_index.size())).first;
+    host_of[q] = it->second;
   }
-  worker_ = std::thread([this] { run_worker(); });
+  const int hosts = static_cast<int>(host_index.size());
+  TORCH_CHECK_VALUE(mode != "shm" || hosts == 1, "disttrain: DISTTRAIN_TRANSPORT=shm needs every rank on one host, ",
+                    "but the ranks are on ", hosts, " hosts");
+  if (hosts == 1) {
+    shm_ = std::make_unique<ShmGroup>(store, *transport_, transport_->secret());
+    return;
+  }
+  std::vector<int> local, leaders;
+  for (int q = 0; q < size; ++q) {
+    if (host_of[q] == host_of[rank]) local.push_back(q);
+    if (q == 0 || std::find(host_of.begin(), host_of.begin() + q, host_of[q]) == host_of.begin() + q)
+      leaders.push_back(q);
+  }
+  if (local.size() == 1) return;  // one rank per host: TCP is all there is
+  // Two levels: shared memory within the host, TCP between the hosts' leaders.
+  const int h = host_of[rank];
+  const int local_rank = static_cast<int>(std::find(local.begin(), local.end(), rank) - local.begin());
+  auto host_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/host" + std::to_string(h) + "/", store);
+  local_ = std::make_unique<TcpTransport>(host_store, local_rank, static_cast<int>(local.size()), timeout, store);
+  local_->set_group_ranks(local);
+  shm_ = std::make_unique<ShmGroup>(host_store, *local_, local_->secret());
+  hierarchical_ = true;
+  if (local_rank == 0) {
+    const int leader_rank = static_cast<int>(std::find(leaders.begin(), leaders.end(), rank) - leaders.begin());
+    auto leader_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/leaders/", store);
+    leaders_ = std::make_unique<TcpTransport>(leader_store, leader_rank, hosts, timeout, store);
+    leaders_->set_group_ranks(leaders);
+  }
 }
 
 void DisttrainBackend::run_allreduce(const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
                                      Deadline dl) {
-  if (shm_) {
+  if (hierarchical_) {
+    // Reduce within the host, across the hosts' leaders, then broadcast within the host.
+    shm_allreduce(*shm_, sig, data, count, dtype, dl);
+    if (leaders_) comm::allreduce(*leaders_, sig, data, count, dtype, dl);
+    shm_broadcast(*shm_, sig, data, count * c10::elementSize(dtype), 0, dl);
+  } else if (shm_) {
     shm_allreduce(*shm_, sig, data, count, dtype, dl);
   } else {
     comm::allreduce(*transport_, sig, data, count, dtype, dl);
@@ -128,7 +171,7 @@ void DisttrainBackend::run_allreduce(const OpSignature& sig, void* data, size_t 
 }
 
 void DisttrainBackend::run_broadcast(const OpSignature& sig, void* data, size_t bytes, int root, Deadline dl) {
-  if (shm_) {
+  if (shm_ && !hierarchical_) {
     shm_broadcast(*shm_, sig, data, bytes, root, dl);
   } else {
     comm::broadcast(*transport_, sig, data, bytes, root, dl);
@@ -137,7 +180,7 @@ void DisttrainBackend::run_broadcast(const OpSignature& sig, void* data, size_t 
 
 void DisttrainBackend::run_allgather(const OpSignature& sig, const void* in, void* out, size_t bytes_per_rank,
                                      Deadline dl) {
-  if (shm_) {
+  if (shm_ && !hierarchical_) {
     shm_allgather(*shm_, sig, in, out, bytes_per_rank, dl);
   } else {
     comm::allgather(*transport_, sig, in, out, bytes_per_rank, dl);
@@ -146,7 +189,7 @@ void DisttrainBackend::run_allgather(const OpSignature& sig, const void* in, voi
 
 void DisttrainBackend::run_reduce_scatter(const OpSignature& sig, const void* in, void* out, size_t count,
                                           c10::ScalarType dtype, Deadline dl) {
-  if (shm_) {
+  if (shm_ && !hierarchical_) {
     shm_reduce_scatter(*shm_, sig, in, out, count, dtype, dl);
   } else {
     comm::reduce_scatter(*transport_, sig, in, out, count, dtype, dl);
@@ -184,6 +227,12 @@ void DisttrainBackend::run_worker() {
     try {
       transport_->check_alive();
       item.second(Clock::now() + timeout_);
+    } catch (const c10::Error& e) {
+      error = std::current_exception();
+      // One failed transport fails the group: siblings shut down too, so that
+      // every rank waiting on any of them notices now, not at its timeout.
+      for (auto* t : {transport_.get(), local_.get(), leaders_.get()})
+        if (t) t->abort_quietly(e.what_without_backtrace());
     } catch (...) {
       error = std::current_exception();
     }
@@ -550,7 +599,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::recv(std::vector<at::Tensor>& t
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {
   OpSignature sig{next_seq_++, OpKind::kBarrier, static_cast<uint8_t>(at::kByte), RedOp::kSum, 0, 0};
   return enqueue(c10d::OpType::BARRIER, sig.seq, {}, [=, this](Deadline dl) {
-    if (shm_) {
+    if (shm_ && !hierarchical_) {
       shm_barrier(*shm_, sig, dl);
     } else if (getSize() > 1) {
       recursive_doubling_allreduce(*transport_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);

@@ -88,8 +88,9 @@ class DisttrainBackend : public c10d::Backend {
 
   // Where this rank listens, and how many stray connections were dropped.
   std::string address() const { return transport_->address(); }
-  // "shm" when every rank is on this host and shared memory is in use, else "tcp".
-  std::string transport_name() const { return shm_ ? "shm" : "tcp"; }
+  // "shm" (every rank on this host), "shm+tcp" (two-level: shared memory within
+  // each host, TCP between hosts) or "tcp".
+  std::string transport_name() const { return shm_ ? (leaders_ || hierarchical_ ? "shm+tcp" : "shm") : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
 
  private:
@@ -107,8 +108,15 @@ class DisttrainBackend : public c10d::Backend {
   void run_reduce_scatter(const OpSignature& sig, const void* in, void* out, size_t count, c10::ScalarType dtype,
                           Deadline dl);
 
-  std::unique_ptr<TcpTransport> transport_;
+  void setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::milliseconds timeout);
+
+  std::unique_ptr<TcpTransport> transport_;  // every rank: the full mesh
+  // Shared memory among this host's ranks; for a job spanning hosts, over a
+  // mesh of its own (local_) with one TCP mesh between the hosts' first ranks (leaders_).
+  std::unique_ptr<TcpTransport> local_;
+  std::unique_ptr<TcpTransport> leaders_;
   std::unique_ptr<ShmGroup> shm_;
+  bool hierarchical_ = false;
   std::chrono::milliseconds timeout_;
   uint64_t next_seq_ = 0;
   std::vector<uint64_t> sent_to_, received_from_;

@@ -131,8 +131,8 @@ void ShmGroup::wait_for(int q, std::atomic<uint32_t>& flag, uint32_t target, con
     if (reached(flag.load(std::memory_order_acquire), target)) return;
     tcp_.check_peer(q, sig_);
     if (Clock::now() >= deadline_) {
-      tcp_.abort("timeout: rank " + std::to_string(rank_) + " waited more than the group timeout in " +
-                 describe(sig_) + " for rank(s) " + std::to_string(q) + " (shared memory, " + what +
+      tcp_.abort("timeout: rank " + std::to_string(tcp_.group_rank(rank_)) + " waited more than the group timeout in " +
+                 describe(sig_) + " for rank(s) " + std::to_string(tcp_.group_rank(q)) + " (shared memory, " + what +
                  "), which never arrived (hung, stopped, or skipped this collective)");
     }
   }
@@ -164,8 +164,8 @@ const uint8_t* ShmGroup::peer(int q) {
   if (theirs.seq != sig_.seq || theirs.op != sig_.op || theirs.dtype != sig_.dtype || theirs.redop != sig_.redop ||
       theirs.count != sig_.count || theirs.aux != sig_.aux) {
     tcp_.abort("collective mismatch at sequence number " + std::to_string(sig_.seq) + ": rank " +
-               std::to_string(rank_) + " called " + describe(sig_) + ", rank " + std::to_string(q) + " called " +
-               describe(theirs));
+               std::to_string(tcp_.group_rank(rank_)) + " called " + describe(sig_) + ", rank " +
+               std::to_string(tcp_.group_rank(q)) + " called " + describe(theirs));
   }
   return slot(q, epoch_);
 }

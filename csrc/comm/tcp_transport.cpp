@@ -66,8 +66,8 @@ struct TcpTransport::RecvState {
 };
 
 TcpTransport::TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
-                           std::chrono::milliseconds timeout)
-    : store_(std::move(store)), rank_(rank), world_size_(world_size), chunk_bytes_(env_chunk_bytes()) {
+                           std::chrono::milliseconds timeout, c10::intrusive_ptr<c10d::Store> abort_store)
+    : store_(std::move(store)), abort_store_(abort_store ? std::move(abort_store) : store_), rank_(rank), world_size_(world_size), chunk_bytes_(env_chunk_bytes()) {
   TORCH_CHECK_VALUE(world_size >= 1, "disttrain: world size must be >= 1, got ", world_size);
   TORCH_CHECK_VALUE(rank >= 0 && rank < world_size, "disttrain: rank ", rank,
                     " outside [0, ", world_size, ")");
@@ -202,22 +202,27 @@ void TcpTransport::check_alive() const {
 
 std::string TcpTransport::recorded_abort_reason() {
   try {
-    if (store_->check({kAbortKey})) return to_string(store_->get(kAbortKey));
+    if (abort_store_->check({kAbortKey})) return to_string(abort_store_->get(kAbortKey));
   } catch (...) {
   }
   return "";
 }
 
 void TcpTransport::abort(const std::string& reason) {
+  abort_quietly(reason);
+  C10_THROW_ERROR(DistBackendError, "disttrain: " + abort_reason());
+}
+
+void TcpTransport::abort_quietly(const std::string& reason) {
   if (!aborted_) {
     std::string message = reason;
     try {
       // First writer wins: its reason is the root cause every rank reports.
-      if (store_->add(kAbortCountKey, 1) == 1) {
-        store_->set(kAbortKey, to_bytes(reason));
+      if (abort_store_->add(kAbortCountKey, 1) == 1) {
+        abort_store_->set(kAbortKey, to_bytes(reason));
       } else {
-        store_->wait({kAbortKey}, std::chrono::milliseconds(2000));
-        message = to_string(store_->get(kAbortKey));
+        abort_store_->wait({kAbortKey}, std::chrono::milliseconds(2000));
+        message = to_string(abort_store_->get(kAbortKey));
       }
     } catch (...) {
       // The store may be gone with a dead rank; report our own view then.
@@ -231,12 +236,11 @@ void TcpTransport::abort(const std::string& reason) {
       if (p.fd >= 0) ::shutdown(p.fd, SHUT_RDWR);
     }
   }
-  C10_THROW_ERROR(DistBackendError, "disttrain: " + abort_reason());
 }
 
 void TcpTransport::lost_peer(int peer, const OpSignature& sig, const char* what) {
   std::ostringstream m;
-  m << "rank " << peer << " " << what << " while rank " << rank_ << " was in " << describe(sig)
+  m << "rank " << group_rank(peer) << " " << what << " while rank " << group_rank(rank_) << " was in " << describe(sig)
     << " (the process exited, was killed or aborted)";
   abort(m.str());
 }
@@ -305,9 +309,9 @@ bool TcpTransport::do_send(SendState& s, const FrameKind kind, const OpSignature
 
 void TcpTransport::accept_header(RecvState& r, const FrameHeader& h, FrameKind kind,
                                  const OpSignature& sig, uint32_t step) {
-  int peer = r.spec.peer;
+  const int peer = group_rank(r.spec.peer), me = group_rank(rank_);
   if (h.magic != kFrameMagic) {
-    abort("corrupt stream from rank " + std::to_string(peer) + " to rank " + std::to_string(rank_) +
+    abort("corrupt stream from rank " + std::to_string(peer) + " to rank " + std::to_string(me) +
           " during " + describe(sig) + " (bad frame magic)");
   }
   bool same = h.kind == static_cast<uint8_t>(kind) && h.op == static_cast<uint8_t>(sig.op) &&
@@ -319,24 +323,24 @@ void TcpTransport::accept_header(RecvState& r, const FrameHeader& h, FrameKind k
     mine.count = r.spec.count;
     std::ostringstream m;
     if (kind == FrameKind::kPointToPoint || h.kind == static_cast<uint8_t>(FrameKind::kPointToPoint)) {
-      m << "point-to-point mismatch: rank " << rank_ << " expected "
+      m << "point-to-point mismatch: rank " << me << " expected "
         << (kind == FrameKind::kPointToPoint ? "recv " + describe(mine) : describe(mine)) << " from rank "
         << peer << ", but rank " << peer << " sent "
         << (h.kind == static_cast<uint8_t>(FrameKind::kPointToPoint) ? "send " : "") << describe(theirs);
     } else {
-      m << "collective mismatch at sequence number " << sig.seq << ": rank " << rank_ << " called "
+      m << "collective mismatch at sequence number " << sig.seq << ": rank " << me << " called "
         << describe(mine) << ", rank " << peer << " called " << describe(theirs);
     }
     abort(m.str());
   }
   if (h.step != step) {
     abort("collective mismatch in " + describe(sig) + ": rank " + std::to_string(peer) + " is at step " +
-          std::to_string(h.step) + ", rank " + std::to_string(rank_) + " at step " + std::to_string(step));
+          std::to_string(h.step) + ", rank " + std::to_string(me) + " at step " + std::to_string(step));
   }
   size_t left = r.spec.bytes - r.received;
   if (h.len > left || h.len > kMaxFramePayload || (r.spec.reduce && h.len % r.spec.elem_size != 0)) {
     abort("rank " + std::to_string(peer) + " sent " + std::to_string(h.len) + " bytes in a frame of " +
-          describe(sig) + " where rank " + std::to_string(rank_) + " expected at most " +
+          describe(sig) + " where rank " + std::to_string(me) + " expected at most " +
           std::to_string(std::min<size_t>(left, kMaxFramePayload)));
   }
   r.any_frame = true;
@@ -377,7 +381,8 @@ void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
       peer.hdr_got += static_cast<size_t>(n);
       if (peer.hdr_got < sizeof(FrameHeader)) continue;
       if (f.hdr.magic != kFrameMagic || f.hdr.len > kMaxFramePayload) {
-        abort("corrupt stream from rank " + std::to_string(peer_rank) + " to rank " + std::to_string(rank_) +
+        abort("corrupt stream from rank " + std::to_string(group_rank(peer_rank)) + " to rank " +
+              std::to_string(group_rank(rank_)) +
               " during " + describe(sig));
       }
       f.payload.resize(f.hdr.len);
@@ -541,12 +546,12 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
       std::ostringstream waiting;
       bool first = true;
       for (auto& r : rs)
-        if (!r.done) waiting << (first ? "" : ", ") << r.spec.peer, first = false;
+        if (!r.done) waiting << (first ? "" : ", ") << group_rank(r.spec.peer), first = false;
       for (auto& s : ss)
-        if (!s.done) waiting << (first ? "" : ", ") << s.spec.peer, first = false;
+        if (!s.done) waiting << (first ? "" : ", ") << group_rank(s.spec.peer), first = false;
       std::string reason = recorded_abort_reason();
       if (!reason.empty()) abort(reason);
-      abort("timeout: rank " + std::to_string(rank_) + " waited more than the group timeout in " + describe(sig) +
+      abort("timeout: rank " + std::to_string(group_rank(rank_)) + " waited more than the group timeout in " + describe(sig) +
             " for rank(s) " + waiting.str() + ", which sent nothing (hung, stopped, or skipped this collective)");
     }
     for (size_t i = 0; i < fds.size(); ++i) {

@@ -46,8 +46,10 @@ class TcpTransport {
  public:
   // Connects to every other rank; requires all ranks of the group to call it.
   // Throws DistBackendError naming the missing ranks if that takes longer than timeout.
+  // abort_store, when given, is where failures are recorded (a group built of
+  // several transports shares one, so every rank reports the same failure).
   TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
-               std::chrono::milliseconds timeout);
+               std::chrono::milliseconds timeout, c10::intrusive_ptr<c10d::Store> abort_store = {});
   ~TcpTransport();
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
@@ -67,6 +69,8 @@ class TcpTransport {
   // Records the first failure of the group in the store (so that every rank
   // raises the same message), shuts every connection down and throws it.
   [[noreturn]] void abort(const std::string& reason);
+  // The same without throwing: for tearing down the sibling transports of a failed one.
+  void abort_quietly(const std::string& reason);
   bool aborted() const { return aborted_.load(); }
   std::string abort_reason() const;
   // Throws the recorded failure if the group was aborted before.
@@ -77,6 +81,11 @@ class TcpTransport {
   void check_peer(int peer, const OpSignature& sig);
   // The job secret every connection presented; other transports derive names from it.
   const uint8_t* secret() const { return secret_; }
+
+  // Error messages name ranks of the whole process group: a transport over a
+  // subset of it (one host, or the hosts' leaders) is told their numbers.
+  void set_group_ranks(std::vector<int> group_ranks) { group_ranks_ = std::move(group_ranks); }
+  int group_rank(int r) const { return group_ranks_.empty() ? r : group_ranks_[r]; }
 
   // Connection attempts rejected since setup (bad secret, garbage, late).
   uint64_t rejected_connections() const { return rejected_.load(); }
@@ -111,10 +120,12 @@ class TcpTransport {
   std::string recorded_abort_reason();
 
   c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::Store> abort_store_;
   int rank_;
   int world_size_;
   size_t chunk_bytes_;
   std::vector<Peer> peers_;
+  std::vector<int> group_ranks_;
   std::vector<uint8_t> scratch_;
   std::string address_;
   uint8_t secret_[16];
