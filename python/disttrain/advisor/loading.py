@@ -98,54 +98,84 @@ def _to_bool(series: pd.Series) -> pd.Series:
     return text.isin(["true", "1", "1.0", "yes"])
 
 
-def tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """Checks and normalises a raw epoch-log frame (one row per file row).
+def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Checks and completes configuration columns (no measurements needed).
 
-    Adds ``gpu_family``, ``params`` (canonical parameter count), ``config_id``
-    (the configuration, GPU type excluded) and ``run_id``; fills optional
-    columns with the logs' defaults.
+    Fills optional columns with the logs' recipe, and adds ``gpu_family``,
+    ``params`` (canonical parameter count) and ``config_id`` (the
+    configuration, GPU type excluded).
+
+    Raises:
+        AdvisorInputError: a required column is missing, or an unknown GPU or model.
+    """
+    missing = [c for c in ("model_name", "gpu", "batch_size") if c not in frame.columns]
+    if missing:
+        raise AdvisorInputError(f"configuration lacks column(s) {', '.join(missing)} "
+                                f"(have: {', '.join(map(str, frame.columns[:12]))})")
+    df = frame.copy()
+    for column, default in OPTIONAL_DEFAULTS.items():
+        if column not in df.columns:
+            df[column] = default
+    for column in ["batch_size", "num_of_gpus", "learning_rate", "num_workers_data_loader",
+                   "num_epochs", "num_of_paramters", "config_index"]:
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    bad = ~(df["batch_size"] > 0) | ~(df["num_of_gpus"] >= 1)
+    if bad.any():
+        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
+        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive batch_size or num_of_gpus")
+    df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
+    df["num_workers_data_loader"] = df["num_workers_data_loader"].fillna(OPTIONAL_DEFAULTS["num_workers_data_loader"])
+    df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
+    df["gpu_family"] = df["gpu"].map(gpu_family)
+    if df["gpu_family"].isna().any():
+        unknown = df.loc[df["gpu_family"].isna(), "gpu"].iloc[0]
+        raise AdvisorInputError(f"unknown GPU '{unknown}' (known families: P40, P100, V100-PCIE, V100-SXM2, ...)")
+    df["num_of_gpus"] = df["num_of_gpus"].astype(int)
+    dist = _to_bool(df["is_distributed"]) if "is_distributed" in df.columns else pd.Series(False, index=df.index)
+    df["is_distributed"] = dist | (df["num_of_gpus"] > 1)
+    # Single-process runs have no sampler; they see the whole data set, as a shard of one.
+    sharded = _to_bool(df["distribute_data"]) if "distribute_data" in df.columns else pd.Series(True, index=df.index)
+    df["distribute_data"] = sharded | ~df["is_distributed"]
+    df["params"] = df["model_name"].map(MODEL_PARAMS).fillna(df["num_of_paramters"])
+    if df["params"].isna().any():
+        model = df.loc[df["params"].isna(), "model_name"].iloc[0]
+        raise AdvisorInputError(f"unknown model '{model}': not a known ResNet ({', '.join(MODEL_PARAMS)}) and no num_of_paramters given")
+    df["milestones"] = df["milestones"].fillna("").astype(str)
+    recipe = (df["model_name"] + "|" + df["num_of_gpus"].astype(str) + "|" + df["batch_size"].astype(str)
+              + "|" + df["learning_rate"].astype(str) + "|" + df["distribute_data"].astype(str))
+    # A configuration is everything but the GPU type; the logs number them.
+    numbered = "cfg" + df["config_index"].fillna(-1).astype(int).astype(str)
+    df["config_id"] = np.where(df["config_index"].notna(), numbered, recipe)
+    return df
+
+
+def tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Checks and normalises a raw epoch-log frame (one row per file row):
+    normalize_configs plus the measured columns and a ``run_id``.
 
     Raises:
         AdvisorInputError: a required column is missing or holds bad values.
     """
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
-        raise AdvisorInputError(f"epoch log lacks column(s) {', '.join(missing)} (have: {', '.join(map(str, frame.columns[:12]))})")
-    df = frame.copy()
-    for column, default in OPTIONAL_DEFAULTS.items():
-        if column not in df.columns:
-            df[column] = default
+        raise AdvisorInputError(f"epoch log lacks column(s) {', '.join(missing)} "
+                                f"(have: {', '.join(map(str, frame.columns[:12]))})")
+    df = normalize_configs(frame)
     if "epoch" not in df.columns:
         df["epoch"] = df.groupby("source").cumcount() if "source" in df.columns else np.arange(len(df))
-    for column in ["epoch_timings", "batch_size", "num_of_gpus", "learning_rate", "test_acc",
-                   "num_workers_data_loader", "epoch", "num_epochs", "num_of_paramters", "config_index"]:
+    for column in ["epoch_timings", "test_acc", "epoch"]:
         df[column] = pd.to_numeric(df[column], errors="coerce")
-    bad = df["epoch_timings"].isna() | ~(df["epoch_timings"] > 0) | df["batch_size"].isna() | df["num_of_gpus"].isna()
+    bad = ~(df["epoch_timings"] > 0) | df["epoch"].isna()
     if bad.any():
         where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
-        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive epoch_timings, batch_size or num_of_gpus")
-    df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
-    df["gpu_family"] = df["gpu"].map(gpu_family)
-    if df["gpu_family"].isna().any():
-        unknown = df.loc[df["gpu_family"].isna(), "gpu"].iloc[0]
-        raise AdvisorInputError(f"unknown GPU '{unknown}' in the epoch logs")
-    df["num_of_gpus"] = df["num_of_gpus"].astype(int)
-    df["is_distributed"] = _to_bool(df["is_distributed"]) if "is_distributed" in df.columns else df["num_of_gpus"] > 1
-    df["is_distributed"] = df["is_distributed"] | (df["num_of_gpus"] > 1)
-    # Single-process runs have no sampler; they see the whole data set, as a shard of one.
-    dd = _to_bool(df["distribute_data"]) if "distribute_data" in df.columns else pd.Series(True, index=df.index)
-    df["distribute_data"] = dd | ~df["is_distributed"]
-    df["params"] = df["model_name"].map(MODEL_PARAMS).fillna(df["num_of_paramters"])
-    if df["params"].isna().any():
-        model = df.loc[df["params"].isna(), "model_name"].iloc[0]
-        raise AdvisorInputError(f"model '{model}' is not a known ResNet and its rows have no num_of_paramters")
-    df["milestones"] = df["milestones"].fillna("").astype(str)
-    df["num_epochs"] = df["num_epochs"].fillna(df.groupby("source")["epoch"].transform("max") + 1
-                                               if "source" in df.columns else df["epoch"].max() + 1)
-    # A configuration is everything but the GPU type; the logs number them.
-    recipe = df[["model_name", "num_of_gpus", "batch_size", "learning_rate", "distribute_data"]].astype(str).agg("|".join, axis=1)
-    df["config_id"] = np.where(df["config_index"].notna(), "cfg" + df["config_index"].fillna(-1).astype(int).astype(str), recipe)
-    df["run_id"] = df[RUN_KEYS[:-1]].astype(str).agg("|".join, axis=1) + "|" + df["config_id"]
+        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive epoch_timings or epoch")
+    if "source" in df.columns:
+        df["num_epochs"] = df["num_epochs"].fillna(df.groupby("source")["epoch"].transform("max") + 1)
+    df["num_epochs"] = df["num_epochs"].fillna(df["epoch"].max() + 1)
+    key = df["config_id"]
+    for column in RUN_KEYS[:-1]:
+        key = key + "|" + df[column].astype(str)
+    df["run_id"] = key
     return df
 
 

@@ -52,20 +52,20 @@ class EpochTimeModel:
         d = derive(configs)
         return {
             "tflops": d["tflops"].to_numpy() / 10,
-            "family": d["gpu_family"].to_numpy(),
+            "family_index": np.array([self.families_.index(f) if f in self.families_ else -1
+                                      for f in d["gpu_family"]]),
             "params": d["params"].to_numpy(dtype=float) / 1e7,
             "gpus": d["num_of_gpus"].to_numpy(dtype=float),
             "dist": d["is_distributed"].to_numpy(dtype=float),
-            "depth": d["depth"] / 10,
+            "depth": d["depth"].to_numpy(dtype=float) / 10,
             "steps": d["steps_per_epoch"].to_numpy(),
             "samples": d["samples_per_gpu"].to_numpy(),
         }
 
     def _physical(self, theta: np.ndarray, a: dict) -> np.ndarray:
         rates = np.exp(theta[: len(_RATES)])
-        adjust = np.zeros(len(a["family"]))
-        for family, value in zip(self.families_, theta[len(_RATES):]):
-            adjust[a["family"] == family] = value
+        # Families unseen in training keep the data-sheet speed (index -1 -> 0).
+        adjust = np.append(theta[len(_RATES):], 0.0)[a["family_index"]]
         speed = a["tflops"] * np.exp(adjust)
         compute = a["samples"] * a["params"] / speed / 1e4
         return (rates[0] * compute
@@ -74,11 +74,10 @@ class EpochTimeModel:
                 + a["dist"] * (rates[3] * compute + rates[4] * a["depth"]))
 
     def _fit_core(self, runs: pd.DataFrame):
-        d = derive(runs)
+        families = sorted(runs["gpu_family"].unique())
+        self.families_ = families
         a = self._arrays(runs)
         y = runs["epoch_time_s"].to_numpy(dtype=float)
-        families = sorted(d["gpu_family"].unique())
-        self.families_ = families
         # soft_l1: a run on a slow or shared node should not bend the rates for all others.
         solution = least_squares(lambda th: np.log(self._physical(th, a) / y),
                                  np.zeros(len(_RATES) + len(families)), loss="soft_l1", f_scale=0.1)
