@@ -146,14 +146,19 @@ class LearningCurveModel:
         columns = [np.full(len(X), m) if isinstance(m, float) else m.predict(X) for m in models.values()]
         return np.column_stack(columns)
 
-    def fit(self, epochs: pd.DataFrame) -> "LearningCurveModel":
+    def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None) -> "LearningCurveModel":
         """Fits per-run curves on an epochs table (loading.load_epochs) and the
         regressions from configuration to curve parameters.
+
+        Args:
+            epochs: one row per run and epoch.
+            run_fits: the per-run curves of these runs, when already fitted
+                (fit_runs); a run's own curve does not depend on the others.
 
         Returns:
             self
         """
-        runs = self.fit_runs(epochs)
+        runs = self.fit_runs(epochs) if run_fits is None else run_fits
         if len(runs) < 3:
             from .errors import AdvisorInputError
             raise AdvisorInputError("need at least 3 runs with test_acc to fit learning curves")
