@@ -8,10 +8,16 @@ a_1 the accuracy after one epoch, a_inf the plateau). The logs' recipe divides
 the learning rate by 10 at epoch 60, which lifts the plateau at once; after the
 milestone the curve stays at its milestone value plus ``jump``.
 
-Each run's curve is fitted by least squares; ridge regressions then map a
-configuration to (logit a_inf, logit a_1, log rate, jump). Intervals come from
-the out-of-fold errors of those regressions (grouped by configuration): the
-curve is recomputed with each error vector added and quantiles are taken. With
+Each run's curve is fitted by least squares. A configuration's parameters
+(logit a_inf, logit a_1, log rate, jump) are predicted in two steps: ridge
+regressions from the configuration give a prior; LightGBM, trained on every
+epoch row of the training runs, predicts the first 30 epochs of the
+configuration's trajectory, and the curve is fitted to that trajectory under
+the prior (MAP). Boosting finds the neighbours (same model and batch, other GPU
+count); the parametric form extrapolates past the epochs seen, through the
+milestone, and gives epochs-to-target. Intervals come from the out-of-fold
+errors of the predicted parameters (grouped by configuration): the curve is
+recomputed with each error vector added and quantiles are taken. With
 the first k epochs of a running job observed, the parameters are refitted with
 the prediction as a prior (MAP), once per error vector, so the interval narrows
 as the job runs.
@@ -19,6 +25,7 @@ as the job runs.
 
 from __future__ import annotations
 
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
@@ -32,6 +39,7 @@ from .features import derive
 PARAMS = ["logit_a_inf", "logit_a_1", "log_rate", "jump"]
 _BOUNDS = (np.array([-3.0, -4.0, -6.0, -0.3]), np.array([4.5, 3.0, 3.0, 0.5]))
 _NOISE = 0.03
+_HORIZON = 30  # every logged run has at least 30 epochs before its first milestone
 
 
 def _logit(p):
@@ -129,7 +137,7 @@ class LearningCurveModel:
                                       errors="ignore").to_dict(), **dict(zip(PARAMS, theta))})
         return pd.DataFrame(rows)
 
-    def _fit_regressions(self, runs: pd.DataFrame) -> dict:
+    def _fit_regressions(self, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict:
         models = {}
         X = _features(runs)
         for name in PARAMS:
@@ -138,13 +146,26 @@ class LearningCurveModel:
                 models[name] = float(np.nanmean(runs[name])) if known.any() else 0.0
                 continue
             models[name] = make_pipeline(StandardScaler(), Ridge(alpha=self.alpha)).fit(X[known], runs.loc[known, name])
+        rows = epochs[epochs["run_id"].isin(set(runs["run_id"]))].dropna(subset=["test_acc"])
+        trajectory = lgb.LGBMRegressor(n_estimators=100, verbose=-1, n_jobs=1)
+        models["trajectory"] = trajectory.fit(_features(rows).assign(epoch=rows["epoch"].to_numpy(float) + 1),
+                                              rows["test_acc"])
         return models
 
     @staticmethod
-    def _predict_params(models: dict, configs: pd.DataFrame) -> np.ndarray:
+    def _predict_params(models: dict, configs: pd.DataFrame, prior_scale: np.ndarray) -> np.ndarray:
         X = _features(configs)
-        columns = [np.full(len(X), m) if isinstance(m, float) else m.predict(X) for m in models.values()]
-        return np.column_stack(columns)
+        columns = [np.full(len(X), m) if isinstance(m, float) else m.predict(X)
+                   for name, m in models.items() if name in PARAMS]
+        prior = np.column_stack(columns)
+        epochs = np.arange(1, _HORIZON + 1, dtype=float)
+        grid = X.loc[np.repeat(X.index.to_numpy(), _HORIZON)].assign(epoch=np.tile(epochs, len(X)))
+        trajectories = models["trajectory"].predict(grid).reshape(len(X), _HORIZON)
+        out = np.empty_like(prior)
+        for i, (center, trajectory) in enumerate(zip(prior, trajectories)):
+            out[i] = fit_run(epochs, trajectory, np.inf, prior=center, prior_scale=prior_scale)
+            out[i, 3] = center[3]
+        return out
 
     def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None) -> "LearningCurveModel":
         """Fits per-run curves on an epochs table (loading.load_epochs) and the
@@ -166,20 +187,24 @@ class LearningCurveModel:
         groups = runs["config_id"].to_numpy()
         errors = []
         folds = min(5, len(np.unique(groups)))
+        # A weak prior: the spread of the parameters across the training runs.
+        ridge_scale = np.nanstd(runs[PARAMS].to_numpy() - runs[PARAMS].mean().to_numpy(), axis=0)
+        self.prior_scale_ = np.maximum(np.nan_to_num(ridge_scale, nan=0.01), 1e-3)
         for train, test in GroupKFold(n_splits=folds).split(runs, groups=groups):
-            models = self._fit_regressions(runs.iloc[train])
-            errors.append(runs.iloc[test][PARAMS].to_numpy() - self._predict_params(models, runs.iloc[test]))
+            models = self._fit_regressions(runs.iloc[train], epochs)
+            errors.append(runs.iloc[test][PARAMS].to_numpy()
+                          - self._predict_params(models, runs.iloc[test], self.prior_scale_))
         errors = np.concatenate(errors)
         errors[:, 3] = np.where(np.isfinite(errors[:, 3]), errors[:, 3], 0.0)
         self.errors_ = errors
         self.scale_ = np.maximum(np.std(errors, axis=0), 1e-3)
-        self.models_ = self._fit_regressions(runs)
+        self.models_ = self._fit_regressions(runs, epochs)
         self.max_acc_ = float(epochs["test_acc"].max())
         return self
 
     def predict_params(self, configs: pd.DataFrame) -> np.ndarray:
         """Predicted curve parameters (columns PARAMS), one row per configuration."""
-        return self._predict_params(self.models_, configs)
+        return self._predict_params(self.models_, configs, self.prior_scale_)
 
     def predict_curve(self, config: pd.Series, epochs, observed=None) -> pd.DataFrame:
         """Accuracy after each of ``epochs`` (1-based) for one configuration.
