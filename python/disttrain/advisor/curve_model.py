@@ -113,6 +113,8 @@ class LearningCurveModel:
     Args:
         coverage: two-sided coverage of the intervals.
         alpha: ridge penalty of the parameter regressions.
+        interval_folds: folds of the grouped cross-validation that sizes the
+            intervals; 0 skips it (point predictions only, as the evaluation needs).
 
     Example::
 
@@ -120,9 +122,10 @@ class LearningCurveModel:
         >>> model.predict_curve(runs.iloc[0], np.arange(1, 31))
     """
 
-    def __init__(self, coverage: float = 0.8, alpha: float = 1.0):
+    def __init__(self, coverage: float = 0.8, alpha: float = 1.0, interval_folds: int = 5):
         self.coverage = coverage
         self.alpha = alpha
+        self.interval_folds = interval_folds
 
     def fit_runs(self, epochs: pd.DataFrame) -> pd.DataFrame:
         """One fitted curve per run: the configuration columns plus PARAMS."""
@@ -185,16 +188,17 @@ class LearningCurveModel:
             raise AdvisorInputError("need at least 3 runs with test_acc to fit learning curves")
         self.runs_ = runs
         groups = runs["config_id"].to_numpy()
-        errors = []
-        folds = min(5, len(np.unique(groups)))
+        errors = [np.zeros((1, len(PARAMS)))]
+        folds = min(self.interval_folds, len(np.unique(groups)))
         # A weak prior: the spread of the parameters across the training runs.
         ridge_scale = np.nanstd(runs[PARAMS].to_numpy() - runs[PARAMS].mean().to_numpy(), axis=0)
         self.prior_scale_ = np.maximum(np.nan_to_num(ridge_scale, nan=0.01), 1e-3)
-        for train, test in GroupKFold(n_splits=folds).split(runs, groups=groups):
+        splits = GroupKFold(n_splits=folds).split(runs, groups=groups) if folds >= 2 else []
+        for train, test in splits:
             models = self._fit_regressions(runs.iloc[train], epochs)
             errors.append(runs.iloc[test][PARAMS].to_numpy()
                           - self._predict_params(models, runs.iloc[test], self.prior_scale_))
-        errors = np.concatenate(errors)
+        errors = np.concatenate(errors[1:] or errors)
         errors[:, 3] = np.where(np.isfinite(errors[:, 3]), errors[:, 3], 0.0)
         self.errors_ = errors
         self.scale_ = np.maximum(np.std(errors, axis=0), 1e-3)
