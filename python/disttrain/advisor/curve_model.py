@@ -191,7 +191,9 @@ class LearningCurveModel:
         errors = [np.zeros((1, len(PARAMS)))]
         folds = min(self.interval_folds, len(np.unique(groups)))
         # A weak prior: the spread of the parameters across the training runs.
-        ridge_scale = np.nanstd(runs[PARAMS].to_numpy() - runs[PARAMS].mean().to_numpy(), axis=0)
+        values = runs[PARAMS].to_numpy(float)
+        counts = np.isfinite(values).sum(axis=0)
+        ridge_scale = np.array([np.nanstd(values[:, j]) if counts[j] > 1 else np.nan for j in range(len(PARAMS))])
         self.prior_scale_ = np.maximum(np.nan_to_num(ridge_scale, nan=0.01), 1e-3)
         splits = GroupKFold(n_splits=folds).split(runs, groups=groups) if folds >= 2 else []
         for train, test in splits:
