@@ -8,7 +8,6 @@ the global batch, and the GPU's speed.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pandas as pd

@@ -7,7 +7,6 @@ accuracy-against-hours plot. Everything is rendered on the server.
 
 from __future__ import annotations
 
-import sys
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
