@@ -21,5 +21,13 @@ if [ -n "$missing" ]; then
     echo "setup: missing Debian packages:$missing (run as root to install them)" >&2
   fi
 fi
+# Chromium renders the advisor's web page in its headless browser test.
+if ! command -v chromium >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium missing and cannot apt-get install it (not root); the advisor web test will fail" >&2
+  fi
+fi
 $PY -m pip install -q scikit-build-core ninja
 $PY -m pip install -q --no-build-isolation ".[dev]"

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "info": ("disttrain.info", "versions, how the extension was built, transports a job would use"),
     "bench": ("disttrain.bench", "benchmarks against the PyTorch equivalent (allreduce, ...)"),
+    "advise": ("disttrain.advisor.cli", "training-cost advisor: time, accuracy, cheapest configuration"),
 }
 
 

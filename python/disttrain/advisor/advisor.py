@@ -1,0 +1,140 @@
+"""``Advisor``: the public face of the advisor (fit, predict, curves, recommend, save/load)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .curve_model import LearningCurveModel
+from .errors import AdvisorInputError
+from .hardware import DEFAULT_PRICES
+from .loading import load_epochs, normalize_configs, runs_table
+from .recommend import Recommendation, rank
+from .time_model import EpochTimeModel
+
+
+class Advisor:
+    """Predicts time per epoch and accuracy per epoch of a training
+    configuration, and recommends the cheapest configuration for a target.
+
+    Build one with :meth:`fit` or :meth:`load`.
+
+    Example::
+
+        >>> from disttrain.advisor import Advisor
+        >>> advisor = Advisor.fit()                       # the default epoch logs
+        >>> advisor.recommend("resnet50", target_acc=0.75).table.head(3)
+    """
+
+    def __init__(self, time_model: EpochTimeModel, curve_model: LearningCurveModel, runs: pd.DataFrame):
+        self.time_model = time_model
+        self.curve_model = curve_model
+        self.runs = runs
+        self.known_models = set(runs["model_name"])
+        self.known_families = set(runs["gpu_family"])
+        self.max_acc = float(curve_model.max_acc_)
+
+    @classmethod
+    def fit(cls, paths_or_dataframe=None, coverage: float = 0.8) -> "Advisor":
+        """Fits both models on epoch logs.
+
+        Args:
+            paths_or_dataframe: None (the default epoch logs, see
+                loading.default_data_path), CSV files or folders (epoch logs or
+                CSVs written by the disttrain trainer), or a data frame in the
+                logs' columns.
+            coverage: two-sided coverage of every interval.
+
+        Returns:
+            a fitted Advisor.
+        """
+        epochs = load_epochs(paths_or_dataframe)
+        runs = runs_table(epochs)
+        return cls(EpochTimeModel(coverage).fit(runs), LearningCurveModel(coverage).fit(epochs), runs)
+
+    @staticmethod
+    def normalize(configs: pd.DataFrame) -> pd.DataFrame:
+        """Completes configuration columns with the logs' defaults (see loading)."""
+        return normalize_configs(configs).reset_index(drop=True)
+
+    def predict(self, configs: pd.DataFrame) -> pd.DataFrame:
+        """Time per epoch for each configuration.
+
+        Args:
+            configs: data frame in the logs' column names; needs ``model_name``,
+                ``gpu``, ``batch_size``; ``num_of_gpus``, ``distribute_data`` and
+                the rest are optional.
+
+        Returns:
+            DataFrame with one row per configuration: ``epoch_time_s``,
+            ``epoch_time_s_low``, ``epoch_time_s_high``.
+        """
+        normalized = self.normalize(configs)
+        unknown = set(normalized["gpu_family"]) - self.known_families
+        if unknown:
+            raise AdvisorInputError(f"no epoch logs for GPU {', '.join(sorted(unknown))} "
+                                    f"(known: {', '.join(sorted(self.known_families))})")
+        return self.time_model.predict(normalized).set_index(configs.index)
+
+    def accuracy_curve(self, config, epochs=100, observed=None) -> pd.DataFrame:
+        """Predicted test accuracy per epoch, with an interval.
+
+        Args:
+            config: a dict or Series of configuration columns.
+            epochs: number of epochs (curve at 1..epochs) or the epochs themselves.
+            observed: optional test accuracies of the job's first epochs; the
+                curve is conditioned on them.
+
+        Returns:
+            DataFrame with ``epoch``, ``accuracy``, ``accuracy_low``, ``accuracy_high``.
+        """
+        frame = self.normalize(pd.DataFrame([dict(config)]))
+        if frame.loc[0, "milestones"] == "":
+            frame.loc[0, "milestones"] = "60,80"
+        grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)
+        if np.isnan(frame.loc[0, "num_epochs"]):
+            frame.loc[0, "num_epochs"] = grid.max() + 1
+        return self.curve_model.predict_curve(frame.iloc[0], grid, observed=observed)
+
+    def recommend(self, model_name: str, target_acc: float, prices: dict | None = None, gpus=None,
+                  deadline_hours: float | None = None, gpu_counts=(1, 2, 3, 4),
+                  batch_sizes=(32, 128, 512), max_epochs: int = 100) -> Recommendation:
+        """Ranks configurations by predicted cost to reach ``target_acc``.
+
+        Args:
+            model_name: e.g. ``"resnet50"``.
+            target_acc: test accuracy to reach, in (0, 1].
+            prices: GPU family -> price per GPU-hour (default hardware.DEFAULT_PRICES).
+            gpus: GPU families to consider (default: every priced family with logs).
+            deadline_hours: drop configurations predicted to take longer.
+            gpu_counts, batch_sizes: the grid of candidates.
+            max_epochs: the longest run considered (the logs' recipe is 100).
+
+        Returns:
+            Recommendation: ``table`` (ranked, with intervals) and ``message``;
+            ``out_of_reach`` is True when no candidate gets there (in time).
+        """
+        return rank(self, model_name, target_acc, dict(prices or DEFAULT_PRICES), gpus=gpus,
+                    deadline_hours=deadline_hours, gpu_counts=gpu_counts, batch_sizes=batch_sizes,
+                    max_epochs=max_epochs)
+
+    def save(self, path) -> None:
+        """Writes the fitted advisor to ``path`` (a pickle: load only files you trust)."""
+        with open(path, "wb") as f:
+            pickle.dump(self, f)
+
+    @staticmethod
+    def load(path) -> "Advisor":
+        """Reads an advisor written by :meth:`save`."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                advisor = pickle.load(f)
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            raise AdvisorInputError(f"cannot load advisor from '{path}': {e}") from None
+        if not isinstance(advisor, Advisor):
+            raise AdvisorInputError(f"'{path}' does not hold an Advisor")
+        return advisor

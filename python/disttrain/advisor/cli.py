@@ -1,0 +1,112 @@
+"""``disttrain advise``: recommend, evaluate or serve.
+
+    disttrain advise --model resnet50 --target-acc 0.75 [--gpus P40 V100-SXM2]
+                     [--prices prices.csv] [--deadline-hours H] [--json]
+    disttrain advise --evaluate [--json]
+    disttrain advise --serve [--port P]
+
+Bad input prints one line on stderr and exits with status 2; a target that no
+configuration reaches (in time) prints why and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AdvisorInputError
+
+RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation.csv"
+TABLE_COLUMNS = ["rank", "gpu", "num_of_gpus", "batch_size", "distribute_data", "epochs", "epochs_low", "epochs_high",
+                 "epoch_time_s", "hours", "hours_low", "hours_high", "cost", "cost_low", "cost_high"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disttrain advise", description="training-cost advisor (docs/advisor.md)")
+    p.add_argument("--model", help="resnet18 | resnet34 | resnet50 | resnet101")
+    p.add_argument("--target-acc", type=float, help="test accuracy to reach, e.g. 0.75")
+    p.add_argument("--gpus", nargs="+", help="GPU families to consider (default: all with logs and a price)")
+    p.add_argument("--prices", help="CSV with columns gpu,price_per_gpu_hour")
+    p.add_argument("--deadline-hours", type=float)
+    p.add_argument("--top", type=int, default=10, help="rows of the ranked table to print")
+    p.add_argument("--data", nargs="+", help="epoch-log CSVs or folders (default: shared/data/epoch-logs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--evaluate", action="store_true", help=f"run the evaluation, also write {RESULTS_CSV}")
+    p.add_argument("--serve", action="store_true", help="serve the web page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    return p
+
+
+def _recommend(args) -> int:
+    from .advisor import Advisor
+    from .hardware import DEFAULT_PRICES, gpu_family, read_prices
+
+    if not args.model or args.target_acc is None:
+        raise AdvisorInputError("give --model and --target-acc (or --evaluate, --serve)")
+    prices = read_prices(args.prices) if args.prices else dict(DEFAULT_PRICES)
+    gpus = None
+    if args.gpus:
+        gpus = []
+        for name in args.gpus:
+            family = gpu_family(name)
+            if family is None:
+                raise AdvisorInputError(f"unknown GPU '{name}' (known families: {', '.join(sorted(DEFAULT_PRICES))})")
+            gpus.append(family)
+    advisor = Advisor.fit(args.data)
+    rec = advisor.recommend(args.model.lower(), args.target_acc, prices=prices, gpus=gpus,
+                            deadline_hours=args.deadline_hours)
+    if args.json:
+        print(json.dumps(rec.to_dict(), indent=1, default=float))
+    else:
+        print(rec.message)
+        if not rec.table.empty:
+            print(rec.table[TABLE_COLUMNS].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 1 if rec.out_of_reach else 0
+
+
+def _evaluate(args) -> int:
+    from .evaluation import evaluate
+
+    result = evaluate(args.data)
+    summary = result["summary"]
+    RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(RESULTS_CSV, index=False)
+    if args.json:
+        print(json.dumps({"summary": summary.replace([np.inf], None).to_dict(orient="records"),
+                          "random_split_baseline": result["random_split"]}, indent=1, default=float))
+        return 0
+    rs = result["random_split"]
+    print(f"baseline on a random row split (its original evaluation): time MAE {rs['time_mae_s']:.2f} s, "
+          f"accuracy MAE {rs['accuracy_mae']:.3f}")
+    time_columns = ["split", "method", "time_mae_s", "time_rmse_s", "time_mape_pct", "time_interval_coverage_pct"]
+    acc_columns = ["split", "method", "accuracy_mae", "epochs_to_target_median_err", "epochs_to_target_mean_err",
+                   "regret_median_pct", "regret_mean_pct", "regret_infeasible", "regret_cases"]
+    print("\ntime per epoch (out of fold, every epoch row)")
+    print(summary[time_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("\naccuracy, epochs to target (0.5..0.8) and regret of the recommendation")
+    print(summary[acc_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"\nwritten: {RESULTS_CSV}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.serve:
+            from .server import serve
+            return serve(args.host, args.port, args.data)
+        if args.evaluate:
+            return _evaluate(args)
+        return _recommend(args)
+    except AdvisorInputError as e:
+        print(f"disttrain advise: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

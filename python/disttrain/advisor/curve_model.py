@@ -1,0 +1,269 @@
+"""Accuracy against epochs: a parametric learning curve per run, its
+parameters predicted from the configuration.
+
+Before the first learning-rate milestone the curve is Optimus's
+``acc(k) = b2 - 1 / (b0 * k + b1)``, written here with readable parameters:
+``acc(k) = a_inf - (a_inf - a_1) / (1 + rate * (k - 1))`` (k = epochs trained,
+a_1 the accuracy after one epoch, a_inf the plateau). The logs' recipe divides
+the learning rate by 10 at epoch 60, which lifts the plateau at once; after the
+milestone the curve stays at its milestone value plus ``jump``.
+
+Each run's curve is fitted by least squares. A configuration's parameters
+(logit a_inf, logit a_1, log rate, jump) are predicted in two steps: ridge
+regressions from the configuration give a prior; LightGBM, trained on every
+epoch row of the training runs, predicts the first 30 epochs of the
+configuration's trajectory, and the curve is fitted to that trajectory under
+the prior (MAP). Boosting finds the neighbours (same model and batch, other GPU
+count); the parametric form extrapolates past the epochs seen, through the
+milestone, and gives epochs-to-target. Intervals come from the out-of-fold
+errors of the predicted parameters (grouped by configuration): the curve is
+recomputed with each error vector added and quantiles are taken. With
+the first k epochs of a running job observed, the parameters are refitted with
+the prediction as a prior (MAP), once per error vector, so the interval narrows
+as the job runs.
+"""
+
+from __future__ import annotations
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from .features import derive
+
+PARAMS = ["logit_a_inf", "logit_a_1", "log_rate", "jump"]
+_BOUNDS = (np.array([-3.0, -4.0, -6.0, -0.3]), np.array([4.5, 3.0, 3.0, 0.5]))
+_NOISE = 0.03
+_HORIZON = 30  # every logged run has at least 30 epochs before its first milestone
+
+
+def _logit(p):
+    p = np.clip(p, 1e-3, 1 - 1e-3)
+    return np.log(p / (1 - p))
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def first_milestone(milestones, num_epochs) -> float:
+    """The first learning-rate milestone inside the run ('60,80' -> 60), else inf."""
+    values = [float(v) for v in str(milestones).replace(";", ",").split(",") if v.strip()]
+    values = [v for v in values if v < float(num_epochs)]
+    return min(values) if values else np.inf
+
+
+def curve(theta: np.ndarray, epochs: np.ndarray, milestone: float) -> np.ndarray:
+    """Accuracy after ``epochs`` (1-based) for parameters ``theta`` (see PARAMS)."""
+    a_inf, a_1 = _sigmoid(theta[0]), _sigmoid(theta[1])
+    rate = np.exp(theta[2])
+    before = a_inf - (a_inf - a_1) / (1 + rate * (np.minimum(epochs, milestone) - 1))
+    jump = theta[3] if np.isfinite(theta[3]) else 0.0
+    return np.where(epochs > milestone, np.clip(before + jump, 0.0, 1.0), before)
+
+
+def fit_run(epochs: np.ndarray, acc: np.ndarray, milestone: float, prior=None, prior_scale=None) -> np.ndarray:
+    """Least-squares fit of one run's curve; with ``prior`` (mean, scale) a MAP fit."""
+    before = epochs <= milestone
+    start = np.array([_logit(np.max(acc[before]) if before.any() else np.max(acc)),
+                      _logit(acc[0]), 0.0, 0.0]) if prior is None else np.array(prior, dtype=float)
+    has_after = bool((~before).any())
+    if not np.isfinite(start[3]):
+        start[3] = 0.0
+
+    def residual(theta):
+        fit = curve(theta if has_after else np.append(theta[:3], 0.0), epochs, milestone) - acc
+        if prior is None:
+            return fit
+        # A test accuracy scatters by ~0.03 from epoch to epoch; the prior's
+        # scale is its out-of-fold error: one standard deviation of either costs the same.
+        penalty = (theta[:3] - prior[:3]) / prior_scale[:3] * _NOISE
+        extra = [(theta[3] - start[3]) / prior_scale[3] * _NOISE] if has_after else []
+        return np.concatenate([fit, penalty, extra])
+
+    x0 = start if has_after else start[:3]
+    # Bounds keep near-linear runs from trading a huge plateau against a tiny rate.
+    low, high = _BOUNDS[0][: len(x0)], _BOUNDS[1][: len(x0)]
+    x0 = np.clip(x0, low + 1e-6, high - 1e-6)
+    solution = least_squares(residual, x0, bounds=(low, high), loss="soft_l1", f_scale=0.03)
+    theta = solution.x if has_after else np.append(solution.x, np.nan if prior is None else start[3])
+    return theta
+
+
+def _features(configs: pd.DataFrame) -> pd.DataFrame:
+    d = derive(configs)
+    return pd.DataFrame({
+        "log_params": np.log(d["params"].astype(float)),
+        "log_global_batch": np.log(d["global_batch"]),
+        "log_steps": np.log(d["steps_per_epoch"]),
+        "log_lr": np.log(d["learning_rate"].astype(float)),
+        "is_distributed": d["is_distributed"].astype(float),
+        "distribute_data": d["distribute_data"].astype(float),
+    }, index=configs.index)
+
+
+class LearningCurveModel:
+    """Predicts test accuracy per epoch for a configuration, with an interval.
+
+    Args:
+        coverage: two-sided coverage of the intervals.
+        alpha: ridge penalty of the parameter regressions.
+        interval_folds: folds of the grouped cross-validation that sizes the
+            intervals; 0 skips it (point predictions only, as the evaluation needs).
+
+    Example::
+
+        >>> model = LearningCurveModel().fit(epochs)     # epochs: loading.load_epochs()
+        >>> model.predict_curve(runs.iloc[0], np.arange(1, 31))
+    """
+
+    def __init__(self, coverage: float = 0.8, alpha: float = 1.0, interval_folds: int = 5):
+        self.coverage = coverage
+        self.alpha = alpha
+        self.interval_folds = interval_folds
+
+    def fit_runs(self, epochs: pd.DataFrame) -> pd.DataFrame:
+        """One fitted curve per run: the configuration columns plus PARAMS."""
+        rows = []
+        for run_id, run in epochs.dropna(subset=["test_acc"]).groupby("run_id", sort=True):
+            if len(run) < 5:
+                continue
+            first = run.iloc[0]
+            milestone = first_milestone(first["milestones"], first["num_epochs"])
+            theta = fit_run(run["epoch"].to_numpy(float) + 1, run["test_acc"].to_numpy(float), milestone)
+            rows.append({**first.drop(["epoch", "epoch_timings", "test_timings", "test_acc", "train_loss"],
+                                      errors="ignore").to_dict(), **dict(zip(PARAMS, theta))})
+        return pd.DataFrame(rows)
+
+    def _fit_regressions(self, runs: pd.DataFrame, epochs: pd.DataFrame) -> dict:
+        models = {}
+        X = _features(runs)
+        for name in PARAMS:
+            known = runs[name].notna().to_numpy()
+            if known.sum() < 2:
+                models[name] = float(np.nanmean(runs[name])) if known.any() else 0.0
+                continue
+            models[name] = make_pipeline(StandardScaler(), Ridge(alpha=self.alpha)).fit(X[known], runs.loc[known, name])
+        rows = epochs[epochs["run_id"].isin(set(runs["run_id"]))].dropna(subset=["test_acc"])
+        trajectory = lgb.LGBMRegressor(n_estimators=100, verbose=-1, n_jobs=1)
+        models["trajectory"] = trajectory.fit(_features(rows).assign(epoch=rows["epoch"].to_numpy(float) + 1),
+                                              rows["test_acc"])
+        return models
+
+    @staticmethod
+    def _predict_params(models: dict, configs: pd.DataFrame, prior_scale: np.ndarray) -> np.ndarray:
+        X = _features(configs)
+        columns = [np.full(len(X), m) if isinstance(m, float) else m.predict(X)
+                   for name, m in models.items() if name in PARAMS]
+        prior = np.column_stack(columns)
+        epochs = np.arange(1, _HORIZON + 1, dtype=float)
+        grid = X.loc[np.repeat(X.index.to_numpy(), _HORIZON)].assign(epoch=np.tile(epochs, len(X)))
+        trajectories = models["trajectory"].predict(grid).reshape(len(X), _HORIZON)
+        out = np.empty_like(prior)
+        for i, (center, trajectory) in enumerate(zip(prior, trajectories)):
+            out[i] = fit_run(epochs, trajectory, np.inf, prior=center, prior_scale=prior_scale)
+            out[i, 3] = center[3]
+        return out
+
+    def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None) -> "LearningCurveModel":
+        """Fits per-run curves on an epochs table (loading.load_epochs) and the
+        regressions from configuration to curve parameters.
+
+        Args:
+            epochs: one row per run and epoch.
+            run_fits: the per-run curves of these runs, when already fitted
+                (fit_runs); a run's own curve does not depend on the others.
+
+        Returns:
+            self
+        """
+        runs = self.fit_runs(epochs) if run_fits is None else run_fits
+        if len(runs) < 3:
+            from .errors import AdvisorInputError
+            raise AdvisorInputError("need at least 3 runs with test_acc to fit learning curves")
+        self.runs_ = runs
+        groups = runs["config_id"].to_numpy()
+        errors = [np.zeros((1, len(PARAMS)))]
+        folds = min(self.interval_folds, len(np.unique(groups)))
+        # A weak prior: the spread of the parameters across the training runs.
+        values = runs[PARAMS].to_numpy(float)
+        counts = np.isfinite(values).sum(axis=0)
+        ridge_scale = np.array([np.nanstd(values[:, j]) if counts[j] > 1 else np.nan for j in range(len(PARAMS))])
+        self.prior_scale_ = np.maximum(np.nan_to_num(ridge_scale, nan=0.01), 1e-3)
+        splits = GroupKFold(n_splits=folds).split(runs, groups=groups) if folds >= 2 else []
+        for train, test in splits:
+            models = self._fit_regressions(runs.iloc[train], epochs)
+            errors.append(runs.iloc[test][PARAMS].to_numpy()
+                          - self._predict_params(models, runs.iloc[test], self.prior_scale_))
+        errors = np.concatenate(errors[1:] or errors)
+        errors[:, 3] = np.where(np.isfinite(errors[:, 3]), errors[:, 3], 0.0)
+        self.errors_ = errors
+        self.scale_ = np.maximum(np.std(errors, axis=0), 1e-3)
+        self.models_ = self._fit_regressions(runs, epochs)
+        self.max_acc_ = float(epochs["test_acc"].max())
+        return self
+
+    def predict_params(self, configs: pd.DataFrame) -> np.ndarray:
+        """Predicted curve parameters (columns PARAMS), one row per configuration."""
+        return self._predict_params(self.models_, configs, self.prior_scale_)
+
+    def predict_curve(self, config: pd.Series, epochs, observed=None) -> pd.DataFrame:
+        """Accuracy after each of ``epochs`` (1-based) for one configuration.
+
+        Args:
+            config: one configuration (loading's columns).
+            epochs: epochs trained at which to evaluate the curve.
+            observed: optional test accuracies of the job's first epochs, in
+                order; the curve is then conditioned on them.
+
+        Returns:
+            DataFrame with ``epoch``, ``accuracy``, ``accuracy_low``, ``accuracy_high``.
+        """
+        epochs = np.asarray(epochs, dtype=float)
+        frame = config.to_frame().T.infer_objects()
+        milestone = first_milestone(config.get("milestones", ""), config.get("num_epochs", np.inf))
+        center = self.predict_params(frame)[0]
+        draws = center + self.errors_
+        if observed is not None and len(observed):
+            seen = np.asarray(observed, dtype=float)
+            seen_epochs = np.arange(1, len(seen) + 1, dtype=float)
+            center = fit_run(seen_epochs, seen, milestone, prior=center, prior_scale=self.scale_)
+            draws = np.array([fit_run(seen_epochs, seen, milestone, prior=d, prior_scale=self.scale_) for d in draws])
+        curves = np.array([curve(d, epochs, milestone) for d in draws])
+        tail = (1 - self.coverage) / 2
+        return pd.DataFrame({
+            "epoch": epochs.astype(int),
+            "accuracy": curve(center, epochs, milestone),
+            "accuracy_low": np.quantile(curves, tail, axis=0),
+            "accuracy_high": np.quantile(curves, 1 - tail, axis=0),
+        })
+
+
+def epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target: float) -> float:
+    """First epoch whose accuracy reaches ``target``; inf when none does."""
+    reached = np.nonzero(np.asarray(accuracy) >= target)[0]
+    return float(np.asarray(epochs)[reached[0]]) if len(reached) else np.inf
+
+
+def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs) -> tuple:
+    """Curves for many configurations at once (no conditioning).
+
+    Returns:
+        (center, low, high): arrays of shape (len(configs), len(epochs)).
+    """
+    epochs = np.asarray(epochs, dtype=float)
+    centers = model.predict_params(configs)
+    tail = (1 - model.coverage) / 2
+    out = [], [], []
+    for (_, config), center in zip(configs.iterrows(), centers):
+        milestone = first_milestone(config.get("milestones", ""), config.get("num_epochs", np.inf))
+        draws = np.array([curve(d, epochs, milestone) for d in center + model.errors_])
+        out[0].append(curve(center, epochs, milestone))
+        out[1].append(np.quantile(draws, tail, axis=0))
+        out[2].append(np.quantile(draws, 1 - tail, axis=0))
+    return tuple(np.array(o).reshape(len(configs), len(epochs)) for o in out)

@@ -1,0 +1,157 @@
+"""Evaluation that cannot flatter: every score is out of fold, with folds
+grouped so that no run (or configuration, GPU family, model) sits on both sides.
+
+Splits:
+    run          GroupKFold(5) over runs (a run: one configuration on one GPU type)
+    config       leave one configuration out (all its GPU types at once)
+    gpu_family   leave one GPU family out
+    model        leave one model out
+
+For each split and each of our model and the reproduced baseline: MAE, RMSE
+and MAPE of time per epoch (on every epoch row), the error in epochs to reach a
+target accuracy, and the regret of the recommendation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold
+
+from .baseline import RawColumnsBaseline, random_split_scores
+from .curve_model import LearningCurveModel, curve, epochs_to_target, first_milestone
+from .hardware import DEFAULT_PRICES
+from .loading import load_epochs, load_raw, runs_table
+from .time_model import EpochTimeModel
+
+SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name"}
+TARGETS = (0.5, 0.6, 0.7, 0.75, 0.8)
+
+
+def _folds(runs: pd.DataFrame, split: str):
+    groups = runs[SPLITS[split]].to_numpy()
+    if split == "run":
+        yield from GroupKFold(n_splits=min(5, len(np.unique(groups)))).split(runs, groups=groups)
+        return
+    for value in np.unique(groups):
+        yield np.nonzero(groups != value)[0], np.nonzero(groups == value)[0]
+
+
+def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: pd.DataFrame) -> pd.DataFrame:
+    """Out-of-fold predictions for every run and epoch, ours and the baseline's.
+
+    Returns:
+        ``epochs`` plus ``time_pred``, ``time_low``, ``time_high``, ``acc_pred``
+        (ours) and ``time_base``, ``acc_base`` (baseline).
+    """
+    runs = runs_table(epochs)
+    out = []
+    for train, test in _folds(runs, split):
+        train_ids = set(runs["run_id"].iloc[train])
+        test_runs = runs.iloc[test]
+        time_model = EpochTimeModel().fit(runs.iloc[train])
+        curve_model = LearningCurveModel(interval_folds=0).fit(epochs[epochs["run_id"].isin(train_ids)],
+                                               run_fits[run_fits["run_id"].isin(train_ids)])
+        baseline = RawColumnsBaseline().fit(raw[raw["run_id"].isin(train_ids)])
+        times = time_model.predict(test_runs).set_index(test_runs["run_id"])
+        params = pd.DataFrame(curve_model.predict_params(test_runs), index=test_runs["run_id"])
+        test_raw = raw[raw["run_id"].isin(set(test_runs["run_id"]))].copy()
+        test_raw["time_base"] = baseline.predict_time(test_raw)
+        test_raw["acc_base"] = baseline.predict_accuracy(test_raw)
+        base = test_raw.groupby(["run_id", "epoch"])[["time_base", "acc_base"]].mean()
+        rows = epochs[epochs["run_id"].isin(set(test_runs["run_id"]))].copy()
+        rows["time_pred"] = rows["run_id"].map(times["epoch_time_s"])
+        rows["time_low"] = rows["run_id"].map(times["epoch_time_s_low"])
+        rows["time_high"] = rows["run_id"].map(times["epoch_time_s_high"])
+        rows["acc_pred"] = np.nan
+        for run_id, index in rows.groupby("run_id").groups.items():
+            first = rows.loc[index[0]]
+            milestone = first_milestone(first["milestones"], first["num_epochs"])
+            rows.loc[index, "acc_pred"] = curve(params.loc[run_id].to_numpy(), rows.loc[index, "epoch"].to_numpy(float) + 1, milestone)
+        rows = rows.join(base, on=["run_id", "epoch"])
+        out.append(rows)
+    return pd.concat(out).sort_values(["run_id", "epoch"])
+
+
+def time_scores(pred: pd.DataFrame, column: str) -> dict:
+    error = pred[column] - pred["epoch_timings"]
+    return {"time_mae_s": error.abs().mean(), "time_rmse_s": float(np.sqrt((error ** 2).mean())),
+            "time_mape_pct": 100 * (error.abs() / pred["epoch_timings"]).mean()}
+
+
+def target_table(pred: pd.DataFrame, column: str, targets=TARGETS) -> pd.DataFrame:
+    """Per run and target (that the run really reaches): true and predicted epochs.
+    A prediction that never reaches the target counts as the run's last epoch + 1."""
+    rows = []
+    for run_id, run in pred.groupby("run_id"):
+        epochs = run["epoch"].to_numpy() + 1
+        for target in targets:
+            true = epochs_to_target(run["test_acc"].to_numpy(), epochs, target)
+            if not np.isfinite(true):
+                continue
+            predicted = epochs_to_target(run[column].to_numpy(), epochs, target)
+            rows.append({"run_id": run_id, "target": target, "true_epochs": true,
+                         "predicted_epochs": min(predicted, epochs.max() + 1)})
+    table = pd.DataFrame(rows)
+    table["error_epochs"] = (table["predicted_epochs"] - table["true_epochs"]).abs()
+    return table
+
+
+def regret_table(pred: pd.DataFrame, time_column: str, acc_column: str, prices=None, targets=TARGETS) -> pd.DataFrame:
+    """For each model and target: the run the predictions call cheapest, its true
+    cost, and the cheapest true cost among the logged runs of that model."""
+    prices = prices or DEFAULT_PRICES
+    rows = []
+    for model_name, model_rows in pred.groupby("model_name"):
+        for target in targets:
+            costs = []
+            for run_id, run in model_rows.groupby("run_id"):
+                epochs = run["epoch"].to_numpy() + 1
+                price = prices.get(run["gpu_family"].iloc[0], np.nan) * run["num_of_gpus"].iloc[0]
+                true_k = epochs_to_target(run["test_acc"].to_numpy(), epochs, target)
+                pred_k = epochs_to_target(run[acc_column].to_numpy(), epochs, target)
+                true_cost = run["epoch_timings"].to_numpy()[: int(true_k)].sum() / 3600 * price if np.isfinite(true_k) else np.inf
+                pred_cost = pred_k * run[time_column].mean() / 3600 * price if np.isfinite(pred_k) else np.inf
+                costs.append((run_id, true_cost, pred_cost))
+            frame = pd.DataFrame(costs, columns=["run_id", "true_cost", "pred_cost"])
+            if not np.isfinite(frame["true_cost"]).any() or not np.isfinite(frame["pred_cost"]).any():
+                continue
+            chosen = frame.loc[frame["pred_cost"].idxmin()]
+            best = frame["true_cost"].min()
+            rows.append({"model_name": model_name, "target": target, "chosen_run": chosen["run_id"],
+                         "chosen_true_cost": chosen["true_cost"], "best_true_cost": best,
+                         "regret": chosen["true_cost"] - best,
+                         "regret_pct": 100 * (chosen["true_cost"] / best - 1)})
+    return pd.DataFrame(rows)
+
+
+def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS)) -> dict:
+    """Runs the whole evaluation.
+
+    Returns:
+        dict with ``summary`` (one row per split and method), ``random_split``
+        (the baseline's original evaluation) and ``predictions`` (split -> out-of-fold rows).
+    """
+    raw = load_raw(paths_or_dataframe)
+    epochs = load_epochs(raw)
+    run_fits = LearningCurveModel().fit_runs(epochs)
+    summary, predictions = [], {}
+    for split in splits:
+        pred = out_of_fold(epochs, raw, split, run_fits)
+        predictions[split] = pred
+        for method, time_column, acc_column in [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]:
+            targets = target_table(pred, acc_column)
+            regret = regret_table(pred, time_column, acc_column)
+            row = {"split": split, "method": method, **time_scores(pred, time_column),
+                   "epochs_to_target_median_err": targets["error_epochs"].median(),
+                   "epochs_to_target_mean_err": targets["error_epochs"].mean(),
+                   "accuracy_mae": (pred[acc_column] - pred["test_acc"]).abs().mean(),
+                   "regret_median_pct": regret["regret_pct"].median(),
+                   "regret_mean_pct": regret["regret_pct"].replace(np.inf, np.nan).mean(),
+                   "regret_infeasible": int(np.isinf(regret["regret_pct"]).sum()),
+                   "regret_cases": len(regret)}
+            if method == "advisor":
+                inside = (pred["epoch_timings"] >= pred["time_low"]) & (pred["epoch_timings"] <= pred["time_high"])
+                row["time_interval_coverage_pct"] = 100 * inside.mean()
+            summary.append(row)
+    return {"summary": pd.DataFrame(summary), "random_split": random_split_scores(raw), "predictions": predictions}

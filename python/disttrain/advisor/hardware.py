@@ -1,0 +1,104 @@
+"""GPU families, their speed, and the price table (GPU type -> price per GPU-hour).
+
+GPU names in the logs vary by memory size and board ('Tesla V100-SXM2-16GB',
+'Tesla V100-SXM2-32GB-LS'); the chip is what sets the speed, so names are
+folded into families and the family is what models and prices key on.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+
+# Peak FP32 TFLOPS from the vendor data sheets. Only the ratios matter: they
+# give the time model a speed axis along which it can reach a GPU family it
+# has not seen.
+GPU_TFLOPS = {
+    "K80": 4.1,
+    "T4": 8.1,
+    "P100": 9.3,
+    "P40": 11.8,
+    "V100-PCIE": 14.0,
+    "V100-SXM2": 15.7,
+    "A10G": 31.2,
+    "A100": 19.5,
+}
+
+# Illustrative on-demand cloud prices in USD per GPU-hour; override with --prices.
+DEFAULT_PRICES = {
+    "P40": 1.00,
+    "P100": 1.46,
+    "V100-PCIE": 2.48,
+    "V100-SXM2": 3.06,
+}
+
+_PATTERNS = [
+    (r"V100.*SXM", "V100-SXM2"),
+    (r"V100", "V100-PCIE"),
+    (r"P100", "P100"),
+    (r"P40", "P40"),
+    (r"A100", "A100"),
+    (r"A10G", "A10G"),
+    (r"\bT4\b", "T4"),
+    (r"K80", "K80"),
+]
+
+
+def gpu_family(name: str) -> str | None:
+    """The family of a GPU name ('Tesla V100-SXM2-32GB-LS' -> 'V100-SXM2'), or None.
+
+    Example::
+
+        >>> gpu_family("Tesla P100-PCIE-16GB")
+        'P100'
+    """
+    text = str(name).strip().upper()
+    if text in {k.upper() for k in GPU_TFLOPS}:
+        return next(k for k in GPU_TFLOPS if k.upper() == text)
+    for pattern, family in _PATTERNS:
+        if re.search(pattern, text):
+            return family
+    return None
+
+
+def read_prices(path: str | os.PathLike) -> dict[str, float]:
+    """Reads a price table: a CSV with columns ``gpu`` and ``price_per_gpu_hour``.
+
+    Args:
+        path: CSV file; ``gpu`` may be a family ('V100-SXM2') or a full name.
+
+    Returns:
+        dict family -> price in currency units per GPU-hour.
+
+    Raises:
+        AdvisorInputError: missing file, missing columns, a non-positive or
+            non-numeric price, or a GPU name that matches no known family.
+    """
+    from .errors import AdvisorInputError
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise AdvisorInputError(f"cannot read price file '{path}': {e.strerror}") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise AdvisorInputError(f"price file '{path}' is not a CSV: {e}") from None
+    if not rows or not {"gpu", "price_per_gpu_hour"} <= set(rows[0].keys()):
+        raise AdvisorInputError(
+            f"price file '{path}' needs a header 'gpu,price_per_gpu_hour' and at least one row")
+    prices = {}
+    for line, row in enumerate(rows, start=2):
+        family = gpu_family(row["gpu"] or "")
+        if family is None:
+            raise AdvisorInputError(
+                f"price file '{path}' line {line}: unknown GPU '{row['gpu']}' (known: {', '.join(GPU_TFLOPS)})")
+        try:
+            price = float(row["price_per_gpu_hour"])
+        except (TypeError, ValueError):
+            price = float("nan")
+        if not price > 0:
+            raise AdvisorInputError(
+                f"price file '{path}' line {line}: price '{row['price_per_gpu_hour']}' is not a positive number")
+        prices[family] = price
+    return prices

@@ -1,0 +1,238 @@
+"""Loads epoch logs into one tidy table: one row per run and epoch.
+
+Two sources share one schema: the public epoch logs (one CSV per run and rank,
+see the data's README) and the CSVs the disttrain trainer writes. Columns are
+read by name; only the ones the models need are required.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import AdvisorInputError
+from .hardware import gpu_family
+
+ENV_VAR = "DISTTRAIN_EPOCH_LOGS"
+REQUIRED = ["epoch_timings", "model_name", "gpu", "batch_size"]
+
+# Parameter counts of the CIFAR-10 (10-class) ResNets. The logs carry the
+# 1000-class count for some runs and the 10-class count for others; one count
+# per model keeps that bookkeeping difference out of the features.
+MODEL_PARAMS = {
+    "resnet18": 11_181_642,
+    "resnet34": 21_289_802,
+    "resnet50": 23_528_522,
+    "resnet101": 42_520_650,
+}
+
+# Defaults for optional columns: the recipe of the logs' single-GPU runs.
+OPTIONAL_DEFAULTS = {
+    "test_acc": np.nan,
+    "test_timings": np.nan,
+    "train_loss": np.nan,
+    "num_of_gpus": 1,
+    "learning_rate": 0.1,
+    "num_workers_data_loader": 4,
+    "num_epochs": np.nan,
+    "milestones": "",
+    "rank": 0,
+    "config_index": np.nan,
+    "num_of_paramters": np.nan,
+}
+
+RUN_KEYS = ["model_name", "gpu", "num_of_gpus", "batch_size", "learning_rate",
+            "distribute_data", "num_workers_data_loader", "num_epochs", "milestones", "config_id"]
+
+
+def default_data_path() -> Path:
+    """Where the epoch logs are: ``$DISTTRAIN_EPOCH_LOGS``, else the first
+    ``shared/data/epoch-logs`` found walking up from this package or from the
+    working directory (CI clones the repository with ``../shared`` beside it).
+
+    Raises:
+        AdvisorInputError: when neither exists.
+    """
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if not Path(env).is_dir():
+            raise AdvisorInputError(f"{ENV_VAR}={env} is not a directory")
+        return Path(env)
+    starts = [Path(__file__).resolve().parent, Path.cwd().resolve()]
+    for start in starts:
+        for folder in [start, *start.parents]:
+            candidate = folder / "shared" / "data" / "epoch-logs"
+            if candidate.is_dir():
+                return candidate
+    raise AdvisorInputError(
+        "epoch logs not found: set DISTTRAIN_EPOCH_LOGS or put the repository beside shared/data/epoch-logs")
+
+
+def _csv_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(Path(p) for p in glob.glob(str(path / "**" / "*.csv"), recursive=True))
+    raise AdvisorInputError(f"no such file or directory: '{path}'")
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise AdvisorInputError(f"cannot read '{path}' as CSV: {str(e).splitlines()[0]}") from None
+    # The logs' epoch column has no name; the trainer calls it 'epoch'.
+    first = frame.columns[0] if len(frame.columns) else None
+    if "epoch" not in frame.columns and first is not None and str(first).startswith("Unnamed"):
+        frame = frame.rename(columns={first: "epoch"})
+    frame["source"] = str(path)
+    return frame
+
+
+def _to_bool(series: pd.Series) -> pd.Series:
+    text = series.astype(str).str.strip().str.lower()
+    return text.isin(["true", "1", "1.0", "yes"])
+
+
+def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Checks and completes configuration columns (no measurements needed).
+
+    Fills optional columns with the logs' recipe, and adds ``gpu_family``,
+    ``params`` (canonical parameter count) and ``config_id`` (the
+    configuration, GPU type excluded).
+
+    Raises:
+        AdvisorInputError: a required column is missing, or an unknown GPU or model.
+    """
+    missing = [c for c in ("model_name", "gpu", "batch_size") if c not in frame.columns]
+    if missing:
+        raise AdvisorInputError(f"configuration lacks column(s) {', '.join(missing)} "
+                                f"(have: {', '.join(map(str, frame.columns[:12]))})")
+    df = frame.copy()
+    for column, default in OPTIONAL_DEFAULTS.items():
+        if column not in df.columns:
+            df[column] = default
+    for column in ["batch_size", "num_of_gpus", "learning_rate", "num_workers_data_loader",
+                   "num_epochs", "num_of_paramters", "config_index"]:
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    bad = ~(df["batch_size"] > 0) | ~(df["num_of_gpus"] >= 1)
+    if bad.any():
+        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
+        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive batch_size or num_of_gpus")
+    df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
+    df["num_workers_data_loader"] = df["num_workers_data_loader"].fillna(OPTIONAL_DEFAULTS["num_workers_data_loader"])
+    df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
+    df["gpu_family"] = df["gpu"].map(gpu_family)
+    if df["gpu_family"].isna().any():
+        unknown = df.loc[df["gpu_family"].isna(), "gpu"].iloc[0]
+        raise AdvisorInputError(f"unknown GPU '{unknown}' (known families: P40, P100, V100-PCIE, V100-SXM2, ...)")
+    df["num_of_gpus"] = df["num_of_gpus"].astype(int)
+    dist = _to_bool(df["is_distributed"]) if "is_distributed" in df.columns else pd.Series(False, index=df.index)
+    df["is_distributed"] = dist | (df["num_of_gpus"] > 1)
+    # Single-process runs have no sampler; they see the whole data set, as a shard of one.
+    sharded = _to_bool(df["distribute_data"]) if "distribute_data" in df.columns else pd.Series(True, index=df.index)
+    df["distribute_data"] = sharded | ~df["is_distributed"]
+    df["params"] = df["model_name"].map(MODEL_PARAMS).fillna(df["num_of_paramters"])
+    if df["params"].isna().any():
+        model = df.loc[df["params"].isna(), "model_name"].iloc[0]
+        raise AdvisorInputError(f"unknown model '{model}': not a known ResNet ({', '.join(MODEL_PARAMS)}) and no num_of_paramters given")
+    df["milestones"] = df["milestones"].fillna("").astype(str)
+    recipe = (df["model_name"] + "|" + df["num_of_gpus"].astype(str) + "|" + df["batch_size"].astype(str)
+              + "|" + df["learning_rate"].astype(str) + "|" + df["distribute_data"].astype(str))
+    # A configuration is everything but the GPU type; the logs number them.
+    numbered = "cfg" + df["config_index"].fillna(-1).astype(int).astype(str)
+    df["config_id"] = np.where(df["config_index"].notna(), numbered, recipe)
+    return df
+
+
+def tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Checks and normalises a raw epoch-log frame (one row per file row):
+    normalize_configs plus the measured columns and a ``run_id``.
+
+    Raises:
+        AdvisorInputError: a required column is missing or holds bad values.
+    """
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise AdvisorInputError(f"epoch log lacks column(s) {', '.join(missing)} "
+                                f"(have: {', '.join(map(str, frame.columns[:12]))})")
+    df = normalize_configs(frame)
+    if "epoch" not in df.columns:
+        df["epoch"] = df.groupby("source").cumcount() if "source" in df.columns else np.arange(len(df))
+    for column in ["epoch_timings", "test_acc", "epoch"]:
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    bad = ~(df["epoch_timings"] > 0) | df["epoch"].isna()
+    if bad.any():
+        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
+        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive epoch_timings or epoch")
+    if "source" in df.columns:
+        df["num_epochs"] = df["num_epochs"].fillna(df.groupby("source")["epoch"].transform("max") + 1)
+    df["num_epochs"] = df["num_epochs"].fillna(df["epoch"].max() + 1)
+    key = df["config_id"]
+    for column in RUN_KEYS[:-1]:
+        key = key + "|" + df[column].astype(str)
+    df["run_id"] = key
+    return df
+
+
+def load_raw(paths_or_dataframe=None) -> pd.DataFrame:
+    """Every row of every file, tidied: the 'random row' view the old baseline used.
+
+    Args:
+        paths_or_dataframe: None (the default data path), a file or folder, a
+            list of them, or a data frame already in the logs' columns.
+    """
+    if isinstance(paths_or_dataframe, pd.DataFrame):
+        frame = paths_or_dataframe.copy()
+        if "source" not in frame.columns:
+            frame["source"] = "data frame"
+        return tidy(frame)
+    if paths_or_dataframe is None:
+        paths = [default_data_path()]
+    elif isinstance(paths_or_dataframe, (str, os.PathLike)):
+        paths = [Path(paths_or_dataframe)]
+    else:
+        paths = [Path(p) for p in paths_or_dataframe]
+    files = [f for p in paths for f in _csv_files(p)]
+    if not files:
+        raise AdvisorInputError(f"no CSV files under {', '.join(map(str, paths))}")
+    return tidy(pd.concat([_read_one(f) for f in files], ignore_index=True, sort=False))
+
+
+def load_epochs(paths_or_dataframe=None) -> pd.DataFrame:
+    """One row per run and epoch: the ranks of a distributed run folded into one.
+
+    A step ends when the slowest rank ends, so the epoch time is the ranks'
+    maximum; accuracy and loss are the same model on every rank, so their mean.
+
+    Returns:
+        DataFrame with the configuration columns, ``run_id``, ``config_id``,
+        ``gpu_family``, ``params``, ``epoch`` and the measured columns.
+
+    Example::
+
+        >>> epochs = load_epochs()            # the default epoch logs
+        >>> epochs.groupby("run_id").size().min()
+        30
+    """
+    raw = load_raw(paths_or_dataframe)
+    config_columns = ["run_id", "config_id", "model_name", "gpu", "gpu_family", "params", "num_of_gpus",
+                      "batch_size", "learning_rate", "distribute_data", "is_distributed",
+                      "num_workers_data_loader", "num_epochs", "milestones"]
+    grouped = raw.groupby(config_columns + ["epoch"], sort=True, dropna=False)
+    epochs = grouped.agg(epoch_timings=("epoch_timings", "max"), test_timings=("test_timings", "max"),
+                         test_acc=("test_acc", "mean"), train_loss=("train_loss", "mean")).reset_index()
+    return epochs
+
+
+def runs_table(epochs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: its configuration and its median epoch time."""
+    config_columns = [c for c in epochs.columns if c not in
+                      ("epoch", "epoch_timings", "test_timings", "test_acc", "train_loss")]
+    return epochs.groupby(config_columns, sort=True, dropna=False).agg(
+        epoch_time_s=("epoch_timings", "median"), epochs=("epoch", "size"),
+        best_acc=("test_acc", "max")).reset_index()

@@ -1,0 +1,124 @@
+"""``disttrain advise --serve``: a one-page web front end (stdlib http.server).
+
+GET / shows the form; its query parameters (model, target_acc, gpus,
+deadline_hours) run a recommendation and add the ranked table and the
+accuracy-against-hours plot. Everything is rendered on the server.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from .errors import AdvisorInputError
+from .hardware import DEFAULT_PRICES, gpu_family
+from .svg_plot import accuracy_vs_hours_svg
+
+_COLUMNS = [("rank", "rank", "{:.0f}"), ("gpu", "GPU", "{}"), ("num_of_gpus", "GPUs", "{:.0f}"),
+            ("batch_size", "batch", "{:.0f}"), ("distribute_data", "sharded", "{}"), ("epochs", "epochs", "{:.0f}"),
+            ("epoch_time_s", "s / epoch", "{:.1f}"), ("hours", "hours", "{:.2f}"), ("cost", "cost", "{:.2f}"),
+            ("cost_low", "cost low", "{:.2f}"), ("cost_high", "cost high", "{:.2f}")]
+
+
+def _form(query: dict, models) -> str:
+    def value(name, default=""):
+        return escape(query.get(name, [default])[0])
+    options = "".join(f'<option{" selected" if m == value("model", "resnet50") else ""}>{m}</option>' for m in sorted(models))
+    return (f'<form method="get" action="/">'
+            f'<label>model <select name="model">{options}</select></label> '
+            f'<label>target accuracy <input name="target_acc" value="{value("target_acc", "0.75")}" size="5"></label> '
+            f'<label>GPUs <input name="gpus" value="{value("gpus")}" placeholder="all, or P40,V100-SXM2"></label> '
+            f'<label>deadline (h) <input name="deadline_hours" value="{value("deadline_hours")}" size="5"></label> '
+            f'<button type="submit">advise</button></form>')
+
+
+def _result(advisor, query: dict) -> str:
+    model = query["model"][0].strip().lower()
+    try:
+        target = float(query.get("target_acc", [""])[0])
+    except ValueError:
+        raise AdvisorInputError("target accuracy must be a number such as 0.75") from None
+    gpus = [g for g in query.get("gpus", [""])[0].replace(" ", ",").split(",") if g]
+    families = []
+    for name in gpus:
+        family = gpu_family(name)
+        if family is None:
+            raise AdvisorInputError(f"unknown GPU '{name}'")
+        families.append(family)
+    deadline_text = query.get("deadline_hours", [""])[0].strip()
+    try:
+        deadline = float(deadline_text) if deadline_text else None
+    except ValueError:
+        raise AdvisorInputError("deadline must be a number of hours") from None
+    rec = advisor.recommend(model, target, gpus=families or None, deadline_hours=deadline)
+    html = [f'<p id="message">{escape(rec.message)}</p>']
+    if rec.table.empty:
+        return "".join(html)
+    head = "".join(f"<th>{title}</th>" for _, title, _ in _COLUMNS)
+    body = []
+    for _, row in rec.table.head(15).iterrows():
+        cells = "".join(f"<td>{fmt.format(row[c])}</td>" for c, _, fmt in _COLUMNS)
+        body.append(f'<tr class="config-row">{cells}</tr>')
+    html.append(f'<table id="ranking" border="1" cellspacing="0" cellpadding="3"><thead><tr>{head}</tr></thead>'
+                f'<tbody>{"".join(body)}</tbody></table>')
+    series = []
+    for rank in list(rec.curves)[:5]:
+        epochs, accuracy, seconds = rec.curves[rank]
+        row = rec.table.iloc[rank - 1]
+        series.append((f"#{rank} {int(row['num_of_gpus'])}x {row['gpu']} b{int(row['batch_size'])}",
+                       epochs * seconds / 3600, accuracy))
+    html.append(f"<h2>Predicted accuracy against hours</h2>{accuracy_vs_hours_svg(series, target)}")
+    return "".join(html)
+
+
+def make_handler(advisor):
+    """A request handler class bound to a fitted advisor."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            url = urlparse(self.path)
+            if url.path != "/":
+                self.send_error(404)
+                return
+            query = parse_qs(url.query)
+            result = ""
+            if "model" in query:
+                try:
+                    result = _result(advisor, query)
+                except AdvisorInputError as e:
+                    result = f'<p id="error" style="color:#b00">{escape(str(e))}</p>'
+            page = (f"<!doctype html><html><head><meta charset='utf-8'><title>disttrain advise</title></head>"
+                    f"<body style='font-family:sans-serif'><h1>Training-cost advisor</h1>"
+                    f"{_form(query, advisor.known_models)}{result}"
+                    f"<p><small>Prices per GPU-hour: {escape(str(DEFAULT_PRICES))}. Training time only.</small></p>"
+                    f"</body></html>").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, format, *args):  # keep test output quiet
+            pass
+
+    return Handler
+
+
+def serve(host: str = "127.0.0.1", port: int = 8765, data=None) -> int:
+    """Fits the advisor and serves the page until interrupted."""
+    from .advisor import Advisor
+
+    advisor = Advisor.fit(data)
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(advisor))
+    except OSError as e:
+        raise AdvisorInputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    print(f"serving on http://{host}:{server.server_address[1]}/", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

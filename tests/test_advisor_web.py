@@ -1,0 +1,58 @@
+"""The advisor's web page, rendered by a real headless browser (Debian's chromium)."""
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+from disttrain.advisor import Advisor
+from disttrain.advisor.server import make_handler
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no chromium on PATH: run scripts/setup.sh (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Advisor.fit()))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def dump_dom(url: str) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        out = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                              f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_submitted_query_renders_ranked_rows_and_plot(base_url):
+    dom = dump_dom(base_url + "?model=resnet50&target_acc=0.75&gpus=P40,V100-SXM2")
+    assert '<table id="ranking"' in dom
+    rows = dom.split('<tr class="config-row">')[1:]
+    assert len(rows) >= 5
+    assert all(("<td>P40</td>" in r) or ("<td>V100-SXM2</td>" in r) for r in rows)
+    assert rows[0].startswith("<td>1</td>")
+    assert 'id="accuracy-plot"' in dom and dom.count('class="curve"') >= 3
+    assert 'value="0.75"' in dom  # the form keeps the query
+
+
+def test_empty_form_and_bad_input(base_url):
+    dom = dump_dom(base_url)
+    assert "<form" in dom and 'id="ranking"' not in dom
+    bad = dump_dom(base_url + "?model=resnet50&target_acc=2")
+    assert 'id="error"' in bad and "target accuracy" in bad
