@@ -18,6 +18,9 @@ def collect() -> dict:
 
     build = dict(_C.build_info)
     transport = os.environ.get("DISTTRAIN_TRANSPORT", "auto")
+    shm_ok = os.access("/dev/shm", os.W_OK)
+    same_host = "tcp (loopback)" if transport == "tcp" or not shm_ok else "shared memory (/dev/shm)"
+    across = "tcp" if transport == "tcp" or not shm_ok else "two-level: shared memory within each host, tcp between hosts"
     return {
         "disttrain": disttrain.__version__,
         "torch": torch.__version__,
@@ -34,8 +37,8 @@ def collect() -> dict:
         },
         "transport": {
             "requested": transport,
-            "between ranks on this host": "tcp (loopback)",
-            "between hosts": "tcp",
+            "between ranks on this host": same_host,
+            "between hosts": across,
         },
         "cuda_available": torch.cuda.is_available(),
     }
