@@ -35,9 +35,9 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count
     const size_t n = std::min(count - offset, max_elems);
     uint8_t* out = bytes + offset * elem;
     uint8_t* mine = g.begin(sig, deadline);
-    if (n > 0) std::memcpy(mine, out, n * elem);
-    g.publish();
     if (n * elem <= kDirectReduceMaxBytes) {
+      if (n > 0) std::memcpy(mine, out, n * elem);
+      g.publish();
       // Everyone combines the slots in rank order: identical results everywhere.
       std::vector<const uint8_t*> slots(p);
       for (int q = 0; q < p; ++q) slots[q] = q == r ? mine : g.peer(q);
@@ -46,17 +46,24 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count
         for (int q = 2; q < p; ++q) fn(out, out, slots[q], n);
       }
     } else {
+      // Only the slices the others reduce go through the slot on the way in;
+      // this rank's own slice is reduced in the user's buffer, then shared.
+      for (int q = 0; q < p; ++q) {
+        Slice t = slice(n, p, q);
+        if (q != r && t.length > 0) std::memcpy(mine + t.offset * elem, out + t.offset * elem, t.length * elem);
+      }
+      g.publish();
       Slice s = slice(n, p, r);
-      uint8_t* my_slice = mine + s.offset * elem;
+      uint8_t* my_out = out + s.offset * elem;
       for (int q = 0; q < p; ++q) {
         if (q == r) continue;
-        fn(my_slice, my_slice, g.peer(q) + s.offset * elem, s.length);
+        fn(my_out, my_out, g.peer(q) + s.offset * elem, s.length);
       }
+      if (s.length > 0) std::memcpy(mine + s.offset * elem, my_out, s.length * elem);
       g.mark_reduced();
       for (int q = 0; q < p; ++q) {
         Slice t = slice(n, p, q);
-        const uint8_t* src = q == r ? mine : g.reduced(q);
-        if (t.length > 0) std::memcpy(out + t.offset * elem, src + t.offset * elem, t.length * elem);
+        if (q != r && t.length > 0) std::memcpy(out + t.offset * elem, g.reduced(q) + t.offset * elem, t.length * elem);
       }
     }
     g.finish();
