@@ -58,21 +58,26 @@ def _bus_factor(op: str, n: int) -> float:
 
 
 def _make_case(op, nbytes, dtype, rank, world):
-    """Returns (run(pg), check()) for one op and size; check verifies the last result."""
+    """Returns (run(pg), check(pg), bytes) for one op and size. run is what is
+    timed (no refill of the buffers inside it, as in nccl-tests); check runs the
+    op once on known data and says whether the result is right."""
     import torch
     import torch.distributed as dist
 
     elem = torch.tensor([], dtype=dtype).element_size()
     count = max(nbytes // elem, 1) if nbytes > 0 else 0
     if op == "allreduce":
-        t = torch.empty(count, dtype=dtype)
+        t = torch.zeros(count, dtype=dtype)  # zeros stay zeros under repeated sums
 
         def run(pg):
-            t.fill_(rank + 1)
             dist.all_reduce(t, group=pg)
 
-        def check():
-            return count == 0 or bool((t == world * (world + 1) // 2).all())
+        def check(pg):
+            t.fill_(rank + 1)
+            run(pg)
+            ok = count == 0 or bool((t == world * (world + 1) // 2).all())
+            t.zero_()
+            return ok
         return run, check, count * elem
     if op == "allgather":
         per = max(count // world, 1)
@@ -82,7 +87,12 @@ def _make_case(op, nbytes, dtype, rank, world):
 
         def run(pg):
             dist.all_gather_into_tensor(out, src, group=pg)
-        return run, lambda: bool(torch.equal(out, expect)), per * world * elem
+
+        def check(pg):
+            out.zero_()
+            run(pg)
+            return bool(torch.equal(out, expect))
+        return run, check, per * world * elem
     if op == "reduce_scatter":
         per = max(count // world, 1)
         src = torch.arange(world, dtype=dtype).repeat_interleave(per)
@@ -90,13 +100,23 @@ def _make_case(op, nbytes, dtype, rank, world):
 
         def run(pg):
             dist.reduce_scatter_tensor(out, src, group=pg)
-        return run, lambda: bool((out == rank * world).all()), per * world * elem
-    t = torch.empty(count, dtype=dtype)
+
+        def check(pg):
+            out.zero_()
+            run(pg)
+            return bool((out == rank * world).all())
+        return run, check, per * world * elem
+    t = torch.full((count,), 7 if rank == 0 else 0, dtype=dtype)
 
     def run(pg):
-        t.fill_(7 if rank == 0 else 0)
         dist.broadcast(t, src=0, group=pg)
-    return run, lambda: count == 0 or bool((t == 7).all()), count * elem
+
+    def check(pg):
+        if rank != 0:
+            t.zero_()
+        run(pg)
+        return count == 0 or bool((t == 7).all())
+    return run, check, count * elem
 
 
 def _time(run, pg, iters):
@@ -160,14 +180,12 @@ def bench_rank(args) -> None:
     for nbytes in sizes:
         run, check, moved = _make_case(args.op, nbytes, dtype, rank, world)
         iters = args.iters or max(3, min(200, int(32e6 / max(moved, 1))))
-        run(ours_pg)
-        run(base_pg)  # warm-up both
+        ok = check(ours_pg) and check(base_pg)  # also the warm-up of both
         ours, base = [], []
-        ok = True
         for _ in range(args.rounds):
             ours.append(_time(run, ours_pg, iters))
-            ok = ok and check()
             base.append(_time(run, base_pg, iters))
+        ok = ok and check(ours_pg)
         # Best round of each: on a shared machine the other rounds measure the
         # neighbours. Rank 0 reports the slowest rank: a collective is as fast as its last rank.
         best_ours, best_base = min(ours), min(base)
