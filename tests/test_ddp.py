@@ -205,7 +205,8 @@ def _overlap_and_features(rank, world_size):
     results["rebuild"] = rev.bucket_plan()[0]
 
     # 3. Compression: bf16 on the wire, result close to full precision.
-    for compression, wire in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+    for compression, wire, as_view in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
+                                       ("bf16", torch.bfloat16, True)):
         events.clear()
         torch.manual_seed(7)
         full_model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -213,17 +214,22 @@ def _overlap_and_features(rank, world_size):
         half_model.load_state_dict(full_model.state_dict())
         full = disttrain.DistributedDataParallel(full_model)
         half = disttrain.DistributedDataParallel(half_model, process_group=_recording_group(dist.group.WORLD, events),
-                                                 compression=compression)
+                                                 compression=compression, gradient_as_bucket_view=as_view)
         events.clear()  # construction's own collectives are not gradients
         x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
-        full(x).square().sum().backward()
-        half(x).square().sum().backward()
+        for _ in range(2):  # the second backward runs on the rebuilt buckets
+            for module in (full_model, half_model):
+                module.zero_grad()
+            full(x).square().sum().backward()
+            half(x).square().sum().backward()
         dtypes = {e[1] for e in events if e[0] == "allreduce"}
         assert dtypes == {wire}, dtypes
         for p, q in zip(full_model.parameters(), half_model.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=2e-2, atol=1e-2)
             assert q.grad.dtype == torch.float32
         results[compression] = True
+        if as_view:
+            assert all(p.grad.data_ptr() != 0 and p.grad._base is not None for p in half_model.parameters())
 
     # 4. Replicas that differ: every rank raises naming the first differing parameter.
     width = 16 if rank == 0 else 17

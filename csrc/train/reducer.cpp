@@ -80,10 +80,16 @@ void Reducer::build_buckets(const std::vector<std::vector<int64_t>>& plan) {
     int64_t total = 0;
     for (int64_t i : members) total += params_[i].numel();
     const auto& first = params_[members.front()];
-    bucket.flat = at::zeros({total}, first.options().requires_grad(false));
-    if (options_.wire_dtype && at::isFloatingType(first.scalar_type()) &&
-        first.scalar_type() != *options_.wire_dtype) {
-      bucket.wire = at::empty({total}, bucket.flat.options().dtype(*options_.wire_dtype));
+    auto options = first.options().requires_grad(false);
+    const bool compress = options_.wire_dtype && at::isFloatingType(first.scalar_type()) &&
+                          first.scalar_type() != *options_.wire_dtype;
+    if (compress && !options_.gradient_as_bucket_view) {
+      // Gradients are scaled straight into the compressed buffer and widened
+      // on the way back: no full-precision staging copy.
+      bucket.flat = at::zeros({total}, options.dtype(*options_.wire_dtype));
+    } else {
+      bucket.flat = at::zeros({total}, options);
+      if (compress) bucket.wire = at::empty({total}, options.dtype(*options_.wire_dtype));
     }
     int64_t offset = 0;
     for (const auto slot : c10::irange(members.size())) {
@@ -259,7 +265,7 @@ void Reducer::write_back_gradients() {
       if (options_.gradient_as_bucket_view) {
         if (!grad.defined() || !grad.is_alias_of(view)) grad = view;
       } else if (!grad.defined()) {
-        grad = view.clone();
+        grad = at::empty_like(params_[index], at::MemoryFormat::Preserve).copy_(view);
       } else {
         grad.copy_(view);
       }

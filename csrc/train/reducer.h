@@ -68,8 +68,8 @@ class Reducer {
   struct Bucket {
     std::vector<int64_t> params;
     std::vector<at::Tensor> views;  // shaped like each parameter, into `flat`
-    at::Tensor flat;
-    at::Tensor wire;                // compressed copy of `flat`, when compressing
+    at::Tensor flat;                // the scaled gradients (in the wire dtype if compressing without views)
+    at::Tensor wire;                // compressed copy of `flat`: compression with bucket views
     size_t pending = 0;
     c10::intrusive_ptr<c10d::Work> work;
     int64_t launch_ns = 0;
