@@ -61,6 +61,8 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
         kwargs["find_unused_parameters"] = True
     if variant == "view":
         kwargs["gradient_as_bucket_view"] = True
+    if variant == "stale":  # one bucket per parameter, gradients never zeroed
+        kwargs["bucket_cap_mb"] = 1e-6
     cls = TorchDDP if wrapper == "torch" else disttrain.DistributedDataParallel
     ddp = cls(model, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -72,11 +74,15 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
         return torch.randn(6, 1, 8, 8, generator=data), torch.randint(0, 10, (6,), generator=data)
 
     def loss_of(x, y, step):
-        out = ddp(x, (rank + step) % 2 == 0) if name == "branchy" else ddp(x)
+        if name == "branchy":  # "stale": `b` unused by every rank at odd steps, keeping an old .grad
+            out = ddp(x, (step if variant == "stale" else rank + step) % 2 == 0)
+        else:
+            out = ddp(x)
         return F.cross_entropy(out, y)
 
     for step in range(STEPS):
-        opt.zero_grad()
+        if variant != "stale":
+            opt.zero_grad()
         if variant == "accumulate":
             with ddp.no_sync():
                 loss_of(*batch(), step).backward()
@@ -87,7 +93,7 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
     return state
 
 
-CASES = ["cnn", "cnn:view", "cnn:accumulate", "branchy", "bn"]
+CASES = ["cnn", "cnn:view", "cnn:accumulate", "branchy", "branchy:stale", "bn"]
 
 
 def _numerics(rank, world_size):

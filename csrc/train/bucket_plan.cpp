@@ -23,6 +23,13 @@ std::vector<std::vector<int64_t>> plan_buckets(const std::vector<TensorSlot>& sl
                 " out of range [0, ", slots.size(), ")");
     const TensorSlot& slot = slots[index];
     Open& current = open[slot.dtype];
+    // Close before overflowing rather than after: a large tensor then gets a
+    // bucket of its own instead of holding back the small ones before it
+    // (which matters most for the first bucket).
+    if (current.bucket >= 0) {
+      const int64_t cap = current.bucket == 0 ? first_cap_bytes : cap_bytes;
+      if (current.bytes + slot.bytes > cap) current.bucket = -1;
+    }
     if (current.bucket < 0) {
       current.bucket = static_cast<int64_t>(buckets.size());
       current.bytes = 0;
@@ -30,8 +37,6 @@ std::vector<std::vector<int64_t>> plan_buckets(const std::vector<TensorSlot>& sl
     }
     buckets[current.bucket].push_back(index);
     current.bytes += slot.bytes;
-    const int64_t cap = current.bucket == 0 ? first_cap_bytes : cap_bytes;
-    if (current.bytes >= cap) current.bucket = -1;
   }
   return buckets;
 }

@@ -99,6 +99,7 @@ void Reducer::build_buckets(const std::vector<std::vector<int64_t>>& plan) {
       where_[members[slot]] = Location{buckets.size(), slot};
       offset += p.numel();
     }
+    bucket.direct = members.size() == 1 && !compress && !options_.gradient_as_bucket_view;
     bucket.pending = members.size();
     buckets.push_back(std::move(bucket));
   }
@@ -146,28 +147,33 @@ void Reducer::on_gradient_ready(int64_t index) {
   if (!callback_queued_) {
     callback_queued_ = true;
     torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
-    for (int64_t i : unused_) mark_ready(i);
+    for (int64_t i : unused_) mark_ready(i, /*from_hook=*/false);
   }
   TORCH_CHECK(!ready_[index], "DistributedDataParallel: parameter '", names_[index],
               "' received a gradient twice in one backward pass (is it used outside the wrapped module's "
               "outputs, or was backward run twice on one forward?)");
-  mark_ready(index);
+  mark_ready(index, /*from_hook=*/true);
   launch_ready_buckets();
 }
 
-void Reducer::mark_ready(int64_t index) {
+void Reducer::mark_ready(int64_t index, bool from_hook) {
   ready_[index] = 1;
   if (!rebuilt_) arrival_.push_back(index);
-  copy_into_bucket(index);
+  copy_into_bucket(index, from_hook);
   buckets_[where_[index].bucket].pending -= 1;
 }
 
-void Reducer::copy_into_bucket(int64_t index) {
+void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
   const Location loc = where_[index];
-  at::Tensor& view = buckets_[loc.bucket].views[loc.slot];
+  Bucket& bucket = buckets_[loc.bucket];
+  at::Tensor& view = bucket.views[loc.slot];
   at::Tensor& grad = params_[index].mutable_grad();
   if (!grad.defined()) {
-    view.zero_();
+    if (bucket.direct) {
+      bucket.direct_grad = at::zeros(params_[index].sizes(), params_[index].options().requires_grad(false));
+    } else {
+      view.zero_();
+    }
     return;
   }
   TORCH_CHECK(grad.layout() == at::kStrided, "DistributedDataParallel: parameter '", names_[index],
@@ -177,10 +183,19 @@ void Reducer::copy_into_bucket(int64_t index) {
     view.div_(world_size_);
     return;
   }
-  // Scale while copying (one pass over the gradient); multiplying by the
-  // reciprocal matches torch DDP bit for bit.
+  // Multiplying by the reciprocal (rather than dividing) matches torch DDP bit for bit.
   auto scale = at::scalar_tensor(1.0 / world_size_, at::kDouble);
   scale.unsafeGetTensorImpl()->set_wrapped_number(true);
+  if (bucket.direct && from_hook && grad.is_contiguous() && !grad.requires_grad()) {
+    // Autograd is done with this gradient for this backward: scale it and
+    // all-reduce it where it is, saving a copy in and a copy out. Not for a
+    // parameter this forward did not use: if no rank used it, its .grad must
+    // stay untouched.
+    grad.mul_(scale);
+    bucket.direct_grad = grad;
+    return;
+  }
+  // Scale while copying: one pass over the gradient.
   at::mul_out(view, grad, scale);
   if (options_.gradient_as_bucket_view) grad = view;
 }
@@ -190,7 +205,9 @@ void Reducer::launch_ready_buckets() {
   // sequence of collectives whatever order its hooks fire in.
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& bucket = buckets_[next_launch_++];
-    std::vector<at::Tensor> tensors{bucket.wire.defined() ? bucket.wire.copy_(bucket.flat) : bucket.flat};
+    std::vector<at::Tensor> tensors{bucket.direct_grad.defined() ? bucket.direct_grad
+                                    : bucket.wire.defined()      ? bucket.wire.copy_(bucket.flat)
+                                                                 : bucket.flat};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
     bucket.launch_ns = now_ns();
@@ -262,7 +279,9 @@ void Reducer::write_back_gradients() {
       if (!global_used.empty() && !global_used[index]) continue;
       const at::Tensor& view = bucket.views[slot];
       at::Tensor& grad = params_[index].mutable_grad();
-      if (options_.gradient_as_bucket_view) {
+      if (bucket.direct_grad.defined()) {
+        if (!grad.is_same(bucket.direct_grad)) grad = bucket.direct_grad;  // it had none locally
+      } else if (options_.gradient_as_bucket_view) {
         if (!grad.defined() || !grad.is_alias_of(view)) grad = view;
       } else if (!grad.defined()) {
         grad = at::empty_like(params_[index], at::MemoryFormat::Preserve).copy_(view);
@@ -313,6 +332,7 @@ void Reducer::reset_iteration() {
   for (auto& bucket : buckets_) {
     bucket.pending = bucket.params.size();
     bucket.work.reset();
+    bucket.direct_grad.reset();
   }
 }
 

@@ -70,6 +70,9 @@ class Reducer {
     std::vector<at::Tensor> views;  // shaped like each parameter, into `flat`
     at::Tensor flat;                // the scaled gradients (in the wire dtype if compressing without views)
     at::Tensor wire;                // compressed copy of `flat`: compression with bucket views
+    // A lone parameter's gradient is all-reduced in place, without staging.
+    bool direct = false;
+    at::Tensor direct_grad;
     size_t pending = 0;
     c10::intrusive_ptr<c10d::Work> work;
     int64_t launch_ns = 0;
@@ -82,8 +85,8 @@ class Reducer {
 
   void build_buckets(const std::vector<std::vector<int64_t>>& plan);
   void on_gradient_ready(int64_t index);  // autograd hook (engine thread)
-  void mark_ready(int64_t index);         // holds mu_
-  void copy_into_bucket(int64_t index);
+  void mark_ready(int64_t index, bool from_hook);  // holds mu_
+  void copy_into_bucket(int64_t index, bool from_hook);
   void launch_ready_buckets();            // holds mu_
   void finalize_backward();               // engine final callback
   void write_back_gradients();
