@@ -252,15 +252,35 @@ void Reducer::finalize_backward() {
                 "find_unused_parameters=True; otherwise make sure the loss depends on all of the module's outputs.");
   }
   try {
-    for (auto& bucket : buckets_) {
+    // Each bucket's gradients are written back as soon as it completes, while
+    // later buckets are still on the wire. Parameters this rank did not use
+    // wait for the used-flags all-reduce, which says whether any rank did.
+    std::vector<std::pair<size_t, size_t>> deferred;
+    for (const auto b : c10::irange(buckets_.size())) {
+      Bucket& bucket = buckets_[b];
       bucket.work->wait();
       const int64_t waited = now_ns();
       if (bucket.wire.defined()) bucket.flat.copy_(bucket.wire);
       const int64_t done = bucket.done_ns->load();
       trace_.launch_ns.push_back(bucket.launch_ns);
       trace_.done_ns.push_back(done ? std::min(done, waited) : waited);
+      for (const auto slot : c10::irange(bucket.params.size())) {
+        if (options_.find_unused_parameters && !used_[bucket.params[slot]]) {
+          deferred.emplace_back(b, slot);
+        } else {
+          write_back(bucket, slot);
+        }
+      }
     }
-    write_back_gradients();
+    if (options_.find_unused_parameters) {
+      used_work_->wait();
+      auto flags = used_flags_.to(at::kCPU).contiguous();
+      const int32_t* used_anywhere = flags.data_ptr<int32_t>();
+      for (const auto& [b, slot] : deferred) {
+        // A parameter no rank used keeps its .grad untouched, as in torch DDP.
+        if (used_anywhere[buckets_[b].params[slot]]) write_back(buckets_[b], slot);
+      }
+    }
     if (!rebuilt_) rebuild_from_arrival_order();
   } catch (...) {
     reset_iteration();
@@ -271,30 +291,18 @@ void Reducer::finalize_backward() {
   std::fill(used_.begin(), used_.end(), 0);
 }
 
-void Reducer::write_back_gradients() {
-  std::vector<int32_t> global_used;
-  if (options_.find_unused_parameters) {
-    used_work_->wait();
-    auto flags = used_flags_.to(at::kCPU).contiguous();
-    global_used.assign(flags.data_ptr<int32_t>(), flags.data_ptr<int32_t>() + flags.numel());
-  }
-  for (auto& bucket : buckets_) {
-    for (const auto slot : c10::irange(bucket.params.size())) {
-      const int64_t index = bucket.params[slot];
-      // A parameter no rank used keeps its .grad untouched, as in torch DDP.
-      if (!global_used.empty() && !global_used[index]) continue;
-      const at::Tensor& view = bucket.views[slot];
-      at::Tensor& grad = params_[index].mutable_grad();
-      if (bucket.direct_grad.defined()) {
-        if (!grad.is_same(bucket.direct_grad)) grad = bucket.direct_grad;  // it had none locally
-      } else if (options_.gradient_as_bucket_view) {
-        if (!grad.defined() || !grad.is_alias_of(view)) grad = view;
-      } else if (!grad.defined()) {
-        grad = at::empty_like(params_[index], at::MemoryFormat::Preserve).copy_(view);
-      } else {
-        grad.copy_(view);
-      }
-    }
+void Reducer::write_back(Bucket& bucket, size_t slot) {
+  const int64_t index = bucket.params[slot];
+  const at::Tensor& view = bucket.views[slot];
+  at::Tensor& grad = params_[index].mutable_grad();
+  if (bucket.direct_grad.defined()) {
+    if (!grad.is_same(bucket.direct_grad)) grad = bucket.direct_grad;  // it had none locally
+  } else if (options_.gradient_as_bucket_view) {
+    if (!grad.defined() || !grad.is_alias_of(view)) grad = view;
+  } else if (!grad.defined()) {
+    grad = at::empty_like(params_[index], at::MemoryFormat::Preserve).copy_(view);
+  } else {
+    grad.copy_(view);
   }
 }
 

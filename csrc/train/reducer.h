@@ -89,7 +89,7 @@ class Reducer {
   void copy_into_bucket(int64_t index, bool from_hook);
   void launch_ready_buckets();            // holds mu_
   void finalize_backward();               // engine final callback
-  void write_back_gradients();
+  void write_back(Bucket& bucket, size_t slot);  // the reduced gradient into param.grad
   void rebuild_from_arrival_order();
   void reset_iteration();
   std::vector<int64_t> locally_unused(const std::vector<at::Tensor>& outputs) const;
