@@ -25,7 +25,7 @@ _WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _find_tensors(obj: Any) -> list[torch.Tensor]:
-    """Tensors anywhere in a forward's output (tuples, lists, dicts, dataclass-free)."""
+    """Tensors anywhere in a forward's output (nested tuples, lists and dicts)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, (list, tuple)):
