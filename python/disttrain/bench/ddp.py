@@ -4,21 +4,23 @@
     disttrain bench ddp --ranks 2 --models mlp --rounds 5
 
 Each world size is one job (started with torchrun). In it, the same model and
-data are trained by every configuration, interleaved in rounds so that all see
+data are trained by every configuration, taking turns step by step so that all see
 the same machine:
 
     torch/gloo            torch.nn.parallel.DistributedDataParallel over gloo
     torch/disttrain       torch DDP over the disttrain backend
     disttrain/disttrain   disttrain.DistributedDataParallel over disttrain
     disttrain-bf16/...    the same with compression="bf16" (gradients in bf16 on the wire)
+    disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
 
 The two models are the two regimes: ResNet-18 (11.2 M parameters, batch 8 of
 32x32 images per rank) spends most of a step computing; the wide MLP
 (3072 -> 3072 -> 3072 -> 10, 18.9 M parameters, batch 16 per rank) spends most
 of it communicating.
 
-Reported per configuration: training steps per second (median of rounds, as
-seen by the slowest rank), the ratio to torch/gloo and to torch/disttrain, and
+Configurations take turns step by step (rounds x steps timed steps each).
+Reported per configuration: training steps per second (1 / median step time,
+each step timed by its slowest rank), the ratio to torch/gloo and to torch/disttrain, and
 for disttrain DDP the fraction of all-reduce time hidden behind backward:
 all-reduce time is the union of [launch, completion] over buckets, and the
 hidden part is what falls before backward finished. Rank threads are 1 (the
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import time
 
-CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain")
+CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-depth", type=int, default=2, help="MLP hidden layers (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default 2)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; each configuration times rounds x steps steps (default 4)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="set it for every DDP (default off)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "ddp.csv"), help="CSV path")
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)  # worker -> launcher
@@ -122,7 +124,7 @@ class _Runner:
                                                          compression=compression, **kwargs)
         self.ours = wrapper != "torch"
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.rates: list[float] = []
+        self.times: list[float] = []
         self.comm_ns = self.hidden_ns = 0
 
     def step(self, record: bool) -> None:
@@ -136,17 +138,22 @@ class _Runner:
             self.comm_ns += total
             self.hidden_ns += hidden
 
-    def timed_round(self, steps: int) -> None:
-        import torch
+    def timed_step(self) -> None:
         import torch.distributed as dist
 
         dist.barrier(group=self.group)
         start = time.perf_counter()
-        for _ in range(steps):
-            self.step(record=True)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=self.group)  # as fast as the slowest rank
-        self.rates.append(steps / elapsed.item())
+        self.step(record=True)
+        self.times.append(time.perf_counter() - start)
+
+    def steps_per_s(self) -> float:
+        """1 / median step time, each step timed by its slowest rank."""
+        import torch
+        import torch.distributed as dist
+
+        times = torch.tensor(self.times, dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.group)
+        return 1.0 / statistics.median(times.tolist())
 
 
 def bench_rank(args) -> None:
@@ -168,14 +175,16 @@ def bench_rank(args) -> None:
         for runner in runners:
             for _ in range(args.warmup):
                 runner.step(record=False)
-        for _ in range(args.rounds):
+        # Configurations take turns step by step, so load from elsewhere on
+        # the machine falls on all of them alike.
+        for _ in range(args.rounds * args.steps):
             for runner in runners:
-                runner.timed_round(args.steps)
+                runner.timed_step()
         params = sum(p.numel() for p in runners[0].model.parameters())
         for runner in runners:
             rows.append({
                 "model": model_name, "world_size": world, "config": runner.config, "params": params,
-                "steps_per_s": statistics.median(runner.rates),
+                "steps_per_s": runner.steps_per_s(),
                 "hidden_fraction": (runner.hidden_ns / runner.comm_ns) if runner.comm_ns else "",
             })
         del runners
