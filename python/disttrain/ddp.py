@@ -1,0 +1,149 @@
+"""``disttrain.DistributedDataParallel``: data-parallel training with the
+gradient reducer in C++ (``csrc/train/reducer.cpp``).
+
+The Python side only checks arguments, finds the module's tensors and calls
+the reducer; the reducer talks to the process group through its C++
+interface, so any ``torch.distributed`` group works (disttrain, gloo, NCCL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _C
+
+# Chunk size for broadcasting parameters and buffers (torch DDP uses 250 MiB).
+_BROADCAST_CHUNK_BYTES = 250 * 1024 * 1024
+# torch DDP's first bucket: small, so the first all-reduce starts early.
+_FIRST_BUCKET_BYTES = 1024 * 1024
+_WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _find_tensors(obj: Any) -> list[torch.Tensor]:
+    """Tensors anywhere in a forward's output (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _find_tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _find_tensors(item)]
+    return []
+
+
+class DistributedDataParallel(nn.Module):
+    r"""Data-parallel wrapper: a drop-in for :class:`torch.nn.parallel.DistributedDataParallel`
+    in the common cases.
+
+    At construction, every rank checks that its parameters match rank 0's in
+    order, shape and dtype (the error names the first that differs, on every
+    rank), then parameters and buffers are broadcast from rank 0. During
+    backward, gradients are packed into buckets (reverse registration order,
+    a 1 MiB first bucket, then ``bucket_cap_mb``); each bucket is all-reduced
+    asynchronously as soon as its gradients are ready, and all are waited for
+    once, at the end of backward. Gradients are averaged over ranks. After the
+    first iteration the buckets are rebuilt in the order gradients arrived.
+
+    Args:
+        module: the model, already on its device.
+        process_group: a ``torch.distributed`` group; the default group if None.
+        bucket_cap_mb: bucket size in MiB (default 25).
+        find_unused_parameters: allow parameters that get no gradient in some
+            iterations (costs a graph traversal per forward and one small
+            all-reduce per backward). Without it, such a parameter raises an
+            error naming it at the end of backward.
+        gradient_as_bucket_view: ``param.grad`` becomes a view into its bucket,
+            saving a copy in and a copy out per step.
+        broadcast_buffers: broadcast buffers (batch-norm statistics) from rank
+            0 at the start of every forward.
+        compression: ``"bf16"`` or ``"fp16"`` to all-reduce gradients in half
+            precision (half the bytes on the wire); None for full precision.
+
+    Example:
+        >>> import disttrain, torch
+        >>> disttrain.init()
+        >>> model = disttrain.DistributedDataParallel(torch.nn.Linear(8, 2))
+        >>> model(torch.randn(4, 8)).sum().backward()   # grads now averaged over ranks
+        >>> with model.no_sync():                        # accumulate locally
+        ...     model(torch.randn(4, 8)).sum().backward()
+    """
+
+    def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None,
+                 bucket_cap_mb: float = 25, find_unused_parameters: bool = False,
+                 gradient_as_bucket_view: bool = False, broadcast_buffers: bool = True,
+                 compression: str | None = None):
+        super().__init__()
+        if compression not in _WIRE_DTYPES:
+            raise ValueError(f"DistributedDataParallel: compression must be one of None, 'bf16', 'fp16'; "
+                             f"got {compression!r}")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"DistributedDataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        if process_group is None:
+            if not dist.is_initialized():
+                raise RuntimeError("DistributedDataParallel: no process group; call disttrain.init() or "
+                                   "torch.distributed.init_process_group() first, or pass process_group")
+            process_group = dist.group.WORLD
+        self.module = module
+        self.process_group = process_group
+        self.broadcast_buffers = broadcast_buffers
+        self.find_unused_parameters = find_unused_parameters
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        self.compression = compression
+        self.require_backward_grad_sync = True
+
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise RuntimeError("DistributedDataParallel: the module has no parameter that requires grad")
+        all_params = list(module.parameters())
+        _C.verify_replicas(process_group, all_params, [n for n, _ in module.named_parameters()])
+        self._buffers_to_sync = [b for b in module.buffers()]
+        with torch.no_grad():
+            _C.broadcast_coalesced(process_group, all_params + self._buffers_to_sync, _BROADCAST_CHUNK_BYTES, 0)
+        self._reducer = _C.Reducer(
+            [p for _, p in named], [n for n, _ in named], process_group,
+            bucket_cap_bytes=int(bucket_cap_mb * 1024 * 1024),
+            first_bucket_cap_bytes=min(_FIRST_BUCKET_BYTES, int(bucket_cap_mb * 1024 * 1024)),
+            find_unused_parameters=find_unused_parameters,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            wire_dtype=_WIRE_DTYPES[compression])
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self.broadcast_buffers and self._buffers_to_sync:
+            with torch.no_grad():
+                _C.broadcast_coalesced(self.process_group, self._buffers_to_sync, _BROADCAST_CHUNK_BYTES, 0)
+        output = self.module(*inputs, **kwargs)
+        if torch.is_grad_enabled() and self.require_backward_grad_sync:
+            self._reducer.prepare_for_backward(_find_tensors(output) if self.find_unused_parameters else [])
+        return output
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally, without
+        communication; the first synchronised backward after it reduces the sum.
+
+        Example:
+            >>> with ddp.no_sync():
+            ...     ddp(x1).sum().backward()
+            >>> ddp(x2).sum().backward()   # reduces the gradients of x1 and x2
+        """
+        previous = self.require_backward_grad_sync
+        self.require_backward_grad_sync = False
+        try:
+            yield
+        finally:
+            self.require_backward_grad_sync = previous
+
+    def bucket_plan(self) -> list[list[str]]:
+        """Current buckets in launch order, as parameter names."""
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        return [[names[i] for i in bucket] for bucket in self._reducer.bucket_plan()]
+
+    def last_backward_trace(self) -> dict[str, Any]:
+        """Timestamps (``time.monotonic_ns`` clock) of the last synchronised
+        backward: per bucket ``launch_ns`` and ``done_ns``, ``backward_end_ns``
+        (autograd finished) and ``finalize_end_ns`` (gradients written back)."""
+        return self._reducer.last_trace()

@@ -1,0 +1,295 @@
+"""disttrain.DistributedDataParallel against torch's DDP, plus overlap and errors.
+
+Each launch runs several cases in one process group to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import run_ranks
+
+STEPS = 4
+# Small buckets so that every model is split into several and rebuilt.
+BUCKET_MB = 0.004
+
+
+def _models():
+    import torch
+    from torch import nn
+
+    class Branchy(nn.Module):
+        """`b` is used on some ranks and steps only; `never` on none."""
+
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(16, 32)
+            self.a = nn.Linear(32, 4)
+            self.b = nn.Linear(32, 4)
+            self.never = nn.Linear(32, 4)
+
+        def forward(self, x, use_b: bool):
+            h = torch.relu(self.trunk(x))
+            out = self.a(h)
+            return out + self.b(h) if use_b else out
+
+    def cnn():
+        from disttrain.models import small_cnn
+        return small_cnn(num_classes=10, in_channels=1)
+
+    def bn_cnn():
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    return {"cnn": cnn, "branchy": Branchy, "bn": bn_cnn}
+
+
+def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
+    """Trains one case for STEPS steps and returns the module's state (params, buffers, grads)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as TorchDDP
+
+    import disttrain
+
+    torch.manual_seed(1234 + rank)  # ranks start different: construction must broadcast rank 0's model
+    name, _, variant = case.partition(":")
+    model = _models()[name]()
+    kwargs = dict(bucket_cap_mb=BUCKET_MB)
+    if name == "branchy":
+        kwargs["find_unused_parameters"] = True
+    if variant == "view":
+        kwargs["gradient_as_bucket_view"] = True
+    if variant == "stale":  # one bucket per parameter, gradients never zeroed
+        kwargs["bucket_cap_mb"] = 1e-6
+    cls = TorchDDP if wrapper == "torch" else disttrain.DistributedDataParallel
+    ddp = cls(model, **kwargs)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    data = torch.Generator().manual_seed(99 + rank)
+
+    def batch():
+        if name == "branchy":
+            return torch.randn(6, 16, generator=data), torch.randint(0, 4, (6,), generator=data)
+        return torch.randn(6, 1, 8, 8, generator=data), torch.randint(0, 10, (6,), generator=data)
+
+    def loss_of(x, y, step):
+        if name == "branchy":  # "stale": `b` unused by every rank at odd steps, keeping an old .grad
+            out = ddp(x, (step if variant == "stale" else rank + step) % 2 == 0)
+        else:
+            out = ddp(x)
+        return F.cross_entropy(out, y)
+
+    for step in range(STEPS):
+        if variant != "stale":
+            opt.zero_grad()
+        if variant == "accumulate":
+            with ddp.no_sync():
+                loss_of(*batch(), step).backward()
+        loss_of(*batch(), step).backward()
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state.update({f"grad:{n}": (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()})
+    return state
+
+
+CASES = ["cnn", "cnn:view", "cnn:accumulate", "branchy", "branchy:stale", "bn"]
+
+
+def _numerics(rank, world_size):
+    import torch
+
+    failures = []
+    for case in CASES:
+        ours = _train(case, "disttrain", rank, world_size)
+        theirs = _train(case, "torch", rank, world_size)
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            a, b = ours[key], theirs[key]
+            if a is None or b is None:
+                if (a is None) != (b is None):
+                    failures.append(f"{case} {key}: grad None on one side only")
+                continue
+            try:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            except AssertionError as e:
+                failures.append(f"{case} {key}: {e}")
+    assert not failures, "\n".join(failures)
+    return len(CASES)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_matches_torch_ddp(world_size):
+    """CNN, gradient-as-bucket-view, no_sync accumulation, unused parameters
+    and batch-norm buffers: after STEPS steps, parameters (and buffers, and
+    gradients) equal torch DDP's on the same data and seed."""
+    assert run_ranks(_numerics, world_size, timeout=180) == [len(CASES)] * world_size
+
+
+def _recording_group(inner, events):
+    """A Python process group that forwards to `inner` and logs each all-reduce."""
+    import torch.distributed as dist
+
+    class RecordingGroup(dist.ProcessGroup):
+        def __init__(self):
+            super().__init__(inner.rank(), inner.size())
+
+        def allreduce(self, tensors, opts):
+            events.append(("allreduce", tensors[0].dtype, tensors[0].numel()))
+            return inner.allreduce(tensors, opts)
+
+        def broadcast(self, tensors, opts):
+            return inner.broadcast(tensors, opts)
+
+        def allgather(self, outputs, inputs, opts):
+            return inner.allgather(outputs, inputs, opts)
+
+    return RecordingGroup()
+
+
+def _overlap_and_features(rank, world_size):
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+
+    import disttrain
+
+    results = {}
+
+    # 1. Overlap. A marker at the model's input records when backward reaches
+    # it, which is after every parameter's gradient except the first layer's.
+    events = []
+
+    class Marker(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            events.append(("input_grad",))
+            return grad
+
+    layers = [nn.Linear(32, 32) for _ in range(6)] + [nn.Linear(32, 4)]
+    model = nn.Sequential(*layers)
+    group = _recording_group(dist.group.WORLD, events)
+    ddp = disttrain.DistributedDataParallel(model, process_group=group, bucket_cap_mb=0.005)
+    for _ in range(2):  # the second iteration uses the rebuilt plan
+        events.clear()
+        x = torch.randn(8, 32, requires_grad=True)
+        ddp(Marker.apply(x)).sum().backward()
+        kinds = [e[0] for e in events]
+        assert "input_grad" in kinds and "allreduce" in kinds, kinds
+        first_allreduce, input_grad = kinds.index("allreduce"), kinds.index("input_grad")
+        # The first bucket went out while backward still had layers to run.
+        assert first_allreduce < input_grad, kinds
+        assert kinds.count("allreduce") == len(ddp.bucket_plan()) > 1, kinds
+        trace = ddp.last_backward_trace()
+        assert trace["launch_ns"][0] < trace["backward_end_ns"] <= trace["finalize_end_ns"], trace
+    # The first bucket holds the last layer: its gradients come first.
+    first, last = ddp.bucket_plan()[0], ddp.bucket_plan()[-1]
+    assert {"6.weight", "6.bias"} <= set(first) and "0.weight" in last, ddp.bucket_plan()
+    results["overlap"] = True
+
+    # 2. The rebuilt plan follows real arrival order: a module used in the
+    # opposite order to its registration gets its first bucket from the
+    # first-registered layer.
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(64, 8)    # used last in forward
+            self.early = nn.Linear(8, 64)   # used first in forward
+
+        def forward(self, x):
+            return self.late(torch.relu(self.early(x)))
+
+    rev = disttrain.DistributedDataParallel(Reversed(), bucket_cap_mb=0.001)
+    assert rev.bucket_plan()[0][0].startswith("early"), rev.bucket_plan()  # registration guess: wrong
+    rev(torch.randn(4, 8)).sum().backward()
+    assert rev.bucket_plan()[0][0].startswith("late"), rev.bucket_plan()
+    results["rebuild"] = rev.bucket_plan()[0]
+
+    # 3. Compression: bf16 on the wire, result close to full precision.
+    for compression, wire, as_view in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
+                                       ("bf16", torch.bfloat16, True)):
+        events.clear()
+        torch.manual_seed(7)
+        full_model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        half_model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        half_model.load_state_dict(full_model.state_dict())
+        full = disttrain.DistributedDataParallel(full_model)
+        half = disttrain.DistributedDataParallel(half_model, process_group=_recording_group(dist.group.WORLD, events),
+                                                 compression=compression, gradient_as_bucket_view=as_view)
+        events.clear()  # construction's own collectives are not gradients
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+        for _ in range(2):  # the second backward runs on the rebuilt buckets
+            for module in (full_model, half_model):
+                module.zero_grad()
+            full(x).square().sum().backward()
+            half(x).square().sum().backward()
+        dtypes = {e[1] for e in events if e[0] == "allreduce"}
+        assert dtypes == {wire}, dtypes
+        for p, q in zip(full_model.parameters(), half_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=2e-2, atol=1e-2)
+            assert q.grad.dtype == torch.float32
+        results[compression] = True
+        if as_view:
+            assert all(p.grad.data_ptr() != 0 and p.grad._base is not None for p in half_model.parameters())
+
+    # 4. Replicas that differ: every rank raises naming the first differing parameter.
+    width = 16 if rank == 0 else 17
+    bad = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, width))
+    with pytest.raises(RuntimeError) as err:
+        disttrain.DistributedDataParallel(bad)
+    message = str(err.value)
+    assert "'1.weight'" in message and "parameter 2" in message, message
+    assert "[16, 8]" in message and "[17, 8]" in message, message
+    results["mismatch"] = message
+
+    # 5. A parameter without a gradient, and find_unused_parameters not set.
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.idle = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    unused = disttrain.DistributedDataParallel(Unused())
+    with pytest.raises(RuntimeError) as err:
+        unused(torch.randn(2, 4)).sum().backward()
+    message = str(err.value)
+    assert "'idle.weight'" in message and "'idle.bias'" in message and "find_unused_parameters=True" in message, message
+    assert "'used.weight'" not in message, message
+    results["unused"] = message
+
+    # The group is still consistent on every rank after the errors.
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == world_size
+    return results
+
+
+@pytest.mark.parametrize("backend", ["gloo", "disttrain"])
+def test_overlap_rebuild_compression_and_errors(backend):
+    results = run_ranks(_overlap_and_features, 2, backend=backend, timeout=120)
+    assert all(r["overlap"] and r["bf16"] and r["fp16"] for r in results)
+    assert results[0]["mismatch"].split("(")[0] == results[1]["mismatch"].split("(")[0]
+
+
+def _bad_arguments(rank, world_size):
+    import torch
+
+    import disttrain
+
+    with pytest.raises(ValueError, match="compression"):
+        disttrain.DistributedDataParallel(torch.nn.Linear(2, 2), compression="int8")
+    with pytest.raises(RuntimeError, match="no parameter"):
+        disttrain.DistributedDataParallel(torch.nn.ReLU())
+    return True
+
+
+def test_bad_arguments():
+    assert run_ranks(_bad_arguments, 1, backend="gloo") == [True]
