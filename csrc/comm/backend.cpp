@@ -97,8 +97,21 @@ void DisttrainWork::complete(std::exception_ptr error) {
   finish(error);
 }
 
+namespace {
+// Under torchrun the store may outlive a failed attempt: every key of ours
+// carries the attempt number, so a restarted group never reads the dead one's.
+c10::intrusive_ptr<c10d::Store> per_attempt(const c10::intrusive_ptr<c10d::Store>& store) {
+  const char* attempt = std::getenv("TORCHELASTIC_RESTART_COUNT");
+  return c10::make_intrusive<c10d::PrefixStore>(std::string("attempt") + (attempt ? attempt : "0"), store);
+}
+}  // namespace
+
 DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                    std::chrono::milliseconds timeout)
+    : DisttrainBackend(per_attempt(store), rank, size, timeout, 0) {}
+
+DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                   std::chrono::milliseconds timeout, int)
     : c10d::Backend(rank, size),
       transport_(std::make_unique<TcpTransport>(store, rank, size, timeout)),
       timeout_(timeout),

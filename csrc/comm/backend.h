@@ -94,6 +94,9 @@ class DisttrainBackend : public c10d::Backend {
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
 
  private:
+  // The constructor proper, on the store already scoped to this attempt.
+  DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                   std::chrono::milliseconds timeout, int);
   using Task = std::function<void(Deadline)>;
   // Queues fn for the progress thread; the returned Work completes when it has run.
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,

@@ -73,7 +73,17 @@ TcpTransport::TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int 
                     " outside [0, ", world_size, ")");
   peers_.resize(world_size);
   if (world_size == 1) return;
-  setup_mesh(timeout);
+  try {
+    setup_mesh(timeout);
+  } catch (...) {
+    // No destructor runs for a half-built object: stop the acceptor here.
+    stopping_ = true;
+    if (acceptor_.joinable()) acceptor_.join();
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    for (auto& p : peers_)
+      if (p.fd >= 0) ::close(p.fd);
+    throw;
+  }
 }
 
 TcpTransport::~TcpTransport() {
