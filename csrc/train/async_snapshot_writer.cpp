@@ -1,0 +1,122 @@
+#include "train/async_snapshot_writer.h"
+
+#include <ATen/Parallel.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <unistd.h>
+
+#include "train/snapshot_format.h"
+
+namespace disttrain::train {
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+struct CopyChunk {
+  const char* src;
+  char* dst;
+  size_t length;
+};
+
+// Copies in chunks spread over torch's intra-op threads: one core does not
+// saturate memory bandwidth.
+void parallel_copy(const std::vector<CopyChunk>& chunks) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) std::memcpy(chunks[i].dst, chunks[i].src, chunks[i].length);
+  });
+}
+
+}  // namespace
+
+AsyncSnapshotWriter::~AsyncSnapshotWriter() {
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "disttrain: snapshot write failed: %s\n", e.what());
+  }
+}
+
+void AsyncSnapshotWriter::wait() {
+  if (worker_.joinable()) worker_.join();
+  std::lock_guard<std::mutex> lock(mutex_);
+  running_ = false;
+  if (error_) {
+    auto error = error_;
+    error_ = nullptr;
+    std::rethrow_exception(error);
+  }
+}
+
+bool AsyncSnapshotWriter::busy() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return running_;
+}
+
+double AsyncSnapshotWriter::last_write_seconds() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return write_seconds_;
+}
+
+void AsyncSnapshotWriter::save(const std::string& path, const std::string& metadata,
+                               const std::vector<NamedTensor>& tensors,
+                               const std::vector<std::string>& remove_after_commit, const WriteOptions& options) {
+  wait();
+  const auto start = std::chrono::steady_clock::now();
+  constexpr uint64_t kChunk = 4ull << 20;
+  uint64_t total = 0;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.tensor.layout() == at::kStrided, "snapshot: tensor '", t.name, "' is not a dense tensor");
+    total = format::align_up(total, format::kTensorAlign) + t.tensor.nbytes();
+  }
+  if (!staging_.defined() || static_cast<uint64_t>(staging_.numel()) < total)
+    staging_ = at::empty({static_cast<int64_t>(total)}, at::kByte);
+
+  std::vector<NamedTensor> staged;
+  std::vector<CopyChunk> chunks;
+  uint64_t offset = 0;
+  char* base = static_cast<char*>(staging_.data_ptr());
+  for (const auto& t : tensors) {
+    offset = format::align_up(offset, format::kTensorAlign);
+    const uint64_t nbytes = t.tensor.nbytes();
+    at::Tensor view = staging_.narrow(0, static_cast<int64_t>(offset), static_cast<int64_t>(nbytes));
+    at::Tensor typed = nbytes ? view.view(t.tensor.scalar_type()).view(t.tensor.sizes())
+                              : at::empty(t.tensor.sizes(), t.tensor.options().device(at::kCPU));
+    if (t.tensor.device().is_cpu() && t.tensor.is_contiguous()) {
+      const char* src = static_cast<const char*>(t.tensor.data_ptr());
+      for (uint64_t done = 0; done < nbytes; done += kChunk)
+        chunks.push_back({src + done, base + offset + done, static_cast<size_t>(std::min(kChunk, nbytes - done))});
+    } else {
+      typed.copy_(t.tensor);  // device-to-host or strided gather
+    }
+    staged.push_back({t.name, typed});
+    offset += nbytes;
+  }
+  parallel_copy(chunks);
+  staging_seconds_ = seconds_since(start);
+
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_ = true;
+  }
+  worker_ = std::thread([this, path, metadata, staged = std::move(staged), remove_after_commit, options] {
+    const auto write_start = std::chrono::steady_clock::now();
+    std::exception_ptr error;
+    try {
+      write_snapshot(path, metadata, staged, options);
+      for (const auto& old : remove_after_commit)
+        if (old != path) ::unlink(old.c_str());
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    error_ = error;
+    write_seconds_ = seconds_since(write_start);
+    running_ = false;
+  });
+}
+
+}  // namespace disttrain::train

@@ -1,0 +1,54 @@
+// Writes snapshots in a background thread so training is blocked only for
+// the copy of its tensors into host staging memory.
+#pragma once
+
+#include <exception>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "train/snapshot.h"
+
+namespace disttrain::train {
+
+class AsyncSnapshotWriter {
+ public:
+  AsyncSnapshotWriter() = default;
+  // Waits for a write in flight; its error, if any, is printed, not thrown.
+  ~AsyncSnapshotWriter();
+  AsyncSnapshotWriter(const AsyncSnapshotWriter&) = delete;
+  AsyncSnapshotWriter& operator=(const AsyncSnapshotWriter&) = delete;
+
+  // Waits for the previous write (rethrowing its error), copies `tensors`
+  // into staging memory, and returns while a background thread writes them
+  // to `path`. After the new file is committed, the files in
+  // `remove_after_commit` are deleted (the keep-last-K policy); they are
+  // kept if the write fails.
+  void save(const std::string& path, const std::string& metadata, const std::vector<NamedTensor>& tensors,
+            const std::vector<std::string>& remove_after_commit, const WriteOptions& options);
+
+  // Waits for the write in flight and rethrows its error (once).
+  void wait();
+
+  // True while a write is in flight.
+  bool busy();
+
+  // Seconds the last save() spent copying into staging memory, and the
+  // last completed background write took.
+  double last_staging_seconds() const { return staging_seconds_; }
+  double last_write_seconds();
+
+ private:
+  std::thread worker_;
+  std::mutex mutex_;
+  bool running_ = false;
+  std::exception_ptr error_;
+  // Reused between saves: fresh memory would cost a page fault per 4 KiB on
+  // the training thread.
+  at::Tensor staging_;
+  double staging_seconds_ = 0;
+  double write_seconds_ = 0;
+};
+
+}  // namespace disttrain::train
