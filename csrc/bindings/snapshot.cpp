@@ -79,15 +79,16 @@ DISTTRAIN_BINDINGS(snapshot) {
            [](AsyncSnapshotWriter& w, const std::string& path, const py::bytes& metadata,
               const std::vector<std::string>& names, const std::vector<at::Tensor>& tensors,
               const std::vector<std::string>& remove_after_commit, bool fsync, int64_t fail_after_bytes,
-              int64_t kill_after_bytes) {
+              int64_t kill_after_bytes, bool copy_in_background) {
              std::string meta = metadata;
              py::gil_scoped_release release;
              w.save(path, meta, zip_named(names, tensors), remove_after_commit,
-                    make_options(fsync, fail_after_bytes, kill_after_bytes));
+                    make_options(fsync, fail_after_bytes, kill_after_bytes), copy_in_background);
            },
            py::arg("path"), py::arg("metadata"), py::arg("names"), py::arg("tensors"),
            py::arg("remove_after_commit"), py::arg("fsync") = true, py::arg("fail_after_bytes") = -1,
-           py::arg("kill_after_bytes") = -1)
+           py::arg("kill_after_bytes") = -1, py::arg("copy_in_background") = false)
+      .def("wait_staged", &AsyncSnapshotWriter::wait_staged, py::call_guard<py::gil_scoped_release>())
       .def("wait", &AsyncSnapshotWriter::wait, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("busy", &AsyncSnapshotWriter::busy)
       .def_property_readonly("last_staging_seconds", &AsyncSnapshotWriter::last_staging_seconds)

@@ -61,17 +61,16 @@ double AsyncSnapshotWriter::last_write_seconds() {
   return write_seconds_;
 }
 
-void AsyncSnapshotWriter::save(const std::string& path, const std::string& metadata,
-                               const std::vector<NamedTensor>& tensors,
-                               const std::vector<std::string>& remove_after_commit, const WriteOptions& options) {
-  wait();
+void AsyncSnapshotWriter::wait_staged() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  staged_cv_.wait(lock, [&] { return staged_; });
+}
+
+std::vector<NamedTensor> AsyncSnapshotWriter::stage(const std::vector<NamedTensor>& tensors) {
   const auto start = std::chrono::steady_clock::now();
   constexpr uint64_t kChunk = 4ull << 20;
   uint64_t total = 0;
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.tensor.layout() == at::kStrided, "snapshot: tensor '", t.name, "' is not a dense tensor");
-    total = format::align_up(total, format::kTensorAlign) + t.tensor.nbytes();
-  }
+  for (const auto& t : tensors) total = format::align_up(total, format::kTensorAlign) + t.tensor.nbytes();
   if (!staging_.defined() || static_cast<uint64_t>(staging_.numel()) < total)
     staging_ = at::empty({static_cast<int64_t>(total)}, at::kByte);
 
@@ -97,15 +96,44 @@ void AsyncSnapshotWriter::save(const std::string& path, const std::string& metad
   }
   parallel_copy(chunks);
   staging_seconds_ = seconds_since(start);
+  return staged;
+}
 
+void AsyncSnapshotWriter::save(const std::string& path, const std::string& metadata,
+                               const std::vector<NamedTensor>& tensors,
+                               const std::vector<std::string>& remove_after_commit, const WriteOptions& options,
+                               bool copy_in_background) {
+  wait();
+  for (const auto& t : tensors)
+    TORCH_CHECK(t.tensor.layout() == at::kStrided, "snapshot: tensor '", t.name, "' is not a dense tensor");
+  std::vector<NamedTensor> staged;
+  if (!copy_in_background) staged = stage(tensors);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     running_ = true;
+    staged_ = !copy_in_background;
   }
-  worker_ = std::thread([this, path, metadata, staged = std::move(staged), remove_after_commit, options] {
+  std::vector<NamedTensor> sources = copy_in_background ? tensors : std::vector<NamedTensor>{};
+  worker_ = std::thread([this, path, metadata, staged = std::move(staged), sources = std::move(sources),
+                         remove_after_commit, options, copy_in_background]() mutable {
     const auto write_start = std::chrono::steady_clock::now();
     std::exception_ptr error;
     try {
+      if (copy_in_background) {
+        std::exception_ptr stage_error;
+        try {
+          staged = stage(sources);
+        } catch (...) {
+          stage_error = std::current_exception();
+        }
+        sources.clear();  // drop the references to the live tensors
+        {
+          std::lock_guard<std::mutex> lock(mutex_);
+          staged_ = true;
+        }
+        staged_cv_.notify_all();
+        if (stage_error) std::rethrow_exception(stage_error);
+      }
       write_snapshot(path, metadata, staged, options);
       for (const auto& old : remove_after_commit)
         if (old != path) ::unlink(old.c_str());
@@ -116,6 +144,8 @@ void AsyncSnapshotWriter::save(const std::string& path, const std::string& metad
     error_ = error;
     write_seconds_ = seconds_since(write_start);
     running_ = false;
+    staged_ = true;
+    staged_cv_.notify_all();
   });
 }
 

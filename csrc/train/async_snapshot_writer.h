@@ -2,6 +2,8 @@
 // the copy of its tensors into host staging memory.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -25,8 +27,16 @@ class AsyncSnapshotWriter {
   // to `path`. After the new file is committed, the files in
   // `remove_after_commit` are deleted (the keep-last-K policy); they are
   // kept if the write fails.
+  // With copy_in_background the copy, too, runs in the background thread and
+  // save() returns at once: the caller must not modify the tensors until
+  // wait_staged() returns (a trainer calls it before its optimizer step, so
+  // the copy overlaps forward and backward).
   void save(const std::string& path, const std::string& metadata, const std::vector<NamedTensor>& tensors,
-            const std::vector<std::string>& remove_after_commit, const WriteOptions& options);
+            const std::vector<std::string>& remove_after_commit, const WriteOptions& options,
+            bool copy_in_background = false);
+
+  // Waits until the tensors of the last save() are copied to staging memory.
+  void wait_staged();
 
   // Waits for the write in flight and rethrows its error (once).
   void wait();
@@ -40,14 +50,19 @@ class AsyncSnapshotWriter {
   double last_write_seconds();
 
  private:
+  // Copies into the (reused) staging memory; returns views of it.
+  std::vector<NamedTensor> stage(const std::vector<NamedTensor>& tensors);
+
   std::thread worker_;
   std::mutex mutex_;
   bool running_ = false;
+  bool staged_ = true;
+  std::condition_variable staged_cv_;
   std::exception_ptr error_;
   // Reused between saves: fresh memory would cost a page fault per 4 KiB on
   // the training thread.
   at::Tensor staging_;
-  double staging_seconds_ = 0;
+  std::atomic<double> staging_seconds_{0};
   double write_seconds_ = 0;
 };
 

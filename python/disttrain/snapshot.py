@@ -343,8 +343,20 @@ class AsyncSnapshotter:
     def path_for(self, step: int) -> str:
         return os.path.join(self.directory, f"{self.prefix}{step:09d}{SUFFIX}")
 
-    def save(self, state: Any, step: int | None = None, path: str | os.PathLike | None = None) -> str:
+    def save(self, state: Any, step: int | None = None, path: str | os.PathLike | None = None, *,
+             copy_in_background: bool = False) -> str:
         """Starts writing ``state`` as snapshot ``step`` (or to ``path``, outside the keep-last-K set).
+
+        Args:
+            state: as for :func:`save`.
+            step: the snapshot's number (file ``<prefix><step>.dts``).
+            path: or an explicit file, not counted in ``keep``.
+            copy_in_background: also copy the tensors in the background thread
+                and return at once. The tensors in ``state`` must then not change
+                until :meth:`wait_staged` returns: a training loop calls it just
+                before ``optimizer.step()``, so the copy overlaps forward and
+                backward (tensors that forward changes, such as batch-norm
+                statistics, must be cloned into ``state``).
 
         Returns:
             The path being written; it appears (atomically) when the write completes.
@@ -361,7 +373,8 @@ class AsyncSnapshotter:
             older = [p for p in list_snapshots(self.directory) if p != target]
             remove = older[:max(0, len(older) - (self.keep - 1))]
         metadata, names, tensors = _flatten(state, stage_on_host=False)
-        self._writer.save(target, metadata, names, tensors, remove, self.fsync, **_fault_options())
+        self._writer.save(target, metadata, names, tensors, remove, self.fsync, copy_in_background=copy_in_background,
+                          **_fault_options())
         self._in_flight = target
         self.last_blocked_seconds = time.perf_counter() - start
         return target
@@ -375,6 +388,11 @@ class AsyncSnapshotter:
         done, self._in_flight = self._in_flight, None
         self._writer.wait()
         return done
+
+    def wait_staged(self) -> None:
+        """Blocks until the tensors of the last :meth:`save` are copied (only
+        ever waits after ``save(..., copy_in_background=True)``)."""
+        self._writer.wait_staged()
 
     @property
     def busy(self) -> bool:

@@ -315,6 +315,8 @@ class Trainer:
             output = self.model(inputs)
             loss = self.loss_fn(output, labels)
             loss.backward()
+            if self._snapshotter is not None:
+                self._snapshotter.wait_staged()  # the snapshot's copy of the parameters, overlapped with this step
             self.optimizer.step()
             self._partial["loss_sum"] += loss.item() * len(labels)
             self._partial["correct"] += int((output.argmax(1) == labels).sum())
@@ -418,7 +420,13 @@ class Trainer:
         dist.all_gather_object(rank_states, mine)
         if self.rank == 0:
             self._faults.before_snapshot(self.global_step)
-            self._snapshotter.save(self._state(rank_states), step=self.global_step)
+            state = self._state(rank_states)
+            # Forward changes batch-norm statistics in place; everything else in the
+            # state changes only in optimizer.step(), which waits for the copy.
+            for name, _ in self.module.named_buffers():
+                if name in state["model"]:
+                    state["model"][name] = state["model"][name].clone()
+            self._snapshotter.save(state, step=self.global_step, copy_in_background=True)
 
     def _restore(self) -> None:
         found = [None]
