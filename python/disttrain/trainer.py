@@ -295,7 +295,8 @@ class Trainer:
             per_epoch = [t + v for t, v in zip(self.history["epoch_time"], self.history["test_time"])]
             estimate = max(per_epoch[-3:]) if per_epoch else 0.0
             remaining_part = estimate * (1 - self.batches_done / max(1, self.steps_per_epoch))
-            if self._now_run_time() + remaining_part > budget:
+            now = self._now_run_time()
+            if now >= budget or now + remaining_part > budget:
                 self._say(f"disttrain: time budget of {cfg.time_budget_hours:g} h reached "
                           f"(next epoch ~{estimate:.1f} s would not fit)")
                 return False
