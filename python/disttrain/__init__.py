@@ -7,13 +7,13 @@
 import torch
 import torch.distributed  # registers c10d's types with pybind11 before _C binds against them
 
+from .trainer import Trainer, TrainerConfig  # the snapshot trainer: disttrain.Trainer
+
 from . import _C
 from .distributed import init, register_backend
-from .trainer import Trainer, TrainerConfig
 
 __version__ = "0.1.0"
 
 register_backend()
 
 __all__ = ["init", "register_backend", "__version__"]
-__all__ += ["Trainer", "TrainerConfig"]
