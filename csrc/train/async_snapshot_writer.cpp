@@ -22,9 +22,15 @@ struct CopyChunk {
   size_t length;
 };
 
-// Copies in chunks spread over torch's intra-op threads: one core does not
-// saturate memory bandwidth.
-void parallel_copy(const std::vector<CopyChunk>& chunks) {
+// On the caller's thread the copy is spread over torch's intra-op threads
+// (one core does not saturate memory bandwidth). In the background it stays
+// on the writer thread: the intra-op threads are busy with forward/backward,
+// and queueing behind them would delay the copy the training step waits for.
+void copy_chunks(const std::vector<CopyChunk>& chunks, bool parallel) {
+  if (!parallel) {
+    for (const auto& c : chunks) std::memcpy(c.dst, c.src, c.length);
+    return;
+  }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) std::memcpy(chunks[i].dst, chunks[i].src, chunks[i].length);
   });
@@ -66,24 +72,21 @@ void AsyncSnapshotWriter::wait_staged() {
   staged_cv_.wait(lock, [&] { return staged_; });
 }
 
-std::vector<NamedTensor> AsyncSnapshotWriter::stage(const std::vector<NamedTensor>& tensors) {
+std::vector<NamedTensor> AsyncSnapshotWriter::stage(const std::vector<NamedTensor>& tensors, bool parallel) {
   const auto start = std::chrono::steady_clock::now();
   constexpr uint64_t kChunk = 4ull << 20;
   uint64_t total = 0;
   for (const auto& t : tensors) total = format::align_up(total, format::kTensorAlign) + t.tensor.nbytes();
-  if (!staging_.defined() || static_cast<uint64_t>(staging_.numel()) < total)
-    staging_ = at::empty({static_cast<int64_t>(total)}, at::kByte);
+  if (!staging_ || staging_->size() < total) staging_ = std::make_shared<HostMapping>(total);
 
   std::vector<NamedTensor> staged;
   std::vector<CopyChunk> chunks;
   uint64_t offset = 0;
-  char* base = static_cast<char*>(staging_.data_ptr());
+  char* base = staging_->data();
   for (const auto& t : tensors) {
     offset = format::align_up(offset, format::kTensorAlign);
     const uint64_t nbytes = t.tensor.nbytes();
-    at::Tensor view = staging_.narrow(0, static_cast<int64_t>(offset), static_cast<int64_t>(nbytes));
-    at::Tensor typed = nbytes ? view.view(t.tensor.scalar_type()).view(t.tensor.sizes())
-                              : at::empty(t.tensor.sizes(), t.tensor.options().device(at::kCPU));
+    at::Tensor typed = tensor_in(staging_, offset, t.tensor.sizes(), t.tensor.scalar_type());
     if (t.tensor.device().is_cpu() && t.tensor.is_contiguous()) {
       const char* src = static_cast<const char*>(t.tensor.data_ptr());
       for (uint64_t done = 0; done < nbytes; done += kChunk)
@@ -94,7 +97,7 @@ std::vector<NamedTensor> AsyncSnapshotWriter::stage(const std::vector<NamedTenso
     staged.push_back({t.name, typed});
     offset += nbytes;
   }
-  parallel_copy(chunks);
+  copy_chunks(chunks, parallel);
   staging_seconds_ = seconds_since(start);
   return staged;
 }
@@ -107,7 +110,7 @@ void AsyncSnapshotWriter::save(const std::string& path, const std::string& metad
   for (const auto& t : tensors)
     TORCH_CHECK(t.tensor.layout() == at::kStrided, "snapshot: tensor '", t.name, "' is not a dense tensor");
   std::vector<NamedTensor> staged;
-  if (!copy_in_background) staged = stage(tensors);
+  if (!copy_in_background) staged = stage(tensors, /*parallel=*/true);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     running_ = true;
@@ -122,7 +125,7 @@ void AsyncSnapshotWriter::save(const std::string& path, const std::string& metad
       if (copy_in_background) {
         std::exception_ptr stage_error;
         try {
-          staged = stage(sources);
+          staged = stage(sources, /*parallel=*/false);
         } catch (...) {
           stage_error = std::current_exception();
         }

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "train/host_memory.h"
 #include "train/snapshot.h"
 
 namespace disttrain::train {
@@ -51,7 +52,7 @@ class AsyncSnapshotWriter {
 
  private:
   // Copies into the (reused) staging memory; returns views of it.
-  std::vector<NamedTensor> stage(const std::vector<NamedTensor>& tensors);
+  std::vector<NamedTensor> stage(const std::vector<NamedTensor>& tensors, bool parallel);
 
   std::thread worker_;
   std::mutex mutex_;
@@ -59,9 +60,9 @@ class AsyncSnapshotWriter {
   bool staged_ = true;
   std::condition_variable staged_cv_;
   std::exception_ptr error_;
-  // Reused between saves: fresh memory would cost a page fault per 4 KiB on
-  // the training thread.
-  at::Tensor staging_;
+  // Reused between saves: fresh memory would cost page faults on the
+  // training thread. Staged tensors keep it alive while they are written.
+  std::shared_ptr<HostMapping> staging_;
   std::atomic<double> staging_seconds_{0};
   double write_seconds_ = 0;
 };

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "train/crc32c.h"
+#include "train/host_memory.h"
 #include "train/snapshot.h"
 #include "train/snapshot_format.h"
 
@@ -148,9 +149,15 @@ Snapshot read_snapshot(const std::string& path) {
     uint32_t crc;
   };
   std::vector<Chunk> chunks;
+  uint64_t total = 0;
+  for (const auto& e : entries) total = align_up(total, kTensorAlign) + e.nbytes;
+  auto memory = std::make_shared<HostMapping>(total);
+  uint64_t place = 0;
   for (size_t i = 0; i < entries.size(); ++i) {
     const auto& e = entries[i];
-    out.tensors.push_back({e.name, at::empty(e.shape, at::TensorOptions().dtype(e.dtype))});
+    place = align_up(place, kTensorAlign);
+    out.tensors.push_back({e.name, tensor_in(memory, place, e.shape, e.dtype)});
+    place += e.nbytes;
     for (uint64_t done = 0; done < e.nbytes; done += kReadChunk)
       chunks.push_back({i, done, std::min(kReadChunk, e.nbytes - done), 0});
   }
