@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -15,12 +16,17 @@ using namespace disttrain::train;
 
 namespace {
 
-std::string temp_dir() {
-  char tmpl[] = "/tmp/disttrain-snapshot-test-XXXXXX";
-  const char* dir = ::mkdtemp(tmpl);
-  EXPECT_NE(dir, nullptr);
-  return dir;
-}
+// A fresh folder, removed with everything in it at the end of the test.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/disttrain-snapshot-test-XXXXXX";
+    const char* dir = ::mkdtemp(tmpl);
+    EXPECT_NE(dir, nullptr);
+    path = dir ? dir : "/tmp";
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
 
 std::vector<NamedTensor> sample_tensors() {
   return {{"w", at::arange(1000, at::kFloat)}, {"b", at::ones({7}, at::kDouble)}, {"n", at::zeros({0, 3}, at::kLong)}};
@@ -42,7 +48,8 @@ TEST(Crc32c, CheckValueAndCombine) {
 }
 
 TEST(Snapshot, RoundTrip) {
-  const std::string path = temp_dir() + "/s.dts";
+  TempDir dir;
+  const std::string path = dir.path + "/s.dts";
   write_snapshot(path, "{\"k\":1}", sample_tensors());
   Snapshot s = read_snapshot(path);
   EXPECT_EQ(s.metadata, "{\"k\":1}");
@@ -55,7 +62,8 @@ TEST(Snapshot, RoundTrip) {
 }
 
 TEST(Snapshot, BitFlipNamesTensor) {
-  const std::string path = temp_dir() + "/s.dts";
+  TempDir dir;
+  const std::string path = dir.path + "/s.dts";
   write_snapshot(path, "{}", {{"first", at::ones({4096}, at::kFloat)}});
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   f.seekp(4096 + 100);  // inside the tensor data, which starts at 4096
@@ -71,8 +79,8 @@ TEST(Snapshot, BitFlipNamesTensor) {
 }
 
 TEST(Snapshot, TruncatedAndInjectedEnospc) {
-  const std::string dir = temp_dir();
-  const std::string path = dir + "/s.dts";
+  TempDir tmp;
+  const std::string path = tmp.path + "/s.dts";
   write_snapshot(path, "{}", sample_tensors());
   ASSERT_EQ(::truncate(path.c_str(), 4200), 0);
   EXPECT_THROW(read_snapshot(path), CorruptSnapshotError);
@@ -85,7 +93,8 @@ TEST(Snapshot, TruncatedAndInjectedEnospc) {
 }
 
 TEST(AsyncSnapshotWriter, ErrorSurfacesOnWaitAndOldFilesGoAfterCommit) {
-  const std::string dir = temp_dir();
+  TempDir tmp;
+  const std::string& dir = tmp.path;
   AsyncSnapshotWriter writer;
   writer.save(dir + "/a.dts", "{}", sample_tensors(), {}, WriteOptions{});
   writer.wait();
