@@ -231,6 +231,10 @@ def load(path: str | os.PathLike) -> Any:
     return _unflatten(path, metadata, names, tensors)
 
 
+def _step_of(path: str) -> int:
+    return int(_NAME_RE.match(os.path.basename(path)).group("step"))
+
+
 def list_snapshots(directory: str | os.PathLike) -> list[str]:
     """Paths of the snapshots ``<name><number>.dts`` in ``directory``, oldest first (by number)."""
     directory = os.fspath(directory)
@@ -371,6 +375,11 @@ class AsyncSnapshotter:
         remove: list[str] = []
         if step is not None and self.keep is not None:
             older = [p for p in list_snapshots(self.directory) if p != target]
+            # The write still in flight is not on disk yet, but will be before this one commits.
+            pending = self._in_flight
+            if pending is not None and pending != target and _NAME_RE.match(os.path.basename(pending)) \
+                    and os.path.dirname(pending) == self.directory and pending not in older:
+                older = sorted(older + [pending], key=_step_of)
             remove = older[:max(0, len(older) - (self.keep - 1))]
         metadata, names, tensors = _flatten(state, stage_on_host=False)
         self._writer.save(target, metadata, names, tensors, remove, self.fsync, copy_in_background=copy_in_background,
