@@ -1,6 +1,6 @@
-// Host memory for snapshot data: one anonymous mapping per snapshot, its
-// pages populated by the kernel in one call (MAP_POPULATE), which costs a
-// fraction of taking a page fault per 4 KiB while reading a GB-sized state.
+// Host memory for the async writer's staging buffer: one anonymous mapping,
+// its pages populated by the kernel in one call (MAP_POPULATE), a fraction of
+// the cost of a page fault per 4 KiB on the training thread's first copy.
 // Transparent huge pages are not requested: with the common "madvise" defrag
 // setting they make the fault path compact memory synchronously, which
 // measured slower and erratic (0.15 s to 2.9 s for 1 GB).

@@ -8,7 +8,6 @@
 #include <cstring>
 
 #include "train/crc32c.h"
-#include "train/host_memory.h"
 #include "train/snapshot.h"
 #include "train/snapshot_format.h"
 
@@ -149,15 +148,11 @@ Snapshot read_snapshot(const std::string& path) {
     uint32_t crc;
   };
   std::vector<Chunk> chunks;
-  uint64_t total = 0;
-  for (const auto& e : entries) total = align_up(total, kTensorAlign) + e.nbytes;
-  auto memory = std::make_shared<HostMapping>(total);
-  uint64_t place = 0;
+  // Tensors come from torch's allocator, which recycles memory a previous
+  // load freed; one populated mapping per file measured slower on reloads.
   for (size_t i = 0; i < entries.size(); ++i) {
     const auto& e = entries[i];
-    place = align_up(place, kTensorAlign);
-    out.tensors.push_back({e.name, tensor_in(memory, place, e.shape, e.dtype)});
-    place += e.nbytes;
+    out.tensors.push_back({e.name, at::empty(e.shape, at::TensorOptions().dtype(e.dtype))});
     for (uint64_t done = 0; done < e.nbytes; done += kReadChunk)
       chunks.push_back({i, done, std::min(kReadChunk, e.nbytes - done), 0});
   }
