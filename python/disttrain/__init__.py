@@ -7,6 +7,8 @@
 import torch
 import torch.distributed  # registers c10d's types with pybind11 before _C binds against them
 
+from .trainer import Trainer, TrainerConfig  # the snapshot trainer: disttrain.Trainer
+
 from . import _C
 from .distributed import init, register_backend
 from .ddp import DistributedDataParallel

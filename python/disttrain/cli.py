@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "info": ("disttrain.info", "versions, how the extension was built, transports a job would use"),
+    "train": ("disttrain.train_cli", "fault-tolerant data-parallel training with snapshots (the snapshot trainer)"),
     "bench": ("disttrain.bench", "benchmarks against the PyTorch equivalent (allreduce, ...)"),
     "advise": ("disttrain.advisor.cli", "training-cost advisor: time, accuracy, cheapest configuration"),
 }

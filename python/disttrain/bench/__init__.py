@@ -14,6 +14,7 @@ BENCHMARKS = {
     "reduce_scatter": "disttrain.bench.collectives",
     "broadcast": "disttrain.bench.collectives",
     "ddp": "disttrain.bench.ddp",
+    "snapshot": "disttrain.bench.snapshot",
 }
 
 

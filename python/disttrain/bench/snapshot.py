@@ -1,0 +1,210 @@
+"""``disttrain bench snapshot``: snapshot save/load throughput against
+``torch.save``/``torch.load``, and how long training is blocked by an async
+save against a synchronous one, all in the same run.
+
+Rows (best of ``--repeats``: on a shared machine the fastest run is the one
+least disturbed by others; every row's two columns come from the same run):
+
+- ``save (durable)``: ``disttrain.snapshot.save`` (fsync of file and directory)
+  vs ``torch.save`` followed by ``os.fsync`` (what a crash-safe torch.save costs);
+- ``save (page cache)``: both without fsync;
+- ``load``: ``disttrain.snapshot.load`` (every CRC checked) vs ``torch.load``,
+  files in the page cache for both;
+- ``async blocked``: time ``AsyncSnapshotter.save`` holds the caller (the
+  staging copy) vs the synchronous durable save;
+- ``train ...``: an MLP whose parameters plus momentum make the state size
+  trains with SGD and saves a snapshot in a step (median over repeats): ``blocked`` is the time the
+  training thread spends inside snapshot calls, ``step slower`` how much longer
+  the step takes than one without a snapshot (the background write competes
+  for the cores), both against the blocked time of a synchronous save.
+  ``async`` copies before returning; ``overlapped`` is the trainer's mode, the
+  copy overlapping forward and backward (``copy_in_background=True``,
+  ``wait_staged()`` before ``optimizer.step()``).
+
+Example::
+
+    disttrain bench snapshot --sizes-mb 100 1000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .. import snapshot
+
+
+def _state(total_bytes: int) -> dict:
+    """A model-like state: 8 MB weight tensors plus many small ones."""
+    torch.manual_seed(0)
+    big, small = 8 << 20, 4096
+    n_small = 200
+    n_big = max(1, (total_bytes - n_small * small) // big)
+    state = {f"layer{i}.weight": torch.randn(big // 4) for i in range(n_big)}
+    state.update({f"layer{i}.bias": torch.randn(small // 4) for i in range(n_small)})
+    return {"model": state, "step": 1000, "history": [0.5] * 100}
+
+
+def _nbytes(state: dict) -> int:
+    return sum(t.nbytes for t in state["model"].values())
+
+
+def _torch_save(state, path: str, durable: bool) -> None:
+    torch.save(state, path)
+    if durable:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _measure(state: dict, folder: str, repeats: int) -> dict[str, tuple[float, float]]:
+    ours_path, torch_path = os.path.join(folder, "state.dts"), os.path.join(folder, "state.pt")
+    times: dict[str, tuple[list[float], list[float]]] = {
+        k: ([], []) for k in ("save (durable)", "save (page cache)", "load", "async blocked")}
+    writer = snapshot.AsyncSnapshotter(os.path.join(folder, "async"), keep=1)
+    writer.save(state, step=0)  # the first save allocates the staging memory, reused afterwards
+    writer.wait()
+    for r in range(repeats):
+        # Alternate who goes first so neither always finds a cold page cache.
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for who in order:
+            if who == 0:
+                times["save (durable)"][0].append(_timed(lambda: snapshot.save(ours_path, state)))
+                times["save (page cache)"][0].append(_timed(lambda: snapshot.save(ours_path, state, fsync=False)))
+                times["load"][0].append(_timed(lambda: snapshot.load(ours_path)))
+            else:
+                times["save (durable)"][1].append(_timed(lambda: _torch_save(state, torch_path, True)))
+                times["save (page cache)"][1].append(_timed(lambda: _torch_save(state, torch_path, False)))
+                times["load"][1].append(_timed(lambda: torch.load(torch_path)))
+        blocked = _timed(lambda: writer.save(state, step=r + 1))
+        writer.wait()
+        times["async blocked"][0].append(blocked)
+    times["async blocked"][1].extend(times["save (durable)"][0])  # against our own synchronous save
+    return {k: (min(a), min(b)) for k, (a, b) in times.items()}
+
+
+def _mlp_for(total_bytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Linear(2048, 2048) layers: parameters + momentum ~ total_bytes."""
+    width = 2048
+    layers = max(1, total_bytes // 2 // (width * width * 4))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    return model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+
+def _train_blocked(total_bytes: int, folder: str, repeats: int) -> dict[str, float]:
+    model, opt = _mlp_for(total_bytes)
+    batch = torch.randn(32, 2048)
+    writer = snapshot.AsyncSnapshotter(os.path.join(folder, "train"), keep=1)
+    sync_path = os.path.join(folder, "train_sync.dts")
+
+    def state():
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+    def step(save=None) -> tuple[float, float]:
+        """Returns (step time, time the training thread spent blocked in snapshot calls)."""
+        start = time.perf_counter()
+        if save == "sync":
+            snapshot.save(sync_path, state())
+        elif save == "async":
+            writer.save(state(), step=0)
+        elif save == "overlapped":
+            writer.save(state(), step=0, copy_in_background=True)
+        blocked = time.perf_counter() - start
+        opt.zero_grad()
+        model(batch).square().mean().backward()
+        if save == "overlapped":
+            wait_start = time.perf_counter()
+            writer.wait_staged()
+            blocked += time.perf_counter() - wait_start
+        opt.step()
+        return time.perf_counter() - start, blocked
+
+    for _ in range(2):
+        step()
+    writer.save(state(), step=0)  # allocates the staging memory once
+    writer.wait()
+    steps: dict[str, list[float]] = {"none": [], "sync": [], "async": [], "overlapped": []}
+    blocked: dict[str, list[float]] = {mode: [] for mode in steps}
+    for _ in range(repeats):
+        for mode in steps:
+            step_time, blocked_time = step(None if mode == "none" else mode)
+            steps[mode].append(step_time)
+            blocked[mode].append(blocked_time)
+            writer.wait()  # the background write is not part of the next step
+    base = statistics.median(steps["none"])
+    return {mode: (statistics.median(blocked[mode]), max(0.0, statistics.median(steps[mode]) - base))
+            for mode in steps if mode != "none"}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="disttrain bench snapshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temporary folder)")
+    parser.add_argument("--csv", default="benchmarks/results/snapshot.csv")
+    args = parser.parse_args(argv[1:] if argv and argv[0] == "snapshot" else argv)
+
+    folder = tempfile.mkdtemp(prefix="disttrain-bench-snapshot-", dir=args.dir)
+    rows = []
+    print(f"threads {torch.get_num_threads()}, crc32c {snapshot._C.crc32c_implementation}, folder {folder}")
+    header = f"{'size':>8} {'operation':<30} {'ours s':>8} {'base s':>9} {'disttrain GB/s':>14} " \
+             f"{'base GB/s':>10} {'speed-up':>8}   (base: torch.save/torch.load; sync save for async rows)"
+    print(header)
+    try:
+        for size_mb in args.sizes_mb:
+            state = _state(size_mb << 20)
+            nbytes = _nbytes(state)
+            for op, (ours, theirs) in _measure(state, folder, args.repeats).items():
+                baseline = "sync save" if op == "async blocked" else "torch"
+                row = {"size_mb": round(nbytes / 2**20), "operation": op, "disttrain_s": ours, "baseline": baseline,
+                       "baseline_s": theirs, "disttrain_GBps": nbytes / ours / 1e9,
+                       "baseline_GBps": nbytes / theirs / 1e9, "speedup": theirs / ours}
+                rows.append(row)
+                note = f"   blocked {100 * ours / theirs:.1f}% of the sync save" if op == "async blocked" else ""
+                print(f"{row['size_mb']:>6}MB {op:<30} {ours:>8.4f} {theirs:>9.4f} {row['disttrain_GBps']:>14.2f} "
+                      f"{row['baseline_GBps']:>10.2f} {row['speedup']:>7.2f}x{note}")
+            del state
+            training = _train_blocked(size_mb << 20, folder, args.repeats)
+            sync_blocked = training["sync"][0]
+            for mode in ("async", "overlapped"):
+                for what, index in (("blocked", 0), ("step slower", 1)):
+                    op = f"train {mode} {what}"
+                    ours = training[mode][index]
+                    rows.append({"size_mb": size_mb, "operation": op, "disttrain_s": ours,
+                                 "baseline": "train sync blocked", "baseline_s": sync_blocked, "disttrain_GBps": "",
+                                 "baseline_GBps": "", "speedup": sync_blocked / ours if ours > 0 else float("inf")})
+                    print(f"{size_mb:>6}MB {op:<30} {ours:>8.4f} {sync_blocked:>9.4f} {'':>14} {'':>10} "
+                          f"{rows[-1]['speedup']:>7.2f}x   {100 * ours / sync_blocked:.1f}% of the sync save")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

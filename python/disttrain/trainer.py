@@ -1,0 +1,542 @@
+"""The snapshot trainer: data-parallel training that survives kill -9.
+
+Every rank runs the same :class:`Trainer`. Rank 0 writes snapshots in the
+background (``disttrain.snapshot``); after any failure, torchrun
+(``--max-restarts``) restarts the group and every rank resumes from the newest
+snapshot that verifies, mid-epoch included, so a run that was interrupted ends
+with exactly the parameters of one that was not (deterministic by default).
+
+Run folder ``SAVE_LOCATION/SAVE_NAME/``::
+
+    snapshots/step_000000420.dts   the last ``keep_snapshots`` snapshots
+    best_model.dts                 model with the lowest validation loss so far
+    metrics.csv                    one row per epoch (columns of the epoch logs)
+    tensorboard/                   when enabled and installed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import snapshot
+from .distributed import init as init_process_group
+from .fault_injection import FaultInjector
+from .train_metrics import describe_run, write_metrics_csv
+
+log = logging.getLogger("disttrain.trainer")
+
+_LR_SCALINGS = ("linear", "sqrt", "none")
+_STATE_FORMAT = "disttrain.trainer/1"
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """What a :class:`Trainer` does; every field has a working default.
+
+    Args:
+        epochs: epochs to run; with ``time_budget_hours`` too, whichever ends first.
+        time_budget_hours: stop cleanly when the next epoch would not fit in the
+            budget (run time accumulates across restarts).
+        batch_size: per rank.
+        num_workers: DataLoader worker processes per rank.
+        save_location, save_name: the run folder is ``save_location/save_name``.
+        snapshot_every_steps: also snapshot every N optimizer steps (mid-epoch
+            resume); 0 snapshots at epoch ends only.
+        keep_snapshots: how many snapshots to keep.
+        lr_scaling: the optimizer's learning rate is the single-process one; it is
+            multiplied by the world size (``"linear"``), its square root
+            (``"sqrt"``) or left alone (``"none"``).
+        seed: data order and random number generators.
+        deterministic: ``torch.use_deterministic_algorithms`` (warn only).
+        backend: process-group backend when the trainer creates the group.
+        timeout_seconds: process-group timeout (a dead peer is an error after this).
+        tensorboard: also log to ``tensorboard/`` when the package is installed.
+        progress: progress line on rank 0.
+        resume: resume from the newest good snapshot in the run folder.
+        configuration: extra columns for metrics.csv (``model_name``, ``dataset``, ``config_index``).
+    """
+
+    epochs: int | None = None
+    time_budget_hours: float | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    save_location: str = "runs"
+    save_name: str = "run"
+    snapshot_every_steps: int = 0
+    keep_snapshots: int = 3
+    lr_scaling: str = "linear"
+    seed: int = 0
+    deterministic: bool = True
+    backend: str = "disttrain"
+    timeout_seconds: float = 300.0
+    tensorboard: bool = False
+    progress: bool = True
+    resume: bool = True
+    configuration: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.epochs is None and self.time_budget_hours is None:
+            raise ValueError("TrainerConfig: give epochs, time_budget_hours or both")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"TrainerConfig: epochs must be >= 0, got {self.epochs}")
+        if self.time_budget_hours is not None and self.time_budget_hours <= 0:
+            raise ValueError(f"TrainerConfig: time_budget_hours must be > 0, got {self.time_budget_hours}")
+        if self.lr_scaling not in _LR_SCALINGS:
+            raise ValueError(f"TrainerConfig: lr_scaling must be one of {_LR_SCALINGS}, got '{self.lr_scaling}'")
+        if self.batch_size < 1:
+            raise ValueError(f"TrainerConfig: batch_size must be >= 1, got {self.batch_size}")
+
+
+def _sampler_class():
+    # disttrain's own sampler (same interface) once it exists; PyTorch's until then.
+    try:
+        from .sampler import DistributedSampler
+    except ImportError:
+        from torch.utils.data.distributed import DistributedSampler
+    return DistributedSampler
+
+
+def _ddp_class():
+    # PyTorch's DDP for now; disttrain.DistributedDataParallel takes the same arguments.
+    return nn.parallel.DistributedDataParallel
+
+
+class _ShardSampler(Sampler[int]):
+    """Rank r evaluates samples r, r + W, r + 2W, ...: every sample exactly once
+    (DistributedSampler would pad with repeats and skew the metrics)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = range(rank, n, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class _Preempted(Exception):
+    pass
+
+
+def _lr_factor(scaling: str, world_size: int) -> float:
+    return {"linear": float(world_size), "sqrt": math.sqrt(world_size), "none": 1.0}[scaling]
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Data-parallel training with snapshots, resume and metrics.
+
+    Args:
+        model: the model, identical on every rank (build it after seeding).
+        optimizer: its optimizer, with the single-process learning rate.
+        train_set: training data set (indexable, yields ``(input, label)``).
+        val_set: validation data set, or None.
+        config: a :class:`TrainerConfig`.
+        scheduler: an epoch-wise learning-rate scheduler, or None.
+        loss_fn: default ``nn.CrossEntropyLoss()``.
+
+    Example:
+        >>> model = disttrain.models.get_model("small_cnn")
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        >>> trainer = disttrain.Trainer(model, opt, disttrain.data.digits(True), disttrain.data.digits(False),
+        ...                             TrainerConfig(epochs=5, save_name="digits"))
+        >>> summary = trainer.fit()   # under torchrun, or alone as one rank
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_set: Dataset,
+                 val_set: Dataset | None = None, config: TrainerConfig | None = None,
+                 scheduler: Any | None = None, loss_fn: Callable | None = None):
+        self.config = config or TrainerConfig(epochs=1)
+        cfg = self.config
+        if not dist.is_initialized():
+            init_process_group(backend=cfg.backend, timeout=cfg.timeout_seconds)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.backend = str(dist.get_backend())
+        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+        _seed_everything(cfg.seed + self.rank)
+        self.module = model.to(self.device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.train_set, self.val_set = train_set, val_set
+        ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+        self.model = _ddp_class()(self.module, **ddp_kwargs)
+
+        self.base_lr = float(optimizer.param_groups[0]["lr"])
+        self.lr_scale = _lr_factor(cfg.lr_scaling, self.world_size)
+        self._rescale_lr(self.lr_scale)
+
+        self.sampler = _sampler_class()(train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                        seed=cfg.seed, drop_last=False)
+        self.steps_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
+
+        self.run_dir = os.path.join(cfg.save_location, cfg.save_name)
+        self.snapshot_dir = os.path.join(self.run_dir, "snapshots")
+        self.best_model_path = os.path.join(self.run_dir, "best_model.dts")
+        self.metrics_path = os.path.join(self.run_dir, "metrics.csv")
+        if self.rank == 0:
+            os.makedirs(self.snapshot_dir, exist_ok=True)
+        dist.barrier()
+        self._snapshotter = snapshot.AsyncSnapshotter(self.snapshot_dir, keep=cfg.keep_snapshots) \
+            if self.rank == 0 else None
+        self._best_writer = snapshot.AsyncSnapshotter(self.run_dir, keep=None) if self.rank == 0 else None
+        self._faults = FaultInjector(self.rank, self.run_dir)
+        if self._faults.where == "forward":
+            self.module.register_forward_pre_hook(lambda *_: self._faults.in_forward(self.global_step))
+        self._columns = {**describe_run(self.module, optimizer, scheduler, self.loss_fn, self.world_size,
+                                        self.local_world_size, self.backend, cfg.batch_size, cfg.num_workers,
+                                        cfg.epochs, self._device_name(), self.base_lr), **cfg.configuration}
+
+        # Progress; all of it is in every snapshot.
+        self.epoch = 0              # epochs completed
+        self.batches_done = 0       # batches of the current epoch completed
+        self.global_step = 0
+        self.run_time = 0.0         # seconds of training, across restarts
+        self.best_val_loss = math.inf
+        self.history: dict[str, list[float]] = {k: [] for k in (
+            "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time", "test_time")}
+        self._partial = {"loss_sum": 0.0, "correct": 0, "count": 0, "elapsed": 0.0}
+        self._stop_requested = False
+        self._resumed_from: str | None = None
+
+    # ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Trains until the epoch count or the time budget is reached.
+
+        Returns:
+            A summary: ``epochs``, ``run_time``, ``best_val_loss``, ``final_test_acc``,
+            ``run_dir``, ``resumed_from``, ``preempted``.
+        """
+        cfg = self.config
+        self._say(f"disttrain: run folder {self.run_dir} (snapshots/, best_model.dts, metrics.csv"
+                  f"{', tensorboard/' if cfg.tensorboard else ''}); {self.world_size} rank(s), backend "
+                  f"{self.backend}, lr {self.base_lr:g} x {self.lr_scale:g} ({cfg.lr_scaling})")
+        if cfg.resume:
+            self._restore()
+        tb = self._tensorboard() if cfg.tensorboard and self.rank == 0 else None
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) \
+            if _in_main_thread() else None
+        self._segment_start = time.perf_counter()
+        self._run_time_at_start = self.run_time
+        preempted = False
+        try:
+            while not self._agree(not self._another_epoch()):
+                self._train_epoch()
+                self._end_epoch(tb)
+        except _Preempted:
+            preempted = True
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if tb is not None:
+                tb.close()
+        self.run_time = self._now_run_time()
+        if self._snapshotter is not None:
+            self._snapshotter.wait()
+            self._best_writer.wait()
+        summary = {"epochs": self.epoch, "run_time": self.run_time, "best_val_loss": self.best_val_loss,
+                   "final_test_acc": self.history["test_acc"][-1] if self.history["test_acc"] else None,
+                   "final_train_loss": self.history["train_loss"][-1] if self.history["train_loss"] else None,
+                   "run_dir": self.run_dir, "resumed_from": self._resumed_from, "preempted": preempted}
+        acc = summary["final_test_acc"]
+        self._say(f"disttrain: {'preempted, snapshot saved' if preempted else 'done'}: {self.epoch} epoch(s) "
+                  f"in {self.run_time:.1f} s, best validation loss {self.best_val_loss:.4f}"
+                  + (f", test accuracy {acc:.4f}" if acc is not None else "") + f"; results in {self.run_dir}")
+        if preempted:
+            sys.exit(128 + signal.SIGTERM)
+        return summary
+
+    # ----------------------------------------------------------------------------------------
+    def _another_epoch(self) -> bool:
+        cfg = self.config
+        if cfg.epochs is not None and self.epoch >= cfg.epochs:
+            return False
+        if cfg.time_budget_hours is not None and self.rank == 0:
+            budget = cfg.time_budget_hours * 3600
+            per_epoch = [t + v for t, v in zip(self.history["epoch_time"], self.history["test_time"])]
+            estimate = max(per_epoch[-3:]) if per_epoch else 0.0
+            remaining_part = estimate * (1 - self.batches_done / max(1, self.steps_per_epoch))
+            now = self._now_run_time()
+            if now >= budget or now + remaining_part > budget:
+                self._say(f"disttrain: time budget of {cfg.time_budget_hours:g} h reached "
+                          f"(next epoch ~{estimate:.1f} s would not fit)")
+                return False
+        return True
+
+    def _train_epoch(self) -> None:
+        cfg = self.config
+        self.model.train()
+        self.sampler.set_epoch(self.epoch)
+        indices = list(self.sampler)[self.batches_done * cfg.batch_size:]
+        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=indices,
+                            num_workers=cfg.num_workers, drop_last=False)
+        start = time.perf_counter() - self._partial["elapsed"]
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            output = self.model(inputs)
+            loss = self.loss_fn(output, labels)
+            loss.backward()
+            if self._snapshotter is not None:
+                self._snapshotter.wait_staged()  # the snapshot's copy of the parameters, overlapped with this step
+            self.optimizer.step()
+            self._partial["loss_sum"] += loss.item() * len(labels)
+            self._partial["correct"] += int((output.argmax(1) == labels).sum())
+            self._partial["count"] += len(labels)
+            self.global_step += 1
+            self.batches_done += 1
+            self._partial["elapsed"] = time.perf_counter() - start
+            self._progress()
+            stop = self._agree(self._stop_requested, fault_step=self.global_step)
+            if stop or (cfg.snapshot_every_steps and self.global_step % cfg.snapshot_every_steps == 0
+                        and self.batches_done < self.steps_per_epoch):
+                self._snapshot()
+            if stop:
+                if self._snapshotter is not None:
+                    self._snapshotter.wait()
+                raise _Preempted()
+        self._partial["elapsed"] = time.perf_counter() - start
+
+    def _end_epoch(self, tb) -> None:
+        sums = torch.tensor([self._partial["loss_sum"], self._partial["correct"], self._partial["count"]],
+                            dtype=torch.float64)
+        dist.all_reduce(sums)
+        train_loss, train_acc = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        epoch_time = self._partial["elapsed"]
+        test_start = time.perf_counter()
+        test_loss, test_acc = self._evaluate()
+        test_time = time.perf_counter() - test_start
+        if self.scheduler is not None:
+            self.scheduler.step()
+        for key, value in (("train_loss", train_loss), ("train_acc", train_acc), ("test_loss", test_loss),
+                           ("test_acc", test_acc), ("epoch_time", epoch_time), ("test_time", test_time)):
+            self.history[key].append(value)
+        self.epoch += 1
+        self.batches_done = 0
+        self._partial = {"loss_sum": 0.0, "correct": 0, "count": 0, "elapsed": 0.0}
+        improved = test_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = test_loss
+        if self.rank == 0:
+            if improved:
+                self._best_writer.save({"model": self.module.state_dict(), "epoch": self.epoch,
+                                        "val_loss": test_loss, "val_acc": test_acc,
+                                        "configuration": dict(self._columns)}, path=self.best_model_path)
+            write_metrics_csv(self.metrics_path, self.history, self._columns)
+            if tb is not None:
+                for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+                    tb.add_scalar(key, self.history[key][-1], self.epoch)
+            epochs = f"/{self.config.epochs}" if self.config.epochs is not None else ""
+            self._say(f"epoch {self.epoch}{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                      f"test loss {test_loss:.4f} acc {test_acc:.4f} | {epoch_time:.1f}+{test_time:.1f} s"
+                      + (" *" if improved else ""), end_progress=True)
+        self._snapshot()
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[float, float]:
+        if self.val_set is None:
+            return math.nan, math.nan
+        # Every rank evaluates with rank 0's batch-norm statistics, as a resumed run would.
+        for buffer in self.module.buffers():
+            dist.broadcast(buffer, 0)
+        self.module.eval()
+        loader = DataLoader(self.val_set, batch_size=self.config.batch_size * 2,
+                            sampler=_ShardSampler(len(self.val_set), self.rank, self.world_size),
+                            num_workers=self.config.num_workers)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            output = self.module(inputs)
+            sums[0] += self.loss_fn(output, labels).item() * len(labels)
+            sums[1] += int((output.argmax(1) == labels).sum())
+            sums[2] += len(labels)
+        dist.all_reduce(sums)
+        self.module.train()
+        return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+    # --- snapshots ---------------------------------------------------------------------------
+    def _state(self, rank_states: list[Any]) -> dict[str, Any]:
+        sampler_state = getattr(self.sampler, "state_dict", None)
+        return {
+            "format": _STATE_FORMAT,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "sampler": {"epoch": self.epoch, "batches_done": self.batches_done, "batch_size": self.config.batch_size,
+                        "seed": self.config.seed, "world_size": self.world_size,
+                        "state": sampler_state() if callable(sampler_state) else None},
+            "rank_states": rank_states,
+            "epochs_run": self.epoch,
+            "global_step": self.global_step,
+            "run_time": self._now_run_time(),
+            "history": self.history,
+            "best_val_loss": self.best_val_loss,
+            "lr_scale": self.lr_scale,
+            "world_size": self.world_size,
+            "configuration": dict(self._columns),
+        }
+
+    def _snapshot(self) -> None:
+        mine = {"rng": _rng_state(), "partial": dict(self._partial)}
+        rank_states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(rank_states, mine)
+        if self.rank == 0:
+            self._faults.before_snapshot(self.global_step)
+            state = self._state(rank_states)
+            # Forward changes batch-norm statistics in place; everything else in the
+            # state changes only in optimizer.step(), which waits for the copy.
+            for name, _ in self.module.named_buffers():
+                if name in state["model"]:
+                    state["model"][name] = state["model"][name].clone()
+            self._snapshotter.save(state, step=self.global_step, copy_in_background=True)
+
+    def _restore(self) -> None:
+        found = [None]
+        if self.rank == 0:
+            path, state = snapshot.load_latest(self.snapshot_dir)
+            found = [path]
+        dist.broadcast_object_list(found, 0)
+        path = found[0]
+        if path is None:
+            return
+        if self.rank != 0:
+            state = snapshot.load(path)
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"'{path}' is not a disttrain trainer snapshot")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self._rescale_lr(self.lr_scale / state["lr_scale"])
+        self.epoch = state["epochs_run"]
+        self.global_step = state["global_step"]
+        self.run_time = state["run_time"]
+        self.history = state["history"]
+        self.best_val_loss = state["best_val_loss"]
+        sampler = state["sampler"]
+        same_shape = sampler["world_size"] == self.world_size and sampler["batch_size"] == self.config.batch_size
+        self.batches_done = sampler["batches_done"] if same_shape else 0
+        if same_shape:
+            rank_state = state["rank_states"][self.rank]
+            _set_rng_state(rank_state["rng"])
+            self._partial = dict(rank_state["partial"])
+        else:
+            if sampler["batches_done"]:
+                self._say(f"disttrain: world size or batch size changed since '{path}'; epoch {self.epoch + 1} "
+                          "restarts from its beginning")
+            _seed_everything(self.config.seed + 1000 * self.rank + self.epoch)
+        self._resumed_from = path
+        self._say(f"disttrain: resumed from {path} (epoch {self.epoch}, step {self.global_step}, "
+                  f"{self.run_time:.1f} s run)")
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _agree(self, flag: bool, fault_step: int | None = None) -> bool:
+        """True on every rank if ``flag`` is true on any (one small all-reduce)."""
+        t = torch.tensor([1.0 if flag else 0.0])
+        if fault_step is not None:
+            self._faults.in_collective(fault_step, lambda: dist.all_reduce(t.clone(), async_op=True))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _rescale_lr(self, factor: float) -> None:
+        if factor == 1.0:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            if hasattr(self.scheduler, "_last_lr"):
+                self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _now_run_time(self) -> float:
+        segment = getattr(self, "_segment_start", None)
+        if segment is None:
+            return self.run_time
+        return self._run_time_at_start + time.perf_counter() - segment
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self._say("disttrain: tensorboard is not installed (pip install tensorboard); logging to CSV only")
+            return None
+        return SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
+
+    def _progress(self) -> None:
+        if self.rank != 0 or not self.config.progress or not sys.stderr.isatty():
+            return
+        done, total = self.batches_done, self.steps_per_epoch
+        width = 30
+        filled = width * done // max(1, total)
+        loss = self._partial["loss_sum"] / max(1, self._partial["count"])
+        sys.stderr.write(f"\repoch {self.epoch + 1} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{done}/{total} loss {loss:.4f}")
+        sys.stderr.flush()
+
+    def _say(self, text: str, end_progress: bool = False) -> None:
+        if self.rank != 0:
+            return
+        if end_progress and self.config.progress and sys.stderr.isatty():
+            sys.stderr.write("\r" + " " * 79 + "\r")
+        print(text, flush=True)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,179 @@
+"""The snapshot trainer in process groups started by the test harness:
+SIGTERM saves and resumes exactly, time budget, learning-rate scaling,
+metrics.csv, the best model, the CLI with a configuration file and the
+CIFAR-10 / image-folder data sets."""
+
+import csv
+import json
+import math
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from harness import run_ranks
+
+from disttrain import data, snapshot
+from disttrain.train_metrics import COLUMNS
+
+# The columns of ../shared/data/epoch-logs/runs/*.csv, in their order.
+EPOCH_LOG_COLUMNS = (",epoch_timings,test_acc,test_error,test_timings,train_acc,train_loss,config_index,model_name,"
+                     "num_of_paramters,num_of_layers,model_type,gpu,is_distributed,distributed_strategy,num_of_nodes,"
+                     "num_of_gpus,rank,dataset,num_workers_data_loader,distribute_data,num_epochs,batch_size,"
+                     "learning_rate,momentum,weight_decay,gamma,milestones,lr_scheduler,optimizer,criterion").split(",")
+
+
+def _digits_trainer(folder, name, **overrides):
+    from disttrain import Trainer, TrainerConfig, models
+
+    torch.manual_seed(0)
+    model = models.small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1], 0.5)
+    config = TrainerConfig(**{"epochs": 2, "batch_size": 32, "save_location": folder, "save_name": name,
+                              "progress": False, **overrides})
+    return Trainer(model, optimizer, data.digits(True), data.digits(False), config, scheduler=scheduler)
+
+
+def _train_maybe_sigterm(rank, world_size, folder, name, sigterm_step):
+    trainer = _digits_trainer(folder, name)
+    if sigterm_step is not None and rank == 1:
+        def preempt(*_):
+            if trainer.global_step == sigterm_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        trainer.module.register_forward_pre_hook(preempt)
+    try:
+        summary = trainer.fit()
+    except SystemExit as e:
+        return {"exit": e.code, "step": trainer.global_step}
+    # numpy, not tensors: tensors would travel through shared memory that dies with the process.
+    return {"exit": 0, "summary": summary, "params": {k: v.numpy().copy() for k, v in trainer.module.state_dict().items()}}
+
+
+def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path):
+    folder = str(tmp_path)
+    stopped = run_ranks(_train_maybe_sigterm, world_size=3, args=(folder, "preempted", 7))
+    assert [r["exit"] for r in stopped] == [128 + signal.SIGTERM] * 3
+    step = stopped[0]["step"]
+    assert all(r["step"] == step for r in stopped) and step >= 7
+    assert snapshot.list_snapshots(tmp_path / "preempted" / "snapshots")[-1].endswith(f"{step:09d}.dts")
+
+    resumed = run_ranks(_train_maybe_sigterm, world_size=3, args=(folder, "preempted", None))
+    reference = run_ranks(_train_maybe_sigterm, world_size=3, args=(folder, "reference", None))
+    assert resumed[0]["summary"]["resumed_from"] is not None
+    assert reference[0]["summary"]["resumed_from"] is None
+    for name, tensor in reference[0]["params"].items():
+        for rank in range(3):
+            assert np.array_equal(resumed[rank]["params"][name], tensor), f"{name} on rank {rank}"
+    assert resumed[0]["summary"]["best_val_loss"] == reference[0]["summary"]["best_val_loss"]
+
+
+def _budget_and_lr(rank, world_size, folder):
+    trainer = _digits_trainer(folder, "budget", epochs=None, time_budget_hours=BUDGET_SECONDS / 3600,
+                              lr_scaling="sqrt")
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    summary = trainer.fit()
+    epoch_seconds = [a + b for a, b in zip(trainer.history["epoch_time"], trainer.history["test_time"])]
+    return {"lr": lr, "epochs": summary["epochs"], "summary": summary, "epoch_seconds": epoch_seconds}
+
+
+BUDGET_SECONDS = 0.6
+
+
+def test_time_budget_stops_after_an_epoch_and_lr_scales(tmp_path):
+    results = run_ranks(_budget_and_lr, world_size=2, args=(str(tmp_path),))
+    for r in results:
+        assert r["epochs"] >= 1 and r["epochs"] == results[0]["epochs"]
+        assert r["lr"] == pytest.approx(0.05 * math.sqrt(2))
+    # It stopped because the next epoch (estimated by the slowest of the last three) would not fit.
+    summary, seconds = results[0]["summary"], results[0]["epoch_seconds"]
+    assert summary["run_time"] + max(seconds[-3:]) > BUDGET_SECONDS
+    assert summary["run_time"] - seconds[-1] <= BUDGET_SECONDS
+    run = tmp_path / "budget"
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == COLUMNS == EPOCH_LOG_COLUMNS
+    assert len(rows) == 1 + results[0]["epochs"]
+    row = dict(zip(rows[0], rows[1]))
+    assert row[""] == "0" and row["num_of_gpus"] == "2" and row["batch_size"] == "32"
+    assert row["optimizer"] == "SGD" and row["lr_scheduler"] == "MultiStepLR" and row["milestones"] == "1"
+    assert 0.0 <= float(row["test_acc"]) <= 1.0 and float(row["train_loss"]) > 0
+
+    best = snapshot.load(run / "best_model.dts")
+    assert best["val_loss"] == results[0]["summary"]["best_val_loss"]
+    from disttrain import models
+    model = models.small_cnn()
+    snapshot.export(run / "best_model.dts", tmp_path / "model.pt", key="model")
+    model.load_state_dict(torch.load(tmp_path / "model.pt"))
+
+
+def _write_fake_cifar(folder):
+    rng = np.random.default_rng(0)
+    folder = os.path.join(folder, "cifar-10-batches-py")
+    os.makedirs(folder)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (12, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, 12).tolist(), b"batch_label": name.encode()}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+
+
+def _write_fake_image_folder(folder):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog", "owl")):
+        os.makedirs(os.path.join(folder, name))
+        for i in range(5):
+            pixels = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, name, f"{i}.png"))
+
+
+def test_cifar10_and_image_folder_data_sets(tmp_path):
+    _write_fake_cifar(str(tmp_path / "cifar"))
+    train, classes, shape = data.get_dataset("cifar10", str(tmp_path / "cifar"), train=True)
+    test, _, _ = data.get_dataset("cifar10", str(tmp_path / "cifar"), train=False)
+    assert (len(train), len(test), classes, shape) == (60, 12, 10, (3, 32, 32))
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= int(label) < 10
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        data.CIFAR10(str(tmp_path))
+
+    _write_fake_image_folder(str(tmp_path / "images"))
+    train, classes, shape = data.get_dataset("imagefolder", str(tmp_path / "images"), train=True, image_size=16)
+    test, _, _ = data.get_dataset("imagefolder", str(tmp_path / "images"), train=False, image_size=16)
+    assert classes == 3 and shape == (3, 16, 16) and len(train) + len(test) == 15 and len(test) == 3
+    assert train.classes == ["cat", "dog", "owl"]
+    image, label = train[0]
+    assert image.shape == (3, 16, 16) and 0.0 <= image.min() and image.max() <= 1.0
+    assert not set(train.samples) & set(test.samples)
+
+
+def _cli(rank, world_size, argv):
+    from disttrain import train_cli
+
+    return train_cli.main(argv)
+
+
+def test_cli_runs_configuration_file_in_turn(tmp_path):
+    _write_fake_cifar(str(tmp_path / "cifar"))
+    configs = [{"config_index": 4, "model_name": "mlp", "batch_size": 8, "num_epochs": 1, "learning_rate": 0.01},
+               {"config_index": 9, "model_name": "small_cnn", "batch_size": 4, "num_epochs": 2}]
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    argv = ["--dataset", "cifar10", "-d", str(tmp_path / "cifar"), "-c", str(tmp_path / "configs.json"),
+            "-s", str(tmp_path / "runs"), "--save-name", "sweep", "--no-progress"]
+    assert run_ranks(_cli, world_size=2, args=(argv,), backend=None) == [0, 0]
+    for index, epochs, model in ((4, 1, "mlp"), (9, 2, "small_cnn")):
+        with open(tmp_path / "runs" / "sweep" / f"config_{index}" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == epochs
+        assert rows[0]["config_index"] == str(index) and rows[0]["model_name"] == model
+        assert rows[0]["dataset"] == "cifar10"
+
+    (tmp_path / "bad.json").write_text(json.dumps([{"model_name": "mlp", "colour": "blue"}]))
+    from disttrain import train_cli
+    with pytest.raises(SystemExit, match="unknown keys"):
+        train_cli.main(["-c", str(tmp_path / "bad.json")])
