@@ -8,7 +8,11 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import disttrain
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
+EPOCH_LOGS = os.path.join(os.path.dirname(ROOT), "shared", "data", "epoch-logs")
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
@@ -28,13 +32,18 @@ def check_quickstart(outputs):
     assert "rank 1 (disttrain): [10.0, 12.0, 14.0, 16.0]" in _text(outputs)
 
 
+def check_plot(outputs):
+    assert _images(outputs), "no plot was drawn"
+
+
 def check_advisor(outputs):
     assert len(_images(outputs)) >= 2  # predicted-vs-measured and the learning curves
     text = _text(outputs)
     assert "time_mape_pct" in text and "cheapest:" in text
 
 
-CHECKS = {"quickstart.ipynb": check_quickstart, "advisor.ipynb": check_advisor}
+CHECKS = {"quickstart.ipynb": check_quickstart, "advisor.ipynb": check_advisor,
+          "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_plot}
 
 
 def test_there_are_notebooks():
@@ -42,10 +51,15 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    # The kernel imports the same disttrain as this test (installed, or the checkout's python/),
+    # runs in a scratch folder, and is not mistaken for a rank of some job.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("DISTTRAIN_EPOCH_LOGS", os.environ.get("DISTTRAIN_EPOCH_LOGS", EPOCH_LOGS))
+    for var in ("MPLBACKEND", "DISTTRAIN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.dirname(path)}})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     outputs = _outputs(nb)
     assert not [o for o in outputs if o.get("output_type") == "error"]

@@ -7,15 +7,14 @@
 import torch
 import torch.distributed  # registers c10d's types with pybind11 before _C binds against them
 
-from .trainer import Trainer, TrainerConfig  # the snapshot trainer: disttrain.Trainer
-
 from . import _C
 from .distributed import init, register_backend
 from .ddp import DistributedDataParallel
 from .launch import LaunchError, launch
+from .trainer import Trainer, TrainerConfig
 
 __version__ = "0.1.0"
 
 register_backend()
 
-__all__ = ["DistributedDataParallel", "init", "launch", "LaunchError", "register_backend", "__version__"]
+__all__ = ["DistributedDataParallel", "Trainer", "TrainerConfig", "init", "launch", "LaunchError", "register_backend", "__version__"]
