@@ -148,29 +148,6 @@ def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
     return Trainer(model, optimizer, train_set, val_set, config, scheduler=scheduler).fit()
 
 
-def _init_process_group(backend: str, timeout: float) -> None:
-    """``disttrain.init``, except after a torchrun restart: the new attempt then
-    rendezvouses under its own store prefix, so no rank can read an address a
-    dead rank of the previous attempt left in the store."""
-    import datetime
-
-    import torch.distributed as dist
-
-    import disttrain
-
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt == "0" or "MASTER_ADDR" not in os.environ:
-        disttrain.init(backend=backend, timeout=timeout)
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and not agent_hosts_store,
-                          timeout=datetime.timedelta(seconds=timeout), multi_tenant=not agent_hosts_store)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"disttrain/attempt_{attempt}/", store), rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -183,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    _init_process_group(args.backend, args.timeout)
+    import disttrain
+
+    disttrain.init(backend=args.backend, timeout=args.timeout)
     try:
         for run, columns in runs:
             _train_one(run, columns)
