@@ -30,4 +30,10 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 $PY -m pip install -q scikit-build-core ninja
-$PY -m pip install -q --no-build-isolation ".[dev]"
+# With GoogleTest present the same build also compiles the C++ unit tests
+# (build/<wheel tag>/disttrain_cpp_tests), reusing the core's objects.
+build_tests=()
+if dpkg -s libgtest-dev >/dev/null 2>&1; then
+  build_tests=(--config-settings=cmake.define.DISTTRAIN_BUILD_TESTS=ON)
+fi
+$PY -m pip install -q --no-build-isolation "${build_tests[@]}" ".[dev]"
