@@ -68,7 +68,7 @@ int64_t IndexStream::fill_with(int64_t* out, int64_t count, IndexOf index_of) {
   for (int64_t i = 0; i < count; ++i) {
     out[i] = index_of(position);
     position += step_;
-    if (position >= n) position -= n;
+    position -= position >= n ? n : 0;
   }
   position_ = position;
   produced_ += count;
@@ -84,8 +84,13 @@ int64_t IndexStream::fill(int64_t* out, int64_t capacity) {
     return fill_with(out, count, [perm](uint64_t p) { return perm[p]; });
   }
   if (feistel_) {
+    // Positions first, then all first passes of the network (independent, so
+    // they overlap in the pipeline), then the few cycle walks.
     const FeistelPermutation& feistel = *feistel_;
-    return fill_with(out, count, [&feistel](uint64_t p) { return feistel(static_cast<int64_t>(p)); });
+    fill_with(out, count, [](uint64_t p) { return static_cast<int64_t>(p); });
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<int64_t>(feistel.network(out[i]));
+    for (int64_t i = 0; i < count; ++i) out[i] = feistel.walk(static_cast<uint64_t>(out[i]));
+    return count;
   }
   return fill_with(out, count, [](uint64_t p) { return static_cast<int64_t>(p); });
 }
