@@ -9,6 +9,7 @@ import torch.distributed  # registers c10d's types with pybind11 before _C binds
 
 from . import _C
 from .distributed import init, register_backend
+from .sampler import DistributedSampler, ResumableLoader
 
 __version__ = "0.1.0"
 
