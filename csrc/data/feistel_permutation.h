@@ -5,7 +5,6 @@
 
 #include <array>
 #include <cstdint>
-#include <utility>
 
 namespace disttrain::data {
 
@@ -17,13 +16,21 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Feistel network over the smallest power-of-two domain 2^b >= n, restricted to
-// [0, n) by cycle walking: a value that lands outside [0, n) is permuted again
-// until it lands inside. The domain is under 2n, so a lookup costs fewer than
-// two network evaluations on average. Requires n >= 0.
+inline uint64_t mul_high(uint64_t a, uint64_t b) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+
+// Maps a 64-bit hash onto [0, m) with one multiply (Lemire's reduction).
+inline uint64_t reduce_to(uint64_t hash, uint64_t m) { return mul_high(hash, m); }
+
+// A Feistel network on the rectangle [0, a) x [0, b), a * b >= n with a and b
+// about sqrt(n), restricted to [0, n) by cycle walking: a value that lands in
+// [n, a * b) is permuted again until it lands inside. The rectangle exceeds n
+// by less than a, so walks are rare (a power-of-two domain would need up to
+// twice the work). Requires n >= 0.
 class FeistelPermutation {
  public:
-  static constexpr int kRounds = 6;
+  static constexpr int kRounds = 4;  // Luby-Rackoff: four rounds give a strong pseudo-random permutation
   static_assert(kRounds % 2 == 0, "network() runs rounds in pairs");
 
   FeistelPermutation(int64_t n, uint64_t key);
@@ -31,20 +38,22 @@ class FeistelPermutation {
   // The image of x; requires 0 <= x < n.
   int64_t operator()(int64_t x) const { return walk(network(static_cast<uint64_t>(x))); }
 
-  // One pass of the network over the whole domain [0, 2^b); the result may lie
-  // outside [0, n). Split from walk() so a caller can run many independent
-  // first passes back to back, which keeps the multipliers busy.
+  // One pass of the network over the whole rectangle [0, a * b); the result
+  // may lie outside [0, n). Split from walk() so a caller can run many
+  // independent first passes back to back, which keeps the multipliers busy.
   uint64_t network(uint64_t v) const {
-    // Each round XORs one half with a keyed hash of the other, which is its own
-    // inverse given the other half: a bijection of [0, 2^b) even when the
-    // halves differ in width (b odd). Rounds alternate halves in pairs.
-    uint64_t left = v >> right_bits_;
-    uint64_t right = v & right_mask_;
+    // Each half-round adds a keyed hash of one half to the other, modulo that
+    // half's range: invertible given the other half, so the network is a
+    // bijection of the rectangle whatever a and b are.
+    uint64_t left = width_magic_ != 0 ? mul_high(v, width_magic_) : v / width_;
+    uint64_t right = v - left * width_;
     for (int round = 0; round < kRounds; round += 2) {
-      left ^= mix64(right ^ round_keys_[round]) & left_mask_;
-      right ^= mix64(left ^ round_keys_[round + 1]) & right_mask_;
+      left += reduce_to(mix64(right ^ round_keys_[round]), height_);
+      left -= left >= height_ ? height_ : 0;
+      right += reduce_to(mix64(left ^ round_keys_[round + 1]), width_);
+      right -= right >= width_ ? width_ : 0;
     }
-    return (left << right_bits_) | right;
+    return left * width_ + right;
   }
 
   // Finishes the cycle walk from a first pass's result.
@@ -57,9 +66,11 @@ class FeistelPermutation {
 
  private:
   uint64_t n_;
-  int right_bits_;
-  uint64_t left_mask_;
-  uint64_t right_mask_;
+  uint64_t height_;  // a: the range of the left half
+  uint64_t width_;   // b: the range of the right half
+  // ceil(2^64 / b) when the rectangle fits 32 bits: then v / b == mul_high(v, magic)
+  // exactly (Lemire, Kaser, Kurz 2019), and the division, the slowest step, goes.
+  uint64_t width_magic_ = 0;
   std::array<uint64_t, kRounds> round_keys_;
 };
 
