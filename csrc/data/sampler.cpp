@@ -84,12 +84,16 @@ int64_t IndexStream::fill(int64_t* out, int64_t capacity) {
     return fill_with(out, count, [perm](uint64_t p) { return perm[p]; });
   }
   if (feistel_) {
-    // Positions first, then all first passes of the network (independent, so
-    // they overlap in the pipeline), then the few cycle walks.
+    // Positions first, then the network's first pass over blocks of
+    // independent values (their multiply chains overlap), then the rare walks.
+    constexpr int kBlock = 8;
     const FeistelPermutation& feistel = *feistel_;
     fill_with(out, count, [](uint64_t p) { return static_cast<int64_t>(p); });
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<int64_t>(feistel.network(out[i]));
-    for (int64_t i = 0; i < count; ++i) out[i] = feistel.walk(static_cast<uint64_t>(out[i]));
+    auto* values = reinterpret_cast<uint64_t*>(out);
+    const int64_t blocked = count - count % kBlock;
+    for (int64_t i = 0; i < blocked; i += kBlock) feistel.network_block<kBlock>(values + i);
+    for (int64_t i = blocked; i < count; ++i) values[i] = feistel.network(values[i]);
+    for (int64_t i = 0; i < count; ++i) out[i] = feistel.walk(values[i]);
     return count;
   }
   return fill_with(out, count, [](uint64_t p) { return static_cast<int64_t>(p); });

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "allgather": "disttrain.bench.collectives",
     "reduce_scatter": "disttrain.bench.collectives",
     "broadcast": "disttrain.bench.collectives",
+    "sampler": "disttrain.bench.sampler",
 }
 
 
