@@ -172,7 +172,7 @@ class DistributedSampler(Sampler[int]):
         self._resume = None
         self._last_epoch = self.epoch
         stream = _C.SamplerIndexStream(self.dataset_size, self.num_replicas, self.rank, self.shuffle,
-                                       self.seed % _SEED_LIMIT, self.drop_last, self.mode, self.epoch, start)
+                                       self.seed, self.drop_last, self.mode, self.epoch, start)
         self._pass = _Pass(start, stream)
         # A ResumableLoader announces itself before its DataLoader asks for this pass.
         self._pass.loader_count, self._loader_count = self._loader_count, None
