@@ -99,6 +99,13 @@ int64_t IndexStream::fill(int64_t* out, int64_t capacity) {
   return fill_with(out, count, [](uint64_t p) { return static_cast<int64_t>(p); });
 }
 
+int64_t IndexStream::fill_tensor(const at::Tensor& out) {
+  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous(),
+                    "index buffer must be a contiguous CPU int64 tensor, got ", out.toString(), " on ",
+                    out.device(), out.is_contiguous() ? "" : " (not contiguous)");
+  return fill(out.mutable_data_ptr<int64_t>(), out.numel());
+}
+
 at::Tensor IndexStream::next_chunk(int64_t max_count) {
   TORCH_CHECK_VALUE(max_count >= 1, "chunk size must be >= 1, got ", max_count);
   at::Tensor chunk = at::empty({std::min(max_count, remaining())}, at::kLong);

@@ -57,6 +57,10 @@ class IndexStream {
   // Writes the next min(capacity, remaining()) indices to out; returns how many.
   int64_t fill(int64_t* out, int64_t capacity);
 
+  // Fills the front of a caller-owned buffer (a contiguous CPU int64 tensor,
+  // reused across calls so no chunk costs an allocation); returns how many.
+  int64_t fill_tensor(const at::Tensor& out);
+
   // The next min(max_count, remaining()) indices as a new int64 tensor.
   at::Tensor next_chunk(int64_t max_count);
 

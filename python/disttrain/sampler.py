@@ -13,6 +13,7 @@ import operator
 import warnings
 from typing import Any, Iterator, Sized
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
@@ -51,8 +52,10 @@ class _Pass:
         self.loader_count: _LoaderCount | None = None
 
     def _chunks(self) -> Iterator[Iterator[int]]:
+        buffer = torch.empty(min(_CHUNK_SIZE, self.size), dtype=torch.long)
         while self._stream.remaining:
-            indices = self._stream.next_chunk(_CHUNK_SIZE).tolist()
+            count = self._stream.fill(buffer)
+            indices = (buffer if count == len(buffer) else buffer[:count]).tolist()
             self._handed_before_chunk += self._chunk_len
             self._chunk_len = len(indices)
             self._chunk = iter(indices)
