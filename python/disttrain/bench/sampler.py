@@ -15,7 +15,9 @@ reports:
   through /proc/self/clear_refs just before) minus its resident set before:
   every allocation, Python's and torch's;
 * Python peak: tracemalloc's peak during a second, separately run epoch
-  (tracemalloc slows allocation, so it is kept out of the timed epoch).
+  (tracemalloc slows allocation, so it is kept out of the timed epoch), over
+  its first ``--trace-limit`` indices (default 1e8: PyTorch's sampler builds
+  its whole list before the first index, ours holds one chunk at a time).
 
 PyTorch's sampler at N = 1e9 needs tens of GB (an 8 GB permutation plus a
 Python list of a billion ints); that cell runs only when the extrapolation from
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -75,7 +78,7 @@ def _make_sampler(impl: str, n: int, num_replicas: int, seed: int):
     return disttrain.DistributedSampler(_Sized(n), num_replicas, 0, shuffle=True, seed=seed, mode=impl)
 
 
-def run_cell(impl: str, n: int, num_replicas: int, trace: bool) -> dict:
+def run_cell(impl: str, n: int, num_replicas: int, trace: bool, trace_limit: int) -> dict:
     """One (sampler, N) measurement in this process; returns a result row."""
     import gc
     import tracemalloc
@@ -98,24 +101,24 @@ def run_cell(impl: str, n: int, num_replicas: int, trace: bool) -> dict:
         sampler.set_epoch(1)
         gc.collect()
         tracemalloc.start()
-        sum(iter(sampler))
+        sum(itertools.islice(iter(sampler), trace_limit))
         py_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return {
         "impl": impl, "sampler": IMPLS[impl], "n": n, "num_replicas": num_replicas, "indices": count,
         "seconds": seconds, "indices_per_s": count / seconds if seconds > 0 else float("inf"),
         "extra_rss_bytes": max(peak - rss_before, 0) * 1024, "py_peak_bytes": py_peak,
-        "checksum": checksum, "peak_exact": exact_peak, "note": "",
+        "checksum": checksum, "peak_exact": exact_peak,
+        "note": f"Python peak over the first {trace_limit:,} indices" if trace and count > trace_limit else "",
     }
 
 
-def _spawn_cell(impl: str, n: int, num_replicas: int, trace: bool, timeout: float) -> dict:
+def _spawn_cell(impl: str, n: int, num_replicas: int, trace: bool, trace_limit: int, timeout: float) -> dict:
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "disttrain.bench.sampler", "--cell", impl, str(n), str(num_replicas)]
-    if not trace:
-        cmd.append("--no-tracemalloc")
+    cmd += ["--trace-limit", str(trace_limit)] if trace else ["--no-tracemalloc"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"cell {impl} N={n} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra N for stream mode, and PyTorch's if memory allows (default 1e9)")
     p.add_argument("--num-replicas", type=int, default=1, help="ranks the epoch is split over; rank 0 is timed")
     p.add_argument("--no-tracemalloc", action="store_true", help="skip the Python-allocation epoch")
+    p.add_argument("--trace-limit", type=float, default=1e8,
+                   help="indices of the traced epoch (default 1e8; the Python peak of ours is per chunk)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per cell (default 1800)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "sampler.csv"))
     p.add_argument("--cell", nargs=3, metavar=("IMPL", "N", "R"), help=argparse.SUPPRESS)
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = not args.no_tracemalloc
     if args.cell:
         impl, n, num_replicas = args.cell[0], int(args.cell[1]), int(args.cell[2])
-        print(json.dumps(run_cell(impl, n, num_replicas, trace)))
+        print(json.dumps(run_cell(impl, n, num_replicas, trace, int(args.trace_limit))))
         return 0
 
     sizes = _parse_sizes(args.sizes)
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     _print_row(row, None)
                     continue
-            row = _spawn_cell(impl, n, args.num_replicas, trace, args.timeout)
+            row = _spawn_cell(impl, n, args.num_replicas, trace, int(args.trace_limit), args.timeout)
             if impl == "pytorch":
                 torch_row = row
                 torch_bytes_per_index = row["extra_rss_bytes"] / n
