@@ -391,6 +391,11 @@ def test_engine_errors_are_clean():
         disttrain._C.SamplerIndexStream(10, 2, 5, True, 0, False, "stream", 0, 0)
     with pytest.raises(ValueError, match="num_replicas"):
         disttrain._C.sampler_samples_per_rank(10, 0, False, 0)
+    stream = disttrain._C.SamplerIndexStream(10, 2, 0, True, 0, False, "stream", 0, 0)
+    with pytest.raises(ValueError, match="int64"):
+        stream.fill(torch.empty(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        stream.fill(torch.empty(4, 2, dtype=torch.long).t())
 
 
 def test_drop_in_for_pytorch_in_a_dataloader():

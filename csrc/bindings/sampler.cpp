@@ -25,8 +25,7 @@ DISTTRAIN_BINDINGS(sampler) {
       .def_property_readonly("size", &IndexStream::size)
       .def_property_readonly("produced", &IndexStream::produced)
       .def_property_readonly("remaining", &IndexStream::remaining)
-      .def("fill", &IndexStream::fill_tensor, py::arg("out"), py::call_guard<py::gil_scoped_release>())
-      .def("next_chunk", &IndexStream::next_chunk, py::arg("max_count"), py::call_guard<py::gil_scoped_release>());
+      .def("fill", &IndexStream::fill_tensor, py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("sampler_samples_per_rank", &disttrain::data::samples_per_rank, py::arg("dataset_size"),
         py::arg("num_replicas"), py::arg("drop_last"), py::arg("start"));
 }

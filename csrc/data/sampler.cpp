@@ -106,11 +106,4 @@ int64_t IndexStream::fill_tensor(const at::Tensor& out) {
   return fill(out.mutable_data_ptr<int64_t>(), out.numel());
 }
 
-at::Tensor IndexStream::next_chunk(int64_t max_count) {
-  TORCH_CHECK_VALUE(max_count >= 1, "chunk size must be >= 1, got ", max_count);
-  at::Tensor chunk = at::empty({std::min(max_count, remaining())}, at::kLong);
-  fill(chunk.mutable_data_ptr<int64_t>(), chunk.numel());
-  return chunk;
-}
-
 }  // namespace disttrain::data

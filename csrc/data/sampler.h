@@ -61,9 +61,6 @@ class IndexStream {
   // reused across calls so no chunk costs an allocation); returns how many.
   int64_t fill_tensor(const at::Tensor& out);
 
-  // The next min(max_count, remaining()) indices as a new int64 tensor.
-  at::Tensor next_chunk(int64_t max_count);
-
  private:
   template <typename IndexOf>
   int64_t fill_with(int64_t* out, int64_t count, IndexOf index_of);
