@@ -11,10 +11,11 @@ from . import _C
 from .distributed import init, register_backend
 from .ddp import DistributedDataParallel
 from .launch import LaunchError, launch
+from .sampler import DistributedSampler, ResumableLoader
 from .trainer import Trainer, TrainerConfig
 
 __version__ = "0.1.0"
 
 register_backend()
 
-__all__ = ["DistributedDataParallel", "Trainer", "TrainerConfig", "init", "launch", "LaunchError", "register_backend", "__version__"]
+__all__ = ["DistributedDataParallel", "DistributedSampler", "ResumableLoader", "Trainer", "TrainerConfig", "init", "launch", "LaunchError", "register_backend", "__version__"]

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "broadcast": "disttrain.bench.collectives",
     "ddp": "disttrain.bench.ddp",
     "snapshot": "disttrain.bench.snapshot",
+    "sampler": "disttrain.bench.sampler",
 }
 
 
