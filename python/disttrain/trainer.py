@@ -102,17 +102,15 @@ class TrainerConfig:
 
 
 def _sampler_class():
-    # disttrain's own sampler (same interface) once it exists; PyTorch's until then.
-    try:
-        from .sampler import DistributedSampler
-    except ImportError:
-        from torch.utils.data.distributed import DistributedSampler
+    from .sampler import DistributedSampler
+
     return DistributedSampler
 
 
 def _ddp_class():
-    # PyTorch's DDP for now; disttrain.DistributedDataParallel takes the same arguments.
-    return nn.parallel.DistributedDataParallel
+    from .ddp import DistributedDataParallel
+
+    return DistributedDataParallel
 
 
 class _ShardSampler(Sampler[int]):
