@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 
+import disttrain
+
 REPO = Path(__file__).resolve().parents[1]
+# The command runs the same disttrain as this test: installed, or the checkout's python/.
+PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 
 
 def advise(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
     return subprocess.run([sys.executable, "-m", "disttrain", "advise", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=300)
 
