@@ -5,7 +5,9 @@ equivalent in the same run, prints the ratio and writes CSV to
 
 from __future__ import annotations
 
+import csv
 import importlib
+import os
 import sys
 
 BENCHMARKS = {
@@ -17,6 +19,16 @@ BENCHMARKS = {
     "snapshot": "disttrain.bench.snapshot",
     "sampler": "disttrain.bench.sampler",
 }
+
+
+def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:
+    """Writes a benchmark's rows (one dict each) to ``path``, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"# wrote {path}")
 
 
 def main(argv: list[str]) -> int:

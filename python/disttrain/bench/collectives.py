@@ -14,10 +14,11 @@ writes ``benchmarks/results/<op>_ws<N>.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
+
+from disttrain.bench import write_csv
 
 OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
 
@@ -213,12 +214,7 @@ def bench_rank(args) -> None:
                   flush=True)
     if rank == 0:
         out = args.out or os.path.join("benchmarks", "results", f"{args.op}_ws{world}_{transport}.csv")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"# wrote {out}")
+        write_csv(rows, out)
     dist.destroy_process_group()
 
 

@@ -30,7 +30,6 @@ machine has 2 cores). Rank 0 writes ``benchmarks/results/ddp.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -38,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from disttrain.bench import write_csv
 
 CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo")
 
@@ -215,12 +216,7 @@ def _report(rows, out) -> None:
         print(f"{r['model']:<9} {r['world_size']:>5} {r['config']:<25} {r['steps_per_s']:>8.3f} "
               f"{fmt(r['vs_torch_gloo'], '>13.2f')} {fmt(r['vs_torch_disttrain'], '>18.2f')} "
               f"{fmt(r['hidden_fraction'], '>7.2f')}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# wrote {out}")
+    write_csv(rows, out)
 
 
 def main(argv: list[str] | None = None) -> int:

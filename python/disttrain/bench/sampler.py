@@ -28,13 +28,14 @@ its N = 1e8 cell fits in MemAvailable, else the row says so. Writes
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+
+from disttrain.bench import write_csv
 
 IMPLS = {
     "pytorch": "torch.utils.data.distributed.DistributedSampler",
@@ -224,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fields = ["impl", "sampler", "n", "num_replicas", "indices", "seconds", "indices_per_s", "extra_rss_bytes",
               "py_peak_bytes", "speedup_vs_pytorch", "rounds", "checksum", "peak_exact", "note"]
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# wrote {args.out}")
+    write_csv(rows, args.out, fields)
     bad = [r for r in rows if "DIFFERS" in r["note"]]
     return 1 if bad else 0
 

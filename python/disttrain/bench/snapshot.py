@@ -29,12 +29,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import statistics
 import tempfile
 import time
+
+from disttrain.bench import write_csv
 
 import torch
 
@@ -195,12 +196,7 @@ def main(argv: list[str]) -> int:
                           f"{rows[-1]['speedup']:>7.2f}x   {100 * ours / sync_blocked:.1f}% of the sync save")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.csv}")
+    write_csv(rows, args.csv)
     return 0
 
 
