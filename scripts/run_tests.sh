@@ -16,4 +16,4 @@ elif dpkg -s libgtest-dev >/dev/null 2>&1; then
 fi
 
 # Run from a folder outside the source tree so the installed package is tested.
-$PY -m pytest -q -p no:cacheprovider "$@" tests
+$PY -m pytest -q -p no:cacheprovider --durations=15 "$@" tests
