@@ -538,13 +538,17 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
     }
     if (!pending) return;
 
+    // While a send is blocked, whatever any other peer sends us is read ahead
+    // into its backlog: in a cycle of ranks each sending to the next, someone
+    // must read, or nobody's send ever completes.
+    bool send_blocked = std::find(send_to.begin(), send_to.end(), 1) != send_to.end();
     fds.clear();
     fd_peer.clear();
     for (int p = 0; p < world_size_; ++p) {
       if (p == rank_ || peers_[p].fd < 0) continue;
       short events = POLLRDHUP;
-      if (recv_from[p]) events |= POLLIN;
-      if (send_to[p]) events |= POLLOUT | POLLIN;  // POLLIN: read ahead, never deadlock
+      if (recv_from[p] || (send_blocked && !peers_[p].closed)) events |= POLLIN;
+      if (send_to[p]) events |= POLLOUT;
       if (peers_[p].closed && !recv_from[p] && !send_to[p]) continue;
       fds.push_back({peers_[p].fd, events, 0});
       fd_peer.push_back(p);
@@ -568,7 +572,7 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
       int p = fd_peer[i];
       short ev = fds[i].revents;
       if (ev == 0) continue;
-      if (send_to[p] && !recv_from[p] && (ev & POLLIN)) read_ahead(p, sig);
+      if (send_blocked && !recv_from[p] && (ev & POLLIN)) read_ahead(p, sig);
       if (send_to[p] && peers_[p].closed) {
         std::string reason = recorded_abort_reason();
         if (!reason.empty()) abort(reason);

@@ -167,15 +167,19 @@ TEST(Collectives, SilentPeerTimesOutNamingIt) {
 }
 
 TEST(Collectives, SimultaneousLargeSendsDoNotDeadlock) {
-  const size_t bytes = 32 << 20;  // far beyond the socket buffers
-  auto errors = run_ranks(2, [&](TcpTransport& t) {
-    int peer = 1 - t.rank();
-    std::vector<uint8_t> out(bytes, static_cast<uint8_t>(t.rank() + 1)), in(bytes);
-    OpSignature sig{0, OpKind::kSend, static_cast<uint8_t>(c10::kByte), RedOp::kNone, bytes, 0};
-    send(t, sig, out.data(), bytes, peer, soon());
-    recv(t, sig, in.data(), bytes, peer, soon());
-    for (auto v : in)
-      if (v != peer + 1) throw std::runtime_error("wrong payload");
-  });
-  expect_no_errors(errors);
+  // Every rank sends to the next before receiving from the previous one, far
+  // beyond the socket buffers: a pair (2 ranks) and a cycle (3 ranks).
+  const size_t bytes = 32 << 20;
+  for (int world : {2, 3}) {
+    auto errors = run_ranks(world, [&](TcpTransport& t) {
+      int next = (t.rank() + 1) % world, prev = (t.rank() + world - 1) % world;
+      std::vector<uint8_t> out(bytes, static_cast<uint8_t>(t.rank() + 1)), in(bytes);
+      OpSignature sig{0, OpKind::kSend, static_cast<uint8_t>(c10::kByte), RedOp::kNone, bytes, 0};
+      send(t, sig, out.data(), bytes, next, soon());
+      recv(t, sig, in.data(), bytes, prev, soon());
+      for (auto v : in)
+        if (v != prev + 1) throw std::runtime_error("wrong payload");
+    });
+    expect_no_errors(errors);
+  }
 }
