@@ -18,7 +18,10 @@
 namespace disttrain::comm {
 namespace {
 
-constexpr size_t kDefaultSlotBytes = 4 << 20;
+// Measured (benchmarks/results/allreduce_bandwidth_*_shm.csv): 1 MiB slots keep an
+// epoch's copy-reduce-copy in cache; 256 KiB loses to the extra waits with more
+// ranks than cores, 4 MiB to cache misses.
+constexpr size_t kDefaultSlotBytes = 1 << 20;
 constexpr int kSpinIterations = 2000;          // ~10-50 us before sleeping
 constexpr int kSleepSliceMs = 10;              // how often a sleeper checks its peer and deadline
 
