@@ -250,15 +250,23 @@ void DisttrainBackend::run_worker() {
       error = std::current_exception();
     }
     item.first->complete(error);
+    // The finished op may hold the last references to tensors Python owns;
+    // releasing them here would need the GIL, which a progress thread must
+    // never take (it is fatal during interpreter shutdown). The next caller
+    // of enqueue(), or the destructor, releases them.
+    std::lock_guard<std::mutex> lock(mu_);
+    finished_.push_back(std::move(item));
   }
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
                                                          std::vector<at::Tensor> outputs, Task fn) {
   auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs));
+  std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, Task>> finished;
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.emplace_back(work, std::move(fn));
+    finished.swap(finished_);
   }
   cv_.notify_one();
   return work;

@@ -127,6 +127,8 @@ class DisttrainBackend : public c10d::Backend {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, Task>> queue_;
+  // Ops the progress thread has finished, released on a caller's thread.
+  std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, Task>> finished_;
   bool stop_ = false;
   std::thread worker_;
 };
