@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank, world_size, args, env, backend, pg_timeout, results):
+def _rank_main(fn, rank, world_size, args, env, backend, pg_timeout, results, store_port):
     try:
         os.environ.update(env)
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -41,8 +41,9 @@ def _rank_main(fn, rank, world_size, args, env, backend, pg_timeout, results):
         import torch.distributed as dist
         import disttrain  # noqa: F401  (registers the backend)
         if backend is not None:
-            dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=pg_timeout))
+            timeout = datetime.timedelta(seconds=pg_timeout)
+            store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         value = fn(rank, world_size, *args)
         if backend is not None and dist.is_initialized():
             dist.destroy_process_group()
@@ -71,12 +72,18 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
     Returns:
         The return values, indexed by rank (None for ranks in ``expect_exit``).
     """
+    import torch.distributed as dist
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    # The store lives in this process, as torchrun's lives in its agent: it
+    # outlasts any rank, so fault tests see what a real job would.
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=pg_timeout),
+                          wait_for_workers=False)
     base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     base_env.update(env or {})
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, tuple(args), base_env, backend,
-                                                   pg_timeout, results), daemon=True)
+                                                   pg_timeout, results, store.port), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -114,6 +121,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store
     failures = {r: v for r, (s, v) in outcome.items() if s == "error"}
     if failures:
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))

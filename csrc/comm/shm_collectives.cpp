@@ -21,6 +21,25 @@ Slice slice(size_t n, int p, int k) {
   return {uk * base + std::min(uk, rem), base + (uk < rem ? 1 : 0)};
 }
 
+// Block of the blocked reductions below: small enough that the destination
+// block stays in L1 while every source is folded into it.
+constexpr size_t kReduceBlockBytes = 8 << 10;
+
+// dst = srcs[0] op srcs[1] op ... (in that order, so every rank computes the
+// same bits), block by block: dst is written once per block instead of once
+// per source. With `copy_to`, each finished block is also copied there while
+// it is still in cache. dst may alias srcs[0].
+void reduce_blocked(ReduceFn fn, uint8_t* dst, const std::vector<const uint8_t*>& srcs, size_t count, size_t elem,
+                    uint8_t* copy_to = nullptr) {
+  const size_t block = std::max<size_t>(1, kReduceBlockBytes / elem);
+  for (size_t at = 0; at < count; at += block) {
+    const size_t n = std::min(block, count - at), off = at * elem;
+    fn(dst + off, srcs[0] + off, srcs[1] + off, n);
+    for (size_t q = 2; q < srcs.size(); ++q) fn(dst + off, dst + off, srcs[q] + off, n);
+    if (copy_to) std::memcpy(copy_to + off, dst + off, n * elem);
+  }
+}
+
 }  // namespace
 
 void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
@@ -30,6 +49,7 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count
   const int p = g.size(), r = g.rank();
   auto* bytes = static_cast<uint8_t*>(data);
   const size_t max_elems = g.slot_bytes() / elem;
+  std::vector<const uint8_t*> slots(p);
   size_t offset = 0;
   do {
     const size_t n = std::min(count - offset, max_elems);
@@ -39,12 +59,8 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count
       if (n > 0) std::memcpy(mine, out, n * elem);
       g.publish();
       // Everyone combines the slots in rank order: identical results everywhere.
-      std::vector<const uint8_t*> slots(p);
       for (int q = 0; q < p; ++q) slots[q] = q == r ? mine : g.peer(q);
-      if (n > 0) {
-        fn(out, slots[0], slots[1], n);
-        for (int q = 2; q < p; ++q) fn(out, out, slots[q], n);
-      }
+      reduce_blocked(fn, out, slots, n, elem);
     } else {
       // Only the slices the others reduce go through the slot on the way in;
       // this rank's own slice is reduced in the user's buffer, then shared.
@@ -55,11 +71,11 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count
       g.publish();
       Slice s = slice(n, p, r);
       uint8_t* my_out = out + s.offset * elem;
-      for (int q = 0; q < p; ++q) {
-        if (q == r) continue;
-        fn(my_out, my_out, g.peer(q) + s.offset * elem, s.length);
-      }
-      if (s.length > 0) std::memcpy(mine + s.offset * elem, my_out, s.length * elem);
+      // This rank's slice first, then the others' in rank order.
+      slots[0] = my_out;
+      for (int q = 0, k = 1; q < p; ++q)
+        if (q != r) slots[k++] = g.peer(q) + s.offset * elem;
+      reduce_blocked(fn, my_out, slots, s.length, elem, mine + s.offset * elem);
       g.mark_reduced();
       for (int q = 0; q < p; ++q) {
         Slice t = slice(n, p, q);
@@ -126,10 +142,7 @@ void shm_reduce_scatter(ShmGroup& g, const OpSignature& sig, const void* in, voi
     for (int b = 0; b < p && n > 0; ++b) std::memcpy(mine + b * n * elem, input + (b * count + offset) * elem, n * elem);
     g.publish();
     for (int q = 0; q < p; ++q) slots[q] = (q == r ? mine : g.peer(q)) + r * n * elem;
-    if (n > 0) {
-      fn(output + offset * elem, slots[0], slots[1], n);
-      for (int q = 2; q < p; ++q) fn(output + offset * elem, output + offset * elem, slots[q], n);
-    }
+    reduce_blocked(fn, output + offset * elem, slots, n, elem);
     g.finish();
     offset += n;
   } while (offset < count);

@@ -43,16 +43,18 @@ class ShmGroup {
   void finish();
 
  private:
+  struct Flag;
   struct Control;
   Control* control(int q) const;
   uint8_t* slot(int q, uint32_t epoch) const;
-  void wait_for(int q, std::atomic<uint32_t>& flag, uint32_t target, const char* what);
-  void wake(Control* c);
+  void wait_for(int q, Flag& flag, uint32_t target, const char* what);
+  void signal(Flag& flag);
 
   TcpTransport& tcp_;
   int rank_;
   int size_;
   size_t slot_bytes_;
+  bool oversubscribed_;  // more ranks on this host than cores this process may run on
   size_t segment_bytes_;
   std::vector<uint8_t*> segments_;
   uint32_t epoch_ = 0;

@@ -20,7 +20,6 @@ namespace disttrain::comm {
 namespace {
 
 const char* kSecretKey = "disttrain/secret";
-const char* kAbortCountKey = "disttrain/abort_count";
 const char* kAbortKey = "disttrain/abort";
 
 std::string addr_key(int rank) { return "disttrain/addr/" + std::to_string(rank); }
@@ -228,12 +227,9 @@ void TcpTransport::abort_quietly(const std::string& reason) {
     std::string message = reason;
     try {
       // First writer wins: its reason is the root cause every rank reports.
-      if (abort_store_->add(kAbortCountKey, 1) == 1) {
-        abort_store_->set(kAbortKey, to_bytes(reason));
-      } else {
-        abort_store_->wait({kAbortKey}, std::chrono::milliseconds(2000));
-        message = to_string(abort_store_->get(kAbortKey));
-      }
+      // One atomic round trip sets the reason if none is recorded and returns
+      // whichever is.
+      message = to_string(abort_store_->compareSet(kAbortKey, {}, to_bytes(reason)));
     } catch (...) {
       // The store may be gone with a dead rank; report our own view then.
     }

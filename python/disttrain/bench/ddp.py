@@ -13,10 +13,13 @@ the same machine:
     disttrain-bf16/...    the same with compression="bf16" (gradients in bf16 on the wire)
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
 
-The two models are the two regimes: ResNet-18 (11.2 M parameters, batch 8 of
-32x32 images per rank) spends most of a step computing; the wide MLP
-(3072 -> 3072 -> 3072 -> 10, 18.9 M parameters, batch 16 per rank) spends most
-of it communicating.
+The models span the regimes: ResNet-18 with the CIFAR stem (11.2 M
+parameters, batch 8 of 32x32 images per rank) spends almost all of a step
+computing (0.56 GFLOP per image forward); ``resnet18-tv``, the same network in
+torchvision's layout (7x7 stride-2 stem and max-pool, as
+``torchvision.models.resnet18`` applied to 32x32 images), computes 16x less
+for the same 11.2 M gradients; the wide MLP (3072 -> 3072 -> 3072 -> 10,
+18.9 M parameters, batch 16 per rank) spends most of a step communicating.
 
 Configurations take turns step by step (rounds x steps timed steps each).
 Reported per configuration: training steps per second (1 / median step time,
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench ddp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", default="2,4", help="world sizes, comma separated (default 2,4)")
-    p.add_argument("--models", default="resnet18,mlp", help="resnet18, mlp (default both)")
+    p.add_argument("--models", default="resnet18,resnet18-tv,mlp",
+                   help="resnet18 (CIFAR stem), resnet18-tv (torchvision's ImageNet stem), mlp (default all)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="configurations to run (default all)")
     p.add_argument("--resnet-batch", type=int, default=8, help="per-rank batch of 32x32 images (default 8)")
     p.add_argument("--mlp-batch", type=int, default=16, help="per-rank MLP batch (default 16)")
@@ -68,14 +72,15 @@ def _model_and_batch(name, args, rank):
     from disttrain import models
 
     g = torch.Generator().manual_seed(rank)
-    if name == "resnet18":
-        return (models.resnet18(num_classes=10), torch.randn(args.resnet_batch, 3, 32, 32, generator=g),
+    if name in ("resnet18", "resnet18-tv"):
+        stem = "imagenet" if name == "resnet18-tv" else "cifar"
+        return (models.resnet18(num_classes=10, stem=stem), torch.randn(args.resnet_batch, 3, 32, 32, generator=g),
                 torch.randint(0, 10, (args.resnet_batch,), generator=g))
     if name == "mlp":
         return (models.mlp(num_classes=10, in_features=3 * 32 * 32, hidden=args.mlp_hidden, depth=args.mlp_depth),
                 torch.randn(args.mlp_batch, 3, 32, 32, generator=g),
                 torch.randint(0, 10, (args.mlp_batch,), generator=g))
-    raise ValueError(f"unknown model {name!r}; choose resnet18 or mlp")
+    raise ValueError(f"unknown model {name!r}; choose resnet18, resnet18-tv or mlp")
 
 
 def _hidden_ns(trace) -> tuple[int, int]:
