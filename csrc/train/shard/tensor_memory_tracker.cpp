@@ -1,13 +1,19 @@
 #include "train/shard/tensor_memory_tracker.h"
 
-#include <c10/util/ThreadLocalDebugInfo.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
 
 #include <mutex>
 #include <unordered_map>
 
 namespace disttrain::train {
 
-struct TensorMemoryTracker::Hook : public c10::MemoryReportingInfoBase {
+// A profiler state that profiles nothing but memory: the slot it takes is
+// the profiler's, and code that finds a state there expects a profiler's.
+struct TensorMemoryTracker::Hook : public torch::profiler::impl::ProfilerStateBase {
+  Hook() : ProfilerStateBase(torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::Disabled)) {}
+  torch::profiler::impl::ActiveProfilerType profilerType() override {
+    return torch::profiler::impl::ActiveProfilerType::NONE;
+  }
   std::mutex mu;
   std::unordered_map<void*, int64_t> live;  // only blocks allocated while tracking
   int64_t current = 0;
@@ -38,15 +44,15 @@ TensorMemoryTracker::~TensorMemoryTracker() {
 
 void TensorMemoryTracker::start() {
   TORCH_CHECK(!active_, "TensorMemoryTracker: already started");
-  TORCH_CHECK(!c10::ThreadLocalDebugInfo::get(c10::DebugInfoKind::PROFILER_STATE),
+  TORCH_CHECK(!torch::profiler::impl::ProfilerStateBase::get(/*global=*/false),
               "TensorMemoryTracker: the profiler (or another tracker) is already active on this thread");
-  c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, hook_);
+  torch::profiler::impl::ProfilerStateBase::push(std::shared_ptr<torch::profiler::impl::ProfilerStateBase>(hook_));
   active_ = true;
 }
 
 void TensorMemoryTracker::stop() {
   if (!active_) return;
-  c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
+  torch::profiler::impl::ProfilerStateBase::pop(/*global=*/false);
   active_ = false;
 }
 

@@ -1,7 +1,7 @@
 // Peak bytes of CPU tensor memory, measured at the allocator.
 //
-// Installs itself as the thread's memory-reporting hook (the slot the PyTorch
-// profiler uses), so every CPU allocation and free made on this thread, or on
+// Installs itself as the thread's profiler state, one that profiles nothing
+// but memory (the allocator reports to that slot), so every CPU allocation and free made on this thread, or on
 // threads that inherit its state (autograd, at::parallel_for), is counted:
 // parameters, gradients, optimizer state, gathered buffers and activations,
 // whoever allocates them (torch, our engine, torch FSDP). Allocations made

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "reduce_scatter": "disttrain.bench.collectives",
     "broadcast": "disttrain.bench.collectives",
     "ddp": "disttrain.bench.ddp",
+    "fsdp": "disttrain.bench.fsdp",
     "snapshot": "disttrain.bench.snapshot",
     "sampler": "disttrain.bench.sampler",
 }
