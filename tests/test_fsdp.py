@@ -15,48 +15,25 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def _models():
-    import torch
     from torch import nn
 
-    class Block(nn.Module):
-        """A pre-norm transformer block, tiny."""
+    from disttrain.bench.fsdp import gpt_classes
 
-        def __init__(self, d: int = 16, heads: int = 2):
-            super().__init__()
-            self.heads = heads
-            self.norm1 = nn.LayerNorm(d)
-            self.qkv = nn.Linear(d, 3 * d)
-            self.proj = nn.Linear(d, d)
-            self.norm2 = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+    # No qkv bias: the key bias's gradient is zero in exact arithmetic (softmax
+    # ignores a per-query shift), so Adam would turn rounding noise into +-lr steps.
+    GPT, Block = gpt_classes(vocab=23, dim=16, layers=2, seq=5, heads=2, qkv_bias=False)
 
-        def forward(self, x):
-            b, t, d = x.shape
-            q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-            att = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k) / (d // self.heads) ** 0.5, dim=-1)
-            x = x + self.proj(torch.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d))
-            return x + self.mlp(self.norm2(x))
-
-    class TinyTransformer(nn.Module):
-        def __init__(self, vocab: int = 23, d: int = 16, layers: int = 2):
-            super().__init__()
-            self.embed = nn.Embedding(vocab, d)
-            self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
-            self.norm = nn.LayerNorm(d)
-            self.head = nn.Linear(d, vocab)
-
-        def forward(self, x):
-            h = self.embed(x)
-            for block in self.blocks:
-                h = block(h)
-            return self.head(self.norm(h))
+    def transformer():
+        model = GPT()
+        nn.init.normal_(model.pos, std=0.1)
+        return model
 
     def cnn():
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                              nn.Linear(24, 10))
 
-    return {"transformer": (TinyTransformer, {Block}), "cnn": (cnn, 100)}
+    return {"transformer": (transformer, {Block}), "cnn": (cnn, 100)}
 
 
 def _batch(name, gen):

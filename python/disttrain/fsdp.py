@@ -13,14 +13,14 @@ from __future__ import annotations
 import collections
 import functools
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import _C
-from .ddp import _BROADCAST_CHUNK_BYTES, _find_tensors
+from .ddp import _BROADCAST_CHUNK_BYTES, _default_group, _find_tensors
 
 __all__ = ["FullyShardedDataParallel", "ShardedOptimizer"]
 
@@ -189,11 +189,7 @@ class FullyShardedDataParallel(nn.Module):
             raise TypeError(f"FullyShardedDataParallel: prefetch must be a bool, got {prefetch!r}")
         _check_module(module)
         policy = _wrap_policy(auto_wrap)
-        if process_group is None:
-            if not dist.is_initialized():
-                raise RuntimeError("FullyShardedDataParallel: no process group; call disttrain.init() or "
-                                   "torch.distributed.init_process_group() first, or pass process_group")
-            process_group = dist.group.WORLD
+        process_group = _default_group("FullyShardedDataParallel", process_group)
         self.module = module
         self.process_group = process_group
         self.stage = stage

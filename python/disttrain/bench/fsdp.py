@@ -50,12 +50,10 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-from disttrain.bench import write_csv
+from disttrain.bench import run_per_world_size, write_csv
 
 CONFIGS = ("ddp/disttrain", "zero1/disttrain", "zero2/disttrain", "zero3/disttrain", "zero3/gloo", "fsdp2/gloo")
 _MIB = 1024 * 1024
@@ -78,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _gpt(args):
+def gpt_classes(vocab: int, dim: int, layers: int, seq: int, heads: int | None = None, qkv_bias: bool = True):
+    """(GPT, Block): a pre-norm GPT (learned positions, untied head) and its block class."""
     import torch
     from torch import nn
 
@@ -87,7 +86,7 @@ def _gpt(args):
             super().__init__()
             self.heads = heads
             self.norm1 = nn.LayerNorm(d)
-            self.qkv = nn.Linear(d, 3 * d)
+            self.qkv = nn.Linear(d, 3 * d, bias=qkv_bias)
             self.proj = nn.Linear(d, d)
             self.norm2 = nn.LayerNorm(d)
             self.fc = nn.Linear(d, 4 * d)
@@ -103,11 +102,11 @@ def _gpt(args):
     class GPT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed = nn.Embedding(args.vocab, args.dim)
-            self.pos = nn.Parameter(torch.zeros(args.seq, args.dim))
-            self.blocks = nn.ModuleList(Block(args.dim, max(1, args.dim // 64)) for _ in range(args.layers))
-            self.norm = nn.LayerNorm(args.dim)
-            self.head = nn.Linear(args.dim, args.vocab, bias=False)
+            self.embed = nn.Embedding(vocab, dim)
+            self.pos = nn.Parameter(torch.zeros(seq, dim))
+            self.blocks = nn.ModuleList(Block(dim, heads or max(1, dim // 64)) for _ in range(layers))
+            self.norm = nn.LayerNorm(dim)
+            self.head = nn.Linear(dim, vocab, bias=False)
 
         def forward(self, x):
             h = self.embed(x) + self.pos[: x.shape[1]]
@@ -127,7 +126,7 @@ def _run_config(config, args, groups, rank, world):
 
     kind, backend = config.split("/")
     group = groups[backend]
-    GPT, Block = _gpt(args)
+    GPT, Block = gpt_classes(args.vocab, args.dim, args.layers, args.seq)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
     y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
@@ -261,17 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         bench_rank(args)
         return 0
-    rows = []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for world in [int(w) for w in args.ranks.split(",") if w]:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows_file = os.path.join(tmp, "rows.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   "-m", "disttrain.bench.fsdp", *argv, "--rows-file", rows_file]
-            print(f"# {world} ranks: {args.configs}", flush=True)
-            subprocess.run(cmd, env=env, check=True)
-            with open(rows_file) as f:
-                rows += json.load(f)
+    rows = run_per_world_size("disttrain.bench.fsdp", argv, [int(w) for w in args.ranks.split(",") if w], args.configs)
     _report(rows, args.out)
     return 0
 
