@@ -35,6 +35,16 @@ def _find_tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _default_group(owner: str, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``process_group``, or the default group; a clear error when there is none."""
+    if process_group is not None:
+        return process_group
+    if not dist.is_initialized():
+        raise RuntimeError(f"{owner}: no process group; call disttrain.init() or "
+                           "torch.distributed.init_process_group() first, or pass process_group")
+    return dist.group.WORLD
+
+
 class DistributedDataParallel(nn.Module):
     r"""Data-parallel wrapper: a drop-in for :class:`torch.nn.parallel.DistributedDataParallel`
     in the common cases.
@@ -82,11 +92,7 @@ class DistributedDataParallel(nn.Module):
                              f"got {compression!r}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"DistributedDataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
-        if process_group is None:
-            if not dist.is_initialized():
-                raise RuntimeError("DistributedDataParallel: no process group; call disttrain.init() or "
-                                   "torch.distributed.init_process_group() first, or pass process_group")
-            process_group = dist.group.WORLD
+        process_group = _default_group("DistributedDataParallel", process_group)
         self.module = module
         self.process_group = process_group
         self.broadcast_buffers = broadcast_buffers

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-name", default=None, help="run folder name (default MODEL_DATASET_bBATCH)")
     p.add_argument("-c", "--configuration-file", default=None,
                    help="JSON list of configurations (dicts of these options), run in turn")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="ddp: data-parallel (default); fsdp: sharded (ZeRO, see --zero-stage)")
+    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=3,
+                   help="with --strategy fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters (default)")
     p.add_argument("--backend", default="disttrain", help="process-group backend: disttrain (default), gloo, nccl")
     p.add_argument("--seed", type=int, default=0, help="same command and seed, same losses (default 0)")
     p.add_argument("--snapshot-every", type=int, default=0, metavar="STEPS",
@@ -144,6 +148,7 @@ def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
         snapshot_every_steps=args.snapshot_every, keep_snapshots=args.keep_snapshots, lr_scaling=args.lr_scaling,
         seed=args.seed, backend=args.backend, timeout_seconds=args.timeout, tensorboard=args.tensorboard,
         progress=not args.no_progress, resume=not args.no_resume,
+        strategy=args.strategy, zero_stage=args.zero_stage,
         configuration={"model_name": args.model, "dataset": args.dataset, "config_index": "", **extra_columns})
     return Trainer(model, optimizer, train_set, val_set, config, scheduler=scheduler).fit()
 

@@ -40,6 +40,9 @@ from .train_metrics import describe_run, write_metrics_csv
 log = logging.getLogger("disttrain.trainer")
 
 _LR_SCALINGS = ("linear", "sqrt", "none")
+_STRATEGIES = ("ddp", "fsdp")
+# fsdp: a submodule with at least this many parameters (not in a unit below it) is its own unit.
+_FSDP_MIN_UNIT_PARAMS = 100_000
 _STATE_FORMAT = "disttrain.trainer/1"
 
 
@@ -68,6 +71,10 @@ class TrainerConfig:
         progress: progress line on rank 0.
         resume: resume from the newest good snapshot in the run folder.
         configuration: extra columns for metrics.csv (``model_name``, ``dataset``, ``config_index``).
+        strategy: ``"ddp"`` (default: :class:`disttrain.DistributedDataParallel`) or
+            ``"fsdp"`` (:class:`disttrain.FullyShardedDataParallel`; the optimizer is
+            rebuilt over the shards with the same class and hyperparameters).
+        zero_stage: with ``"fsdp"``, the ZeRO stage (1, 2 or 3).
     """
 
     epochs: int | None = None
@@ -87,8 +94,14 @@ class TrainerConfig:
     progress: bool = True
     resume: bool = True
     configuration: dict = dataclasses.field(default_factory=dict)
+    strategy: str = "ddp"
+    zero_stage: int = 3
 
     def __post_init__(self):
+        if self.strategy not in _STRATEGIES:
+            raise ValueError(f"TrainerConfig: strategy must be one of {_STRATEGIES}, got '{self.strategy}'")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"TrainerConfig: zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.epochs is None and self.time_budget_hours is None:
             raise ValueError("TrainerConfig: give epochs, time_budget_hours or both")
         if self.epochs is not None and self.epochs < 0:
@@ -196,10 +209,19 @@ class Trainer:
         self.scheduler = scheduler
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         self.train_set, self.val_set = train_set, val_set
-        ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-        self.model = _ddp_class()(self.module, **ddp_kwargs)
+        columns = describe_run(self.module, optimizer, scheduler, self.loss_fn, self.world_size,
+                               self.local_world_size, self.backend, cfg.batch_size, cfg.num_workers,
+                               cfg.epochs, self._device_name(), float(optimizer.param_groups[0]["lr"]))
+        self.sharded = cfg.strategy == "fsdp"
+        if self.sharded:
+            from .fsdp import FullyShardedDataParallel
+            self.model = FullyShardedDataParallel(self.module, stage=cfg.zero_stage, auto_wrap=_FSDP_MIN_UNIT_PARAMS)
+            self.optimizer = _rebuild_over_shards(optimizer, self.model, scheduler)
+        else:
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model = _ddp_class()(self.module, **ddp_kwargs)
 
-        self.base_lr = float(optimizer.param_groups[0]["lr"])
+        self.base_lr = float(self.optimizer.param_groups[0]["lr"])
         self.lr_scale = _lr_factor(cfg.lr_scaling, self.world_size)
         self._rescale_lr(self.lr_scale)
 
@@ -220,9 +242,7 @@ class Trainer:
         self._faults = FaultInjector(self.rank, self.run_dir)
         if self._faults.where == "forward":
             self.module.register_forward_pre_hook(lambda *_: self._faults.in_forward(self.global_step))
-        self._columns = {**describe_run(self.module, optimizer, scheduler, self.loss_fn, self.world_size,
-                                        self.local_world_size, self.backend, cfg.batch_size, cfg.num_workers,
-                                        cfg.epochs, self._device_name(), self.base_lr), **cfg.configuration}
+        self._columns = {**columns, **cfg.configuration}
 
         # Progress; all of it is in every snapshot.
         self.epoch = 0              # epochs completed
@@ -354,9 +374,10 @@ class Trainer:
         improved = test_loss < self.best_val_loss
         if improved:
             self.best_val_loss = test_loss
+        best_state = self._model_state() if improved else None  # collective with fsdp
         if self.rank == 0:
             if improved:
-                self._best_writer.save({"model": self.module.state_dict(), "epoch": self.epoch,
+                self._best_writer.save({"model": best_state, "epoch": self.epoch,
                                         "val_loss": test_loss, "val_acc": test_acc,
                                         "configuration": dict(self._columns)}, path=self.best_model_path)
             write_metrics_csv(self.metrics_path, self.history, self._columns)
@@ -377,13 +398,14 @@ class Trainer:
         for buffer in self.module.buffers():
             dist.broadcast(buffer, 0)
         self.module.eval()
+        forward = self.model if self.sharded else self.module  # fsdp gathers parameters in its hooks
         loader = DataLoader(self.val_set, batch_size=self.config.batch_size * 2,
                             sampler=_ShardSampler(len(self.val_set), self.rank, self.world_size),
                             num_workers=self.config.num_workers)
         sums = torch.zeros(3, dtype=torch.float64)
         for inputs, labels in loader:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            output = self.module(inputs)
+            output = forward(inputs)
             sums[0] += self.loss_fn(output, labels).item() * len(labels)
             sums[1] += int((output.argmax(1) == labels).sum())
             sums[2] += len(labels)
@@ -392,12 +414,24 @@ class Trainer:
         return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
     # --- snapshots ---------------------------------------------------------------------------
-    def _state(self, rank_states: list[Any]) -> dict[str, Any]:
+    def _model_state(self) -> dict[str, Any]:
+        """The unwrapped model's state dict (on rank 0; collective with fsdp)."""
+        return self.model.full_state_dict() if self.sharded else self.module.state_dict()
+
+    def _optimizer_state(self) -> Any:
+        """The optimizer's state (collective with fsdp: every rank's shard state, gathered on rank 0)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        states = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(self.optimizer.state_dict(), states, dst=0)
+        return {"sharded": states}
+
+    def _state(self, rank_states: list[Any], model_state: Any, optimizer_state: Any) -> dict[str, Any]:
         sampler_state = getattr(self.sampler, "state_dict", None)
         return {
             "format": _STATE_FORMAT,
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "sampler": {"epoch": self.epoch, "batches_done": self.batches_done, "batch_size": self.config.batch_size,
                         "seed": self.config.seed, "world_size": self.world_size,
@@ -417,9 +451,10 @@ class Trainer:
         mine = {"rng": _rng_state(), "partial": dict(self._partial)}
         rank_states: list[Any] = [None] * self.world_size
         dist.all_gather_object(rank_states, mine)
+        model_state, optimizer_state = self._model_state(), self._optimizer_state()
         if self.rank == 0:
             self._faults.before_snapshot(self.global_step)
-            state = self._state(rank_states)
+            state = self._state(rank_states, model_state, optimizer_state)
             # Forward changes batch-norm statistics in place; everything else in the
             # state changes only in optimizer.step(), which waits for the copy.
             for name, _ in self.module.named_buffers():
@@ -440,8 +475,17 @@ class Trainer:
             state = snapshot.load(path)
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"'{path}' is not a disttrain trainer snapshot")
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            self.model.load_full_state_dict(state["model"])
+            shards = state["optimizer"].get("sharded") if isinstance(state["optimizer"], dict) else None
+            if shards is not None and len(shards) == self.world_size:
+                self.optimizer.load_state_dict(shards[self.rank])
+            else:
+                self._say(f"disttrain: '{path}' holds no sharded optimizer state for {self.world_size} ranks; "
+                          "the optimizer starts fresh")
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._rescale_lr(self.lr_scale / state["lr_scale"])
@@ -526,6 +570,23 @@ class Trainer:
         if end_progress and self.config.progress and sys.stderr.isatty():
             sys.stderr.write("\r" + " " * 79 + "\r")
         print(text, flush=True)
+
+
+def _rebuild_over_shards(optimizer: torch.optim.Optimizer, model: nn.Module, scheduler: Any) -> torch.optim.Optimizer:
+    """The same optimizer (class, hyperparameters of its first group) over the
+    sharded model's shards; a scheduler is pointed at it."""
+    from .fsdp import ShardedOptimizer
+    if len(optimizer.param_groups) != 1 or optimizer.state:
+        raise ValueError("Trainer: with strategy 'fsdp' the optimizer must have one parameter group and no state yet "
+                         "(it is rebuilt over the shards)")
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    initial_lr = group.pop("initial_lr", None)
+    sharded = ShardedOptimizer(type(optimizer), model, **group)
+    if initial_lr is not None:
+        sharded.param_groups[0]["initial_lr"] = initial_lr
+    if scheduler is not None:
+        scheduler.optimizer = sharded
+    return sharded
 
 
 def _seed_everything(seed: int) -> None:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 BENCHMARKS = {
     "allreduce": "disttrain.bench.collectives",
@@ -16,6 +19,7 @@ BENCHMARKS = {
     "reduce_scatter": "disttrain.bench.collectives",
     "broadcast": "disttrain.bench.collectives",
     "ddp": "disttrain.bench.ddp",
+    "fsdp": "disttrain.bench.fsdp",
     "snapshot": "disttrain.bench.snapshot",
     "sampler": "disttrain.bench.sampler",
 }
@@ -29,6 +33,24 @@ def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> N
         writer.writeheader()
         writer.writerows(rows)
     print(f"# wrote {path}")
+
+
+def run_per_world_size(module: str, argv: list[str], world_sizes: list[int], label: str) -> list[dict]:
+    """Runs ``python -m module *argv`` as one torchrun job per world size (1
+    thread per rank); each job's rank 0 writes its rows to ``--rows-file``.
+    Returns all rows, in world-size order."""
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for world in world_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows_file = os.path.join(tmp, "rows.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                   "-m", module, *argv, "--rows-file", rows_file]
+            print(f"# {world} ranks: {label}", flush=True)
+            subprocess.run(cmd, env=env, check=True)
+            with open(rows_file) as f:
+                rows += json.load(f)
+    return rows
 
 
 def main(argv: list[str]) -> int:

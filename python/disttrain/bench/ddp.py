@@ -36,12 +36,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
-from disttrain.bench import write_csv
+from disttrain.bench import run_per_world_size, write_csv
 
 CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo")
 
@@ -232,17 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         bench_rank(args)
         return 0
-    rows = []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for world in [int(w) for w in args.ranks.split(",") if w]:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows_file = os.path.join(tmp, "rows.json")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   "-m", "disttrain.bench.ddp", *argv, "--rows-file", rows_file]
-            print(f"# {world} ranks: {args.models} x {args.configs}", flush=True)
-            subprocess.run(cmd, env=env, check=True)
-            with open(rows_file) as f:
-                rows += json.load(f)
+    rows = run_per_world_size("disttrain.bench.ddp", argv, [int(w) for w in args.ranks.split(",") if w], f"{args.models} x {args.configs}")
     _report(rows, args.out)
     return 0
 

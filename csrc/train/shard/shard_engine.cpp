@@ -1,0 +1,203 @@
+#include "train/shard/shard_engine.h"
+
+#include <c10/util/irange.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+
+#include <cmath>
+#include <limits>
+
+namespace disttrain::train {
+
+ShardEngine::ShardEngine(c10::intrusive_ptr<c10d::ProcessGroup> group, ShardOptions options)
+    : group_(std::move(group)), options_(options) {
+  TORCH_CHECK(options_.stage >= 1 && options_.stage <= 3, "FullyShardedDataParallel: stage must be 1, 2 or 3, got ",
+              options_.stage);
+  if (options_.wire_dtype) {
+    TORCH_CHECK(*options_.wire_dtype == at::kBFloat16 || *options_.wire_dtype == at::kHalf,
+                "FullyShardedDataParallel: the wire dtype must be bfloat16 or float16, got ",
+                c10::toString(*options_.wire_dtype));
+  }
+}
+
+ShardEngine::~ShardEngine() {
+  for (const auto i : c10::irange(accumulators_.size())) accumulators_[i]->del_post_hook(hook_keys_[i]);
+}
+
+int64_t ShardEngine::add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!(is_root && root_ >= 0), "ShardEngine: only one root unit");
+  const int64_t index = static_cast<int64_t>(units_.size());
+  units_.push_back(std::make_unique<ShardedUnit>(params, std::move(names), group_, options_));
+  if (is_root) root_ = index;
+  auto accumulator = torch::autograd::impl::grad_accumulator(units_.back()->full());
+  TORCH_INTERNAL_ASSERT(accumulator, "a unit's flat parameter has no gradient accumulator");
+  hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+      [this, index](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+        on_unit_gradient(index);
+        return outputs;
+      })));
+  accumulators_.push_back(std::move(accumulator));
+  ran_forward_.push_back(0);
+  backward_seen_.push_back(0);
+  reduced_.push_back(0);
+  return index;
+}
+
+ShardedUnit& ShardEngine::unit(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < num_units(), "ShardEngine: no unit ", index);
+  return *units_[index];
+}
+
+int64_t ShardEngine::neighbour_in_order(int64_t index, int step) const {
+  if (!order_final_) return -1;
+  for (const auto pos : c10::irange(forward_order_.size())) {
+    if (forward_order_[pos] != index) continue;
+    const int64_t next = static_cast<int64_t>(pos) + step;
+    if (next < 0 || next >= static_cast<int64_t>(forward_order_.size())) return -1;
+    const int64_t unit = forward_order_[next];
+    return unit == root_ ? -1 : unit;
+  }
+  return -1;
+}
+
+void ShardEngine::prefetch(int64_t index) {
+  if (index < 0 || !options_.prefetch || options_.stage != 3) return;
+  ShardedUnit& u = *units_[index];
+  if (!u.gathered() && !u.gather_in_flight()) u.launch_gather();
+}
+
+void ShardEngine::begin_forward() {
+  std::lock_guard<std::mutex> lock(mu_);
+  this_forward_.clear();
+  std::fill(ran_forward_.begin(), ran_forward_.end(), 0);
+}
+
+void ShardEngine::end_forward(bool backward_follows) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!order_final_) {
+    forward_order_ = this_forward_;
+    order_final_ = true;
+  }
+  if (!backward_follows) free_all_locked();
+}
+
+void ShardEngine::free_all() {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_all_locked();
+}
+
+void ShardEngine::free_all_locked() {
+  if (options_.stage != 3) return;
+  for (auto& u : units_) {
+    if (u->gather_in_flight()) u->wait_gather();
+    u->free_full();
+  }
+}
+
+void ShardEngine::pre_forward(int64_t index) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(index >= 0 && index < num_units(), "ShardEngine: no unit ", index);
+  this_forward_.push_back(index);
+  ran_forward_[index] = 1;
+  units_[index]->wait_gather();  // stages 1 and 2: returns at once unless the shard changed
+  prefetch(neighbour_in_order(index, +1));
+}
+
+void ShardEngine::post_forward(int64_t index) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (options_.stage == 3 && index != root_) units_[index]->free_full();
+}
+
+void ShardEngine::pre_backward(int64_t index) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (backward_seen_[index]) return;
+  backward_seen_[index] = 1;
+  if (options_.stage != 3) return;
+  units_[index]->wait_gather();
+  prefetch(neighbour_in_order(index, -1));
+}
+
+void ShardEngine::on_unit_gradient(int64_t index) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!callback_queued_) {
+    callback_queued_ = true;
+    torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
+  }
+  ShardedUnit& u = *units_[index];
+  TORCH_CHECK(!reduced_[index], "FullyShardedDataParallel: the unit holding '", u.names().front(),
+              "' received gradients twice in one backward (was backward run twice on one forward?)");
+  reduced_[index] = 1;
+  u.launch_reduction();
+  if (options_.stage == 3 && index != root_) u.free_full();
+  // At most two units' full gradients alive: the one just launched and the one before.
+  if (last_reduced_ >= 0) units_[last_reduced_]->finish_reduction();
+  last_reduced_ = index;
+}
+
+void ShardEngine::finalize_backward() {
+  std::lock_guard<std::mutex> lock(mu_);
+  try {
+    // Units that ran forward but got no gradient (every rank alike) reduce
+    // zeros, in index order, so every rank issues the same collectives.
+    for (const auto i : c10::irange(units_.size())) {
+      if (ran_forward_[i] && !reduced_[i]) units_[i]->launch_zero_reduction();
+    }
+    for (auto& u : units_) u->finish_reduction();
+    free_all_locked();
+  } catch (...) {
+    callback_queued_ = false;
+    last_reduced_ = -1;
+    std::fill(backward_seen_.begin(), backward_seen_.end(), 0);
+    std::fill(reduced_.begin(), reduced_.end(), 0);
+    throw;
+  }
+  callback_queued_ = false;
+  last_reduced_ = -1;
+  std::fill(backward_seen_.begin(), backward_seen_.end(), 0);
+  std::fill(reduced_.begin(), reduced_.end(), 0);
+}
+
+void ShardEngine::gather_stale() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (options_.stage == 3) return;
+  for (auto& u : units_) {
+    if (u->stale()) u->launch_gather();
+  }
+  for (auto& u : units_) {
+    if (u->gather_in_flight()) u->wait_gather();
+  }
+}
+
+double ShardEngine::clip_grad_norm(double max_norm, double norm_type) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(max_norm >= 0, "clip_grad_norm_: max_norm must be non-negative, got ", max_norm);
+  const bool inf = std::isinf(norm_type);
+  TORCH_CHECK(inf || norm_type == 2.0, "clip_grad_norm_: norm_type must be 2 or inf, got ", norm_type);
+  double local = 0.0;
+  std::vector<at::Tensor> grads;
+  for (auto& u : units_) {
+    const at::Tensor& g = u->shard().grad();
+    if (!g.defined()) continue;
+    grads.push_back(g);
+    if (inf) {
+      local = std::max(local, g.abs().max().item<double>());
+    } else {
+      const double n = at::linalg_vector_norm(g, 2.0, c10::nullopt, false, at::kDouble).item<double>();
+      local += n * n;
+    }
+  }
+  std::vector<at::Tensor> total{at::full({1}, local, at::kDouble)};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = inf ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM;
+  group_->allreduce(total, opts)->wait();
+  const double norm = inf ? total[0].item<double>() : std::sqrt(total[0].item<double>());
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1.0) {
+    at::NoGradGuard no_grad;
+    for (auto& g : grads) g.mul_(coef);
+  }
+  return norm;
+}
+
+}  // namespace disttrain::train

@@ -1,0 +1,465 @@
+"""``disttrain.FullyShardedDataParallel``: ZeRO stages 1-3 with the sharding
+engine in C++ (``csrc/train/shard/``).
+
+The Python side checks arguments, decides which submodules become wrapped
+units (``auto_wrap``), swaps each unit's parameters for views into the
+engine's flat buffer and wires module hooks to the engine. Flat-buffer
+layout, shard bookkeeping, gathers, gradient reduction (async, overlapped with
+backward), freeing and gradient clipping are the engine's.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _C
+from .ddp import _BROADCAST_CHUNK_BYTES, _default_group, _find_tensors
+
+__all__ = ["FullyShardedDataParallel", "ShardedOptimizer"]
+
+_WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+_SHARDED_FORMAT = "disttrain.fsdp.sharded/1"
+MANIFEST = "manifest.dts"
+
+
+def _shard_file(rank: int) -> str:
+    return f"shard_{rank:05d}.dts"
+
+
+class _ParamSlot:
+    """Where an original parameter lived: ``owner.<attr>``, named ``name`` in the root."""
+    __slots__ = ("owner", "attr", "name")
+
+    def __init__(self, owner: nn.Module, attr: str, name: str):
+        self.owner, self.attr, self.name = owner, attr, name
+
+
+def _wrap_policy(auto_wrap: Any) -> Callable[[nn.Module, int], bool]:
+    """``auto_wrap`` as ``policy(module, unwrapped_numel) -> wrap?``."""
+    if auto_wrap is None:
+        return lambda module, numel: False
+    if isinstance(auto_wrap, bool):
+        raise TypeError("FullyShardedDataParallel: auto_wrap must be None, a set of module classes, a minimum "
+                        f"parameter count or a callable; got {auto_wrap!r}")
+    if isinstance(auto_wrap, int):
+        if auto_wrap <= 0:
+            raise ValueError(f"FullyShardedDataParallel: auto_wrap as a minimum parameter count must be positive, "
+                             f"got {auto_wrap}")
+        return lambda module, numel: numel >= auto_wrap
+    if isinstance(auto_wrap, type) and issubclass(auto_wrap, nn.Module):
+        auto_wrap = {auto_wrap}
+    if isinstance(auto_wrap, (set, frozenset, list, tuple)):
+        classes = tuple(auto_wrap)
+        bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
+        if bad or not classes:
+            raise TypeError(f"FullyShardedDataParallel: auto_wrap as a collection must hold nn.Module subclasses; "
+                            f"got {bad or 'an empty collection'}")
+        return lambda module, numel: isinstance(module, classes)
+    if callable(auto_wrap):
+        return lambda module, numel: bool(auto_wrap(module))
+    raise TypeError("FullyShardedDataParallel: auto_wrap must be None, a set of module classes, a minimum parameter "
+                    f"count or a callable; got {type(auto_wrap).__name__}")
+
+
+def _plan_units(root: nn.Module, policy: Callable[[nn.Module, int], bool]) -> list[tuple[nn.Module, list[_ParamSlot]]]:
+    """Wrapped units, innermost first, then the root with what is left (if anything)."""
+    taken: set[int] = set()
+
+    def slots_under(module: nn.Module, prefix: str) -> list[_ParamSlot]:
+        out = []
+        for mname, sub in module.named_modules(prefix=prefix):
+            for pname, p in sub._parameters.items():
+                if p is not None and id(p) not in taken:
+                    out.append(_ParamSlot(sub, pname, f"{mname}.{pname}" if mname else pname))
+        return out
+
+    units: list[tuple[nn.Module, list[_ParamSlot]]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            visit(child, f"{prefix}.{name}" if prefix else name)
+        if module is root:
+            return
+        slots = slots_under(module, prefix)
+        if slots and policy(module, sum(getattr(s.owner, s.attr).numel() for s in slots)):
+            taken.update(id(getattr(s.owner, s.attr)) for s in slots)
+            units.append((module, slots))
+
+    visit(root, "")
+    rest = slots_under(root, "")
+    if rest:
+        units.append((root, rest))
+    return units
+
+
+def _check_module(module: nn.Module) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"FullyShardedDataParallel: module must be an nn.Module, got {type(module).__name__}")
+    for name, sub in module.named_modules():
+        if isinstance(sub, FullyShardedDataParallel):
+            raise ValueError(f"FullyShardedDataParallel: submodule '{name}' is already wrapped; wrap the model once "
+                             "and choose units with auto_wrap")
+    by_id: dict[int, list[str]] = collections.defaultdict(list)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        by_id[id(p)].append(name)
+    shared = [names for names in by_id.values() if len(names) > 1]
+    if shared:
+        listed = "; ".join(" = ".join(names) for names in shared)
+        raise ValueError(f"FullyShardedDataParallel: shared (tied) parameters are not supported: {listed}. "
+                         "Untie them (e.g. clone the weight) or train this model with DistributedDataParallel")
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"FullyShardedDataParallel: parameters that do not require grad are not supported: "
+                         f"{', '.join(frozen)}")
+    if not by_id:
+        raise ValueError("FullyShardedDataParallel: the module has no parameters")
+
+
+class FullyShardedDataParallel(nn.Module):
+    r"""Sharded data-parallel training (ZeRO stages 1, 2 and 3).
+
+    The module's parameters are grouped into *units*: each submodule chosen by
+    ``auto_wrap`` (e.g. every transformer block) is one, and the root holds
+    the parameters no unit took. Each unit's parameters are flattened into one
+    buffer, padded to a multiple of the world size and split evenly: every
+    rank owns one slice, the *shard*, and ``model.parameters()`` yields these
+    shards (flat 1-d ``nn.Parameter``), so an optimizer built on them steps on
+    this rank's slice only.
+
+    * stage 1: parameters and gradients stay whole on every rank; gradients
+      are all-reduced (asynchronously, as each unit's are ready) and each
+      shard's ``.grad`` is a view of its slice. Only optimizer state is sharded.
+    * stage 2: also gradients: each unit's gradient is reduce-scattered into
+      its shard as soon as backward produced it, and the full one is dropped.
+    * stage 3: also parameters: a unit's parameters are all-gathered before
+      its forward and its backward and freed after each (the root's stay
+      from the start of forward to the end of backward); with ``prefetch`` the
+      next unit's gather runs while the current unit computes.
+
+    With stages 1 and 2 the updated shards are gathered back into the full
+    parameters after an optimizer step (:func:`ShardedOptimizer` does it at
+    once; otherwise the next forward does).
+
+    Outside forward and backward use :meth:`full_state_dict` to see the
+    parameters: at stage 3 the module's parameter attributes point at freed
+    memory between iterations.
+
+    Args:
+        module: the model (on CPU, or on this rank's device). Its parameters
+            are replaced; keep using the wrapper.
+        stage: 1, 2 or 3 (default 3).
+        auto_wrap: which submodules become units: None (one unit, the root),
+            a set of module classes (each instance is a unit), an int
+            (a submodule with at least that many parameters not already in
+            a unit below it), or a callable ``policy(module) -> bool``.
+        process_group: a ``torch.distributed`` group; the default group if None.
+        prefetch: stage 3: gather the next unit while the current one computes.
+        mixed_precision: ``"bf16"`` (or ``torch.bfloat16``), ``"fp16"``: parameters
+            and gradients travel in that dtype; shards, optimizer state and
+            computation stay fp32. None (default): fp32 on the wire.
+
+    Example:
+        >>> disttrain.init()
+        >>> model = disttrain.FullyShardedDataParallel(Transformer(), stage=3, auto_wrap={Block})
+        >>> optimizer = disttrain.ShardedOptimizer(torch.optim.AdamW, model, lr=1e-3)
+        >>> loss = model(x).sum(); loss.backward()
+        >>> model.clip_grad_norm_(1.0)
+        >>> optimizer.step(); optimizer.zero_grad()
+        >>> state = model.full_state_dict()   # on rank 0; {} elsewhere
+    """
+
+    def __init__(self, module: nn.Module, stage: int = 3, auto_wrap: Any = None,
+                 process_group: dist.ProcessGroup | None = None, prefetch: bool = True,
+                 mixed_precision: Any = None):
+        super().__init__()
+        if isinstance(stage, bool) or stage not in (1, 2, 3):
+            raise ValueError(f"FullyShardedDataParallel: stage must be 1, 2 or 3, got {stage!r}")
+        if mixed_precision not in _WIRE_DTYPES:
+            raise ValueError("FullyShardedDataParallel: mixed_precision must be None, 'bf16', 'fp16', "
+                             f"torch.bfloat16 or torch.float16; got {mixed_precision!r}")
+        if not isinstance(prefetch, bool):
+            raise TypeError(f"FullyShardedDataParallel: prefetch must be a bool, got {prefetch!r}")
+        _check_module(module)
+        policy = _wrap_policy(auto_wrap)
+        process_group = _default_group("FullyShardedDataParallel", process_group)
+        self.module = module
+        self.process_group = process_group
+        self.stage = stage
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self._state_keys = list(module.state_dict().keys())
+
+        params = list(module.parameters())
+        _C.verify_replicas(process_group, params, [n for n, _ in module.named_parameters()])
+        with torch.no_grad():
+            _C.broadcast_coalesced(process_group, params + list(module.buffers()), _BROADCAST_CHUNK_BYTES, 0)
+
+        self._engine = _C.ShardEngine(process_group, stage=stage, prefetch=prefetch,
+                                      wire_dtype=_WIRE_DTYPES[mixed_precision])
+        self._slots: list[list[_ParamSlot]] = []
+        self._root_unit: int | None = None
+        self.flat_shards = nn.ParameterList()
+        self._hooks = []
+        for unit_module, slots in _plan_units(module, policy):
+            is_root = unit_module is module
+            index = self._engine.add_unit([getattr(s.owner, s.attr) for s in slots], [s.name for s in slots],
+                                          is_root=is_root)
+            unit = self._engine.unit(index)
+            shard = nn.Parameter(unit.shard)
+            unit.set_shard(shard)
+            self.flat_shards.append(shard)
+            for s in slots:
+                del s.owner._parameters[s.attr]
+            self._slots.append(slots)
+            if is_root:
+                self._root_unit = index
+            else:
+                self._hooks.append(unit_module.register_forward_pre_hook(functools.partial(self._pre_forward, index)))
+                self._hooks.append(unit_module.register_forward_hook(functools.partial(self._post_forward, index)))
+            with torch.no_grad():
+                self._install_views(index)
+        self._engine.free_all()  # stage 3 starts sharded
+
+    # --- hooks ------------------------------------------------------------------------------------
+
+    def _install_views(self, index: int) -> None:
+        for slot, view in zip(self._slots[index], self._engine.unit(index).param_views()):
+            slot.owner.__dict__[slot.attr] = view
+
+    def _pre_forward(self, index: int, module: nn.Module = None, args: Any = None) -> None:
+        self._engine.pre_forward(index)
+        self._install_views(index)
+
+    def _post_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
+        self._engine.post_forward(index)
+        if self.stage == 3 and torch.is_grad_enabled():
+            hook = functools.partial(self._pre_backward, index)
+            for t in _find_tensors(output):
+                if t.requires_grad:
+                    t.register_hook(hook)
+
+    def _pre_backward(self, index: int, grad: torch.Tensor) -> None:
+        self._engine.pre_backward(index)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._engine.begin_forward()
+        if self._root_unit is not None:
+            self._pre_forward(self._root_unit)
+        output = self.module(*args, **kwargs)
+        if self._root_unit is not None:
+            self._engine.post_forward(self._root_unit)
+        self._engine.end_forward(torch.is_grad_enabled())
+        return output
+
+    # --- optimizer support ------------------------------------------------------------------------
+
+    def gather_updated_parameters(self) -> None:
+        """Stages 1 and 2: all-gathers the shards an optimizer step changed into
+        the full parameters (:func:`ShardedOptimizer` calls it after each step).
+        Stage 3 gathers on use; nothing to do. Collective: every rank calls it."""
+        self._engine.gather_stale()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clips the gradients of all shards by their global norm (over every
+        rank), like :func:`torch.nn.utils.clip_grad_norm_` on the unsharded
+        model. Collective. Returns the total norm before clipping.
+
+        Args:
+            max_norm: the largest allowed norm.
+            norm_type: 2 or ``float('inf')``.
+        """
+        if float(norm_type) not in (2.0, float("inf")):
+            raise ValueError(f"clip_grad_norm_: norm_type must be 2 or inf, got {norm_type}")
+        return torch.tensor(self._engine.clip_grad_norm(float(max_norm), float(norm_type)))
+
+    # --- state dicts ------------------------------------------------------------------------------
+
+    def _unit_infos(self) -> list[dict[str, Any]]:
+        out = []
+        for i in range(self._engine.num_units):
+            u = self._engine.unit(i)
+            out.append({"names": list(u.names), "shapes": [list(s) for s in u.shapes], "total": u.total_numel})
+        return out
+
+    def _non_param_state(self) -> dict[str, Any]:
+        return self.module.state_dict()  # buffers and extra state: the parameters were taken out
+
+    def full_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """The unwrapped module's ``state_dict()`` (same keys, same order),
+        gathered. Collective: every rank calls it.
+
+        Args:
+            rank0_only: only rank 0 gets the dict, every other rank ``{}``
+                (default); False: every rank gets it. Buffers (batch-norm
+                statistics) are kept per rank, not synchronised: the dict
+                holds rank 0's.
+
+        Returns:
+            An ``OrderedDict`` loadable into the plain model with ``load_state_dict``.
+        """
+        gathered: dict[str, torch.Tensor] = {}
+        for i in range(self._engine.num_units):
+            u = self._engine.unit(i)
+            flat = u.gather_copy()
+            if rank0_only and self.rank != 0:
+                continue
+            offset = 0
+            for name, shape, numel in zip(u.names, u.shapes, u.numels):
+                gathered[name] = flat[offset:offset + numel].view(shape).clone()
+                offset += numel
+        if rank0_only and self.rank != 0:
+            return {}
+        rest = self._non_param_state()
+        if not rank0_only:  # buffers are per rank (not synchronised): everyone gets rank 0's
+            rest = collections.OrderedDict((k, v.clone() if isinstance(v, torch.Tensor) else v)
+                                           for k, v in rest.items())
+            tensors = [v for v in rest.values() if isinstance(v, torch.Tensor)]
+            if tensors:
+                _C.broadcast_coalesced(self.process_group, tensors, _BROADCAST_CHUNK_BYTES, 0)
+        out = collections.OrderedDict()
+        for key in self._state_keys:
+            out[key] = gathered[key] if key in gathered else rest[key]
+        out._metadata = getattr(rest, "_metadata", None)
+        return out
+
+    def load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a full (unwrapped) state dict: every rank passes the same dict
+        and keeps its slice. Keys must match the unwrapped module's exactly.
+        Collective at stages 1 and 2 (the parameters are gathered again)."""
+        missing = [k for k in self._state_keys if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in set(self._state_keys)]
+        if missing or unexpected:
+            raise KeyError(f"FullyShardedDataParallel.load_full_state_dict: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        param_names = set()
+        for i in range(self._engine.num_units):
+            u = self._engine.unit(i)
+            parts = []
+            for name, shape in zip(u.names, u.shapes):
+                t = state_dict[name]
+                if list(t.shape) != list(shape):
+                    raise ValueError(f"FullyShardedDataParallel.load_full_state_dict: '{name}' has shape "
+                                     f"{list(t.shape)}, the model has {list(shape)}")
+                parts.append(t.detach().reshape(-1).to(self.flat_shards[i].dtype))
+                param_names.add(name)
+            u.load_full(torch.cat(parts))
+        self.module.load_state_dict({k: v for k, v in state_dict.items() if k not in param_names})
+        self.gather_updated_parameters()
+
+    def sharded_state_dict(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Writes a sharded checkpoint into directory ``path``: each rank its
+        shards (and its optimizer state, if ``optimizer`` is given) as
+        ``shard_<rank>.dts``, then rank 0 the manifest ``manifest.dts`` (layout,
+        buffers), once every shard is durable: a checkpoint without a manifest
+        is incomplete. Snapshot format (``disttrain.snapshot``). Collective."""
+        from . import snapshot
+        path = os.fspath(path)
+        if self.rank == 0:
+            os.makedirs(path, exist_ok=True)
+            stale = os.path.join(path, MANIFEST)
+            if os.path.exists(stale):
+                os.unlink(stale)
+        dist.barrier(group=self.process_group)
+        state = {"format": _SHARDED_FORMAT, "rank": self.rank, "world_size": self.world_size,
+                 "shards": [p.detach() for p in self.flat_shards],
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None}
+        snapshot.save(os.path.join(path, _shard_file(self.rank)), state)
+        dist.barrier(group=self.process_group)
+        if self.rank == 0:
+            manifest = {"format": _SHARDED_FORMAT, "world_size": self.world_size, "stage": self.stage,
+                        "units": self._unit_infos(), "state_keys": self._state_keys,
+                        "buffers": dict(self._non_param_state()), "has_optimizer": optimizer is not None}
+            snapshot.save(os.path.join(path, MANIFEST), manifest)
+        dist.barrier(group=self.process_group)
+
+    def load_sharded_state_dict(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Loads a checkpoint written by :meth:`sharded_state_dict`, at any
+        world size: each rank reads the saved shards that overlap its new
+        slice and reshards them (also the optimizer's per-element state).
+        The wrapping (units) must be the same. Collective."""
+        from . import snapshot
+        path = os.fspath(path)
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise FileNotFoundError(f"sharded checkpoint '{path}' has no {MANIFEST} (missing or incomplete)")
+        manifest = snapshot.load(manifest_path)
+        if manifest.get("format") != _SHARDED_FORMAT:
+            raise ValueError(f"'{manifest_path}' is not a disttrain sharded checkpoint")
+        mine = self._unit_infos()
+        if [u["names"] for u in manifest["units"]] != [u["names"] for u in mine] or \
+                [u["shapes"] for u in manifest["units"]] != [u["shapes"] for u in mine]:
+            raise ValueError(f"sharded checkpoint '{path}' was saved with other units (auto_wrap) or another model")
+        if optimizer is not None and not manifest["has_optimizer"]:
+            raise ValueError(f"sharded checkpoint '{path}' holds no optimizer state")
+        old_world = manifest["world_size"]
+        needed = sorted({r for u in mine for r in _C.reshard_sources(u["total"], old_world, self.rank,
+                                                                       self.world_size)})
+        saved = {r: snapshot.load(os.path.join(path, _shard_file(r))) for r in needed}
+        empty = torch.empty(0)
+
+        def reshard(total: int, pieces: dict[int, torch.Tensor]) -> torch.Tensor:
+            return _C.reshard_flat([pieces.get(r, empty) for r in range(old_world)], total, self.rank,
+                                   self.world_size)
+
+        for i, u in enumerate(mine):
+            self._engine.unit(i).load_shard(reshard(u["total"], {r: s["shards"][i] for r, s in saved.items()}))
+        self.module.load_state_dict(manifest["buffers"])
+        if optimizer is not None:
+            optimizer.load_state_dict(self._reshard_optimizer_state(saved, old_world, reshard))
+        self.gather_updated_parameters()
+        dist.barrier(group=self.process_group)
+
+    def _reshard_optimizer_state(self, saved: dict[int, Any], old_world: int, reshard) -> dict[str, Any]:
+        any_saved = next(iter(saved.values()))["optimizer"]
+        state = {}
+        for i, u in enumerate(self._unit_infos()):
+            old_numel = (u["total"] + old_world - 1) // old_world
+            per_rank = {r: s["optimizer"]["state"].get(i) for r, s in saved.items()}
+            if any(v is None for v in per_rank.values()):
+                continue  # no step taken for this shard yet
+            first = next(iter(per_rank.values()))
+            entry = {}
+            for key, value in first.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == old_numel:
+                    entry[key] = reshard(u["total"], {r: v[key] for r, v in per_rank.items()})
+                else:
+                    entry[key] = value  # replicated (Adam's step)
+            state[i] = entry
+        return {"state": state, "param_groups": any_saved["param_groups"]}
+
+
+def ShardedOptimizer(optimizer_class: type[torch.optim.Optimizer], model: FullyShardedDataParallel,
+                     **optimizer_args: Any) -> torch.optim.Optimizer:
+    """An ``optimizer_class`` optimizer over ``model``'s local shards: it steps
+    on this rank's slice of every unit only (its state is 1/N of the
+    unsharded optimizer's). After each step the stage 1 and 2 full parameters
+    are gathered again from the updated shards (at stage 3 the next gather
+    uses them anyway).
+
+    Returns an instance of ``optimizer_class`` itself (with a step post-hook),
+    so learning-rate schedulers, ``state_dict`` and ``zero_grad`` work as usual.
+
+    Args:
+        optimizer_class: e.g. ``torch.optim.SGD``, ``torch.optim.Adam``, ``torch.optim.AdamW``.
+        model: a :class:`FullyShardedDataParallel`.
+        **optimizer_args: passed to ``optimizer_class`` (``lr``, ``betas``, ...).
+
+    Example:
+        >>> optimizer = disttrain.ShardedOptimizer(torch.optim.Adam, model, lr=1e-3)
+    """
+    if not isinstance(model, FullyShardedDataParallel):
+        raise TypeError(f"ShardedOptimizer: model must be a FullyShardedDataParallel, got {type(model).__name__}")
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(f"ShardedOptimizer: optimizer_class must be a torch.optim.Optimizer subclass, "
+                        f"got {optimizer_class!r}")
+    optimizer = optimizer_class(model.parameters(), **optimizer_args)
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: model.gather_updated_parameters())
+    return optimizer

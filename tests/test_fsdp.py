@@ -1,0 +1,314 @@
+"""disttrain.FullyShardedDataParallel (ZeRO stages 1-3) against DDP training,
+plus state dicts, resharding, gradient clipping and argument errors.
+
+Each launch runs many cases in one process group to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import run_ranks
+
+STEPS = 3
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _models():
+    from torch import nn
+
+    from disttrain.bench.fsdp import gpt_classes
+
+    # No qkv bias: the key bias's gradient is zero in exact arithmetic (softmax
+    # ignores a per-query shift), so Adam would turn rounding noise into +-lr steps.
+    GPT, Block = gpt_classes(vocab=23, dim=16, layers=2, seq=5, heads=2, qkv_bias=False)
+
+    def transformer():
+        model = GPT()
+        nn.init.normal_(model.pos, std=0.1)
+        return model
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(24, 10))
+
+    return {"transformer": (transformer, {Block}), "cnn": (cnn, 100)}
+
+
+def _batch(name, gen):
+    import torch
+    if name == "transformer":
+        x = torch.randint(0, 23, (2, 5), generator=gen)
+        return x, torch.randint(0, 23, (2, 5), generator=gen)
+    return torch.randn(3, 1, 6, 6, generator=gen), torch.randint(0, 10, (3,), generator=gen)
+
+
+def _loss(name, out, y):
+    import torch.nn.functional as F
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _optimizer(kind, params):
+    import torch
+    if kind == "sgd":
+        return torch.optim.SGD, dict(lr=0.1, momentum=0.9)
+    if kind == "adamw":
+        return torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)
+    return torch.optim.Adam, dict(lr=1e-2)
+
+
+def _train(name, wrapper, opt_kind, rank, steps=STEPS, clip=None, **fsdp_kwargs):
+    """Trains `name` for `steps` steps; returns (full state dict, model, optimizer)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as TorchDDP
+
+    import disttrain
+
+    torch.manual_seed(1234 + rank)  # ranks start different: construction must broadcast rank 0's model
+    factory, wrap = _models()[name]
+    module = factory()
+    cls, kwargs = _optimizer(opt_kind, None)
+    if wrapper == "ddp":
+        model = TorchDDP(module)
+        opt = cls(model.parameters(), **kwargs)
+    else:
+        model = disttrain.FullyShardedDataParallel(module, auto_wrap=wrap, **fsdp_kwargs)
+        if wrapper == "plain-opt":
+            opt = cls(model.parameters(), **kwargs)
+        else:
+            opt = disttrain.ShardedOptimizer(cls, model, **kwargs)
+    gen = torch.Generator().manual_seed(99 + rank)
+    norms = []
+    for _ in range(steps):
+        opt.zero_grad()
+        x, y = _batch(name, gen)
+        _loss(name, model(x), y).backward()
+        if clip is not None:
+            if wrapper == "ddp":
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+            else:
+                norms.append(model.clip_grad_norm_(clip).item())
+        opt.step()
+    if wrapper == "ddp":
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for key, buf in module.named_buffers():  # rank 0's statistics, as FSDP's full state dict has
+            torch.distributed.broadcast(state[key], 0)
+    else:
+        state = model.full_state_dict(rank0_only=False)
+    return state, norms, model, opt
+
+
+def _compare(label, ours, ref, failures):
+    import torch
+    if list(ours.keys()) != list(ref.keys()):
+        failures.append(f"{label}: keys {list(ours.keys())} != {list(ref.keys())}")
+        return
+    for key in ref:
+        try:
+            torch.testing.assert_close(ours[key], ref[key], rtol=RTOL, atol=ATOL)
+        except AssertionError as e:
+            failures.append(f"{label} {key}: {e}")
+
+
+def _numerics(rank, world_size):
+    failures = []
+    cases = 0
+    for name in ("transformer", "cnn"):
+        for opt_kind in ("sgd", "adam"):
+            ref, _, _, _ = _train(name, "ddp", opt_kind, rank)
+            for stage in (1, 2, 3):
+                ours, _, _, _ = _train(name, "fsdp", opt_kind, rank, stage=stage)
+                _compare(f"{name}/{opt_kind}/stage{stage}", ours, ref, failures)
+                cases += 1
+    # A plain torch optimizer on model.parameters() (the shards), no prefetch,
+    # gradient clipping by global norm, AdamW.
+    ref, ref_norms, _, _ = _train("transformer", "ddp", "adamw", rank, clip=0.5)
+    for stage in (1, 2, 3):
+        ours, norms, _, _ = _train("transformer", "plain-opt", "adamw", rank, clip=0.5, stage=stage, prefetch=False)
+        _compare(f"plain-adamw-clip/stage{stage}", ours, ref, failures)
+        if any(abs(a - b) > 1e-5 * abs(b) for a, b in zip(norms, ref_norms)):
+            failures.append(f"clip norms stage {stage}: {norms} != {ref_norms}")
+        if not all(n > 0.5 for n in ref_norms):
+            failures.append(f"clipping never active: norms {ref_norms}")
+        cases += 1
+    # bf16 on the wire: close to fp32 training, not equal.
+    ref, _, _, _ = _train("transformer", "ddp", "sgd", rank)
+    for stage in (1, 3):
+        ours, _, _, _ = _train("transformer", "fsdp", "sgd", rank, stage=stage, mixed_precision="bf16")
+        import torch
+        for key in ref:
+            if not torch.allclose(ours[key], ref[key], rtol=3e-2, atol=3e-3):
+                failures.append(f"bf16 stage {stage} {key}: too far from fp32")
+        cases += 1
+    assert not failures, "\n".join(failures)
+    return cases
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_matches_ddp(world_size):
+    """Transformer-like model (one unit per block) and CNN (size policy), SGD
+    and Adam, stages 1-3: after STEPS steps the gathered parameters and
+    buffers equal torch DDP's on the same data and seed; also with a plain
+    optimizer on the shards, AdamW and gradient clipping, and bf16 on the wire."""
+    results = run_ranks(_numerics, world_size, timeout=240)
+    assert results == [results[0]] * world_size and results[0] == 17
+
+
+def _full_optimizer_state(model, opt):
+    """Adam's exp_avg per unit, gathered and unpadded (for comparing across world sizes)."""
+    import torch
+    import torch.distributed as dist
+    out = []
+    for i, p in enumerate(model.flat_shards):
+        shard = opt.state[p]["exp_avg"]
+        parts = [torch.empty_like(shard) for _ in range(model.world_size)]
+        dist.all_gather(parts, shard)
+        out.append(torch.cat(parts)[:model._engine.unit(i).total_numel])
+    return out
+
+
+def _reshard_job(rank, world_size, load_dir, save_dir, expected):
+    """Loads `load_dir` (if any), checks it against `expected`, trains a step,
+    saves to `save_dir`; returns (full state, full optimizer state) as saved."""
+    import torch
+
+    import disttrain
+
+    factory, wrap = _models()["transformer"]
+    torch.manual_seed(5 + rank)
+    model = disttrain.FullyShardedDataParallel(factory(), stage=3, auto_wrap=wrap)
+    opt = disttrain.ShardedOptimizer(torch.optim.Adam, model, lr=1e-2)
+    gen = torch.Generator().manual_seed(7 + rank)
+    if load_dir is not None:
+        model.load_sharded_state_dict(load_dir, opt)
+        state = model.full_state_dict(rank0_only=False)
+        exp_avg = _full_optimizer_state(model, opt)
+        exp_state = {k: torch.from_numpy(v) for k, v in expected[0].items()}
+        exp_avg_ref = [torch.from_numpy(v) for v in expected[1]]
+        _compare("resharded", state, exp_state, failures := [])
+        assert not failures, "\n".join(failures)
+        for a, b in zip(exp_avg, exp_avg_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert opt.state[model.flat_shards[0]]["step"].item() == 2
+    else:
+        for _ in range(2):
+            opt.zero_grad()
+            x, y = _batch("transformer", gen)
+            _loss("transformer", model(x), y).backward()
+            opt.step()
+    model.sharded_state_dict(save_dir, opt)
+    # numpy: tensors would travel through shared memory the exiting rank takes with it
+    return ({k: v.numpy() for k, v in model.full_state_dict(rank0_only=False).items()},
+            [t.numpy() for t in _full_optimizer_state(model, opt)])
+
+
+def test_reshard_round_trip(tmp_path):
+    """A sharded checkpoint (parameters, buffers and Adam state) saved at 3
+    ranks loads at 2, and one saved at 2 loads at 3, identically."""
+    a, b, c = tmp_path / "w3", tmp_path / "w2", tmp_path / "w3b"
+    saved3 = run_ranks(_reshard_job, 3, args=(None, str(a), None), timeout=120)[0]
+    saved2 = run_ranks(_reshard_job, 2, args=(str(a), str(b), saved3), timeout=120)[0]
+    run_ranks(_reshard_job, 3, args=(str(b), str(c), saved2), timeout=120)
+    assert sorted(p.name for p in a.iterdir()) == ["manifest.dts", "shard_00000.dts", "shard_00001.dts",
+                                                   "shard_00002.dts"]
+
+
+def _state_dict_and_errors(rank, world_size):
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    factory, wrap = _models()["transformer"]
+    plain = factory()
+    model = disttrain.FullyShardedDataParallel(factory(), stage=3, auto_wrap=wrap)
+    full = model.full_state_dict()
+    if rank == 0:
+        assert list(full.keys()) == list(plain.state_dict().keys())
+        plain.load_state_dict(full)  # loadable into the unwrapped model
+    else:
+        assert full == {}
+    # load_full_state_dict round trip
+    torch.manual_seed(0)
+    other = factory().state_dict()
+    model.load_full_state_dict(other)
+    again = model.full_state_dict(rank0_only=False)
+    for k in other:
+        torch.testing.assert_close(again[k], other[k], rtol=0, atol=0)
+    # model.parameters(): the flat shards, one per unit (2 blocks + root)
+    shards = list(model.parameters())
+    assert len(shards) == 3 and all(p.dim() == 1 for p in shards)
+    assert sum(p.numel() for p in shards) * world_size >= sum(p.numel() for p in plain.parameters())
+
+    errors = []
+
+    def expect(exc, fragment, fn):
+        try:
+            fn()
+        except exc as e:
+            if fragment not in str(e):
+                errors.append(f"{fragment!r} not in {e}")
+        else:
+            errors.append(f"no {exc.__name__} for {fragment!r}")
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    FSDP = disttrain.FullyShardedDataParallel
+    expect(ValueError, "embed.weight = head.weight", lambda: FSDP(Tied()))
+    expect(ValueError, "stage must be 1, 2 or 3", lambda: FSDP(nn.Linear(2, 2), stage=4))
+    expect(ValueError, "mixed_precision", lambda: FSDP(nn.Linear(2, 2), mixed_precision="int8"))
+    expect(TypeError, "auto_wrap", lambda: FSDP(nn.Linear(2, 2), auto_wrap="blocks"))
+    expect(ValueError, "positive", lambda: FSDP(nn.Linear(2, 2), auto_wrap=0))
+    expect(TypeError, "nn.Module subclasses", lambda: FSDP(nn.Linear(2, 2), auto_wrap={int}))
+    frozen = nn.Linear(2, 2)
+    frozen.bias.requires_grad_(False)
+    expect(ValueError, "bias", lambda: FSDP(frozen))
+    expect(ValueError, "already wrapped", lambda: FSDP(nn.Sequential(FSDP(nn.Linear(2, 2)))))
+    expect(TypeError, "FullyShardedDataParallel", lambda: disttrain.ShardedOptimizer(torch.optim.SGD, plain, lr=1))
+    expect(TypeError, "Optimizer subclass", lambda: disttrain.ShardedOptimizer(object, model))
+    expect(KeyError, "missing keys", lambda: model.load_full_state_dict({}))
+    expect(ValueError, "norm_type", lambda: model.clip_grad_norm_(1.0, norm_type=1))
+    assert not errors, "\n".join(errors)
+    return True
+
+
+def test_state_dicts_and_errors():
+    """full_state_dict has exactly the plain model's keys (rank 0 only by
+    default) and loads into it; load_full_state_dict round-trips; tied
+    weights and bad arguments raise errors that say what is wrong."""
+    assert run_ranks(_state_dict_and_errors, 2, timeout=120) == [True, True]
+
+
+def _cli(rank, world_size, argv):
+    from disttrain import train_cli
+
+    return train_cli.main(argv)
+
+
+def test_trainer_with_fsdp_strategy(tmp_path):
+    """`disttrain train --strategy fsdp --zero-stage N` trains, snapshots the
+    full (unwrapped) model and resumes from it."""
+    import csv
+
+    import torch
+
+    from disttrain import models, snapshot
+
+    base = ["-m", "mlp", "-b", "128", "--dataset", "digits", "-s", str(tmp_path), "--save-name", "fsdp",
+            "--no-progress", "--strategy", "fsdp"]
+    assert run_ranks(_cli, 2, args=(base + ["-e", "1", "--zero-stage", "3"],), backend=None, timeout=180) == [0, 0]
+    assert run_ranks(_cli, 2, args=(base + ["-e", "2", "--zero-stage", "2"],), backend=None, timeout=180) == [0, 0]
+    with open(tmp_path / "fsdp" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and float(rows[1]["test_error"]) < float(rows[0]["test_error"])  # test_error: the test loss
+    assert float(rows[1]["test_acc"]) > 0.3  # chance is 0.1
+    best = snapshot.load(tmp_path / "fsdp" / "best_model.dts")["model"]
+    plain = models.get_model("mlp", num_classes=10, in_features=64)
+    plain.load_state_dict(best)
+    assert all(torch.isfinite(t).all() for t in best.values())
