@@ -52,13 +52,23 @@ def _rank_main(fn, rank, world_size, args, env, backend, pg_timeout, results, st
         results.put(("error", rank, traceback.format_exc()))
 
 
+def transport_env(transport: str) -> dict[str, Any]:
+    """``run_ranks`` keyword arguments that put a job on a disttrain transport:
+    ``"shm"``, ``"tcp"``, or ``"mixed"`` (ranks 2k and 2k+1 share a "host", told
+    apart by ``DISTTRAIN_HOST_ID``: shared memory within, TCP between)."""
+    if transport == "mixed":
+        return {"env": {"DISTTRAIN_TRANSPORT": "auto"}, "rank_env": lambda r: {"DISTTRAIN_HOST_ID": f"host{r // 2}"}}
+    return {"env": {"DISTTRAIN_TRANSPORT": transport}}
+
+
 class RankFailure(AssertionError):
     pass
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
               backend: str | None = "disttrain", timeout: float = 120.0, pg_timeout: float = 60.0,
-              env: dict[str, str] | None = None, expect_exit: Sequence[int] = ()) -> list[Any]:
+              env: dict[str, str] | None = None, rank_env: Callable[[int], dict[str, str]] | None = None,
+              expect_exit: Sequence[int] = ()) -> list[Any]:
     """Runs ``fn(rank, world_size, *args)`` in ``world_size`` processes.
 
     Args:
@@ -67,6 +77,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
         timeout: seconds for the whole job before it is killed and reported.
         pg_timeout: the process group's own timeout (seconds).
         env: extra environment variables for every rank.
+        rank_env: ``rank -> dict`` of further variables for one rank (called here,
+            in the parent, so it may be a lambda).
         expect_exit: ranks that are allowed to die without a result (fault tests).
 
     Returns:
@@ -82,7 +94,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                           wait_for_workers=False)
     base_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     base_env.update(env or {})
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, tuple(args), base_env, backend,
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, tuple(args),
+                                                   {**base_env, **(rank_env(r) if rank_env else {})}, backend,
                                                    pg_timeout, results, store.port), daemon=True)
              for r in range(world_size)]
     for p in procs:

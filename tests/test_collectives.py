@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_ranks
+from harness import run_ranks, transport_env
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int32, torch.int64,
           torch.uint8]
@@ -66,6 +66,7 @@ def _run_matrix(rank, world, big, transport):
     gloo = dist.new_group(backend="gloo")
     failures = []
     used = dist.group.WORLD._get_backend(torch.device("cpu")).transport
+    transport = {"mixed": "shm+tcp"}.get(transport, transport)
     if world > 1 and used != transport:
         failures.append(f"transport {used} in use, {transport} requested")
 
@@ -170,15 +171,15 @@ def _run_matrix(rank, world, big, transport):
     return failures
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world,transport", [(w, t) for t in ("shm", "tcp") for w in (1, 2, 3, 4)]
+                         + [(3, "mixed"), (4, "mixed")])
 def test_matrix_matches_gloo(world, transport):
     # The 64 MiB cases run once per transport (shm at 2 ranks, tcp at 3, the odd
     # ring); every other size runs everywhere. The full 64 MiB matrix at every
     # world size takes too long for the suite on a 2-core machine.
     big = (transport, world) in (("shm", 2), ("tcp", 3))
     results = run_ranks(_run_matrix, world, args=(big, transport), timeout=900, pg_timeout=300,
-                        env={"DISTTRAIN_TRANSPORT": transport})
+                        **transport_env(transport))
     failures = [f"rank {r}: {f}" for r, fs in enumerate(results) for f in fs]
     assert not failures, "\n".join(failures[:40])
 

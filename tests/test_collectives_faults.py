@@ -11,14 +11,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import run_ranks
+from harness import run_ranks, transport_env
 
-# Every fault test runs over both same-host transports.
-pytestmark = pytest.mark.parametrize("transport", ["shm", "tcp"])
+# Every fault test runs over both same-host transports; those with 3 ranks
+# also "mixed": ranks 0-1 on one host (shared memory), rank 2 on another (TCP).
+SAME_HOST = pytest.mark.parametrize("transport", ["shm", "tcp"])
+WITH_MIXED = pytest.mark.parametrize("transport", ["shm", "tcp", "mixed"])
 
 
 def env(transport):
-    return {"DISTTRAIN_TRANSPORT": transport}
+    return transport_env(transport)
 
 
 def _backend():
@@ -40,8 +42,9 @@ def _killed_mid_allreduce(rank, world):
     return {"error": None, "seconds": time.monotonic() - start}
 
 
+@WITH_MIXED
 def test_killed_rank_makes_every_other_rank_raise_naming_it(transport):
-    results = run_ranks(_killed_mid_allreduce, 3, pg_timeout=30, expect_exit=[2], env=env(transport))
+    results = run_ranks(_killed_mid_allreduce, 3, pg_timeout=30, expect_exit=[2], **env(transport))
     for r in (0, 1):
         res = results[r]
         assert res["error"] is not None, f"rank {r} never noticed the dead rank"
@@ -59,8 +62,9 @@ def _mismatched_shapes(rank, world):
     return None
 
 
+@SAME_HOST
 def test_mismatched_shapes_raise_the_same_error_everywhere(transport):
-    a, b = run_ranks(_mismatched_shapes, 2, pg_timeout=30, env=env(transport))
+    a, b = run_ranks(_mismatched_shapes, 2, pg_timeout=30, **env(transport))
     assert a is not None and a == b
     assert "collective mismatch" in a and "seq=0" in a
     assert "numel=100" in a and "numel=200" in a
@@ -76,8 +80,9 @@ def _skips_collective(rank, world):
     return None
 
 
+@WITH_MIXED
 def test_rank_that_skips_a_collective_is_reported(transport):
-    results = run_ranks(_skips_collective, 3, pg_timeout=30, env=env(transport))
+    results = run_ranks(_skips_collective, 3, pg_timeout=30, **env(transport))
     assert all(r is not None for r in results), results
     assert len(set(results)) == 1, results
     assert "allreduce" in results[0] and "barrier" in results[0]
@@ -95,8 +100,9 @@ def _silent_peer(rank, world):
     return {"error": None}
 
 
+@SAME_HOST
 def test_silent_peer_times_out_within_the_group_timeout(transport):
-    results = run_ranks(_silent_peer, 2, pg_timeout=3, env=env(transport))
+    results = run_ranks(_silent_peer, 2, pg_timeout=3, **env(transport))
     res = results[0]
     assert res["error"] is not None and "timeout" in res["error"] and "rank(s) 1" in res["error"], res
     assert 2.5 < res["seconds"] < 10
@@ -127,8 +133,9 @@ def _stray_connections(rank, world):
     return backend.rejected_connections
 
 
+@SAME_HOST
 def test_stray_connections_are_dropped_without_disturbing_the_job(transport):
-    rejected = run_ranks(_stray_connections, 2, pg_timeout=30, env=env(transport))
+    rejected = run_ranks(_stray_connections, 2, pg_timeout=30, **env(transport))
     assert rejected[0] >= 3
 
 
@@ -153,8 +160,9 @@ def _bad_input(rank, world):
     return errors
 
 
+@SAME_HOST
 def test_bad_input_is_a_clear_error_and_leaves_the_group_usable(transport):
-    res = run_ranks(_bad_input, 2, env=env(transport))[0]
+    res = run_ranks(_bad_input, 2, **env(transport))[0]
     assert res["band_float"][0] == "ValueError" and "BAND" in res["band_float"][1]
     assert res["avg_bool"][0] == "ValueError"
     assert res["send_to_self"] is not None

@@ -152,15 +152,21 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
     if (q == 0 || std::find(host_of.begin(), host_of.begin() + q, host_of[q]) == host_of.begin() + q)
       leaders.push_back(q);
   }
-  if (local.size() == 1) return;  // one rank per host: TCP is all there is
+  // Every rank must take the same decision: two levels as soon as any host
+  // holds several ranks, also on a host that holds one (it is then its own leader).
+  std::vector<int> ranks_on(hosts, 0);
+  for (int q = 0; q < size; ++q) ++ranks_on[host_of[q]];
+  if (*std::max_element(ranks_on.begin(), ranks_on.end()) == 1) return;  // one rank per host: TCP is all there is
   // Two levels: shared memory within the host, TCP between the hosts' leaders.
+  hierarchical_ = true;
   const int h = host_of[rank];
   const int local_rank = static_cast<int>(std::find(local.begin(), local.end(), rank) - local.begin());
-  auto host_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/host" + std::to_string(h) + "/", store);
-  local_ = std::make_unique<TcpTransport>(host_store, local_rank, static_cast<int>(local.size()), timeout, store);
-  local_->set_group_ranks(local);
-  shm_ = std::make_unique<ShmGroup>(host_store, *local_, local_->secret());
-  hierarchical_ = true;
+  if (local.size() > 1) {
+    auto host_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/host" + std::to_string(h) + "/", store);
+    local_ = std::make_unique<TcpTransport>(host_store, local_rank, static_cast<int>(local.size()), timeout, store);
+    local_->set_group_ranks(local);
+    shm_ = std::make_unique<ShmGroup>(host_store, *local_, local_->secret());
+  }
   if (local_rank == 0) {
     const int leader_rank = static_cast<int>(std::find(leaders.begin(), leaders.end(), rank) - leaders.begin());
     auto leader_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/leaders/", store);
@@ -172,10 +178,11 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
 void DisttrainBackend::run_allreduce(const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
                                      Deadline dl) {
   if (hierarchical_) {
-    // Reduce within the host, across the hosts' leaders, then broadcast within the host.
-    shm_allreduce(*shm_, sig, data, count, dtype, dl);
+    // Reduce within the host, across the hosts' leaders, then broadcast within
+    // the host (a rank alone on its host has only the middle step).
+    if (shm_) shm_allreduce(*shm_, sig, data, count, dtype, dl);
     if (leaders_) comm::allreduce(*leaders_, sig, data, count, dtype, dl);
-    shm_broadcast(*shm_, sig, data, count * c10::elementSize(dtype), 0, dl);
+    if (shm_) shm_broadcast(*shm_, sig, data, count * c10::elementSize(dtype), 0, dl);
   } else if (shm_) {
     shm_allreduce(*shm_, sig, data, count, dtype, dl);
   } else {
@@ -620,7 +627,14 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::recv(std::vector<at::Tensor>& t
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {
   OpSignature sig{next_seq_++, OpKind::kBarrier, static_cast<uint8_t>(at::kByte), RedOp::kSum, 0, 0};
   return enqueue(c10d::OpType::BARRIER, sig.seq, {}, [=, this](Deadline dl) {
-    if (shm_ && !hierarchical_) {
+    if (hierarchical_) {
+      // Within the host, across the leaders, then released within the host:
+      // the same path as all-reduce, so a rank in a barrier meets a peer in an
+      // all-reduce (or the reverse) with a mismatch error, not a timeout.
+      if (shm_) shm_barrier(*shm_, sig, dl);
+      if (leaders_) recursive_doubling_allreduce(*leaders_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);
+      if (shm_) shm_barrier(*shm_, sig, dl);
+    } else if (shm_) {
       shm_barrier(*shm_, sig, dl);
     } else if (getSize() > 1) {
       recursive_doubling_allreduce(*transport_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);

@@ -90,7 +90,7 @@ class DisttrainBackend : public c10d::Backend {
   std::string address() const { return transport_->address(); }
   // "shm" (every rank on this host), "shm+tcp" (two-level: shared memory within
   // each host, TCP between hosts) or "tcp".
-  std::string transport_name() const { return shm_ ? (leaders_ || hierarchical_ ? "shm+tcp" : "shm") : "tcp"; }
+  std::string transport_name() const { return hierarchical_ ? "shm+tcp" : shm_ ? "shm" : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
 
  private:
