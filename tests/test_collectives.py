@@ -152,6 +152,19 @@ def _run_matrix(rank, world, big, transport):
     dist.all_reduce_coalesced(ts)
     expect("all_reduce_coalesced[0]", ts[0], torch.full((3,), float(sum(range(world)))))
     expect("all_reduce_coalesced[1]", ts[1], torch.full((5,), float(sum(range(1, world + 1)))))
+    # Coalesced in place (shared memory: no flattened copy) equals the flat
+    # all-reduce bit for bit: across a slot boundary, with an empty tensor, AVG
+    # fused (f32, f64) or not (bf16); rank 0 passes a non-contiguous tensor.
+    for dtype, op in ((torch.float32, dist.ReduceOp.AVG), (torch.float64, dist.ReduceOp.AVG),
+                      (torch.bfloat16, dist.ReduceOp.AVG), (torch.int32, dist.ReduceOp.SUM)):
+        g = torch.Generator().manual_seed(rank)
+        ts = [(torch.randn(n, generator=g) * 100).to(dtype) for n in (5, 0, (1 << 18) + 3, 70_000, 1)]
+        flat = torch.cat(ts)
+        dist.all_reduce(flat, op=op)
+        if rank == 0:
+            ts[2] = torch.stack([ts[2], ts[2]], 1)[:, 0]
+        dist.all_reduce_coalesced(ts, op=op)
+        expect(f"all_reduce_coalesced {dtype} {op}", torch.cat(ts), flat)
     # reduce / gather / scatter with a non-zero root
     root = world // 2
     t = torch.full((4,), float(rank + 1))

@@ -313,10 +313,33 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
   }
   RedOp op = to_redop(opts.reduceOp);
   reduce_kernel(tensors[0].scalar_type(), op);
-  at::Tensor flat = flat_cat(tensors);
-  OpSignature sig = signature(OpKind::kAllreduce, flat, op, flat.numel());
   std::vector<at::Tensor> users = tensors;
   int world = getSize();
+  if (shm_ && !hierarchical_) {
+    // Shared memory reads and writes the tensors where they are: no
+    // flattened copy in, no copy out (DDP's gradients, for one). Every rank
+    // of a same-host group takes this path, so a fused AVG is the same on all.
+    int64_t count = 0;
+    std::vector<at::Tensor> buffers;
+    for (const auto& t : tensors) {
+      count += t.numel();
+      buffers.push_back(t.contiguous());
+    }
+    OpSignature sig = signature(OpKind::kAllreduce, tensors[0], op, count);
+    const c10::ScalarType dtype = tensors[0].scalar_type();
+    const bool fuse_avg = op == RedOp::kAvg && (dtype == at::kFloat || dtype == at::kDouble);
+    return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
+      std::vector<MemoryPiece> pieces;
+      for (auto& b : buffers) pieces.push_back({static_cast<uint8_t*>(b.data_ptr()), b.nbytes()});
+      shm_allreduce_segments(*shm_, sig, pieces, count, dtype, fuse_avg, dl);
+      for (size_t i = 0; i < users.size(); ++i) {
+        if (op == RedOp::kAvg && !fuse_avg) divide_by(buffers[i], world);
+        copy_back(users[i], buffers[i]);
+      }
+    });
+  }
+  at::Tensor flat = flat_cat(tensors);
+  OpSignature sig = signature(OpKind::kAllreduce, flat, op, flat.numel());
   return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
     run_allreduce(sig, flat.data_ptr(), flat.numel(), flat.scalar_type(), dl);
     if (op == RedOp::kAvg) divide_by(flat, world);

@@ -67,4 +67,17 @@ void shm_allgather(ShmGroup& g, const OpSignature& sig, const void* in, void* ou
 void shm_reduce_scatter(ShmGroup& g, const OpSignature& sig, const void* in, void* out, size_t count,
                         c10::ScalarType dtype, Deadline deadline);
 void shm_barrier(ShmGroup& g, const OpSignature& sig, Deadline deadline);
+
+// One piece of a buffer made of several tensors' memory.
+struct MemoryPiece {
+  uint8_t* data;
+  size_t bytes;
+};
+// All-reduce of `count` elements held in `segments` (read and written in
+// place: no flattened copy, so the tensors of an all_reduce_coalesced are
+// reduced where they are). With `divide`, every element ends divided by the
+// world size (AVG), fused into the reduction; it requires float32 or float64.
+// Peers must all call this (not shm_allreduce) for the same op.
+void shm_allreduce_segments(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& segments, size_t count,
+                            c10::ScalarType dtype, bool divide, Deadline deadline);
 }  // namespace disttrain::comm

@@ -1,6 +1,9 @@
 // Collectives over ShmGroup. Each works in epochs of at most one slot of data
 // per rank; every epoch checks every rank's signature before any data is used.
+#include <algorithm>
 #include <cstring>
+
+#include <c10/util/Exception.h>
 
 #include "comm/collectives.h"
 #include "comm/shm_group.h"
@@ -29,16 +32,66 @@ constexpr size_t kReduceBlockBytes = 8 << 10;
 // same bits), block by block: dst is written once per block instead of once
 // per source. With `copy_to`, each finished block is also copied there while
 // it is still in cache. dst may alias srcs[0].
+// With `divide_by` > 0 (float32 or float64 only), each finished block is
+// divided by it (AVG) while in cache.
 void reduce_blocked(ReduceFn fn, uint8_t* dst, const std::vector<const uint8_t*>& srcs, size_t count, size_t elem,
-                    uint8_t* copy_to = nullptr) {
+                    uint8_t* copy_to = nullptr, c10::ScalarType dtype = c10::ScalarType::Undefined, int divide_by = 0) {
   const size_t block = std::max<size_t>(1, kReduceBlockBytes / elem);
   for (size_t at = 0; at < count; at += block) {
     const size_t n = std::min(block, count - at), off = at * elem;
     fn(dst + off, srcs[0] + off, srcs[1] + off, n);
     for (size_t q = 2; q < srcs.size(); ++q) fn(dst + off, dst + off, srcs[q] + off, n);
+    if (divide_by > 0) {
+      if (dtype == c10::ScalarType::Float) {
+        auto* x = reinterpret_cast<float*>(dst + off);
+        const auto d = static_cast<float>(divide_by);
+        for (size_t i = 0; i < n; ++i) x[i] /= d;
+      } else {
+        TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::Double, "fused AVG on ", dtype);
+        auto* x = reinterpret_cast<double*>(dst + off);
+        const auto d = static_cast<double>(divide_by);
+        for (size_t i = 0; i < n; ++i) x[i] /= d;
+      }
+    }
     if (copy_to) std::memcpy(copy_to + off, dst + off, n * elem);
   }
 }
+
+// Segments read and written as one virtual buffer.
+class Scattered {
+ public:
+  explicit Scattered(const std::vector<MemoryPiece>& segments) {
+    size_t at = 0;
+    for (const auto& s : segments) {
+      if (s.bytes == 0) continue;
+      segments_.push_back(s);
+      starts_.push_back(at);
+      at += s.bytes;
+    }
+  }
+  void gather(size_t offset, size_t bytes, uint8_t* dst) const {
+    for_range(offset, bytes, [&](uint8_t* p, size_t n, size_t at) { std::memcpy(dst + at, p, n); });
+  }
+  void scatter(size_t offset, size_t bytes, const uint8_t* src) const {
+    for_range(offset, bytes, [&](uint8_t* p, size_t n, size_t at) { std::memcpy(p, src + at, n); });
+  }
+
+ private:
+  // f(address, bytes, position in the range) for each segment piece of [offset, offset + bytes).
+  template <class F>
+  void for_range(size_t offset, size_t bytes, F f) const {
+    if (bytes == 0) return;
+    size_t i = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), offset) - starts_.begin()) - 1;
+    for (size_t done = 0; done < bytes; ++i) {
+      const size_t inside = offset + done - starts_[i];
+      const size_t n = std::min(segments_[i].bytes - inside, bytes - done);
+      f(segments_[i].data + inside, n, done);
+      done += n;
+    }
+  }
+  std::vector<MemoryPiece> segments_;
+  std::vector<size_t> starts_;
+};
 
 }  // namespace
 
@@ -80,6 +133,46 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count
       for (int q = 0; q < p; ++q) {
         Slice t = slice(n, p, q);
         if (q != r && t.length > 0) std::memcpy(out + t.offset * elem, g.reduced(q) + t.offset * elem, t.length * elem);
+      }
+    }
+    g.finish();
+    offset += n;
+  } while (offset < count);
+}
+
+void shm_allreduce_segments(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& segments, size_t count,
+                            c10::ScalarType dtype, bool divide, Deadline deadline) {
+  const ReduceFn fn = reduce_kernel(dtype, sig.redop);
+  const size_t elem = c10::elementSize(dtype);
+  const int p = g.size(), r = g.rank(), divide_by = divide ? p : 0;
+  const Scattered user(segments);
+  const size_t max_elems = g.slot_bytes() / elem;
+  std::vector<const uint8_t*> slots(p);
+  std::vector<uint8_t> scratch;
+  size_t offset = 0;
+  do {
+    const size_t n = std::min(count - offset, max_elems), base = offset * elem;
+    uint8_t* mine = g.begin(sig, deadline);
+    // Unlike shm_allreduce, this rank's own data goes through its slot too:
+    // its own slice is reduced there (no contiguous user buffer to do it in).
+    user.gather(base, n * elem, mine);
+    g.publish();
+    if (n * elem <= kDirectReduceMaxBytes) {
+      for (int q = 0; q < p; ++q) slots[q] = q == r ? mine : g.peer(q);
+      scratch.resize(n * elem);
+      if (n > 0) reduce_blocked(fn, scratch.data(), slots, n, elem, nullptr, dtype, divide_by);
+      user.scatter(base, n * elem, scratch.data());
+    } else {
+      Slice s = slice(n, p, r);
+      uint8_t* own = mine + s.offset * elem;
+      slots[0] = own;
+      for (int q = 0, k = 1; q < p; ++q)
+        if (q != r) slots[k++] = g.peer(q) + s.offset * elem;
+      reduce_blocked(fn, own, slots, s.length, elem, nullptr, dtype, divide_by);
+      g.mark_reduced();
+      for (int q = 0; q < p; ++q) {
+        Slice t = slice(n, p, q);
+        if (t.length > 0) user.scatter(base + t.offset * elem, t.length * elem, (q == r ? mine : g.reduced(q)) + t.offset * elem);
       }
     }
     g.finish();

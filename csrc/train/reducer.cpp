@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
+#include <algorithm>
 #include <chrono>
 #include <sstream>
 #include <unordered_set>
@@ -12,6 +13,14 @@
 
 namespace disttrain::train {
 namespace {
+
+bool backend_reduces_in_place(const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+  try {
+    return group->getBackend(c10::DeviceType::CPU)->getBackendName() == "disttrain";
+  } catch (const std::exception&) {
+    return false;  // no CPU backend in this group
+  }
+}
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -43,6 +52,8 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
                 p.device(), " but '", names_[0], "' is on ", params_[0].device(), "; keep the module on one device");
   }
 
+  reduce_in_place_ = !options_.wire_dtype && !options_.gradient_as_bucket_view && params_[0].device().is_cpu() &&
+                     backend_reduces_in_place(group_);
   std::vector<TensorSlot> slots;
   for (const auto& p : params_) slots.push_back({p.numel() * static_cast<int64_t>(p.element_size()), p.scalar_type()});
   // Forward runs layers in registration order, so backward tends to produce
@@ -100,6 +111,7 @@ void Reducer::build_buckets(const std::vector<std::vector<int64_t>>& plan) {
       offset += p.numel();
     }
     bucket.direct = members.size() == 1 && !compress && !options_.gradient_as_bucket_view;
+    bucket.in_place.resize(members.size());
     bucket.pending = members.size();
     buckets.push_back(std::move(bucket));
   }
@@ -195,6 +207,20 @@ void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
     bucket.direct_grad = grad;
     return;
   }
+  if (reduce_in_place_ && from_hook && grad.is_contiguous() && !grad.requires_grad() &&
+      (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble)) {
+    // Autograd is done with it: it is averaged where it is, at launch.
+    bucket.in_place[loc.slot] = grad;
+    return;
+  }
+  stage(bucket, loc.slot, grad);
+}
+
+void Reducer::stage(Bucket& bucket, size_t slot, const at::Tensor& grad) {
+  at::Tensor& view = bucket.views[slot];
+  // Multiplying by the reciprocal (rather than dividing) matches torch DDP bit for bit.
+  auto scale = at::scalar_tensor(1.0 / world_size_, at::kDouble);
+  scale.unsafeGetTensorImpl()->set_wrapped_number(true);
   if (view.scalar_type() != grad.scalar_type()) {
     // Compressing: ATen's mixed-dtype mul_out is a slow scalar loop (12x a
     // copy here), while narrowing copy_ and a bf16/fp16 mul_ are vectorised.
@@ -203,7 +229,7 @@ void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
     // Scale while copying: one pass over the gradient.
     at::mul_out(view, grad, scale);
   }
-  if (options_.gradient_as_bucket_view) grad = view;
+  if (options_.gradient_as_bucket_view) params_[bucket.params[slot]].mutable_grad() = view;
 }
 
 void Reducer::launch_ready_buckets() {
@@ -211,13 +237,28 @@ void Reducer::launch_ready_buckets() {
   // sequence of collectives whatever order its hooks fire in.
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& bucket = buckets_[next_launch_++];
-    std::vector<at::Tensor> tensors{bucket.direct_grad.defined() ? bucket.direct_grad
-                                    : bucket.wire.defined()      ? bucket.wire.copy_(bucket.flat)
-                                                                 : bucket.flat};
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    bucket.launch_ns = now_ns();
-    bucket.work = group_->allreduce(tensors, opts);
+    bucket.launched_in_place = !bucket.direct_grad.defined() &&
+                               std::all_of(bucket.in_place.begin(), bucket.in_place.end(),
+                                           [](const at::Tensor& g) { return g.defined(); });
+    if (bucket.launched_in_place) {
+      c10d::AllreduceCoalescedOptions opts;
+      opts.reduceOp = c10d::ReduceOp::AVG;
+      bucket.launch_ns = now_ns();
+      bucket.work = group_->allreduce_coalesced(bucket.in_place, opts);
+    } else {
+      // Some gradient could not be reduced in place: stage them all.
+      for (const auto slot : c10::irange(bucket.in_place.size())) {
+        if (bucket.in_place[slot].defined()) stage(bucket, slot, bucket.in_place[slot]);
+        bucket.in_place[slot].reset();
+      }
+      std::vector<at::Tensor> tensors{bucket.direct_grad.defined() ? bucket.direct_grad
+                                      : bucket.wire.defined()      ? bucket.wire.copy_(bucket.flat)
+                                                                   : bucket.flat};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp::SUM;
+      bucket.launch_ns = now_ns();
+      bucket.work = group_->allreduce(tensors, opts);
+    }
     bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
     try {
       bucket.work->getFuture()->addCallback(
@@ -295,7 +336,9 @@ void Reducer::write_back(Bucket& bucket, size_t slot) {
   const int64_t index = bucket.params[slot];
   const at::Tensor& view = bucket.views[slot];
   at::Tensor& grad = params_[index].mutable_grad();
-  if (bucket.direct_grad.defined()) {
+  if (bucket.launched_in_place) {
+    if (!grad.is_same(bucket.in_place[slot])) grad = bucket.in_place[slot];
+  } else if (bucket.direct_grad.defined()) {
     if (!grad.is_same(bucket.direct_grad)) grad = bucket.direct_grad;  // it had none locally
   } else if (options_.gradient_as_bucket_view) {
     if (!grad.defined() || !grad.is_alias_of(view)) grad = view;
@@ -347,6 +390,8 @@ void Reducer::reset_iteration() {
     bucket.pending = bucket.params.size();
     bucket.work.reset();
     bucket.direct_grad.reset();
+    for (auto& g : bucket.in_place) g.reset();
+    bucket.launched_in_place = false;
   }
 }
 

@@ -73,6 +73,10 @@ class Reducer {
     // A lone parameter's gradient is all-reduced in place, without staging.
     bool direct = false;
     at::Tensor direct_grad;
+    // With a backend that all-reduces a tensor list in place with AVG: the
+    // gradients themselves, per slot (undefined until ready, or when staged).
+    std::vector<at::Tensor> in_place;
+    bool launched_in_place = false;
     size_t pending = 0;
     c10::intrusive_ptr<c10d::Work> work;
     int64_t launch_ns = 0;
@@ -87,6 +91,7 @@ class Reducer {
   void on_gradient_ready(int64_t index);  // autograd hook (engine thread)
   void mark_ready(int64_t index, bool from_hook);  // holds mu_
   void copy_into_bucket(int64_t index, bool from_hook);
+  void stage(Bucket& bucket, size_t slot, const at::Tensor& grad);  // scaled copy into the bucket
   void launch_ready_buckets();            // holds mu_
   void finalize_backward();               // engine final callback
   void write_back(Bucket& bucket, size_t slot);  // the reduced gradient into param.grad
@@ -99,6 +104,10 @@ class Reducer {
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   ReducerOptions options_;
   int world_size_;
+  // The group's backend all-reduces a list of tensors where they are, with
+  // AVG (disttrain's does, over shared memory): gradients then skip the
+  // bucket copy in and the copy out.
+  bool reduce_in_place_ = false;
 
   using GradAccumulator = decltype(torch::autograd::impl::grad_accumulator(std::declval<at::Tensor>()));
   std::vector<GradAccumulator> accumulators_;
