@@ -17,10 +17,10 @@ DISTTRAIN_BINDINGS(shard) {
       .def_property_readonly("padded_numel", [](const ShardedUnit& u) { return u.layout().padded; })
       .def_property_readonly("shard_numel", [](const ShardedUnit& u) { return u.layout().shard_numel; })
       .def_property_readonly("shard", &ShardedUnit::shard)
-      .def_property_readonly("full", [](ShardedUnit& u) { return u.full(); })
+      .def_property_readonly("full", &ShardedUnit::full)
       .def_property_readonly("gathered", &ShardedUnit::gathered)
       .def("set_shard", &ShardedUnit::set_shard, py::arg("param"))
-      .def("param_views", &ShardedUnit::param_views)
+      .def_property_readonly("params", &ShardedUnit::params)
       .def("gather_copy", &ShardedUnit::gather_copy, py::call_guard<py::gil_scoped_release>())
       .def("load_full", &ShardedUnit::load_full, py::arg("flat"))
       .def("load_shard", &ShardedUnit::load_shard, py::arg("shard"));

@@ -231,7 +231,7 @@ class FullyShardedDataParallel(nn.Module):
     # --- hooks ------------------------------------------------------------------------------------
 
     def _install_views(self, index: int) -> None:
-        for slot, view in zip(self._slots[index], self._engine.unit(index).param_views()):
+        for slot, view in zip(self._slots[index], self._engine.unit(index).params):
             slot.owner.__dict__[slot.attr] = view
 
     def _pre_forward(self, index: int, module: nn.Module = None, args: Any = None) -> None:

@@ -3,9 +3,9 @@
 //
 // The Python layer calls pre_forward / post_forward from module hooks and
 // pre_backward from hooks on a unit's forward outputs; the engine registers a
-// hook on each unit's gradient accumulator itself, so a unit's gradient
-// reduction starts as soon as backward has produced it, overlapping the rest
-// of backward, and a callback queued on the autograd engine finishes all
+// hook on each parameter's gradient accumulator itself, moves each gradient
+// into its unit's flat gradient as it arrives, and starts the unit's
+// reduction as soon as all of them have, overlapping the rest of backward, and a callback queued on the autograd engine finishes all
 // reductions (and, at stage 3, frees the root's parameters) at its end.
 //
 // Stage 3: a unit's parameters are gathered before its forward and before its
@@ -61,7 +61,8 @@ class ShardEngine {
   double clip_grad_norm(double max_norm, double norm_type);
 
  private:
-  void on_unit_gradient(int64_t index);  // autograd hook, engine thread
+  void on_param_gradient(int64_t index, size_t param);  // autograd hook on a parameter's accumulator
+  void reduce_unit(int64_t index);  // launches a unit's reduction (lock held)
   void finalize_backward();              // autograd final callback
   void prefetch(int64_t index);
   void free_all_locked();
