@@ -24,7 +24,8 @@ ShardEngine::~ShardEngine() {
   for (const auto i : c10::irange(accumulators_.size())) accumulators_[i]->del_post_hook(hook_keys_[i]);
 }
 
-int64_t ShardEngine::add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root) {
+int64_t ShardEngine::add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root,
+                              bool gather_for_backward) {
   std::lock_guard<std::mutex> lock(mu_);
   TORCH_CHECK(!(is_root && root_ >= 0), "ShardEngine: only one root unit");
   const int64_t index = static_cast<int64_t>(units_.size());
@@ -42,6 +43,7 @@ int64_t ShardEngine::add_unit(const std::vector<at::Tensor>& params, std::vector
     accumulators_.push_back(std::move(accumulator));
   }
   ran_forward_.push_back(0);
+  gather_for_backward_.push_back(gather_for_backward || is_root);
   backward_seen_.push_back(0);
   reduced_.push_back(0);
   return index;
@@ -60,6 +62,14 @@ int64_t ShardEngine::neighbour_in_order(int64_t index, int step) const {
     if (next < 0 || next >= static_cast<int64_t>(forward_order_.size())) return -1;
     const int64_t unit = forward_order_[next];
     return unit == root_ ? -1 : unit;
+  }
+  return -1;
+}
+
+int64_t ShardEngine::backward_prefetch_target(int64_t index) const {
+  // Strictly earlier in the forward order each step, so this ends.
+  for (int64_t u = neighbour_in_order(index, -1); u >= 0; u = neighbour_in_order(u, -1)) {
+    if (gather_for_backward_[u]) return u;
   }
   return -1;
 }
@@ -117,8 +127,8 @@ void ShardEngine::pre_backward(int64_t index) {
   if (backward_seen_[index]) return;
   backward_seen_[index] = 1;
   if (options_.stage != 3) return;
-  units_[index]->wait_gather();
-  prefetch(neighbour_in_order(index, -1));
+  if (gather_for_backward_[index]) units_[index]->wait_gather();
+  if (options_.backward_prefetch == ShardOptions::BackwardPrefetch::kPre) prefetch(backward_prefetch_target(index));
 }
 
 void ShardEngine::on_param_gradient(int64_t index, size_t param) {
@@ -137,16 +147,20 @@ void ShardEngine::on_param_gradient(int64_t index, size_t param) {
     units_[last_reduced_]->finish_reduction();
     last_reduced_ = -1;
   }
-  if (u.accept_gradient(param)) reduce_unit(index);
+  if (u.accept_gradient(param)) reduce_unit(index, /*in_backward=*/true);
 }
 
-void ShardEngine::reduce_unit(int64_t index) {
+void ShardEngine::reduce_unit(int64_t index, bool in_backward) {
   ShardedUnit& u = *units_[index];
   reduced_[index] = 1;
   if (last_reduced_ >= 0) units_[last_reduced_]->finish_reduction();
-  u.launch_reduction();
   // Every parameter's accumulator has run: no later backward node reads them.
   if (options_.stage == 3 && index != root_) u.free_full();
+  // The next unit's gather goes first: backward waits for it, not for this reduction.
+  if (in_backward && options_.backward_prefetch == ShardOptions::BackwardPrefetch::kPost) {
+    prefetch(backward_prefetch_target(index));
+  }
+  u.launch_reduction();
   last_reduced_ = index;
 }
 
@@ -158,7 +172,7 @@ void ShardEngine::finalize_backward() {
     // every rank issues the same collectives.
     for (const auto i : c10::irange(units_.size())) {
       if (!reduced_[i] && (ran_forward_[i] || units_[i]->gradients_arrived() > 0)) {
-        reduce_unit(static_cast<int64_t>(i));
+        reduce_unit(static_cast<int64_t>(i), /*in_backward=*/false);
       }
     }
     for (auto& u : units_) u->finish_reduction();

@@ -35,7 +35,15 @@ namespace disttrain::train {
 
 struct ShardOptions {
   int stage = 3;
+  // Stage 3: gather the next unit while the current one computes.
   bool prefetch = true;
+  // When backward's prefetch is issued: kPost (default) once the current
+  // unit's gradients are complete and its parameters freed, so that at most
+  // one unit's full parameters and one unit's flat gradient (plus the
+  // reduction in flight) are alive; kPre when the current unit's backward
+  // starts, overlapping the gather with it, at one more unit's parameters.
+  enum class BackwardPrefetch { kPre, kPost };
+  BackwardPrefetch backward_prefetch = BackwardPrefetch::kPost;
   // Parameters and gradients travel in this dtype (kBFloat16 or kHalf); the
   // master shard, the gathered parameters and the reduced gradient stay fp32.
   std::optional<c10::ScalarType> wire_dtype;
