@@ -149,8 +149,10 @@ class FullyShardedDataParallel(nn.Module):
       its shard as soon as backward produced it, and the full one is dropped.
     * stage 3: also parameters: a unit's parameters are all-gathered before
       its forward and its backward and freed after each (the root's stay
-      from the start of forward to the end of backward); with ``prefetch`` the
-      next unit's gather runs while the current unit computes.
+      from the start of forward to the end of backward; an ``nn.Embedding``
+      unit is not gathered for backward); with ``prefetch`` the next unit's
+      gather runs while the current unit computes (forward) or the current
+      unit's gradient is reduced (backward, see ``backward_prefetch``).
 
     With stages 1 and 2 the updated shards are gathered back into the full
     parameters after an optimizer step (:func:`ShardedOptimizer` does it at

@@ -91,10 +91,14 @@ bool ShardedUnit::accept_gradient(size_t i) {
   at::NoGradGuard no_grad;
   if (g.is_sparse()) g = g.to_dense();
   const int64_t bytes = layout_.padded * full_.element_size();
+  // The only parameter, no padding, and no other handle on its gradient (the
+  // flat gradient's memory is released after the reduction; a gradient a
+  // user hook kept before accumulation was cloned by the accumulator, not
+  // stolen): it becomes the flat gradient.
   if (!grad_.defined() && params_.size() == 1 && layout_.padded == layout_.total && g.is_contiguous() &&
       g.scalar_type() == full_.scalar_type() && g.storage_offset() == 0 &&
-      static_cast<int64_t>(g.storage().nbytes()) == bytes) {
-    grad_ = g.view({-1});  // the only parameter, no padding: its gradient is the flat gradient
+      static_cast<int64_t>(g.storage().nbytes()) == bytes && g.use_count() == 1) {
+    grad_ = g.view({-1});
   } else {
     if (!grad_.defined()) grad_ = at::empty({layout_.padded}, full_.options());
     grad_.narrow(0, layout_.offsets[i], layout_.numels[i]).view(layout_.shapes[i]).copy_(g);
