@@ -28,17 +28,26 @@ def _models():
         nn.init.normal_(model.pos, std=0.1)
         return model
 
+    def transformer_unused():
+        model = transformer()
+        model.blocks[0].unused = nn.Linear(16, 16)  # in block 0's unit, never used: no gradient
+        return model
+
+    def split_policy(module):  # blocks, the embedding and the head (vocabulary 23) as units
+        return isinstance(module, (Block, nn.Embedding)) or (isinstance(module, nn.Linear) and module.out_features == 23)
+
     def cnn():
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                              nn.Linear(24, 10))
 
-    return {"transformer": (transformer, {Block}), "cnn": (cnn, 100)}
+    return {"transformer": (transformer, {Block}), "cnn": (cnn, 100), "transformer-split": (transformer, split_policy),
+            "transformer-unused": (transformer_unused, {Block})}
 
 
 def _batch(name, gen):
     import torch
-    if name == "transformer":
+    if name.startswith("transformer"):
         x = torch.randint(0, 23, (2, 5), generator=gen)
         return x, torch.randint(0, 23, (2, 5), generator=gen)
     return torch.randn(3, 1, 6, 6, generator=gen), torch.randint(0, 10, (3,), generator=gen)
@@ -70,7 +79,7 @@ def _train(name, wrapper, opt_kind, rank, steps=STEPS, clip=None, **fsdp_kwargs)
     module = factory()
     cls, kwargs = _optimizer(opt_kind, None)
     if wrapper == "ddp":
-        model = TorchDDP(module)
+        model = TorchDDP(module, find_unused_parameters=name.endswith("unused"))
         opt = cls(model.parameters(), **kwargs)
     else:
         model = disttrain.FullyShardedDataParallel(module, auto_wrap=wrap, **fsdp_kwargs)
@@ -132,6 +141,16 @@ def _numerics(rank, world_size):
         if not all(n > 0.5 for n in ref_norms):
             failures.append(f"clipping never active: norms {ref_norms}")
         cases += 1
+    # The embedding and the head as units of their own (the embedding is not
+    # gathered for backward), both backward prefetch modes; a unit with a
+    # parameter that gets no gradient (its slot reduces zeros).
+    for name, stages in (("transformer-split", (3,)), ("transformer-unused", (2, 3))):
+        ref, _, _, _ = _train(name, "ddp", "adam", rank)
+        for stage in stages:
+            for backward_prefetch in ("post", "pre"):
+                ours, _, _, _ = _train(name, "fsdp", "adam", rank, stage=stage, backward_prefetch=backward_prefetch)
+                _compare(f"{name}/stage{stage}/{backward_prefetch}", ours, ref, failures)
+                cases += 1
     # bf16 on the wire: close to fp32 training, not equal.
     ref, _, _, _ = _train("transformer", "ddp", "sgd", rank)
     for stage in (1, 3):
@@ -150,9 +169,11 @@ def test_matches_ddp(world_size):
     """Transformer-like model (one unit per block) and CNN (size policy), SGD
     and Adam, stages 1-3: after STEPS steps the gathered parameters and
     buffers equal torch DDP's on the same data and seed; also with a plain
-    optimizer on the shards, AdamW and gradient clipping, and bf16 on the wire."""
+    optimizer on the shards, AdamW and gradient clipping, bf16 on the wire,
+    embedding and head as units, both backward prefetch modes, and a unit
+    with a parameter that gets no gradient."""
     results = run_ranks(_numerics, world_size, timeout=240)
-    assert results == [results[0]] * world_size and results[0] == 17
+    assert results == [results[0]] * world_size and results[0] == 23
 
 
 def _full_optimizer_state(model, opt):
@@ -263,6 +284,7 @@ def _state_dict_and_errors(rank, world_size):
     expect(ValueError, "embed.weight = head.weight", lambda: FSDP(Tied()))
     expect(ValueError, "stage must be 1, 2 or 3", lambda: FSDP(nn.Linear(2, 2), stage=4))
     expect(ValueError, "mixed_precision", lambda: FSDP(nn.Linear(2, 2), mixed_precision="int8"))
+    expect(ValueError, "backward_prefetch", lambda: FSDP(nn.Linear(2, 2), backward_prefetch="early"))
     expect(TypeError, "auto_wrap", lambda: FSDP(nn.Linear(2, 2), auto_wrap="blocks"))
     expect(ValueError, "positive", lambda: FSDP(nn.Linear(2, 2), auto_wrap=0))
     expect(TypeError, "nn.Module subclasses", lambda: FSDP(nn.Linear(2, 2), auto_wrap={int}))

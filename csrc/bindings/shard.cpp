@@ -17,26 +17,32 @@ DISTTRAIN_BINDINGS(shard) {
       .def_property_readonly("padded_numel", [](const ShardedUnit& u) { return u.layout().padded; })
       .def_property_readonly("shard_numel", [](const ShardedUnit& u) { return u.layout().shard_numel; })
       .def_property_readonly("shard", &ShardedUnit::shard)
-      .def_property_readonly("full", [](ShardedUnit& u) { return u.full(); })
+      .def_property_readonly("full", &ShardedUnit::full)
       .def_property_readonly("gathered", &ShardedUnit::gathered)
       .def("set_shard", &ShardedUnit::set_shard, py::arg("param"))
-      .def("param_views", &ShardedUnit::param_views)
+      .def_property_readonly("params", &ShardedUnit::params)
       .def("gather_copy", &ShardedUnit::gather_copy, py::call_guard<py::gil_scoped_release>())
       .def("load_full", &ShardedUnit::load_full, py::arg("flat"))
       .def("load_shard", &ShardedUnit::load_shard, py::arg("shard"));
 
   py::class_<ShardEngine>(m, "ShardEngine")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, int stage, bool prefetch,
-                       std::optional<at::ScalarType> wire_dtype) {
+                       std::optional<at::ScalarType> wire_dtype, const std::string& backward_prefetch) {
+             TORCH_CHECK(backward_prefetch == "pre" || backward_prefetch == "post",
+                         "FullyShardedDataParallel: backward_prefetch must be 'pre' or 'post', got '",
+                         backward_prefetch, "'");
              ShardOptions options;
              options.stage = stage;
              options.prefetch = prefetch;
+             options.backward_prefetch = backward_prefetch == "pre" ? ShardOptions::BackwardPrefetch::kPre
+                                                                    : ShardOptions::BackwardPrefetch::kPost;
              options.wire_dtype = wire_dtype;
              return std::make_unique<ShardEngine>(std::move(group), options);
            }),
-           py::arg("group"), py::arg("stage"), py::arg("prefetch"), py::arg("wire_dtype"))
+           py::arg("group"), py::arg("stage"), py::arg("prefetch"), py::arg("wire_dtype"),
+           py::arg("backward_prefetch") = "post")
       .def("add_unit", &ShardEngine::add_unit, py::arg("params"), py::arg("names"), py::arg("is_root"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("gather_for_backward") = true, py::call_guard<py::gil_scoped_release>())
       .def("unit", &ShardEngine::unit, py::arg("index"), py::return_value_policy::reference_internal)
       .def_property_readonly("num_units", &ShardEngine::num_units)
       .def("pre_forward", &ShardEngine::pre_forward, py::arg("index"), py::call_guard<py::gil_scoped_release>())

@@ -100,6 +100,14 @@ def _plan_units(root: nn.Module, policy: Callable[[nn.Module, int], bool]) -> li
     return units
 
 
+def _backward_ignores_params(module: nn.Module) -> bool:
+    """True for a unit whose backward never reads its parameters' values: a
+    plain ``nn.Embedding`` (its gradient needs only the indices), so stage 3
+    does not gather it again for backward. Subclasses may use the weight
+    otherwise and are gathered as usual."""
+    return type(module) is nn.Embedding
+
+
 def _check_module(module: nn.Module) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"FullyShardedDataParallel: module must be an nn.Module, got {type(module).__name__}")
@@ -141,8 +149,10 @@ class FullyShardedDataParallel(nn.Module):
       its shard as soon as backward produced it, and the full one is dropped.
     * stage 3: also parameters: a unit's parameters are all-gathered before
       its forward and its backward and freed after each (the root's stay
-      from the start of forward to the end of backward); with ``prefetch`` the
-      next unit's gather runs while the current unit computes.
+      from the start of forward to the end of backward; an ``nn.Embedding``
+      unit is not gathered for backward); with ``prefetch`` the next unit's
+      gather runs while the current unit computes (forward) or the current
+      unit's gradient is reduced (backward, see ``backward_prefetch``).
 
     With stages 1 and 2 the updated shards are gathered back into the full
     parameters after an optimizer step (:func:`ShardedOptimizer` does it at
@@ -162,6 +172,12 @@ class FullyShardedDataParallel(nn.Module):
             a unit below it), or a callable ``policy(module) -> bool``.
         process_group: a ``torch.distributed`` group; the default group if None.
         prefetch: stage 3: gather the next unit while the current one computes.
+        backward_prefetch: stage 3, when backward's prefetch is issued:
+            ``"post"`` (default) once the current unit's gradients are complete
+            and its parameters freed (one unit's full parameters alive at a
+            time, and the next gather overlaps the current reduction), or
+            ``"pre"`` when the current unit's backward starts (the gather also
+            overlaps its computation, at one more unit's full parameters).
         mixed_precision: ``"bf16"`` (or ``torch.bfloat16``), ``"fp16"``: parameters
             and gradients travel in that dtype; shards, optimizer state and
             computation stay fp32. None (default): fp32 on the wire.
@@ -178,7 +194,7 @@ class FullyShardedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, stage: int = 3, auto_wrap: Any = None,
                  process_group: dist.ProcessGroup | None = None, prefetch: bool = True,
-                 mixed_precision: Any = None):
+                 mixed_precision: Any = None, backward_prefetch: str = "post"):
         super().__init__()
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"FullyShardedDataParallel: stage must be 1, 2 or 3, got {stage!r}")
@@ -187,6 +203,9 @@ class FullyShardedDataParallel(nn.Module):
                              f"torch.bfloat16 or torch.float16; got {mixed_precision!r}")
         if not isinstance(prefetch, bool):
             raise TypeError(f"FullyShardedDataParallel: prefetch must be a bool, got {prefetch!r}")
+        if backward_prefetch not in ("pre", "post"):
+            raise ValueError(f"FullyShardedDataParallel: backward_prefetch must be 'pre' or 'post', "
+                             f"got {backward_prefetch!r}")
         _check_module(module)
         policy = _wrap_policy(auto_wrap)
         process_group = _default_group("FullyShardedDataParallel", process_group)
@@ -203,7 +222,7 @@ class FullyShardedDataParallel(nn.Module):
             _C.broadcast_coalesced(process_group, params + list(module.buffers()), _BROADCAST_CHUNK_BYTES, 0)
 
         self._engine = _C.ShardEngine(process_group, stage=stage, prefetch=prefetch,
-                                      wire_dtype=_WIRE_DTYPES[mixed_precision])
+                                      wire_dtype=_WIRE_DTYPES[mixed_precision], backward_prefetch=backward_prefetch)
         self._slots: list[list[_ParamSlot]] = []
         self._root_unit: int | None = None
         self.flat_shards = nn.ParameterList()
@@ -211,7 +230,7 @@ class FullyShardedDataParallel(nn.Module):
         for unit_module, slots in _plan_units(module, policy):
             is_root = unit_module is module
             index = self._engine.add_unit([getattr(s.owner, s.attr) for s in slots], [s.name for s in slots],
-                                          is_root=is_root)
+                                          is_root=is_root, gather_for_backward=not _backward_ignores_params(unit_module))
             unit = self._engine.unit(index)
             shard = nn.Parameter(unit.shard)
             unit.set_shard(shard)
@@ -231,7 +250,7 @@ class FullyShardedDataParallel(nn.Module):
     # --- hooks ------------------------------------------------------------------------------------
 
     def _install_views(self, index: int) -> None:
-        for slot, view in zip(self._slots[index], self._engine.unit(index).param_views()):
+        for slot, view in zip(self._slots[index], self._engine.unit(index).params):
             slot.owner.__dict__[slot.attr] = view
 
     def _pre_forward(self, index: int, module: nn.Module = None, args: Any = None) -> None:

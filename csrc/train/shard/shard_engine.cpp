@@ -24,21 +24,26 @@ ShardEngine::~ShardEngine() {
   for (const auto i : c10::irange(accumulators_.size())) accumulators_[i]->del_post_hook(hook_keys_[i]);
 }
 
-int64_t ShardEngine::add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root) {
+int64_t ShardEngine::add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root,
+                              bool gather_for_backward) {
   std::lock_guard<std::mutex> lock(mu_);
   TORCH_CHECK(!(is_root && root_ >= 0), "ShardEngine: only one root unit");
   const int64_t index = static_cast<int64_t>(units_.size());
   units_.push_back(std::make_unique<ShardedUnit>(params, std::move(names), group_, options_));
   if (is_root) root_ = index;
-  auto accumulator = torch::autograd::impl::grad_accumulator(units_.back()->full());
-  TORCH_INTERNAL_ASSERT(accumulator, "a unit's flat parameter has no gradient accumulator");
-  hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-      [this, index](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
-        on_unit_gradient(index);
-        return outputs;
-      })));
-  accumulators_.push_back(std::move(accumulator));
+  const auto& leaves = units_.back()->params();
+  for (const auto i : c10::irange(leaves.size())) {
+    auto accumulator = torch::autograd::impl::grad_accumulator(leaves[i]);
+    TORCH_INTERNAL_ASSERT(accumulator, "a unit's parameter has no gradient accumulator");
+    hook_keys_.push_back(accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+        [this, index, i](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+          on_param_gradient(index, i);
+          return outputs;
+        })));
+    accumulators_.push_back(std::move(accumulator));
+  }
   ran_forward_.push_back(0);
+  gather_for_backward_.push_back(gather_for_backward || is_root);
   backward_seen_.push_back(0);
   reduced_.push_back(0);
   return index;
@@ -57,6 +62,14 @@ int64_t ShardEngine::neighbour_in_order(int64_t index, int step) const {
     if (next < 0 || next >= static_cast<int64_t>(forward_order_.size())) return -1;
     const int64_t unit = forward_order_[next];
     return unit == root_ ? -1 : unit;
+  }
+  return -1;
+}
+
+int64_t ShardEngine::backward_prefetch_target(int64_t index) const {
+  // Strictly earlier in the forward order each step, so this ends.
+  for (int64_t u = neighbour_in_order(index, -1); u >= 0; u = neighbour_in_order(u, -1)) {
+    if (gather_for_backward_[u]) return u;
   }
   return -1;
 }
@@ -114,11 +127,11 @@ void ShardEngine::pre_backward(int64_t index) {
   if (backward_seen_[index]) return;
   backward_seen_[index] = 1;
   if (options_.stage != 3) return;
-  units_[index]->wait_gather();
-  prefetch(neighbour_in_order(index, -1));
+  if (gather_for_backward_[index]) units_[index]->wait_gather();
+  if (options_.backward_prefetch == ShardOptions::BackwardPrefetch::kPre) prefetch(backward_prefetch_target(index));
 }
 
-void ShardEngine::on_unit_gradient(int64_t index) {
+void ShardEngine::on_param_gradient(int64_t index, size_t param) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!callback_queued_) {
     callback_queued_ = true;
@@ -127,21 +140,40 @@ void ShardEngine::on_unit_gradient(int64_t index) {
   ShardedUnit& u = *units_[index];
   TORCH_CHECK(!reduced_[index], "FullyShardedDataParallel: the unit holding '", u.names().front(),
               "' received gradients twice in one backward (was backward run twice on one forward?)");
+  // The previous unit's reduction has had the time since its launch; finish
+  // it before this gradient is added, so that two units' flat gradients are
+  // not alive at once.
+  if (last_reduced_ >= 0 && last_reduced_ != index) {
+    units_[last_reduced_]->finish_reduction();
+    last_reduced_ = -1;
+  }
+  if (u.accept_gradient(param)) reduce_unit(index, /*in_backward=*/true);
+}
+
+void ShardEngine::reduce_unit(int64_t index, bool in_backward) {
+  ShardedUnit& u = *units_[index];
   reduced_[index] = 1;
-  u.launch_reduction();
-  if (options_.stage == 3 && index != root_) u.free_full();
-  // At most two units' full gradients alive: the one just launched and the one before.
   if (last_reduced_ >= 0) units_[last_reduced_]->finish_reduction();
+  // Every parameter's accumulator has run: no later backward node reads them.
+  if (options_.stage == 3 && index != root_) u.free_full();
+  // The next unit's gather goes first: backward waits for it, not for this reduction.
+  if (in_backward && options_.backward_prefetch == ShardOptions::BackwardPrefetch::kPost) {
+    prefetch(backward_prefetch_target(index));
+  }
+  u.launch_reduction();
   last_reduced_ = index;
 }
 
 void ShardEngine::finalize_backward() {
   std::lock_guard<std::mutex> lock(mu_);
   try {
-    // Units that ran forward but got no gradient (every rank alike) reduce
-    // zeros, in index order, so every rank issues the same collectives.
+    // Units that ran forward but got no or only some gradients (every rank
+    // alike) reduce what they have (zeros for the rest), in index order, so
+    // every rank issues the same collectives.
     for (const auto i : c10::irange(units_.size())) {
-      if (ran_forward_[i] && !reduced_[i]) units_[i]->launch_zero_reduction();
+      if (!reduced_[i] && (ran_forward_[i] || units_[i]->gradients_arrived() > 0)) {
+        reduce_unit(static_cast<int64_t>(i), /*in_backward=*/false);
+      }
     }
     for (auto& u : units_) u->finish_reduction();
     free_all_locked();

@@ -3,16 +3,19 @@
 //
 // The Python layer calls pre_forward / post_forward from module hooks and
 // pre_backward from hooks on a unit's forward outputs; the engine registers a
-// hook on each unit's gradient accumulator itself, so a unit's gradient
-// reduction starts as soon as backward has produced it, overlapping the rest
-// of backward, and a callback queued on the autograd engine finishes all
+// hook on each parameter's gradient accumulator itself, moves each gradient
+// into its unit's flat gradient as it arrives, and starts the unit's
+// reduction as soon as all of them have, overlapping the rest of backward, and a callback queued on the autograd engine finishes all
 // reductions (and, at stage 3, frees the root's parameters) at its end.
 //
 // Stage 3: a unit's parameters are gathered before its forward and before its
 // backward and freed after each (the root's, holding the parameters no unit
-// took, stay from its forward to the end of backward). With prefetch, the
-// next unit's gather (forward order of the first iteration; reverse order in
-// backward) is launched before the current unit runs.
+// took, stay from its forward to the end of backward; a unit whose backward
+// does not read its parameters is not gathered for backward). With prefetch,
+// the next unit's gather (forward order of the first iteration; reverse order
+// in backward) is launched before the current unit runs forward, and in
+// backward once the current unit's gradients are complete (kPost) or when its
+// backward starts (kPre).
 // Stages 1 and 2: parameters stay gathered; a unit whose shard changed (an
 // optimizer step) is gathered again by gather_stale().
 #pragma once
@@ -35,7 +38,10 @@ class ShardEngine {
 
   // Adds a unit (identical on every rank, in the same order); returns its index.
   // The root unit is the one whose forward encloses all others.
-  int64_t add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root);
+  // gather_for_backward false: the unit's backward never reads its parameters
+  // (an embedding's), so stage 3 does not gather them for backward.
+  int64_t add_unit(const std::vector<at::Tensor>& params, std::vector<std::string> names, bool is_root,
+                   bool gather_for_backward = true);
   ShardedUnit& unit(int64_t index);
   int64_t num_units() const { return static_cast<int64_t>(units_.size()); }
   const ShardOptions& options() const { return options_; }
@@ -61,11 +67,13 @@ class ShardEngine {
   double clip_grad_norm(double max_norm, double norm_type);
 
  private:
-  void on_unit_gradient(int64_t index);  // autograd hook, engine thread
+  void on_param_gradient(int64_t index, size_t param);  // autograd hook on a parameter's accumulator
+  void reduce_unit(int64_t index, bool in_backward);  // launches a unit's reduction (lock held)
   void finalize_backward();              // autograd final callback
   void prefetch(int64_t index);
   void free_all_locked();
   int64_t neighbour_in_order(int64_t index, int step) const;
+  int64_t backward_prefetch_target(int64_t index) const;
 
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   ShardOptions options_;
@@ -81,6 +89,7 @@ class ShardEngine {
   bool order_final_ = false;
   std::vector<int64_t> this_forward_;
   std::vector<char> ran_forward_;       // per unit, since the last backward
+  std::vector<char> gather_for_backward_;  // per unit
   std::vector<char> backward_seen_;     // per unit, pre_backward done this backward
   std::vector<char> reduced_;           // per unit, reduction launched this backward
   bool callback_queued_ = false;

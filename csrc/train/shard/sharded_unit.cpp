@@ -24,6 +24,12 @@ void set_storage_bytes(const at::Tensor& t, size_t nbytes) {
   storage->set_nbytes(nbytes);
 }
 
+// Frees `t`'s memory now, whoever else still references the tensor: a
+// finished collective's buffers are held by the backend until its next op.
+void release_storage(const at::Tensor& t) {
+  if (t.defined() && t.storage().unsafeGetStorageImpl()->allocator() != nullptr) set_storage_bytes(t, 0);
+}
+
 }  // namespace
 
 ShardedUnit::ShardedUnit(const std::vector<at::Tensor>& params, std::vector<std::string> names,
@@ -55,8 +61,12 @@ ShardedUnit::ShardedUnit(const std::vector<at::Tensor>& params, std::vector<std:
   }
   shard_ = flat.narrow(0, layout_.shard_begin(rank_), layout_.shard_numel).clone();
   full_ = flat;
-  full_.set_requires_grad(true);
-  full_data_ = full_.variable_data();
+  for (const auto i : c10::irange(params.size())) {
+    at::Tensor leaf = full_.narrow(0, layout_.offsets[i], layout_.numels[i]).view(layout_.shapes[i]).variable_data();
+    leaf.set_requires_grad(true);
+    params_.push_back(std::move(leaf));
+  }
+  arrived_.assign(params_.size(), 0);
   gathered_ = true;
   gathered_version_ = shard_._version();
 }
@@ -69,12 +79,31 @@ void ShardedUnit::set_shard(const at::Tensor& param) {
   gathered_version_ = shard_._version();
 }
 
-std::vector<at::Tensor> ShardedUnit::param_views() const {
-  auto pieces = full_.split_with_sizes(layout_.split_sizes());
-  std::vector<at::Tensor> views;
-  views.reserve(layout_.shapes.size());
-  for (const auto i : c10::irange(layout_.shapes.size())) views.push_back(pieces[i].view(layout_.shapes[i]));
-  return views;
+bool ShardedUnit::accept_gradient(size_t i) {
+  TORCH_INTERNAL_ASSERT(i < params_.size());
+  TORCH_CHECK(!arrived_[i], "FullyShardedDataParallel: parameter '", names_[i],
+              "' received gradients twice in one backward (was backward run twice on one forward?)");
+  at::Tensor g = std::move(params_[i].mutable_grad());
+  params_[i].mutable_grad().reset();
+  if (!g.defined()) return false;
+  arrived_[i] = 1;
+  ++arrived_count_;
+  at::NoGradGuard no_grad;
+  if (g.is_sparse()) g = g.to_dense();
+  const int64_t bytes = layout_.padded * full_.element_size();
+  // The only parameter, no padding, and no other handle on its gradient (the
+  // flat gradient's memory is released after the reduction; a gradient a
+  // user hook kept before accumulation was cloned by the accumulator, not
+  // stolen): it becomes the flat gradient.
+  if (!grad_.defined() && params_.size() == 1 && layout_.padded == layout_.total && g.is_contiguous() &&
+      g.scalar_type() == full_.scalar_type() && g.storage_offset() == 0 &&
+      static_cast<int64_t>(g.storage().nbytes()) == bytes && g.use_count() == 1) {
+    grad_ = g.view({-1});
+  } else {
+    if (!grad_.defined()) grad_ = at::empty({layout_.padded}, full_.options());
+    grad_.narrow(0, layout_.offsets[i], layout_.numels[i]).view(layout_.shapes[i]).copy_(g);
+  }
+  return arrived_count_ == params_.size();
 }
 
 void ShardedUnit::allocate_full_storage() {
@@ -97,7 +126,7 @@ void ShardedUnit::launch_gather() {
     gather_work_ = group_->_allgather_base(gather_wire_, gather_input_);
   } else {
     gather_input_ = shard_.variable_data();
-    gather_work_ = group_->_allgather_base(full_data_, gather_input_);
+    gather_work_ = group_->_allgather_base(full_, gather_input_);
   }
 }
 
@@ -106,7 +135,11 @@ void ShardedUnit::wait_gather() {
   launch_gather();
   gather_work_->wait();
   gather_work_.reset();
-  if (gather_wire_.defined()) full_data_.copy_(gather_wire_);
+  if (gather_wire_.defined()) {
+    full_.copy_(gather_wire_);
+    release_storage(gather_wire_);
+    release_storage(gather_input_);  // the shard's wire copy
+  }
   gather_wire_.reset();
   gather_input_.reset();
   gathered_ = true;
@@ -114,10 +147,20 @@ void ShardedUnit::wait_gather() {
 
 void ShardedUnit::launch_reduction() {
   TORCH_INTERNAL_ASSERT(!reduce_work_, "a unit's gradient reduction launched twice in one backward");
-  at::Tensor grad = std::move(full_.mutable_grad());
-  full_.mutable_grad().reset();
-  if (!grad.defined()) grad = at::zeros({layout_.padded}, full_data_.options());
-  grad = grad.contiguous();
+  at::NoGradGuard no_grad;
+  at::Tensor grad = std::move(grad_);
+  grad_.reset();
+  if (!grad.defined()) {
+    grad = at::zeros({layout_.padded}, full_.options());
+  } else {
+    // Parameters that got no gradient this backward, and the padding, are zeros.
+    for (const auto i : c10::irange(params_.size())) {
+      if (!arrived_[i]) grad.narrow(0, layout_.offsets[i], layout_.numels[i]).zero_();
+    }
+    grad.narrow(0, layout_.total, layout_.padded - layout_.total).zero_();
+  }
+  std::fill(arrived_.begin(), arrived_.end(), 0);
+  arrived_count_ = 0;
   grad.mul_(reciprocal_scale(layout_.world_size));
   at::Tensor input = options_.wire_dtype ? grad.to(*options_.wire_dtype) : grad;
   if (options_.stage == 1) {
@@ -130,11 +173,6 @@ void ShardedUnit::launch_reduction() {
     reduce_output_ = at::empty({layout_.shard_numel}, input.options());
     reduce_work_ = group_->_reduce_scatter_base(reduce_output_, reduce_input_);
   }
-}
-
-void ShardedUnit::launch_zero_reduction() {
-  full_.mutable_grad().reset();
-  launch_reduction();
 }
 
 void ShardedUnit::finish_reduction() {
@@ -154,13 +192,16 @@ void ShardedUnit::finish_reduction() {
   } else {
     grad = result;
   }
+  // The flat gradient (stages 2, 3) or a wire copy is done with: free it now.
+  if (options_.stage != 1 || options_.wire_dtype) release_storage(reduce_input_);
+  if (options_.stage != 1 && options_.wire_dtype) release_storage(reduce_output_);
   reduce_input_.reset();
   reduce_output_.reset();
   full_grad_.reset();
 }
 
 at::Tensor ShardedUnit::gather_copy() const {
-  at::Tensor out = at::empty({layout_.padded}, full_data_.options());
+  at::Tensor out = at::empty({layout_.padded}, full_.options());
   at::Tensor input = shard_.variable_data();
   group_->_allgather_base(out, input)->wait();
   return out;

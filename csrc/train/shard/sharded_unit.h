@@ -2,17 +2,25 @@
 // padded buffer, the slice this rank owns (the fp32 master shard the optimizer
 // steps on), and the collectives that move between the two.
 //
-//   full    the unit's parameters, all ranks' slices (padded). An autograd leaf:
-//           the module's parameters are views into it, so backward accumulates
-//           one flat gradient per unit. At stage 3 its storage is freed between
-//           uses and re-allocated (same StorageImpl, so tensors autograd saved
-//           in forward see the re-gathered values in backward).
+//   full    the unit's parameters, all ranks' slices (padded). At stage 3 its
+//           storage is freed between uses and re-allocated (same StorageImpl,
+//           so tensors autograd saved in forward see the re-gathered values in
+//           backward).
+//   params  one autograd leaf per original parameter, shaped like it, sharing
+//           full's storage (each with its own version counter: gathers write
+//           through full, which autograd's saved-tensor checks must not see).
+//           The module's parameter attributes point at these.
+//   grad    the unit's flat gradient, allocated when the first parameter's
+//           gradient arrives; each parameter's gradient is copied into its
+//           slot as it arrives and then dropped, so a unit never holds its
+//           parameters' gradients twice (no per-parameter pieces next to a
+//           concatenated copy).
 //   shard   this rank's slice, the parameter the optimizer updates.
 //
-// Gradients: stage 1 all-reduces the full gradient (the shard's .grad is a
+// Gradients: stage 1 all-reduces the flat gradient (the shard's .grad is a
 // view of this rank's slice of it); stages 2 and 3 reduce-scatter it straight
-// into the shard and drop the full gradient. Both are launched asynchronously
-// when the unit's gradient is complete and waited for at the end of backward.
+// into the shard and drop the flat gradient. Both are launched asynchronously
+// when the unit's gradient is complete.
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -27,7 +35,15 @@ namespace disttrain::train {
 
 struct ShardOptions {
   int stage = 3;
+  // Stage 3: gather the next unit while the current one computes.
   bool prefetch = true;
+  // When backward's prefetch is issued: kPost (default) once the current
+  // unit's gradients are complete and its parameters freed, so that at most
+  // one unit's full parameters and one unit's flat gradient (plus the
+  // reduction in flight) are alive; kPre when the current unit's backward
+  // starts, overlapping the gather with it, at one more unit's parameters.
+  enum class BackwardPrefetch { kPre, kPost };
+  BackwardPrefetch backward_prefetch = BackwardPrefetch::kPost;
   // Parameters and gradients travel in this dtype (kBFloat16 or kHalf); the
   // master shard, the gathered parameters and the reduced gradient stay fp32.
   std::optional<c10::ScalarType> wire_dtype;
@@ -44,15 +60,20 @@ class ShardedUnit {
 
   const FlatLayout& layout() const { return layout_; }
   const std::vector<std::string>& names() const { return names_; }
-  at::Tensor& full() { return full_; }
+  const at::Tensor& full() const { return full_; }
   const at::Tensor& shard() const { return shard_; }
   // Replaces the shard by `param` (the nn.Parameter Python built on it), so
   // gradients written here are the ones Python's optimizer sees.
   void set_shard(const at::Tensor& param);
 
-  // Views of `full` shaped like the original parameters; with grad mode on
-  // they record autograd (one split, so backward builds one flat gradient).
-  std::vector<at::Tensor> param_views() const;
+  // The autograd leaves standing for the original parameters (views of `full`'s storage).
+  const std::vector<at::Tensor>& params() const { return params_; }
+
+  // Parameter `i`'s gradient is complete (its accumulator ran): moves it into
+  // the flat gradient and drops it. Returns true when every parameter's has arrived.
+  bool accept_gradient(size_t i);
+  // Parameters whose gradients arrived this backward (0: none yet).
+  size_t gradients_arrived() const { return arrived_count_; }
 
   // All-gathers the shards into `full` (re-allocating it if freed); async.
   void launch_gather();
@@ -65,10 +86,9 @@ class ShardedUnit {
   // Releases the memory of `full` (stage 3).
   void free_full();
 
-  // The flat gradient of `full` is complete: launch its reduction (async).
+  // Launches the reduction of the flat gradient (async); parameters whose
+  // gradients did not arrive (or all, if none did) contribute zeros.
   void launch_reduction();
-  // Nothing arrived for this unit in a backward that reached others: reduce zeros.
-  void launch_zero_reduction();
   bool reduction_in_flight() const { return static_cast<bool>(reduce_work_); }
   // Waits and writes (accumulates) the result into the shard's .grad.
   void finish_reduction();
@@ -90,8 +110,11 @@ class ShardedUnit {
   ShardOptions options_;
   int rank_;
 
-  at::Tensor full_;       // autograd leaf (requires grad)
-  at::Tensor full_data_;  // same storage, own version counter: collectives write here
+  at::Tensor full_;                 // collectives write here
+  std::vector<at::Tensor> params_;  // autograd leaves sharing full_'s storage
+  at::Tensor grad_;                 // flat gradient being assembled (padded)
+  std::vector<char> arrived_;       // per parameter, this backward
+  size_t arrived_count_ = 0;
   at::Tensor shard_;
   bool gathered_ = false;
   int64_t gathered_version_ = 0;
@@ -100,7 +123,7 @@ class ShardedUnit {
   at::Tensor gather_input_, gather_wire_;  // kept alive while the gather is in flight
 
   c10::intrusive_ptr<c10d::Work> reduce_work_;
-  at::Tensor reduce_input_;   // full gradient (or its wire copy) in flight
+  at::Tensor reduce_input_;   // flat gradient (or its wire copy) in flight
   at::Tensor reduce_output_;  // stage 2/3: the reduce-scattered slice
   at::Tensor full_grad_;      // stage 1: the full gradient, kept as the shard grad's base
 };

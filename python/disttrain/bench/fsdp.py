@@ -10,14 +10,17 @@ configuration trains the same model on the same data, one after another:
     ddp/disttrain       disttrain.DistributedDataParallel (gradient_as_bucket_view: no gradient copy)
     zero1/disttrain     disttrain.FullyShardedDataParallel(stage=1) + ShardedOptimizer
     zero2/disttrain     stage 2
-    zero3/disttrain     stage 3 (prefetch on)
+    zero3/disttrain     stage 3 (prefetch on; backward prefetch "post", the default)
+    zero3pre/disttrain  stage 3, backward prefetch "pre" (more overlap, one more unit gathered)
     zero3/gloo          stage 3 over gloo: same transport as torch FSDP2
     fsdp2/gloo          torch.distributed.fsdp.fully_shard over gloo (CPU)
 
 The model: a GPT (vocabulary 8192, width 768, 13 pre-norm blocks, 12 heads,
 MLP 4x, untied head: 104.7 M parameters), batch 1 x 32 tokens per rank,
-Adam, fp32. One unit per block (``auto_wrap={Block}``) for ours and FSDP2;
-the root holds the embeddings, the last norm and the head.
+Adam, fp32. Units, for ours and FSDP2 alike: each block, the token
+embedding, the head (as torchtitan wraps its models), and the root with
+the rest (learned positions, last norm). The largest unit is a block
+(7.09 M parameters, 27 MiB).
 
 Memory: peak bytes of CPU tensor memory per rank, counted at the allocator by
 ``disttrain._C.TensorMemoryTracker`` (it takes the profiler's memory-reporting
@@ -55,7 +58,8 @@ import time
 
 from disttrain.bench import run_per_world_size, write_csv
 
-CONFIGS = ("ddp/disttrain", "zero1/disttrain", "zero2/disttrain", "zero3/disttrain", "zero3/gloo", "fsdp2/gloo")
+CONFIGS = ("ddp/disttrain", "zero1/disttrain", "zero2/disttrain", "zero3/disttrain", "zero3pre/disttrain",
+           "zero3/gloo", "fsdp2/gloo")
 _MIB = 1024 * 1024
 
 
@@ -137,21 +141,28 @@ def _run_config(config, args, groups, rank, world):
         torch.manual_seed(0)
         model = GPT()
         params = sum(p.numel() for p in model.parameters())
-        unit_params = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+        # Units: each block, the embedding, the head (as torchtitan wraps a
+        # GPT), and the root with what is left (positions, last norm).
+        wrapped_modules = [*model.blocks, model.embed, model.head]
+        unit_params = [sum(p.numel() for p in m.parameters()) for m in wrapped_modules]
         unit_params.append(params - sum(unit_params))  # the root
         if kind == "ddp":
             wrapped = disttrain.DistributedDataParallel(model, process_group=group, gradient_as_bucket_view=True)
             opt = torch.optim.Adam(wrapped.parameters(), lr=1e-4)
         elif kind.startswith("zero"):
-            wrapped = disttrain.FullyShardedDataParallel(model, stage=int(kind[-1]), auto_wrap={Block},
-                                                         process_group=group)
+            chosen = {id(m) for m in wrapped_modules}
+            wrapped = disttrain.FullyShardedDataParallel(model, stage=int(kind[4]), process_group=group,
+                                                         auto_wrap=lambda m: id(m) in chosen,
+                                                         backward_prefetch="pre" if kind.endswith("pre") else "post")
+            engine_units = sorted(wrapped._engine.unit(i).total_numel for i in range(wrapped._engine.num_units))
+            assert engine_units == sorted(unit_params), (engine_units, unit_params)  # the bound uses these
             opt = disttrain.ShardedOptimizer(torch.optim.Adam, wrapped, lr=1e-4)
         elif kind == "fsdp2":
             from torch.distributed.device_mesh import DeviceMesh
             from torch.distributed.fsdp import fully_shard
             mesh = DeviceMesh.from_group(group, "cpu")
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
+            for m in wrapped_modules:
+                fully_shard(m, mesh=mesh)
             fully_shard(model, mesh=mesh)
             wrapped = model
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -223,12 +234,12 @@ def _report(rows, out) -> None:
         kind = r["config"].split("/")[0]
         world = r["world_size"]
         ddp, fsdp2 = find(world, "ddp/disttrain"), find(world, "fsdp2/gloo")
-        r["formula_mib"] = _formula_bytes(kind, r["params"], world) / _MIB
+        r["formula_mib"] = _formula_bytes(kind[:5], r["params"], world) / _MIB
         r["peak_minus_formula_mib"] = r["peak_mib"] - r["formula_mib"]
         r["mem_vs_ddp"] = r["peak_mib"] / ddp["peak_mib"] if ddp else ""
         r["speed_vs_ddp"] = r["steps_per_s"] / ddp["steps_per_s"] if ddp else ""
         r["speed_vs_fsdp2"] = r["steps_per_s"] / fsdp2["steps_per_s"] if fsdp2 else ""
-        if kind == "zero3" and ddp:
+        if kind.startswith("zero3") and ddp:
             bound = ddp["peak_mib"] / world + 2 * 4 * r["largest_unit_params"] / _MIB
             r["zero3_bound_mib"] = bound
             r["zero3_bound_met"] = r["peak_mib"] <= bound
