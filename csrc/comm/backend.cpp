@@ -82,11 +82,30 @@ void split_into(const at::Tensor& flat, std::vector<at::Tensor>& outs) {
 
 }  // namespace
 
-DisttrainWork::DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs)
+DisttrainWork::DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task)
     : c10d::Work(rank, type),
       seq_(seq),
       outputs_(std::move(outputs)),
-      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {}
+      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))),
+      task_(std::move(task)) {}
+
+bool DisttrainWork::wait(std::chrono::milliseconds timeout) {
+  bool done = false;
+  try {
+    done = c10d::Work::wait(timeout);
+  } catch (...) {
+    release_task();
+    throw;
+  }
+  if (done) release_task();
+  return done;
+}
+
+void DisttrainWork::release_task() {
+  Task task;
+  std::lock_guard<std::mutex> lock(task_mu_);
+  task.swap(task_);  // destroyed here, on this (the caller's) thread
+}
 
 void DisttrainWork::complete(std::exception_ptr error) {
   if (error) {
@@ -227,26 +246,32 @@ DisttrainBackend::~DisttrainBackend() {
 
 void DisttrainBackend::run_worker() {
   while (true) {
-    std::pair<c10::intrusive_ptr<DisttrainWork>, Task> item;
+    c10::intrusive_ptr<DisttrainWork> work;
+    std::deque<c10::intrusive_ptr<DisttrainWork>> cancelled;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty()) return;
       if (stop_) {
-        for (auto& [work, task] : queue_) {
-          work->complete(std::make_exception_ptr(
-              c10::DistBackendError("disttrain: the process group was destroyed before this op ran", {})));
-        }
-        queue_.clear();
-        return;
+        cancelled.swap(queue_);
+      } else {
+        work = std::move(queue_.front());
+        queue_.pop_front();
       }
-      item = std::move(queue_.front());
-      queue_.pop_front();
+    }
+    if (!cancelled.empty()) {
+      for (auto& w : cancelled) {
+        w->complete(std::make_exception_ptr(
+            c10::DistBackendError("disttrain: the process group was destroyed before this op ran", {})));
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& w : cancelled) finished_.push_back(std::move(w));  // released by the destructor
+      return;
     }
     std::exception_ptr error;
     try {
       transport_->check_alive();
-      item.second(Clock::now() + timeout_);
+      work->run(Clock::now() + timeout_);
     } catch (const c10::Error& e) {
       error = std::current_exception();
       // One failed transport fails the group: siblings shut down too, so that
@@ -256,23 +281,23 @@ void DisttrainBackend::run_worker() {
     } catch (...) {
       error = std::current_exception();
     }
-    item.first->complete(error);
     // The finished op may hold the last references to tensors Python owns;
     // releasing them here would need the GIL, which a progress thread must
-    // never take (it is fatal during interpreter shutdown). The next caller
-    // of enqueue(), or the destructor, releases them.
+    // never take (it is fatal during interpreter shutdown). A caller's wait(),
+    // the next caller of enqueue(), or the destructor releases them.
+    work->complete(error);
     std::lock_guard<std::mutex> lock(mu_);
-    finished_.push_back(std::move(item));
+    finished_.push_back(std::move(work));  // this thread keeps no reference
   }
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
                                                          std::vector<at::Tensor> outputs, Task fn) {
-  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs));
-  std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, Task>> finished;
+  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn));
+  std::deque<c10::intrusive_ptr<DisttrainWork>> finished;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    queue_.emplace_back(work, std::move(fn));
+    queue_.push_back(work);
     finished.swap(finished_);
   }
   cv_.notify_one();

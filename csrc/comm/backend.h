@@ -19,18 +19,27 @@
 namespace disttrain::comm {
 
 // A Work whose future completes with the op's output tensors (DDP reads them).
+// One op: what the progress thread runs (`Task`) and what callers wait on.
+using Task = std::function<void(Deadline)>;
+
 class DisttrainWork : public c10d::Work {
  public:
-  DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs);
+  DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task);
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
   std::vector<at::Tensor> result() override { return outputs_; }
   uint64_t getSequencenumber() const override { return seq_; }
+  // Waits, then releases the task's buffers at once, on the caller's thread.
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  void run(Deadline deadline) { task_(deadline); }  // progress thread
   void complete(std::exception_ptr error);
 
  private:
+  void release_task();
   uint64_t seq_;
   std::vector<at::Tensor> outputs_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::mutex task_mu_;
+  Task task_;
 };
 
 class DisttrainBackend : public c10d::Backend {
@@ -97,7 +106,6 @@ class DisttrainBackend : public c10d::Backend {
   // The constructor proper, on the store already scoped to this attempt.
   DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                    std::chrono::milliseconds timeout, int);
-  using Task = std::function<void(Deadline)>;
   // Queues fn for the progress thread; the returned Work completes when it has run.
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
                                          Task fn);
@@ -126,9 +134,9 @@ class DisttrainBackend : public c10d::Backend {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, Task>> queue_;
+  std::deque<c10::intrusive_ptr<DisttrainWork>> queue_;
   // Ops the progress thread has finished, released on a caller's thread.
-  std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, Task>> finished_;
+  std::deque<c10::intrusive_ptr<DisttrainWork>> finished_;
   bool stop_ = false;
   std::thread worker_;
 };
