@@ -90,11 +90,31 @@ def target_table(pred: pd.DataFrame, column: str, targets=TARGETS) -> pd.DataFra
             if not np.isfinite(true):
                 continue
             predicted = epochs_to_target(run[column].to_numpy(), epochs, target)
+            true_frac = fractional_epochs_to_target(run["test_acc"].to_numpy(), epochs, target)
+            pred_frac = fractional_epochs_to_target(run[column].to_numpy(), epochs, target)
             rows.append({"run_id": run_id, "target": target, "true_epochs": true,
-                         "predicted_epochs": min(predicted, epochs.max() + 1)})
+                         "predicted_epochs": min(predicted, epochs.max() + 1),
+                         "true_epochs_frac": true_frac, "predicted_epochs_frac": min(pred_frac, epochs.max() + 1)})
     table = pd.DataFrame(rows)
     table["error_epochs"] = (table["predicted_epochs"] - table["true_epochs"]).abs()
+    table["error_epochs_frac"] = (table["predicted_epochs_frac"] - table["true_epochs_frac"]).abs()
     return table
+
+
+def fractional_epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target: float) -> float:
+    """Epochs to target with the crossing interpolated linearly between the
+    last epoch below the target and the first one at or above it (inf when
+    never reached). Whole epochs make every error a whole number, so the median
+    error moves in steps of one epoch; this reading resolves the steps."""
+    accuracy = np.asarray(accuracy, dtype=float)
+    epochs = np.asarray(epochs, dtype=float)
+    reached = np.nonzero(accuracy >= target)[0]
+    if not len(reached):
+        return np.inf
+    i = reached[0]
+    if i == 0 or accuracy[i] <= accuracy[i - 1]:
+        return float(epochs[i])
+    return float(epochs[i - 1] + (target - accuracy[i - 1]) / (accuracy[i] - accuracy[i - 1]) * (epochs[i] - epochs[i - 1]))
 
 
 def regret_table(pred: pd.DataFrame, time_column: str, acc_column: str, prices=None, targets=TARGETS) -> pd.DataFrame:
@@ -145,6 +165,8 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS)) -> dict:
             row = {"split": split, "method": method, **time_scores(pred, time_column),
                    "epochs_to_target_median_err": targets["error_epochs"].median(),
                    "epochs_to_target_mean_err": targets["error_epochs"].mean(),
+                   "epochs_to_target_median_err_frac": targets["error_epochs_frac"].median(),
+                   "epochs_to_target_mean_err_frac": targets["error_epochs_frac"].mean(),
                    "accuracy_mae": (pred[acc_column] - pred["test_acc"]).abs().mean(),
                    "regret_median_pct": regret["regret_pct"].median(),
                    "regret_mean_pct": regret["regret_pct"].replace(np.inf, np.nan).mean(),

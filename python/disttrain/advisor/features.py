@@ -17,11 +17,20 @@ from .hardware import GPU_TFLOPS
 CIFAR10_TRAIN_SAMPLES = 50_000
 
 
+# Residual blocks of the standard ResNets (He et al., 2016, table 1).
+RESNET_BLOCKS = {18: 8, 34: 16, 50: 16, 101: 33, 152: 50}
+
+
 def model_depth(model_name: pd.Series) -> np.ndarray:
-    """Layer count read from the name ('resnet50' -> 50): kernel launches per
-    step grow with depth, not with parameters."""
-    digits = model_name.astype(str).str.extract(r"(\d+)")[0].astype(float)
-    return digits.fillna(50.0).to_numpy()
+    """Launch depth of a model, in layers: the residual blocks of the ResNet
+    named ('resnet34' -> 16 blocks), scaled to layers (x 50/16, so resnet50 ->
+    50). Kernel launches and framework work per step grow with the modules a
+    step runs through, not with parameters: resnet34 and resnet50 both have 16
+    blocks and pay about the same per step, though resnet50 has half again
+    as many convolutions. An unknown depth n counts as n/3 blocks."""
+    digits = model_name.astype(str).str.extract(r"(\d+)")[0].astype(float).fillna(50.0)
+    blocks = digits.map(lambda n: RESNET_BLOCKS.get(int(n), n / 3))
+    return blocks.to_numpy(dtype=float) * 50 / 16
 
 
 def derive(configs: pd.DataFrame) -> pd.DataFrame:
@@ -37,17 +46,3 @@ def derive(configs: pd.DataFrame) -> pd.DataFrame:
     out["depth"] = model_depth(out["model_name"])
     out["tflops"] = out["gpu_family"].map(GPU_TFLOPS).astype(float)
     return out
-
-
-def boosting_features(configs: pd.DataFrame) -> pd.DataFrame:
-    """Numeric features for the LightGBM parts: physical quantities only, no
-    identities, so that a tree split means the same on an unseen configuration."""
-    d = derive(configs)
-    return pd.DataFrame({
-        "log_params": np.log(d["params"].astype(float)),
-        "log_batch": np.log(d["batch_size"].astype(float)),
-        "log_tflops": np.log(d["tflops"]),
-        "num_of_gpus": d["num_of_gpus"].astype(float),
-        "is_distributed": d["is_distributed"].astype(float),
-        "distribute_data": d["distribute_data"].astype(float),
-    }, index=configs.index)
