@@ -29,6 +29,12 @@ the square root of the run's epoch count, with a Cauchy loss: a run on a slow
 or shared node (the logs hold one at 4x the time of its twin) must not bend
 the rates for all others.
 
+A LightGBM correction of the log residual (small trees, configuration
+features without model or GPU identity) is trained on the structural model's
+out-of-fold residuals; its weight is chosen by a second grouped
+cross-validation and is 0 on the logs here (measured: a full-weight
+correction makes every split worse).
+
 Intervals are split-conformal: quantiles of out-of-fold log residuals from a
 cross-validation grouped by configuration, so they price in configurations
 the model has not seen.
