@@ -58,6 +58,30 @@ def test_accuracy_curve_rises_and_conditioning_narrows(advisor):
     assert abs(posterior["accuracy"].iloc[29] - observed[29]) < 0.05
 
 
+def test_hybrid_accuracy_is_the_curve_moved_towards_the_booster(advisor):
+    from disttrain.advisor.curve_model import curve
+
+    model = advisor.curve_model
+    assert model.residual_weight_ in (0.0, 0.25, 0.5, 0.75, 1.0)
+    config = {"model_name": "resnet50", "gpu": "V100-PCIE", "num_of_gpus": 2, "batch_size": 128}
+    predicted = advisor.accuracy_curve(config, 100)
+    frame = advisor.normalize(pd.DataFrame([config]))
+    frame.loc[0, "milestones"], frame.loc[0, "num_epochs"] = "60,80", 101
+    epochs = np.arange(1, 101, dtype=float)
+    params = model.predict_params(frame)
+    plain = curve(params[0], epochs, 60.0)
+    expected = np.clip(plain + model.correction(frame, params, [epochs]), 0, 1)
+    np.testing.assert_allclose(predicted["accuracy"], expected, atol=1e-9)
+    np.testing.assert_allclose(model.predict_accuracy(frame, [epochs])[0], expected, atol=1e-9)
+    if model.residual_ is None:
+        assert model.residual_weight_ == 0
+    else:  # the correction is a fraction of the booster's departure from the curve
+        boosted = plain + model.correction(frame, params, [epochs]) / model.residual_weight_
+        assert np.all((boosted > -0.5) & (boosted < 1.5))
+    assert ((predicted["accuracy_low"] <= predicted["accuracy"] + 1e-9)
+            & (predicted["accuracy"] <= predicted["accuracy_high"] + 1e-9)).all()
+
+
 def test_recommend_ranks_by_cost_and_respects_the_deadline(advisor):
     rec = advisor.recommend("resnet34", 0.7)
     table = rec.table

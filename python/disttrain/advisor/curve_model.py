@@ -17,7 +17,13 @@ the prior (MAP). Boosting finds the neighbours (same model and batch, other GPU
 count); the parametric form extrapolates past the epochs seen, through the
 milestone, and gives epochs-to-target. Intervals come from the out-of-fold
 errors of the predicted parameters (grouped by configuration): the curve is
-recomputed with each error vector added and quantiles are taken. With
+recomputed with each error vector added and quantiles are taken. On top
+(the hybrid), a second LightGBM predicts each epoch's accuracy from the
+configuration, the epoch, its place relative to the first milestone and the
+curve's own prediction, trained with the curve the training runs get out of
+fold; the prediction moves from the curve towards it by a weight chosen, with
+the booster's settings, by an inner cross-validation grouped by
+configuration (the smallest median error in epochs to the targets). With
 the first k epochs of a running job observed, the parameters are refitted with
 the prediction as a prior (MAP), once per error vector, so the interval narrows
 as the job runs.
@@ -40,6 +46,15 @@ PARAMS = ["logit_a_inf", "logit_a_1", "log_rate", "jump"]
 _BOUNDS = (np.array([-3.0, -4.0, -6.0, -0.3]), np.array([4.5, 3.0, 3.0, 0.5]))
 _NOISE = 0.03
 _HORIZON = 30  # every logged run has at least 30 epochs before its first milestone
+# The LightGBM residual model on top of the curve: small trees and large leaves
+# (about 3,000 epoch rows from about 50 runs). Fixed a priori, not tuned on an
+# evaluation split.
+_RESIDUAL_BOOSTS = (
+    dict(n_estimators=150, learning_rate=0.05, num_leaves=8, min_child_samples=50, reg_lambda=5.0),
+    dict(n_estimators=100, learning_rate=0.1, num_leaves=31, min_child_samples=20),  # LightGBM's defaults
+)
+_RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TARGETS = (0.5, 0.6, 0.7, 0.75, 0.8)  # the evaluation's targets
 
 
 def _logit(p):
@@ -107,6 +122,38 @@ def _features(configs: pd.DataFrame) -> pd.DataFrame:
     }, index=configs.index)
 
 
+def _booster(settings: dict):
+    return lgb.LGBMRegressor(**settings, verbose=-1, n_jobs=1)
+
+
+def _mean_target_error(predicted, acc, epochs, starts) -> float:
+    """Median (then mean, to break ties) error in fractional epochs to each
+    target over runs laid end to end (run i spans starts[i]:starts[i+1]); a
+    target never predicted counts as the run's length + 1."""
+    errors = []
+    for i in range(len(starts) - 1):
+        span = slice(starts[i], starts[i + 1])
+        for target in TARGETS:
+            true = fractional_epochs_to_target(acc[span], epochs[span], target)
+            if np.isfinite(true):
+                guess = fractional_epochs_to_target(predicted[span], epochs[span], target)
+                errors.append(abs(min(guess, epochs[span].max() + 1) - true))
+    return float(np.median(errors) + 1e-3 * np.mean(errors)) if errors else 0.0
+
+
+def _row_features(configs: pd.DataFrame, epochs: np.ndarray, milestones: np.ndarray, base: np.ndarray) -> pd.DataFrame:
+    """Features of the residual model, one row per (configuration, epoch):
+    the configuration, the epoch (1-based), where it sits relative to the first
+    learning-rate milestone, and the curve's own prediction."""
+    X = _features(configs).reset_index(drop=True)
+    has = np.isfinite(milestones)
+    X["epoch"] = epochs
+    X["epochs_after_milestone"] = np.where(has, np.maximum(epochs - np.where(has, milestones, 0), 0), 0.0)
+    X["milestone_fraction"] = np.where(has, np.minimum(epochs / np.where(has, milestones, 1), 1.0), 0.0)
+    X["curve"] = base
+    return X
+
+
 class LearningCurveModel:
     """Predicts test accuracy per epoch for a configuration, with an interval.
 
@@ -122,10 +169,11 @@ class LearningCurveModel:
         >>> model.predict_curve(runs.iloc[0], np.arange(1, 31))
     """
 
-    def __init__(self, coverage: float = 0.8, alpha: float = 1.0, interval_folds: int = 5):
+    def __init__(self, coverage: float = 0.8, alpha: float = 1.0, interval_folds: int = 5, hybrid: bool = True):
         self.coverage = coverage
         self.alpha = alpha
         self.interval_folds = interval_folds
+        self.hybrid = hybrid
 
     def fit_runs(self, epochs: pd.DataFrame) -> pd.DataFrame:
         """One fitted curve per run: the configuration columns plus PARAMS."""
@@ -195,18 +243,89 @@ class LearningCurveModel:
         counts = np.isfinite(values).sum(axis=0)
         ridge_scale = np.array([np.nanstd(values[:, j]) if counts[j] > 1 else np.nan for j in range(len(PARAMS))])
         self.prior_scale_ = np.maximum(np.nan_to_num(ridge_scale, nan=0.01), 1e-3)
+        if self.hybrid:
+            folds = max(folds, min(5, len(np.unique(groups))))
         splits = GroupKFold(n_splits=folds).split(runs, groups=groups) if folds >= 2 else []
+        oof = np.full((len(runs), len(PARAMS)), np.nan)
         for train, test in splits:
             models = self._fit_regressions(runs.iloc[train], epochs)
-            errors.append(runs.iloc[test][PARAMS].to_numpy()
-                          - self._predict_params(models, runs.iloc[test], self.prior_scale_))
+            oof[test] = self._predict_params(models, runs.iloc[test], self.prior_scale_)
+            errors.append(runs.iloc[test][PARAMS].to_numpy() - oof[test])
         errors = np.concatenate(errors[1:] or errors)
         errors[:, 3] = np.where(np.isfinite(errors[:, 3]), errors[:, 3], 0.0)
         self.errors_ = errors
         self.scale_ = np.maximum(np.std(errors, axis=0), 1e-3)
         self.models_ = self._fit_regressions(runs, epochs)
+        self.residual_ = self._fit_residual(runs, epochs, oof) if self.hybrid and np.isfinite(oof[:, :3]).all(axis=1).any() else None
         self.max_acc_ = float(epochs["test_acc"].max())
         return self
+
+    @staticmethod
+    def _expand(runs: pd.DataFrame, params: np.ndarray, epochs_per_run) -> tuple:
+        """Repeats each run's configuration over its epochs; returns the rows,
+        epochs, milestones and the curve's prediction, all aligned."""
+        index, grid, milestones, base = [], [], [], []
+        for i, ((_, run), ks) in enumerate(zip(runs.iterrows(), epochs_per_run)):
+            ks = np.asarray(ks, dtype=float)
+            milestone = first_milestone(run.get("milestones", ""), run.get("num_epochs", np.inf))
+            index.append(np.full(len(ks), i))
+            grid.append(ks)
+            milestones.append(np.full(len(ks), milestone))
+            base.append(curve(params[i], ks, milestone))
+        index = np.concatenate(index)
+        return runs.iloc[index], np.concatenate(grid), np.concatenate(milestones), np.concatenate(base)
+
+    def _fit_residual(self, runs: pd.DataFrame, epochs: pd.DataFrame, oof: np.ndarray):
+        """LightGBM on the accuracy of every epoch row of the training runs,
+        with the curve they get out of fold as a feature (a model of the
+        curve's residual instead was measured worse). Its weight (0 to 1) is chosen by a
+        grouped cross-validation over these runs: the one with the smallest
+        mean error in (fractional) epochs to the targets 0.5-0.8."""
+        keep = np.isfinite(oof[:, :3]).all(axis=1)
+        runs, oof = runs[keep], oof[keep]
+        rows = epochs.dropna(subset=["test_acc"])
+        groups = rows.groupby("run_id")
+        per_run = [groups.get_group(r) for r in runs["run_id"]]
+        frame, ks, milestones, base = self._expand(runs, oof, [g["epoch"].to_numpy(float) + 1 for g in per_run])
+        acc = np.concatenate([g["test_acc"].to_numpy(float) for g in per_run])
+        X = _row_features(frame, ks, milestones, base)
+        row_run = np.repeat(np.arange(len(runs)), [len(g) for g in per_run])
+        config = runs["config_id"].to_numpy()[row_run]
+        folds = min(5, len(np.unique(config)))
+        self.residual_weight_ = 0.0
+        if folds < 2:
+            return None
+        starts = np.cumsum([0] + [len(g) for g in per_run])
+        best = (np.inf, 0.0, None)
+        for settings in _RESIDUAL_BOOSTS:
+            inner = np.zeros(len(acc))
+            for train, test in GroupKFold(n_splits=folds).split(X, groups=config):
+                inner[test] = _booster(settings).fit(X.iloc[train], acc[train]).predict(X.iloc[test]) - base[test]
+            for w in _RESIDUAL_WEIGHTS:
+                score = _mean_target_error(base + w * inner, acc, ks, starts)
+                if score < best[0] - 1e-9:
+                    best = (score, w, settings)
+        _, self.residual_weight_, settings = best
+        self.residual_settings_ = settings
+        if self.residual_weight_ == 0:
+            return None
+        return _booster(settings).fit(X, acc)
+
+    def correction(self, configs: pd.DataFrame, params: np.ndarray, epochs_per_run) -> np.ndarray:
+        """The residual model's correction for each configuration's epochs
+        (concatenated in order); zeros without the hybrid."""
+        frame, ks, milestones, base = self._expand(configs, params, epochs_per_run)
+        if getattr(self, "residual_", None) is None:
+            return np.zeros(len(ks))
+        return self.residual_weight_ * (self.residual_.predict(_row_features(frame, ks, milestones, base)) - base)
+
+    def predict_accuracy(self, configs: pd.DataFrame, epochs_per_run) -> list:
+        """Point predictions (curve plus residual model) for each configuration
+        at its epochs (1-based); a list of arrays."""
+        params = self.predict_params(configs)
+        base = self._expand(configs, params, epochs_per_run)[3]
+        values = np.clip(base + self.correction(configs, params, epochs_per_run), 0.0, 1.0)
+        return np.split(values, np.cumsum([len(k) for k in epochs_per_run])[:-1])
 
     def predict_params(self, configs: pd.DataFrame) -> np.ndarray:
         """Predicted curve parameters (columns PARAMS), one row per configuration."""
@@ -234,13 +353,18 @@ class LearningCurveModel:
             seen_epochs = np.arange(1, len(seen) + 1, dtype=float)
             center = fit_run(seen_epochs, seen, milestone, prior=center, prior_scale=self.scale_)
             draws = np.array([fit_run(seen_epochs, seen, milestone, prior=d, prior_scale=self.scale_) for d in draws])
-        curves = np.array([curve(d, epochs, milestone) for d in draws])
+        shift = 0.0
+        if observed is None or not len(observed):
+            # The residual model corrects the predicted curve; a curve refitted
+            # to observed epochs follows the job itself and is not shifted.
+            shift = self.correction(frame, center[None, :], [epochs])
+        curves = np.array([curve(d, epochs, milestone) for d in draws]) + shift
         tail = (1 - self.coverage) / 2
         return pd.DataFrame({
             "epoch": epochs.astype(int),
-            "accuracy": curve(center, epochs, milestone),
-            "accuracy_low": np.quantile(curves, tail, axis=0),
-            "accuracy_high": np.quantile(curves, 1 - tail, axis=0),
+            "accuracy": np.clip(curve(center, epochs, milestone) + shift, 0.0, 1.0),
+            "accuracy_low": np.clip(np.quantile(curves, tail, axis=0), 0.0, 1.0),
+            "accuracy_high": np.clip(np.quantile(curves, 1 - tail, axis=0), 0.0, 1.0),
         })
 
 
@@ -260,10 +384,27 @@ def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs) -> 
     centers = model.predict_params(configs)
     tail = (1 - model.coverage) / 2
     out = [], [], []
-    for (_, config), center in zip(configs.iterrows(), centers):
+    shifts = model.correction(configs, centers, [epochs] * len(configs)).reshape(len(configs), len(epochs))
+    for (_, config), center, shift in zip(configs.iterrows(), centers, shifts):
         milestone = first_milestone(config.get("milestones", ""), config.get("num_epochs", np.inf))
-        draws = np.array([curve(d, epochs, milestone) for d in center + model.errors_])
-        out[0].append(curve(center, epochs, milestone))
-        out[1].append(np.quantile(draws, tail, axis=0))
-        out[2].append(np.quantile(draws, 1 - tail, axis=0))
+        draws = np.array([curve(d, epochs, milestone) for d in center + model.errors_]) + shift
+        out[0].append(np.clip(curve(center, epochs, milestone) + shift, 0.0, 1.0))
+        out[1].append(np.clip(np.quantile(draws, tail, axis=0), 0.0, 1.0))
+        out[2].append(np.clip(np.quantile(draws, 1 - tail, axis=0), 0.0, 1.0))
     return tuple(np.array(o).reshape(len(configs), len(epochs)) for o in out)
+
+
+def fractional_epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target: float) -> float:
+    """Epochs to target with the crossing interpolated linearly between the
+    last epoch below the target and the first one at or above it (inf when
+    never reached). Whole epochs make every error a whole number, so the median
+    error moves in steps of one epoch; this reading resolves the steps."""
+    accuracy = np.asarray(accuracy, dtype=float)
+    epochs = np.asarray(epochs, dtype=float)
+    reached = np.nonzero(accuracy >= target)[0]
+    if not len(reached):
+        return np.inf
+    i = reached[0]
+    if i == 0 or accuracy[i] <= accuracy[i - 1]:
+        return float(epochs[i])
+    return float(epochs[i - 1] + (target - accuracy[i - 1]) / (accuracy[i] - accuracy[i - 1]) * (epochs[i] - epochs[i - 1]))

@@ -19,13 +19,12 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold
 
 from .baseline import RawColumnsBaseline, random_split_scores
-from .curve_model import LearningCurveModel, curve, epochs_to_target, first_milestone
+from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, fractional_epochs_to_target
 from .hardware import DEFAULT_PRICES
 from .loading import load_epochs, load_raw, runs_table
 from .time_model import EpochTimeModel
 
 SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name"}
-TARGETS = (0.5, 0.6, 0.7, 0.75, 0.8)
 
 
 def _folds(runs: pd.DataFrame, split: str):
@@ -54,7 +53,6 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
                                                run_fits[run_fits["run_id"].isin(train_ids)])
         baseline = RawColumnsBaseline().fit(raw[raw["run_id"].isin(train_ids)])
         times = time_model.predict(test_runs).set_index(test_runs["run_id"])
-        params = pd.DataFrame(curve_model.predict_params(test_runs), index=test_runs["run_id"])
         test_raw = raw[raw["run_id"].isin(set(test_runs["run_id"]))].copy()
         test_raw["time_base"] = baseline.predict_time(test_raw)
         test_raw["acc_base"] = baseline.predict_accuracy(test_raw)
@@ -64,10 +62,11 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
         rows["time_low"] = rows["run_id"].map(times["epoch_time_s_low"])
         rows["time_high"] = rows["run_id"].map(times["epoch_time_s_high"])
         rows["acc_pred"] = np.nan
-        for run_id, index in rows.groupby("run_id").groups.items():
-            first = rows.loc[index[0]]
-            milestone = first_milestone(first["milestones"], first["num_epochs"])
-            rows.loc[index, "acc_pred"] = curve(params.loc[run_id].to_numpy(), rows.loc[index, "epoch"].to_numpy(float) + 1, milestone)
+        groups = rows.groupby("run_id").groups
+        predicted = curve_model.predict_accuracy(test_runs, [rows.loc[groups[r], "epoch"].to_numpy(float) + 1
+                                                             for r in test_runs["run_id"]])
+        for run_id, values in zip(test_runs["run_id"], predicted):
+            rows.loc[groups[run_id], "acc_pred"] = values
         rows = rows.join(base, on=["run_id", "epoch"])
         out.append(rows)
     return pd.concat(out).sort_values(["run_id", "epoch"])
@@ -99,22 +98,6 @@ def target_table(pred: pd.DataFrame, column: str, targets=TARGETS) -> pd.DataFra
     table["error_epochs"] = (table["predicted_epochs"] - table["true_epochs"]).abs()
     table["error_epochs_frac"] = (table["predicted_epochs_frac"] - table["true_epochs_frac"]).abs()
     return table
-
-
-def fractional_epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target: float) -> float:
-    """Epochs to target with the crossing interpolated linearly between the
-    last epoch below the target and the first one at or above it (inf when
-    never reached). Whole epochs make every error a whole number, so the median
-    error moves in steps of one epoch; this reading resolves the steps."""
-    accuracy = np.asarray(accuracy, dtype=float)
-    epochs = np.asarray(epochs, dtype=float)
-    reached = np.nonzero(accuracy >= target)[0]
-    if not len(reached):
-        return np.inf
-    i = reached[0]
-    if i == 0 or accuracy[i] <= accuracy[i - 1]:
-        return float(epochs[i])
-    return float(epochs[i - 1] + (target - accuracy[i - 1]) / (accuracy[i] - accuracy[i - 1]) * (epochs[i] - epochs[i - 1]))
 
 
 def regret_table(pred: pd.DataFrame, time_column: str, acc_column: str, prices=None, targets=TARGETS) -> pd.DataFrame:
