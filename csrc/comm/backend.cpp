@@ -356,7 +356,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
     return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
       std::vector<MemoryPiece> pieces;
       for (auto& b : buffers) pieces.push_back({static_cast<uint8_t*>(b.data_ptr()), b.nbytes()});
-      shm_allreduce_segments(*shm_, sig, pieces, count, dtype, fuse_avg, dl);
+      shm_allreduce(*shm_, sig, pieces, count, dtype, fuse_avg, dl);
       for (size_t i = 0; i < users.size(); ++i) {
         if (op == RedOp::kAvg && !fuse_avg) divide_by(buffers[i], world);
         copy_back(users[i], buffers[i]);
@@ -675,17 +675,21 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::recv(std::vector<at::Tensor>& t
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {
   OpSignature sig{next_seq_++, OpKind::kBarrier, static_cast<uint8_t>(at::kByte), RedOp::kSum, 0, 0};
   return enqueue(c10d::OpType::BARRIER, sig.seq, {}, [=, this](Deadline dl) {
+    // Over TCP: an empty all-reduce.
+    auto tcp_barrier = [&](TcpTransport& t) {
+      recursive_doubling_allreduce(t, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);
+    };
     if (hierarchical_) {
       // Within the host, across the leaders, then released within the host:
       // the same path as all-reduce, so a rank in a barrier meets a peer in an
       // all-reduce (or the reverse) with a mismatch error, not a timeout.
       if (shm_) shm_barrier(*shm_, sig, dl);
-      if (leaders_) recursive_doubling_allreduce(*leaders_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);
+      if (leaders_) tcp_barrier(*leaders_);
       if (shm_) shm_barrier(*shm_, sig, dl);
     } else if (shm_) {
       shm_barrier(*shm_, sig, dl);
     } else if (getSize() > 1) {
-      recursive_doubling_allreduce(*transport_, sig, nullptr, 0, 1, reduce_kernel(at::kByte, RedOp::kSum), dl);
+      tcp_barrier(*transport_);
     }
   });
 }

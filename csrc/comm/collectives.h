@@ -73,11 +73,10 @@ struct MemoryPiece {
   uint8_t* data;
   size_t bytes;
 };
-// All-reduce of `count` elements held in `segments` (read and written in
-// place: no flattened copy, so the tensors of an all_reduce_coalesced are
-// reduced where they are). With `divide`, every element ends divided by the
-// world size (AVG), fused into the reduction; it requires float32 or float64.
-// Peers must all call this (not shm_allreduce) for the same op.
-void shm_allreduce_segments(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& segments, size_t count,
-                            c10::ScalarType dtype, bool divide, Deadline deadline);
+// shm_allreduce of `count` elements held in `pieces`, read and written where
+// they are (the tensors of an all_reduce_coalesced: no flattened copy). With
+// `divide`, every element ends divided by the world size (AVG) inside the
+// reduction; it requires float32 or float64, and every rank must pass the same.
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& pieces, size_t count,
+                   c10::ScalarType dtype, bool divide, Deadline deadline);
 }  // namespace disttrain::comm

@@ -75,13 +75,22 @@ class Scattered {
   void scatter(size_t offset, size_t bytes, const uint8_t* src) const {
     for_range(offset, bytes, [&](uint8_t* p, size_t n, size_t at) { std::memcpy(p, src + at, n); });
   }
+  // The address of [offset, offset + bytes) when it lies within one segment, else nullptr.
+  uint8_t* contiguous(size_t offset, size_t bytes) const {
+    if (bytes == 0) return nullptr;
+    const size_t i = segment_at(offset), inside = offset - starts_[i];
+    return inside + bytes <= segments_[i].bytes ? segments_[i].data + inside : nullptr;
+  }
 
  private:
+  size_t segment_at(size_t offset) const {
+    return static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), offset) - starts_.begin()) - 1;
+  }
   // f(address, bytes, position in the range) for each segment piece of [offset, offset + bytes).
   template <class F>
   void for_range(size_t offset, size_t bytes, F f) const {
     if (bytes == 0) return;
-    size_t i = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), offset) - starts_.begin()) - 1;
+    size_t i = segment_at(offset);
     for (size_t done = 0; done < bytes; ++i) {
       const size_t inside = offset + done - starts_[i];
       const size_t n = std::min(segments_[i].bytes - inside, bytes - done);
@@ -95,57 +104,12 @@ class Scattered {
 
 }  // namespace
 
-void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
-                   Deadline deadline) {
-  const ReduceFn fn = reduce_kernel(dtype, sig.redop);
-  const size_t elem = c10::elementSize(dtype);
-  const int p = g.size(), r = g.rank();
-  auto* bytes = static_cast<uint8_t*>(data);
-  const size_t max_elems = g.slot_bytes() / elem;
-  std::vector<const uint8_t*> slots(p);
-  size_t offset = 0;
-  do {
-    const size_t n = std::min(count - offset, max_elems);
-    uint8_t* out = bytes + offset * elem;
-    uint8_t* mine = g.begin(sig, deadline);
-    if (n * elem <= kDirectReduceMaxBytes) {
-      if (n > 0) std::memcpy(mine, out, n * elem);
-      g.publish();
-      // Everyone combines the slots in rank order: identical results everywhere.
-      for (int q = 0; q < p; ++q) slots[q] = q == r ? mine : g.peer(q);
-      reduce_blocked(fn, out, slots, n, elem);
-    } else {
-      // Only the slices the others reduce go through the slot on the way in;
-      // this rank's own slice is reduced in the user's buffer, then shared.
-      for (int q = 0; q < p; ++q) {
-        Slice t = slice(n, p, q);
-        if (q != r && t.length > 0) std::memcpy(mine + t.offset * elem, out + t.offset * elem, t.length * elem);
-      }
-      g.publish();
-      Slice s = slice(n, p, r);
-      uint8_t* my_out = out + s.offset * elem;
-      // This rank's slice first, then the others' in rank order.
-      slots[0] = my_out;
-      for (int q = 0, k = 1; q < p; ++q)
-        if (q != r) slots[k++] = g.peer(q) + s.offset * elem;
-      reduce_blocked(fn, my_out, slots, s.length, elem, mine + s.offset * elem);
-      g.mark_reduced();
-      for (int q = 0; q < p; ++q) {
-        Slice t = slice(n, p, q);
-        if (q != r && t.length > 0) std::memcpy(out + t.offset * elem, g.reduced(q) + t.offset * elem, t.length * elem);
-      }
-    }
-    g.finish();
-    offset += n;
-  } while (offset < count);
-}
-
-void shm_allreduce_segments(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& segments, size_t count,
-                            c10::ScalarType dtype, bool divide, Deadline deadline) {
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& pieces, size_t count,
+                   c10::ScalarType dtype, bool divide, Deadline deadline) {
   const ReduceFn fn = reduce_kernel(dtype, sig.redop);
   const size_t elem = c10::elementSize(dtype);
   const int p = g.size(), r = g.rank(), divide_by = divide ? p : 0;
-  const Scattered user(segments);
+  const Scattered user(pieces);
   const size_t max_elems = g.slot_bytes() / elem;
   std::vector<const uint8_t*> slots(p);
   std::vector<uint8_t> scratch;
@@ -153,31 +117,52 @@ void shm_allreduce_segments(ShmGroup& g, const OpSignature& sig, const std::vect
   do {
     const size_t n = std::min(count - offset, max_elems), base = offset * elem;
     uint8_t* mine = g.begin(sig, deadline);
-    // Unlike shm_allreduce, this rank's own data goes through its slot too:
-    // its own slice is reduced there (no contiguous user buffer to do it in).
-    user.gather(base, n * elem, mine);
-    g.publish();
     if (n * elem <= kDirectReduceMaxBytes) {
+      user.gather(base, n * elem, mine);
+      g.publish();
+      // Everyone combines the slots in rank order: identical results everywhere.
       for (int q = 0; q < p; ++q) slots[q] = q == r ? mine : g.peer(q);
-      scratch.resize(n * elem);
-      if (n > 0) reduce_blocked(fn, scratch.data(), slots, n, elem, nullptr, dtype, divide_by);
-      user.scatter(base, n * elem, scratch.data());
+      uint8_t* out = user.contiguous(base, n * elem);
+      if (!out) {
+        scratch.resize(n * elem);
+        out = scratch.data();
+      }
+      reduce_blocked(fn, out, slots, n, elem, nullptr, dtype, divide_by);
+      if (out == scratch.data()) user.scatter(base, n * elem, out);
     } else {
+      // Only the slices the others reduce go through the slot on the way in;
+      // this rank's own slice is reduced where it is, then shared, unless it
+      // spans two tensors: then it is reduced in the slot and copied back.
       Slice s = slice(n, p, r);
-      uint8_t* own = mine + s.offset * elem;
-      slots[0] = own;
+      uint8_t* own = user.contiguous(base + s.offset * elem, s.length * elem);
+      for (int q = 0; q < p; ++q) {
+        Slice t = slice(n, p, q);
+        if (q != r || !own) user.gather(base + t.offset * elem, t.length * elem, mine + t.offset * elem);
+      }
+      g.publish();
+      uint8_t* in_slot = mine + s.offset * elem;
+      uint8_t* dst = own ? own : in_slot;
+      // This rank's slice first, then the others' in rank order.
+      slots[0] = dst;
       for (int q = 0, k = 1; q < p; ++q)
         if (q != r) slots[k++] = g.peer(q) + s.offset * elem;
-      reduce_blocked(fn, own, slots, s.length, elem, nullptr, dtype, divide_by);
+      reduce_blocked(fn, dst, slots, s.length, elem, own ? in_slot : nullptr, dtype, divide_by);
       g.mark_reduced();
       for (int q = 0; q < p; ++q) {
         Slice t = slice(n, p, q);
-        if (t.length > 0) user.scatter(base + t.offset * elem, t.length * elem, (q == r ? mine : g.reduced(q)) + t.offset * elem);
+        if (q != r || !own)
+          user.scatter(base + t.offset * elem, t.length * elem, (q == r ? mine : g.reduced(q)) + t.offset * elem);
       }
     }
     g.finish();
     offset += n;
   } while (offset < count);
+}
+
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
+                   Deadline deadline) {
+  shm_allreduce(g, sig, {{static_cast<uint8_t*>(data), count * c10::elementSize(dtype)}}, count, dtype,
+                /*divide=*/false, deadline);
 }
 
 void shm_broadcast(ShmGroup& g, const OpSignature& sig, void* data, size_t bytes, int root, Deadline deadline) {

@@ -22,6 +22,14 @@ bool backend_reduces_in_place(const c10::intrusive_ptr<c10d::ProcessGroup>& grou
   }
 }
 
+// 1 / world as a wrapped number (it takes the gradient's dtype). Multiplying
+// by the reciprocal (rather than dividing) matches torch DDP bit for bit.
+at::Tensor reciprocal(int world) {
+  auto scale = at::scalar_tensor(1.0 / world, at::kDouble);
+  scale.unsafeGetTensorImpl()->set_wrapped_number(true);
+  return scale;
+}
+
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -195,22 +203,18 @@ void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
     view.div_(world_size_);
     return;
   }
-  // Multiplying by the reciprocal (rather than dividing) matches torch DDP bit for bit.
-  auto scale = at::scalar_tensor(1.0 / world_size_, at::kDouble);
-  scale.unsafeGetTensorImpl()->set_wrapped_number(true);
-  if (bucket.direct && from_hook && grad.is_contiguous() && !grad.requires_grad()) {
-    // Autograd is done with this gradient for this backward: scale it and
-    // all-reduce it where it is, saving a copy in and a copy out. Not for a
-    // parameter this forward did not use: if no rank used it, its .grad must
-    // stay untouched.
-    grad.mul_(scale);
+  // Autograd is done with this gradient for this backward, so it may be
+  // all-reduced where it is, saving a copy in and a copy out. Not for a
+  // parameter this forward did not use: if no rank used it, its .grad must
+  // stay untouched.
+  const bool where_it_is = from_hook && grad.is_contiguous() && !grad.requires_grad();
+  if (bucket.direct && where_it_is) {
+    grad.mul_(reciprocal(world_size_));
     bucket.direct_grad = grad;
     return;
   }
-  if (reduce_in_place_ && from_hook && grad.is_contiguous() && !grad.requires_grad() &&
-      (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble)) {
-    // Autograd is done with it: it is averaged where it is, at launch.
-    bucket.in_place[loc.slot] = grad;
+  if (reduce_in_place_ && where_it_is && (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble)) {
+    bucket.in_place[loc.slot] = grad;  // averaged by the backend, at launch
     return;
   }
   stage(bucket, loc.slot, grad);
@@ -218,9 +222,7 @@ void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
 
 void Reducer::stage(Bucket& bucket, size_t slot, const at::Tensor& grad) {
   at::Tensor& view = bucket.views[slot];
-  // Multiplying by the reciprocal (rather than dividing) matches torch DDP bit for bit.
-  auto scale = at::scalar_tensor(1.0 / world_size_, at::kDouble);
-  scale.unsafeGetTensorImpl()->set_wrapped_number(true);
+  const at::Tensor scale = reciprocal(world_size_);
   if (view.scalar_type() != grad.scalar_type()) {
     // Compressing: ATen's mixed-dtype mul_out is a slow scalar loop (12x a
     // copy here), while narrowing copy_ and a bf16/fp16 mul_ are vectorised.
