@@ -53,6 +53,29 @@ def run_per_world_size(module: str, argv: list[str], world_sizes: list[int], lab
     return rows
 
 
+def format_or_dash(value, spec: str) -> str:
+    """A report cell: ``value`` formatted, or "-" for a CSV blank ("")."""
+    return format(value, spec) if value != "" else "-"
+
+
+def per_world_size_main(name: str, argv: list[str] | None, build_parser, bench_rank, report, label) -> int:
+    """``main`` of a benchmark that runs one torchrun job per ``--ranks`` entry:
+    inside a job (RANK and WORLD_SIZE set) it runs ``bench_rank(args)``;
+    otherwise it starts the jobs and ``report(rows, args.out)``s their rows.
+    ``label(args)`` names the jobs in the progress lines."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == name:  # called as `disttrain bench NAME ...`
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        bench_rank(args)
+        return 0
+    rows = run_per_world_size(f"disttrain.bench.{name}", argv, [int(w) for w in args.ranks.split(",") if w],
+                              label(args))
+    report(rows, args.out)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: disttrain bench {" + ",".join(BENCHMARKS) + "} [options]")

@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-from disttrain.bench import run_per_world_size, write_csv
+from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
 CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo")
 
@@ -214,25 +214,14 @@ def _report(rows, out) -> None:
     print(f"{'model':<9} {'ranks':>5} {'config':<25} {'steps/s':>8} {'vs torch/gloo':>13} "
           f"{'vs torch/disttrain':>18} {'hidden':>7}")
     for r in rows:
-        def fmt(v, spec):
-            return format(v, spec) if v != "" else "-"
         print(f"{r['model']:<9} {r['world_size']:>5} {r['config']:<25} {r['steps_per_s']:>8.3f} "
-              f"{fmt(r['vs_torch_gloo'], '>13.2f')} {fmt(r['vs_torch_disttrain'], '>18.2f')} "
-              f"{fmt(r['hidden_fraction'], '>7.2f')}")
+              f"{format_or_dash(r['vs_torch_gloo'], '>13.2f')} {format_or_dash(r['vs_torch_disttrain'], '>18.2f')} "
+              f"{format_or_dash(r['hidden_fraction'], '>7.2f')}")
     write_csv(rows, out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "ddp":  # called as `disttrain bench ddp ...`
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        bench_rank(args)
-        return 0
-    rows = run_per_world_size("disttrain.bench.ddp", argv, [int(w) for w in args.ranks.split(",") if w], f"{args.models} x {args.configs}")
-    _report(rows, args.out)
-    return 0
+    return per_world_size_main("ddp", argv, build_parser, bench_rank, _report, lambda args: f"{args.models} x {args.configs}")
 
 
 if __name__ == "__main__":

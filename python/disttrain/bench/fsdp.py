@@ -56,7 +56,7 @@ import statistics
 import sys
 import time
 
-from disttrain.bench import run_per_world_size, write_csv
+from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
 CONFIGS = ("ddp/disttrain", "zero1/disttrain", "zero2/disttrain", "zero3/disttrain", "zero3pre/disttrain",
            "zero3/gloo", "fsdp2/gloo")
@@ -246,15 +246,13 @@ def _report(rows, out) -> None:
         else:
             r["zero3_bound_mib"] = r["zero3_bound_met"] = ""
 
-    def fmt(v, spec):
-        return format(v, spec) if v != "" else "-"
 
     print(f"{'ranks':>5} {'config':<16} {'params':>8} {'peak MiB':>9} {'formula':>8} {'peak-form':>9} "
           f"{'mem/ddp':>7} {'steps/s':>8} {'vs ddp':>6} {'vs fsdp2':>8}")
     for r in rows:
         print(f"{r['world_size']:>5} {r['config']:<16} {r['params'] / 1e6:>7.1f}M {r['peak_mib']:>9.0f} "
-              f"{r['formula_mib']:>8.0f} {r['peak_minus_formula_mib']:>9.0f} {fmt(r['mem_vs_ddp'], '>7.2f')} "
-              f"{r['steps_per_s']:>8.3f} {fmt(r['speed_vs_ddp'], '>6.2f')} {fmt(r['speed_vs_fsdp2'], '>8.2f')}")
+              f"{r['formula_mib']:>8.0f} {r['peak_minus_formula_mib']:>9.0f} {format_or_dash(r['mem_vs_ddp'], '>7.2f')} "
+              f"{r['steps_per_s']:>8.3f} {format_or_dash(r['speed_vs_ddp'], '>6.2f')} {format_or_dash(r['speed_vs_fsdp2'], '>8.2f')}")
     for r in rows:
         if r["zero3_bound_mib"] != "":
             print(f"# {r['world_size']} ranks {r['config']}: peak {r['peak_mib']:.0f} MiB "
@@ -264,16 +262,7 @@ def _report(rows, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fsdp":  # called as `disttrain bench fsdp ...`
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        bench_rank(args)
-        return 0
-    rows = run_per_world_size("disttrain.bench.fsdp", argv, [int(w) for w in args.ranks.split(",") if w], args.configs)
-    _report(rows, args.out)
-    return 0
+    return per_world_size_main("fsdp", argv, build_parser, bench_rank, _report, lambda args: args.configs)
 
 
 if __name__ == "__main__":
