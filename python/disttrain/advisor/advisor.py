@@ -11,7 +11,7 @@ import pandas as pd
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
 from .hardware import DEFAULT_PRICES
-from .loading import load_epochs, normalize_configs, runs_table
+from .loading import load_epochs, load_raw, normalize_configs, runs_table
 from .recommend import Recommendation, rank
 from .time_model import EpochTimeModel
 
@@ -51,9 +51,10 @@ class Advisor:
         Returns:
             a fitted Advisor.
         """
-        epochs = load_epochs(paths_or_dataframe)
+        raw = load_raw(paths_or_dataframe)
+        epochs = load_epochs(raw)
         runs = runs_table(epochs)
-        return cls(EpochTimeModel(coverage).fit(runs), LearningCurveModel(coverage).fit(epochs), runs)
+        return cls(EpochTimeModel(coverage).fit(runs), LearningCurveModel(coverage).fit(epochs, raw=raw), runs)
 
     @staticmethod
     def normalize(configs: pd.DataFrame) -> pd.DataFrame:

@@ -23,20 +23,53 @@ def _matrix(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 class RawColumnsBaseline:
-    """LightGBM (default settings) on raw columns, for time and for accuracy."""
+    """LightGBM (default settings) on raw columns, for time and for accuracy.
+
+    Args:
+        time: also fit the time model (the accuracy ensemble of
+            curve_model needs only the accuracy one).
+    """
+
+    def __init__(self, time: bool = True):
+        self.time = time
 
     def fit(self, raw: pd.DataFrame) -> "RawColumnsBaseline":
         X = _matrix(raw)
         self.categories_ = {c: X[c].cat.categories for c in ("model_name", "gpu")}
-        self.time_ = lgb.LGBMRegressor(verbose=-1, n_jobs=1).fit(X, raw["epoch_timings"])
+        if self.time:
+            self.time_ = lgb.LGBMRegressor(verbose=-1, n_jobs=1).fit(X, raw["epoch_timings"])
         known = raw["test_acc"].notna()
         self.acc_ = lgb.LGBMRegressor(verbose=-1, n_jobs=1).fit(X[known], raw.loc[known, "test_acc"])
+        # A configuration (not a logged row) lacks the raw columns: it stands
+        # for the GPU name its family has most often in the logs, and for the
+        # parameter count the logs' runs of its model and regime carry (the
+        # single-GPU runs used 1000-class ResNets, the DDP runs 10-class ones).
+        self.gpu_names_ = raw.groupby("gpu_family")["gpu"].agg(lambda s: s.mode().iloc[0]).to_dict()
+        counted = raw.dropna(subset=["num_of_paramters"])
+        self.param_counts_ = counted.groupby(["model_name", "is_distributed"])["num_of_paramters"].agg(
+            lambda s: s.mode().iloc[0]).to_dict()
         return self
+
+    def complete(self, configs: pd.DataFrame) -> pd.DataFrame:
+        """Configurations (loading's columns) as the raw rows the model was
+        trained on: a GPU given by family gets its most common logged name, a
+        missing parameter count the one of the model and regime in the logs."""
+        out = configs.copy()
+        if "num_of_paramters" not in out.columns:
+            out["num_of_paramters"] = np.nan
+        unknown = ~out["gpu"].astype(str).isin(self.categories_["gpu"])
+        out.loc[unknown, "gpu"] = out.loc[unknown, "gpu_family"].map(self.gpu_names_).fillna(out.loc[unknown, "gpu"])
+        missing = out["num_of_paramters"].isna()
+        keys = zip(out.loc[missing, "model_name"], out.loc[missing, "is_distributed"].astype(bool))
+        out.loc[missing, "num_of_paramters"] = [self.param_counts_.get(k, np.nan) for k in keys]
+        return out
 
     def _aligned(self, raw):
         X = _matrix(raw)
         for column, categories in self.categories_.items():
-            X[column] = pd.Categorical(X[column].astype(str), categories=categories)
+            values = X[column].astype(str)
+            # A category never seen in training is missing to the trees.
+            X[column] = pd.Categorical(values.where(values.isin(categories)), categories=categories)
         return X
 
     def predict_time(self, raw: pd.DataFrame) -> np.ndarray:

@@ -40,6 +40,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .baseline import RawColumnsBaseline
 from .features import derive
 
 PARAMS = ["logit_a_inf", "logit_a_1", "log_rate", "jump"]
@@ -55,6 +56,9 @@ _RESIDUAL_BOOSTS = (
 )
 _RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TARGETS = (0.5, 0.6, 0.7, 0.75, 0.8)  # the evaluation's targets
+# The ensemble: equal weights for the curve (with its hybrid correction) and
+# the row model, fixed a priori (no weight was searched).
+_ENSEMBLE_WEIGHT = 0.5
 
 
 def _logit(p):
@@ -169,11 +173,13 @@ class LearningCurveModel:
         >>> model.predict_curve(runs.iloc[0], np.arange(1, 31))
     """
 
-    def __init__(self, coverage: float = 0.8, alpha: float = 1.0, interval_folds: int = 5, hybrid: bool = True):
+    def __init__(self, coverage: float = 0.8, alpha: float = 1.0, interval_folds: int = 5, hybrid: bool = True,
+                 ensemble: bool = True):
         self.coverage = coverage
         self.alpha = alpha
         self.interval_folds = interval_folds
         self.hybrid = hybrid
+        self.ensemble = ensemble
 
     def fit_runs(self, epochs: pd.DataFrame) -> pd.DataFrame:
         """One fitted curve per run: the configuration columns plus PARAMS."""
@@ -218,7 +224,8 @@ class LearningCurveModel:
             out[i, 3] = center[3]
         return out
 
-    def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None) -> "LearningCurveModel":
+    def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None,
+            raw: pd.DataFrame | None = None) -> "LearningCurveModel":
         """Fits per-run curves on an epochs table (loading.load_epochs) and the
         regressions from configuration to curve parameters.
 
@@ -226,6 +233,9 @@ class LearningCurveModel:
             epochs: one row per run and epoch.
             run_fits: the per-run curves of these runs, when already fitted
                 (fit_runs); a run's own curve does not depend on the others.
+            raw: the same runs' file rows (loading.load_raw), for the row
+                model of the ensemble; without them (or with ``ensemble=False``)
+                the prediction is the curve alone.
 
         Returns:
             self
@@ -257,6 +267,7 @@ class LearningCurveModel:
         self.scale_ = np.maximum(np.std(errors, axis=0), 1e-3)
         self.models_ = self._fit_regressions(runs, epochs)
         self.residual_ = self._fit_residual(runs, epochs, oof) if self.hybrid and np.isfinite(oof[:, :3]).all(axis=1).any() else None
+        self.rows_ = RawColumnsBaseline(time=False).fit(raw) if self.ensemble and raw is not None else None
         self.max_acc_ = float(epochs["test_acc"].max())
         return self
 
@@ -312,12 +323,22 @@ class LearningCurveModel:
         return _booster(settings).fit(X, acc)
 
     def correction(self, configs: pd.DataFrame, params: np.ndarray, epochs_per_run) -> np.ndarray:
-        """The residual model's correction for each configuration's epochs
-        (concatenated in order); zeros without the hybrid."""
+        """What moves the curve to the advisor's prediction, for each
+        configuration's epochs (concatenated in order): the hybrid's
+        residual model, then the ensemble with the row model
+        (``(1 - w) (curve + hybrid) + w rows``); zeros with neither."""
         frame, ks, milestones, base = self._expand(configs, params, epochs_per_run)
-        if getattr(self, "residual_", None) is None:
-            return np.zeros(len(ks))
-        return self.residual_weight_ * (self.residual_.predict(_row_features(frame, ks, milestones, base)) - base)
+        shift = np.zeros(len(ks))
+        if getattr(self, "residual_", None) is not None:
+            shift = self.residual_weight_ * (self.residual_.predict(_row_features(frame, ks, milestones, base)) - base)
+        if getattr(self, "rows_", None) is not None:
+            completed = self.rows_.complete(frame.assign(epoch=ks - 1))
+            # Trees have nothing to say of a model or GPU they never saw: there the curve stands alone.
+            seen = (completed["model_name"].astype(str).isin(self.rows_.categories_["model_name"])
+                    & completed["gpu"].astype(str).isin(self.rows_.categories_["gpu"])).to_numpy()
+            w = np.where(seen, _ENSEMBLE_WEIGHT, 0.0)
+            shift = (1 - w) * shift + w * (self.rows_.predict_accuracy(completed) - base)
+        return shift
 
     def predict_accuracy(self, configs: pd.DataFrame, epochs_per_run) -> list:
         """Point predictions (curve plus residual model) for each configuration

@@ -50,7 +50,8 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
         test_runs = runs.iloc[test]
         time_model = EpochTimeModel().fit(runs.iloc[train])
         curve_model = LearningCurveModel(interval_folds=0).fit(epochs[epochs["run_id"].isin(train_ids)],
-                                               run_fits[run_fits["run_id"].isin(train_ids)])
+                                                               run_fits[run_fits["run_id"].isin(train_ids)],
+                                                               raw[raw["run_id"].isin(train_ids)])
         baseline = RawColumnsBaseline().fit(raw[raw["run_id"].isin(train_ids)])
         times = time_model.predict(test_runs).set_index(test_runs["run_id"])
         test_raw = raw[raw["run_id"].isin(set(test_runs["run_id"]))].copy()
