@@ -23,7 +23,12 @@ configuration, the epoch, its place relative to the first milestone and the
 curve's own prediction, trained with the curve the training runs get out of
 fold; the prediction moves from the curve towards it by a weight chosen, with
 the booster's settings, by an inner cross-validation grouped by
-configuration (the smallest median error in epochs to the targets). With
+configuration (the smallest median error in epochs to the targets). The
+advisor's accuracy is the equal-weight average of that (hybrid) curve and a
+row model, LightGBM on the logged columns of every row (baseline.
+RawColumnsBaseline, trained on the same runs): the curve extrapolates, the
+trees interpolate between neighbouring configurations; for a model or GPU the
+trees never saw, the curve stands alone. With
 the first k epochs of a running job observed, the parameters are refitted with
 the prediction as a prior (MAP), once per error vector, so the interval narrows
 as the job runs.
