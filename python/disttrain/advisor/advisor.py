@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .baseline import RawColumnsBaseline
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
 from .hardware import DEFAULT_PRICES
@@ -54,7 +55,7 @@ class Advisor:
         raw = load_raw(paths_or_dataframe)
         epochs = load_epochs(raw)
         runs = runs_table(epochs)
-        return cls(EpochTimeModel(coverage).fit(runs), LearningCurveModel(coverage).fit(epochs, raw=raw), runs)
+        return cls(EpochTimeModel(coverage).fit(runs), LearningCurveModel(coverage).fit(epochs, rows=RawColumnsBaseline(time=False).fit(raw)), runs)
 
     @staticmethod
     def normalize(configs: pd.DataFrame) -> pd.DataFrame:

@@ -50,6 +50,11 @@ class RawColumnsBaseline:
             lambda s: s.mode().iloc[0]).to_dict()
         return self
 
+    def knows(self, rows: pd.DataFrame) -> np.ndarray:
+        """Which rows have only categories (model, GPU) the trees saw in training."""
+        return np.logical_and.reduce([rows[column].astype(str).isin(categories).to_numpy()
+                                      for column, categories in self.categories_.items()])
+
     def complete(self, configs: pd.DataFrame) -> pd.DataFrame:
         """Configurations (loading's columns) as the raw rows the model was
         trained on: a GPU given by family gets its most common logged name, a

@@ -230,7 +230,7 @@ class LearningCurveModel:
         return out
 
     def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None,
-            raw: pd.DataFrame | None = None) -> "LearningCurveModel":
+            rows: RawColumnsBaseline | None = None) -> "LearningCurveModel":
         """Fits per-run curves on an epochs table (loading.load_epochs) and the
         regressions from configuration to curve parameters.
 
@@ -238,9 +238,10 @@ class LearningCurveModel:
             epochs: one row per run and epoch.
             run_fits: the per-run curves of these runs, when already fitted
                 (fit_runs); a run's own curve does not depend on the others.
-            raw: the same runs' file rows (loading.load_raw), for the row
-                model of the ensemble; without them (or with ``ensemble=False``)
-                the prediction is the curve alone.
+            rows: the row model of the ensemble, fitted on the same runs'
+                file rows (``RawColumnsBaseline(time=False).fit(raw)``);
+                without it (or with ``ensemble=False``) the prediction is the
+                curve alone.
 
         Returns:
             self
@@ -272,7 +273,7 @@ class LearningCurveModel:
         self.scale_ = np.maximum(np.std(errors, axis=0), 1e-3)
         self.models_ = self._fit_regressions(runs, epochs)
         self.residual_ = self._fit_residual(runs, epochs, oof) if self.hybrid and np.isfinite(oof[:, :3]).all(axis=1).any() else None
-        self.rows_ = RawColumnsBaseline(time=False).fit(raw) if self.ensemble and raw is not None else None
+        self.rows_ = rows if self.ensemble else None
         self.max_acc_ = float(epochs["test_acc"].max())
         return self
 
@@ -339,9 +340,7 @@ class LearningCurveModel:
         if getattr(self, "rows_", None) is not None:
             completed = self.rows_.complete(frame.assign(epoch=ks - 1))
             # Trees have nothing to say of a model or GPU they never saw: there the curve stands alone.
-            seen = (completed["model_name"].astype(str).isin(self.rows_.categories_["model_name"])
-                    & completed["gpu"].astype(str).isin(self.rows_.categories_["gpu"])).to_numpy()
-            w = np.where(seen, _ENSEMBLE_WEIGHT, 0.0)
+            w = np.where(self.rows_.knows(completed), _ENSEMBLE_WEIGHT, 0.0)
             shift = (1 - w) * shift + w * (self.rows_.predict_accuracy(completed) - base)
         return shift
 

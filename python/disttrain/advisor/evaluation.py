@@ -49,10 +49,11 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
         train_ids = set(runs["run_id"].iloc[train])
         test_runs = runs.iloc[test]
         time_model = EpochTimeModel().fit(runs.iloc[train])
+        baseline = RawColumnsBaseline().fit(raw[raw["run_id"].isin(train_ids)])
+        # The ensemble's row model is the baseline's accuracy model, fitted once.
         curve_model = LearningCurveModel(interval_folds=0).fit(epochs[epochs["run_id"].isin(train_ids)],
                                                                run_fits[run_fits["run_id"].isin(train_ids)],
-                                                               raw[raw["run_id"].isin(train_ids)])
-        baseline = RawColumnsBaseline().fit(raw[raw["run_id"].isin(train_ids)])
+                                                               rows=baseline)
         times = time_model.predict(test_runs).set_index(test_runs["run_id"])
         test_raw = raw[raw["run_id"].isin(set(test_runs["run_id"]))].copy()
         test_raw["time_base"] = baseline.predict_time(test_raw)
