@@ -135,7 +135,7 @@ def _booster(settings: dict):
     return lgb.LGBMRegressor(**settings, verbose=-1, n_jobs=1)
 
 
-def _mean_target_error(predicted, acc, epochs, starts) -> float:
+def _median_target_error(predicted, acc, epochs, starts) -> float:
     """Median (then mean, to break ties) error in fractional epochs to each
     target over runs laid end to end (run i spans starts[i]:starts[i+1]); a
     target never predicted counts as the run's length + 1."""
@@ -297,7 +297,7 @@ class LearningCurveModel:
         with the curve they get out of fold as a feature (a model of the
         curve's residual instead was measured worse). Its weight (0 to 1) is chosen by a
         grouped cross-validation over these runs: the one with the smallest
-        mean error in (fractional) epochs to the targets 0.5-0.8."""
+        median error in (fractional) epochs to the targets 0.5-0.8."""
         keep = np.isfinite(oof[:, :3]).all(axis=1)
         runs, oof = runs[keep], oof[keep]
         rows = epochs.dropna(subset=["test_acc"])
@@ -319,7 +319,7 @@ class LearningCurveModel:
             for train, test in GroupKFold(n_splits=folds).split(X, groups=config):
                 inner[test] = _booster(settings).fit(X.iloc[train], acc[train]).predict(X.iloc[test]) - base[test]
             for w in _RESIDUAL_WEIGHTS:
-                score = _mean_target_error(base + w * inner, acc, ks, starts)
+                score = _median_target_error(base + w * inner, acc, ks, starts)
                 if score < best[0] - 1e-9:
                     best = (score, w, settings)
         _, self.residual_weight_, settings = best
@@ -345,7 +345,7 @@ class LearningCurveModel:
         return shift
 
     def predict_accuracy(self, configs: pd.DataFrame, epochs_per_run) -> list:
-        """Point predictions (curve plus residual model) for each configuration
+        """Point predictions (the curve plus its correction) for each configuration
         at its epochs (1-based); a list of arrays."""
         params = self.predict_params(configs)
         base = self._expand(configs, params, epochs_per_run)[3]
