@@ -78,4 +78,7 @@ def test_evaluate_writes_the_tables(tmp_path):
     assert set(table["split"]) == {"run", "config", "gpu_family", "model"}
     assert set(table["method"]) == {"advisor", "baseline"}
     assert table["time_mape_pct"].notna().all() and (table["time_mape_pct"] > 0).all()
+    # The paired count: per split, cases where either is strictly closer, never more than all cases.
+    closer = table.groupby("split").agg(closer=("epochs_to_target_closer", "sum"), cases=("epochs_to_target_cases", "first"))
+    assert (closer["closer"] <= closer["cases"]).all() and (closer["cases"] > 0).all()
     assert "leave" not in out.stderr and "time per epoch" in out.stdout

@@ -85,7 +85,7 @@ def _evaluate(args) -> int:
           f"accuracy MAE {rs['accuracy_mae']:.3f}")
     time_columns = ["split", "method", "time_mae_s", "time_rmse_s", "time_mape_pct", "time_interval_coverage_pct"]
     acc_columns = ["split", "method", "accuracy_mae", "epochs_to_target_median_err", "epochs_to_target_mean_err",
-                   "epochs_to_target_median_err_frac",
+                   "epochs_to_target_median_err_frac", "epochs_to_target_closer", "epochs_to_target_cases",
                    "regret_median_pct", "regret_mean_pct", "regret_infeasible", "regret_cases"]
     print("\ntime per epoch (out of fold, every epoch row)")
     print(summary[time_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -9,7 +9,9 @@ Splits:
 
 For each split and each of our model and the reproduced baseline: MAE, RMSE
 and MAPE of time per epoch (on every epoch row), the error in epochs to reach a
-target accuracy, and the regret of the recommendation.
+target accuracy (its median and mean, whole and fractional, and the paired
+count of cases where each method is strictly closer), and the regret of the
+recommendation.
 """
 
 from __future__ import annotations
@@ -144,14 +146,20 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS)) -> dict:
     for split in splits:
         pred = out_of_fold(epochs, raw, split, run_fits)
         predictions[split] = pred
-        for method, time_column, acc_column in [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]:
-            targets = target_table(pred, acc_column)
+        methods = [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]
+        tables = {method: target_table(pred, acc_column) for method, _, acc_column in methods}
+        for (method, time_column, acc_column), other in zip(methods, reversed(methods)):
+            targets = tables[method]
             regret = regret_table(pred, time_column, acc_column)
             row = {"split": split, "method": method, **time_scores(pred, time_column),
                    "epochs_to_target_median_err": targets["error_epochs"].median(),
                    "epochs_to_target_mean_err": targets["error_epochs"].mean(),
                    "epochs_to_target_median_err_frac": targets["error_epochs_frac"].median(),
                    "epochs_to_target_mean_err_frac": targets["error_epochs_frac"].mean(),
+                   # Paired, on whole epochs: the (run, target) cases where this method is
+                   # strictly closer than the other one (the rest are ties or the other's).
+                   "epochs_to_target_closer": int((targets["error_epochs"].to_numpy() < tables[other[0]]["error_epochs"].to_numpy()).sum()),
+                   "epochs_to_target_cases": len(targets),
                    "accuracy_mae": (pred[acc_column] - pred["test_acc"]).abs().mean(),
                    "regret_median_pct": regret["regret_pct"].median(),
                    "regret_mean_pct": regret["regret_pct"].replace(np.inf, np.nan).mean(),
