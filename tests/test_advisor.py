@@ -37,6 +37,21 @@ def test_predict_returns_ordered_intervals(advisor):
     assert 6 < pred.loc[7, "epoch_time_s"] < 30
 
 
+def test_time_interval_widens_for_a_gpu_family_or_model_not_trained_on():
+    from disttrain.advisor.loading import runs_table
+    from disttrain.advisor.time_model import EpochTimeModel
+    runs = runs_table(load_epochs())
+    held_out = (runs["gpu_family"] == "V100-SXM2") | (runs["model_name"] == "resnet50")
+    model = EpochTimeModel().fit(runs[~held_out])
+    seen = runs[~held_out].head(5)
+    for new in (runs[runs["gpu_family"] == "V100-SXM2"].head(5), runs[runs["model_name"] == "resnet50"].head(5)):
+        pred, base = model.predict(new), model.predict(seen)
+        ratio = (pred["epoch_time_s_high"] / pred["epoch_time_s_low"]).to_numpy()
+        # Leaving each trained family (model) out in turn gives a wider interval than leaving a configuration out.
+        assert (ratio > 1.1 * (base["epoch_time_s_high"] / base["epoch_time_s_low"]).max()).all()
+        assert (pred["epoch_time_s_low"] < pred["epoch_time_s"]).all()
+
+
 def test_sharding_shortens_the_epoch(advisor):
     base = {"model_name": "resnet50", "gpu": "V100-PCIE", "num_of_gpus": 4, "batch_size": 128}
     pred = advisor.predict(pd.DataFrame([{**base, "distribute_data": False}, {**base, "distribute_data": True}]))

@@ -83,7 +83,8 @@ def _evaluate(args) -> int:
     rs = result["random_split"]
     print(f"baseline on a random row split (its original evaluation): time MAE {rs['time_mae_s']:.2f} s, "
           f"accuracy MAE {rs['accuracy_mae']:.3f}")
-    time_columns = ["split", "method", "time_mae_s", "time_rmse_s", "time_mape_pct", "time_interval_coverage_pct"]
+    time_columns = ["split", "method", "time_mae_s", "time_rmse_s", "time_mape_pct", "time_interval_coverage_pct",
+                    "time_interval_high_over_low"]
     acc_columns = ["split", "method", "accuracy_mae", "epochs_to_target_median_err", "epochs_to_target_mean_err",
                    "epochs_to_target_median_err_frac", "epochs_to_target_closer", "epochs_to_target_cases",
                    "regret_median_pct", "regret_mean_pct", "regret_infeasible", "regret_cases"]

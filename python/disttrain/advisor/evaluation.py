@@ -168,5 +168,6 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS)) -> dict:
             if method == "advisor":
                 inside = (pred["epoch_timings"] >= pred["time_low"]) & (pred["epoch_timings"] <= pred["time_high"])
                 row["time_interval_coverage_pct"] = 100 * inside.mean()
+                row["time_interval_high_over_low"] = (pred["time_high"] / pred["time_low"]).median()
             summary.append(row)
     return {"summary": pd.DataFrame(summary), "random_split": random_split_scores(raw), "predictions": predictions}

@@ -47,7 +47,11 @@ correction makes every split worse).
 
 Intervals are split-conformal: quantiles of out-of-fold log residuals from a
 cross-validation grouped by configuration, so they price in configurations
-the model has not seen.
+the model has not seen. A configuration on a GPU family or of a model that the
+training runs do not hold is a larger step into the unknown, so its interval
+comes from residuals of the same kind of step: leaving each GPU family out
+(or each model) in turn inside the training runs (the union of both intervals
+when both are new).
 """
 
 from __future__ import annotations
@@ -229,12 +233,29 @@ class EpochTimeModel:
         corrected = residual
         if self.boost and folds >= 2:
             corrected = self._fit_correction(runs, residual, groups, folds)
-        tail = (1 - self.coverage) / 2
-        finite = corrected[np.isfinite(corrected)]
-        self.log_low_, self.log_high_ = np.quantile(finite, [tail, 1 - tail]) if len(finite) else (0.0, 0.0)
+        self.log_low_, self.log_high_ = self._bounds(corrected)
+        # Intervals for a GPU family or model the runs do not hold: residuals of
+        # leaving each family (model) out in turn, inside the training runs.
+        self.novel_bounds_ = {}
+        for column in ("gpu_family", "model_name"):
+            values = runs[column].to_numpy()
+            if len(np.unique(values)) < 2:
+                continue
+            novel = np.full(len(runs), np.nan)
+            for value in np.unique(values):
+                out = values == value
+                core = self._fit_core(runs[~out])
+                novel[out] = log_y[out] - self._predict_core(core, runs[out])
+            self.novel_bounds_[column] = self._bounds(novel)
         rates = self.core_[0][: _REGIMES * len(_RATES)].reshape(_REGIMES, len(_RATES))
         self.rates_ = {regime: dict(zip(_RATES, np.exp(np.minimum(row, 50)))) for regime, row in zip(("single", "distributed"), rates)}
         return self
+
+    def _bounds(self, log_residuals: np.ndarray) -> tuple:
+        """The conformal interval (in log space) of the given out-of-fold residuals."""
+        tail = (1 - self.coverage) / 2
+        finite = log_residuals[np.isfinite(log_residuals)]
+        return tuple(np.quantile(finite, [tail, 1 - tail])) if len(finite) else (0.0, 0.0)
 
     def _fit_correction(self, runs, residual, groups, folds) -> np.ndarray:
         """LightGBM on the structural model's out-of-fold log residuals; the
@@ -266,8 +287,26 @@ class EpochTimeModel:
             DataFrame with ``epoch_time_s``, ``epoch_time_s_low``, ``epoch_time_s_high``.
         """
         log_time = self.predict_log(configs)
+        low, high = self.log_bounds(configs)
         return pd.DataFrame({
             "epoch_time_s": np.exp(log_time),
-            "epoch_time_s_low": np.exp(log_time + self.log_low_),
-            "epoch_time_s_high": np.exp(log_time + self.log_high_),
+            "epoch_time_s_low": np.exp(log_time + low),
+            "epoch_time_s_high": np.exp(log_time + high),
         }, index=configs.index)
+
+    def log_bounds(self, configs: pd.DataFrame) -> tuple:
+        """Per configuration, the interval around the log prediction: the
+        configuration-level one, widened to the leave-one-family-out (or
+        leave-one-model-out) one where the GPU family (model) is new."""
+        _, families, models, _ = self.core_
+        d = derive(configs)
+        low = np.full(len(configs), self.log_low_)
+        high = np.full(len(configs), self.log_high_)
+        for column, known in (("gpu_family", families), ("model_name", models)):
+            bounds = getattr(self, "novel_bounds_", {}).get(column)
+            if bounds is None:
+                continue
+            new = ~d[column].isin(known).to_numpy()
+            low[new] = np.minimum(low[new], bounds[0])
+            high[new] = np.maximum(high[new], bounds[1])
+        return low, high
