@@ -82,3 +82,4 @@ def test_evaluate_writes_the_tables(tmp_path):
     closer = table.groupby("split").agg(closer=("epochs_to_target_closer", "sum"), cases=("epochs_to_target_cases", "first"))
     assert (closer["closer"] <= closer["cases"]).all() and (closer["cases"] > 0).all()
     assert "leave" not in out.stderr and "time per epoch" in out.stdout
+    assert all(f"split {split}:" in out.stderr for split in ("run", "config", "gpu_family", "model")), out.stderr

@@ -69,10 +69,19 @@ def _recommend(args) -> int:
     return 1 if rec.out_of_reach else 0
 
 
-def _evaluate(args) -> int:
-    from .evaluation import evaluate
+def _fold_progress(split: str, done: int, folds: int) -> None:
+    """Progress on stderr: a fold counter on a terminal, a line per split otherwise."""
+    if sys.stderr.isatty():
+        print(f"\r  split {split}: fold {done}/{folds}", end="\n" if done == folds else "", file=sys.stderr, flush=True)
+    elif done == folds:
+        print(f"  split {split}: {folds} folds done", file=sys.stderr, flush=True)
 
-    result = evaluate(args.data)
+
+def _evaluate(args) -> int:
+    from .evaluation import SPLITS, evaluate
+
+    print(f"disttrain advise: evaluating on splits {', '.join(SPLITS)} (about 2 min on 2 cores)", file=sys.stderr)
+    result = evaluate(args.data, progress=_fold_progress)
     summary = result["summary"]
     RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(RESULTS_CSV, index=False)

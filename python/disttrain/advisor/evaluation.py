@@ -38,8 +38,12 @@ def _folds(runs: pd.DataFrame, split: str):
         yield np.nonzero(groups != value)[0], np.nonzero(groups == value)[0]
 
 
-def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: pd.DataFrame) -> pd.DataFrame:
+def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: pd.DataFrame,
+                progress=None) -> pd.DataFrame:
     """Out-of-fold predictions for every run and epoch, ours and the baseline's.
+
+    Args:
+        progress: optional ``progress(split, folds_done, folds)``, called after each fold.
 
     Returns:
         ``epochs`` plus ``time_pred``, ``time_low``, ``time_high``, ``acc_pred``
@@ -47,7 +51,8 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
     """
     runs = runs_table(epochs)
     out = []
-    for train, test in _folds(runs, split):
+    folds = list(_folds(runs, split))
+    for done, (train, test) in enumerate(folds, 1):
         train_ids = set(runs["run_id"].iloc[train])
         test_runs = runs.iloc[test]
         time_model = EpochTimeModel().fit(runs.iloc[train])
@@ -73,6 +78,8 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
             rows.loc[groups[run_id], "acc_pred"] = values
         rows = rows.join(base, on=["run_id", "epoch"])
         out.append(rows)
+        if progress is not None:
+            progress(split, done, len(folds))
     return pd.concat(out).sort_values(["run_id", "epoch"])
 
 
@@ -132,8 +139,8 @@ def regret_table(pred: pd.DataFrame, time_column: str, acc_column: str, prices=N
     return pd.DataFrame(rows)
 
 
-def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS)) -> dict:
-    """Runs the whole evaluation.
+def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None) -> dict:
+    """Runs the whole evaluation (``progress`` as for :func:`out_of_fold`).
 
     Returns:
         dict with ``summary`` (one row per split and method), ``random_split``
@@ -144,7 +151,7 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS)) -> dict:
     run_fits = LearningCurveModel().fit_runs(epochs)
     summary, predictions = [], {}
     for split in splits:
-        pred = out_of_fold(epochs, raw, split, run_fits)
+        pred = out_of_fold(epochs, raw, split, run_fits, progress)
         predictions[split] = pred
         methods = [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]
         tables = {method: target_table(pred, acc_column) for method, _, acc_column in methods}
