@@ -11,7 +11,7 @@ itself once, at a chosen step and place, as a crash would.
 A marker file (``DISTTRAIN_FAULT_MARKER``, default ``<run folder>/.fault_injected``)
 is created before the kill, so the restarted run does not fail again. Its first
 line is ``WHERE:STEP``; its second, ``committed:`` and the snapshot files that
-were complete in ``<run folder>/snapshots`` at that instant. Snapshots are
+were complete in the snapshot folder at that instant (oldest first). Snapshots are
 written in the background, so a kill one step after a snapshot was taken can
 come before its file is complete; the restart then starts over, and the marker
 says which of the two a test must expect.
@@ -22,12 +22,14 @@ from __future__ import annotations
 import os
 import signal
 
+from . import snapshot
+
 _PLACES = ("forward", "collective", "snapshot")
 
 
 class FaultInjector:
-    def __init__(self, rank: int, run_dir: str):
-        self.snapshot_dir = os.path.join(run_dir, "snapshots")
+    def __init__(self, rank: int, run_dir: str, snapshot_dir: str):
+        self.snapshot_dir = snapshot_dir
         spec = os.environ.get("DISTTRAIN_FAULT_INJECT", "")
         self.marker = os.environ.get("DISTTRAIN_FAULT_MARKER") or os.path.join(run_dir, ".fault_injected")
         self.where = None
@@ -43,10 +45,7 @@ class FaultInjector:
         return self.where == where and (step >= self.step if at_or_after else step == self.step)
 
     def _mark(self) -> None:
-        try:
-            committed = sorted(n for n in os.listdir(self.snapshot_dir) if n.endswith(".dts"))
-        except OSError:
-            committed = []
+        committed = [os.path.basename(p) for p in snapshot.list_snapshots(self.snapshot_dir)]
         with open(self.marker, "w") as f:
             f.write(f"{self.where}:{self.step}\ncommitted: {' '.join(committed)}\n")
             f.flush()

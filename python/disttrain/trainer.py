@@ -239,7 +239,7 @@ class Trainer:
         self._snapshotter = snapshot.AsyncSnapshotter(self.snapshot_dir, keep=cfg.keep_snapshots) \
             if self.rank == 0 else None
         self._best_writer = snapshot.AsyncSnapshotter(self.run_dir, keep=None) if self.rank == 0 else None
-        self._faults = FaultInjector(self.rank, self.run_dir)
+        self._faults = FaultInjector(self.rank, self.run_dir, self.snapshot_dir)
         if self._faults.where == "forward":
             self.module.register_forward_pre_hook(lambda *_: self._faults.in_forward(self.global_step))
         self._columns = {**columns, **cfg.configuration}
