@@ -143,10 +143,9 @@ def _median_target_error(predicted, acc, epochs, starts) -> float:
     for i in range(len(starts) - 1):
         span = slice(starts[i], starts[i + 1])
         for target in TARGETS:
-            true = fractional_epochs_to_target(acc[span], epochs[span], target)
+            true, guess = target_crossings(acc[span], predicted[span], epochs[span], target)
             if np.isfinite(true):
-                guess = fractional_epochs_to_target(predicted[span], epochs[span], target)
-                errors.append(abs(min(guess, epochs[span].max() + 1) - true))
+                errors.append(abs(guess - true))
     return float(np.median(errors) + 1e-3 * np.mean(errors)) if errors else 0.0
 
 
@@ -335,9 +334,9 @@ class LearningCurveModel:
         (``(1 - w) (curve + hybrid) + w rows``); zeros with neither."""
         frame, ks, milestones, base = self._expand(configs, params, epochs_per_run)
         shift = np.zeros(len(ks))
-        if getattr(self, "residual_", None) is not None:
+        if self.residual_ is not None:
             shift = self.residual_weight_ * (self.residual_.predict(_row_features(frame, ks, milestones, base)) - base)
-        if getattr(self, "rows_", None) is not None:
+        if self.rows_ is not None:
             completed = self.rows_.complete(frame.assign(epoch=ks - 1))
             # Trees have nothing to say of a model or GPU they never saw: there the curve stands alone.
             w = np.where(self.rows_.knows(completed), _ENSEMBLE_WEIGHT, 0.0)
@@ -433,3 +432,12 @@ def fractional_epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target
     if i == 0 or accuracy[i] <= accuracy[i - 1]:
         return float(epochs[i])
     return float(epochs[i - 1] + (target - accuracy[i - 1]) / (accuracy[i] - accuracy[i - 1]) * (epochs[i] - epochs[i - 1]))
+
+
+def target_crossings(accuracy, predicted, epochs, target: float, read=fractional_epochs_to_target) -> tuple:
+    """Epochs to ``target`` (read by ``read``) of a run's measured accuracy and
+    of its prediction, as (true, predicted): a prediction that never reaches
+    the target counts as the run's last epoch + 1; true is inf when the run
+    itself never reaches it."""
+    true = read(accuracy, epochs, target)
+    return true, min(read(predicted, epochs, target), float(np.max(epochs)) + 1)

@@ -21,7 +21,7 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold
 
 from .baseline import RawColumnsBaseline, random_split_scores
-from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, fractional_epochs_to_target
+from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, target_crossings
 from .hardware import DEFAULT_PRICES
 from .loading import load_epochs, load_raw, runs_table
 from .time_model import EpochTimeModel
@@ -95,16 +95,14 @@ def target_table(pred: pd.DataFrame, column: str, targets=TARGETS) -> pd.DataFra
     rows = []
     for run_id, run in pred.groupby("run_id"):
         epochs = run["epoch"].to_numpy() + 1
+        accuracy, predicted = run["test_acc"].to_numpy(), run[column].to_numpy()
         for target in targets:
-            true = epochs_to_target(run["test_acc"].to_numpy(), epochs, target)
+            true, guess = target_crossings(accuracy, predicted, epochs, target, epochs_to_target)
             if not np.isfinite(true):
                 continue
-            predicted = epochs_to_target(run[column].to_numpy(), epochs, target)
-            true_frac = fractional_epochs_to_target(run["test_acc"].to_numpy(), epochs, target)
-            pred_frac = fractional_epochs_to_target(run[column].to_numpy(), epochs, target)
-            rows.append({"run_id": run_id, "target": target, "true_epochs": true,
-                         "predicted_epochs": min(predicted, epochs.max() + 1),
-                         "true_epochs_frac": true_frac, "predicted_epochs_frac": min(pred_frac, epochs.max() + 1)})
+            true_frac, guess_frac = target_crossings(accuracy, predicted, epochs, target)
+            rows.append({"run_id": run_id, "target": target, "true_epochs": true, "predicted_epochs": guess,
+                         "true_epochs_frac": true_frac, "predicted_epochs_frac": guess_frac})
     table = pd.DataFrame(rows)
     table["error_epochs"] = (table["predicted_epochs"] - table["true_epochs"]).abs()
     table["error_epochs_frac"] = (table["predicted_epochs_frac"] - table["true_epochs_frac"]).abs()
@@ -155,8 +153,9 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None) -> di
         predictions[split] = pred
         methods = [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]
         tables = {method: target_table(pred, acc_column) for method, _, acc_column in methods}
-        for (method, time_column, acc_column), other in zip(methods, reversed(methods)):
+        for method, time_column, acc_column in methods:
             targets = tables[method]
+            other = tables["baseline" if method == "advisor" else "advisor"]
             regret = regret_table(pred, time_column, acc_column)
             row = {"split": split, "method": method, **time_scores(pred, time_column),
                    "epochs_to_target_median_err": targets["error_epochs"].median(),
@@ -165,7 +164,7 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None) -> di
                    "epochs_to_target_mean_err_frac": targets["error_epochs_frac"].mean(),
                    # Paired, on whole epochs: the (run, target) cases where this method is
                    # strictly closer than the other one (the rest are ties or the other's).
-                   "epochs_to_target_closer": int((targets["error_epochs"].to_numpy() < tables[other[0]]["error_epochs"].to_numpy()).sum()),
+                   "epochs_to_target_closer": int((targets["error_epochs"].to_numpy() < other["error_epochs"].to_numpy()).sum()),
                    "epochs_to_target_cases": len(targets),
                    "accuracy_mae": (pred[acc_column] - pred["test_acc"]).abs().mean(),
                    "regret_median_pct": regret["regret_pct"].median(),

@@ -221,13 +221,9 @@ class EpochTimeModel:
             self
         """
         groups = runs["config_id"].to_numpy()
-        log_y = np.log(runs["epoch_time_s"].to_numpy(dtype=float))
-        residual = np.full(len(runs), np.nan)
         folds = min(5, len(np.unique(groups)))
-        if folds >= 2:
-            for train, test in GroupKFold(n_splits=folds).split(runs, groups=groups):
-                core = self._fit_core(runs.iloc[train])
-                residual[test] = log_y[test] - self._predict_core(core, runs.iloc[test])
+        residual = self._out_of_fold_residual(
+            runs, GroupKFold(n_splits=folds).split(runs, groups=groups) if folds >= 2 else [])
         self.core_ = self._fit_core(runs)
         self.booster_, self.weight_ = None, 0.0
         corrected = residual
@@ -239,17 +235,22 @@ class EpochTimeModel:
         self.novel_bounds_ = {}
         for column in ("gpu_family", "model_name"):
             values = runs[column].to_numpy()
-            if len(np.unique(values)) < 2:
-                continue
-            novel = np.full(len(runs), np.nan)
-            for value in np.unique(values):
-                out = values == value
-                core = self._fit_core(runs[~out])
-                novel[out] = log_y[out] - self._predict_core(core, runs[out])
-            self.novel_bounds_[column] = self._bounds(novel)
+            if len(np.unique(values)) >= 2:
+                leave_one_out = ((np.nonzero(values != v)[0], np.nonzero(values == v)[0]) for v in np.unique(values))
+                self.novel_bounds_[column] = self._bounds(self._out_of_fold_residual(runs, leave_one_out))
         rates = self.core_[0][: _REGIMES * len(_RATES)].reshape(_REGIMES, len(_RATES))
         self.rates_ = {regime: dict(zip(_RATES, np.exp(np.minimum(row, 50)))) for regime, row in zip(("single", "distributed"), rates)}
         return self
+
+    def _out_of_fold_residual(self, runs: pd.DataFrame, splits) -> np.ndarray:
+        """Log residuals of the structural model fitted on each split's train
+        rows and predicted on its test rows (NaN where no split tests a row)."""
+        log_y = np.log(runs["epoch_time_s"].to_numpy(dtype=float))
+        residual = np.full(len(runs), np.nan)
+        for train, test in splits:
+            core = self._fit_core(runs.iloc[train])
+            residual[test] = log_y[test] - self._predict_core(core, runs.iloc[test])
+        return residual
 
     def _bounds(self, log_residuals: np.ndarray) -> tuple:
         """The conformal interval (in log space) of the given out-of-fold residuals."""
@@ -276,7 +277,7 @@ class EpochTimeModel:
     def predict_log(self, configs: pd.DataFrame) -> np.ndarray:
         """Log of the predicted epoch time (structure plus weighted correction)."""
         log_time = self._predict_core(self.core_, configs)
-        if getattr(self, "booster_", None) is not None:
+        if self.booster_ is not None:
             log_time = log_time + self.weight_ * self.booster_.predict(correction_features(configs))
         return log_time
 
@@ -303,7 +304,7 @@ class EpochTimeModel:
         low = np.full(len(configs), self.log_low_)
         high = np.full(len(configs), self.log_high_)
         for column, known in (("gpu_family", families), ("model_name", models)):
-            bounds = getattr(self, "novel_bounds_", {}).get(column)
+            bounds = self.novel_bounds_.get(column)
             if bounds is None:
                 continue
             new = ~d[column].isin(known).to_numpy()

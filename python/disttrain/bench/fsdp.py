@@ -246,7 +246,6 @@ def _report(rows, out) -> None:
         else:
             r["zero3_bound_mib"] = r["zero3_bound_met"] = ""
 
-
     print(f"{'ranks':>5} {'config':<16} {'params':>8} {'peak MiB':>9} {'formula':>8} {'peak-form':>9} "
           f"{'mem/ddp':>7} {'steps/s':>8} {'vs ddp':>6} {'vs fsdp2':>8}")
     for r in rows:
