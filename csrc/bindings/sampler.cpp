@@ -1,5 +1,5 @@
 #include "bindings/registry.h"
-#include "data/sampler.h"
+#include "data/sampler_engine.h"
 
 namespace py = pybind11;
 using disttrain::data::IndexStream;

@@ -1,10 +1,10 @@
 #include "bindings/registry.h"
-#include "train/async_snapshot_writer.h"
-#include "train/crc32c.h"
-#include "train/snapshot.h"
+#include "snapshot/async_snapshot_writer.h"
+#include "snapshot/crc32c.h"
+#include "snapshot/snapshot_io.h"
 
 namespace py = pybind11;
-using namespace disttrain::train;
+using namespace disttrain::snapshot;
 
 namespace {
 

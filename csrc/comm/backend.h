@@ -12,9 +12,10 @@
 #include <mutex>
 #include <thread>
 
-#include "comm/collectives.h"
-#include "comm/shm_group.h"
-#include "comm/tcp_transport.h"
+#include "comm/shm/shm_collectives.h"
+#include "comm/shm/shm_group.h"
+#include "comm/tcp/tcp_collectives.h"
+#include "comm/tcp/tcp_transport.h"
 
 namespace disttrain::comm {
 

@@ -3,10 +3,10 @@
 
 #include <vector>
 
-#include "train/bucket_plan.h"
+#include "ddp/bucket_plan.h"
 
-using disttrain::train::plan_buckets;
-using disttrain::train::TensorSlot;
+using disttrain::ddp::plan_buckets;
+using disttrain::ddp::TensorSlot;
 using Plan = std::vector<std::vector<int64_t>>;
 
 TEST(BucketPlan, SmallFirstBucketThenCap) {

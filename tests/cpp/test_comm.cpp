@@ -11,8 +11,8 @@
 #include <thread>
 #include <vector>
 
-#include "comm/collectives.h"
-#include "comm/reduce_kernels.h"
+#include "comm/tcp/tcp_collectives.h"
+#include "comm/kernels/reduce_kernels.h"
 
 using namespace disttrain::comm;
 using namespace std::chrono_literals;

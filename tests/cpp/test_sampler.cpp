@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "data/feistel_permutation.h"
-#include "data/sampler.h"
+#include "data/sampler_engine.h"
 
 using namespace disttrain::data;
 

@@ -6,12 +6,12 @@
 
 #include <vector>
 
-#include "train/shard/flat_layout.h"
+#include "shard/flat_layout.h"
 
-using disttrain::train::FlatLayout;
-using disttrain::train::reshard;
-using disttrain::train::reshard_plan;
-using disttrain::train::ReshardPiece;
+using disttrain::shard::FlatLayout;
+using disttrain::shard::reshard;
+using disttrain::shard::reshard_plan;
+using disttrain::shard::ReshardPiece;
 
 namespace {
 

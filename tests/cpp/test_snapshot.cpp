@@ -8,11 +8,11 @@
 #include <fstream>
 #include <string>
 
-#include "train/async_snapshot_writer.h"
-#include "train/crc32c.h"
-#include "train/snapshot.h"
+#include "snapshot/async_snapshot_writer.h"
+#include "snapshot/crc32c.h"
+#include "snapshot/snapshot_io.h"
 
-using namespace disttrain::train;
+using namespace disttrain::snapshot;
 
 namespace {
 

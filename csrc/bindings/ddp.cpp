@@ -1,0 +1,49 @@
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include "bindings/registry.h"
+#include "ddp/reducer.h"
+#include "ddp/replica_sync.h"
+
+namespace py = pybind11;
+using disttrain::ddp::BackwardTrace;
+using disttrain::ddp::Reducer;
+using disttrain::ddp::ReducerOptions;
+
+// torch.distributed's ProcessGroup objects arrive as c10::intrusive_ptr<c10d::ProcessGroup>
+// (torch registers the type with that holder), so the reducer talks to gloo,
+// disttrain or NCCL through the C++ interface.
+DISTTRAIN_BINDINGS(ddp) {
+  py::class_<Reducer>(m, "Reducer")
+      .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
+                       c10::intrusive_ptr<c10d::ProcessGroup> group, int64_t bucket_cap_bytes,
+                       int64_t first_bucket_cap_bytes, bool find_unused_parameters, bool gradient_as_bucket_view,
+                       std::optional<at::ScalarType> wire_dtype) {
+             ReducerOptions options;
+             options.bucket_cap_bytes = bucket_cap_bytes;
+             options.first_bucket_cap_bytes = first_bucket_cap_bytes;
+             options.find_unused_parameters = find_unused_parameters;
+             options.gradient_as_bucket_view = gradient_as_bucket_view;
+             options.wire_dtype = wire_dtype;
+             return std::make_unique<Reducer>(std::move(params), std::move(names), std::move(group), options);
+           }),
+           py::arg("params"), py::arg("names"), py::arg("group"), py::arg("bucket_cap_bytes"),
+           py::arg("first_bucket_cap_bytes"), py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
+           py::arg("wire_dtype"))
+      .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("bucket_plan", &Reducer::bucket_plan)
+      .def_property_readonly("rebuilt", &Reducer::rebuilt)
+      .def("last_trace", [](const Reducer& r) {
+        BackwardTrace t = r.last_trace();
+        py::dict d;
+        d["launch_ns"] = t.launch_ns;
+        d["done_ns"] = t.done_ns;
+        d["backward_end_ns"] = t.backward_end_ns;
+        d["finalize_end_ns"] = t.finalize_end_ns;
+        return d;
+      });
+  m.def("verify_replicas", &disttrain::ddp::verify_replicas, py::arg("group"), py::arg("params"), py::arg("names"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("broadcast_coalesced", &disttrain::ddp::broadcast_coalesced, py::arg("group"), py::arg("tensors"),
+        py::arg("chunk_bytes"), py::arg("root") = 0, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,194 @@
+#include "comm/shm/shm_group.h"
+
+#include <c10/util/Exception.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+namespace disttrain::comm {
+namespace {
+
+// Measured (benchmarks/results/allreduce_bandwidth_*_shm.csv): 1 MiB slots keep an
+// epoch's copy-reduce-copy in cache; 256 KiB loses to the extra waits with more
+// ranks than cores, 4 MiB to cache misses.
+constexpr size_t kDefaultSlotBytes = 1 << 20;
+constexpr int kSpinIterations = 2000;          // ~10-50 us before sleeping
+constexpr int kYieldIterations = 20;           // instead, with more ranks than cores
+constexpr int kSleepSliceMs = 10;              // how often a sleeper checks its peer and deadline
+
+bool reached(uint32_t value, uint32_t target) { return static_cast<int32_t>(value - target) >= 0; }
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t value, const timespec* timeout) {
+  return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, value, timeout, nullptr, 0);
+}
+
+std::string segment_name(const uint8_t tag[8], int rank) {
+  std::ostringstream name;
+  name << "/disttrain-";
+  for (int i = 0; i < 8; ++i) name << std::hex << (tag[i] >> 4) << (tag[i] & 15);
+  name << std::dec << "-" << rank;
+  return name.str();
+}
+
+size_t env_slot_bytes() {
+  const char* v = std::getenv("DISTTRAIN_SHM_SLOT_BYTES");
+  size_t n = v ? std::strtoull(v, nullptr, 10) : kDefaultSlotBytes;
+  return std::max<size_t>(4096, n & ~size_t(4095));
+}
+
+}  // namespace
+
+// A progress counter and the number of ranks asleep on it (so a store wakes
+// only when somebody sleeps on that very counter).
+struct alignas(64) ShmGroup::Flag {
+  std::atomic<uint32_t> epoch;
+  std::atomic<uint32_t> sleepers;
+};
+
+struct alignas(64) ShmGroup::Control {
+  Flag copied;                        // epoch whose slot content is published
+  Flag reduced;                       // epoch whose reduced slice is published
+  Flag done;                          // epoch whose reads of the others' slots are over
+  alignas(64) OpSignature sig[2];     // what this rank does in the epochs of each slot
+};
+
+ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t tag[8])
+    : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(env_slot_bytes()) {
+  // With more ranks than cores, the peer a rank waits for is often not
+  // running: spinning would hold the very core it needs, so a waiter yields
+  // it a few times instead, then sleeps (measured: half the CPU time per
+  // all-reduce of the spin-then-sleep used with a core per rank).
+  cpu_set_t cpus;
+  oversubscribed_ = ::sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && size_ > CPU_COUNT(&cpus);
+  segment_bytes_ = sizeof(Control) + 2 * slot_bytes_;
+  segments_.assign(size_, nullptr);
+  auto fail = [&](const std::string& what) {
+    for (auto* s : segments_)
+      if (s) ::munmap(s, segment_bytes_);
+    ::shm_unlink(segment_name(tag, rank_).c_str());
+    TORCH_CHECK(false, "disttrain: shared-memory transport: ", what, " (", std::strerror(errno),
+                "); set DISTTRAIN_TRANSPORT=tcp to use sockets only");
+  };
+  std::string mine = segment_name(tag, rank_);
+  int fd = ::shm_open(mine.c_str(), O_CREAT | O_EXCL | O_RDWR, S_IRUSR | S_IWUSR);
+  if (fd < 0) fail("cannot create " + mine);
+  if (::ftruncate(fd, static_cast<off_t>(segment_bytes_)) != 0) {
+    ::close(fd);
+    fail("cannot size " + mine);
+  }
+  void* addr = ::mmap(nullptr, segment_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (addr == MAP_FAILED) fail("cannot map " + mine);
+  segments_[rank_] = static_cast<uint8_t*>(addr);
+  new (segments_[rank_]) Control{};
+  store->set("disttrain/shm/created/" + std::to_string(rank_), std::vector<uint8_t>{1});
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    store->wait({"disttrain/shm/created/" + std::to_string(q)});
+    std::string name = segment_name(tag, q);
+    int qfd = ::shm_open(name.c_str(), O_RDWR, 0);
+    if (qfd < 0) fail("cannot open rank " + std::to_string(q) + "'s segment " + name);
+    void* qaddr = ::mmap(nullptr, segment_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, qfd, 0);
+    ::close(qfd);
+    if (qaddr == MAP_FAILED) fail("cannot map " + name);
+    segments_[q] = static_cast<uint8_t*>(qaddr);
+  }
+  // Once everyone has mapped everything, the names go: the memory lives
+  // exactly as long as the last mapping, crash or not.
+  store->add("disttrain/shm/mapped", 1);
+  while (store->add("disttrain/shm/mapped", 0) < size_) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ::shm_unlink(mine.c_str());
+}
+
+ShmGroup::~ShmGroup() {
+  for (auto* s : segments_)
+    if (s) ::munmap(s, segment_bytes_);
+}
+
+ShmGroup::Control* ShmGroup::control(int q) const { return reinterpret_cast<Control*>(segments_[q]); }
+
+uint8_t* ShmGroup::slot(int q, uint32_t epoch) const {
+  return segments_[q] + sizeof(Control) + (epoch % 2) * slot_bytes_;
+}
+
+void ShmGroup::signal(Flag& f) {
+  f.epoch.store(epoch_, std::memory_order_release);
+  if (f.sleepers.load() > 0) futex(&f.epoch, FUTEX_WAKE, INT_MAX, nullptr);
+}
+
+void ShmGroup::wait_for(int q, Flag& f, uint32_t target, const char* what) {
+  for (int i = 0, n = oversubscribed_ ? kYieldIterations : kSpinIterations; i < n; ++i) {
+    if (reached(f.epoch.load(std::memory_order_acquire), target)) return;
+    if (oversubscribed_)
+      ::sched_yield();
+    else
+      _mm_pause();
+  }
+  while (true) {
+    uint32_t seen = f.epoch.load();
+    if (reached(seen, target)) return;
+    f.sleepers.fetch_add(1);
+    if (!reached(f.epoch.load(), target)) {
+      timespec slice{0, kSleepSliceMs * 1000000L};
+      futex(&f.epoch, FUTEX_WAIT, seen, &slice);
+    }
+    f.sleepers.fetch_sub(1);
+    if (reached(f.epoch.load(std::memory_order_acquire), target)) return;
+    tcp_.check_peer(q, sig_);
+    if (Clock::now() >= deadline_) {
+      tcp_.abort("timeout: rank " + std::to_string(tcp_.group_rank(rank_)) + " waited more than the group timeout in " +
+                 describe(sig_) + " for rank(s) " + std::to_string(tcp_.group_rank(q)) + " (shared memory, " + what +
+                 "), which never arrived (hung, stopped, or skipped this collective)");
+    }
+  }
+}
+
+uint8_t* ShmGroup::begin(const OpSignature& sig, Deadline deadline) {
+  tcp_.check_alive();
+  sig_ = sig;
+  deadline_ = deadline;
+  ++epoch_;
+  // Our slot for this epoch was last read in epoch-2; wait until everyone is past it.
+  if (epoch_ > 2) {
+    for (int q = 0; q < size_; ++q) wait_for(q, control(q)->done, epoch_ - 2, "slot reuse");
+  }
+  control(rank_)->sig[epoch_ % 2] = sig;
+  return slot(rank_, epoch_);
+}
+
+void ShmGroup::publish() { signal(control(rank_)->copied); }
+
+const uint8_t* ShmGroup::peer(int q) {
+  Control* c = control(q);
+  wait_for(q, c->copied, epoch_, "data");
+  const OpSignature& theirs = c->sig[epoch_ % 2];
+  if (theirs.seq != sig_.seq || theirs.op != sig_.op || theirs.dtype != sig_.dtype || theirs.redop != sig_.redop ||
+      theirs.count != sig_.count || theirs.aux != sig_.aux) {
+    tcp_.abort("collective mismatch at sequence number " + std::to_string(sig_.seq) + ": rank " +
+               std::to_string(tcp_.group_rank(rank_)) + " called " + describe(sig_) + ", rank " +
+               std::to_string(tcp_.group_rank(q)) + " called " + describe(theirs));
+  }
+  return slot(q, epoch_);
+}
+
+void ShmGroup::mark_reduced() { signal(control(rank_)->reduced); }
+
+const uint8_t* ShmGroup::reduced(int q) {
+  wait_for(q, control(q)->reduced, epoch_, "reduced data");
+  return slot(q, epoch_);
+}
+
+void ShmGroup::finish() { signal(control(rank_)->done); }
+
+}  // namespace disttrain::comm

@@ -1,0 +1,65 @@
+// Same-host shared-memory transport. Every rank of the host owns one segment
+// (a control block plus two data slots); all ranks map all segments, then the
+// names are unlinked at once, so nothing is left in /dev/shm whatever happens
+// to the processes afterwards. Ranks move data through their own slot and
+// read each other's slots directly; progress is signalled with epoch counters
+// in the control blocks, waited on by bounded spinning and then futex sleep.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "comm/op_signature.h"
+#include "comm/tcp/tcp_transport.h"
+
+namespace disttrain::comm {
+
+class ShmGroup {
+ public:
+  // Requires every rank of `tcp`'s group to be on this host and to call it.
+  // The TCP mesh stays the control path: set-up barriers go through the
+  // store, and a peer that dies is noticed through its socket closing.
+  ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t secret_tag[8]);
+  ~ShmGroup();
+  ShmGroup(const ShmGroup&) = delete;
+  ShmGroup& operator=(const ShmGroup&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  size_t slot_bytes() const { return slot_bytes_; }
+
+  // One epoch of the protocol, the unit every collective is made of:
+  //   begin(sig)  waits until this rank's slot may be overwritten, returns it
+  //   publish()   announces this rank's slot content (and its signature)
+  //   peer(q)     waits for rank q's content of this epoch, checks its signature, returns its slot
+  //   mark_reduced()/reduced(q)  a second phase (all-reduce's reduced slices)
+  //   finish()    announces this rank has finished reading the others' slots
+  uint8_t* begin(const OpSignature& sig, Deadline deadline);
+  void publish();
+  const uint8_t* peer(int q);
+  void mark_reduced();
+  const uint8_t* reduced(int q);
+  void finish();
+
+ private:
+  struct Flag;
+  struct Control;
+  Control* control(int q) const;
+  uint8_t* slot(int q, uint32_t epoch) const;
+  void wait_for(int q, Flag& flag, uint32_t target, const char* what);
+  void signal(Flag& flag);
+
+  TcpTransport& tcp_;
+  int rank_;
+  int size_;
+  size_t slot_bytes_;
+  bool oversubscribed_;  // more ranks on this host than cores this process may run on
+  size_t segment_bytes_;
+  std::vector<uint8_t*> segments_;
+  uint32_t epoch_ = 0;
+  OpSignature sig_;
+  Deadline deadline_;
+};
+
+}  // namespace disttrain::comm

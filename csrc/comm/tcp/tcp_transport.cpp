@@ -1,0 +1,587 @@
+#include "comm/tcp/tcp_transport.h"
+
+#include <c10/util/Exception.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+
+#include "comm/tcp/socket_util.h"
+
+namespace disttrain::comm {
+namespace {
+
+const char* kSecretKey = "disttrain/secret";
+const char* kAbortKey = "disttrain/abort";
+
+std::string addr_key(int rank) { return "disttrain/addr/" + std::to_string(rank); }
+
+std::string to_string(const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); }
+std::vector<uint8_t> to_bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
+
+int ms_until(Deadline deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return static_cast<int>(std::clamp<int64_t>(left, 0, 1000 * 1000));
+}
+
+size_t env_chunk_bytes() {
+  const char* v = std::getenv("DISTTRAIN_CHUNK_BYTES");
+  if (v == nullptr) return kDefaultChunkBytes;
+  size_t n = std::strtoull(v, nullptr, 10);
+  n = std::clamp<size_t>(n, 4096, kMaxFramePayload);
+  return n & ~size_t(63);
+}
+
+}  // namespace
+
+struct TcpTransport::SendState {
+  SendSpec spec;
+  size_t sent = 0;
+  bool any_frame = false;
+  FrameHeader hdr{};
+  size_t hdr_left = 0;
+  size_t frame_left = 0;
+  bool done = false;
+};
+
+struct TcpTransport::RecvState {
+  RecvSpec spec;
+  size_t received = 0;
+  bool any_frame = false;
+  FrameHeader hdr{};
+  size_t hdr_got = 0;
+  size_t frame_len = 0;
+  size_t frame_left = 0;
+  uint8_t* scratch = nullptr;
+  bool done = false;
+};
+
+TcpTransport::TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
+                           std::chrono::milliseconds timeout, c10::intrusive_ptr<c10d::Store> abort_store)
+    : store_(std::move(store)), abort_store_(abort_store ? std::move(abort_store) : store_), rank_(rank), world_size_(world_size), chunk_bytes_(env_chunk_bytes()) {
+  TORCH_CHECK_VALUE(world_size >= 1, "disttrain: world size must be >= 1, got ", world_size);
+  TORCH_CHECK_VALUE(rank >= 0 && rank < world_size, "disttrain: rank ", rank,
+                    " outside [0, ", world_size, ")");
+  peers_.resize(world_size);
+  if (world_size == 1) return;
+  try {
+    setup_mesh(timeout);
+  } catch (...) {
+    // No destructor runs for a half-built object: stop the acceptor here.
+    stopping_ = true;
+    if (acceptor_.joinable()) acceptor_.join();
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    for (auto& p : peers_)
+      if (p.fd >= 0) ::close(p.fd);
+    throw;
+  }
+}
+
+TcpTransport::~TcpTransport() {
+  stopping_ = true;
+  if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+  if (acceptor_.joinable()) acceptor_.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  for (auto& p : peers_) {
+    if (p.fd >= 0) ::close(p.fd);
+  }
+}
+
+void TcpTransport::setup_mesh(std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  // The job secret: rank 0 draws it, every connection must present it.
+  if (rank_ == 0) {
+    std::random_device rd;
+    for (auto& b : secret_) b = static_cast<uint8_t>(rd());
+    store_->set(kSecretKey, std::vector<uint8_t>(secret_, secret_ + sizeof(secret_)));
+  } else {
+    auto s = store_->get(kSecretKey);
+    TORCH_CHECK(s.size() == sizeof(secret_), "disttrain: malformed job secret in the store");
+    std::memcpy(secret_, s.data(), sizeof(secret_));
+  }
+
+  int port = 0;
+  listen_fd_ = listen_any(&port);
+  TORCH_CHECK(listen_fd_ >= 0, "disttrain: cannot open a listening socket: ", std::strerror(errno));
+  address_ = local_address() + ":" + std::to_string(port);
+  store_->set(addr_key(rank_), to_bytes(address_));
+
+  // Higher ranks connect to lower ones; the acceptor takes the others and,
+  // after setup, keeps dropping whatever else knocks on the port.
+  acceptor_ = std::thread([this] { accept_loop(); });
+
+  for (int peer = 0; peer < rank_; ++peer) {
+    std::string addr = to_string(store_->get(addr_key(peer)));
+    auto colon = addr.rfind(':');
+    TORCH_CHECK(colon != std::string::npos, "disttrain: malformed address for rank ", peer, ": ", addr);
+    std::string error;
+    int fd = connect_retry(addr.substr(0, colon), std::stoi(addr.substr(colon + 1)), deadline, &error);
+    TORCH_CHECK(fd >= 0, "disttrain: rank ", rank_, " cannot reach rank ", peer, " at ", addr, ": ", error);
+    HelloMessage hello{kHelloMagic, static_cast<uint32_t>(rank_), static_cast<uint32_t>(world_size_), {}};
+    std::memcpy(hello.secret, secret_, sizeof(secret_));
+    uint32_t ack = 0;
+    bool ok = write_full(fd, &hello, sizeof(hello), ms_until(deadline)) &&
+              read_full(fd, &ack, sizeof(ack), ms_until(deadline)) && ack == kHelloMagic;
+    if (!ok) {
+      ::close(fd);
+      TORCH_CHECK(false, "disttrain: rank ", rank_, " failed the handshake with rank ", peer, " at ", addr);
+    }
+    tune_socket(fd);
+    set_nonblocking(fd);
+    std::lock_guard<std::mutex> lock(setup_mu_);
+    peers_[peer].fd = fd;
+  }
+
+  // Wait for every higher rank to have connected.
+  while (true) {
+    std::vector<int> missing;
+    {
+      std::lock_guard<std::mutex> lock(setup_mu_);
+      for (int p = rank_ + 1; p < world_size_; ++p)
+        if (peers_[p].fd < 0) missing.push_back(p);
+    }
+    if (missing.empty()) break;
+    if (Clock::now() > deadline) {
+      std::ostringstream m;
+      for (size_t i = 0; i < missing.size(); ++i) m << (i ? ", " : "") << missing[i];
+      TORCH_CHECK(false, "disttrain: rank ", rank_, " timed out after ", timeout.count(),
+                  " ms waiting for ranks [", m.str(), "] to connect");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  setup_done_ = true;
+}
+
+void TcpTransport::accept_loop() {
+  while (!stopping_) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    int rc = ::poll(&p, 1, 200);
+    if (stopping_) break;
+    if (rc <= 0) continue;
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    if (!handle_incoming(fd, !setup_done_)) {
+      ::close(fd);
+      rejected_++;
+    }
+  }
+}
+
+// A connection is kept only if it presents the job secret, a valid rank that
+// is still expected, and our world size; anything else is closed unanswered.
+bool TcpTransport::handle_incoming(int fd, bool during_setup) {
+  if (!during_setup) return false;
+  HelloMessage hello{};
+  if (!read_full(fd, &hello, sizeof(hello), 2000)) return false;
+  if (hello.magic != kHelloMagic || hello.world_size != static_cast<uint32_t>(world_size_)) return false;
+  if (std::memcmp(hello.secret, secret_, sizeof(secret_)) != 0) return false;
+  int peer = static_cast<int>(hello.rank);
+  if (peer <= rank_ || peer >= world_size_) return false;
+  {
+    std::lock_guard<std::mutex> lock(setup_mu_);
+    if (peers_[peer].fd >= 0) return false;
+  }
+  uint32_t ack = kHelloMagic;
+  if (!write_full(fd, &ack, sizeof(ack), 2000)) return false;
+  tune_socket(fd);
+  set_nonblocking(fd);
+  std::lock_guard<std::mutex> lock(setup_mu_);
+  peers_[peer].fd = fd;
+  return true;
+}
+
+std::string TcpTransport::abort_reason() const {
+  std::lock_guard<std::mutex> lock(abort_mu_);
+  return abort_reason_;
+}
+
+void TcpTransport::check_alive() const {
+  if (aborted_) {
+    C10_THROW_ERROR(DistBackendError, "disttrain: the process group was aborted earlier: " + abort_reason());
+  }
+}
+
+std::string TcpTransport::recorded_abort_reason() {
+  try {
+    if (abort_store_->check({kAbortKey})) return to_string(abort_store_->get(kAbortKey));
+  } catch (...) {
+  }
+  return "";
+}
+
+void TcpTransport::abort(const std::string& reason) {
+  abort_quietly(reason);
+  C10_THROW_ERROR(DistBackendError, "disttrain: " + abort_reason());
+}
+
+void TcpTransport::abort_quietly(const std::string& reason) {
+  if (!aborted_) {
+    std::string message = reason;
+    try {
+      // First writer wins: its reason is the root cause every rank reports.
+      // One atomic round trip sets the reason if none is recorded and returns
+      // whichever is.
+      message = to_string(abort_store_->compareSet(kAbortKey, {}, to_bytes(reason)));
+    } catch (...) {
+      // The store may be gone with a dead rank; report our own view then.
+    }
+    {
+      std::lock_guard<std::mutex> lock(abort_mu_);
+      abort_reason_ = message;
+    }
+    aborted_ = true;
+    for (auto& p : peers_) {
+      if (p.fd >= 0) ::shutdown(p.fd, SHUT_RDWR);
+    }
+  }
+}
+
+void TcpTransport::lost_peer(int peer, const OpSignature& sig, const char* what) {
+  std::ostringstream m;
+  m << "rank " << group_rank(peer) << " " << what << " while rank " << group_rank(rank_) << " was in " << describe(sig)
+    << " (the process exited, was killed or aborted)";
+  abort(m.str());
+}
+
+void TcpTransport::check_peer(int peer, const OpSignature& sig) {
+  check_alive();
+  if (peer == rank_ || peers_[peer].fd < 0) return;
+  pollfd p{peers_[peer].fd, POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+    std::string reason = recorded_abort_reason();
+    if (!reason.empty()) abort(reason);
+    lost_peer(peer, sig, "closed its connection");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The exchange engine.
+
+bool TcpTransport::do_send(SendState& s, const FrameKind kind, const OpSignature& sig, uint32_t step) {
+  Peer& peer = peers_[s.spec.peer];
+  while (!s.done) {
+    if (s.hdr_left == 0 && s.frame_left == 0) {
+      if (s.sent == s.spec.bytes && s.any_frame) {
+        s.done = true;
+        break;
+      }
+      size_t avail = s.spec.available ? std::min(*s.spec.available, s.spec.bytes) : s.spec.bytes;
+      size_t n = std::min(chunk_bytes_, avail - s.sent);
+      if (n == 0 && (s.spec.bytes > 0 || s.any_frame)) return false;  // gated: wait for data
+      s.hdr = FrameHeader{kFrameMagic, static_cast<uint8_t>(kind), static_cast<uint8_t>(sig.op), sig.dtype,
+                          static_cast<uint8_t>(sig.redop), sig.seq, s.spec.count, sig.aux, step,
+                          static_cast<uint32_t>(n)};
+      s.hdr_left = sizeof(FrameHeader);
+      s.frame_left = n;
+      s.any_frame = true;
+    }
+    iovec iov[2];
+    int iovcnt = 0;
+    if (s.hdr_left > 0) {
+      iov[iovcnt++] = {reinterpret_cast<uint8_t*>(&s.hdr) + sizeof(FrameHeader) - s.hdr_left, s.hdr_left};
+    }
+    if (s.frame_left > 0) {
+      iov[iovcnt++] = {const_cast<uint8_t*>(static_cast<const uint8_t*>(s.spec.data)) + s.sent, s.frame_left};
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = iovcnt;
+    ssize_t r = ::sendmsg(peer.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+      if (aborted_) abort(abort_reason());
+      std::string reason = recorded_abort_reason();
+      if (!reason.empty()) abort(reason);
+      lost_peer(s.spec.peer, sig, "closed its connection");
+    }
+    size_t wrote = static_cast<size_t>(r);
+    size_t from_hdr = std::min(wrote, s.hdr_left);
+    s.hdr_left -= from_hdr;
+    wrote -= from_hdr;
+    s.frame_left -= wrote;
+    s.sent += wrote;
+  }
+  return true;
+}
+
+void TcpTransport::accept_header(RecvState& r, const FrameHeader& h, FrameKind kind,
+                                 const OpSignature& sig, uint32_t step) {
+  const int peer = group_rank(r.spec.peer), me = group_rank(rank_);
+  if (h.magic != kFrameMagic) {
+    abort("corrupt stream from rank " + std::to_string(peer) + " to rank " + std::to_string(me) +
+          " during " + describe(sig) + " (bad frame magic)");
+  }
+  bool same = h.kind == static_cast<uint8_t>(kind) && h.op == static_cast<uint8_t>(sig.op) &&
+              h.dtype == sig.dtype && h.redop == static_cast<uint8_t>(sig.redop) && h.seq == sig.seq &&
+              h.count == r.spec.count && h.aux == sig.aux;
+  if (!same) {
+    OpSignature theirs{h.seq, static_cast<OpKind>(h.op), h.dtype, static_cast<RedOp>(h.redop), h.count, h.aux};
+    OpSignature mine = sig;
+    mine.count = r.spec.count;
+    std::ostringstream m;
+    if (kind == FrameKind::kPointToPoint || h.kind == static_cast<uint8_t>(FrameKind::kPointToPoint)) {
+      m << "point-to-point mismatch: rank " << me << " expected "
+        << (kind == FrameKind::kPointToPoint ? "recv " + describe(mine) : describe(mine)) << " from rank "
+        << peer << ", but rank " << peer << " sent "
+        << (h.kind == static_cast<uint8_t>(FrameKind::kPointToPoint) ? "send " : "") << describe(theirs);
+    } else {
+      m << "collective mismatch at sequence number " << sig.seq << ": rank " << me << " called "
+        << describe(mine) << ", rank " << peer << " called " << describe(theirs);
+    }
+    abort(m.str());
+  }
+  if (h.step != step) {
+    abort("collective mismatch in " + describe(sig) + ": rank " + std::to_string(peer) + " is at step " +
+          std::to_string(h.step) + ", rank " + std::to_string(me) + " at step " + std::to_string(step));
+  }
+  size_t left = r.spec.bytes - r.received;
+  if (h.len > left || h.len > kMaxFramePayload || (r.spec.reduce && h.len % r.spec.elem_size != 0)) {
+    abort("rank " + std::to_string(peer) + " sent " + std::to_string(h.len) + " bytes in a frame of " +
+          describe(sig) + " where rank " + std::to_string(me) + " expected at most " +
+          std::to_string(std::min<size_t>(left, kMaxFramePayload)));
+  }
+  r.any_frame = true;
+  r.frame_len = h.len;
+  r.frame_left = h.len;
+}
+
+void TcpTransport::consume_payload(RecvState& r, const uint8_t* data, size_t len) {
+  auto* dst = static_cast<uint8_t*>(r.spec.dst) + r.received;
+  if (r.spec.reduce) {
+    const auto* base = r.spec.base ? static_cast<const uint8_t*>(r.spec.base) + r.received : dst;
+    r.spec.reduce(dst, base, data, len / r.spec.elem_size);
+  } else if (data != dst && len > 0) {
+    std::memcpy(dst, data, len);
+  }
+  r.received += len;
+  if (r.spec.progress) *r.spec.progress = r.received;
+}
+
+// Reads whatever a peer sent ahead of its receive into that peer's backlog,
+// so that two ranks sending to each other at once never block each other.
+void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
+  Peer& peer = peers_[peer_rank];
+  while (true) {
+    InFrame& f = peer.partial_frame;
+    if (peer.hdr_got < sizeof(FrameHeader)) {
+      ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&f.hdr) + peer.hdr_got,
+                         sizeof(FrameHeader) - peer.hdr_got, MSG_DONTWAIT);
+      if (n == 0) {
+        peer.closed = true;
+        return;
+      }
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) peer.closed = true;
+        return;
+      }
+      peer.hdr_got += static_cast<size_t>(n);
+      if (peer.hdr_got < sizeof(FrameHeader)) continue;
+      if (f.hdr.magic != kFrameMagic || f.hdr.len > kMaxFramePayload) {
+        abort("corrupt stream from rank " + std::to_string(group_rank(peer_rank)) + " to rank " +
+              std::to_string(group_rank(rank_)) +
+              " during " + describe(sig));
+      }
+      f.payload.resize(f.hdr.len);
+    }
+    if (peer.payload_got < f.payload.size()) {
+      ssize_t n = ::recv(peer.fd, f.payload.data() + peer.payload_got, f.payload.size() - peer.payload_got,
+                         MSG_DONTWAIT);
+      if (n == 0) {
+        peer.closed = true;
+        return;
+      }
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) peer.closed = true;
+        return;
+      }
+      peer.payload_got += static_cast<size_t>(n);
+      if (peer.payload_got < f.payload.size()) continue;
+    }
+    peer.backlog.push_back(std::move(f));
+    peer.partial_frame = InFrame{};
+    peer.hdr_got = 0;
+    peer.payload_got = 0;
+  }
+}
+
+void TcpTransport::do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step) {
+  Peer& peer = peers_[r.spec.peer];
+  // Frames that arrived ahead come first, in order.
+  if (peer.mid_frame()) {
+    read_ahead(r.spec.peer, sig);
+    if (peer.mid_frame()) {
+      if (peer.closed) lost_peer(r.spec.peer, sig, "closed its connection");
+      return;
+    }
+  }
+  while (!r.done && !peer.backlog.empty()) {
+    InFrame f = std::move(peer.backlog.front());
+    peer.backlog.pop_front();
+    accept_header(r, f.hdr, kind, sig, step);
+    consume_payload(r, f.payload.data(), f.payload.size());
+    r.frame_left = 0;
+    if (r.received == r.spec.bytes) r.done = true;
+  }
+  while (!r.done) {
+    if (r.frame_left == 0) {
+      ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&r.hdr) + r.hdr_got, sizeof(FrameHeader) - r.hdr_got,
+                         MSG_DONTWAIT);
+      if (n == 0) {
+        std::string reason = recorded_abort_reason();
+        if (!reason.empty()) abort(reason);
+        lost_peer(r.spec.peer, sig, "closed its connection");
+      }
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+        std::string reason = recorded_abort_reason();
+        if (!reason.empty()) abort(reason);
+        lost_peer(r.spec.peer, sig, "reset its connection");
+      }
+      r.hdr_got += static_cast<size_t>(n);
+      if (r.hdr_got < sizeof(FrameHeader)) continue;
+      r.hdr_got = 0;
+      accept_header(r, r.hdr, kind, sig, step);
+      if (r.frame_len == 0) {
+        if (r.received == r.spec.bytes) r.done = true;
+        continue;
+      }
+    }
+    // Payload: straight into place, or into scratch to be reduced.
+    uint8_t* target = r.spec.reduce ? r.scratch + (r.frame_len - r.frame_left)
+                                    : static_cast<uint8_t*>(r.spec.dst) + r.received + (r.frame_len - r.frame_left);
+    ssize_t n = ::recv(peer.fd, target, r.frame_left, MSG_DONTWAIT);
+    if (n == 0) lost_peer(r.spec.peer, sig, "closed its connection");
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      lost_peer(r.spec.peer, sig, "reset its connection");
+    }
+    r.frame_left -= static_cast<size_t>(n);
+    if (r.frame_left == 0) {
+      if (r.spec.reduce) {
+        consume_payload(r, r.scratch, r.frame_len);
+      } else {
+        r.received += r.frame_len;
+        if (r.spec.progress) *r.spec.progress = r.received;
+      }
+      if (r.received == r.spec.bytes) r.done = true;
+    }
+  }
+}
+
+void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t step, std::vector<SendSpec>& sends,
+                            std::vector<RecvSpec>& recvs, Deadline deadline) {
+  check_alive();
+  std::vector<SendState> ss(sends.size());
+  std::vector<RecvState> rs(recvs.size());
+  size_t reducing = 0;
+  for (size_t i = 0; i < sends.size(); ++i) ss[i].spec = sends[i];
+  for (size_t i = 0; i < recvs.size(); ++i) {
+    rs[i].spec = recvs[i];
+    if (recvs[i].reduce) reducing++;
+  }
+  if (scratch_.size() < reducing * kMaxFramePayload) scratch_.resize(reducing * kMaxFramePayload);
+  for (size_t i = 0, k = 0; i < rs.size(); ++i) {
+    if (rs[i].spec.reduce) rs[i].scratch = scratch_.data() + (k++) * kMaxFramePayload;
+  }
+  for (auto& s : ss) {
+    TORCH_INTERNAL_ASSERT(s.spec.peer != rank_ && s.spec.peer >= 0 && s.spec.peer < world_size_);
+    if (peers_[s.spec.peer].closed) lost_peer(s.spec.peer, sig, "had closed its connection");
+  }
+  for (auto& r : rs) {
+    TORCH_INTERNAL_ASSERT(r.spec.peer != rank_ && r.spec.peer >= 0 && r.spec.peer < world_size_);
+  }
+
+  std::vector<pollfd> fds;
+  std::vector<int> fd_peer;
+  std::vector<char> recv_from(world_size_, 0), send_to(world_size_, 0);
+  while (true) {
+    // Progress everything that can move without waiting.
+    bool pending = false;
+    for (auto& r : rs) {
+      if (!r.done) do_recv(r, kind, sig, step);
+    }
+    for (auto& s : ss) {
+      if (!s.done) do_send(s, kind, sig, step);
+    }
+    std::fill(recv_from.begin(), recv_from.end(), 0);
+    std::fill(send_to.begin(), send_to.end(), 0);
+    for (auto& r : rs) {
+      if (!r.done) {
+        recv_from[r.spec.peer] = 1;
+        pending = true;
+      }
+    }
+    for (auto& s : ss) {
+      if (!s.done) {
+        // A gated send waits on its receive, not on the socket.
+        bool gated = s.hdr_left == 0 && s.frame_left == 0;
+        if (!gated) send_to[s.spec.peer] = 1;
+        pending = true;
+      }
+    }
+    if (!pending) return;
+
+    // While a send is blocked, whatever any other peer sends us is read ahead
+    // into its backlog: in a cycle of ranks each sending to the next, someone
+    // must read, or nobody's send ever completes.
+    bool send_blocked = std::find(send_to.begin(), send_to.end(), 1) != send_to.end();
+    fds.clear();
+    fd_peer.clear();
+    for (int p = 0; p < world_size_; ++p) {
+      if (p == rank_ || peers_[p].fd < 0) continue;
+      short events = POLLRDHUP;
+      if (recv_from[p] || (send_blocked && !peers_[p].closed)) events |= POLLIN;
+      if (send_to[p]) events |= POLLOUT;
+      if (peers_[p].closed && !recv_from[p] && !send_to[p]) continue;
+      fds.push_back({peers_[p].fd, events, 0});
+      fd_peer.push_back(p);
+    }
+    int timeout_ms = ms_until(deadline);
+    int rc = ::poll(fds.data(), fds.size(), timeout_ms);
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc == 0 && Clock::now() >= deadline) {
+      std::ostringstream waiting;
+      bool first = true;
+      for (auto& r : rs)
+        if (!r.done) waiting << (first ? "" : ", ") << group_rank(r.spec.peer), first = false;
+      for (auto& s : ss)
+        if (!s.done) waiting << (first ? "" : ", ") << group_rank(s.spec.peer), first = false;
+      std::string reason = recorded_abort_reason();
+      if (!reason.empty()) abort(reason);
+      abort("timeout: rank " + std::to_string(group_rank(rank_)) + " waited more than the group timeout in " + describe(sig) +
+            " for rank(s) " + waiting.str() + ", which sent nothing (hung, stopped, or skipped this collective)");
+    }
+    for (size_t i = 0; i < fds.size(); ++i) {
+      int p = fd_peer[i];
+      short ev = fds[i].revents;
+      if (ev == 0) continue;
+      if (send_blocked && !recv_from[p] && (ev & POLLIN)) read_ahead(p, sig);
+      if (send_to[p] && peers_[p].closed) {
+        std::string reason = recorded_abort_reason();
+        if (!reason.empty()) abort(reason);
+        lost_peer(p, sig, "closed its connection");
+      }
+      if ((ev & (POLLRDHUP | POLLHUP | POLLERR)) && !recv_from[p] && !send_to[p]) {
+        // A peer not in this step went away: an error only if the group aborted.
+        peers_[p].closed = true;
+        std::string reason = recorded_abort_reason();
+        if (!reason.empty()) abort(reason);
+      }
+    }
+  }
+}
+
+}  // namespace disttrain::comm

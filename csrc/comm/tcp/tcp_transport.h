@@ -1,0 +1,145 @@
+// TCP transport: a full mesh of non-blocking sockets between the ranks of one
+// group, set up through the c10d::Store torch hands the backend, and an
+// exchange engine that runs the sends and receives of one algorithm step at
+// the same time (full duplex), in frames, reducing each frame as it lands.
+#pragma once
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/tcp/frame.h"
+#include "comm/op_signature.h"
+#include "comm/kernels/reduce_kernels.h"
+
+namespace disttrain::comm {
+
+using Clock = std::chrono::steady_clock;
+using Deadline = Clock::time_point;
+
+struct SendSpec {
+  int peer;
+  const void* data;
+  size_t bytes;
+  uint64_t count;                     // signature count announced to the peer
+  const size_t* available = nullptr;  // when set, only the first *available bytes may go yet
+};
+
+struct RecvSpec {
+  int peer;
+  void* dst;
+  size_t bytes;
+  uint64_t count;              // signature count this rank expects from the peer
+  ReduceFn reduce = nullptr;   // when set: dst = reduce(base or dst, incoming)
+  const void* base = nullptr;
+  size_t elem_size = 1;
+  size_t* progress = nullptr;  // updated with the bytes of dst that are final
+};
+
+class TcpTransport {
+ public:
+  // Connects to every other rank; requires all ranks of the group to call it.
+  // Throws DistBackendError naming the missing ranks if that takes longer than timeout.
+  // abort_store, when given, is where failures are recorded (a group built of
+  // several transports shares one, so every rank reports the same failure).
+  TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
+               std::chrono::milliseconds timeout, c10::intrusive_ptr<c10d::Store> abort_store = {});
+  ~TcpTransport();
+  TcpTransport(const TcpTransport&) = delete;
+  TcpTransport& operator=(const TcpTransport&) = delete;
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  size_t chunk_bytes() const { return chunk_bytes_; }
+  const std::string& address() const { return address_; }
+
+  // Runs one step's sends and receives concurrently until all are complete.
+  // Every send emits at least one frame, so even empty messages are checked
+  // against the receiver's signature. On a mismatch, a lost peer or the
+  // deadline, the whole group is aborted (see abort) and this throws.
+  void exchange(FrameKind kind, const OpSignature& sig, uint32_t step,
+                std::vector<SendSpec>& sends, std::vector<RecvSpec>& recvs, Deadline deadline);
+
+  // Records the first failure of the group in the store (so that every rank
+  // raises the same message), shuts every connection down and throws it.
+  [[noreturn]] void abort(const std::string& reason);
+  // The same without throwing: for tearing down the sibling transports of a failed one.
+  void abort_quietly(const std::string& reason);
+  bool aborted() const { return aborted_.load(); }
+  std::string abort_reason() const;
+  // Throws the recorded failure if the group was aborted before.
+  void check_alive() const;
+
+  // Raises (after aborting the group) if the connection to `peer` has closed:
+  // how waits that do not read from sockets notice a dead peer.
+  void check_peer(int peer, const OpSignature& sig);
+  // The job secret every connection presented; other transports derive names from it.
+  const uint8_t* secret() const { return secret_; }
+
+  // Error messages name ranks of the whole process group: a transport over a
+  // subset of it (one host, or the hosts' leaders) is told their numbers.
+  void set_group_ranks(std::vector<int> group_ranks) { group_ranks_ = std::move(group_ranks); }
+  int group_rank(int r) const { return group_ranks_.empty() ? r : group_ranks_[r]; }
+
+  // Connection attempts rejected since setup (bad secret, garbage, late).
+  uint64_t rejected_connections() const { return rejected_.load(); }
+
+ private:
+  struct InFrame {
+    FrameHeader hdr;
+    std::vector<uint8_t> payload;
+  };
+  struct Peer {
+    int fd = -1;
+    bool closed = false;
+    std::deque<InFrame> backlog;  // frames read ahead of the receive they belong to
+    InFrame partial_frame;        // the backlog frame being read
+    size_t hdr_got = 0;
+    size_t payload_got = 0;
+    bool mid_frame() const { return hdr_got > 0; }
+  };
+  struct SendState;
+  struct RecvState;
+
+  void setup_mesh(std::chrono::milliseconds timeout);
+  void accept_loop();
+  bool handle_incoming(int fd, bool during_setup);
+  bool do_send(SendState& s, const FrameKind kind, const OpSignature& sig, uint32_t step);
+  void do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step);
+  void read_ahead(int peer, const OpSignature& sig);
+  void accept_header(RecvState& r, const FrameHeader& h, FrameKind kind, const OpSignature& sig,
+                     uint32_t step);
+  void consume_payload(RecvState& r, const uint8_t* data, size_t len);
+  [[noreturn]] void lost_peer(int peer, const OpSignature& sig, const char* what);
+  std::string recorded_abort_reason();
+
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::Store> abort_store_;
+  int rank_;
+  int world_size_;
+  size_t chunk_bytes_;
+  std::vector<Peer> peers_;
+  std::vector<int> group_ranks_;
+  std::vector<uint8_t> scratch_;
+  std::string address_;
+  uint8_t secret_[16];
+
+  int listen_fd_ = -1;
+  std::thread acceptor_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> setup_done_{false};
+  std::mutex setup_mu_;  // guards peers_[*].fd during setup
+  std::atomic<uint64_t> rejected_{0};
+
+  std::atomic<bool> aborted_{false};
+  mutable std::mutex abort_mu_;
+  std::string abort_reason_;
+};
+
+}  // namespace disttrain::comm

@@ -1,0 +1,133 @@
+// The gradient reducer behind disttrain.DistributedDataParallel.
+//
+// Parameters' gradients are packed into flat buckets (reverse registration
+// order, a small first bucket). An autograd hook on each parameter's gradient
+// accumulator counts a bucket down; when a bucket (and every bucket before it)
+// is complete, its all-reduce is launched asynchronously on the process group,
+// so communication overlaps the rest of backward. A callback queued on the
+// autograd engine waits for all buckets once, at the end of backward, and
+// writes the averaged gradients back. After the first synchronised backward
+// the buckets are rebuilt in the order gradients actually arrived (rank 0's
+// order, so every rank launches the same buckets).
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace disttrain::ddp {
+
+struct ReducerOptions {
+  int64_t bucket_cap_bytes = 25 * 1024 * 1024;
+  // Small, so the first all-reduce starts as soon as the last layers are done.
+  int64_t first_bucket_cap_bytes = 1024 * 1024;
+  bool find_unused_parameters = false;
+  // param.grad becomes a view into its bucket: no copy in or out.
+  bool gradient_as_bucket_view = false;
+  // Reduced precision on the wire (kBFloat16 or kHalf); accumulation of the
+  // local gradient and the result stay in the parameter's dtype.
+  std::optional<c10::ScalarType> wire_dtype;
+};
+
+// Timestamps (steady clock, ns) of the last synchronised backward.
+struct BackwardTrace {
+  std::vector<int64_t> launch_ns;  // per bucket, when its all-reduce was issued
+  std::vector<int64_t> done_ns;    // per bucket, when it completed (0 if unknown)
+  int64_t backward_end_ns = 0;     // autograd finished: the final callback started
+  int64_t finalize_end_ns = 0;     // gradients written back
+};
+
+class Reducer {
+ public:
+  // `params`: the parameters that require grad, in registration order;
+  // `names` label them in errors. Registers the autograd hooks.
+  Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
+          c10::intrusive_ptr<c10d::ProcessGroup> group, ReducerOptions options);
+  ~Reducer();
+  Reducer(const Reducer&) = delete;
+  Reducer& operator=(const Reducer&) = delete;
+
+  // Arms the hooks for the next backward (called after a forward whose
+  // gradients must be synchronised). With find_unused_parameters, `outputs`
+  // are the forward's output tensors: parameters not reachable from them are
+  // marked ready (with zero contribution) when backward starts.
+  void prepare_for_backward(const std::vector<at::Tensor>& outputs);
+
+  // Bucket plan as reducer parameter indices, in launch order.
+  std::vector<std::vector<int64_t>> bucket_plan() const;
+  BackwardTrace last_trace() const;
+  bool rebuilt() const { return rebuilt_; }
+
+ private:
+  struct Bucket {
+    std::vector<int64_t> params;
+    std::vector<at::Tensor> views;  // shaped like each parameter, into `flat`
+    at::Tensor flat;                // the scaled gradients (in the wire dtype if compressing without views)
+    at::Tensor wire;                // compressed copy of `flat`: compression with bucket views
+    // A lone parameter's gradient is all-reduced in place, without staging.
+    bool direct = false;
+    at::Tensor direct_grad;
+    // With a backend that all-reduces a tensor list in place with AVG: the
+    // gradients themselves, per slot (undefined until ready, or when staged).
+    std::vector<at::Tensor> in_place;
+    bool launched_in_place = false;
+    size_t pending = 0;
+    c10::intrusive_ptr<c10d::Work> work;
+    int64_t launch_ns = 0;
+    std::shared_ptr<std::atomic<int64_t>> done_ns;
+  };
+  struct Location {
+    size_t bucket;
+    size_t slot;
+  };
+
+  void build_buckets(const std::vector<std::vector<int64_t>>& plan);
+  void on_gradient_ready(int64_t index);  // autograd hook (engine thread)
+  void mark_ready(int64_t index, bool from_hook);  // holds mu_
+  void copy_into_bucket(int64_t index, bool from_hook);
+  void stage(Bucket& bucket, size_t slot, const at::Tensor& grad);  // scaled copy into the bucket
+  void launch_ready_buckets();            // holds mu_
+  void finalize_backward();               // engine final callback
+  void write_back(Bucket& bucket, size_t slot);  // the reduced gradient into param.grad
+  void rebuild_from_arrival_order();
+  void reset_iteration();
+  std::vector<int64_t> locally_unused(const std::vector<at::Tensor>& outputs) const;
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::string> names_;
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  ReducerOptions options_;
+  int world_size_;
+  // The group's backend all-reduces a list of tensors where they are, with
+  // AVG (disttrain's does, over shared memory): gradients then skip the
+  // bucket copy in and the copy out.
+  bool reduce_in_place_ = false;
+
+  using GradAccumulator = decltype(torch::autograd::impl::grad_accumulator(std::declval<at::Tensor>()));
+  std::vector<GradAccumulator> accumulators_;
+  std::vector<uintptr_t> hook_keys_;
+
+  std::vector<Bucket> buckets_;
+  std::vector<Location> where_;
+
+  mutable std::mutex mu_;
+  bool armed_ = false;            // this backward's gradients are to be reduced
+  bool callback_queued_ = false;
+  size_t next_launch_ = 0;
+  std::vector<char> ready_;       // per parameter, this backward
+  std::vector<int64_t> unused_;   // not reachable from the outputs (find_unused)
+  std::vector<int32_t> used_;     // per parameter: got a gradient since the last sync (find_unused)
+  at::Tensor used_flags_;         // used_, all-reduced (MAX) across ranks
+  c10::intrusive_ptr<c10d::Work> used_work_;
+  std::vector<int64_t> arrival_;  // order of readiness, for the rebuild
+  bool rebuilt_ = false;
+  BackwardTrace trace_;
+};
+
+}  // namespace disttrain::ddp
