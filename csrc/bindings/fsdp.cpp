@@ -28,14 +28,10 @@ DISTTRAIN_BINDINGS(fsdp) {
   py::class_<ShardEngine>(m, "ShardEngine")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, int stage, bool prefetch,
                        std::optional<at::ScalarType> wire_dtype, const std::string& backward_prefetch) {
-             TORCH_CHECK(backward_prefetch == "pre" || backward_prefetch == "post",
-                         "FullyShardedDataParallel: backward_prefetch must be 'pre' or 'post', got '",
-                         backward_prefetch, "'");
              ShardOptions options;
              options.stage = stage;
              options.prefetch = prefetch;
-             options.backward_prefetch = backward_prefetch == "pre" ? ShardOptions::BackwardPrefetch::kPre
-                                                                    : ShardOptions::BackwardPrefetch::kPost;
+             options.backward_prefetch = parse_backward_prefetch(backward_prefetch);
              options.wire_dtype = wire_dtype;
              return std::make_unique<ShardEngine>(std::move(group), options);
            }),

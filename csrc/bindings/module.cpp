@@ -16,11 +16,8 @@ PYBIND11_MODULE(_C, m) {
   info["torch_version"] = TORCH_VERSION;
   info["cxx11_abi"] = static_cast<bool>(_GLIBCXX_USE_CXX11_ABI);
   info["cplusplus"] = static_cast<long>(__cplusplus);
-#ifdef DISTTRAIN_WITH_NCCL
-  info["nccl"] = true;
-#else
-  info["nccl"] = false;
-#endif
+  info["nccl"] = static_cast<bool>(DISTTRAIN_WITH_NCCL);  // decided by CMakeLists.txt
+  info["nccl_status"] = DISTTRAIN_NCCL_STATUS;
   py::list components;
   for (auto& [name, bind] : all) components.append(name);
   info["components"] = components;

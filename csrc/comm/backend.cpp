@@ -119,20 +119,20 @@ void DisttrainWork::complete(std::exception_ptr error) {
 namespace {
 // Under torchrun the store may outlive a failed attempt: every key of ours
 // carries the attempt number, so a restarted group never reads the dead one's.
-c10::intrusive_ptr<c10d::Store> per_attempt(const c10::intrusive_ptr<c10d::Store>& store) {
-  const char* attempt = std::getenv("TORCHELASTIC_RESTART_COUNT");
-  return c10::make_intrusive<c10d::PrefixStore>(std::string("attempt") + (attempt ? attempt : "0"), store);
+c10::intrusive_ptr<c10d::Store> per_attempt(const c10::intrusive_ptr<c10d::Store>& store, int attempt) {
+  return c10::make_intrusive<c10d::PrefixStore>("attempt" + std::to_string(attempt), store);
 }
 }  // namespace
 
 DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
-                                   std::chrono::milliseconds timeout)
-    : DisttrainBackend(per_attempt(store), rank, size, timeout, 0) {}
+                                   std::chrono::milliseconds timeout, CommOptions options)
+    : DisttrainBackend(per_attempt(store, options.restart_attempt), rank, size, timeout, std::move(options), 0) {}
 
 DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
-                                   std::chrono::milliseconds timeout, int)
+                                   std::chrono::milliseconds timeout, CommOptions options, int)
     : c10d::Backend(rank, size),
-      transport_(std::make_unique<TcpTransport>(store, rank, size, timeout)),
+      options_(std::move(options)),
+      transport_(std::make_unique<TcpTransport>(store, rank, size, timeout, options_.tcp)),
       timeout_(timeout),
       sent_to_(size, 0),
       received_from_(size, 0) {
@@ -143,13 +143,10 @@ DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store,
 void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store,
                                            std::chrono::milliseconds timeout) {
   const int rank = getRank(), size = getSize();
-  const char* requested = std::getenv("DISTTRAIN_TRANSPORT");
-  std::string mode = requested ? requested : "auto";
-  TORCH_CHECK_VALUE(mode == "auto" || mode == "tcp" || mode == "shm", "disttrain: DISTTRAIN_TRANSPORT='", mode,
-                    "' is not one of auto, tcp, shm");
-  if (size == 1 || mode == "tcp") return;
+  const TransportChoice mode = options_.transport;
+  if (size == 1 || mode == TransportChoice::kTcp) return;
   // Group the ranks by host, hosts numbered in order of their first rank.
-  std::string me = host_identity();
+  std::string me = host_identity(options_.host_id);
   store->set("disttrain/host/" + std::to_string(rank), std::vector<uint8_t>(me.begin(), me.end()));
   std::map<std::string, int> host_index;
   std::vector<int> host_of(size);
@@ -159,10 +156,10 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
     host_of[q] = it->second;
   }
   const int hosts = static_cast<int>(host_index.size());
-  TORCH_CHECK_VALUE(mode != "shm" || hosts == 1, "disttrain: DISTTRAIN_TRANSPORT=shm needs every rank on one host, ",
+  TORCH_CHECK_VALUE(mode != TransportChoice::kShm || hosts == 1, "disttrain: transport=shm needs every rank on one host, ",
                     "but the ranks are on ", hosts, " hosts");
   if (hosts == 1) {
-    shm_ = std::make_unique<ShmGroup>(store, *transport_, transport_->secret());
+    shm_ = std::make_unique<ShmGroup>(store, *transport_, transport_->secret(), options_.shm_slot_bytes);
     return;
   }
   std::vector<int> local, leaders;
@@ -182,14 +179,15 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
   const int local_rank = static_cast<int>(std::find(local.begin(), local.end(), rank) - local.begin());
   if (local.size() > 1) {
     auto host_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/host" + std::to_string(h) + "/", store);
-    local_ = std::make_unique<TcpTransport>(host_store, local_rank, static_cast<int>(local.size()), timeout, store);
+    local_ = std::make_unique<TcpTransport>(host_store, local_rank, static_cast<int>(local.size()), timeout,
+                                            options_.tcp, store);
     local_->set_group_ranks(local);
-    shm_ = std::make_unique<ShmGroup>(host_store, *local_, local_->secret());
+    shm_ = std::make_unique<ShmGroup>(host_store, *local_, local_->secret(), options_.shm_slot_bytes);
   }
   if (local_rank == 0) {
     const int leader_rank = static_cast<int>(std::find(leaders.begin(), leaders.end(), rank) - leaders.begin());
     auto leader_store = c10::make_intrusive<c10d::PrefixStore>("disttrain/leaders/", store);
-    leaders_ = std::make_unique<TcpTransport>(leader_store, leader_rank, hosts, timeout, store);
+    leaders_ = std::make_unique<TcpTransport>(leader_store, leader_rank, hosts, timeout, options_.tcp, store);
     leaders_->set_group_ranks(leaders);
   }
 }
@@ -200,12 +198,12 @@ void DisttrainBackend::run_allreduce(const OpSignature& sig, void* data, size_t 
     // Reduce within the host, across the hosts' leaders, then broadcast within
     // the host (a rank alone on its host has only the middle step).
     if (shm_) shm_allreduce(*shm_, sig, data, count, dtype, dl);
-    if (leaders_) comm::allreduce(*leaders_, sig, data, count, dtype, dl);
+    if (leaders_) comm::allreduce(*leaders_, sig, data, count, dtype, dl, options_.allreduce_algorithm);
     if (shm_) shm_broadcast(*shm_, sig, data, count * c10::elementSize(dtype), 0, dl);
   } else if (shm_) {
     shm_allreduce(*shm_, sig, data, count, dtype, dl);
   } else {
-    comm::allreduce(*transport_, sig, data, count, dtype, dl);
+    comm::allreduce(*transport_, sig, data, count, dtype, dl, options_.allreduce_algorithm);
   }
 }
 

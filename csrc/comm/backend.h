@@ -12,6 +12,7 @@
 #include <mutex>
 #include <thread>
 
+#include "comm/options.h"
 #include "comm/shm/shm_collectives.h"
 #include "comm/shm/shm_group.h"
 #include "comm/tcp/tcp_collectives.h"
@@ -45,8 +46,9 @@ class DisttrainWork : public c10d::Work {
 
 class DisttrainBackend : public c10d::Backend {
  public:
+  // `options` is parsed once, here (CommOptions::resolve), and passed down.
   DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
-                   std::chrono::milliseconds timeout);
+                   std::chrono::milliseconds timeout, CommOptions options = CommOptions::resolve());
   ~DisttrainBackend() override;
 
   const std::string getBackendName() const override { return "disttrain"; }
@@ -102,11 +104,12 @@ class DisttrainBackend : public c10d::Backend {
   // each host, TCP between hosts) or "tcp".
   std::string transport_name() const { return hierarchical_ ? "shm+tcp" : shm_ ? "shm" : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
+  const CommOptions& options() const { return options_; }
 
  private:
   // The constructor proper, on the store already scoped to this attempt.
   DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
-                   std::chrono::milliseconds timeout, int);
+                   std::chrono::milliseconds timeout, CommOptions options, int);
   // Queues fn for the progress thread; the returned Work completes when it has run.
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
                                          Task fn);
@@ -122,6 +125,7 @@ class DisttrainBackend : public c10d::Backend {
 
   void setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::milliseconds timeout);
 
+  CommOptions options_;
   std::unique_ptr<TcpTransport> transport_;  // every rank: the full mesh
   // Shared memory among this host's ranks; for a job spanning hosts, over a
   // mesh of its own (local_) with one TCP mesh between the hosts' first ranks (leaders_).

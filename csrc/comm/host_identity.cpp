@@ -2,13 +2,12 @@
 
 #include <unistd.h>
 
-#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
 namespace disttrain::comm {
 
-std::string host_identity() {
+std::string host_identity(const std::string& extra) {
   std::ostringstream id;
   std::ifstream boot("/proc/sys/kernel/random/boot_id");
   std::string boot_id;
@@ -20,7 +19,7 @@ std::string host_identity() {
   ::gethostname(host, sizeof(host) - 1);
   id << boot_id << "|" << netns << "|" << host;
   // Splits one machine into several "hosts" (tests of the cross-host paths).
-  if (const char* extra = std::getenv("DISTTRAIN_HOST_ID")) id << "|" << extra;
+  if (!extra.empty()) id << "|" << extra;
   return id.str();
 }
 

@@ -5,5 +5,6 @@
 #include <string>
 
 namespace disttrain::comm {
-std::string host_identity();
+// `extra` (the host_id option) splits one machine into several "hosts".
+std::string host_identity(const std::string& extra);
 }

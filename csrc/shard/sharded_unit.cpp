@@ -32,6 +32,12 @@ void release_storage(const at::Tensor& t) {
 
 }  // namespace
 
+ShardOptions::BackwardPrefetch parse_backward_prefetch(const std::string& name) {
+  if (name == "pre") return ShardOptions::BackwardPrefetch::kPre;
+  if (name == "post") return ShardOptions::BackwardPrefetch::kPost;
+  TORCH_CHECK_VALUE(false, "FullyShardedDataParallel: backward_prefetch must be 'pre' or 'post', got '", name, "'");
+}
+
 ShardedUnit::ShardedUnit(const std::vector<at::Tensor>& params, std::vector<std::string> names,
                          c10::intrusive_ptr<c10d::ProcessGroup> group, const ShardOptions& options)
     : names_(std::move(names)), group_(std::move(group)), options_(options), rank_(group_->getRank()) {

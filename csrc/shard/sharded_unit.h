@@ -49,6 +49,10 @@ struct ShardOptions {
   std::optional<c10::ScalarType> wire_dtype;
 };
 
+// "pre" or "post" (FullyShardedDataParallel's backward_prefetch); anything else
+// is a ValueError naming the value.
+ShardOptions::BackwardPrefetch parse_backward_prefetch(const std::string& name);
+
 class ShardedUnit {
  public:
   // `params`: the unit's parameters (identical on every rank: the caller

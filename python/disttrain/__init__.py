@@ -8,7 +8,7 @@ import torch
 import torch.distributed  # registers c10d's types with pybind11 before _C binds against them
 
 from . import _C
-from .distributed import init, register_backend
+from .distributed import BackendOptions, init, register_backend
 from .ddp import DistributedDataParallel
 from .fsdp import FullyShardedDataParallel, ShardedOptimizer
 from .launch import LaunchError, launch
@@ -19,4 +19,4 @@ __version__ = "0.1.0"
 
 register_backend()
 
-__all__ = ["DistributedDataParallel", "FullyShardedDataParallel", "ShardedOptimizer", "DistributedSampler", "ResumableLoader", "Trainer", "TrainerConfig", "init", "launch", "LaunchError", "register_backend", "__version__"]
+__all__ = ["BackendOptions", "DistributedDataParallel", "FullyShardedDataParallel", "ShardedOptimizer", "DistributedSampler", "ResumableLoader", "Trainer", "TrainerConfig", "init", "launch", "LaunchError", "register_backend", "__version__"]

@@ -1,5 +1,5 @@
 """``disttrain.DistributedDataParallel``: data-parallel training with the
-gradient reducer in C++ (``csrc/train/reducer.cpp``).
+gradient reducer in C++ (``csrc/ddp/reducer.cpp``).
 
 The Python side only checks arguments, finds the module's tensors and calls
 the reducer; the reducer talks to the process group through its C++
@@ -16,33 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
+from ._parallel import BROADCAST_CHUNK_BYTES, default_group, find_tensors, wire_dtype
 
-# Chunk size for broadcasting parameters and buffers (torch DDP uses 250 MiB).
-_BROADCAST_CHUNK_BYTES = 250 * 1024 * 1024
 # torch DDP's first bucket: small, so the first all-reduce starts early.
 _FIRST_BUCKET_BYTES = 1024 * 1024
-_WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _find_tensors(obj: Any) -> list[torch.Tensor]:
-    """Tensors anywhere in a forward's output (nested tuples, lists and dicts)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _find_tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _find_tensors(item)]
-    return []
-
-
-def _default_group(owner: str, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """``process_group``, or the default group; a clear error when there is none."""
-    if process_group is not None:
-        return process_group
-    if not dist.is_initialized():
-        raise RuntimeError(f"{owner}: no process group; call disttrain.init() or "
-                           "torch.distributed.init_process_group() first, or pass process_group")
-    return dist.group.WORLD
 
 
 class DistributedDataParallel(nn.Module):
@@ -87,12 +64,10 @@ class DistributedDataParallel(nn.Module):
                  gradient_as_bucket_view: bool = False, broadcast_buffers: bool = True,
                  compression: str | None = None):
         super().__init__()
-        if compression not in _WIRE_DTYPES:
-            raise ValueError(f"DistributedDataParallel: compression must be one of None, 'bf16', 'fp16'; "
-                             f"got {compression!r}")
+        compression_dtype = wire_dtype(compression, "DistributedDataParallel", "compression")
         if bucket_cap_mb <= 0:
             raise ValueError(f"DistributedDataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
-        process_group = _default_group("DistributedDataParallel", process_group)
+        process_group = default_group("DistributedDataParallel", process_group)
         self.module = module
         self.process_group = process_group
         self.broadcast_buffers = broadcast_buffers
@@ -108,22 +83,22 @@ class DistributedDataParallel(nn.Module):
         _C.verify_replicas(process_group, all_params, [n for n, _ in module.named_parameters()])
         self._buffers_to_sync = [b for b in module.buffers()]
         with torch.no_grad():
-            _C.broadcast_coalesced(process_group, all_params + self._buffers_to_sync, _BROADCAST_CHUNK_BYTES, 0)
+            _C.broadcast_coalesced(process_group, all_params + self._buffers_to_sync, BROADCAST_CHUNK_BYTES, 0)
         self._reducer = _C.Reducer(
             [p for _, p in named], [n for n, _ in named], process_group,
             bucket_cap_bytes=int(bucket_cap_mb * 1024 * 1024),
             first_bucket_cap_bytes=min(_FIRST_BUCKET_BYTES, int(bucket_cap_mb * 1024 * 1024)),
             find_unused_parameters=find_unused_parameters,
             gradient_as_bucket_view=gradient_as_bucket_view,
-            wire_dtype=_WIRE_DTYPES[compression])
+            wire_dtype=compression_dtype)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self.broadcast_buffers and self._buffers_to_sync:
             with torch.no_grad():
-                _C.broadcast_coalesced(self.process_group, self._buffers_to_sync, _BROADCAST_CHUNK_BYTES, 0)
+                _C.broadcast_coalesced(self.process_group, self._buffers_to_sync, BROADCAST_CHUNK_BYTES, 0)
         output = self.module(*inputs, **kwargs)
         if torch.is_grad_enabled() and self.require_backward_grad_sync:
-            self._reducer.prepare_for_backward(_find_tensors(output) if self.find_unused_parameters else [])
+            self._reducer.prepare_for_backward(find_tensors(output) if self.find_unused_parameters else [])
         return output
 
     @contextlib.contextmanager

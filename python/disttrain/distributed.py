@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch.distributed as dist
 
@@ -12,15 +14,71 @@ from . import _C
 BACKEND_NAME = "disttrain"
 
 
-def _create_backend(store, rank, size, timeout):
-    return _C.ProcessGroupDisttrain(store, rank, size, timeout)
+class BackendOptions:
+    """Settings of the ``disttrain`` backend for one process group.
+
+    Pass as ``pg_options`` to :func:`torch.distributed.init_process_group` or
+    :func:`torch.distributed.new_group` (or as ``options`` to :func:`init`); a
+    plain ``dict`` works as well. Each setting overrides its environment
+    variable for that group only; the table of settings, their defaults and
+    scopes is ``docs/settings.md`` and ``disttrain info`` prints the effective
+    values. The C++ core parses them once, when the group is created
+    (``csrc/comm/options.cpp``).
+
+    Args:
+        **settings: setting name -> value, e.g. ``transport="tcp"``,
+            ``allreduce_algorithm="ring"``, ``chunk_bytes=262144``.
+
+    Raises:
+        ValueError: an unknown setting or a malformed value (checked here, at
+            the call site, not later inside the group's creation).
+
+    Example:
+        >>> import disttrain, torch.distributed as dist
+        >>> dist.init_process_group("disttrain", pg_options=disttrain.BackendOptions(transport="tcp"))
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = _as_text(settings)
+        _C.comm_options(self.settings)  # raises ValueError now rather than in every rank's group creation
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return f"BackendOptions({inner})"
+
+
+def _as_text(settings: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in settings.items():
+        if not isinstance(key, str):
+            raise TypeError(f"disttrain: backend option names are strings, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise TypeError(f"disttrain: backend option {key}={value!r} must be a string or an integer")
+        out[key] = str(value)
+    return out
+
+
+def _options_dict(options: Any) -> dict[str, str]:
+    if options is None:
+        return {}
+    if isinstance(options, BackendOptions):
+        return options.settings
+    if isinstance(options, Mapping):
+        return _as_text(options)
+    raise TypeError(
+        f"disttrain: pg_options must be a disttrain.BackendOptions or a dict, got {type(options).__name__}")
+
+
+def _create_backend(backend_opts, options):
+    return _C.ProcessGroupDisttrain(backend_opts.store, backend_opts.group_rank, backend_opts.group_size,
+                                    backend_opts.timeout, _options_dict(options))
 
 
 def register_backend() -> None:
     """Registers ``"disttrain"`` with torch.distributed (idempotent)."""
     if hasattr(dist.Backend, BACKEND_NAME.upper()):
         return
-    dist.Backend.register_backend(BACKEND_NAME, _create_backend, devices=["cpu"])
+    dist.Backend.register_backend(BACKEND_NAME, _create_backend, extended_api=True, devices=["cpu"])
 
 
 def _env_int(*names: str) -> int | None:
@@ -37,6 +95,7 @@ def init(
     rank: int | None = None,
     world_size: int | None = None,
     timeout: datetime.timedelta | float | None = None,
+    options: BackendOptions | Mapping[str, Any] | None = None,
 ) -> tuple[int, int]:
     """Initialises the default process group from the launcher's environment.
 
@@ -49,6 +108,8 @@ def init(
         init_method: any URL torch accepts; default ``env://``.
         rank, world_size: override the environment.
         timeout: group timeout (``timedelta`` or seconds); default 30 minutes.
+        options: settings of the ``disttrain`` backend (:class:`BackendOptions`
+            or a dict), overriding the environment; only with that backend.
 
     Returns:
         ``(rank, world_size)``.
@@ -76,7 +137,11 @@ def init(
         init_method = "env://"
     if isinstance(timeout, (int, float)):
         timeout = datetime.timedelta(seconds=timeout)
-    kwargs = {"timeout": timeout} if timeout is not None else {}
+    kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    if options is not None:
+        if backend != BACKEND_NAME:
+            raise ValueError(f"disttrain.init: options apply to the {BACKEND_NAME!r} backend, not {backend!r}")
+        kwargs["pg_options"] = options if isinstance(options, BackendOptions) else BackendOptions(**options)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
     return rank, world_size
 

@@ -1,5 +1,5 @@
 """``disttrain.FullyShardedDataParallel``: ZeRO stages 1-3 with the sharding
-engine in C++ (``csrc/train/shard/``).
+engine in C++ (``csrc/shard/``).
 
 The Python side checks arguments, decides which submodules become wrapped
 units (``auto_wrap``), swaps each unit's parameters for views into the
@@ -20,12 +20,10 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C
-from .ddp import _BROADCAST_CHUNK_BYTES, _default_group, _find_tensors
+from ._parallel import BROADCAST_CHUNK_BYTES, default_group, find_tensors, wire_dtype
 
 __all__ = ["FullyShardedDataParallel", "ShardedOptimizer"]
 
-_WIRE_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 _SHARDED_FORMAT = "disttrain.fsdp.sharded/1"
 MANIFEST = "manifest.dts"
 
@@ -198,17 +196,15 @@ class FullyShardedDataParallel(nn.Module):
         super().__init__()
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"FullyShardedDataParallel: stage must be 1, 2 or 3, got {stage!r}")
-        if mixed_precision not in _WIRE_DTYPES:
-            raise ValueError("FullyShardedDataParallel: mixed_precision must be None, 'bf16', 'fp16', "
-                             f"torch.bfloat16 or torch.float16; got {mixed_precision!r}")
+        mixed_dtype = wire_dtype(mixed_precision, "FullyShardedDataParallel", "mixed_precision")
         if not isinstance(prefetch, bool):
             raise TypeError(f"FullyShardedDataParallel: prefetch must be a bool, got {prefetch!r}")
-        if backward_prefetch not in ("pre", "post"):
-            raise ValueError(f"FullyShardedDataParallel: backward_prefetch must be 'pre' or 'post', "
-                             f"got {backward_prefetch!r}")
         _check_module(module)
         policy = _wrap_policy(auto_wrap)
-        process_group = _default_group("FullyShardedDataParallel", process_group)
+        process_group = default_group("FullyShardedDataParallel", process_group)
+        # Parses backward_prefetch: a ValueError before any collective.
+        self._engine = _C.ShardEngine(process_group, stage=stage, prefetch=prefetch,
+                                      wire_dtype=mixed_dtype, backward_prefetch=backward_prefetch)
         self.module = module
         self.process_group = process_group
         self.stage = stage
@@ -219,10 +215,8 @@ class FullyShardedDataParallel(nn.Module):
         params = list(module.parameters())
         _C.verify_replicas(process_group, params, [n for n, _ in module.named_parameters()])
         with torch.no_grad():
-            _C.broadcast_coalesced(process_group, params + list(module.buffers()), _BROADCAST_CHUNK_BYTES, 0)
+            _C.broadcast_coalesced(process_group, params + list(module.buffers()), BROADCAST_CHUNK_BYTES, 0)
 
-        self._engine = _C.ShardEngine(process_group, stage=stage, prefetch=prefetch,
-                                      wire_dtype=_WIRE_DTYPES[mixed_precision], backward_prefetch=backward_prefetch)
         self._slots: list[list[_ParamSlot]] = []
         self._root_unit: int | None = None
         self.flat_shards = nn.ParameterList()
@@ -253,7 +247,7 @@ class FullyShardedDataParallel(nn.Module):
         for slot, view in zip(self._slots[index], self._engine.unit(index).params):
             slot.owner.__dict__[slot.attr] = view
 
-    def _pre_forward(self, index: int, module: nn.Module = None, args: Any = None) -> None:
+    def _pre_forward(self, index: int, module: nn.Module | None = None, args: Any = None) -> None:
         self._engine.pre_forward(index)
         self._install_views(index)
 
@@ -261,7 +255,7 @@ class FullyShardedDataParallel(nn.Module):
         self._engine.post_forward(index)
         if self.stage == 3 and torch.is_grad_enabled():
             hook = functools.partial(self._pre_backward, index)
-            for t in _find_tensors(output):
+            for t in find_tensors(output):
                 if t.requires_grad:
                     t.register_hook(hook)
 
@@ -342,8 +336,8 @@ class FullyShardedDataParallel(nn.Module):
                                            for k, v in rest.items())
             tensors = [v for v in rest.values() if isinstance(v, torch.Tensor)]
             if tensors:
-                _C.broadcast_coalesced(self.process_group, tensors, _BROADCAST_CHUNK_BYTES, 0)
-        out = collections.OrderedDict()
+                _C.broadcast_coalesced(self.process_group, tensors, BROADCAST_CHUNK_BYTES, 0)
+        out: Any = collections.OrderedDict()  # carries torch's state-dict _metadata attribute
         for key in self._state_keys:
             out[key] = gathered[key] if key in gathered else rest[key]
         out._metadata = getattr(rest, "_metadata", None)

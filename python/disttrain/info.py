@@ -17,7 +17,10 @@ def collect() -> dict:
     from disttrain import _C
 
     build = dict(_C.build_info)
-    transport = os.environ.get("DISTTRAIN_TRANSPORT", "auto")
+    # The backend's settings as a group created here would parse them (from the
+    # environment; pg_options could still override them per group).
+    options = [{"name": n, "value": v, "source": s, "env": e} for n, v, s, e in _C.comm_options()]
+    transport = next(o["value"] for o in options if o["name"] == "transport")
     shm_ok = os.access("/dev/shm", os.W_OK)
     same_host = "tcp (loopback)" if transport == "tcp" or not shm_ok else "shared memory (/dev/shm)"
     across = "tcp" if transport == "tcp" or not shm_ok else "two-level: shared memory within each host, tcp between hosts"
@@ -40,6 +43,7 @@ def collect() -> dict:
             "between ranks on this host": same_host,
             "between hosts": across,
         },
+        "options": options,
         "cuda_available": torch.cuda.is_available(),
     }
 
@@ -48,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disttrain info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
-    info = collect()
+    try:
+        info = collect()
+    except ValueError as e:  # a malformed setting in the environment
+        print(f"disttrain info: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -59,13 +67,17 @@ def main(argv: list[str] | None = None) -> int:
           f"_GLIBCXX_USE_CXX11_ABI={int(b['cxx11_abi'])}, against torch {b['torch_version']}")
     print(f"flags         {b['cxx_flags'].strip() or '(none)'}")
     print(f"components    {', '.join(b['components'])}")
-    print(f"NCCL path     {'built' if b['nccl'] else 'not built'}")
+    print(f"NCCL path     {'built' if b['nccl'] else b['nccl_status']}")
     print(f"reduce kernels {info['reduce_kernels']} (runtime dispatch)")
     backends = ", ".join(k for k, v in info["backends"].items() if v)
     print(f"backends      {backends}")
     t = info["transport"]
-    print(f"transport     DISTTRAIN_TRANSPORT={t['requested']}: on this host {t['between ranks on this host']}, "
+    print(f"transport     {t['requested']}: on this host {t['between ranks on this host']}, "
           f"across hosts {t['between hosts']}")
+    print("backend options (effective for a group created here; docs/settings.md):")
+    for o in info["options"]:
+        value = o["value"] if o["value"] != "" else "(unset)"
+        print(f"  {o['name']:<20} {value:<16} {o['source']}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """``disttrain.DistributedSampler``: a drop-in for PyTorch's distributed sampler
 with an O(1)-memory stream mode and mid-epoch resume, also across world sizes.
 
-The index engine is C++ (``csrc/data/sampler.cpp``); this module checks
+The index engine is C++ (``csrc/data/sampler_engine.cpp``); this module checks
 arguments, keeps the epoch and resume state and hands indices to Python in
 chunks, so iteration runs at list-iterator speed.
 """

@@ -19,10 +19,6 @@
 namespace disttrain::comm {
 namespace {
 
-// Measured (benchmarks/results/allreduce_bandwidth_*_shm.csv): 1 MiB slots keep an
-// epoch's copy-reduce-copy in cache; 256 KiB loses to the extra waits with more
-// ranks than cores, 4 MiB to cache misses.
-constexpr size_t kDefaultSlotBytes = 1 << 20;
 constexpr int kSpinIterations = 2000;          // ~10-50 us before sleeping
 constexpr int kYieldIterations = 20;           // instead, with more ranks than cores
 constexpr int kSleepSliceMs = 10;              // how often a sleeper checks its peer and deadline
@@ -41,12 +37,6 @@ std::string segment_name(const uint8_t tag[8], int rank) {
   return name.str();
 }
 
-size_t env_slot_bytes() {
-  const char* v = std::getenv("DISTTRAIN_SHM_SLOT_BYTES");
-  size_t n = v ? std::strtoull(v, nullptr, 10) : kDefaultSlotBytes;
-  return std::max<size_t>(4096, n & ~size_t(4095));
-}
-
 }  // namespace
 
 // A progress counter and the number of ranks asleep on it (so a store wakes
@@ -63,8 +53,8 @@ struct alignas(64) ShmGroup::Control {
   alignas(64) OpSignature sig[2];     // what this rank does in the epochs of each slot
 };
 
-ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t tag[8])
-    : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(env_slot_bytes()) {
+ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t tag[8], size_t slot_bytes)
+    : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(std::max<size_t>(4096, slot_bytes & ~size_t(4095))) {
   // With more ranks than cores, the peer a rank waits for is often not
   // running: spinning would hold the very core it needs, so a waiter yields
   // it a few times instead, then sleeps (measured: half the CPU time per

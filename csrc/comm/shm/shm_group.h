@@ -15,12 +15,19 @@
 
 namespace disttrain::comm {
 
+// Bytes of each of a rank's two data slots. Measured
+// (benchmarks/results/allreduce_bandwidth_*_shm.csv): 1 MiB slots keep an
+// epoch's copy-reduce-copy in cache; 256 KiB loses to the extra waits with more
+// ranks than cores, 4 MiB to cache misses.
+constexpr size_t kDefaultShmSlotBytes = 1 << 20;
+
 class ShmGroup {
  public:
   // Requires every rank of `tcp`'s group to be on this host and to call it.
   // The TCP mesh stays the control path: set-up barriers go through the
   // store, and a peer that dies is noticed through its socket closing.
-  ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t secret_tag[8]);
+  ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t secret_tag[8],
+           size_t slot_bytes = kDefaultShmSlotBytes);
   ~ShmGroup();
   ShmGroup(const ShmGroup&) = delete;
   ShmGroup& operator=(const ShmGroup&) = delete;

@@ -29,11 +29,6 @@ Segment segment(size_t count, int p, int k, size_t elem) {
 }  // namespace
 
 AllreduceAlgorithm choose_allreduce(size_t bytes, int world_size) {
-  if (const char* forced = std::getenv("DISTTRAIN_ALLREDUCE_ALGO")) {
-    std::string f = forced;
-    if (f == "ring") return AllreduceAlgorithm::kRing;
-    if (f == "rd" || f == "recursive_doubling") return AllreduceAlgorithm::kRecursiveDoubling;
-  }
   return bytes <= kRecursiveDoublingMaxBytes ? AllreduceAlgorithm::kRecursiveDoubling : AllreduceAlgorithm::kRing;
 }
 

@@ -40,17 +40,12 @@ void set_nonblocking(int fd) {
   ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
 }
 
-void tune_socket(int fd) {
+void tune_socket(int fd, int buffer_bytes) {
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  // DISTTRAIN_SOCKET_BUFFER fixes the kernel buffers (bytes); unset, the
-  // kernel autotunes them, which on loopback measured faster.
-  if (const char* v = std::getenv("DISTTRAIN_SOCKET_BUFFER")) {
-    int buf = std::atoi(v);
-    if (buf > 0) {
-      ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
-      ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof(buf));
-    }
+  if (buffer_bytes > 0) {
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buffer_bytes, sizeof(buffer_bytes));
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer_bytes, sizeof(buffer_bytes));
   }
 }
 
@@ -83,10 +78,10 @@ int connect_retry(const std::string& host, int port, std::chrono::steady_clock::
   return -1;
 }
 
-std::string local_address() {
-  if (const char* explicit_addr = std::getenv("DISTTRAIN_SOCKET_ADDR")) return explicit_addr;
-  const char* master = std::getenv("MASTER_ADDR");
-  if (master != nullptr && *master != '\0') {
+std::string local_address(const std::string& socket_addr, const std::string& master_addr) {
+  if (!socket_addr.empty()) return socket_addr;
+  const char* master = master_addr.c_str();
+  if (!master_addr.empty()) {
     addrinfo hints{};
     hints.ai_family = AF_INET;
     hints.ai_socktype = SOCK_DGRAM;

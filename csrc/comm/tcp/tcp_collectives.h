@@ -15,7 +15,7 @@ enum class AllreduceAlgorithm { kAuto, kRing, kRecursiveDoubling };
 
 // Picks an algorithm for `bytes` on this group: recursive doubling (log p
 // steps, whole buffer each) for small messages, ring (2(p-1) steps, 1/p of the
-// buffer each) for large ones. DISTTRAIN_ALLREDUCE_ALGO=ring|rd forces one.
+// buffer each) for large ones. The allreduce_algorithm option forces one.
 AllreduceAlgorithm choose_allreduce(size_t bytes, int world_size);
 
 // In place: data holds count elements of dtype on every rank.

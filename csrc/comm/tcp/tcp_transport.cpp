@@ -32,14 +32,6 @@ int ms_until(Deadline deadline) {
   return static_cast<int>(std::clamp<int64_t>(left, 0, 1000 * 1000));
 }
 
-size_t env_chunk_bytes() {
-  const char* v = std::getenv("DISTTRAIN_CHUNK_BYTES");
-  if (v == nullptr) return kDefaultChunkBytes;
-  size_t n = std::strtoull(v, nullptr, 10);
-  n = std::clamp<size_t>(n, 4096, kMaxFramePayload);
-  return n & ~size_t(63);
-}
-
 }  // namespace
 
 struct TcpTransport::SendState {
@@ -65,8 +57,13 @@ struct TcpTransport::RecvState {
 };
 
 TcpTransport::TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
-                           std::chrono::milliseconds timeout, c10::intrusive_ptr<c10d::Store> abort_store)
-    : store_(std::move(store)), abort_store_(abort_store ? std::move(abort_store) : store_), rank_(rank), world_size_(world_size), chunk_bytes_(env_chunk_bytes()) {
+                           std::chrono::milliseconds timeout, TcpSettings settings,
+                           c10::intrusive_ptr<c10d::Store> abort_store)
+    : store_(std::move(store)),
+      abort_store_(abort_store ? std::move(abort_store) : store_),
+      rank_(rank),
+      world_size_(world_size),
+      settings_(std::move(settings)) {
   TORCH_CHECK_VALUE(world_size >= 1, "disttrain: world size must be >= 1, got ", world_size);
   TORCH_CHECK_VALUE(rank >= 0 && rank < world_size, "disttrain: rank ", rank,
                     " outside [0, ", world_size, ")");
@@ -111,7 +108,7 @@ void TcpTransport::setup_mesh(std::chrono::milliseconds timeout) {
   int port = 0;
   listen_fd_ = listen_any(&port);
   TORCH_CHECK(listen_fd_ >= 0, "disttrain: cannot open a listening socket: ", std::strerror(errno));
-  address_ = local_address() + ":" + std::to_string(port);
+  address_ = local_address(settings_.socket_addr, settings_.master_addr) + ":" + std::to_string(port);
   store_->set(addr_key(rank_), to_bytes(address_));
 
   // Higher ranks connect to lower ones; the acceptor takes the others and,
@@ -134,7 +131,7 @@ void TcpTransport::setup_mesh(std::chrono::milliseconds timeout) {
       ::close(fd);
       TORCH_CHECK(false, "disttrain: rank ", rank_, " failed the handshake with rank ", peer, " at ", addr);
     }
-    tune_socket(fd);
+    tune_socket(fd, settings_.socket_buffer_bytes);
     set_nonblocking(fd);
     std::lock_guard<std::mutex> lock(setup_mu_);
     peers_[peer].fd = fd;
@@ -191,7 +188,7 @@ bool TcpTransport::handle_incoming(int fd, bool during_setup) {
   }
   uint32_t ack = kHelloMagic;
   if (!write_full(fd, &ack, sizeof(ack), 2000)) return false;
-  tune_socket(fd);
+  tune_socket(fd, settings_.socket_buffer_bytes);
   set_nonblocking(fd);
   std::lock_guard<std::mutex> lock(setup_mu_);
   peers_[peer].fd = fd;
@@ -274,7 +271,7 @@ bool TcpTransport::do_send(SendState& s, const FrameKind kind, const OpSignature
         break;
       }
       size_t avail = s.spec.available ? std::min(*s.spec.available, s.spec.bytes) : s.spec.bytes;
-      size_t n = std::min(chunk_bytes_, avail - s.sent);
+      size_t n = std::min(settings_.chunk_bytes, avail - s.sent);
       if (n == 0 && (s.spec.bytes > 0 || s.any_frame)) return false;  // gated: wait for data
       s.hdr = FrameHeader{kFrameMagic, static_cast<uint8_t>(kind), static_cast<uint8_t>(sig.op), sig.dtype,
                           static_cast<uint8_t>(sig.redop), sig.seq, s.spec.count, sig.aux, step,

@@ -42,6 +42,15 @@ struct RecvSpec {
   size_t* progress = nullptr;  // updated with the bytes of dst that are final
 };
 
+// How a transport sizes its frames and sockets and which address it
+// advertises; parsed once into CommOptions (comm/options.h).
+struct TcpSettings {
+  size_t chunk_bytes = kDefaultChunkBytes;  // payload of one frame
+  int socket_buffer_bytes = 0;              // SO_SNDBUF/SO_RCVBUF; 0: the kernel autotunes (faster on loopback)
+  std::string socket_addr;                  // the address other hosts reach this rank at; empty: see master_addr
+  std::string master_addr;                  // the route to it picks the local address; empty: 127.0.0.1
+};
+
 class TcpTransport {
  public:
   // Connects to every other rank; requires all ranks of the group to call it.
@@ -49,14 +58,15 @@ class TcpTransport {
   // abort_store, when given, is where failures are recorded (a group built of
   // several transports shares one, so every rank reports the same failure).
   TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int world_size,
-               std::chrono::milliseconds timeout, c10::intrusive_ptr<c10d::Store> abort_store = {});
+               std::chrono::milliseconds timeout, TcpSettings settings = {},
+               c10::intrusive_ptr<c10d::Store> abort_store = {});
   ~TcpTransport();
   TcpTransport(const TcpTransport&) = delete;
   TcpTransport& operator=(const TcpTransport&) = delete;
 
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
-  size_t chunk_bytes() const { return chunk_bytes_; }
+  size_t chunk_bytes() const { return settings_.chunk_bytes; }
   const std::string& address() const { return address_; }
 
   // Runs one step's sends and receives concurrently until all are complete.
@@ -123,7 +133,7 @@ class TcpTransport {
   c10::intrusive_ptr<c10d::Store> abort_store_;
   int rank_;
   int world_size_;
-  size_t chunk_bytes_;
+  TcpSettings settings_;
   std::vector<Peer> peers_;
   std::vector<int> group_ranks_;
   std::vector<uint8_t> scratch_;

@@ -1,0 +1,50 @@
+"""What the DDP and FSDP wrappers share: the default group, the tensors of a
+forward's output, the broadcast chunk size and the wire dtypes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Chunk size for broadcasting parameters and buffers (torch DDP uses 250 MiB).
+BROADCAST_CHUNK_BYTES = 250 * 1024 * 1024
+
+# What gradients (and FSDP's gathered parameters) may travel as: name or dtype -> dtype.
+_WIRE_DTYPES: dict[Any, torch.dtype | None] = {
+    None: None, "bf16": torch.bfloat16, "fp16": torch.float16,
+    torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
+
+def wire_dtype(value: Any, owner: str, argument: str) -> torch.dtype | None:
+    """The dtype ``value`` names (``None``, ``"bf16"``, ``"fp16"``, ``torch.bfloat16``
+    or ``torch.float16``); a ValueError naming ``owner`` and ``argument`` otherwise."""
+    try:
+        return _WIRE_DTYPES[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{owner}: {argument} must be None, 'bf16', 'fp16', torch.bfloat16 or "
+                         f"torch.float16; got {value!r}") from None
+
+
+def find_tensors(obj: Any) -> list[torch.Tensor]:
+    """Tensors anywhere in a forward's output (nested tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in find_tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in find_tensors(item)]
+    return []
+
+
+def default_group(owner: str, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """``process_group``, or the default group; a clear error when there is none."""
+    if process_group is not None:
+        return process_group
+    if not dist.is_initialized():
+        raise RuntimeError(f"{owner}: no process group; call disttrain.init() or "
+                           "torch.distributed.init_process_group() first, or pass process_group")
+    group = dist.group.WORLD
+    assert group is not None
+    return group
