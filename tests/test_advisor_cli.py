@@ -72,7 +72,7 @@ def test_evaluate_writes_the_tables(tmp_path):
     for csv in logs.rglob("*.csv"):
         if csv.name.startswith(("resnet18_", "resnet34_")):
             (subset / csv.name).write_bytes(csv.read_bytes())
-    out = advise("--evaluate", "--data", str(subset), cwd=tmp_path)
+    out = advise("--evaluate", "--data", str(subset), "--no-default-logs", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(tmp_path / "benchmarks" / "results" / "advisor_evaluation.csv")
     assert set(table["split"]) == {"run", "config", "gpu_family", "model"}

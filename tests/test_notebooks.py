@@ -12,7 +12,6 @@ import disttrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
-EPOCH_LOGS = os.path.join(os.path.dirname(ROOT), "shared", "data", "epoch-logs")
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
@@ -55,7 +54,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     # The kernel imports the same disttrain as this test (installed, or the checkout's python/),
     # runs in a scratch folder, and is not mistaken for a rank of some job.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setenv("DISTTRAIN_EPOCH_LOGS", os.environ.get("DISTTRAIN_EPOCH_LOGS", EPOCH_LOGS))
+    # The advisor notebook trains on the epoch logs shipped in the package (or on DISTTRAIN_EPOCH_LOGS if set).
     for var in ("MPLBACKEND", "DISTTRAIN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     nb = nbformat.read(path, as_version=4)

@@ -96,7 +96,8 @@ class Advisor:
         frame = self.normalize(pd.DataFrame([dict(config)]))
         if frame.loc[0, "milestones"] == "":
             frame.loc[0, "milestones"] = "60,80"
-        grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)
+        # The ignore: np.isscalar narrows `epochs` to numpy's scalar union, complex included, which int() does not take
+        grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)  # type: ignore[arg-type]
         if np.isnan(frame.loc[0, "num_epochs"]):
             frame.loc[0, "num_epochs"] = grid.max() + 1
         return self.curve_model.predict_curve(frame.iloc[0], grid, observed=observed)

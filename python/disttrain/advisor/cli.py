@@ -5,7 +5,12 @@
     disttrain advise --evaluate [--json]
     disttrain advise --serve [--port P]
 
-Bad input prints one line on stderr and exits with status 2; a target that no
+Training data, one rule for every mode: the default logs (``$DISTTRAIN_EPOCH_LOGS``
+if set, else the logs shipped in the package) plus every ``--data`` path;
+``--no-default-logs`` leaves the defaults out, so ``--data`` alone is used.
+
+Bad input, or a missing optional dependency (``pip install 'disttrain[advisor]'``),
+prints one line on stderr and exits with status 2; a target that no
 configuration reaches (in time) prints why and exits with status 1.
 """
 
@@ -33,13 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", help="CSV with columns gpu,price_per_gpu_hour")
     p.add_argument("--deadline-hours", type=float)
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table to print")
-    p.add_argument("--data", nargs="+", help="epoch-log CSVs or folders (default: shared/data/epoch-logs)")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="epoch-log or trainer CSVs, or folders of them, added to the default logs "
+                        "($DISTTRAIN_EPOCH_LOGS if set, else the logs shipped with disttrain)")
+    p.add_argument("--no-default-logs", action="store_true",
+                   help="train on the --data paths only (leave out $DISTTRAIN_EPOCH_LOGS / the shipped logs)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--evaluate", action="store_true", help=f"run the evaluation, also write {RESULTS_CSV}")
     p.add_argument("--serve", action="store_true", help="serve the web page")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     return p
+
+
+def _sources(args) -> list:
+    from .loading import data_sources
+
+    return data_sources(args.data, default_logs=not args.no_default_logs)
 
 
 def _recommend(args) -> int:
@@ -57,7 +72,7 @@ def _recommend(args) -> int:
             if family is None:
                 raise AdvisorInputError(f"unknown GPU '{name}' (known families: {', '.join(sorted(DEFAULT_PRICES))})")
             gpus.append(family)
-    advisor = Advisor.fit(args.data)
+    advisor = Advisor.fit(_sources(args))
     rec = advisor.recommend(args.model.lower(), args.target_acc, prices=prices, gpus=gpus,
                             deadline_hours=args.deadline_hours)
     if args.json:
@@ -81,7 +96,7 @@ def _evaluate(args) -> int:
     from .evaluation import SPLITS, evaluate
 
     print(f"disttrain advise: evaluating on splits {', '.join(SPLITS)} (about 2 min on 2 cores)", file=sys.stderr)
-    result = evaluate(args.data, progress=_fold_progress)
+    result = evaluate(_sources(args), progress=_fold_progress)
     summary = result["summary"]
     RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(RESULTS_CSV, index=False)
@@ -101,16 +116,23 @@ def _evaluate(args) -> int:
     print(summary[time_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\naccuracy, epochs to target (0.5..0.8) and regret of the recommendation")
     print(summary[acc_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"\nwritten: {RESULTS_CSV}")
+    print(f"\nwritten: {RESULTS_CSV} (in a checkout, refresh docs/advisor_results.md with "
+          f"'python -m disttrain.advisor.results_page')")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from ._deps import missing_dependencies, missing_message
+
+    missing = missing_dependencies()
+    if missing:
+        print(f"disttrain advise: {missing_message(missing)}", file=sys.stderr)
+        return 2
     try:
         if args.serve:
             from .server import serve
-            return serve(args.host, args.port, args.data)
+            return serve(args.host, args.port, _sources(args))
         if args.evaluate:
             return _evaluate(args)
         return _recommend(args)

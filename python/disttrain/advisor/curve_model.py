@@ -36,6 +36,8 @@ as the job runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
@@ -251,7 +253,7 @@ class LearningCurveModel:
             raise AdvisorInputError("need at least 3 runs with test_acc to fit learning curves")
         self.runs_ = runs
         groups = runs["config_id"].to_numpy()
-        errors = [np.zeros((1, len(PARAMS)))]
+        errors: Any = [np.zeros((1, len(PARAMS)))]  # per fold, then concatenated
         folds = min(self.interval_folds, len(np.unique(groups)))
         # A weak prior: the spread of the parameters across the training runs.
         values = runs[PARAMS].to_numpy(float)
@@ -280,6 +282,7 @@ class LearningCurveModel:
     def _expand(runs: pd.DataFrame, params: np.ndarray, epochs_per_run) -> tuple:
         """Repeats each run's configuration over its epochs; returns the rows,
         epochs, milestones and the curve's prediction, all aligned."""
+        index: Any  # per run, then concatenated
         index, grid, milestones, base = [], [], [], []
         for i, ((_, run), ks) in enumerate(zip(runs.iterrows(), epochs_per_run)):
             ks = np.asarray(ks, dtype=float)
@@ -312,7 +315,7 @@ class LearningCurveModel:
         if folds < 2:
             return None
         starts = np.cumsum([0] + [len(g) for g in per_run])
-        best = (np.inf, 0.0, None)
+        best: tuple[float, float, Any] = (np.inf, 0.0, None)
         for settings in _RESIDUAL_BOOSTS:
             inner = np.zeros(len(acc))
             for train, test in GroupKFold(n_splits=folds).split(X, groups=config):
@@ -377,7 +380,7 @@ class LearningCurveModel:
             seen_epochs = np.arange(1, len(seen) + 1, dtype=float)
             center = fit_run(seen_epochs, seen, milestone, prior=center, prior_scale=self.scale_)
             draws = np.array([fit_run(seen_epochs, seen, milestone, prior=d, prior_scale=self.scale_) for d in draws])
-        shift = 0.0
+        shift: float | np.ndarray = 0.0
         if observed is None or not len(observed):
             # The residual model corrects the predicted curve; a curve refitted
             # to observed epochs follows the job itself and is not shifted.
@@ -407,7 +410,7 @@ def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs) -> 
     epochs = np.asarray(epochs, dtype=float)
     centers = model.predict_params(configs)
     tail = (1 - model.coverage) / 2
-    out = [], [], []
+    out: tuple[list[Any], list[Any], list[Any]] = [], [], []
     shifts = model.correction(configs, centers, [epochs] * len(configs)).reshape(len(configs), len(epochs))
     for (_, config), center, shift in zip(configs.iterrows(), centers, shifts):
         milestone = first_milestone(config.get("milestones", ""), config.get("num_epochs", np.inf))

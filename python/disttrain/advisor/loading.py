@@ -49,27 +49,53 @@ RUN_KEYS = ["model_name", "gpu", "num_of_gpus", "batch_size", "learning_rate",
             "distribute_data", "num_workers_data_loader", "num_epochs", "milestones", "config_id"]
 
 
-def default_data_path() -> Path:
-    """Where the epoch logs are: ``$DISTTRAIN_EPOCH_LOGS``, else the first
-    ``shared/data/epoch-logs`` found walking up from this package or from the
-    working directory (CI clones the repository with ``../shared`` beside it).
+SHIPPED_LOGS = Path(__file__).resolve().parent / "epoch_logs"
+
+
+def shipped_logs_path() -> Path:
+    """The epoch logs shipped inside the package (``disttrain/advisor/epoch_logs``).
 
     Raises:
-        AdvisorInputError: when neither exists.
+        AdvisorInputError: when this install lacks them.
+    """
+    if not SHIPPED_LOGS.is_dir():
+        raise AdvisorInputError(f"epoch logs not found: this install lacks the shipped logs ({SHIPPED_LOGS}); "
+                                f"set {ENV_VAR} or pass --data")
+    return SHIPPED_LOGS
+
+
+def default_data_path() -> Path:
+    """The default epoch logs: ``$DISTTRAIN_EPOCH_LOGS`` (a folder or a CSV
+    file) when set, which replaces the shipped logs; else the logs shipped in
+    the package (:func:`shipped_logs_path`).
+
+    Raises:
+        AdvisorInputError: ``$DISTTRAIN_EPOCH_LOGS`` names nothing that exists,
+            or the shipped logs are missing.
     """
     env = os.environ.get(ENV_VAR)
     if env:
-        if not Path(env).is_dir():
-            raise AdvisorInputError(f"{ENV_VAR}={env} is not a directory")
+        if not Path(env).exists():
+            raise AdvisorInputError(f"{ENV_VAR}={env}: no such file or directory")
         return Path(env)
-    starts = [Path(__file__).resolve().parent, Path.cwd().resolve()]
-    for start in starts:
-        for folder in [start, *start.parents]:
-            candidate = folder / "shared" / "data" / "epoch-logs"
-            if candidate.is_dir():
-                return candidate
-    raise AdvisorInputError(
-        "epoch logs not found: set DISTTRAIN_EPOCH_LOGS or put the repository beside shared/data/epoch-logs")
+    return shipped_logs_path()
+
+
+def data_sources(data=None, default_logs: bool = True) -> list[Path]:
+    """The files and folders the command line trains on, by one rule:
+    the default logs (:func:`default_data_path`: ``$DISTTRAIN_EPOCH_LOGS``
+    if set, else the shipped logs) unless ``default_logs`` is False, plus
+    every path in ``data``. A path given twice (or inside the defaults'
+    folder) is read once.
+
+    Raises:
+        AdvisorInputError: nothing to train on, or a default that is missing.
+    """
+    paths = [default_data_path()] if default_logs else []
+    paths += [Path(p) for p in (data or [])]
+    if not paths:
+        raise AdvisorInputError("no epoch logs: --no-default-logs needs --data PATH [PATH ...]")
+    return paths
 
 
 def _csv_files(path: Path) -> list[Path]:
@@ -119,6 +145,9 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ["batch_size", "num_of_gpus", "learning_rate", "num_workers_data_loader",
                    "num_epochs", "num_of_paramters", "config_index"]:
         df[column] = pd.to_numeric(df[column], errors="coerce")
+    # An empty cell of an optional column reads as its default, like a missing column: files
+    # concatenated from different sources (the logs and a trainer CSV) leave NaN in each other's gaps.
+    df["num_of_gpus"] = df["num_of_gpus"].fillna(OPTIONAL_DEFAULTS["num_of_gpus"])
     bad = ~(df["batch_size"] > 0) | ~(df["num_of_gpus"] >= 1)
     if bad.any():
         where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
@@ -134,7 +163,10 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     dist = _to_bool(df["is_distributed"]) if "is_distributed" in df.columns else pd.Series(False, index=df.index)
     df["is_distributed"] = dist | (df["num_of_gpus"] > 1)
     # Single-process runs have no sampler; they see the whole data set, as a shard of one.
-    sharded = _to_bool(df["distribute_data"]) if "distribute_data" in df.columns else pd.Series(True, index=df.index)
+    if "distribute_data" in df.columns:
+        sharded = _to_bool(df["distribute_data"]) | df["distribute_data"].isna()
+    else:
+        sharded = pd.Series(True, index=df.index)
     df["distribute_data"] = sharded | ~df["is_distributed"]
     df["params"] = df["model_name"].map(MODEL_PARAMS).fillna(df["num_of_paramters"])
     if df["params"].isna().any():
@@ -183,8 +215,10 @@ def load_raw(paths_or_dataframe=None) -> pd.DataFrame:
     """Every row of every file, tidied: the 'random row' view the old baseline used.
 
     Args:
-        paths_or_dataframe: None (the default data path), a file or folder, a
-            list of them, or a data frame already in the logs' columns.
+        paths_or_dataframe: None (the default logs, :func:`default_data_path`),
+            a file or folder, a list of them (exactly these: the defaults are
+            not added; see :func:`data_sources`), or a data frame already in
+            the logs' columns.
     """
     if isinstance(paths_or_dataframe, pd.DataFrame):
         frame = paths_or_dataframe.copy()
@@ -197,7 +231,8 @@ def load_raw(paths_or_dataframe=None) -> pd.DataFrame:
         paths = [Path(paths_or_dataframe)]
     else:
         paths = [Path(p) for p in paths_or_dataframe]
-    files = [f for p in paths for f in _csv_files(p)]
+    # A file reached twice (a folder and a file inside it, the same folder twice) is read once.
+    files = list(dict.fromkeys(f.resolve() for p in paths for f in _csv_files(p)))
     if not files:
         raise AdvisorInputError(f"no CSV files under {', '.join(map(str, paths))}")
     return tidy(pd.concat([_read_one(f) for f in files], ignore_index=True, sort=False))

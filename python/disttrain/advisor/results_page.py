@@ -1,0 +1,224 @@
+"""Writes docs/advisor_results.md from the evaluation's CSV.
+
+    python -m disttrain.advisor.results_page            # from the repository root
+    python -m disttrain.advisor.results_page --check    # exit 1 when the page is stale
+
+``disttrain advise --evaluate`` writes benchmarks/results/advisor_evaluation.csv;
+this renders it as the results page, every number on it read from the CSV, so
+the page and the CSV cannot disagree (tests/test_advisor_results.py checks the
+committed page equals the rendered one). Standard library only: no pandas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+CSV_PATH = Path("benchmarks") / "results" / "advisor_evaluation.csv"
+PAGE_PATH = Path("docs") / "advisor_results.md"
+SPLITS = {"run": "a run (GroupKFold(5) over runs)", "config": "a configuration (all its GPU types)",
+          "gpu_family": "a GPU family", "model": "a model"}
+GROUPED = ["config", "gpu_family", "model"]  # the splits where no part of a held-out configuration is seen
+COLUMNS = ["split", "method", "time_mae_s", "time_mape_pct", "time_interval_coverage_pct", "time_interval_high_over_low",
+           "epochs_to_target_median_err", "epochs_to_target_mean_err", "epochs_to_target_median_err_frac",
+           "epochs_to_target_mean_err_frac", "epochs_to_target_closer", "epochs_to_target_cases", "accuracy_mae",
+           "regret_median_pct", "regret_mean_pct", "regret_infeasible", "regret_cases"]
+GOAL_TIME_MAPE_PCT = 10.0     # leaving a configuration out
+GOAL_COVERAGE_PCT = 80.0      # the intervals' nominal coverage
+GOAL_EPOCHS_MEDIAN_ERR = 2.0  # leaving a configuration out
+
+
+def read_rows(path: Path) -> dict[tuple[str, str], dict[str, float | str]]:
+    """(split, method) -> the row, numbers as floats (NaN for an empty cell).
+
+    Raises:
+        ValueError: a column the page needs is missing, or a split lacks a method.
+    """
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows = {}
+        for row in reader:
+            parsed = {k: (v if k in ("split", "method") else (float(v) if v.strip() else math.nan))
+                      for k, v in row.items()}
+            rows[(row["split"], row["method"])] = parsed
+    for split in {s for s, _ in rows}:
+        for method in ("advisor", "baseline"):
+            if (split, method) not in rows:
+                raise ValueError(f"{path}: split '{split}' has no '{method}' row")
+    return rows
+
+
+def _f(value: float, digits: int) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _i(value: float) -> str:
+    return "-" if math.isnan(value) else str(int(round(value)))
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test, ties dropped."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _common(rows, column: str) -> str | None:
+    values = {_i(r[column]) for r in rows.values()}
+    return values.pop() if len(values) == 1 else None
+
+
+def _table(rows, splits) -> list[str]:
+    cases = _common(rows, "epochs_to_target_cases")
+    regret_cases = _common(rows, "regret_cases")
+    closer_head = f"strictly closer, of {cases}" if cases else "strictly closer / cases"
+    regret_head = f"regret median / mean % (infeasible of {regret_cases})" if regret_cases else \
+        "regret median / mean % (infeasible / cases)"
+    lines = ["| split | method | time MAE s | time MAPE % | 80% interval coverage % (median high / low) "
+             "| epochs-to-target median / mean err (fractional median / mean) | " + closer_head
+             + " | accuracy MAE | " + regret_head + " |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for split in splits:
+        for method in ("advisor", "baseline"):
+            r = rows[(split, method)]
+            coverage = "-" if math.isnan(r["time_interval_coverage_pct"]) else \
+                f"{_f(r['time_interval_coverage_pct'], 1)} ({_f(r['time_interval_high_over_low'], 2)})"
+            epochs = (f"{_f(r['epochs_to_target_median_err'], 1)} / {_f(r['epochs_to_target_mean_err'], 2)} "
+                      f"({_f(r['epochs_to_target_median_err_frac'], 2)} / {_f(r['epochs_to_target_mean_err_frac'], 2)})")
+            closer = _i(r["epochs_to_target_closer"]) + ("" if cases else f" / {_i(r['epochs_to_target_cases'])}")
+            infeasible = _i(r["regret_infeasible"]) + ("" if regret_cases else f" / {_i(r['regret_cases'])}")
+            lines.append(f"| {split} | {method} | {_f(r['time_mae_s'], 2)} | {_f(r['time_mape_pct'], 1)} | {coverage} "
+                         f"| {epochs} | {closer} | {_f(r['accuracy_mae'], 4)} "
+                         f"| {_f(r['regret_median_pct'], 1)} / {_f(r['regret_mean_pct'], 1)} ({infeasible}) |")
+    return lines
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _than(ours: float, theirs: float) -> str:
+    """The advisor against the baseline on an error (lower is better)."""
+    if ours == theirs:
+        return "a tie"
+    return "advisor better" if ours < theirs else "baseline better"
+
+
+def _findings(rows, splits) -> list[str]:
+    out = []
+    if "config" in splits:
+        a, b = rows[("config", "advisor")], rows[("config", "baseline")]
+        out.append(f"- Time per epoch, leaving a configuration out: MAPE {_f(a['time_mape_pct'], 1)}% "
+                   f"(goal below {GOAL_TIME_MAPE_PCT:.0f}%: {_met(a['time_mape_pct'] < GOAL_TIME_MAPE_PCT)}; "
+                   f"baseline {_f(b['time_mape_pct'], 1)}%), MAE {_f(a['time_mae_s'], 2)} s "
+                   f"(baseline {_f(b['time_mae_s'], 2)} s).")
+    better = [s for s in splits if rows[(s, "advisor")]["time_mape_pct"] < rows[(s, "baseline")]["time_mape_pct"]]
+    worse = [s for s in splits if s not in better]
+    out.append(f"- Time MAPE against the baseline: lower on {', '.join(better) or 'no split'}"
+               + (f"; not lower on {', '.join(worse)}." if worse else " (every split)."))
+    coverage = [(s, rows[(s, "advisor")]["time_interval_coverage_pct"]) for s in splits]
+    out.append(f"- 80% time intervals (goal: cover at least {GOAL_COVERAGE_PCT:.0f}% of the epochs): "
+               + ", ".join(f"{s} {_f(c, 1)}%" for s, c in coverage)
+               + f": {_met(all(c >= GOAL_COVERAGE_PCT for _, c in coverage))} on "
+               + ("every split." if all(c >= GOAL_COVERAGE_PCT for _, c in coverage) else
+                  f"{sum(c >= GOAL_COVERAGE_PCT for _, c in coverage)} of {len(coverage)} splits."))
+    if "config" in splits:
+        a, b = rows[("config", "advisor")], rows[("config", "baseline")]
+        wins, losses = int(a["epochs_to_target_closer"]), int(b["epochs_to_target_closer"])
+        cases = int(a["epochs_to_target_cases"])
+        out.append(f"- Epochs to target, leaving a configuration out: median error "
+                   f"{_f(a['epochs_to_target_median_err'], 1)} epochs (goal at most {GOAL_EPOCHS_MEDIAN_ERR:.0f}: "
+                   f"{_met(a['epochs_to_target_median_err'] <= GOAL_EPOCHS_MEDIAN_ERR)}; baseline "
+                   f"{_f(b['epochs_to_target_median_err'], 1)}). Fractional median "
+                   f"{_f(a['epochs_to_target_median_err_frac'], 2)} against {_f(b['epochs_to_target_median_err_frac'], 2)} "
+                   f"({_than(a['epochs_to_target_median_err_frac'], b['epochs_to_target_median_err_frac'])}), "
+                   f"mean {_f(a['epochs_to_target_mean_err'], 2)} against {_f(b['epochs_to_target_mean_err'], 2)} "
+                   f"({_than(a['epochs_to_target_mean_err'], b['epochs_to_target_mean_err'])}).")
+        out.append(f"- Paired, case by case on whole epochs: of {cases} (run, target) cases the advisor is strictly "
+                   f"closer to the truth in {wins}, the baseline in {losses}, {cases - wins - losses} tie "
+                   f"(two-sided sign test on the untied cases: p = {sign_test_p(wins, losses):.2f}).")
+        out.append(f"- Regret, leaving a configuration out: median {_f(a['regret_median_pct'], 1)}% "
+                   f"(baseline {_f(b['regret_median_pct'], 1)}%), mean {_f(a['regret_mean_pct'], 1)}% "
+                   f"(baseline {_f(b['regret_mean_pct'], 1)}%), infeasible picks {_i(a['regret_infeasible'])} "
+                   f"of {_i(a['regret_cases'])} (baseline {_i(b['regret_infeasible'])}): "
+                   f"on mean regret {_than(a['regret_mean_pct'], b['regret_mean_pct'])}.")
+    for split, what in (("gpu_family", "an unseen GPU family"), ("model", "an unseen model")):
+        if split in splits:
+            a, b = rows[(split, "advisor")], rows[(split, "baseline")]
+            out.append(f"- Epochs to target on {what}: median / mean error {_f(a['epochs_to_target_median_err'], 1)} / "
+                       f"{_f(a['epochs_to_target_mean_err'], 2)} against the baseline's "
+                       f"{_f(b['epochs_to_target_median_err'], 1)} / {_f(b['epochs_to_target_mean_err'], 2)} "
+                       f"(on the mean: {_than(a['epochs_to_target_mean_err'], b['epochs_to_target_mean_err'])}).")
+    return out
+
+
+def render(csv_path: Path = CSV_PATH) -> str:
+    """The results page for the evaluation CSV at ``csv_path``, as Markdown."""
+    rows = read_rows(Path(csv_path))
+    present = {s for s, _ in rows}
+    splits = [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
+    lines = [
+        "# Training-cost advisor: evaluation results",
+        "",
+        "<!-- Generated by `python -m disttrain.advisor.results_page` from",
+        "     benchmarks/results/advisor_evaluation.csv (written by `disttrain advise --evaluate`).",
+        "     Do not edit by hand: tests/test_advisor_results.py checks this page equals the generated one. -->",
+        "",
+        "The current numbers of `disttrain advise --evaluate`. How the models work and how each choice",
+        "was made: [`advisor.md`](advisor.md); what the splits, metrics and baseline are:",
+        "[`advisor.md#evaluation`](advisor.md#evaluation). Every score is out of fold; the rows hold out:",
+        "",
+    ]
+    lines += [f"- `{s}`: {SPLITS.get(s, s)}" for s in splits]
+    lines += ["", "## Table", ""]
+    lines += _table(rows, splits)
+    lines += [
+        "",
+        "Time columns are over every epoch row; the interval columns are the advisor's 80% intervals",
+        "(the baseline has none). Epochs to target: every (run, target in 0.5/0.6/0.7/0.75/0.8) the",
+        "run really reaches; the fractional columns read the crossing between epochs (whole epochs",
+        "make the median move in steps of one). \"Strictly closer\": the (run, target) cases where",
+        "that method's whole-epoch prediction is nearer the truth than the other's.",
+        "",
+        "## Against the goals and the baseline",
+        "",
+    ]
+    lines += _findings(rows, splits)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m disttrain.advisor.results_page",
+                                description="write docs/advisor_results.md from the advisor's evaluation CSV")
+    p.add_argument("--csv", type=Path, default=CSV_PATH, help=f"evaluation CSV (default: {CSV_PATH})")
+    p.add_argument("--out", type=Path, default=PAGE_PATH, help=f"page to write (default: {PAGE_PATH})")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the page differs")
+    args = p.parse_args(argv)
+    try:
+        page = render(args.csv)
+    except (OSError, ValueError) as e:
+        print(f"results_page: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else None
+        if current != page:
+            print(f"results_page: {args.out} is stale; regenerate it with python -m disttrain.advisor.results_page",
+                  file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(page)
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The advisor as an installed, optional part of disttrain: its dependencies are
+an extra that ``import disttrain`` does not touch, a missing one is one line
+with the install hint, the version has one source, and a fresh
+``pip install '.[advisor]'`` runs ``disttrain advise`` from anywhere, on the
+epoch logs shipped in the package."""
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import disttrain
+
+REPO = Path(__file__).resolve().parents[1]
+# Subprocesses run the same disttrain as this test: installed, or the checkout's python/.
+PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
+ADVISOR_DEPENDENCIES = ("pandas", "lightgbm", "scipy")
+HINT = "pip install 'disttrain[advisor]'"
+
+
+def _python(code: str, *, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+def test_import_disttrain_imports_no_advisor_dependency():
+    out = _python(f"""
+        import json, sys
+        deps = {ADVISOR_DEPENDENCIES!r}
+        seen = {{}}
+        import disttrain
+        seen["disttrain"] = [m for m in deps if m in sys.modules]
+        import disttrain.cli, disttrain.advisor
+        from disttrain.advisor import AdvisorInputError
+        seen["disttrain.advisor"] = [m for m in deps if m in sys.modules]
+        from disttrain.advisor import Advisor
+        seen["Advisor"] = [m for m in deps if m in sys.modules]
+        print(json.dumps(seen))
+    """)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["disttrain"] == [] and seen["disttrain.advisor"] == []
+    assert seen["Advisor"] == list(ADVISOR_DEPENDENCIES)  # the check can see them when they are imported
+
+
+@pytest.mark.parametrize("blocked", ["pandas", "lightgbm"])
+def test_missing_dependency_is_one_line_with_the_install_hint(blocked):
+    # sys.modules[name] = None makes 'import name' fail as if it were not installed.
+    out = _python(f"""
+        import sys
+        sys.modules[{blocked!r}] = None
+        from disttrain.cli import main
+        code = main(["advise", "--model", "resnet50", "--target-acc", "0.8"])
+        try:
+            from disttrain.advisor import Advisor
+        except ImportError as e:
+            print("api:", e)
+        sys.exit(code)
+    """)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("disttrain advise: "), out.stderr
+    assert blocked in lines[0] and HINT in lines[0]
+    others = [d for d in ADVISOR_DEPENDENCIES if d != blocked]
+    assert not any(d in lines[0] for d in others)  # names what is missing, not everything
+    assert out.stdout.startswith("api: ") and HINT in out.stdout
+
+
+def test_help_needs_no_advisor_dependency():
+    out = _python("""
+        import sys
+        sys.modules["pandas"] = None
+        from disttrain.cli import main
+        sys.exit(main(["advise", "--help"]))
+    """)
+    assert out.returncode == 0 and "--no-default-logs" in out.stdout, out.stderr
+
+
+def test_version_has_one_source():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    provider = project["tool"]["scikit-build"]["metadata"]["version"]
+    assert provider["provider"] == "scikit_build_core.metadata.regex"
+    source = (REPO / provider["input"]).read_text()
+    assert re.search(r'^__version__ = "([^"]+)"', source, re.M).group(1) == disttrain.__version__
+
+
+def _installed_metadata_is_this_checkout() -> bool:
+    try:
+        files = importlib.metadata.files("disttrain") or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return any(Path(f.locate()).resolve() == Path(disttrain.__file__).resolve() for f in files)
+
+
+@pytest.mark.skipif(not _installed_metadata_is_this_checkout(), reason="disttrain runs from the checkout, not installed")
+def test_installed_metadata_version_and_advisor_extra():
+    assert importlib.metadata.version("disttrain") == disttrain.__version__
+    requires = importlib.metadata.requires("disttrain") or []
+    core = [r for r in requires if "extra ==" not in r]
+    advisor = [r for r in requires if re.search(r"""extra == ["']advisor["']""", r)]
+    name = re.compile(r"^[A-Za-z0-9_.-]+")
+    assert not {name.match(r).group(0).lower() for r in core} & {"pandas", "lightgbm", "scipy"}, core
+    assert {name.match(r).group(0).lower() for r in advisor} >= {"pandas", "lightgbm", "scipy", "scikit-learn"}
+    shipped = [str(f) for f in importlib.metadata.files("disttrain") if "advisor/epoch_logs/" in str(f)]
+    assert sum(f.endswith(".csv") for f in shipped) == 126
+    assert {"disttrain/advisor/epoch_logs/LICENSE", "disttrain/advisor/epoch_logs/ORIGIN.md"} <= set(shipped)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # a cold build of the extension on 2 cores takes several minutes; warm, it is incremental
+def test_fresh_venv_install_advises_outside_the_repository(tmp_path):
+    """pip install '<repo>[advisor]' into a new virtual environment, then run
+    ``disttrain advise`` from a folder outside the repository, without
+    DISTTRAIN_EPOCH_LOGS: the shipped logs are found in the installed package.
+
+    The venv sees the system's site-packages, so torch (huge) and the other
+    dependencies are not downloaded: pip runs with --no-index (it can never
+    fetch anything, least of all a bare 'torch') and --no-build-isolation (the
+    build uses the installed torch and scikit-build-core). The build reuses
+    build/<wheel tag> in the repository, so it is incremental.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DISTTRAIN_EPOCH_LOGS", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("PIP_")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    venv = tmp_path / "venv"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    timings = {}
+
+    def step(name, argv, timeout):
+        start = time.monotonic()
+        out = subprocess.run(argv, capture_output=True, text=True, cwd=work, env=env, timeout=timeout)
+        timings[name] = round(time.monotonic() - start, 1)
+        assert out.returncode == 0, f"{name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out
+
+    step("venv", [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], 300)
+    # Python 3.11's venv bundles an old setuptools (65.x) that would shadow the system's, and torch
+    # requires setuptools>=77: with --no-index pip could not upgrade it, so let the system's show through.
+    if list(venv.glob("lib/python*/site-packages/setuptools")):
+        step("drop bundled setuptools", [str(venv / "bin" / "pip"), "uninstall", "-y", "-q", "setuptools"], 300)
+    step("pip install", [str(venv / "bin" / "pip"), "install", "--no-index", "--no-build-isolation",
+                         f"{REPO}[advisor]"], 1200)
+    where = step("check", [str(venv / "bin" / "python"), "-c", textwrap.dedent("""
+        import importlib.metadata as md, json, disttrain
+        from disttrain.advisor.loading import SHIPPED_LOGS
+        print(json.dumps({"file": disttrain.__file__, "logs": str(SHIPPED_LOGS),
+                          "csvs": len(list(SHIPPED_LOGS.glob("runs/*.csv"))),
+                          "license": (SHIPPED_LOGS / "LICENSE").is_file(),
+                          "version": md.version("disttrain"), "__version__": disttrain.__version__}))
+    """)], 300)
+    info = json.loads(where.stdout)
+    assert Path(info["file"]).resolve().is_relative_to(venv.resolve()), info  # the venv's copy, not the system's
+    assert Path(info["logs"]).resolve().is_relative_to(venv.resolve()) and info["csvs"] == 126 and info["license"]
+    assert info["version"] == info["__version__"] == disttrain.__version__
+    out = step("advise", [str(venv / "bin" / "disttrain"), "advise", "--model", "resnet50", "--target-acc", "0.8"], 600)
+    assert out.stdout.startswith("cheapest:"), out.stdout
+    header = out.stdout.splitlines()[1].split()
+    assert header[:3] == ["rank", "gpu", "num_of_gpus"] and "cost" in header
+    assert len(out.stdout.strip().splitlines()) >= 3  # message, header, at least one configuration
+    print(f"fresh venv install timings (s): {timings}")
