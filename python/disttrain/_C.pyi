@@ -1,17 +1,49 @@
-"""Type stub for the compiled core, disttrain._C (csrc/bindings)."""
+"""Type stub for the compiled core, disttrain._C (csrc/bindings).
 
+Written by hand from csrc/bindings/*.cpp. tests/test_typing.py checks it against the built
+module: ``python -m mypy.stubtest disttrain._C`` (names, classes, bases, properties, variables)
+and the signatures pybind11 writes into each docstring (parameters, defaults, return types).
+Parameters follow what pybind11 accepts: a ``std::vector`` argument takes any sequence, a
+``std::map`` any mapping, a ``std::chrono`` duration a timedelta or float seconds; integer
+and floating-point parameters are written ``int`` and ``float``. Parameters bound without
+``py::arg`` are positional-only. Returned containers are lists, dicts and tuples.
+"""
+
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TypedDict
 
 import torch
-import torch.distributed
+from torch._C._distributed_c10d import Backend as _C10dBackend
+from torch.distributed import ProcessGroup, Store
 
-build_info: dict[str, Any]
+class _pybind11_type(type):
+    """Stands for ``pybind11_builtins.pybind11_type`` (not importable), the metaclass of every
+    class the bindings define."""
 
-class ProcessGroupDisttrain(torch.distributed.Backend):
+# csrc/bindings/module.cpp: how the extension was built (`disttrain info` prints it).
+class _BuildInfo(TypedDict):
+    compiler: str
+    cxx_flags: str
+    torch_version: str
+    cxx11_abi: bool
+    cplusplus: int
+    nccl: bool  # built with NCCL (decided by CMakeLists.txt)
+    nccl_status: str  # why NCCL is or is not in this build
+    components: list[str]  # the DISTTRAIN_BINDINGS names, sorted
+
+build_info: _BuildInfo
+
+# csrc/comm: the c10d backend (csrc/bindings/distributed.cpp; disttrain.distributed is its Python face).
+
+# (name, value, source, environment variable); source is "default", "environment" or "options".
+_OptionRow = tuple[str, str, str, str]
+
+class ProcessGroupDisttrain(_C10dBackend, metaclass=_pybind11_type):
     """The ``disttrain`` c10d backend (csrc/comm/backend.h)."""
 
-    def __init__(self, store: torch.distributed.Store, rank: int, size: int, timeout: timedelta) -> None: ...
+    def __init__(self, store: Store, rank: int, size: int, timeout: timedelta | float,
+                 options: Mapping[str, str] = {}) -> None: ...
     @property
     def address(self) -> str:
         """``host:port`` this rank listens on."""
@@ -21,12 +53,18 @@ class ProcessGroupDisttrain(torch.distributed.Backend):
     @property
     def rejected_connections(self) -> int:
         """Connections dropped since set-up (no or wrong job secret)."""
+    @property
+    def options(self) -> list[_OptionRow]:  # type: ignore[override]  # the binding shadows c10d Backend.options
+        """The resolved comm settings: (name, value, source, environment variable) per setting."""
+
+def comm_options(overrides: Mapping[str, str] = {}) -> list[_OptionRow]:
+    """The comm settings a group created now with ``overrides`` would use; raises ValueError on a bad one."""
 
 def reduce_kernel_isa() -> str:
-    """Instruction set the reduction kernels dispatch to on this CPU."""
+    """Instruction set the reduction kernels dispatch to on this CPU: ``"avx512f"``, ``"avx2"`` or ``"sse2"``."""
 
-# csrc/data: the sampler engine (disttrain.sampler is its Python face).
-class SamplerIndexStream:
+# csrc/data: the sampler engine (csrc/bindings/sampler.cpp; disttrain.sampler is its Python face).
+class SamplerIndexStream(metaclass=_pybind11_type):
     def __init__(self, dataset_size: int, num_replicas: int, rank: int, shuffle: bool, seed: int,
                  drop_last: bool, mode: str, epoch: int, start: int) -> None: ...
     @property
@@ -40,30 +78,43 @@ class SamplerIndexStream:
 
 def sampler_samples_per_rank(dataset_size: int, num_replicas: int, drop_last: bool, start: int) -> int: ...
 
-# csrc/train: the DDP gradient reducer (disttrain.ddp is its Python face).
-class Reducer:
-    def __init__(self, params: list[torch.Tensor], names: list[str], group: torch.distributed.ProcessGroup,
+# csrc/ddp: the DDP gradient reducer (csrc/bindings/ddp.cpp; disttrain.ddp is its Python face).
+class Reducer(metaclass=_pybind11_type):
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group: ProcessGroup,
                  bucket_cap_bytes: int, first_bucket_cap_bytes: int, find_unused_parameters: bool,
                  gradient_as_bucket_view: bool, wire_dtype: torch.dtype | None) -> None: ...
-    def prepare_for_backward(self, outputs: list[torch.Tensor]) -> None: ...
+    def prepare_for_backward(self, outputs: Sequence[torch.Tensor]) -> None: ...
     def bucket_plan(self) -> list[list[int]]: ...
     @property
     def rebuilt(self) -> bool: ...
-    def last_trace(self) -> dict[str, Any]: ...
+    def last_trace(self) -> dict[str, list[int] | int]:
+        """``launch_ns`` and ``done_ns`` (lists, per bucket), ``backward_end_ns`` and ``finalize_end_ns``."""
 
-def verify_replicas(group: torch.distributed.ProcessGroup, params: list[torch.Tensor], names: list[str]) -> None: ...
-def broadcast_coalesced(group: torch.distributed.ProcessGroup, tensors: list[torch.Tensor], chunk_bytes: int,
+def verify_replicas(group: ProcessGroup, params: Sequence[torch.Tensor], names: Sequence[str]) -> None: ...
+def broadcast_coalesced(group: ProcessGroup, tensors: Sequence[torch.Tensor], chunk_bytes: int,
                         root: int = 0) -> None: ...
 
-# csrc/train: the snapshot format (disttrain.snapshot is its Python face).
-def snapshot_write(path: str, metadata: str, names: list[str], tensors: list[torch.Tensor], fsync: bool = True,
-                   fail_after_bytes: int = -1, kill_after_bytes: int = -1) -> None: ...
-def snapshot_read(path: str) -> Any: ...
+# csrc/snapshot: the snapshot format (csrc/bindings/snapshot.cpp; disttrain.snapshot is its Python face).
+class CorruptSnapshotError(ValueError):
+    """A snapshot file fails its checks; ``tensor`` names the damaged tensor, or is None."""
 
-class AsyncSnapshotWriter:
+    path: str
+    tensor: str | None
+
+class SnapshotWriteError(OSError):
+    """An I/O error while writing a snapshot (``errno``, ``strerror`` and ``filename`` set)."""
+
+def snapshot_write(path: str, metadata: bytes, names: Sequence[str], tensors: Sequence[torch.Tensor],
+                   fsync: bool = True, fail_after_bytes: int = -1, kill_after_bytes: int = -1) -> int:
+    """Writes the snapshot atomically; returns the file's size in bytes."""
+
+def snapshot_read(path: str, /) -> tuple[bytes, list[str], list[torch.Tensor]]:
+    """(metadata, names, tensors) of a snapshot file."""
+
+class AsyncSnapshotWriter(metaclass=_pybind11_type):
     def __init__(self) -> None: ...
-    def save(self, path: str, metadata: str, names: list[str], tensors: list[torch.Tensor],
-             remove_after_commit: list[str], fsync: bool = True, fail_after_bytes: int = -1,
+    def save(self, path: str, metadata: bytes, names: Sequence[str], tensors: Sequence[torch.Tensor],
+             remove_after_commit: Sequence[str], fsync: bool = True, fail_after_bytes: int = -1,
              kill_after_bytes: int = -1, copy_in_background: bool = False) -> None: ...
     def wait_staged(self) -> None: ...
     def wait(self) -> None: ...
@@ -77,8 +128,12 @@ class AsyncSnapshotWriter:
 def crc32c(data: bytes, crc: int = 0) -> int: ...
 def crc32c_combine(crc_a: int, crc_b: int, length_b: int) -> int: ...
 
-# csrc/train/shard: the ZeRO engine (disttrain.FullyShardedDataParallel is its Python face).
-class ShardedUnit:
+crc32c_implementation: str  # "sse4.2" or "software": which CRC-32C code this CPU runs
+
+# csrc/shard: the ZeRO engine (csrc/bindings/fsdp.cpp; disttrain.FullyShardedDataParallel is its Python face).
+class ShardedUnit(metaclass=_pybind11_type):
+    """One unit of a ShardEngine, from ``ShardEngine.unit(index)`` (no Python constructor)."""
+
     @property
     def names(self) -> list[str]: ...
     @property
@@ -104,10 +159,10 @@ class ShardedUnit:
     def load_full(self, flat: torch.Tensor) -> None: ...
     def load_shard(self, shard: torch.Tensor) -> None: ...
 
-class ShardEngine:
-    def __init__(self, group: torch.distributed.ProcessGroup, stage: int, prefetch: bool,
-                 wire_dtype: torch.dtype | None, backward_prefetch: str = "post") -> None: ...
-    def add_unit(self, params: list[torch.Tensor], names: list[str], is_root: bool,
+class ShardEngine(metaclass=_pybind11_type):
+    def __init__(self, group: ProcessGroup, stage: int, prefetch: bool, wire_dtype: torch.dtype | None,
+                 backward_prefetch: str = "post") -> None: ...
+    def add_unit(self, params: Sequence[torch.Tensor], names: Sequence[str], is_root: bool,
                  gather_for_backward: bool = True) -> int: ...
     def unit(self, index: int) -> ShardedUnit: ...
     @property
@@ -121,10 +176,11 @@ class ShardEngine:
     def gather_stale(self) -> None: ...
     def clip_grad_norm(self, max_norm: float, norm_type: float) -> float: ...
 
-def reshard_flat(old_shards: list[torch.Tensor], total_numel: int, new_rank: int, new_world_size: int) -> torch.Tensor: ...
+def reshard_flat(old_shards: Sequence[torch.Tensor], total_numel: int, new_rank: int,
+                 new_world_size: int) -> torch.Tensor: ...
 def reshard_sources(total_numel: int, old_world_size: int, new_rank: int, new_world_size: int) -> list[int]: ...
 
-class TensorMemoryTracker:
+class TensorMemoryTracker(metaclass=_pybind11_type):
     def __init__(self) -> None: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...

@@ -113,7 +113,7 @@ class ImageFolder(Dataset):
         split = "train" if train else next((s for s in ("test", "val") if os.path.isdir(os.path.join(root, s))),
                                            None)
         use_subfolders = os.path.isdir(os.path.join(root, "train")) and split is not None
-        base = os.path.join(root, split) if use_subfolders else root
+        base = os.path.join(root, split) if use_subfolders and split is not None else root
         if not os.path.isdir(base):
             raise FileNotFoundError(f"ImageFolder: '{base}' is not a folder")
         self.classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
@@ -142,8 +142,8 @@ class ImageFolder(Dataset):
 
         path, label = self.samples[index]
         with Image.open(path) as image:
-            image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-            data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            rgb = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
         data = data.view(self.image_size, self.image_size, 3).permute(2, 0, 1).float() / 255.0
         return data, torch.tensor(label)
 

@@ -68,7 +68,8 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
                            if "OMP_NUM_THREADS" not in line and not line.strip().startswith(("W1", "*****")))
         if not quiet and output.strip():
             print(output)
-        results, failures = [], []
+        results: list[Any] = []
+        failures: list[str] = []
         for rank in range(nproc):
             path = os.path.join(workdir, f"result_{rank}.pkl")
             if not os.path.exists(path):

@@ -69,7 +69,7 @@ class ResNet(nn.Module):
         self.in_planes = width
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-            self.pool = nn.Identity()
+            self.pool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
             self.pool = nn.MaxPool2d(3, 2, 1)

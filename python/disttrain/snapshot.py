@@ -93,7 +93,7 @@ class _Flattener:
         if isinstance(value, torch.Tensor):
             if value.layout != torch.strided or value.is_quantized:
                 raise TypeError(f"snapshot: tensor at '{path}' has layout {value.layout}; only dense tensors are supported")
-            node = {"$tensor": self._add_tensor(value, path)}
+            node: dict[str, Any] = {"$tensor": self._add_tensor(value, path)}
             if value.requires_grad:
                 node["requires_grad"] = True
             return node
@@ -145,7 +145,7 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "$dict" in node:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in node["$dict"]}
     if "$odict" in node:
-        out = collections.OrderedDict((_decode(k, tensors), _decode(v, tensors)) for k, v in node["$odict"])
+        out: Any = collections.OrderedDict((_decode(k, tensors), _decode(v, tensors)) for k, v in node["$odict"])
         if "metadata" in node:
             out._metadata = _decode(node["metadata"], tensors)
         return out
@@ -232,7 +232,9 @@ def load(path: str | os.PathLike) -> Any:
 
 
 def _step_of(path: str) -> int:
-    return int(_NAME_RE.match(os.path.basename(path)).group("step"))
+    match = _NAME_RE.match(os.path.basename(path))
+    assert match is not None, path  # callers pass only names list_snapshots accepts
+    return int(match.group("step"))
 
 
 def list_snapshots(directory: str | os.PathLike) -> list[str]:
@@ -371,7 +373,11 @@ class AsyncSnapshotter:
         if (step is None) == (path is None):
             raise ValueError("AsyncSnapshotter.save: give exactly one of step and path")
         start = time.perf_counter()
-        target = self.path_for(step) if step is not None else os.fspath(path)
+        if step is not None:
+            target = self.path_for(step)
+        else:
+            assert path is not None  # exactly one of step and path, checked above
+            target = os.fspath(path)
         remove: list[str] = []
         if step is not None and self.keep is not None:
             older = [p for p in list_snapshots(self.directory) if p != target]

@@ -24,7 +24,8 @@ import random
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from . import snapshot
 from .distributed import init as init_process_group
 from .fault_injection import FaultInjector
 from .train_metrics import describe_run, write_metrics_csv
+
+if TYPE_CHECKING:
+    from .fsdp import FullyShardedDataParallel
 
 log = logging.getLogger("disttrain.trainer")
 
@@ -247,7 +251,7 @@ class Trainer:
         # Progress; all of it is in every snapshot.
         self.epoch = 0              # epochs completed
         self.batches_done = 0       # batches of the current epoch completed
-        self.global_step = 0
+        self.global_step: int = 0
         self.run_time = 0.0         # seconds of training, across restarts
         self.best_val_loss = math.inf
         self.history: dict[str, list[float]] = {k: [] for k in (
@@ -289,6 +293,7 @@ class Trainer:
                 tb.close()
         self.run_time = self._now_run_time()
         if self._snapshotter is not None:
+            assert self._best_writer is not None  # rank 0 has both writers
             self._snapshotter.wait()
             self._best_writer.wait()
         summary = {"epochs": self.epoch, "run_time": self.run_time, "best_val_loss": self.best_val_loss,
@@ -376,6 +381,7 @@ class Trainer:
             self.best_val_loss = test_loss
         best_state = self._model_state() if improved else None  # collective with fsdp
         if self.rank == 0:
+            assert self._best_writer is not None  # rank 0's
             if improved:
                 self._best_writer.save({"model": best_state, "epoch": self.epoch,
                                         "val_loss": test_loss, "val_acc": test_acc,
@@ -400,7 +406,7 @@ class Trainer:
         self.module.eval()
         forward = self.model if self.sharded else self.module  # fsdp gathers parameters in its hooks
         loader = DataLoader(self.val_set, batch_size=self.config.batch_size * 2,
-                            sampler=_ShardSampler(len(self.val_set), self.rank, self.world_size),
+                            sampler=_ShardSampler(len(cast(Sized, self.val_set)), self.rank, self.world_size),
                             num_workers=self.config.num_workers)
         sums = torch.zeros(3, dtype=torch.float64)
         for inputs, labels in loader:
@@ -460,10 +466,11 @@ class Trainer:
             for name, _ in self.module.named_buffers():
                 if name in state["model"]:
                     state["model"][name] = state["model"][name].clone()
+            assert self._snapshotter is not None  # rank 0's
             self._snapshotter.save(state, step=self.global_step, copy_in_background=True)
 
     def _restore(self) -> None:
-        found = [None]
+        found: list[str | None] = [None]
         if self.rank == 0:
             path, state = snapshot.load_latest(self.snapshot_dir)
             found = [path]
@@ -572,7 +579,8 @@ class Trainer:
         print(text, flush=True)
 
 
-def _rebuild_over_shards(optimizer: torch.optim.Optimizer, model: nn.Module, scheduler: Any) -> torch.optim.Optimizer:
+def _rebuild_over_shards(optimizer: torch.optim.Optimizer, model: FullyShardedDataParallel,
+                         scheduler: Any) -> torch.optim.Optimizer:
     """The same optimizer (class, hyperparameters of its first group) over the
     sharded model's shards; a scheduler is pointed at it."""
     from .fsdp import ShardedOptimizer

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from typing import cast
 
 from disttrain.bench import write_csv
 
@@ -156,7 +157,10 @@ def bench_rank(args) -> None:
     torch.set_num_threads(1)
     disttrain.init()
     rank, world = dist.get_rank(), dist.get_world_size()
-    transport = dist.group.WORLD._get_backend(torch.device("cpu")).transport
+    world_group = dist.group.WORLD
+    assert world_group is not None  # disttrain.init() created it
+    backend = cast("disttrain._C.ProcessGroupDisttrain", world_group._get_backend(torch.device("cpu")))
+    transport = backend.transport
     # The machine's copy bandwidth, measured by rank 0 alone, in the same run.
     dist.barrier()
     memcpy = torch.tensor([memcpy_bandwidth() if rank == 0 else 0.0], dtype=torch.float64)

@@ -34,8 +34,12 @@ import os
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, cast
 
 from disttrain.bench import write_csv
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 IMPLS = {
     "pytorch": "torch.utils.data.distributed.DistributedSampler",
@@ -74,7 +78,7 @@ def _reset_peak_rss() -> bool:
 def _make_sampler(impl: str, n: int, num_replicas: int, seed: int):
     if impl == "pytorch":
         from torch.utils.data.distributed import DistributedSampler
-        return DistributedSampler(_Sized(n), num_replicas, 0, shuffle=True, seed=seed)
+        return DistributedSampler(cast("Dataset[int]", _Sized(n)), num_replicas, 0, shuffle=True, seed=seed)
     import disttrain
     return disttrain.DistributedSampler(_Sized(n), num_replicas, 0, shuffle=True, seed=seed, mode=impl)
 
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'N':>13} {'sampler':>8} | {'time s':>9} {'Mindex/s':>9} | {'extra RSS MB':>11} {'py peak MB':>10} "
           f"| {'speedup':>8}")
     rows = []
-    torch_bytes_per_index = None
+    torch_bytes_per_index: float | None = None
     for n in sizes + stream_sizes:
         impls = ["pytorch", "stream"] if n in stream_sizes else ["pytorch", "torch", "stream"]
         if n in stream_sizes:

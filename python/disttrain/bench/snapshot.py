@@ -109,7 +109,7 @@ def _mlp_for(total_bytes: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
 
-def _train_blocked(total_bytes: int, folder: str, repeats: int) -> dict[str, float]:
+def _train_blocked(total_bytes: int, folder: str, repeats: int) -> dict[str, tuple[float, float]]:
     model, opt = _mlp_for(total_bytes)
     batch = torch.randn(32, 2048)
     writer = snapshot.AsyncSnapshotter(os.path.join(folder, "train"), keep=1)
