@@ -8,9 +8,11 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <map>
 
 #include "comm/host_identity.h"
+#include "comm/thread_util.h"
 
 namespace disttrain::comm {
 namespace {
@@ -108,12 +110,19 @@ void DisttrainWork::release_task() {
 }
 
 void DisttrainWork::complete(std::exception_ptr error) {
+  if (completed_.exchange(true)) return;  // teardown may reach an op the progress thread was completing
   if (error) {
     future_->setError(error);
   } else {
     future_->markCompleted(c10::IValue(outputs_));
   }
   finish(error);
+}
+
+std::string DisttrainWork::describe() const {
+  std::string op = c10d::opTypeToString(retrieveOpType());
+  for (auto& c : op) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return op + " (sequence number " + std::to_string(seq_) + ")";
 }
 
 namespace {
@@ -137,7 +146,9 @@ DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store,
       sent_to_(size, 0),
       received_from_(size, 0) {
   setup_shared_memory(store, timeout);
-  worker_ = std::thread([this] { run_worker(); });
+  worker_ = std::thread([this, state = state_] {
+    run_thread_body("progress", [&] { progress_loop(this, state); });
+  });
 }
 
 void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store,
@@ -233,59 +244,129 @@ void DisttrainBackend::run_reduce_scatter(const OpSignature& sig, const void* in
   }
 }
 
-DisttrainBackend::~DisttrainBackend() {
+namespace {
+// What teardown tells whoever waits on an op of the group, by how it began.
+const char* const kShutdownReason = "the process group was shut down (destroy_process_group)";
+const char* const kAbortReason = "the process group was aborted";
+const char* const kDestroyReason =
+    "the process group was destroyed (its last reference was released, e.g. at interpreter exit)";
+
+std::exception_ptr backend_error(const std::string& message) {
+  return std::make_exception_ptr(c10::DistBackendError(message, {}));
+}
+}  // namespace
+
+DisttrainBackend::~DisttrainBackend() { teardown(kDestroyReason); }
+
+void DisttrainBackend::shutdown() { teardown(kShutdownReason); }
+
+void DisttrainBackend::abort() { teardown(kAbortReason); }
+
+void DisttrainBackend::teardown(const std::string& why) {
+  std::lock_guard<std::mutex> once(teardown_mu_);
+  if (torn_down_) return;
+  torn_down_ = true;
+  std::shared_ptr<ProgressState> st = state_;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    std::lock_guard<std::mutex> lock(st->mu);
+    st->stop = true;
+    st->stop_reason = why;
   }
-  cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
+  st->cv.notify_all();
+  // Fail the op in progress now, not at its deadline: a peer that never joins
+  // it (or is gone) would otherwise hold this process for the group timeout.
+  // Locally only: the store may be gone at exit, and peers see their
+  // connections close.
+  for (auto* t : {transport_.get(), local_.get(), leaders_.get()})
+    if (t) t->shut_down(why + " while an op was in progress");
+  // On the progress thread itself (a callback released the last reference)
+  // there is nothing to join: the thread finds `stop` when the callback returns.
+  const bool joined = join_or_detach(worker_);
+
+  // Whatever is left is completed here, on the caller's thread: for Python
+  // the thread destroying the group, which may take the GIL even while the
+  // interpreter exits (a progress thread may not: Python ends it).
+  std::deque<c10::intrusive_ptr<DisttrainWork>> left, finished;
+  c10::intrusive_ptr<DisttrainWork> running;
+  std::exception_ptr running_error;
+  bool ran = false;
+  {
+    std::lock_guard<std::mutex> lock(st->mu);
+    left.swap(st->queue);
+    finished.swap(st->finished);
+    if (joined) {
+      running = std::move(st->running);
+      running_error = st->running_error;
+      ran = st->running_ran;
+    }
+  }
+  if (running) {
+    // Finished before the teardown reached it: its real outcome. Otherwise
+    // (cut short, or the thread ended inside it): the teardown's.
+    if (ran && !running_error) {
+      running->complete(nullptr);
+    } else {
+      running->complete(backend_error("disttrain: " + why + " while " + running->describe() +
+                                      " was in progress; it did not complete on this rank"));
+    }
+  }
+  for (auto& w : left) {
+    w->complete(backend_error("disttrain: " + why + " before " + w->describe() + " ran"));
+  }
+  // Sockets and acceptor threads go now, even if references to the group
+  // outlive it (destroy_process_group with the group still held elsewhere).
+  for (auto* t : {leaders_.get(), local_.get(), transport_.get()})
+    if (t) t->close();
+  // `left`, `finished` and `running` (and the tensors their tasks hold) are released here, on this thread.
 }
 
-void DisttrainBackend::run_worker() {
+std::exception_ptr DisttrainBackend::run_op(DisttrainWork& work) {
+  try {
+    transport_->check_alive();
+    work.run(Clock::now() + timeout_);
+    return nullptr;
+  } catch (abi::__forced_unwind&) {
+    throw;
+  } catch (const c10::Error& e) {
+    // One failed transport fails the group: siblings shut down too, so that
+    // every rank waiting on any of them notices now, not at its timeout.
+    // (After a teardown they are shut down already: nothing is recorded.)
+    for (auto* t : {transport_.get(), local_.get(), leaders_.get()})
+      if (t) t->abort_quietly(e.what_without_backtrace());
+    return std::current_exception();
+  } catch (...) {
+    return std::current_exception();
+  }
+}
+
+void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> st) {
+  std::unique_lock<std::mutex> lock(st->mu);
   while (true) {
-    c10::intrusive_ptr<DisttrainWork> work;
-    std::deque<c10::intrusive_ptr<DisttrainWork>> cancelled;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;
-      if (stop_) {
-        cancelled.swap(queue_);
-      } else {
-        work = std::move(queue_.front());
-        queue_.pop_front();
-      }
-    }
-    if (!cancelled.empty()) {
-      for (auto& w : cancelled) {
-        w->complete(std::make_exception_ptr(
-            c10::DistBackendError("disttrain: the process group was destroyed before this op ran", {})));
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto& w : cancelled) finished_.push_back(std::move(w));  // released by the destructor
+    st->cv.wait(lock, [&] { return st->stop || !st->queue.empty(); });
+    if (st->stop) return;  // teardown fails what is queued, on its own thread
+    st->running = std::move(st->queue.front());
+    st->queue.pop_front();
+    DisttrainWork* work = st->running.get();
+    lock.unlock();
+    std::exception_ptr error = self->run_op(*work);
+    lock.lock();
+    if (st->stop) {
+      // Teardown began meanwhile; it completes this op on its own thread.
+      st->running_error = error;
+      st->running_ran = true;
       return;
     }
-    std::exception_ptr error;
-    try {
-      transport_->check_alive();
-      work->run(Clock::now() + timeout_);
-    } catch (const c10::Error& e) {
-      error = std::current_exception();
-      // One failed transport fails the group: siblings shut down too, so that
-      // every rank waiting on any of them notices now, not at its timeout.
-      for (auto* t : {transport_.get(), local_.get(), leaders_.get()})
-        if (t) t->abort_quietly(e.what_without_backtrace());
-    } catch (...) {
-      error = std::current_exception();
-    }
+    lock.unlock();
+    // Runs the future's callbacks. One of them may release the backend's
+    // last reference, destroying it here: from then on `self` is gone, and
+    // only `st` (ours) is touched; `stop` is set by then.
+    work->complete(error);
+    lock.lock();
     // The finished op may hold the last references to tensors Python owns;
     // releasing them here would need the GIL, which a progress thread must
     // never take (it is fatal during interpreter shutdown). A caller's wait(),
-    // the next caller of enqueue(), or the destructor releases them.
-    work->complete(error);
-    std::lock_guard<std::mutex> lock(mu_);
-    finished_.push_back(std::move(work));  // this thread keeps no reference
+    // the next caller of enqueue(), or the teardown releases them.
+    st->finished.push_back(std::move(st->running));  // this thread keeps no reference
   }
 }
 
@@ -294,11 +375,15 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint
   auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn));
   std::deque<c10::intrusive_ptr<DisttrainWork>> finished;
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    queue_.push_back(work);
-    finished.swap(finished_);
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (state_->stop) {
+      C10_THROW_ERROR(DistBackendError, "disttrain: " + state_->stop_reason + "; " + work->describe() +
+                                            " cannot run on it (create a new process group)");
+    }
+    state_->queue.push_back(work);
+    finished.swap(state_->finished);
   }
-  cv_.notify_one();
+  state_->cv.notify_one();
   return work;
 }
 

@@ -1,15 +1,23 @@
 // The `disttrain` torch.distributed backend: a c10d::Backend whose ops run on
 // one progress thread per group, in issue order, over the TCP transport.
+//
+// Teardown (shutdown(), abort(), or the destructor: destroy_process_group(),
+// interpreter exit, any order, other backends alive or not) stops the
+// progress thread without waiting for the group timeout: the op in progress
+// and every queued op fail with a DistBackendError naming them; nothing is
+// written to the store and no peer is contacted (it may be gone).
 #pragma once
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "comm/options.h"
@@ -33,15 +41,37 @@ class DisttrainWork : public c10d::Work {
   // Waits, then releases the task's buffers at once, on the caller's thread.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   void run(Deadline deadline) { task_(deadline); }  // progress thread
+  // Completes the future, then the Work; only the first call has an effect.
   void complete(std::exception_ptr error);
+  // "allreduce (sequence number 7)", for error messages.
+  std::string describe() const;
 
  private:
   void release_task();
+  std::atomic<bool> completed_{false};
   uint64_t seq_;
   std::vector<at::Tensor> outputs_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   std::mutex task_mu_;
   Task task_;
+};
+
+// What the progress thread shares with the backend. It lives as long as
+// either of them: the backend may be destroyed on the progress thread itself
+// (a completion callback dropping the group's last reference), and the
+// thread then still finds its queue.
+struct ProgressState {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<c10::intrusive_ptr<DisttrainWork>> queue;
+  // Ops the progress thread has finished, released on a caller's thread.
+  std::deque<c10::intrusive_ptr<DisttrainWork>> finished;
+  // The op being run or completed; its outcome when teardown completes it.
+  c10::intrusive_ptr<DisttrainWork> running;
+  std::exception_ptr running_error;
+  bool running_ran = false;
+  bool stop = false;
+  std::string stop_reason;
 };
 
 class DisttrainBackend : public c10d::Backend {
@@ -53,6 +83,11 @@ class DisttrainBackend : public c10d::Backend {
 
   const std::string getBackendName() const override { return "disttrain"; }
   void setTimeout(std::chrono::milliseconds timeout) override { timeout_ = timeout; }
+
+  // destroy_process_group() calls shutdown(), torch's abort path abort(): both
+  // tear the group down at once (see the top of this file); later ops raise.
+  void shutdown() override;
+  void abort() override;
 
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
                                            const c10d::BroadcastOptions& opts) override;
@@ -113,7 +148,13 @@ class DisttrainBackend : public c10d::Backend {
   // Queues fn for the progress thread; the returned Work completes when it has run.
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
                                          Task fn);
-  void run_worker();
+  // The progress thread: takes `state` by value (it outlives the backend if
+  // the backend is destroyed on this thread) and touches `self` only to run ops.
+  static void progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> state);
+  std::exception_ptr run_op(DisttrainWork& work);
+  // Stops the progress thread, fails what is left (on the calling thread),
+  // closes the sockets. Idempotent; `why` is said to whoever waits.
+  void teardown(const std::string& why);
   OpSignature signature(OpKind op, const at::Tensor& t, RedOp redop, uint64_t count, int64_t aux = 0);
 
   // The same-host path when there is one, else TCP.
@@ -137,12 +178,9 @@ class DisttrainBackend : public c10d::Backend {
   uint64_t next_seq_ = 0;
   std::vector<uint64_t> sent_to_, received_from_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<c10::intrusive_ptr<DisttrainWork>> queue_;
-  // Ops the progress thread has finished, released on a caller's thread.
-  std::deque<c10::intrusive_ptr<DisttrainWork>> finished_;
-  bool stop_ = false;
+  std::shared_ptr<ProgressState> state_ = std::make_shared<ProgressState>();
+  std::mutex teardown_mu_;
+  bool torn_down_ = false;
   std::thread worker_;
 };
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,8 +72,39 @@ def _options_dict(options: Any) -> dict[str, str]:
 
 
 def _create_backend(backend_opts, options):
+    _register_exit_teardown()
     return _C.ProcessGroupDisttrain(backend_opts.store, backend_opts.group_rank, backend_opts.group_size,
                                     backend_opts.timeout, _options_dict(options))
+
+
+_exit_teardown_registered = False
+
+
+def _register_exit_teardown() -> None:
+    """Registers :func:`_teardown_at_exit` once, when the first disttrain group is created."""
+    global _exit_teardown_registered
+    if not _exit_teardown_registered:
+        atexit.register(_teardown_at_exit)
+        _exit_teardown_registered = True
+
+
+def _teardown_at_exit() -> None:
+    """Destroys the process groups a script left behind, while the interpreter is whole.
+
+    Without it they are destroyed during interpreter finalization, and a backend
+    thread that needs the GIL then (gloo's worker releasing its last op's
+    tensors, a Python callback on a pending op's future) is ended by Python
+    inside a C++ destructor: the process aborts with "terminate called without
+    an active exception" after its work is done, and torchrun reports the job
+    as failed. Here every backend stops first (gloo joins its workers; disttrain
+    fails pending ops with an error naming them; see docs/backend.md).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - exit goes on whatever happens
+        warnings.warn(f"disttrain: destroying the process groups at exit failed: {e}", RuntimeWarning, stacklevel=1)
 
 
 def register_backend() -> None:

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "comm/tcp/socket_util.h"
+#include "comm/thread_util.h"
 
 namespace disttrain::comm {
 namespace {
@@ -73,22 +74,27 @@ TcpTransport::TcpTransport(c10::intrusive_ptr<c10d::Store> store, int rank, int 
     setup_mesh(timeout);
   } catch (...) {
     // No destructor runs for a half-built object: stop the acceptor here.
-    stopping_ = true;
-    if (acceptor_.joinable()) acceptor_.join();
-    if (listen_fd_ >= 0) ::close(listen_fd_);
-    for (auto& p : peers_)
-      if (p.fd >= 0) ::close(p.fd);
+    close();
     throw;
   }
 }
 
-TcpTransport::~TcpTransport() {
+TcpTransport::~TcpTransport() { close(); }
+
+void TcpTransport::close() {
+  if (closed_) return;
+  closed_ = true;
   stopping_ = true;
+  // Wakes the acceptor's poll at once (a listening socket shut down reports a hang-up).
   if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
-  if (acceptor_.joinable()) acceptor_.join();
+  join_or_detach(acceptor_);
   if (listen_fd_ >= 0) ::close(listen_fd_);
+  listen_fd_ = -1;
+  std::lock_guard<std::mutex> lock(setup_mu_);
   for (auto& p : peers_) {
     if (p.fd >= 0) ::close(p.fd);
+    p.fd = -1;
+    p.closed = true;
   }
 }
 
@@ -113,7 +119,7 @@ void TcpTransport::setup_mesh(std::chrono::milliseconds timeout) {
 
   // Higher ranks connect to lower ones; the acceptor takes the others and,
   // after setup, keeps dropping whatever else knocks on the port.
-  acceptor_ = std::thread([this] { accept_loop(); });
+  acceptor_ = std::thread([this] { run_thread_body("connection acceptor", [this] { accept_loop(); }); });
 
   for (int peer = 0; peer < rank_; ++peer) {
     std::string addr = to_string(store_->get(addr_key(peer)));
@@ -201,6 +207,7 @@ std::string TcpTransport::abort_reason() const {
 }
 
 void TcpTransport::check_alive() const {
+  if (shut_down_) C10_THROW_ERROR(DistBackendError, "disttrain: " + abort_reason());
   if (aborted_) {
     C10_THROW_ERROR(DistBackendError, "disttrain: the process group was aborted earlier: " + abort_reason());
   }
@@ -220,25 +227,42 @@ void TcpTransport::abort(const std::string& reason) {
 }
 
 void TcpTransport::abort_quietly(const std::string& reason) {
-  if (!aborted_) {
-    std::string message = reason;
-    try {
-      // First writer wins: its reason is the root cause every rank reports.
-      // One atomic round trip sets the reason if none is recorded and returns
-      // whichever is.
-      message = to_string(abort_store_->compareSet(kAbortKey, {}, to_bytes(reason)));
-    } catch (...) {
-      // The store may be gone with a dead rank; report our own view then.
-    }
-    {
-      std::lock_guard<std::mutex> lock(abort_mu_);
-      abort_reason_ = message;
-    }
-    aborted_ = true;
-    for (auto& p : peers_) {
-      if (p.fd >= 0) ::shutdown(p.fd, SHUT_RDWR);
-    }
+  if (aborted_) return;
+  std::string message = reason;
+  try {
+    // First writer wins: its reason is the root cause every rank reports.
+    // One atomic round trip sets the reason if none is recorded and returns
+    // whichever is.
+    message = to_string(abort_store_->compareSet(kAbortKey, {}, to_bytes(reason)));
+  } catch (...) {
+    // The store may be gone with a dead rank; report our own view then.
   }
+  mark_aborted(message, false);
+}
+
+void TcpTransport::shut_down(const std::string& reason) { mark_aborted(reason, true); }
+
+void TcpTransport::mark_aborted(const std::string& reason, bool local) {
+  {
+    std::lock_guard<std::mutex> lock(abort_mu_);
+    if (aborted_) return;  // the first failure (or teardown) is the one reported
+    abort_reason_ = reason;
+    if (local) shut_down_ = true;
+    aborted_ = true;
+  }
+  // Wakes a poll() on these sockets at once; the fds stay open (and valid)
+  // until close(), so a progress thread still using them reads EOF, not a reused fd.
+  std::lock_guard<std::mutex> lock(setup_mu_);
+  for (auto& p : peers_) {
+    if (p.fd >= 0) ::shutdown(p.fd, SHUT_RDWR);
+  }
+}
+
+void TcpTransport::connection_lost(int peer, const OpSignature& sig, const char* what) {
+  if (aborted_) abort(abort_reason());
+  std::string reason = recorded_abort_reason();
+  if (!reason.empty()) abort(reason);
+  lost_peer(peer, sig, what);
 }
 
 void TcpTransport::lost_peer(int peer, const OpSignature& sig, const char* what) {
@@ -253,9 +277,7 @@ void TcpTransport::check_peer(int peer, const OpSignature& sig) {
   if (peer == rank_ || peers_[peer].fd < 0) return;
   pollfd p{peers_[peer].fd, POLLRDHUP, 0};
   if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
-    std::string reason = recorded_abort_reason();
-    if (!reason.empty()) abort(reason);
-    lost_peer(peer, sig, "closed its connection");
+    connection_lost(peer, sig, "closed its connection");
   }
 }
 
@@ -295,10 +317,7 @@ bool TcpTransport::do_send(SendState& s, const FrameKind kind, const OpSignature
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
-      if (aborted_) abort(abort_reason());
-      std::string reason = recorded_abort_reason();
-      if (!reason.empty()) abort(reason);
-      lost_peer(s.spec.peer, sig, "closed its connection");
+      connection_lost(s.spec.peer, sig, "closed its connection");
     }
     size_t wrote = static_cast<size_t>(r);
     size_t from_hdr = std::min(wrote, s.hdr_left);
@@ -418,7 +437,7 @@ void TcpTransport::do_recv(RecvState& r, FrameKind kind, const OpSignature& sig,
   if (peer.mid_frame()) {
     read_ahead(r.spec.peer, sig);
     if (peer.mid_frame()) {
-      if (peer.closed) lost_peer(r.spec.peer, sig, "closed its connection");
+      if (peer.closed) connection_lost(r.spec.peer, sig, "closed its connection");
       return;
     }
   }
@@ -434,17 +453,11 @@ void TcpTransport::do_recv(RecvState& r, FrameKind kind, const OpSignature& sig,
     if (r.frame_left == 0) {
       ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&r.hdr) + r.hdr_got, sizeof(FrameHeader) - r.hdr_got,
                          MSG_DONTWAIT);
-      if (n == 0) {
-        std::string reason = recorded_abort_reason();
-        if (!reason.empty()) abort(reason);
-        lost_peer(r.spec.peer, sig, "closed its connection");
-      }
+      if (n == 0) connection_lost(r.spec.peer, sig, "closed its connection");
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-        std::string reason = recorded_abort_reason();
-        if (!reason.empty()) abort(reason);
-        lost_peer(r.spec.peer, sig, "reset its connection");
+        connection_lost(r.spec.peer, sig, "reset its connection");
       }
       r.hdr_got += static_cast<size_t>(n);
       if (r.hdr_got < sizeof(FrameHeader)) continue;
@@ -459,11 +472,11 @@ void TcpTransport::do_recv(RecvState& r, FrameKind kind, const OpSignature& sig,
     uint8_t* target = r.spec.reduce ? r.scratch + (r.frame_len - r.frame_left)
                                     : static_cast<uint8_t*>(r.spec.dst) + r.received + (r.frame_len - r.frame_left);
     ssize_t n = ::recv(peer.fd, target, r.frame_left, MSG_DONTWAIT);
-    if (n == 0) lost_peer(r.spec.peer, sig, "closed its connection");
+    if (n == 0) connection_lost(r.spec.peer, sig, "closed its connection");
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-      lost_peer(r.spec.peer, sig, "reset its connection");
+      connection_lost(r.spec.peer, sig, "reset its connection");
     }
     r.frame_left -= static_cast<size_t>(n);
     if (r.frame_left == 0) {
@@ -495,7 +508,7 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
   }
   for (auto& s : ss) {
     TORCH_INTERNAL_ASSERT(s.spec.peer != rank_ && s.spec.peer >= 0 && s.spec.peer < world_size_);
-    if (peers_[s.spec.peer].closed) lost_peer(s.spec.peer, sig, "had closed its connection");
+    if (peers_[s.spec.peer].closed) connection_lost(s.spec.peer, sig, "had closed its connection");
   }
   for (auto& r : rs) {
     TORCH_INTERNAL_ASSERT(r.spec.peer != rank_ && r.spec.peer >= 0 && r.spec.peer < world_size_);
@@ -549,6 +562,7 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
     int timeout_ms = ms_until(deadline);
     int rc = ::poll(fds.data(), fds.size(), timeout_ms);
     if (rc < 0 && errno == EINTR) continue;
+    if (aborted_) abort(abort_reason());  // torn down (or failed on a sibling) while we waited
     if (rc == 0 && Clock::now() >= deadline) {
       std::ostringstream waiting;
       bool first = true;
@@ -566,11 +580,7 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
       short ev = fds[i].revents;
       if (ev == 0) continue;
       if (send_blocked && !recv_from[p] && (ev & POLLIN)) read_ahead(p, sig);
-      if (send_to[p] && peers_[p].closed) {
-        std::string reason = recorded_abort_reason();
-        if (!reason.empty()) abort(reason);
-        lost_peer(p, sig, "closed its connection");
-      }
+      if (send_to[p] && peers_[p].closed) connection_lost(p, sig, "closed its connection");
       if ((ev & (POLLRDHUP | POLLHUP | POLLERR)) && !recv_from[p] && !send_to[p]) {
         // A peer not in this step went away: an error only if the group aborted.
         peers_[p].closed = true;

@@ -81,9 +81,16 @@ class TcpTransport {
   [[noreturn]] void abort(const std::string& reason);
   // The same without throwing: for tearing down the sibling transports of a failed one.
   void abort_quietly(const std::string& reason);
+  // Local teardown (the group is being destroyed): fails whatever op is in
+  // progress with `reason` at once, without recording anything in the store
+  // (which may be gone at exit; peers see their connections close). Thread-safe.
+  void shut_down(const std::string& reason);
+  // Stops the acceptor thread and closes every socket; idempotent. Only once
+  // no op runs any more (the destructor calls it too).
+  void close();
   bool aborted() const { return aborted_.load(); }
   std::string abort_reason() const;
-  // Throws the recorded failure if the group was aborted before.
+  // Throws the recorded failure if the group was aborted before (or shut down).
   void check_alive() const;
 
   // Raises (after aborting the group) if the connection to `peer` has closed:
@@ -127,6 +134,11 @@ class TcpTransport {
                      uint32_t step);
   void consume_payload(RecvState& r, const uint8_t* data, size_t len);
   [[noreturn]] void lost_peer(int peer, const OpSignature& sig, const char* what);
+  // A connection closed or failed under an op: our own teardown's reason if
+  // we shut down, else the failure a peer recorded, else "rank q closed it".
+  [[noreturn]] void connection_lost(int peer, const OpSignature& sig, const char* what);
+  // Sets the failure (first one wins) and shuts every connection down.
+  void mark_aborted(const std::string& reason, bool local);
   std::string recorded_abort_reason();
 
   c10::intrusive_ptr<c10d::Store> store_;
@@ -148,8 +160,10 @@ class TcpTransport {
   std::atomic<uint64_t> rejected_{0};
 
   std::atomic<bool> aborted_{false};
+  std::atomic<bool> shut_down_{false};  // aborted by our own teardown, not a failure
   mutable std::mutex abort_mu_;
   std::string abort_reason_;
+  bool closed_ = false;
 };
 
 }  // namespace disttrain::comm
