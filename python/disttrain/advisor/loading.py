@@ -142,12 +142,14 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     for column, default in OPTIONAL_DEFAULTS.items():
         if column not in df.columns:
             df[column] = default
+    # An empty cell of an optional column reads as its default, like a missing column: files
+    # concatenated from different sources (the logs and a trainer CSV) leave NaN in each other's gaps.
+    # Only empty cells: a malformed value still fails the check below.
+    empty_gpus = df["num_of_gpus"].isna()
     for column in ["batch_size", "num_of_gpus", "learning_rate", "num_workers_data_loader",
                    "num_epochs", "num_of_paramters", "config_index"]:
         df[column] = pd.to_numeric(df[column], errors="coerce")
-    # An empty cell of an optional column reads as its default, like a missing column: files
-    # concatenated from different sources (the logs and a trainer CSV) leave NaN in each other's gaps.
-    df["num_of_gpus"] = df["num_of_gpus"].fillna(OPTIONAL_DEFAULTS["num_of_gpus"])
+    df.loc[empty_gpus, "num_of_gpus"] = OPTIONAL_DEFAULTS["num_of_gpus"]
     bad = ~(df["batch_size"] > 0) | ~(df["num_of_gpus"] >= 1)
     if bad.any():
         where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
