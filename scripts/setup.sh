@@ -10,10 +10,13 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.13.0"
 fi
 # Debian packages: GoogleTest for the C++ unit tests, iproute2 for the multi-host
-# (network namespace) tests.
+# (network namespace) tests, Open MPI (mpiexec, and the headers mpi4py builds
+# against) for the mpiexec launch tests and disttrain bench mpi.
 missing=""
 dpkg -s libgtest-dev >/dev/null 2>&1 || missing="$missing libgtest-dev"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+dpkg -s openmpi-bin >/dev/null 2>&1 || missing="$missing openmpi-bin"
+dpkg -s libopenmpi-dev >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
 if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null

@@ -1,6 +1,6 @@
 """``disttrain train``: the snapshot trainer from the command line.
 
-Under torchrun every rank runs this command; without torchrun,
+Under torchrun, mpiexec/mpirun or srun every rank runs this command; without a launcher,
 ``--nproc-per-node N`` starts the N ranks itself through PyTorch's elastic
 launcher (``python -m torch.distributed.run``), restarts included.
 
@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _under_launcher() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    """torchrun, mpiexec/mpirun or srun started this process as one rank of a job."""
+    from .distributed import launch_environment
+
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or launch_environment() is not None
 
 
 def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:

@@ -1,0 +1,142 @@
+"""Rank side of tests/test_mpi.py, started by mpiexec (Open MPI). Writes one JSON
+result per rank to OUT_DIR/rank_<r>.json; a failed check is recorded, not raised,
+so every rank reports.
+
+    mpiexec -n 5 python tests/mpi_worker.py OUT_DIR pipeline IMAGE_DIR
+    mpiexec -n 2 python tests/mpi_worker.py OUT_DIR hosts IMAGE_DIR
+"""
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import disttrain
+from disttrain import models
+from disttrain.strategies import mpi
+
+
+def _stages(model, fail_at=None):
+    def read(entry):
+        return mpi.read_image(entry[0])
+
+    def resize(image):
+        return F.interpolate(image.float()[None], size=(8, 8), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+
+    def normalise(image):
+        if fail_at is not None and float(image.mean()) == fail_at:
+            raise ValueError("corrupt image")
+        return image / 255.0
+
+    def predict(image):
+        with torch.no_grad():
+            return model(image[None])[0]
+
+    return [("read", read), ("resize", resize), ("normalise", normalise), ("predict", predict)]
+
+
+def _check_pipeline(rank, world, every_file, result):
+    files = every_file if rank == 0 else []  # only rank 0's list is used
+    torch.manual_seed(0)
+    model = models.get_model("small_cnn", num_classes=10, in_channels=1).eval()
+    stages = _stages(model)
+    out = mpi.pipeline(stages, files, queue_depth=2)
+    if rank == 0:
+        serial = []
+        for entry in files:
+            value = entry
+            for _, fn in stages:
+                value = fn(value)
+            serial.append(value)
+        result["in_order"] = len(out.outputs) == len(files) and all(
+            torch.equal(a, b) for a, b in zip(out.outputs, serial))
+    result["stats"] = [vars(s) for s in out.stats]
+
+    # A stage that raises stops the pipeline on every rank with that error.
+    bad_mean = float(F.interpolate(mpi.read_image(every_file[7][0]).float()[None], size=(8, 8), mode="bilinear",
+                                   align_corners=False, antialias=True)[0].mean())
+    try:
+        mpi.pipeline(_stages(model, fail_at=bad_mean), files, queue_depth=2)
+        result["stage_error"] = None
+    except mpi.PipelineError as e:
+        result["stage_error"] = str(e)
+
+    # More stages than ranks: a clear error, before any communication.
+    try:
+        mpi.pipeline(stages + [("extra", lambda t: t)] * (world - len(stages) + 1), files)
+        result["too_many_stages"] = None
+    except ValueError as e:
+        result["too_many_stages"] = str(e)
+
+
+def _check_training_pieces(rank, world, files, result):
+    # Scatter: even, contiguous, everything exactly once.
+    mine = mpi.scatter_files(files if rank == 0 else [])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    result["scatter_sizes"] = [len(g) for g in gathered]
+    result["scatter_complete"] = [tuple(e) for g in gathered for e in g] == [tuple(e) for e in files]
+    try:
+        mpi.scatter_files([f"f{i}" for i in range(world - 1)] if rank == 0 else [])
+        result["scatter_error"] = None
+    except ValueError as e:
+        result["scatter_error"] = str(e)
+
+    # Broadcast, then the fused average equals the mean of the ranks' gradients.
+    torch.manual_seed(rank)
+    model = models.get_model("small_cnn", num_classes=10, in_channels=1)
+    mpi.broadcast_parameters(model)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    result["broadcast_equal"] = all(torch.equal(everyone[0], e) for e in everyone)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(100 + rank))
+    model(x).square().mean().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    all_grads = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(all_grads, grads)
+    mpi.GradientAverager(model)()
+    averaged = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    result["average_error"] = float((averaged - torch.stack(all_grads).mean(0)).abs().max())
+
+
+def main(out_dir, mode, image_dir):
+    torch.set_num_threads(1)
+    result = {"error": None}
+    rank = -1
+    try:
+        rank, world = disttrain.init(timeout=60)
+        result.update(rank=rank, world=world, master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                      local_rank=os.environ.get("LOCAL_RANK"),
+                      job_port=(disttrain.distributed._derived_port(os.environ) or (None,))[0],
+                      transport=dist.group.WORLD._get_backend(torch.device("cpu")).transport)
+        files = mpi.image_files(image_dir) if rank == 0 else []
+        if mode == "pipeline":
+            _check_training_pieces(rank, world, mpi.image_files(image_dir), result)
+            _check_pipeline(rank, world, mpi.image_files(image_dir), result)
+        elif mode == "hosts":
+            t = torch.full((1000,), float(rank + 1))
+            dist.all_reduce(t)
+            result["allreduce"] = float(t[0])
+            torch.manual_seed(0)
+            model = models.get_model("small_cnn", num_classes=10, in_channels=1).eval()
+            stages = _stages(model)
+            out = mpi.pipeline([stages[0], ("rest", lambda x: stages[3][1](stages[2][1](stages[1][1](x))))],
+                               files[:12] if rank == 0 else [], queue_depth=2)
+            if rank == 0:
+                result["pipeline_items"] = len(out.outputs)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - the test reads it
+        result["error"] = traceback.format_exc()
+    rank = rank if rank >= 0 else int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    with open(os.path.join(out_dir, f"rank_{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,230 @@
+"""Launch under mpiexec (Debian's Open MPI) and disttrain.strategies.mpi.
+
+- The launcher variables and the rendezvous address (unit tests, no processes).
+- examples/mpi_train.py under `mpiexec -n 3` equals the same job under torchrun,
+  a resumed run included; `disttrain train` runs and resumes under `mpiexec -n 2`.
+- The pipeline at 5 ranks (4 stages, the last one replicated twice): results in
+  input order, bounded queues, a stage's error on every rank, too few ranks.
+- Two network-namespace hosts and a hostfile: mpiexec starts the remote rank
+  through an rsh agent that enters the other namespace (no ssh).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import disttrain.distributed as dd
+from disttrain import snapshot
+from disttrain.strategies import mpi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "mpi_worker.py")
+TRAIN = os.path.join(ROOT, "examples", "mpi_train.py")
+MPIEXEC = ["mpiexec", "--oversubscribe", "--allow-run-as-root"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "MASTER_", "TORCHELASTIC"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _run(cmd, timeout=120, **env):
+    if cmd[0] == "mpiexec" and shutil.which("mpiexec") is None:
+        pytest.fail("mpiexec not found: scripts/setup.sh installs Debian's openmpi-bin")
+    proc = subprocess.run(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
+    return proc.stdout
+
+
+def _results(out_dir, world):
+    out = {}
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"rank_{rank}.json")) as f:
+            out[rank] = json.load(f)
+    return out
+
+
+# --- the launcher's variables ---------------------------------------------------------------------
+
+def test_launch_environment_of_each_launcher():
+    ompi = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
+    assert dd.launch_environment(ompi) == {"launcher": "Open MPI", "rank": 2, "world_size": 3, "local_rank": 0,
+                                           "local_world_size": 1}
+    pmi = dd.launch_environment({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1"})
+    assert (pmi["launcher"], pmi["rank"], pmi["world_size"], pmi["local_rank"]) == ("MPICH/PMI", 1, 4, 1)
+    slurm = dd.launch_environment({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1"})
+    assert (slurm["launcher"], slurm["rank"], slurm["world_size"], slurm["local_rank"]) == ("Slurm", 5, 8, 1)
+    # torchrun's variables win; an sbatch script itself (no srun step) is no rank; nothing: no launcher
+    assert dd.launch_environment({**ompi, "RANK": "0", "WORLD_SIZE": "2"})["launcher"] == "torchrun"
+    assert dd.launch_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
+    assert dd.launch_environment({}) is None
+    with pytest.raises(ValueError, match="PMI_RANK is set but PMI_SIZE is not"):
+        dd.launch_environment({"PMI_RANK": "0"})
+    with pytest.raises(ValueError, match=r"OMPI_COMM_WORLD_RANK=3 is not in \[0, OMPI_COMM_WORLD_SIZE=3\)"):
+        dd.launch_environment({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "3"})
+
+
+def test_rendezvous_from_hostfile_nodelist_and_job_id(tmp_path):
+    assert dd.expand_nodelist("gpu[01-03,07],login1,n[9-10]-ib") == [
+        "gpu01", "gpu02", "gpu03", "gpu07", "login1", "n9-ib", "n10-ib"]
+    with pytest.raises(ValueError, match="node list"):
+        dd.expand_nodelist("gpu[3-1]")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# the job's hosts\n\nnode7 slots=4\nnode8 slots=4\n")
+    assert dd._first_host({"OMPI_MCA_orte_default_hostfile": str(hostfile)})[0] == "node7"
+    hostfile.write_text("node3:2\nnode4:2\n")  # MPICH's form
+    assert dd._first_host({"DISTTRAIN_HOSTFILE": str(hostfile)})[0] == "node3"
+    assert dd._first_host({"SLURM_JOB_NODELIST": "cn[004-005]"})[0] == "cn004"
+    port, source = dd._derived_port({"PBS_JOBID": "1234.pbs"})
+    assert source == "PBS_JOBID" and port == dd._derived_port({"PBS_JOBID": "1234.pbs"})[0]
+    assert 20000 <= port < 40000 and port != dd._derived_port({"PBS_JOBID": "1235.pbs"})[0]
+
+
+def test_missing_rendezvous_is_a_clear_error(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "PBS_", "MASTER_", "DISTTRAIN_HOSTFILE")) \
+                or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setattr(dd, "_mpi4py_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="rank 1 of 2 .MPICH/PMI. has no rendezvous address: MASTER_ADDR "
+                                           "and MASTER_PORT not set"):
+        dd.init()
+
+
+# --- training under mpiexec ---------------------------------------------------------------------
+
+def _losses(output):
+    return [float(x) for x in re.findall(r"mean loss ([0-9.]+)", output)]
+
+
+def test_mpi_train_under_mpiexec_equals_torchrun_and_resumes(tmp_path):
+    common = ["--max-files", "240", "--batch-size", "8"]
+    data = ["--data", str(tmp_path / "digits")]
+    mpi.write_digits_folder(tmp_path / "digits", limit=240)
+    # mpiexec: 2 epochs, then a second job resumes from the checkpoint for a third
+    first = _run([*MPIEXEC, "-n", "3", sys.executable, TRAIN, *common, *data, "--epochs", "2",
+                  "--out", str(tmp_path / "mpi")])
+    resumed = _run([*MPIEXEC, "-n", "3", sys.executable, TRAIN, *common, *data, "--epochs", "3", "--resume",
+                    "--out", str(tmp_path / "mpi")])
+    assert "resumed from" in resumed and "at epoch 2" in resumed, resumed
+    # torchrun: the same job, 3 epochs in one go
+    reference = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", TRAIN,
+                      *common, *data, "--epochs", "3", "--out", str(tmp_path / "torchrun")])
+    losses = _losses(first) + _losses(resumed)
+    assert len(losses) == 3 and losses[-1] < losses[0], losses  # it trains
+    assert losses == _losses(reference), (losses, _losses(reference))
+    got = snapshot.load(str(tmp_path / "mpi" / "checkpoint.dts"))
+    want = snapshot.load(str(tmp_path / "torchrun" / "checkpoint.dts"))
+    assert got["step"] == want["step"] == 3 * (80 // 8)
+    for name, value in want["model"].items():
+        assert torch.equal(got["model"][name], value), name  # bitwise
+
+
+def test_disttrain_train_runs_and_resumes_under_mpiexec(tmp_path):
+    cmd = [*MPIEXEC, "-n", "2", sys.executable, "-m", "disttrain.cli", "train", "-s", str(tmp_path),
+           "--save-name", "run", "--no-progress", "-b", "64"]
+    out = _run([*cmd, "-e", "1"])
+    assert "2 rank(s)" in out, out
+    # --nproc-per-node is ignored under mpiexec: each process already is a rank (2, not 4)
+    out = _run([*cmd, "-e", "2", "--nproc-per-node", "2"])
+    assert "2 rank(s)" in out and "resumed from" in out and "epoch 1" in out, out
+    assert len(snapshot.list_snapshots(str(tmp_path / "run" / "snapshots"))) == 2
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+
+def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
+    images = tmp_path / "images"
+    mpi.write_digits_folder(images, limit=42)
+    _run([*MPIEXEC, "-n", "5", sys.executable, WORKER, str(tmp_path), "pipeline", str(images)])
+    results = _results(str(tmp_path), 5)
+    for rank, res in results.items():
+        assert res["error"] is None, (rank, res["error"])
+        assert res["local_rank"] == str(rank)
+        assert res["scatter_sizes"] == [9, 9, 8, 8, 8] and res["scatter_complete"]
+        assert "4 file(s) cannot be scattered over 5 ranks" in res["scatter_error"]
+        assert res["broadcast_equal"] and res["average_error"] < 1e-6
+        assert res["stage_error"] == ("pipeline stage 2 ('normalise') on rank 2 raised on item 7: "
+                                      "ValueError: corrupt image"), (rank, res["stage_error"])
+        assert res["too_many_stages"] == ("pipeline: 6 stages need at least 6 ranks (one per stage, the last "
+                                          "replicated over the rest), the job has 5")
+    assert results[0]["in_order"]
+    stats = results[0]["stats"]
+    assert [(s["rank"], s["stage"], s["name"]) for s in stats] == [
+        (0, 0, "read"), (1, 1, "resize"), (2, 2, "normalise"), (3, 3, "predict"), (4, 3, "predict")]
+    assert [s["items"] for s in stats] == [42, 42, 42, 21, 21]  # round-robin over the two replicas
+    assert all(1 <= s["queue_max"] <= 2 for s in stats[1:])  # queue_depth=2 bounds every queue
+
+
+# --- two hosts: network namespaces and a hostfile -------------------------------------------------
+
+NAMESPACES = ("dt-mpi0", "dt-mpi1")
+ADDRESSES = ("10.231.78.1", "10.231.78.2")
+
+
+def _ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.fail("the namespace test needs root and iproute2 (scripts/setup.sh installs iproute2)")
+    for ns in NAMESPACES:
+        _ip("netns", "del", ns)
+    steps = [("netns", "add", NAMESPACES[0]), ("netns", "add", NAMESPACES[1]),
+             ("link", "add", "dt-mveth0", "type", "veth", "peer", "name", "dt-mveth1"),
+             ("link", "set", "dt-mveth0", "netns", NAMESPACES[0]), ("link", "set", "dt-mveth1", "netns", NAMESPACES[1])]
+    for i, ns in enumerate(NAMESPACES):
+        steps += [("-n", ns, "addr", "add", f"{ADDRESSES[i]}/24", "dev", f"dt-mveth{i}"),
+                  ("-n", ns, "link", "set", f"dt-mveth{i}", "up"), ("-n", ns, "link", "set", "lo", "up")]
+    for step in steps:
+        res = _ip(*step)
+        assert res.returncode == 0, f"ip {' '.join(step)}: {res.stderr}"
+    folder = tmp_path_factory.mktemp("hosts")
+    agent = folder / "netns_agent.sh"  # Open MPI's rsh agent: "AGENT HOST COMMAND..." -> the host's namespace
+    agent.write_text("#!/bin/sh\nhost=$1; shift\ncase \"$host\" in\n"
+                     + "".join(f"  {a}) ns={n};;\n" for a, n in zip(ADDRESSES, NAMESPACES))
+                     + "  *) echo \"netns agent: unknown host $host\" >&2; exit 1;;\nesac\n"
+                     "exec ip netns exec \"$ns\" sh -c \"$*\"\n")
+    agent.chmod(0o755)
+    hostfile = folder / "hostfile"
+    hostfile.write_text("".join(f"{a} slots=1\n" for a in ADDRESSES))
+    yield str(agent), str(hostfile)
+    for ns in NAMESPACES:
+        _ip("netns", "del", ns)
+
+
+@pytest.mark.parametrize("rendezvous", ["hostfile", "mpi4py"])
+def test_two_namespace_hosts_with_a_hostfile(two_hosts, tmp_path, rendezvous):
+    agent, hostfile = two_hosts
+    images = tmp_path / "images"
+    mpi.write_digits_folder(images, limit=12)
+    # hostfile: mpiexec and disttrain both read OMPI_MCA_orte_default_hostfile (first host, port from the
+    # job id); mpi4py: the hostfile is only mpiexec's argument, rank 0's address comes over MPI.
+    env = {"OMPI_MCA_orte_default_hostfile": hostfile} if rendezvous == "hostfile" else {}
+    where = [] if rendezvous == "hostfile" else ["--hostfile", hostfile]
+    _run(["ip", "netns", "exec", NAMESPACES[0], *MPIEXEC, *where, "-n", "2", "--mca", "plm_rsh_agent", agent,
+          sys.executable, WORKER, str(tmp_path), "hosts", str(images)], **env)
+    results = _results(str(tmp_path), 2)
+    for rank, res in results.items():
+        assert res["error"] is None, (rank, res["error"])
+        assert res["allreduce"] == 3.0 and res["transport"] == "tcp", res
+        assert res["master"].startswith(ADDRESSES[0] + ":"), res["master"]
+    if rendezvous == "hostfile":  # the hostfile's first host, the port derived from Open MPI's job id
+        assert results[0]["master"] == results[1]["master"] == f"{ADDRESSES[0]}:{results[0]['job_port']}"
+    assert results[0]["pipeline_items"] == 12
