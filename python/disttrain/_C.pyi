@@ -78,6 +78,15 @@ class SamplerIndexStream(metaclass=_pybind11_type):
 
 def sampler_samples_per_rank(dataset_size: int, num_replicas: int, drop_last: bool, start: int) -> int: ...
 
+# csrc/strategies: lock-free optimizer updates for Hogwild (csrc/bindings/hogwild.cpp;
+# disttrain.strategies.hogwild is its Python face). Each returns the step number it took.
+def hogwild_sgd_update(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
+                       step: torch.Tensor, lr: float, momentum: float, dampening: float, weight_decay: float,
+                       nesterov: bool, maximize: bool, zero_grad: bool) -> int: ...
+def hogwild_adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                        step: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                        decoupled_weight_decay: bool, maximize: bool, zero_grad: bool) -> int: ...
+
 # csrc/ddp: the DDP gradient reducer (csrc/bindings/ddp.cpp; disttrain.ddp is its Python face).
 class Reducer(metaclass=_pybind11_type):
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group: ProcessGroup,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing as mp
 import os
 import queue
 import threading
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.multiprocessing  # noqa: F401  (registers the tensor-sharing reductions)
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -430,7 +432,7 @@ def _run_in_this_process(job: dict[str, Any], on_epoch: Callable[[int, float], N
 
 def _run_processes(job: dict[str, Any], start_method: str, timeout: float | None,
                    on_epoch: Callable[[int, float], None] | None) -> list[dict[str, Any]]:
-    ctx = torch.multiprocessing.get_context(start_method)
+    ctx: Any = mp.get_context(start_method)  # torch.multiprocessing (imported) shares tensors passed to spawned processes
     results = ctx.Queue()
     start = ctx.Event()
     resume = None
