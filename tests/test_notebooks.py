@@ -41,7 +41,14 @@ def check_advisor(outputs):
     assert "time_mape_pct" in text and "cheapest:" in text
 
 
-CHECKS = {"quickstart.ipynb": check_quickstart, "advisor.ipynb": check_advisor,
+def check_strategies(outputs):
+    assert len(_images(outputs)) >= 2  # the benchmark's loss curves and the Hogwild chart
+    text = _text(outputs)
+    assert "hogwild_local" in text and "ps_async" in text and "time_to_target_vs_ddp" in text
+    assert "2 process(es) x 1 epoch(s) per process" in text
+
+
+CHECKS = {"quickstart.ipynb": check_quickstart, "strategies.ipynb": check_strategies, "advisor.ipynb": check_advisor,
           "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_plot}
 
 

@@ -19,8 +19,12 @@ mnist_hogwild example) leaves implicit is explicit here:
   Adam's bias correction uses the job's global step; ``"per_process"`` gives
   each process its own state and its own step counter (the classic recipe's
   behaviour, where each process builds its own optimizer).
-- **Threads**: each process uses ``cores // num_processes`` threads (at least
-  one), so N processes never oversubscribe the cores.
+- **Threads**: one torch thread per process by default, so N processes never
+  oversubscribe the cores (with the classic recipe each process takes every
+  core: on 2 cores, 2 processes run 18x slower here). A forked process must
+  not start OpenMP threads after its parent has (GNU OpenMP hangs), so more
+  threads per process need ``start_method="spawn"`` (``threads_per_process``
+  gives the share of the cores).
 - **Failures**: a process that raises or dies makes :func:`train_model` stop the
   others and raise :class:`HogwildProcessError` naming it and its error.
 
@@ -69,7 +73,8 @@ class TrainingLosses(list):
         elapsed: seconds from the common start of the processes to the end of the last.
         updates: optimizer steps taken, all processes together.
         updates_per_second: ``updates / elapsed``.
-        per_process: for each process, ``{"process", "steps", "samples", "losses", "seconds"}``.
+        per_process: for each process, ``{"process", "steps", "samples", "losses", "times", "seconds"}``
+            (``times[i]``: training seconds at the end of its step i).
         test_accuracy: accuracy on the test loader after training (``None`` without one).
         test_loss: mean loss on the test loader (``None`` without one).
         epochs: with a test loader, one ``{"epoch", "seconds", "test_loss",
@@ -410,8 +415,8 @@ def _wait_all(procs: list[Any], results: Any, timeout: float | None, start: Any,
 
 
 def _run_in_this_process(job: dict[str, Any], on_epoch: Callable[[int, float], None] | None) -> dict[str, Any]:
-    """One process: the same loop in the caller, without changing its thread
-    count or its RNG state."""
+    """One process: the same loop in the caller; its thread count and RNG state
+    are restored afterwards."""
     results: queue.Queue = queue.Queue()
     start = threading.Event()
     start.set()
@@ -419,7 +424,7 @@ def _run_in_this_process(job: dict[str, Any], on_epoch: Callable[[int, float], N
     epoch_end = None if on_epoch is None else (lambda process, epoch, trained: on_epoch(epoch, trained))
     with torch.random.fork_rng(devices=[]):
         try:
-            _process_main(0, dict(job, threads=threads, epoch_end=epoch_end), results, start)
+            _process_main(0, dict(job, epoch_end=epoch_end), results, start)
         finally:
             torch.set_num_threads(threads)
     while True:
@@ -513,8 +518,8 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
         loss_fn: ``loss_fn(output, target)``; default cross-entropy on logits.
         threads: torch threads per process. Default: 1 with ``"fork"`` (a forked
             process must not start OpenMP threads after its parent has: GNU
-            OpenMP hangs), :func:`threads_per_process` with ``"spawn"``; with one
-            process the calling process's own setting.
+            OpenMP hangs; one process, trained in the caller, may be given more),
+            :func:`threads_per_process` with ``"spawn"``.
         start_method: ``"fork"`` (default, as the classic recipe: works from a
             notebook and with models defined anywhere) or ``"spawn"`` (several
             threads per process; the model and data set must be picklable and
@@ -593,7 +598,8 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
     out.elapsed = max(r["seconds"] for r in reports)
     out.updates = sum(r["steps"] for r in reports)
     out.updates_per_second = out.updates / out.elapsed if out.elapsed > 0 else math.inf
-    out.per_process = [{k: r[k] for k in ("process", "steps", "samples", "losses", "seconds")} for r in reports]
+    out.per_process = [{k: r[k] for k in ("process", "steps", "samples", "losses", "times", "seconds")}
+                       for r in reports]
     out.samples_seen = samples_seen.clone()
     out.test_loss = out.test_accuracy = None
     if optimizer_state == "shared":
@@ -618,24 +624,51 @@ def log_elapsed_time(num_processes: int, epochs_per_process: int, start: float, 
     return elapsed
 
 
-def chart_losses(losses_dict: Mapping[str, Iterable[float]],
-                 title: str = "Comparing Training Losses Across Configurations", path: str | None = None) -> Any:
-    """Plots each configuration's training losses against the step (one line
-    each) and returns the matplotlib figure; saves it too when given ``path``
-    (the format from its extension: .png, .svg, ...)."""
+def chart_losses(losses_dict: Mapping[str, Iterable[Any]],
+                 title: str = "Comparing Training Losses Across Configurations", path: str | None = None,
+                 smooth: int = 1, log_scale: bool = False) -> Any:
+    """Plots each configuration's training losses, one line each, and returns
+    the matplotlib figure; saves it too when given ``path`` (the format from its
+    extension: .png, .svg, ...).
+
+    Args:
+        losses_dict: configuration name -> losses: floats (plotted against the
+            step) or ``(seconds, loss)`` pairs (plotted against time).
+        title: the figure's title.
+        path: where to save the figure (its folder is created).
+        smooth: plot the moving average over this many steps.
+        log_scale: a logarithmic loss axis.
+    """
     from matplotlib.figure import Figure  # no pyplot: no global state, works headless and in notebooks
 
     if not losses_dict:
         raise ValueError("chart_losses: no configurations to plot")
+    if smooth < 1:
+        raise ValueError(f"chart_losses: smooth must be >= 1, got {smooth}")
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
+    against_time = False
     for name, losses in losses_dict.items():
         values = list(losses)
-        ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
-    ax.set_xlabel("step (all processes, in the order steps ended)")
-    ax.set_ylabel("training loss")
+        if values and isinstance(values[0], (tuple, list)):
+            against_time = True
+            x = [float(v[0]) for v in values]
+            y = [float(v[1]) for v in values]
+        else:
+            x = list(range(1, len(values) + 1))
+            y = [float(v) for v in values]
+        if smooth > 1:
+            sums = [0.0]
+            for v in y:
+                sums.append(sums[-1] + v)
+            y = [(sums[i + 1] - sums[max(0, i + 1 - smooth)]) / (i + 1 - max(0, i + 1 - smooth)) for i in range(len(y))]
+        ax.plot(x, y, label=name, linewidth=1)
+    ax.set_xlabel("training time (s)" if against_time else "step (all processes, in the order steps ended)")
+    ax.set_ylabel("training loss" + (f" (moving average of {smooth})" if smooth > 1 else ""))
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
