@@ -22,6 +22,8 @@ BENCHMARKS = {
     "fsdp": "disttrain.bench.fsdp",
     "snapshot": "disttrain.bench.snapshot",
     "sampler": "disttrain.bench.sampler",
+    "mpi": "disttrain.bench.mpi",
+    "strategies": "disttrain.bench.strategies",
 }
 
 
