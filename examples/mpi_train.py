@@ -30,11 +30,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="image folder (one folder per class); default: digits as PNGs")
     p.add_argument("--out", default="runs/mpi_train", help="checkpoint folder (default runs/mpi_train)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--image-size", type=int, default=8)
-    p.add_argument("--max-files", type=int, default=None, help="use only the first N files (quick runs)")
+    p.add_argument("--max-files", type=int, default=None, help="use N of the files, spread over the classes (quick runs)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.dts if it exists")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -44,7 +44,9 @@ def main() -> None:
     data = args.data or os.path.join(args.out, "digits_png")
     if rank == 0 and args.data is None:
         mpi.write_digits_folder(data)
-    files = mpi.image_files(data)[:args.max_files] if rank == 0 else []
+    files = mpi.image_files(data) if rank == 0 else []
+    if args.max_files is not None:  # spread over the classes (the list is sorted by class)
+        files = files[::max(1, len(files) // args.max_files)][:args.max_files]
     mine = mpi.scatter_files(files)  # (path, label) pairs, an even share per rank
 
     def load(path: str) -> torch.Tensor:

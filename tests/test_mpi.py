@@ -145,6 +145,24 @@ def test_disttrain_train_runs_and_resumes_under_mpiexec(tmp_path):
     assert len(snapshot.list_snapshots(str(tmp_path / "run" / "snapshots"))) == 2
 
 
+def test_pbs_job_scripts_under_a_pbs_environment(tmp_path):
+    """scripts/pbs_*_job.sh as qsub would run them: PBS_NODEFILE (its first host is the
+    rendezvous), PBS_JOBID (the port), PBS_O_WORKDIR."""
+    nodes = tmp_path / "nodefile"
+    nodes.write_text("localhost\nlocalhost\n")
+    mpi.write_digits_folder(tmp_path / "digits", limit=64)
+    env = {"PBS_O_WORKDIR": ROOT, "PBS_NODEFILE": str(nodes), "PBS_JOBID": "4242.pbs", "ALLOW_ROOT": "1",
+           "OUT": str(tmp_path / "run"), "RUN": str(tmp_path / "run"), "EPOCHS": "1",
+           "EXTRA_ARGS": f"--data {tmp_path / 'digits'}"}
+    train = _run(["bash", os.path.join(ROOT, "scripts", "pbs_train_job.sh")], **env)
+    assert "epoch 1/1" in train and "over 2 ranks" in train, train
+    evaluate = _run(["bash", os.path.join(ROOT, "scripts", "pbs_evaluation_job.sh")], NPROCS="4", **env)
+    assert re.search(r"64 images on 4 ranks .* accuracy [0-9.]+", evaluate), evaluate
+    assert "3:predict" in evaluate
+    for script in ("pbs_train_job.sh", "pbs_evaluation_job.sh", "slurm_mpi_train.sbatch"):
+        assert subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", script)]).returncode == 0, script
+
+
 # --- the pipeline ---------------------------------------------------------------------------------
 
 def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):

@@ -27,6 +27,7 @@ channel stops, and an error reaches every rank, whichever stage raised.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -285,13 +286,12 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         import numpy as np
 
         return torch.from_numpy(np.load(path))
+    import numpy as np
     from PIL import Image
 
     with Image.open(path) as image:
-        image.load()
-        channels = len(image.getbands())
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return data.view(image.height, image.width, channels).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(np.array(image))  # one copy out of PIL
+    return (pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)).contiguous()
 
 
 def write_digits_folder(root: str | os.PathLike, limit: int | None = None) -> list[tuple[str, int]]:
@@ -394,6 +394,21 @@ class _Channel:
     def __init__(self, group: Any, peer: int):
         self.group, self.peer = group, peer
         self.closed = False  # this side sent its terminal message
+        # Sends are asynchronous (the stage computes its next item meanwhile); their tensors live
+        # here until the backend completed them, in issue order. Credits bound how many there are.
+        self.in_flight: collections.deque = collections.deque()
+
+    def _send(self, tensor: torch.Tensor) -> None:
+        work = dist.isend(tensor, self.peer, group=self.group)
+        assert work is not None  # this rank is in the group
+        self.in_flight.append((work, tensor))
+        while self.in_flight and self.in_flight[0][0].is_completed():
+            self.in_flight.popleft()[0].wait()  # raises a failed send's error
+
+    def flush(self) -> None:
+        """Waits for every send of this channel (raises the first failure)."""
+        while self.in_flight:
+            self.in_flight.popleft()[0].wait()
 
     def send_message(self, kind: int, index: int = 0, tensor: torch.Tensor | None = None,
                      text: str = "") -> None:
@@ -411,11 +426,12 @@ class _Channel:
             payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
         header[0], header[1] = kind, index
         header[2] = payload.numel() if payload is not None else 0
-        dist.send(header, self.peer, group=self.group)
+        self._send(header)
         if payload is not None and payload.numel() > 0:
-            dist.send(payload, self.peer, group=self.group)
+            self._send(payload)
         if kind != _ITEM:
             self.closed = True
+            self.flush()
 
     def recv_message(self) -> tuple[int, int, Any]:
         """``(kind, index, tensor or error text or None)``."""
@@ -435,12 +451,12 @@ class _Channel:
     def send_credit(self, credit: int, text: str = "") -> None:
         """credit > 0: room for that many items; 0: end; < 0: error, ``text`` follows."""
         payload = text.encode()
-        dist.send(torch.tensor([credit if credit >= 0 else -max(1, len(payload))], dtype=torch.int64),
-                  self.peer, group=self.group)
+        self._send(torch.tensor([credit if credit >= 0 else -max(1, len(payload))], dtype=torch.int64))
         if credit < 0:
-            dist.send(torch.frombuffer(bytearray(payload or b"?"), dtype=torch.uint8), self.peer, group=self.group)
+            self._send(torch.frombuffer(bytearray(payload or b"?"), dtype=torch.uint8))
         if credit <= 0:
             self.closed = True
+            self.flush()
 
     def recv_credit(self) -> tuple[int, str]:
         box = torch.empty(1, dtype=torch.int64)
@@ -526,6 +542,14 @@ class _Rank:
         self.credits[peer].acquire()
         stats.blocked_seconds += time.perf_counter() - started
         self.check()
+
+
+def _quietly(send: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """A terminal message on the error path: a peer that is gone already needs none."""
+    try:
+        send(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the error being reported is the one that matters
+        pass
 
 
 def _stage_names(stages: Sequence[Any]) -> list[tuple[str, Callable[[Any], Any]]]:
@@ -669,6 +693,7 @@ def _run_rank(named, items, depth, groups, rank, stage, replicas, state: _Rank, 
         return out
 
     occupancy_total = 0
+    owed, credit_batch = 0, max(1, depth // 2)
     try:
         if stage == 0:
             for index, item in enumerate(items):
@@ -691,7 +716,10 @@ def _run_rank(named, items, depth, groups, rank, stage, replicas, state: _Rank, 
                     state.queued -= 1
                 occupancy_total += waiting
                 stats.queue_max = max(stats.queue_max, waiting)
-                credit_up.send_credit(1)
+                owed += 1
+                if owed == credit_batch:  # credits go back in batches: fewer messages, same bound
+                    credit_up.send_credit(owed)
+                    owed = 0
                 index, value = entry
                 out = run(index, value)
                 if result_out is not None:
@@ -711,12 +739,14 @@ def _run_rank(named, items, depth, groups, rank, stage, replicas, state: _Rank, 
             credit_up.send_credit(0)
     except _Stop as stop:
         state.fail(str(stop))
+    except Exception as e:  # noqa: BLE001 - a failed send (a peer gone): stop here too, never hang
+        state.fail(f"pipeline: rank {rank} failed: {type(e).__name__}: {e}")
     if state.error is not None:  # wake the neighbours: every channel not yet ended ends with the error
         for ch in data_out + ([result_out] if result_out is not None else []):
             if not ch.closed:
-                ch.send_message(_ERROR, text=state.error)
+                _quietly(ch.send_message, _ERROR, text=state.error)
         if credit_up is not None and not credit_up.closed:
-            credit_up.send_credit(-1, state.error)
+            _quietly(credit_up.send_credit, -1, state.error)
     for t in state.threads:  # each ends at its channel's terminal message, which every peer sends
         t.join()
     stats.queue_mean = occupancy_total / stats.items if stats.items and stage > 0 else 0.0
