@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from disttrain.bench import format_or_dash, write_csv
 
@@ -227,9 +228,9 @@ def _eval_rank(args) -> list[dict]:
         dist.barrier()
         if rank == 0:
             start = time.perf_counter()
-            serial = []
+            serial: list[torch.Tensor] = []
             for entry in files:
-                value = entry
+                value: Any = entry
                 for _, fn in stages:
                     value = fn(value)
                 serial.append(value)
@@ -293,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     if args.role is not None:  # one rank of a job
-        rows = _train_rank(args) if args.role == "train" else _eval_rank(args)
-        if rows and args.rows_file:
+        mine = _train_rank(args) if args.role == "train" else _eval_rank(args)
+        if mine and args.rows_file:
             with open(args.rows_file, "w") as f:
-                json.dump(rows, f)
+                json.dump(mine, f)
         return 0
     if shutil.which("mpiexec") is None:
         print("disttrain bench mpi: mpiexec not found; install Open MPI (scripts/setup.sh: openmpi-bin)",
