@@ -100,9 +100,17 @@ def _check_training_pieces(rank, world, files, result):
     grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     all_grads = [torch.empty_like(grads) for _ in range(world)]
     dist.all_gather(all_grads, grads)
-    mpi.GradientAverager(model)()
+    average = mpi.GradientAverager(model)
+    average()  # gradients backward allocated: copied into the buffer
     averaged = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     result["average_error"] = float((averaged - torch.stack(all_grads).mean(0)).abs().max())
+    average.zero_grad()  # gradients as views of the buffer: backward accumulates there
+    model(x).square().mean().backward()
+    average()
+    again = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    result["average_in_place_error"] = float((again - torch.stack(all_grads).mean(0)).abs().max())
+    result["grads_are_views"] = all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(model.parameters(),
+                                                                                       average._views))
 
 
 def main(out_dir, mode, image_dir):

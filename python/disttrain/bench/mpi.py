@@ -124,7 +124,7 @@ def _train_rank(args) -> list[dict]:
             opts["torch-ddp/gloo"].step()
 
         def disttrain_step() -> None:
-            opts["disttrain-mpi"].zero_grad()
+            average.zero_grad()
             F.cross_entropy(nets["disttrain-mpi"](x), y).backward()
             average()
             opts["disttrain-mpi"].step()

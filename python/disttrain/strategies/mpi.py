@@ -137,8 +137,9 @@ class GradientAverager:
     The gradients are copied into one flat buffer (allocated once), all-reduced
     with ``AVG`` by the process group's backend and left in place: each
     parameter's ``.grad`` becomes a view of the buffer, so nothing is copied
-    back. This replaces the mpi4py recipe's loop of ``comm.Allreduce`` per
-    gradient through numpy.
+    back; with :meth:`zero_grad` instead of ``optimizer.zero_grad()`` backward
+    writes into the buffer itself and nothing is copied in either. This replaces
+    the mpi4py recipe's loop of ``comm.Allreduce`` per gradient through numpy.
 
     Args:
         module: the model, or an iterable of its parameters.
@@ -149,7 +150,7 @@ class GradientAverager:
 
     Example:
         >>> average = GradientAverager(model)
-        >>> loss.backward(); average(); optimizer.step()
+        >>> average.zero_grad(); loss_fn(model(x), y).backward(); average(); optimizer.step()
     """
 
     def __init__(self, module: nn.Module | Iterable[nn.Parameter], group: Any = None):
@@ -169,6 +170,15 @@ class GradientAverager:
         for p in self.params:
             self._views.append(self.flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
+
+    def zero_grad(self) -> None:
+        """Zeroes the gradients in place, as views of the flat buffer (use it instead of
+        ``optimizer.zero_grad()``): backward then accumulates straight into the buffer, so the
+        all-reduce needs no copy and no new gradient memory is allocated each step."""
+        with torch.no_grad():
+            self.flat.zero_()
+            for p, view in zip(self.params, self._views):
+                p.grad = view
 
     def __call__(self) -> None:
         """All-reduces (averages) the current gradients; a missing gradient counts as zero."""
