@@ -92,6 +92,20 @@ def test_rendezvous_from_hostfile_nodelist_and_job_id(tmp_path):
     assert 20000 <= port < 40000 and port != dd._derived_port({"PBS_JOBID": "1235.pbs"})[0]
 
 
+def test_one_host_job_needs_no_hostfile_nor_mpi4py(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("MASTER_", "PBS_", "SLURM_", "DISTTRAIN_HOSTFILE", "OMPI_MCA_orte_default")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MASTER_ADDR", "")  # empty counts as unset; monkeypatch restores both afterwards
+    monkeypatch.setenv("MASTER_PORT", "")
+    monkeypatch.setattr(dd, "_mpi4py_importable", lambda: False)
+    monkeypatch.setenv("OMPI_MCA_ess_base_jobid", "3875471361")
+    job = {"launcher": "Open MPI", "rank": 1, "world_size": 3, "local_rank": 1, "local_world_size": 3}
+    dd._rendezvous_from_launcher(job)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert int(os.environ["MASTER_PORT"]) == dd._derived_port({"OMPI_MCA_ess_base_jobid": "3875471361"})[0]
+
+
 def test_missing_rendezvous_is_a_clear_error(monkeypatch):
     for name in list(os.environ):
         if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "PBS_", "MASTER_", "DISTTRAIN_HOSTFILE")) \

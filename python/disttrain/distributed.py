@@ -325,8 +325,9 @@ def _mpi4py_importable() -> bool:
 def _rendezvous_from_launcher(job: dict[str, Any]) -> None:
     """Sets MASTER_ADDR/MASTER_PORT (when absent) for a job mpiexec, mpirun or srun started.
 
-    In order: the environment; the hostfile's (or Slurm node list's) first host
-    with a port derived from the job id; an exchange through MPI (mpi4py).
+    In order: the environment; the hostfile's (or Slurm node list's) first host,
+    or 127.0.0.1 when the launcher's local size is the world size, with a port
+    derived from the job id; an exchange through MPI (mpi4py).
     """
     env = os.environ
     need_addr, need_port = env.get("MASTER_ADDR", "") == "", env.get("MASTER_PORT", "") == ""
@@ -334,6 +335,8 @@ def _rendezvous_from_launcher(job: dict[str, Any]) -> None:
         first = _first_host(env)
         if first is not None:
             env["MASTER_ADDR"], need_addr = first[0], False
+        elif job["local_world_size"] == job["world_size"]:  # the launcher says every rank is on this host
+            env["MASTER_ADDR"], need_addr = "127.0.0.1", False
     if need_port:
         derived = _derived_port(env)
         if derived is not None and not need_addr:
@@ -370,8 +373,9 @@ def init(
     :func:`launch_environment`. Under an MPI or Slurm launch the rendezvous
     address is ``MASTER_ADDR``/``MASTER_PORT`` when set, else the first host of
     the hostfile (``DISTTRAIN_HOSTFILE``, ``OMPI_MCA_orte_default_hostfile``,
-    ``PBS_NODEFILE``) or of Slurm's node list with a port derived from the job
-    id, else exchanged through MPI when mpi4py is installed; ``RANK``,
+    ``PBS_NODEFILE``) or of Slurm's node list (127.0.0.1 when every rank is on
+    this host) with a port derived from the job id, else exchanged through MPI
+    when mpi4py is installed; ``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` are then set as
     torchrun would. Without any launcher it starts a single-process group, so
     the same script runs alone (docs/mpi.md).
