@@ -3,6 +3,7 @@
 Each launch starts its own processes (spawn); data are small slices of the digits set.
 """
 
+import multiprocessing as mp
 import random
 import time
 
@@ -97,6 +98,7 @@ def test_killed_worker_is_dropped_in_async_mode():
         _, stats = ps.launch_ps_and_workers(3, 2, train, test, mode="async", kill_after={2: 3}, log_interval=-1,
                                             timeout=30)
     assert stats.dead_workers == [2]
+    assert not mp.active_children()  # every rank joined
     assert stats.updates == 2 * 192 // 32 + 3  # the other worker finished its data; the dead one pushed 3
 
 
@@ -117,6 +119,7 @@ def test_killed_server_fails_every_worker_within_the_timeout():
     for rank in (1, 2):
         assert f"worker rank {rank} ({rank} of 2): lost parameter server rank 0" in text
     assert time.monotonic() - start < 20 + 15
+    assert not mp.active_children()
 
 
 @pytest.mark.parametrize("kwargs,match", [

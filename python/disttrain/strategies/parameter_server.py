@@ -409,6 +409,8 @@ def _serve(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> di
     def send(w: int, kind: int, flags: int, payload: torch.Tensor | None) -> None:
         if w in failed:
             return
+        if kind == _PARAMS and w in recvs:  # our own bug, never a worker's: two replies to one message
+            raise AssertionError(f"parameter server rank {server}: a receive from worker rank {w} is already posted")
         try:
             if w in sends:
                 sends.pop(w).wait()
@@ -751,7 +753,7 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
                           test_dataloader: Iterable | None = None, *,
                           model: nn.Module | Callable[[], nn.Module] | None = None,
                           optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                          loss_fn: Callable[..., torch.Tensor] | None = None, mode: str = "async",
+                          loss_fn: Callable[..., torch.Tensor] | None = None, mode: str = "sync",
                           staleness: int = 2, policy: str = "wait", num_servers: int = 1, timeout: float = 60.0,
                           seed: int = 42, log_interval: int = 10, eval_every: int | None = None,
                           kill_after: dict[int, int] | None = None) -> tuple[nn.Module, ParameterServerStats]:
@@ -770,7 +772,8 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
         optimizer: ``params -> Optimizer``, run on each server's flat slice
             (one tensor); default SGD, lr 0.05, momentum 0.9.
         loss_fn: ``(output, target) -> loss``; default cross entropy.
-        mode: ``"sync"``, ``"ssp"`` (bounded staleness) or ``"async"``.
+        mode: ``"sync"`` (the default: equal to data-parallel training),
+            ``"ssp"`` (bounded staleness) or ``"async"``.
         staleness: the bound s of ``ssp``: no gradient staler than s is applied.
         policy: ``ssp`` only: ``"wait"`` (workers are held back) or ``"drop"``
             (stale gradients are discarded).
