@@ -265,9 +265,13 @@ def _run_job(world: int, argv: list[str], label: str) -> list[dict]:
         cmd = [*MPIEXEC, "-n", str(world), sys.executable, "-m", "disttrain.bench.mpi", *argv,
                "--rows-file", rows_file]
         print(f"# {world} ranks: {label}", flush=True)
+        load_before = os.getloadavg()[0]
         subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
         with open(rows_file) as f:
-            return json.load(f)
+            rows = json.load(f)
+        # The machine's load around the job (other users' processes compete for the cores too).
+        load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+        return [dict(row, load_1min=load) for row in rows]
 
 
 def _report(rows: list[dict], out: str) -> None:
@@ -279,6 +283,8 @@ def _report(rows: list[dict], out: str) -> None:
                 if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
         print(f"{row['model']:<14} {row['world_size']:>5} {row['config']:<20} {row['steps_per_s']:>8.2f} "
               f"{row['steps_per_s'] / same['mpi4py']:>8.2f}x {row['steps_per_s'] / same['torch-ddp/gloo']:>10.2f}x")
+    print("load average (1 min) around each job: "
+          + ", ".join(sorted({f"{r['world_size']} ranks {r['kind']}: {r['load_1min']}" for r in rows})))
     evals = [r for r in rows if r["kind"] == "eval"]
     if evals:
         print(f"\n{'evaluation':<22} {'ranks':>5} {'images/s':>9} {'vs one rank':>11}")
