@@ -327,7 +327,7 @@ def report(rows: list[dict[str, Any]], target: float, out: str) -> None:
         for key, col in (("s_per_pass", "pass_time_vs_ddp"), ("time_to_target_s", "time_to_target_vs_ddp"),
                          ("updates_per_s", "updates_per_s_vs_ddp")):
             ok = base is not None and r[key] != "" and base[key] not in ("", 0)
-            r[col] = r[key] / base[key] if ok else ""
+            r[col] = r[key] / base[key] if ok and base is not None else ""
     print(f"\n# strategies: same model and data; each at the (lr, momentum) of the grid that reached {target:.0%} "
           "validation accuracy first;\n# t->target: seconds of training to that (validation, post-selection); "
           "test acc: held-out test split; ratios to DDP at the same N")
@@ -375,17 +375,19 @@ def main(argv: list[str] | None = None) -> int:
         print("disttrain bench strategies: --processes needs counts >= 2 (a server and a worker)", file=sys.stderr)
         return 2
     grid = _grid(args.grid)
-    rows, every, curves = [], [], {}
+    rows, every = [], []
+    curves: dict[str, list[Any]] = {}
     for n in counts:
         for config in configs:
             # The RPC pattern has no validation curve to choose by: one grid point (its plain SGD lr).
             points = grid[:1] if config == "rpc_ps" else grid
-            runs, losses = [], {}
+            runs: list[dict[str, Any]] = []
+            losses: dict[tuple[float, float], list[Any]] = {}
             for lr, momentum in points:
                 print(f"# {config}, {n} processes, lr {lr}, momentum {momentum} ...", flush=True)
                 result = _launch(config, n, argv, args.timeout, lr, momentum)
                 runs.append(_row(config, n, lr, momentum, result, args.target))
-                losses[(lr, momentum)] = result.get("losses")
+                losses[(lr, momentum)] = result.get("losses") or []
             every += runs
             chosen = select(runs)
             rows.append(chosen)
