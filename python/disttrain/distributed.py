@@ -12,6 +12,7 @@ from typing import Any
 import torch.distributed as dist
 
 from . import _C
+from ._processes import free_port
 
 BACKEND_NAME = "disttrain"
 
@@ -300,11 +301,7 @@ def _exchange_rendezvous(rank: int, need_addr: bool, need_port: bool) -> tuple[s
     comm = MPI.COMM_WORLD
     offer = None
     if rank == 0:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("", 0))  # the store listens on every interface
-            port = s.getsockname()[1]
+        port = free_port("")  # the store listens on every interface
         offer = (_ipv4_interfaces(), port)
     interfaces, port = comm.bcast(offer, root=0)
     address = None
@@ -419,7 +416,7 @@ def init(
             if world_size > 1:
                 raise RuntimeError(
                     "disttrain.init: MASTER_PORT is not set; launch with torchrun or set MASTER_ADDR/MASTER_PORT")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         init_method = "env://"
     if isinstance(timeout, (int, float)):
         timeout = datetime.timedelta(seconds=timeout)
@@ -440,11 +437,3 @@ def _export_torchrun_variables(job: dict[str, Any], rank: int, world_size: int) 
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank),
                         ("LOCAL_WORLD_SIZE", local_world)):
         os.environ.setdefault(name, str(value))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import threading
 import time
 import traceback
@@ -33,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from disttrain._processes import describe_exit, free_port
 
 VARIANTS = ("tutorial", "pull_push")
 
@@ -150,12 +151,6 @@ def _rank_main(rank: int, world_size: int, port: int, args: tuple, timeout: floa
         results.put(("error", rank, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_classic_ps(num_trainers: int, epochs: int = 1, batch_size: int = 32, lr: float = 0.05, *,
                    variant: str = "tutorial", timeout: float = 60.0, seed: int = 42) -> dict[str, Any]:
     """Runs the PyTorch RPC parameter-server pattern with ``num_trainers``
@@ -185,7 +180,7 @@ def run_classic_ps(num_trainers: int, epochs: int = 1, batch_size: int = 32, lr:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     world = num_trainers + 1
-    port = _free_port()
+    port = free_port()
     args = (epochs, batch_size, lr, seed, variant)
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -225,7 +220,7 @@ def run_classic_ps(num_trainers: int, epochs: int = 1, batch_size: int = 32, lr:
     for r in range(world):
         code = procs[r].exitcode
         status, value = outcome.get(r, ("error", "did not finish before the deadline (stopped)"
-                                       if code is None or code < 0 else f"exited with code {code} without reporting"))
+                                       if code is None or code < 0 else f"{describe_exit(code)} without reporting"))
         if status != "ok":
             errors[r] = str(value).strip().splitlines()[-1]
         elif r > 0 and value.get("error"):

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from .. import _C
+from .._processes import describe_exit
 
 DATA_MODES = ("split", "full")
 STATE_MODES = ("shared", "per_process")
@@ -341,19 +342,6 @@ def _process_main(process: int, job: dict[str, Any], results: Any, start: Any) -
         results.put(("error", process, traceback.format_exc()))
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        import signal
-
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
 def _epoch_barrier(results: Any, resume: list[Any], process: int, epoch: int, trained: float) -> None:
     """A process's end of epoch when the parent evaluates: report, then wait
     until the parent has evaluated the shared model."""
@@ -404,7 +392,7 @@ def _wait_all(procs: list[Any], results: Any, timeout: float | None, start: Any,
                     msg = results.get(timeout=1.0)
                 except queue.Empty:
                     raise HogwildProcessError(
-                        f"hogwild: process {i} of {n} (pid {proc.pid}) {_describe_exit(proc.exitcode)} "
+                        f"hogwild: process {i} of {n} (pid {proc.pid}) {describe_exit(proc.exitcode)} "
                         "before finishing its epochs") from None
                 results.put(msg)
                 break

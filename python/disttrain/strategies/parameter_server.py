@@ -59,7 +59,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -69,6 +68,8 @@ from typing import Any, Callable, Iterable, Sized, cast
 
 import torch
 from torch import nn
+
+from .._processes import describe_exit
 
 __all__ = ["launch_ps_and_workers", "ParameterServerStats", "ParameterServerError", "worker_indices", "evaluate",
            "MODES", "POLICIES"]
@@ -655,21 +656,6 @@ def _rank_main(rank: int, payload_path: str, store_port: int, results) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code} without reporting"
-
-
 def _role(rank: int, num_servers: int, world_size: int) -> str:
     if rank < num_servers:
         return f"rank {rank} (server {rank + 1} of {num_servers})"
@@ -728,7 +714,7 @@ def _run_processes(payload: bytes, world_size: int, timeout: float) -> tuple[dic
                     (done if status == "ok" else errors)[rank] = value
                 for r in gone:
                     if r not in done and r not in errors:
-                        deaths[r] = _describe_exit(procs[r].exitcode)
+                        deaths[r] = describe_exit(procs[r].exitcode) + " without reporting"
                         if first_failure is None:
                             first_failure = time.monotonic()
             if first_failure is not None and time.monotonic() - first_failure > timeout + 10:
