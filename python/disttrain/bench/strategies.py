@@ -25,7 +25,7 @@ to DDP. Rows go to ``benchmarks/results/strategies.csv`` (every run of the grid
 to ``strategies_grid.csv``) and the chosen runs' loss curves to
 ``strategies_losses.png``.
 
-    disttrain bench strategies --processes 2,4 --epochs 8
+    disttrain bench strategies --processes 2,4 --epochs 15
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", default="2,4", help="comma-separated process counts (default 2,4)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     p.add_argument("--model", default="small_cnn", choices=("small_cnn", "mlp"))
-    p.add_argument("--epochs", type=int, default=8, help="passes over the data set, all processes together")
+    p.add_argument("--epochs", type=int, default=15, help="passes over the data set, all processes together")
     p.add_argument("--batch-size", type=int, default=32, help="per process (per worker, per rank)")
     p.add_argument("--grid", default="0.1:0.9,0.05:0.9,0.1:0.5,0.2:0",
                    help="lr:momentum pairs (SGD) tried for every configuration; each is reported at the pair that "
