@@ -213,3 +213,30 @@ def test_each_allreduce_algorithm_at_every_size(algo):
     results = run_ranks(_forced_algorithms, 3, env={"DISTTRAIN_ALLREDUCE_ALGO": algo, "DISTTRAIN_CHUNK_BYTES": "4096",
                                                      "DISTTRAIN_TRANSPORT": "tcp"})
     assert results == [[], [], []]
+
+
+def _avg_edge_values(rank, world):
+    # Subnormals, values that become subnormal when halved, the largest finite
+    # values and ordinary ones: the fused AVG (a multiply by 1/world for a
+    # power of two, a divide otherwise) must give SUM's result / world bit for bit.
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        info = torch.finfo(dtype)
+        g = torch.Generator().manual_seed(rank)
+        special = torch.tensor([info.tiny, info.tiny / 3, info.tiny * 1.5, info.max / world, -info.max / world,
+                                info.eps, 0.0, -0.0, 1.0 / 3], dtype=dtype)
+        t = torch.cat([special * (rank + 1), torch.randn(100_003, generator=g, dtype=dtype)])
+        mine = t.clone()
+        dist.all_reduce(mine, op=dist.ReduceOp.AVG)
+        total = t.clone()
+        dist.all_reduce(total)  # the same sum (the same order of additions), then torch's divide
+        expected = total / world
+        out[str(dtype)] = bool(torch.equal(mine.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                                           expected.view(torch.int64 if dtype == torch.float64 else torch.int32)))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_avg_is_sum_divided_bit_for_bit(world):
+    for result in run_ranks(_avg_edge_values, world_size=world):
+        assert all(result.values()), result

@@ -403,9 +403,19 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   OpSignature sig = signature(OpKind::kAllreduce, user, op, user.numel());
   at::Tensor buf = user.contiguous();
   int world = getSize();
+  // Same host: AVG divides each reduced block while it is in cache, as the
+  // coalesced path does (a separate divide pass cost 6 ms of a 14 ms AVG of
+  // 75 MB at 2 ranks).
+  const bool fuse_avg = op == RedOp::kAvg && shm_ && !hierarchical_ &&
+                        (buf.scalar_type() == at::kFloat || buf.scalar_type() == at::kDouble);
   return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
-    run_allreduce(sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
-    if (op == RedOp::kAvg) divide_by(buf, world);
+    if (fuse_avg) {
+      shm_allreduce(*shm_, sig, {{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()}}, buf.numel(),
+                    buf.scalar_type(), true, dl);
+    } else {
+      run_allreduce(sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
+      if (op == RedOp::kAvg) divide_by(buf, world);
+    }
     copy_back(user, buf);
   });
 }

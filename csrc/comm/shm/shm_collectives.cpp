@@ -28,6 +28,22 @@ Slice slice(size_t n, int p, int k) {
 // block stays in L1 while every source is folded into it.
 constexpr size_t kReduceBlockBytes = 8 << 10;
 
+// x[i] /= d. For a power of two d, 1/d is exact and x * (1/d) == x / d bit
+// for bit (scaling by a power of two only changes the exponent, including
+// into subnormals: both round the same exact value once), and a multiply
+// costs a fraction of a divide (measured: AVG of 75 MB at 2 ranks spent 6 ms
+// more than SUM, all in the divides).
+template <typename T>
+void divide_block(T* x, size_t n, int d) {
+  if ((d & (d - 1)) == 0) {
+    const T inv = T(1) / static_cast<T>(d);
+    for (size_t i = 0; i < n; ++i) x[i] *= inv;
+  } else {
+    const T div = static_cast<T>(d);
+    for (size_t i = 0; i < n; ++i) x[i] /= div;
+  }
+}
+
 // dst = srcs[0] op srcs[1] op ... (in that order, so every rank computes the
 // same bits), block by block: dst is written once per block instead of once
 // per source. With `copy_to`, each finished block is also copied there while
@@ -43,14 +59,10 @@ void reduce_blocked(ReduceFn fn, uint8_t* dst, const std::vector<const uint8_t*>
     for (size_t q = 2; q < srcs.size(); ++q) fn(dst + off, dst + off, srcs[q] + off, n);
     if (divide_by > 0) {
       if (dtype == c10::ScalarType::Float) {
-        auto* x = reinterpret_cast<float*>(dst + off);
-        const auto d = static_cast<float>(divide_by);
-        for (size_t i = 0; i < n; ++i) x[i] /= d;
+        divide_block(reinterpret_cast<float*>(dst + off), n, divide_by);
       } else {
         TORCH_INTERNAL_ASSERT(dtype == c10::ScalarType::Double, "fused AVG on ", dtype);
-        auto* x = reinterpret_cast<double*>(dst + off);
-        const auto d = static_cast<double>(divide_by);
-        for (size_t i = 0; i < n; ++i) x[i] /= d;
+        divide_block(reinterpret_cast<double*>(dst + off), n, divide_by);
       }
     }
     if (copy_to) std::memcpy(copy_to + off, dst + off, n * elem);

@@ -22,8 +22,8 @@ target (validation accuracy after each epoch with the clock paused; the
 parameter server snapshots during its run; post-selection, since the choice
 is made on it), accuracy on the test split (which no choice uses), and ratios
 to DDP. Rows go to ``benchmarks/results/strategies.csv`` (every run of the grid
-to ``strategies_grid.csv``) and the chosen runs' loss curves to
-``strategies_losses.png``.
+to ``strategies_grid.csv``) and the chosen runs' loss curves, one chart per
+process count, to ``strategies_losses_<N>.png``.
 
     disttrain bench strategies --processes 2,4 --epochs 15
 """
@@ -398,10 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     if curves:
         from disttrain.strategies.hogwild import chart_losses
 
-        path = os.path.splitext(args.out)[0] + "_losses.png"
-        window = max(1, min(len(c) for c in curves.values()) // 40)
-        chart_losses(curves, "Training loss against time, per strategy", path=path, smooth=window, log_scale=True)
-        print(f"# wrote {path}")
+        for n in counts:
+            mine = {name: c for name, c in curves.items() if name.endswith(f" x{n}")}
+            if not mine:
+                continue
+            path = f"{os.path.splitext(args.out)[0]}_losses_{n}.png"
+            window = max(1, min(len(c) for c in mine.values()) // 40)
+            chart_losses({name.rsplit(" x", 1)[0]: c for name, c in mine.items()},
+                         f"Training loss against training time, {n} processes", path=path, smooth=window,
+                         log_scale=True, log_time=True)
+            print(f"# wrote {path}")
     return 0
 
 

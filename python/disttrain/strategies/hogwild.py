@@ -614,7 +614,7 @@ def log_elapsed_time(num_processes: int, epochs_per_process: int, start: float, 
 
 def chart_losses(losses_dict: Mapping[str, Iterable[Any]],
                  title: str = "Comparing Training Losses Across Configurations", path: str | None = None,
-                 smooth: int = 1, log_scale: bool = False) -> Any:
+                 smooth: int = 1, log_scale: bool = False, log_time: bool = False) -> Any:
     """Plots each configuration's training losses, one line each, and returns
     the matplotlib figure; saves it too when given ``path`` (the format from its
     extension: .png, .svg, ...).
@@ -626,6 +626,7 @@ def chart_losses(losses_dict: Mapping[str, Iterable[Any]],
         path: where to save the figure (its folder is created).
         smooth: plot the moving average over this many steps.
         log_scale: a logarithmic loss axis.
+        log_time: a logarithmic time (or step) axis, for runs of very different lengths.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, works headless and in notebooks
 
@@ -655,6 +656,8 @@ def chart_losses(losses_dict: Mapping[str, Iterable[Any]],
     ax.set_ylabel("training loss" + (f" (moving average of {smooth})" if smooth > 1 else ""))
     if log_scale:
         ax.set_yscale("log")
+    if log_time:
+        ax.set_xscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
