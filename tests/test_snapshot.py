@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import random
+import struct
 import subprocess
 import sys
 
@@ -233,3 +234,102 @@ def test_export_gives_plain_torch_file(tmp_path):
     loaded = torch.load(tmp_path / "model.pt")
     _assert_same(state["model"], loaded)
     _assert_same(exported, loaded)
+
+
+_HEADER = struct.Struct("<8sII8QI44x")  # csrc/snapshot/snapshot_format.h: Header (128 bytes)
+
+
+def _rewrite_header(path, **fields):
+    """Rewrites header fields and gives the header a valid CRC again: what a
+    hostile or buggy writer could produce."""
+    with open(path, "r+b") as f:
+        raw = f.read(_HEADER.size)
+        names = ["magic", "version", "header_crc", "metadata_offset", "metadata_length", "table_offset",
+                 "table_length", "tensor_count", "data_offset", "data_length", "file_length", "metadata_table_crc"]
+        h = dict(zip(names, _HEADER.unpack(raw)))
+        h.update(fields, header_crc=0)
+        crc = _C.crc32c(_HEADER.pack(*(h[n] for n in names)))
+        h["header_crc"] = crc
+        f.seek(0)
+        f.write(_HEADER.pack(*(h[n] for n in names)))
+        return h
+
+
+def _load_in_child(path):
+    """Loads in a fresh interpreter: a crash (segfault) is a failed test, not a dead test run."""
+    code = ("import sys\nfrom disttrain import snapshot\n"
+            "try:\n    snapshot.load(sys.argv[1])\nexcept snapshot.CorruptSnapshotError as e:\n"
+            "    print('CORRUPT', e)\nexcept MemoryError:\n    print('MEMORYERROR')\n")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["terabyte_metadata", "offsets_wrap", "huge_tensor_count"])
+def test_hostile_header_with_valid_crc_is_corrupt_before_any_allocation(tmp_path, case):
+    path = tmp_path / "s.dts"
+    snapshot.save(path, {"w": torch.arange(10.0)})
+    with open(path, "rb") as f:
+        h = dict(zip(["magic", "version", "header_crc", "metadata_offset", "metadata_length", "table_offset",
+                      "table_length", "tensor_count", "data_offset", "data_length", "file_length",
+                      "metadata_table_crc"], _HEADER.unpack(f.read(_HEADER.size))))
+    if case == "terabyte_metadata":  # self-consistent offsets, a terabyte before the data
+        meta = 1 << 40
+        table_offset = h["metadata_offset"] + meta
+        data_offset = table_offset + h["table_length"]
+        _rewrite_header(path, metadata_length=meta, table_offset=table_offset, data_offset=data_offset,
+                        file_length=data_offset + h["data_length"] + 16)
+    elif case == "offsets_wrap":  # data_offset + data_length + 16 wraps around 2^64 to a small file length
+        data_length = (1 << 64) - 8
+        _rewrite_header(path, data_length=data_length, file_length=(h["data_offset"] + data_length + 16) % (1 << 64))
+    else:
+        _rewrite_header(path, tensor_count=(1 << 62))
+    out = _load_in_child(path)
+    assert out.returncode == 0, f"the load crashed (status {out.returncode}): {out.stderr[-2000:]}"
+    assert out.stdout.startswith("CORRUPT"), out.stdout + out.stderr[-2000:]
+    assert "s.dts" in out.stdout
+
+
+def test_symlink_planted_at_the_temporary_name_is_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    # The child plants links at the names its own first saves would use (its pid, counters 0..7).
+    code = ("import os, sys, torch\nfrom disttrain import snapshot\n"
+            "d, victim = sys.argv[1], sys.argv[2]\n"
+            "for n in range(8):\n    os.symlink(victim, os.path.join(d, f'.s.dts.tmp.{os.getpid()}.{n}'))\n"
+            "try:\n    snapshot.save(os.path.join(d, 's.dts'), {'w': torch.ones(4)})\n"
+            "except snapshot.SnapshotWriteError as e:\n    print('REFUSED', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(victim)], capture_output=True, text=True,
+                         timeout=120)
+    assert victim.read_text() == "precious"
+    assert out.stdout.startswith("REFUSED") and "File exists" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert not (tmp_path / "s.dts").exists()
+
+
+def _history(epochs):
+    from disttrain.train_metrics import _PER_EPOCH
+
+    return {key: [0.5] * epochs for key in _PER_EPOCH}
+
+
+def test_snapshot_and_metrics_modes_follow_the_umask(tmp_path):
+    from disttrain.train_metrics import write_metrics_csv
+
+    old = os.umask(0o027)
+    try:
+        snapshot.save(tmp_path / "s.dts", {"w": torch.ones(2)})
+        write_metrics_csv(str(tmp_path / "metrics.csv"), _history(1), {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.dts").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "metrics.csv").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "s.dts"]  # no temporary file left
+
+
+def test_metrics_csv_never_writes_through_a_planted_symlink(tmp_path):
+    from disttrain.train_metrics import write_metrics_csv
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "metrics.csv.tmp")  # the name it used to write to
+    write_metrics_csv(str(tmp_path / "metrics.csv"), _history(2), {"model_name": "m"})
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 3

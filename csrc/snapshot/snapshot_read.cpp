@@ -114,9 +114,22 @@ Snapshot read_snapshot(const std::string& path) {
   h.header_crc = stored_header_crc;
   TORCH_CHECK(h.version == kVersion, "snapshot '", path, "' has format version ", h.version,
               "; this disttrain reads version ", kVersion);
-  if (h.metadata_offset != kHeaderSize || h.table_offset != h.metadata_offset + h.metadata_length ||
-      h.data_offset < h.table_offset + h.table_length || h.file_length != h.data_offset + h.data_length + kFooterSize)
+  // Every size and offset is checked against the others with overflow-checked
+  // sums, and against the file's real length, before anything is allocated
+  // from them: a header with a valid CRC may still come from a hostile or
+  // buggy writer (it could claim a terabyte of metadata, or offsets that wrap).
+  uint64_t table_offset, table_end, data_end, file_end;
+  if (h.metadata_offset != kHeaderSize ||
+      __builtin_add_overflow(h.metadata_offset, h.metadata_length, &table_offset) || h.table_offset != table_offset ||
+      __builtin_add_overflow(h.table_offset, h.table_length, &table_end) || h.data_offset < table_end ||
+      __builtin_add_overflow(h.data_offset, h.data_length, &data_end) ||
+      __builtin_add_overflow(data_end, kFooterSize, &file_end) || h.file_length != file_end)
     corrupt(path, "", "inconsistent section offsets in the header");
+  if (h.data_offset > file.size() - kFooterSize)
+    corrupt(path, "", "header claims " + std::to_string(h.data_offset) + " bytes before the tensor data; the file has " +
+                          std::to_string(file.size()) + " (truncated or not a snapshot)");
+  // Each table entry takes at least 31 bytes (name length, dtype, ndim, offset, size, CRC).
+  if (h.tensor_count > h.table_length / 31) corrupt(path, "", "tensor count does not fit the tensor table");
 
   std::string prefix(h.data_offset, '\0');
   file.read_at(&prefix[0], prefix.size(), 0, "");
@@ -183,7 +196,6 @@ Snapshot read_snapshot(const std::string& path) {
     data_crc = crc32c_combine(data_crc, crc, e.nbytes);
     cursor = e.offset + e.nbytes;
   }
-  const uint64_t data_end = h.data_offset + h.data_length;
   if (cursor != data_end) corrupt(path, "", "data section length does not match the table");
 
   Footer footer;

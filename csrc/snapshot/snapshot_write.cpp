@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <csignal>
 #include <cstring>
 #include <unordered_set>
@@ -39,6 +40,20 @@ std::string base_name(const std::string& path) {
                                "); any previous snapshot is untouched");
 }
 
+// The mode a plain open(O_CREAT, 0666) would give: 0666 less the process's
+// umask, read from /proc (calling umask() to read it would change it for
+// every thread for a moment). Owner-only when it cannot be read.
+mode_t published_mode() {
+  FILE* f = std::fopen("/proc/self/status", "re");
+  if (f == nullptr) return 0600;
+  char line[256];
+  unsigned mask = 077;
+  while (std::fgets(line, sizeof(line), f) != nullptr)
+    if (std::sscanf(line, "Umask: %o", &mask) == 1) break;
+  std::fclose(f);
+  return static_cast<mode_t>(0666 & ~mask);
+}
+
 // One open temporary file; removed unless commit() renamed it.
 class TempFile {
  public:
@@ -46,7 +61,10 @@ class TempFile {
     static std::atomic<uint64_t> counter{0};
     temp_ = parent_directory(target_) + "/." + base_name(target_) + ".tmp." + std::to_string(::getpid()) + "." +
             std::to_string(counter++);
-    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    // Created here and nowhere else: exclusively (a file, or a symlink planted at
+    // the name, is an error, never written through) and readable by the owner
+    // only until it is complete.
+    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
     if (fd_ < 0) fail(target_, ("creating '" + temp_ + "'").c_str(), errno);
   }
   ~TempFile() {
@@ -72,6 +90,8 @@ class TempFile {
   }
 
   void commit() {
+    // Complete: it becomes readable as any file the user creates is.
+    if (::fchmod(fd_, published_mode()) != 0) fail(target_, "fchmod", errno);
     if (options_.fsync && ::fsync(fd_) != 0) fail(target_, "fsync", errno);
     if (::close(fd_) != 0) {
       fd_ = -1;
