@@ -19,16 +19,11 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Sequence
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from disttrain._processes import free_port, stop
 
 
 def _rank_main(fn, rank, world_size, args, env, backend, pg_timeout, results, store_port):
@@ -129,11 +124,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
                 missing = [r for r in range(world_size) if r not in outcome]
                 raise RankFailure(f"ranks {missing} did not finish within {timeout:.0f} s")
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop(procs, grace=5)
         del store
     failures = {r: v for r, (s, v) in outcome.items() if s == "error"}
     if failures:

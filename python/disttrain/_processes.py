@@ -1,11 +1,13 @@
 """Small helpers shared by the code that starts processes of its own (the
-strategies, the benchmarks, ``disttrain.init``): a free port, and a process's
-exit status in words."""
+strategies, the benchmarks, ``disttrain.init``, the test harness): a free port,
+a process's exit status in words, and ending a set of processes for sure."""
 
 from __future__ import annotations
 
 import signal
 import socket
+from collections.abc import Iterable
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,3 +28,19 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with status {code}"
+
+
+def stop(procs: Iterable[Any], grace: float = 5.0, terminate: bool = False) -> None:
+    """Ends every ``multiprocessing`` process in ``procs``: SIGTERM first when
+    ``terminate`` is set, then up to ``grace`` seconds each to exit, then SIGKILL.
+    Returns when all have been reaped: nothing is left behind."""
+    procs = list(procs)
+    if terminate:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    for p in procs:
+        p.join(timeout=grace)
+        if p.is_alive():
+            p.kill()
+            p.join()

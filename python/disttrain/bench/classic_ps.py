@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disttrain._processes import describe_exit, free_port
+from disttrain._processes import describe_exit, free_port, stop
 
 VARIANTS = ("tutorial", "pull_push")
 
@@ -209,11 +209,7 @@ def run_classic_ps(num_trainers: int, epochs: int = 1, batch_size: int = 32, lr:
                         outcome[rank] = (status, value)
                     break
     finally:
-        for p in procs:
-            p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop(procs, grace=2)
         results.close()
         results.join_thread()
     errors: dict[int, str] = {}

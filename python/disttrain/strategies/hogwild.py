@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from .. import _C
-from .._processes import describe_exit
+from .._processes import describe_exit, stop
 
 DATA_MODES = ("split", "full")
 STATE_MODES = ("shared", "per_process")
@@ -439,14 +439,7 @@ def _run_processes(job: dict[str, Any], start_method: str, timeout: float | None
     try:
         return _wait_all(procs, results, timeout, start, on_epoch, resume)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        stop(procs, grace=10, terminate=True)
 
 
 def evaluate(model: nn.Module, test_dataloader: Iterable[Any],

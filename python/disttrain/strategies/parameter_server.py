@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterable, Sized, cast
 import torch
 from torch import nn
 
-from .._processes import describe_exit
+from .._processes import describe_exit, stop
 
 __all__ = ["launch_ps_and_workers", "ParameterServerStats", "ParameterServerError", "worker_indices", "evaluate",
            "MODES", "POLICIES"]
@@ -723,11 +723,7 @@ def _run_processes(payload: bytes, world_size: int, timeout: float) -> tuple[dic
                         deaths[r] = f"did not finish within {timeout + 10:.0f} s of the first failure and was stopped"
                 break
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop(procs, grace=5)
         results.close()
         results.join_thread()
         workdir.cleanup()
