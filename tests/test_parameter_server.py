@@ -64,7 +64,7 @@ def test_sync_equals_data_parallel(num_servers):
     assert stats.samples == 2 * 384
 
 
-@pytest.mark.parametrize("policy,num_servers", [("wait", 2), ("drop", 1)])
+@pytest.mark.parametrize("policy,num_servers", [("wait", 1), ("drop", 2)])
 def test_ssp_never_applies_a_gradient_staler_than_s(policy, num_servers):
     train, test = _loaders()
     s = 1
@@ -130,6 +130,7 @@ def test_killed_server_fails_every_worker_within_the_timeout():
     ({"policy": "skip", "mode": "ssp"}, "unknown policy 'skip'; choose one of wait, drop"),
     ({"epochs_per_worker": 0}, "epochs_per_worker must be an integer >= 1"),
     ({"kill_after": {7: 1}}, "kill_after names rank 7"),
+    ({"world_size": 4, "num_servers": 2, "mode": "ssp", "policy": "wait"}, "policy='wait' needs num_servers=1"),
 ])
 def test_bad_input_is_a_clear_value_error(kwargs, match):
     train, test = _loaders()

@@ -4,6 +4,7 @@ a process's exit status in words, and ending a set of processes for sure."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from collections.abc import Iterable
@@ -44,3 +45,19 @@ def stop(procs: Iterable[Any], grace: float = 5.0, terminate: bool = False) -> N
         if p.is_alive():
             p.kill()
             p.join()
+
+
+def start_single_threaded(procs: Iterable[Any]) -> None:
+    """Starts ``procs`` with ``OMP_NUM_THREADS=1`` in their environment (a
+    spawned process reads it when it loads torch, before any code of ours
+    runs), leaving this process's environment as it was."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved

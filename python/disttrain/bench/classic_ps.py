@@ -23,7 +23,6 @@ timeout and a deadline for the whole job) and leaves no process behind.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import threading
 import time
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disttrain._processes import describe_exit, free_port, stop
+from disttrain._processes import describe_exit, free_port, start_single_threaded, stop
 
 VARIANTS = ("tutorial", "pull_push")
 
@@ -182,18 +181,9 @@ def run_classic_ps(num_trainers: int, epochs: int = 1, batch_size: int = 32, lr:
     world = num_trainers + 1
     port = free_port()
     args = (epochs, batch_size, lr, seed, variant)
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, timeout, results), daemon=True)
              for r in range(world)]
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+    start_single_threaded(procs)
     outcome: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout + 30
     try:

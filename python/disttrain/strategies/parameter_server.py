@@ -40,9 +40,9 @@ staleness is the server's version when it is applied minus that version.
 * ``async``: every gradient is applied as it arrives (staleness logged).
 
 With several servers each one runs the rule on its own slice (its own version
-counter). Under ``ssp``/``wait`` a worker asks the servers for parameters one
-after the other (server 0 first), so that no two workers can each hold a slot
-on a server the other waits for: no deadlock.
+counter). ``ssp`` with ``policy="wait"`` is refused with several servers: the
+servers' independent waits can close a cycle (seen in testing), and a refused
+setting is better than a job that stops at the timeout.
 
 The parameters are the model's floating-point parameters (one dtype);
 buffers (BatchNorm statistics) are not synchronised: the returned model takes
@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterable, Sized, cast
 import torch
 from torch import nn
 
-from .._processes import describe_exit, stop
+from .._processes import describe_exit, start_single_threaded, stop
 
 __all__ = ["launch_ps_and_workers", "ParameterServerStats", "ParameterServerError", "worker_indices", "evaluate",
            "MODES", "POLICIES"]
@@ -82,7 +82,7 @@ POLICIES = ("wait", "drop")
 # receiver knows the size of the next message on a pair group in advance).
 _HEADER_BYTES = 64
 _H_KIND, _H_VERSION, _H_FLAGS, _H_STEP = 0, 1, 2, 3
-_PARAMS, _GRAD, _PULL, _DONE, _FIN = 1, 2, 3, 4, 5
+_PARAMS, _GRAD, _DONE, _FIN = 1, 2, 4, 5
 _LAST, _WANTS_PARAMS, _DROPPED = 1, 2, 4
 
 
@@ -265,7 +265,7 @@ class _ServerCore:
         return all(version + i - v <= self.s for i, v in enumerate(sorted(versions)))
 
     def request(self, worker: int) -> None:
-        """``worker`` wants parameters (initially, or after a gradient, or a PULL)."""
+        """``worker`` wants parameters (initially, or with a gradient)."""
         self.waiting.append(worker)
         self._admit()
 
@@ -428,11 +428,8 @@ def _serve(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> di
                                                                         param.detach()),
                        send_fin=lambda w: send(w, _FIN, 0, None), server=server)
     recvs: dict[int, Any] = {}  # at most one irecv posted per worker: the message expected next
-    if cfg["ordered_pull"] and server > 0:
-        recvs.update({w: dist.irecv(inbox[w].buf, src=w, group=groups[w]) for w in workers})  # their PULL
-    else:
-        for w in workers:
-            core.request(w)
+    for w in workers:
+        core.request(w)
     dead: list[int] = []
 
     def lost(w: int, why: str) -> None:
@@ -471,10 +468,6 @@ def _serve(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> di
                     raise ParameterServerError(f"parameter server rank {server}: worker rank {w} sent a gradient "
                                                f"for version {version} in the round of version {core.version}")
                 core.gradient(w, version, inbox[w].payload, last, wants)
-                if not last and not wants:  # ordered pulls: its PULL comes next
-                    recvs[w] = dist.irecv(inbox[w].buf, src=w, group=groups[w])
-            elif kind == _PULL:
-                core.request(w)
             elif kind == _DONE:
                 core.done(w)
             else:
@@ -521,7 +514,6 @@ def _work(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> dic
     inbox = {s: _Message(hi - lo, flat.dtype) for s, (lo, hi) in enumerate(slices)}
     outbox = {s: _Message(hi - lo, flat.dtype) for s, (lo, hi) in enumerate(slices)}
     versions = {s: 0 for s in servers}
-    ordered = cfg["ordered_pull"]
     kill_after = cfg["kill_after"].get(rank)
     me = f"worker rank {rank} ({index + 1} of {num_workers})"
 
@@ -551,8 +543,6 @@ def _work(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> dic
     def pull() -> int:
         dropped = 0
         for s in servers:
-            if ordered and s > 0:
-                wait(send(s, _PULL, 0, None), s, "asking for parameters")
             dropped += bool(receive(s, _PARAMS) & _DROPPED)
         return dropped
 
@@ -593,7 +583,7 @@ def _work(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> dic
                 print(f"[ps {me}] epoch {epoch} step {steps} loss {value:.4f}", flush=True)
             for s in servers:
                 lo, hi = slices[s]
-                flags = (_LAST if last else 0) | (_WANTS_PARAMS if not (ordered and s > 0) else 0)
+                flags = (_LAST if last else 0) | _WANTS_PARAMS
                 pending_sends.append((send(s, _GRAD, flags, flat_grad[lo:hi]), s))
             if kill_after is not None and steps >= kill_after:
                 for work, s in pending_sends:
@@ -678,16 +668,7 @@ def _run_processes(payload: bytes, world_size: int, timeout: float) -> tuple[dic
         f.write(payload)
     procs = [ctx.Process(target=_rank_main, args=(r, payload_path, store.port, results), daemon=True,
                          name=f"disttrain-ps-{r}") for r in range(world_size)]
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before torch loads
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+    start_single_threaded(procs)
     done: dict[int, Any] = {}
     errors: dict[int, str] = {}
     deaths: dict[int, str] = {}
@@ -808,6 +789,12 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if bad_int(staleness) or staleness < 0:
         raise ValueError(f"staleness must be an integer >= 0, got {staleness!r}")
+    if mode == "ssp" and policy == "wait" and num_servers > 1:
+        # Each server holds workers back on its own version counter; two servers' waits
+        # can close a cycle (seen: 1 run in 4 timed out, workers and servers each waiting
+        # for the other), so the combination is refused rather than left to the timeout.
+        raise ValueError("mode='ssp' with policy='wait' needs num_servers=1 (with several servers use "
+                         "policy='drop', or mode='sync' or 'async')")
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if eval_every is not None and (bad_int(eval_every) or eval_every < 0):
@@ -847,7 +834,6 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
     cfg = {"world_size": world_size, "num_servers": num_servers, "epochs": epochs_per_worker, "mode": mode,
            "staleness": staleness, "policy": policy, "timeout": float(timeout), "seed": seed,
            "log_interval": log_interval, "eval_every": eval_every, "kill_after": kill_after,
-           "ordered_pull": mode == "ssp" and policy == "wait" and num_servers > 1,
            "model": model, "flat": flat, "slices": _slices(flat.numel(), num_servers),
            "optimizer": optimizer or _default_optimizer, "loss_fn": loss_fn or nn.functional.cross_entropy,
            "data": (dataset, batch_size, train_dataloader.collate_fn, drop_last, shuffle)}
