@@ -155,18 +155,14 @@ def test_two_processes_learn():
     assert sum(losses[-10:]) < sum(losses[:10]) / 3
 
 
-def test_a_raising_process_is_named():
+@pytest.mark.parametrize("dataset_kwargs,message", [
+    ({"fail_at": 5}, r"process \d of 2 raised:(.|\n)*bad sample 5"),
+    ({"exit_at": 9}, r"process \d of 2 \(pid \d+\) exited with status 7"),
+], ids=["raises", "dies"])
+def test_a_failing_process_is_named(dataset_kwargs, message):
     model = models.mlp(hidden=16)
-    ds = _CountingDataset(64, fail_at=5)
-    with pytest.raises(hogwild.HogwildProcessError, match=r"process \d of 2 raised:(.|\n)*bad sample 5"):
-        hogwild.train_model(model, DataLoader(ds, batch_size=8), 2, 1, torch.optim.SGD(model.parameters(), lr=0.1),
-                            log_interval=-1, timeout=60)
-
-
-def test_a_dying_process_is_named():
-    model = models.mlp(hidden=16)
-    ds = _CountingDataset(64, exit_at=9)
-    with pytest.raises(hogwild.HogwildProcessError, match=r"process \d of 2 \(pid \d+\) exited with status 7"):
+    ds = _CountingDataset(64, **dataset_kwargs)
+    with pytest.raises(hogwild.HogwildProcessError, match=message):
         hogwild.train_model(model, DataLoader(ds, batch_size=8), 2, 1, torch.optim.SGD(model.parameters(), lr=0.1),
                             log_interval=-1, timeout=60)
 

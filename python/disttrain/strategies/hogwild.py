@@ -56,6 +56,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from .. import _C
 from .._processes import describe_exit, stop
+from . import _common
 
 DATA_MODES = ("split", "full")
 STATE_MODES = ("shared", "per_process")
@@ -226,8 +227,7 @@ def epoch_indices(dataset_size: int, num_processes: int, process: int, epoch: in
     order of a single process).
     """
     if data == "split":
-        order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch))
-        return order[process::num_processes]
+        return _common.split_epoch(dataset_size, num_processes, process, epoch, seed)
     if data == "full":
         return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch + 7919 * process))
     raise ValueError(f"hogwild: data={data!r}; choose from {', '.join(DATA_MODES)}")
@@ -261,13 +261,6 @@ def _loader_spec(loader: DataLoader | Any) -> dict[str, Any]:
         raise ValueError("hogwild: the train loader's data set must have a length (a map-style data set)") from None
     return {"dataset": loader.dataset, "batch_size": loader.batch_size, "drop_last": loader.drop_last,
             "collate_fn": loader.collate_fn}
-
-
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, Mapping):
-        raise ValueError("hogwild: batches must be (input, target) pairs, got a mapping")
-    data, target = batch[0], batch[1]
-    return data, target
 
 
 def _step(kind: str, group: _Group, grad: torch.Tensor, state: Mapping[str, torch.Tensor]) -> None:
@@ -318,7 +311,7 @@ def _process_main(process: int, job: dict[str, Any], results: Any, start: Any) -
             indices = epoch_indices(size, job["num_processes"], process, epoch, job["seed"], job["data"])
             seen.index_add_(0, indices, torch.ones(len(indices), dtype=seen.dtype))
             for step, batch in enumerate(_batches(spec, indices)):
-                data, target = _split_batch(batch)
+                data, target = _common.split_batch(batch)
                 loss = loss_fn(model(data), target)
                 loss.backward()
                 for p in others:
@@ -445,19 +438,10 @@ def _run_processes(job: dict[str, Any], start_method: str, timeout: float | None
 def evaluate(model: nn.Module, test_dataloader: Iterable[Any],
              loss_fn: Callable[..., torch.Tensor] = F.cross_entropy) -> tuple[float, float]:
     """Mean loss and top-1 accuracy of ``model`` on ``test_dataloader``."""
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    with torch.no_grad():
-        for batch in test_dataloader:
-            data, target = _split_batch(batch)
-            out = model(data)
-            loss_sum += float(loss_fn(out, target, reduction="sum"))
-            correct += int((out.argmax(1) == target).sum())
-            total += len(target)
-    model.train()
-    if total == 0:
+    loss, accuracy, samples = _common.evaluate(model, test_dataloader, loss_fn)
+    if samples == 0:
         raise ValueError("hogwild: the test loader is empty")
-    return loss_sum / total, correct / total
+    return loss, accuracy
 
 
 def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: int, epochs_per_process: int,

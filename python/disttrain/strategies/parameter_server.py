@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from .._processes import describe_exit, start_single_threaded, stop
+from . import _common
 
 __all__ = ["launch_ps_and_workers", "ParameterServerStats", "ParameterServerError", "worker_indices", "evaluate",
            "MODES", "POLICIES"]
@@ -152,11 +153,7 @@ def worker_indices(num_samples: int, num_workers: int, worker: int, epoch: int, 
         >>> worker_indices(10, 3, 0, epoch=0, shuffle=False)
         [0, 3, 6, 9]
     """
-    if shuffle:
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
-    else:
-        order = torch.arange(num_samples)
-    return order[worker::num_workers].tolist()
+    return _common.split_epoch(num_samples, num_workers, worker, epoch, seed, shuffle).tolist()
 
 
 def _batches(num_samples: int, num_workers: int, worker: int, batch_size: int, drop_last: bool) -> int:
@@ -168,19 +165,7 @@ def _batches(num_samples: int, num_workers: int, worker: int, batch_size: int, d
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Accuracy of ``model`` (classification, argmax) over ``loader``, on one thread
     (small models on a shared machine evaluate faster so than on several)."""
-    was_training, threads = model.training, torch.get_num_threads()
-    model.eval()
-    torch.set_num_threads(1)
-    correct = total = 0
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-    finally:
-        torch.set_num_threads(threads)
-        model.train(was_training)
-    return correct / max(total, 1)
+    return _common.evaluate(model, loader, threads=1)[1]
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
