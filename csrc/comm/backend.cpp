@@ -53,6 +53,12 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
                     ref.scalar_type(), " and ", ref.numel());
 }
 
+// Whether the shared-memory all-reduce divides an AVG itself, block by block
+// while the block is in cache (float32 and float64 only).
+bool fused_avg(RedOp op, c10::ScalarType dtype) {
+  return op == RedOp::kAvg && (dtype == at::kFloat || dtype == at::kDouble);
+}
+
 // Finishes an AVG reduction: the wire carried the sum.
 void divide_by(at::Tensor& t, int world) {
   if (at::isFloatingType(t.scalar_type())) {
@@ -406,8 +412,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   // Same host: AVG divides each reduced block while it is in cache, as the
   // coalesced path does (a separate divide pass cost 6 ms of a 14 ms AVG of
   // 75 MB at 2 ranks).
-  const bool fuse_avg = op == RedOp::kAvg && shm_ && !hierarchical_ &&
-                        (buf.scalar_type() == at::kFloat || buf.scalar_type() == at::kDouble);
+  const bool fuse_avg = shm_ && !hierarchical_ && fused_avg(op, buf.scalar_type());
   return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
     if (fuse_avg) {
       shm_allreduce(*shm_, sig, {{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()}}, buf.numel(),
@@ -445,7 +450,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
     }
     OpSignature sig = signature(OpKind::kAllreduce, tensors[0], op, count);
     const c10::ScalarType dtype = tensors[0].scalar_type();
-    const bool fuse_avg = op == RedOp::kAvg && (dtype == at::kFloat || dtype == at::kDouble);
+    const bool fuse_avg = fused_avg(op, dtype);
     return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
       std::vector<MemoryPiece> pieces;
       for (auto& b : buffers) pieces.push_back({static_cast<uint8_t*>(b.data_ptr()), b.nbytes()});
