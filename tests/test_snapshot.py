@@ -333,3 +333,100 @@ def test_metrics_csv_never_writes_through_a_planted_symlink(tmp_path):
     write_metrics_csv(str(tmp_path / "metrics.csv"), _history(2), {"model_name": "m"})
     assert victim.read_text() == "precious"
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_keep_last_k_never_counts_a_failed_write(tmp_path, monkeypatch):
+    """A write that failed is not on disk: the rule keeps K snapshots that are.
+    (It used to count the write in flight when the next save was queued, so a
+    failed one cost a good snapshot.)"""
+    writer = snapshot.AsyncSnapshotter(tmp_path, keep=2)
+    writer.save({"w": torch.ones(100_000)}, step=1)
+    writer.wait()
+    monkeypatch.setenv("DISTTRAIN_SNAPSHOT_FAULT", "enospc:50000")
+    writer.save({"w": torch.full((100_000,), 2.0)}, step=2)  # fails in the background
+    monkeypatch.delenv("DISTTRAIN_SNAPSHOT_FAULT")
+    with pytest.raises(SnapshotWriteError):
+        writer.save({"w": torch.full((100_000,), 3.0)}, step=3)  # step 2's error; step 3 is not started
+    writer.save({"w": torch.full((100_000,), 3.0)}, step=3)  # the caller carries on
+    writer.wait()
+    # Two on disk: step 1 and step 3 (step 2 never was).
+    assert [os.path.basename(p) for p in snapshot.list_snapshots(tmp_path)] == \
+        ["step_000000001.dts", "step_000000003.dts"]
+    writer.save({"w": torch.full((100_000,), 4.0)}, step=4)
+    writer.wait()
+    assert [os.path.basename(p) for p in snapshot.list_snapshots(tmp_path)] == \
+        ["step_000000003.dts", "step_000000004.dts"]
+
+
+def test_keep_last_k_deletes_only_its_own_prefix(tmp_path):
+    """Other files ending in digits + .dts in the same folder (another writer's,
+    a user's copy) are not this writer's to delete."""
+    foreign = ["best_000000001.dts", "backup2.dts", "my_step_000000001.dts", "epoch_5.dts"]
+    for name in foreign:
+        snapshot.save(tmp_path / name, {"mine": False})
+    writer = snapshot.AsyncSnapshotter(tmp_path, keep=1)
+    for step in (1, 2, 3):
+        writer.save({"mine": True}, step=step)
+    writer.wait()
+    assert sorted(os.listdir(tmp_path)) == sorted(foreign + ["step_000000003.dts"])
+
+
+def _set_version(path, version):
+    _rewrite_header(path, version=version)
+
+
+def test_load_latest_falls_back_on_unreadable_and_unsupported_snapshots(tmp_path, caplog):
+    """Not only corrupt or missing files: one of a newer format version and one
+    the system cannot read (an I/O error: here EISDIR) are skipped too."""
+    older, newest = _corrupt_newest_setup(tmp_path)
+    _set_version(newest, 99)
+    with pytest.raises(snapshot.UnsupportedSnapshotError, match="format version 99") as info:
+        snapshot.load(newest)
+    assert info.value.path == newest and info.value.version == 99
+    with caplog.at_level(logging.WARNING, logger="disttrain.snapshot"):
+        path, state = snapshot.load_latest(tmp_path)
+    assert path == older and state["step"] == 100
+    assert "format version 99" in caplog.text and "falling back to 'step_000000100.dts'" in caplog.text
+
+    unreadable = tmp_path / "step_000000300.dts"
+    unreadable.mkdir()  # opens, then every read fails with EISDIR: an OSError, as EIO would be
+    with pytest.raises(OSError) as oserror:
+        snapshot.load(unreadable)
+    assert oserror.value.errno == errno.EISDIR and oserror.value.filename == str(unreadable)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="disttrain.snapshot"):
+        path, state = snapshot.load_latest(tmp_path)
+    assert path == older and state["step"] == 100
+    assert "step_000000300.dts' cannot be read" in caplog.text
+
+
+def test_failed_directory_fsync_does_not_claim_the_previous_snapshot_is_untouched(tmp_path, monkeypatch):
+    """After the rename the previous file is gone: the error says the new one is
+    in place (and may not survive a machine crash), never 'untouched'."""
+    path = tmp_path / "s.dts"
+    snapshot.save(path, {"v": 1})
+    monkeypatch.setenv("DISTTRAIN_SNAPSHOT_FAULT", "dirfsync")
+    with pytest.raises(SnapshotWriteError) as info:
+        snapshot.save(path, {"v": 2})
+    message = str(info.value)
+    assert "untouched" not in message, message
+    assert "renamed into place" in message and "fsync of its directory" in message, message
+    assert info.value.errno == errno.EIO and info.value.replaced_target is True
+    assert snapshot.load(path) == {"v": 2}
+    # The async writer reports it the same way and keeps the older snapshots (nothing is deleted).
+    writer = snapshot.AsyncSnapshotter(tmp_path / "a", keep=1)
+    monkeypatch.delenv("DISTTRAIN_SNAPSHOT_FAULT")
+    writer.save({"v": 1}, step=1)
+    writer.wait()
+    monkeypatch.setenv("DISTTRAIN_SNAPSHOT_FAULT", "dirfsync")
+    writer.save({"v": 2}, step=2)
+    with pytest.raises(SnapshotWriteError, match="renamed into place") as info:
+        writer.wait()
+    assert info.value.replaced_target is True
+    assert [os.path.basename(p) for p in snapshot.list_snapshots(tmp_path / "a")] == \
+        ["step_000000001.dts", "step_000000002.dts"]
+    # An ordinary write error still says the previous file is untouched, and is not "replaced".
+    monkeypatch.setenv("DISTTRAIN_SNAPSHOT_FAULT", "enospc:10")
+    with pytest.raises(SnapshotWriteError, match="untouched") as info:
+        snapshot.save(path, {"v": 3})
+    assert info.value.replaced_target is False

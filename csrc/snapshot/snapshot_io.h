@@ -42,11 +42,25 @@ class CorruptSnapshotError : public std::runtime_error {
   std::string path_, tensor_;
 };
 
-// Writing failed (full disk, unwritable directory, ...); the file that was at
-// the target path before, if any, is untouched.
-class SnapshotWriteError : public std::runtime_error {
+// A snapshot whose format version this build does not read (written by a
+// newer disttrain): not damaged, but not loadable here either.
+class UnsupportedSnapshotError : public std::runtime_error {
  public:
-  SnapshotWriteError(std::string path, int error_number, const std::string& what)
+  UnsupportedSnapshotError(std::string path, uint32_t version, const std::string& what)
+      : std::runtime_error(what), path_(std::move(path)), version_(version) {}
+  const std::string& path() const { return path_; }
+  uint32_t version() const { return version_; }
+
+ private:
+  std::string path_;
+  uint32_t version_;
+};
+
+// Reading failed at the operating system (EIO, EACCES, EISDIR, ...): the
+// file's content is unknown. Python sees an OSError with errno and filename.
+class SnapshotReadError : public std::runtime_error {
+ public:
+  SnapshotReadError(std::string path, int error_number, const std::string& what)
       : std::runtime_error(what), path_(std::move(path)), errno_(error_number) {}
   const std::string& path() const { return path_; }
   int error_number() const { return errno_; }
@@ -54,6 +68,25 @@ class SnapshotWriteError : public std::runtime_error {
  private:
   std::string path_;
   int errno_;
+};
+
+// Writing failed (full disk, unwritable directory, ...). Unless
+// replaced_target() is true, the file that was at the target path before, if
+// any, is untouched. replaced_target(): the new file was renamed into place
+// (the old one is gone) but making the rename durable (the directory's fsync)
+// failed, so a machine crash could still lose it.
+class SnapshotWriteError : public std::runtime_error {
+ public:
+  SnapshotWriteError(std::string path, int error_number, const std::string& what, bool replaced_target = false)
+      : std::runtime_error(what), path_(std::move(path)), errno_(error_number), replaced_target_(replaced_target) {}
+  const std::string& path() const { return path_; }
+  int error_number() const { return errno_; }
+  bool replaced_target() const { return replaced_target_; }
+
+ private:
+  std::string path_;
+  int errno_;
+  bool replaced_target_;
 };
 
 struct WriteOptions {
@@ -64,6 +97,8 @@ struct WriteOptions {
   // file are written, or SIGKILL the process there (a crash mid-write).
   int64_t fail_after_bytes = -1;
   int64_t kill_after_bytes = -1;
+  // Fault injection for tests: the directory's fsync after the rename fails (EIO).
+  bool fail_directory_fsync = false;
 };
 
 // Writes `tensors` (CPU, contiguous, unique names) and `metadata` to `path`
@@ -77,7 +112,8 @@ struct Snapshot {
 };
 
 // Reads and verifies every checksum. Throws CorruptSnapshotError naming the
-// file and tensor for a truncated or damaged file.
+// file and tensor for a truncated or damaged file, UnsupportedSnapshotError
+// for another format version, SnapshotReadError when the system fails a read.
 Snapshot read_snapshot(const std::string& path);
 
 }  // namespace disttrain::snapshot

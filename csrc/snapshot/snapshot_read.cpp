@@ -23,13 +23,22 @@ constexpr uint64_t kReadChunk = 8ull << 20;
   throw CorruptSnapshotError(path, tensor, "snapshot '" + path + "' is corrupt: " + why + where);
 }
 
+[[noreturn]] void system_error(const std::string& path, const char* doing, int error_number) {
+  throw SnapshotReadError(path, error_number,
+                          "snapshot: cannot " + std::string(doing) + " '" + path + "': " + std::strerror(error_number));
+}
+
 class ReadOnlyFile {
  public:
   explicit ReadOnlyFile(const std::string& path) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    TORCH_CHECK(fd_ >= 0, "snapshot: cannot open '", path, "': ", std::strerror(errno));
+    if (fd_ < 0) system_error(path, "open", errno);
     struct stat st;
-    TORCH_CHECK(::fstat(fd_, &st) == 0, "snapshot: cannot stat '", path, "': ", std::strerror(errno));
+    if (::fstat(fd_, &st) != 0) {
+      const int err = errno;
+      ::close(fd_);
+      system_error(path, "stat", err);
+    }
     size_ = static_cast<uint64_t>(st.st_size);
   }
   ~ReadOnlyFile() { ::close(fd_); }
@@ -41,7 +50,7 @@ class ReadOnlyFile {
     while (length > 0) {
       ssize_t n = ::pread(fd_, p, length, static_cast<off_t>(offset));
       if (n < 0 && errno == EINTR) continue;
-      TORCH_CHECK(n >= 0, "snapshot: cannot read '", path_, "': ", std::strerror(errno));
+      if (n < 0) system_error(path_, "read", errno);
       if (n == 0) corrupt(path_, tensor, "file ends early (truncated)");
       p += n;
       offset += n;
@@ -112,8 +121,10 @@ Snapshot read_snapshot(const std::string& path) {
   h.header_crc = 0;
   if (crc32c_update(0, &h, sizeof(h)) != stored_header_crc) corrupt(path, "", "header CRC mismatch");
   h.header_crc = stored_header_crc;
-  TORCH_CHECK(h.version == kVersion, "snapshot '", path, "' has format version ", h.version,
-              "; this disttrain reads version ", kVersion);
+  if (h.version != kVersion)
+    throw UnsupportedSnapshotError(path, h.version,
+                                   "snapshot '" + path + "' has format version " + std::to_string(h.version) +
+                                       "; this disttrain reads version " + std::to_string(kVersion));
   // Every size and offset is checked against the others with overflow-checked
   // sums, and against the file's real length, before anything is allocated
   // from them: a header with a valid CRC may still come from a hostile or

@@ -101,13 +101,14 @@ class TempFile {
     if (::rename(temp_.c_str(), target_.c_str()) != 0) fail(target_, "rename", errno);
     committed_ = true;
     if (options_.fsync) {
-      // The rename is durable only once the directory entry is.
+      // The rename is durable only once the directory entry is. From here on
+      // the previous file is gone: an error must not claim it is untouched.
       int dir = ::open(parent_directory(target_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-      if (dir < 0) fail(target_, "opening its directory for fsync", errno);
-      int rc = ::fsync(dir);
+      if (dir < 0) fail_after_rename("opening its directory for fsync", errno);
+      int rc = options_.fail_directory_fsync ? (errno = EIO, -1) : ::fsync(dir);
       int err = errno;
       ::close(dir);
-      if (rc != 0) fail(target_, "fsync of its directory", err);
+      if (rc != 0) fail_after_rename("fsync of its directory", err);
     }
   }
 
@@ -119,6 +120,15 @@ class TempFile {
     if (limit(options_.fail_after_bytes) <= 0) fail(target_, "write", ENOSPC);
     int64_t room = std::min(limit(options_.kill_after_bytes), limit(options_.fail_after_bytes));
     return static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(n), room));
+  }
+
+  [[noreturn]] void fail_after_rename(const char* doing, int error_number) {
+    throw SnapshotWriteError(target_, error_number,
+                             "snapshot: '" + target_ + "' is complete and renamed into place, but " + doing +
+                                 " failed: " + std::strerror(error_number) + " (errno " +
+                                 std::to_string(error_number) +
+                                 "); it replaced the previous file and may not survive a crash of the machine",
+                             /*replaced_target=*/true);
   }
 
   std::string target_, temp_;

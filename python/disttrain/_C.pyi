@@ -54,6 +54,9 @@ class ProcessGroupDisttrain(_C10dBackend, metaclass=_pybind11_type):
     def rejected_connections(self) -> int:
         """Connections dropped since set-up (no or wrong job secret)."""
     @property
+    def caller_thread_ops(self) -> int:
+        """Ops run on the caller's thread, not the progress thread (small synchronous all-reduce over shared memory)."""
+    @property
     def options(self) -> list[_OptionRow]:  # type: ignore[override]  # the binding shadows c10d Backend.options
         """The resolved comm settings: (name, value, source, environment variable) per setting."""
 
@@ -111,10 +114,20 @@ class CorruptSnapshotError(ValueError):
     tensor: str | None
 
 class SnapshotWriteError(OSError):
-    """An I/O error while writing a snapshot (``errno``, ``strerror`` and ``filename`` set)."""
+    """An I/O error while writing a snapshot (``errno``, ``strerror`` and ``filename`` set);
+    ``replaced_target``: the new file is in place but its directory's fsync failed."""
+
+    replaced_target: bool
+
+class UnsupportedSnapshotError(ValueError):
+    """A snapshot of a format version this build does not read."""
+
+    path: str
+    version: int
 
 def snapshot_write(path: str, metadata: bytes, names: Sequence[str], tensors: Sequence[torch.Tensor],
-                   fsync: bool = True, fail_after_bytes: int = -1, kill_after_bytes: int = -1) -> int:
+                   fsync: bool = True, fail_after_bytes: int = -1, kill_after_bytes: int = -1,
+                   fail_directory_fsync: bool = False) -> int:
     """Writes the snapshot atomically; returns the file's size in bytes."""
 
 def snapshot_read(path: str, /) -> tuple[bytes, list[str], list[torch.Tensor]]:
@@ -124,7 +137,8 @@ class AsyncSnapshotWriter(metaclass=_pybind11_type):
     def __init__(self) -> None: ...
     def save(self, path: str, metadata: bytes, names: Sequence[str], tensors: Sequence[torch.Tensor],
              remove_after_commit: Sequence[str], fsync: bool = True, fail_after_bytes: int = -1,
-             kill_after_bytes: int = -1, copy_in_background: bool = False) -> None: ...
+             kill_after_bytes: int = -1, copy_in_background: bool = False,
+             fail_directory_fsync: bool = False) -> None: ...
     def wait_staged(self) -> None: ...
     def wait(self) -> None: ...
     @property

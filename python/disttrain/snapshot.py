@@ -36,14 +36,17 @@ import torch
 from . import _C
 
 __all__ = ["save", "load", "AsyncSnapshotter", "list_snapshots", "latest_good", "load_latest", "export",
-           "CorruptSnapshotError", "SnapshotWriteError", "SUFFIX"]
+           "CorruptSnapshotError", "SnapshotWriteError", "UnsupportedSnapshotError", "SUFFIX"]
 
 log = logging.getLogger("disttrain.snapshot")
 
 #: A snapshot that fails verification; ``.path`` and ``.tensor`` (or None) say where.
 CorruptSnapshotError = _C.CorruptSnapshotError
-#: Writing a snapshot failed (an ``OSError``: ``.errno``, ``.filename``); the previous one is intact.
+#: Writing a snapshot failed (an ``OSError``: ``.errno``, ``.filename``). The previous one is intact,
+#: unless ``.replaced_target``: the new file was renamed into place, but its directory's fsync failed.
 SnapshotWriteError = _C.SnapshotWriteError
+#: A snapshot of a format version this disttrain does not read (``.path``, ``.version``).
+UnsupportedSnapshotError = _C.UnsupportedSnapshotError
 
 SUFFIX = ".dts"
 _FORMAT_TAG = "disttrain.snapshot/1"
@@ -176,14 +179,17 @@ def _unflatten(path: str, metadata: bytes, names: list[str], tensors: list[torch
 
 def _fault_options() -> dict[str, int]:
     """Test hook: ``DISTTRAIN_SNAPSHOT_FAULT=enospc:BYTES`` makes writes fail
-    with ENOSPC after BYTES bytes; ``kill:BYTES`` SIGKILLs the process there."""
+    with ENOSPC after BYTES bytes; ``kill:BYTES`` SIGKILLs the process there;
+    ``dirfsync`` fails the directory's fsync after the rename (EIO)."""
     spec = os.environ.get("DISTTRAIN_SNAPSHOT_FAULT", "")
     if not spec:
         return {}
+    if spec == "dirfsync":
+        return {"fail_directory_fsync": True}
     kind, _, nbytes = spec.partition(":")
     key = {"enospc": "fail_after_bytes", "kill": "kill_after_bytes"}.get(kind)
     if key is None or not nbytes.isdigit():
-        raise ValueError(f"DISTTRAIN_SNAPSHOT_FAULT='{spec}': expected enospc:BYTES or kill:BYTES")
+        raise ValueError(f"DISTTRAIN_SNAPSHOT_FAULT='{spec}': expected enospc:BYTES, kill:BYTES or dirfsync")
     return {key: int(nbytes)}
 
 
@@ -203,7 +209,10 @@ def save(path: str | os.PathLike, state: Any, *, fsync: bool = True) -> int:
 
     Raises:
         SnapshotWriteError: the disk is full, the directory is not writable, ...;
-            whatever was at ``path`` before is untouched.
+            whatever was at ``path`` before is untouched. Except when the
+            error's ``replaced_target`` is true: the new file is complete and
+            in place, but the fsync of its directory failed (the rename may
+            not survive a crash of the machine).
 
     Example:
         >>> snapshot.save("model.dts", {"model": model.state_dict(), "epoch": 3})
@@ -218,7 +227,9 @@ def load(path: str | os.PathLike) -> Any:
     Raises:
         CorruptSnapshotError: truncated or damaged file; the message (and the
             ``path`` and ``tensor`` attributes) say which file and which tensor.
+        UnsupportedSnapshotError: a format version this disttrain does not read.
         FileNotFoundError: no such file.
+        OSError: the system failed to read it (``errno``: EIO, EISDIR, EACCES, ...).
 
     Example:
         >>> state = snapshot.load("model.dts")
@@ -229,12 +240,6 @@ def load(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"snapshot '{path}' does not exist")
     metadata, names, tensors = _C.snapshot_read(path)
     return _unflatten(path, metadata, names, tensors)
-
-
-def _step_of(path: str) -> int:
-    match = _NAME_RE.match(os.path.basename(path))
-    assert match is not None, path  # callers pass only names list_snapshots accepts
-    return int(match.group("step"))
 
 
 def list_snapshots(directory: str | os.PathLike) -> list[str]:
@@ -253,8 +258,10 @@ def list_snapshots(directory: str | os.PathLike) -> list[str]:
 def load_latest(directory: str | os.PathLike) -> tuple[str | None, Any]:
     """Loads the newest snapshot in ``directory`` that verifies.
 
-    A corrupt, truncated or vanished newest snapshot is logged (file and
-    tensor) and the one before it is tried, and so on.
+    A newest snapshot that cannot be loaded (corrupt or truncated, vanished,
+    unreadable: any ``OSError`` such as EIO, or of an unsupported format
+    version) is logged (file, tensor, reason) and the one before it is tried,
+    and so on.
 
     Returns:
         ``(path, state)``, or ``(None, None)`` when there is no good snapshot.
@@ -268,10 +275,12 @@ def load_latest(directory: str | os.PathLike) -> tuple[str | None, Any]:
             else "no older snapshot left"
         try:
             return path, load(path)
-        except CorruptSnapshotError as e:
+        except (CorruptSnapshotError, UnsupportedSnapshotError) as e:
             log.warning("%s; %s", e, fallback)
         except FileNotFoundError:
             log.warning("snapshot '%s' vanished while loading; %s", path, fallback)
+        except OSError as e:  # EIO, EISDIR, EACCES, ...: this file cannot be read now, an older one may
+            log.warning("snapshot '%s' cannot be read (%s); %s", path, e, fallback)
     return None, None
 
 
@@ -318,8 +327,11 @@ class AsyncSnapshotter:
 
     Args:
         directory: where snapshots ``<prefix><step>.dts`` go; created if missing.
-        keep: how many snapshots to keep (older ones are deleted once a new one
-            is committed); ``None`` keeps all.
+        keep: how many snapshots ``<prefix><step>.dts`` to keep: once a new one
+            is committed, the oldest of those on disk are deleted so that
+            ``keep`` remain (a write that failed, or is still in flight, is
+            never counted); ``None`` keeps all. Files of another prefix in the
+            same directory are never deleted.
         prefix: file name prefix.
         fsync: make each file durable (default).
 
@@ -345,6 +357,7 @@ class AsyncSnapshotter:
         self._remove_stale_temp_files()
         self._writer = _C.AsyncSnapshotWriter()
         self._in_flight: str | None = None
+        self._own_name = re.compile(re.escape(self.prefix) + r"(?P<step>\d+)" + re.escape(SUFFIX) + "$")
 
     def path_for(self, step: int) -> str:
         return os.path.join(self.directory, f"{self.prefix}{step:09d}{SUFFIX}")
@@ -378,14 +391,14 @@ class AsyncSnapshotter:
         else:
             assert path is not None  # exactly one of step and path, checked above
             target = os.fspath(path)
+        # The previous write first (the writer would wait for it anyway): only
+        # then is the directory what the keep-last-K rule counts, with that
+        # write committed, or failed (raised here) and not on disk.
+        self.wait()
         remove: list[str] = []
         if step is not None and self.keep is not None:
-            older = [p for p in list_snapshots(self.directory) if p != target]
-            # The write still in flight is not on disk yet, but will be before this one commits.
-            pending = self._in_flight
-            if pending is not None and pending != target and _NAME_RE.match(os.path.basename(pending)) \
-                    and os.path.dirname(pending) == self.directory and pending not in older:
-                older = sorted(older + [pending], key=_step_of)
+            older = self._own_snapshots(exclude=target)
+            # After this one commits, ``keep`` remain: it and the newest keep - 1 before it.
             remove = older[:max(0, len(older) - (self.keep - 1))]
         metadata, names, tensors = _flatten(state, stage_on_host=False)
         self._writer.save(target, metadata, names, tensors, remove, self.fsync, copy_in_background=copy_in_background,
@@ -393,6 +406,16 @@ class AsyncSnapshotter:
         self._in_flight = target
         self.last_blocked_seconds = time.perf_counter() - start
         return target
+
+    def _own_snapshots(self, exclude: str) -> list[str]:
+        """This writer's committed snapshots ``<prefix><step>.dts``, oldest first (by step)."""
+        found = []
+        for name in os.listdir(self.directory):
+            m = self._own_name.match(name)
+            path = os.path.join(self.directory, name)
+            if m and path != exclude:
+                found.append((int(m.group("step")), path))
+        return [path for _, path in sorted(found)]
 
     def wait(self) -> str | None:
         """Blocks until the write in flight is committed; returns its path (None if there was none).

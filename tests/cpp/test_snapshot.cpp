@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <stdexcept>
 #include <fstream>
 #include <string>
 
@@ -16,16 +20,25 @@ using namespace disttrain::snapshot;
 
 namespace {
 
-// A fresh folder, removed with everything in it at the end of the test.
+// A fresh folder under `parent` ($TMPDIR, else /tmp), removed with everything
+// in it at the end of the test. When it cannot be created the test fails
+// (the constructor throws): it never falls back to an existing folder, which
+// the destructor would then delete.
 struct TempDir {
   std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/disttrain-snapshot-test-XXXXXX";
-    const char* dir = ::mkdtemp(tmpl);
-    EXPECT_NE(dir, nullptr);
-    path = dir ? dir : "/tmp";
+  explicit TempDir(const char* parent = nullptr) {
+    if (parent == nullptr) parent = std::getenv("TMPDIR");
+    if (parent == nullptr || *parent == '\0') parent = "/tmp";
+    std::string tmpl = std::string(parent) + "/disttrain-snapshot-test-XXXXXX";
+    if (::mkdtemp(&tmpl[0]) == nullptr)
+      throw std::runtime_error("TempDir: mkdtemp('" + tmpl + "') failed: " + std::strerror(errno));
+    path = tmpl;
   }
-  ~TempDir() { std::filesystem::remove_all(path); }
+  ~TempDir() {
+    if (!path.empty()) std::filesystem::remove_all(path);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
 };
 
 std::vector<NamedTensor> sample_tensors() {
@@ -33,6 +46,59 @@ std::vector<NamedTensor> sample_tensors() {
 }
 
 }  // namespace
+
+TEST(TempDirFixture, FailsInsteadOfFallingBackWhenMkdtempFails) {
+  // A parent that does not exist: mkdtemp fails; the fixture must throw (a
+  // failed test), not hand out an existing folder such as /tmp to delete.
+  const std::string parent = "/nonexistent-disttrain-parent";
+  ASSERT_NE(::access(parent.c_str(), F_OK), 0);
+  EXPECT_THROW(TempDir{parent.c_str()}, std::runtime_error);
+  TempDir ok;
+  EXPECT_EQ(ok.path.rfind("/disttrain-snapshot-test-"), ok.path.size() - 31);
+  EXPECT_TRUE(std::filesystem::is_directory(ok.path));
+}
+
+TEST(Snapshot, ErrorsAfterTheRenameDoNotClaimThePreviousFileIsUntouched) {
+  TempDir tmp;
+  const std::string path = tmp.path + "/s.dts";
+  write_snapshot(path, "{\"old\":1}", sample_tensors());
+  WriteOptions options;
+  options.fail_directory_fsync = true;
+  try {
+    write_snapshot(path, "{\"new\":1}", sample_tensors(), options);
+    FAIL() << "the injected directory fsync failure was not reported";
+  } catch (const SnapshotWriteError& e) {
+    EXPECT_TRUE(e.replaced_target());
+    EXPECT_EQ(e.error_number(), EIO);
+    EXPECT_EQ(std::string(e.what()).find("untouched"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_snapshot(path).metadata, "{\"new\":1}");
+}
+
+TEST(Snapshot, ReadErrorsAndOtherVersionsAreNotCorruption) {
+  TempDir tmp;
+  EXPECT_THROW(read_snapshot(tmp.path), SnapshotReadError);  // a folder: read() fails with EISDIR
+  const std::string path = tmp.path + "/s.dts";
+  write_snapshot(path, "{}", sample_tensors());
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  char header[128];
+  f.read(header, sizeof(header));
+  uint32_t version = 7, crc = 0;
+  std::memcpy(header + 8, &version, 4);
+  std::memcpy(header + 12, &crc, 4);
+  crc = crc32c_update(0, header, sizeof(header));
+  std::memcpy(header + 12, &crc, 4);
+  f.seekp(0);
+  f.write(header, sizeof(header));
+  f.close();
+  try {
+    read_snapshot(path);
+    FAIL() << "version 7 was read";
+  } catch (const UnsupportedSnapshotError& e) {
+    EXPECT_EQ(e.version(), 7u);
+    EXPECT_EQ(e.path(), path);
+  }
+}
 
 TEST(Crc32c, CheckValueAndCombine) {
   EXPECT_EQ(crc32c_update(0, "123456789", 9), 0xE3069283u);
