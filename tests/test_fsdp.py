@@ -231,8 +231,84 @@ def test_reshard_round_trip(tmp_path):
     saved3 = run_ranks(_reshard_job, 3, args=(None, str(a), None), timeout=120)[0]
     saved2 = run_ranks(_reshard_job, 2, args=(str(a), str(b), saved3), timeout=120)[0]
     run_ranks(_reshard_job, 3, args=(str(b), str(c), saved2), timeout=120)
-    assert sorted(p.name for p in a.iterdir()) == ["manifest.dts", "shard_00000.dts", "shard_00001.dts",
-                                                   "shard_00002.dts"]
+    assert sorted(p.name for p in a.iterdir()) == ["gen_000000001", "manifest.dts"]
+    assert sorted(p.name for p in (a / "gen_000000001").iterdir()) == ["shard_00000.dts", "shard_00001.dts",
+                                                                       "shard_00002.dts"]
+
+
+def _resave_job(rank, world_size, path, phase):
+    """phase "crash": trains a step, saves to `path` (state A), trains another,
+    re-saves to `path` with rank 1 SIGKILLed mid-shard; rank 0 returns
+    (A, the error it saw). Phase "resume": loads `path`, then saves and loads
+    again; returns (loaded, saved, loaded again, the folder after the save)."""
+    import os
+
+    import torch
+
+    import disttrain
+
+    factory, wrap = _models()["transformer"]
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = disttrain.FullyShardedDataParallel(factory(), stage=3, auto_wrap=wrap)
+        return model, disttrain.ShardedOptimizer(torch.optim.Adam, model, lr=1e-2)
+
+    def step(model, opt, seed):
+        opt.zero_grad()
+        x, y = _batch("transformer", torch.Generator().manual_seed(seed))
+        _loss("transformer", model(x), y).backward()
+        opt.step()
+
+    def full(model):
+        return {k: v.numpy() for k, v in model.full_state_dict(rank0_only=False).items()}
+
+    if phase == "crash":
+        model, opt = build(1)
+        step(model, opt, rank)
+        model.sharded_state_dict(path, opt)
+        saved = full(model)
+        step(model, opt, 10 + rank)
+        if rank == 1:
+            os.environ["DISTTRAIN_SNAPSHOT_FAULT"] = "kill:2000"  # SIGKILL once 2000 bytes of its shard are written
+        try:
+            model.sharded_state_dict(path, opt)
+        except Exception as e:  # rank 0: its peer died mid-save
+            return saved, f"{type(e).__name__}: {e}"
+        return saved, None
+    model, opt = build(2)
+    model.load_sharded_state_dict(path, opt)
+    loaded = full(model)
+    step(model, opt, 20 + rank)
+    model.sharded_state_dict(path, opt)
+    listing = sorted(os.listdir(path))
+    saved = full(model)
+    model, opt = build(3)
+    model.load_sharded_state_dict(path, opt)
+    return loaded, saved, full(model), listing
+
+
+def test_resave_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """Re-saving to the same path writes beside the old checkpoint and switches
+    by the manifest's rename: a rank killed while writing its shard leaves the
+    old checkpoint whole (it used to unlink the manifest first and overwrite the
+    shards in place). A later save completes and removes the stale generations."""
+    import numpy as np
+
+    ckpt = tmp_path / "ckpt"
+    first, error = run_ranks(_resave_job, 2, args=(str(ckpt), "crash"), timeout=120, pg_timeout=10,
+                             expect_exit=(1,))[0]
+    assert error is not None  # rank 0 saw the save fail
+    after_crash = sorted(p.name for p in ckpt.iterdir())
+    loaded, resaved, loaded_again, listing = run_ranks(_resave_job, 2, args=(str(ckpt), "resume"), timeout=120)[0]
+    assert sorted(loaded) == sorted(first)
+    for k in first:  # the checkpoint from before the killed save, exactly
+        np.testing.assert_array_equal(loaded[k], first[k], err_msg=k)
+    assert after_crash == ["gen_000000001", "gen_000000002", "manifest.dts"]
+    assert listing == ["gen_000000003", "manifest.dts"]
+    assert any(not np.array_equal(resaved[k], first[k]) for k in first)
+    for k in resaved:
+        np.testing.assert_array_equal(loaded_again[k], resaved[k], err_msg=k)
 
 
 def _state_dict_and_errors(rank, world_size):

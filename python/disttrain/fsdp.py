@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import re
+import shutil
 from typing import Any, Callable
 
 import torch
@@ -28,8 +30,24 @@ _SHARDED_FORMAT = "disttrain.fsdp.sharded/1"
 MANIFEST = "manifest.dts"
 
 
+_GENERATION_RE = re.compile(r"^gen_(\d{9})$")
+_LEGACY_SHARD_RE = re.compile(r"^shard_\d{5}\.dts$")
+
+
 def _shard_file(rank: int) -> str:
     return f"shard_{rank:05d}.dts"
+
+
+def _generation_dir(number: int) -> str:
+    return f"gen_{number:09d}"
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _ParamSlot:
@@ -370,27 +388,43 @@ class FullyShardedDataParallel(nn.Module):
     def sharded_state_dict(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Writes a sharded checkpoint into directory ``path``: each rank its
         shards (and its optimizer state, if ``optimizer`` is given) as
-        ``shard_<rank>.dts``, then rank 0 the manifest ``manifest.dts`` (layout,
-        buffers), once every shard is durable: a checkpoint without a manifest
-        is incomplete. Snapshot format (``disttrain.snapshot``). Collective."""
+        ``gen_<n>/shard_<rank>.dts`` in a new generation folder, then, once
+        every rank's shard is durable, rank 0 the manifest ``manifest.dts``
+        (layout, buffers, the generation) by an atomic rename. The manifest is
+        the commit: a checkpoint already at ``path`` stays loadable, untouched,
+        until the new one is complete on every rank, and a save that fails or
+        is killed at any instant leaves it as it was. Older generations are
+        deleted after the switch. Snapshot format (``disttrain.snapshot``). Collective."""
         from . import snapshot
         path = os.fspath(path)
+        # Rank 0 picks a generation no file in the folder uses (one past any
+        # there, also a crashed save's); an all-reduce hands it to every rank.
+        number = torch.zeros(1, dtype=torch.int64)
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
-            stale = os.path.join(path, MANIFEST)
-            if os.path.exists(stale):
-                os.unlink(stale)
-        dist.barrier(group=self.process_group)
+            used = [int(m.group(1)) for name in os.listdir(path) if (m := _GENERATION_RE.match(name))]
+            number[0] = max(used, default=0) + 1
+            os.mkdir(os.path.join(path, _generation_dir(int(number[0]))))
+            _fsync_directory(path)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self.process_group)
+        generation = _generation_dir(int(number[0]))
         state = {"format": _SHARDED_FORMAT, "rank": self.rank, "world_size": self.world_size,
                  "shards": [p.detach() for p in self.flat_shards],
                  "optimizer": optimizer.state_dict() if optimizer is not None else None}
-        snapshot.save(os.path.join(path, _shard_file(self.rank)), state)
+        snapshot.save(os.path.join(path, generation, _shard_file(self.rank)), state)
         dist.barrier(group=self.process_group)
         if self.rank == 0:
             manifest = {"format": _SHARDED_FORMAT, "world_size": self.world_size, "stage": self.stage,
                         "units": self._unit_infos(), "state_keys": self._state_keys,
-                        "buffers": dict(self._non_param_state()), "has_optimizer": optimizer is not None}
-            snapshot.save(os.path.join(path, MANIFEST), manifest)
+                        "buffers": dict(self._non_param_state()), "has_optimizer": optimizer is not None,
+                        "generation": generation}
+            snapshot.save(os.path.join(path, MANIFEST), manifest)  # the switch
+            for name in os.listdir(path):  # what no manifest refers to any more
+                full = os.path.join(path, name)
+                if _GENERATION_RE.match(name) and name != generation:
+                    shutil.rmtree(full, ignore_errors=True)
+                elif _LEGACY_SHARD_RE.match(name):  # a checkpoint of the layout before generations
+                    os.unlink(full)
         dist.barrier(group=self.process_group)
 
     def load_sharded_state_dict(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -415,7 +449,10 @@ class FullyShardedDataParallel(nn.Module):
         old_world = manifest["world_size"]
         needed = sorted({r for u in mine for r in _C.reshard_sources(u["total"], old_world, self.rank,
                                                                        self.world_size)})
-        saved = {r: snapshot.load(os.path.join(path, _shard_file(r))) for r in needed}
+        generation = manifest.get("generation", "")  # "": the layout before generations, shards beside it
+        if not isinstance(generation, str) or (generation and not _GENERATION_RE.match(generation)):
+            raise ValueError(f"'{manifest_path}' names the generation {generation!r}, not a gen_<number> folder")
+        saved = {r: snapshot.load(os.path.join(path, generation, _shard_file(r))) for r in needed}
         empty = torch.empty(0)
 
         def reshard(total: int, pieces: dict[int, torch.Tensor]) -> torch.Tensor:
