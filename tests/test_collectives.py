@@ -2,6 +2,8 @@
 against a reference computed locally from every rank's (deterministic) input.
 One job per world size runs the whole matrix, so the suite stays fast."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -181,6 +183,11 @@ def _run_matrix(rank, world, big, transport):
     out = torch.empty(2)
     dist.scatter(out, [torch.full((2,), float(r)) for r in range(world)] if rank == root else None, src=root)
     expect("scatter", out, torch.full((2,), float(rank)))
+    # Synchronous small all-reduces ran on the caller's thread over shared
+    # memory only (TCP and two-level groups keep the progress thread).
+    caller_ops = dist.group.WORLD._get_backend(torch.device("cpu")).caller_thread_ops
+    if world > 1 and (caller_ops > 0) != (transport == "shm"):
+        failures.append(f"{caller_ops} all-reduces on the caller's thread over {transport}")
     return failures
 
 
@@ -240,3 +247,91 @@ def _avg_edge_values(rank, world):
 def test_avg_is_sum_divided_bit_for_bit(world):
     for result in run_ranks(_avg_edge_values, world_size=world):
         assert all(result.values()), result
+
+
+# The caller-thread path: a synchronous all-reduce over shared memory that fits
+# one slot runs on the calling thread (no hand-off to the progress thread);
+# async_op=True, or an async op still in flight, keeps the queued path.
+CALLER_COUNTS = [0, 1, 7, 1001, 20_000]  # 20_000 elements: past 32 KiB (the two-phase reduction) for 2+ byte dtypes
+
+
+def _bits(t):
+    """The tensor's bytes as integers, so that equal means bit-identical (NaN, -0.0)."""
+    return t.view(torch.uint8) if t.numel() else t
+
+
+def _caller_thread_matches_queued(rank, world):
+    backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+    failures = []
+    sync_ops = 0
+    before = backend.caller_thread_ops
+    g = torch.Generator().manual_seed(1234 + rank)
+    for dtype in DTYPES:
+        for n in CALLER_COUNTS:
+            if dtype.is_floating_point:
+                # Values whose sums depend on the order of additions: any
+                # difference in how the two paths combine them shows up in the bits.
+                x = (torch.randn(n, generator=g, dtype=torch.float64) * 100).to(dtype)
+            else:
+                x = make_input(rank, n, dtype)
+            for op in REDUCE_OPS:
+                red = getattr(dist.ReduceOp, op)
+                fast = x.clone()
+                dist.all_reduce(fast, op=red)
+                sync_ops += 1
+                queued = x.clone()
+                dist.all_reduce(queued, op=red, async_op=True).wait()
+                if not torch.equal(_bits(fast), _bits(queued)):
+                    failures.append(f"{op} {dtype} n={n}: caller thread and progress thread differ")
+    if backend.caller_thread_ops - before != sync_ops:
+        failures.append(f"{backend.caller_thread_ops - before} of {sync_ops} synchronous all-reduces ran on the "
+                        "caller's thread")
+    # Non-contiguous input: staged, reduced on the caller's thread, copied back.
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4) * (rank + 1)
+    dist.all_reduce(base.t())
+    if not torch.equal(base, torch.arange(12, dtype=torch.float32).reshape(3, 4) * sum(range(1, world + 1))):
+        failures.append("non-contiguous all_reduce on the caller's thread")
+    # Async ops in flight: a synchronous all-reduce issued behind them queues
+    # behind them (issue order; otherwise the ranks would disagree on the
+    # sequence numbers and raise a mismatch), and every result is right.
+    for round_ in range(3):
+        pending = [(t, dist.all_reduce(t, async_op=True))
+                   for t in (torch.full((300_000,), float(rank + 1)), torch.full((5,), float(rank + round_)))]
+        small = torch.full((3,), float(rank))
+        dist.all_reduce(small)
+        for t, w in pending:
+            w.wait()
+        expect_big = float(sum(range(1, world + 1)))
+        expect_small5 = float(sum(range(world))) + world * round_
+        if not (torch.equal(pending[0][0], torch.full((300_000,), expect_big))
+                and torch.equal(pending[1][0], torch.full((5,), expect_small5))
+                and torch.equal(small, torch.full((3,), float(sum(range(world)))))):
+            failures.append(f"in-flight round {round_}: wrong results")
+    # Deterministically in flight: rank 0's async all-reduce cannot finish
+    # before the last rank joins it, so rank 0's synchronous one must queue.
+    before = backend.caller_thread_ops
+    if rank == world - 1:
+        time.sleep(0.3)
+    big = torch.ones(1000)
+    w = dist.all_reduce(big, async_op=True)
+    small = torch.ones(2)
+    dist.all_reduce(small)
+    w.wait()
+    if rank == 0 and backend.caller_thread_ops != before:
+        failures.append("a synchronous all-reduce ran on the caller's thread while an async one was in flight")
+    if not (torch.equal(big, torch.full((1000,), float(world))) and torch.equal(small, torch.full((2,), float(world)))):
+        failures.append("wrong results behind a pending async op")
+    # Larger than one slot: the progress thread, as before.
+    before = backend.caller_thread_ops
+    dist.all_reduce(torch.ones((1 << 20) // 4 + 1))
+    if backend.caller_thread_ops != before:
+        failures.append("an all-reduce larger than one slot ran on the caller's thread")
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_caller_thread_all_reduce_matches_the_queued_path(world):
+    results = run_ranks(_caller_thread_matches_queued, world, **transport_env("shm"))
+    failures = [f"rank {r}: {f}" for r, fs in enumerate(results) for f in fs]
+    assert not failures, "\n".join(failures[:40])
+

@@ -169,3 +169,27 @@ def test_bad_input_is_a_clear_error_and_leaves_the_group_usable(transport):
     assert res["gather_wrong_size"][0] == "ValueError" and "2 x 3" in res["gather_wrong_size"][1]
     assert res["uneven_split"][0] == "ValueError" and "not divisible" in res["uneven_split"][1]
     assert res["still_works"] == [2.0, 2.0, 2.0]
+
+
+def _shutdown_during_caller_thread_all_reduce(rank, world):
+    # Rank 0 waits in a small synchronous all-reduce (on its own thread, over
+    # shared memory) that rank 1 never joins; another thread shuts the group
+    # down: the all-reduce raises at once, naming the shutdown, not at the timeout.
+    if rank == 1:
+        time.sleep(4)
+        return None
+    backend = _backend()
+    threading.Timer(0.5, backend.shutdown).start()
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(4))
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e), "seconds": time.monotonic() - start, "caller_ops": backend.caller_thread_ops}
+    return {"error": None}
+
+
+def test_shutdown_ends_an_all_reduce_waiting_on_the_callers_thread():
+    res = run_ranks(_shutdown_during_caller_thread_all_reduce, 2, pg_timeout=60, **env("shm"))[0]
+    assert res["error"] is not None and "shut down" in res["error"], res
+    assert res["seconds"] < 10, res
+    assert res["caller_ops"] == 1, res

@@ -288,6 +288,13 @@ void DisttrainBackend::teardown(const std::string& why) {
   // On the progress thread itself (a callback released the last reference)
   // there is nothing to join: the thread finds `stop` when the callback returns.
   const bool joined = join_or_detach(worker_);
+  {
+    // An op a caller runs on its own thread fails within a sleep slice (its
+    // transports are shut down); it is that caller's to complete, and it must
+    // be out of the transports before they close.
+    std::unique_lock<std::mutex> lock(st->mu);
+    st->cv.wait(lock, [&] { return !st->caller_running; });
+  }
 
   // Whatever is left is completed here, on the caller's thread: for Python
   // the thread destroying the group, which may take the GIL even while the
@@ -348,14 +355,16 @@ std::exception_ptr DisttrainBackend::run_op(DisttrainWork& work) {
 void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> st) {
   std::unique_lock<std::mutex> lock(st->mu);
   while (true) {
-    st->cv.wait(lock, [&] { return st->stop || !st->queue.empty(); });
+    st->cv.wait(lock, [&] { return st->stop || (!st->queue.empty() && !st->caller_running); });
     if (st->stop) return;  // teardown fails what is queued, on its own thread
     st->running = std::move(st->queue.front());
     st->queue.pop_front();
+    st->busy = true;
     DisttrainWork* work = st->running.get();
     lock.unlock();
     std::exception_ptr error = self->run_op(*work);
     lock.lock();
+    st->busy = false;
     if (st->stop) {
       // Teardown began meanwhile; it completes this op on its own thread.
       st->running_error = error;
@@ -377,19 +386,48 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
-                                                         std::vector<at::Tensor> outputs, Task fn) {
+                                                         std::vector<at::Tensor> outputs, Task fn, bool on_caller) {
   auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn));
   std::deque<c10::intrusive_ptr<DisttrainWork>> finished;
+  std::shared_ptr<ProgressState> st = state_;
+  bool run_here = false;
   {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    if (state_->stop) {
-      C10_THROW_ERROR(DistBackendError, "disttrain: " + state_->stop_reason + "; " + work->describe() +
+    std::lock_guard<std::mutex> lock(st->mu);
+    if (st->stop) {
+      C10_THROW_ERROR(DistBackendError, "disttrain: " + st->stop_reason + "; " + work->describe() +
                                             " cannot run on it (create a new process group)");
     }
-    state_->queue.push_back(work);
-    finished.swap(state_->finished);
+    // Only with nothing queued and nothing running: an earlier async op still
+    // in flight keeps this one behind it, on the progress thread, in issue order.
+    run_here = on_caller && st->queue.empty() && !st->busy && !st->caller_running;
+    if (run_here) {
+      st->caller_running = true;
+    } else {
+      st->queue.push_back(work);
+    }
+    finished.swap(st->finished);
   }
-  state_->cv.notify_one();
+  if (!run_here) {
+    st->cv.notify_one();
+    return work;
+  }
+  // The same run_op as on the progress thread (same deadline, same failure
+  // handling), so the result and any error are what the queued path gives.
+  std::exception_ptr error = run_op(*work);
+  caller_thread_ops_.fetch_add(1, std::memory_order_relaxed);
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lock(st->mu);
+    st->caller_running = false;
+    // Wake the progress thread only if there is something for it (an op queued
+    // meanwhile by another thread) or a teardown waiting for this op: a wake-up
+    // for nothing costs the very context switches this path avoids.
+    wake = st->stop || !st->queue.empty();
+  }
+  if (wake) st->cv.notify_all();
+  // Completion callbacks run here; one may release the group's last reference,
+  // so `this` is not touched from here on.
+  work->complete(error);
   return work;
 }
 
@@ -413,6 +451,12 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   // coalesced path does (a separate divide pass cost 6 ms of a 14 ms AVG of
   // 75 MB at 2 ranks).
   const bool fuse_avg = shm_ && !hierarchical_ && fused_avg(op, buf.scalar_type());
+  // A synchronous all-reduce (the caller waits at once: dist.all_reduce without
+  // async_op) that fits one shared-memory epoch runs on the caller's thread:
+  // the hand-off to the progress thread and back was most of its latency.
+  // Same task, so the same bits. Asynchronous ones (DDP's buckets, async_op=True)
+  // stay on the progress thread, overlapping the caller's work.
+  const bool on_caller = !opts.asyncOp && shm_ && !hierarchical_ && buf.nbytes() <= shm_->slot_bytes();
   return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
     if (fuse_avg) {
       shm_allreduce(*shm_, sig, {{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()}}, buf.numel(),
@@ -422,7 +466,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
       if (op == RedOp::kAvg) divide_by(buf, world);
     }
     copy_back(user, buf);
-  });
+  }, on_caller);
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,

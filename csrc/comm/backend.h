@@ -1,5 +1,8 @@
 // The `disttrain` torch.distributed backend: a c10d::Backend whose ops run on
-// one progress thread per group, in issue order, over the TCP transport.
+// one progress thread per group, in issue order, over shared memory and TCP.
+// One exception: a synchronous all-reduce over shared memory that fits one
+// slot runs on the caller's thread when nothing is queued or running (see
+// enqueue()); issue order holds either way.
 //
 // Teardown (shutdown(), abort(), or the destructor: destroy_process_group(),
 // interpreter exit, any order, other backends alive or not) stops the
@@ -70,6 +73,13 @@ struct ProgressState {
   c10::intrusive_ptr<DisttrainWork> running;
   std::exception_ptr running_error;
   bool running_ran = false;
+  // The progress thread is inside an op (from taking it off the queue until
+  // it has run; its completion follows): a caller may not run one meanwhile.
+  bool busy = false;
+  // A caller's thread is running an op itself (enqueue's caller-thread path):
+  // the progress thread takes nothing off the queue meanwhile, and teardown
+  // waits for it before closing the transports.
+  bool caller_running = false;
   bool stop = false;
   std::string stop_reason;
 };
@@ -139,6 +149,9 @@ class DisttrainBackend : public c10d::Backend {
   // each host, TCP between hosts) or "tcp".
   std::string transport_name() const { return hierarchical_ ? "shm+tcp" : shm_ ? "shm" : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
+  // Ops run on the caller's thread instead of the progress thread (the
+  // small synchronous all-reduce over shared memory; see enqueue()).
+  uint64_t caller_thread_ops() const { return caller_thread_ops_.load(std::memory_order_relaxed); }
   const CommOptions& options() const { return options_; }
 
  private:
@@ -146,8 +159,12 @@ class DisttrainBackend : public c10d::Backend {
   DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                    std::chrono::milliseconds timeout, CommOptions options, int);
   // Queues fn for the progress thread; the returned Work completes when it has run.
+  // With `on_caller`, fn runs right here on the caller's thread instead, and the
+  // Work is returned completed, when nothing is queued or running (so issue order
+  // holds); otherwise it is queued like any op. For an op the caller waits for at
+  // once, this saves the two thread hand-offs (four context switches).
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
-                                         Task fn);
+                                         Task fn, bool on_caller = false);
   // The progress thread: takes `state` by value (it outlives the backend if
   // the backend is destroyed on this thread) and touches `self` only to run ops.
   static void progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> state);
@@ -177,6 +194,7 @@ class DisttrainBackend : public c10d::Backend {
   std::chrono::milliseconds timeout_;
   uint64_t next_seq_ = 0;
   std::vector<uint64_t> sent_to_, received_from_;
+  std::atomic<uint64_t> caller_thread_ops_{0};
 
   std::shared_ptr<ProgressState> state_ = std::make_shared<ProgressState>();
   std::mutex teardown_mu_;
