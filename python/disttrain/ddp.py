@@ -98,8 +98,16 @@ class DistributedDataParallel(nn.Module):
                 _C.broadcast_coalesced(self.process_group, self._buffers_to_sync, BROADCAST_CHUNK_BYTES, 0)
         output = self.module(*inputs, **kwargs)
         if torch.is_grad_enabled() and self.require_backward_grad_sync:
-            self._reducer.prepare_for_backward(find_tensors(output) if self.find_unused_parameters else [])
+            self.prepare_for_backward(output)
         return output
+
+    def prepare_for_backward(self, output: Any) -> None:
+        """Arms the reducer for the next backward pass (``forward`` does it;
+        call it yourself only when backward runs inside forward, as in
+        Lightning's manual optimization, with ``require_backward_grad_sync``
+        off during that forward). ``output``: what the backward starts from
+        (searched for unused parameters when ``find_unused_parameters``)."""
+        self._reducer.prepare_for_backward(find_tensors(output) if self.find_unused_parameters else [])
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

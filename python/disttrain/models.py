@@ -3,8 +3,11 @@
 ResNets follow He et al. (2016) with the CIFAR stem (3x3 conv, no max-pool)
 for small images by default; ``stem="imagenet"`` gives torchvision's layout
 (7x7 stride-2 conv and a max-pool: 16x less compute on 32x32 images, the same
-parameters but for the first conv). ``small_cnn`` and ``mlp`` are quick models
-for tests and notebooks.
+parameters but for the first conv). ``vit_base_patch32_224`` is the Vision
+Transformer of Dosovitskiy et al. (2021) with timm's/torchvision's layout
+(patch 32, 12 layers, width 768); ``vit_small`` is the same code, small enough
+for the embedded digits. ``small_cnn`` and ``mlp`` are quick models for tests
+and notebooks.
 """
 
 from __future__ import annotations
@@ -129,14 +132,79 @@ def mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 256, depth: 
     return nn.Sequential(*layers)
 
 
+class _EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_dim, width), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.self_attention(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier: non-overlapping patches embedded by a strided conv, a
+    class token, learned position embeddings, ``depth`` pre-norm blocks and a
+    linear head on the class token. Each block is an ``_EncoderBlock``, the
+    natural FSDP unit (``auto_wrap={VisionTransformer.block_class}``)."""
+
+    block_class = _EncoderBlock
+
+    def __init__(self, image_size: int = 224, patch_size: int = 32, depth: int = 12, width: int = 768,
+                 heads: int = 12, mlp_dim: int = 3072, num_classes: int = 1000, in_channels: int = 3,
+                 dropout: float = 0.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"VisionTransformer: image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if width % heads:
+            raise ValueError(f"VisionTransformer: width {width} is not a multiple of heads {heads}")
+        self.image_size = image_size
+        self.conv_proj = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        patches = (image_size // patch_size) ** 2
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embedding = nn.Parameter(torch.empty(1, patches + 1, width).normal_(std=0.02))
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[_EncoderBlock(width, heads, mlp_dim, dropout) for _ in range(depth)])
+        self.ln = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"VisionTransformer: expects {self.image_size}x{self.image_size} images, "
+                             f"got {tuple(x.shape[-2:])}")
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (batch, patches, width)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.blocks(self.dropout(x + self.pos_embedding))
+        return self.head(self.ln(x[:, 0]))
+
+
+def vit_base_patch32_224(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> VisionTransformer:
+    """ViT-B/32: patch 32, 12 layers, width 768, 12 heads, MLP 3072 (88.2 M parameters at 1000 classes)."""
+    return VisionTransformer(image_size, 32, 12, 768, 12, 3072, num_classes, in_channels)
+
+
+def vit_small(num_classes: int = 10, in_channels: int = 1, image_size: int = 8, patch_size: int = 2,
+              depth: int = 4, width: int = 64, heads: int = 4) -> VisionTransformer:
+    """The same code, small: patch 2 on 8x8 images (the embedded digits), 4 layers, width 64 by default."""
+    return VisionTransformer(image_size, patch_size, depth, width, heads, 4 * width, num_classes, in_channels)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101,
-    "small_cnn": small_cnn, "mlp": mlp,
+    "small_cnn": small_cnn, "mlp": mlp, "vit_base_patch32_224": vit_base_patch32_224, "vit_small": vit_small,
 }
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
-    """Builds a model by name (``resnet18`` ... ``resnet101``, ``small_cnn``, ``mlp``)."""
+    """Builds a model by name (``resnet18`` ... ``resnet101``, ``small_cnn``, ``mlp``,
+    ``vit_base_patch32_224``, ``vit_small``)."""
     try:
         factory = MODELS[name.lower()]
     except KeyError:

@@ -1,0 +1,249 @@
+"""disttrain.lightning: strategies for Lightning's Trainer and Fabric.
+
+- Trainer, 2 CPU processes launched by Lightning: "disttrain_ddp" and each ZeRO
+  stage end with the parameters of Lightning's own DDPStrategy over gloo
+  (Adam, clipping by norm, a step scheduler; relative 1e-6); a ZeRO run
+  resumed from its checkpoint continues identically; "disttrain_ddp" under
+  torchrun --max-restarts survives kill -9 of a rank and ends identical.
+- Manual optimization under "disttrain_ddp" equals Lightning's DDP over gloo;
+  ZeRO with manual optimization is a clear error.
+- Fabric: every strategy (no_backward_sync accumulation, clipping, a saved and
+  reloaded checkpoint) equals one process training on both ranks' data.
+- The Hydra example runs end to end on the embedded data.
+- In-process: the checkpoint IO round trip, registration, option errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="disttrain[lightning] is part of the dev install (scripts/setup.sh)")
+
+import disttrain.lightning as dl  # noqa: E402
+from harness import run_ranks  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "lightning_worker.py")
+FABRIC_WORKER = os.path.join(HERE, "lightning_fabric_worker.py")
+HYDRA_EXAMPLE = os.path.join(ROOT, "examples", "lightning_hydra", "train.py")
+# Adam, clipping by norm (so ZeRO must clip by the global norm), 4 epochs of 3 steps.
+COMMON = ["--epochs", "4", "--batches", "3", "--optimizer", "adam", "--clip", "0.5"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MASTER_", "TORCHELASTIC", "SLURM_", "OMPI_", "PMI_", "NODE_RANK", "GROUP_RANK"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _run(cmd: list[str], cwd, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _train(tmp, name: str, strategy: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, WORKER, "--strategy", strategy, "--out", str(tmp / f"{name}.pt"), *extra], tmp,
+                check=check)
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def gloo_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gloo")
+    _train(tmp, "gloo", "ddp_gloo", *COMMON)
+    return torch.load(tmp / "gloo.pt")
+
+
+@pytest.mark.parametrize("strategy", ["disttrain_zero1", "disttrain_zero3"])
+def test_trainer_strategy_equals_lightning_ddp_over_gloo(tmp_path, gloo_reference, strategy):
+    _train(tmp_path, "run", strategy, *COMMON)
+    params = torch.load(tmp_path / "run.pt")
+    assert _relative_difference(gloo_reference, params) < 1e-6
+
+
+def test_zero2_resume_from_its_checkpoint_continues_identically(tmp_path, gloo_reference):
+    ckpt = tmp_path / "ckpt"
+    _train(tmp_path, "first", "disttrain_zero2", *COMMON[:1], "2", *COMMON[2:], "--ckpt-dir", str(ckpt))
+    assert dl.is_snapshot(ckpt / "last.ckpt")
+    saved = dl.SnapshotCheckpointIO().load_checkpoint(ckpt / "last.ckpt")
+    assert saved["global_step"] == 6 and saved["epoch"] == 1
+    # The full (gathered) model under the plain module's keys, and Adam's state over whole units.
+    assert saved["state_dict"].keys() == gloo_reference.keys()
+    assert saved["optimizer_states"][0]["state"][0]["exp_avg"].numel() == sum(v.numel() for v in gloo_reference.values())
+    proc = _train(tmp_path, "resumed", "disttrain_zero2", *COMMON, "--ckpt-dir", str(ckpt), "--resume")
+    assert "Restored all states" in proc.stdout + proc.stderr
+    assert _relative_difference(gloo_reference, torch.load(tmp_path / "resumed.pt")) < 1e-6
+
+
+def test_ddp_survives_kill_9_under_torchrun_and_ends_identical(tmp_path, gloo_reference):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", WORKER, "--strategy", "disttrain_ddp",
+                 *COMMON, "--ckpt-dir", str(ckpt), "--resume", "--kill-rank", "1", "--kill-step", "7",
+                 "--out", str(tmp_path / "run.pt")], tmp_path)
+    log = proc.stdout + proc.stderr
+    assert (ckpt / "killed").exists(), "rank 1 was never killed"
+    assert "Restored all states" in log
+    assert _relative_difference(gloo_reference, torch.load(tmp_path / "run.pt")) < 1e-6
+
+
+def test_manual_optimization_under_disttrain_ddp_equals_automatic_over_gloo(tmp_path, gloo_reference):
+    # The worker's manual loop takes the automatic loop's steps by hand (clip, step, scheduler at epoch end).
+    _train(tmp_path, "ours", "disttrain_ddp", "--manual", *COMMON)
+    assert _relative_difference(gloo_reference, torch.load(tmp_path / "ours.pt")) < 1e-6
+
+
+def test_zero_with_manual_optimization_is_a_clear_error(tmp_path):
+    proc = _train(tmp_path, "x", "disttrain_zero2", "--manual", "--epochs", "1", "--batches", "1", check=False)
+    assert proc.returncode != 0
+    assert "manual optimization is not supported with ZeRO" in proc.stderr
+
+
+def test_fabric_strategies_equal_one_process_on_all_the_data(tmp_path):
+    _run([sys.executable, FABRIC_WORKER, str(tmp_path)], tmp_path)
+    results = torch.load(tmp_path / "results.pt")
+    reference = results.pop("reference")
+    assert set(results) == {"disttrain_ddp", "disttrain_zero1", "disttrain_zero2", "disttrain_zero3"}
+    for strategy, params in results.items():
+        assert _relative_difference(reference, params) < 1e-6, strategy
+        assert dl.is_snapshot(tmp_path / f"{strategy}.ckpt")
+
+
+def test_hydra_example_trains_tests_and_writes_the_template_outputs(tmp_path):
+    out = tmp_path / "run"
+    _run([sys.executable, HYDRA_EXAMPLE, "experiment=digits_ddp", f"hydra.run.dir={out}", "trainer.max_epochs=3",
+          "trainer.enable_progress_bar=false"], tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.8, metrics  # an MLP on digits: above 0.9 after 3 epochs
+    assert metrics["best_checkpoint"].startswith(str(out / "checkpoints" / "best-"))
+    assert dl.is_snapshot(metrics["best_checkpoint"]) and dl.is_snapshot(out / "checkpoints" / "last.ckpt")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+class _Custom:
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Custom) and other.value == self.value
+
+
+@pytest.mark.parametrize("async_write", [True, False])
+def test_checkpoint_io_round_trip(tmp_path, async_write):
+    from lightning.fabric.utilities.data import AttributeDict
+    io = dl.SnapshotCheckpointIO(async_write=async_write)
+    checkpoint = {"state_dict": {"w": torch.randn(3, 4)}, "epoch": 2, "hyper_parameters": AttributeDict(lr=0.1),
+                  "callbacks": {"Custom{'x': 1}": {"obj": _Custom(5), "score": torch.tensor(0.5)}},
+                  "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 3}}}}}
+    path = tmp_path / "a.ckpt"
+    io.save_checkpoint(checkpoint, path)
+    loaded = io.load_checkpoint(path)  # waits for the background write
+    assert dl.is_snapshot(path)
+    assert torch.equal(loaded["state_dict"]["w"], checkpoint["state_dict"]["w"])
+    assert type(loaded["hyper_parameters"]) is AttributeDict and loaded["hyper_parameters"].lr == 0.1
+    assert loaded["callbacks"]["Custom{'x': 1}"]["obj"] == _Custom(5)
+    assert loaded["loops"] == checkpoint["loops"]
+    with pytest.raises(pickle.UnpicklingError, match="weights_only=True refuses it"):
+        io.load_checkpoint(path, weights_only=True)
+    io.remove_checkpoint(path)
+    assert not path.exists()
+    io.teardown()
+
+
+def test_checkpoint_io_loads_lightning_torch_save_checkpoints(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 1}, tmp_path / "old.ckpt")
+    loaded = dl.SnapshotCheckpointIO().load_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dl.SnapshotCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_io_reports_a_failed_background_write(tmp_path):
+    io = dl.SnapshotCheckpointIO()
+    (tmp_path / "dir.ckpt").mkdir()
+    with pytest.raises(IsADirectoryError):
+        io.save_checkpoint({"x": torch.ones(1)}, tmp_path / "dir.ckpt")
+    io.teardown()
+
+
+def test_strategy_names_are_registered_with_trainer_and_fabric():
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+    from lightning.pytorch.strategies import StrategyRegistry
+    for name in dl.STRATEGY_NAMES:
+        assert name in StrategyRegistry and name in STRATEGY_REGISTRY
+    assert isinstance(StrategyRegistry.get("disttrain_zero2"), dl.DisttrainZeroStrategy)
+    assert StrategyRegistry.get("disttrain_zero2").stage == 2
+    assert isinstance(STRATEGY_REGISTRY.get("disttrain_ddp"), dl.DisttrainFabricDDPStrategy)
+
+
+def test_bad_stage_is_a_clear_error():
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+        dl.DisttrainZeroStrategy(stage=4)
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+        dl.DisttrainFabricZeroStrategy(stage=0)
+
+
+def _retarget_errors(rank, world_size):
+    import disttrain
+    from disttrain.lightning import _sharding
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+
+    errors = []
+    # One unit (the root) whose parameters are in two groups with different hyper-parameters.
+    model = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.1}],
+                                lr=0.01)
+    sharded = disttrain.FullyShardedDataParallel(model, stage=2)
+    try:
+        _sharding.retarget_optimizers(sharded, [optimizer], names)
+    except ValueError as error:
+        errors.append(str(error))
+    # A unit with a parameter no optimizer steps.
+    model = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    sharded = disttrain.FullyShardedDataParallel(model, stage=3)
+    try:
+        _sharding.retarget_optimizers(sharded, [optimizer], names)
+    except ValueError as error:
+        errors.append(str(error))
+    # Finer units: each Linear its own unit, so two groups are fine.
+    model = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.1}],
+                                lr=0.01)
+    sharded = disttrain.FullyShardedDataParallel(model, stage=3, auto_wrap={torch.nn.Linear})
+    _sharding.retarget_optimizers(sharded, [optimizer], names)
+    shards = [len(g["params"]) for g in optimizer.param_groups]
+    return errors, shards
+
+
+def test_zero_optimizer_groups_that_split_a_unit_are_clear_errors():
+    for errors, shards in run_ranks(_retarget_errors, 2):
+        assert len(errors) == 2
+        assert "is split between" in errors[0] and "auto_wrap" in errors[0]
+        assert "has parameters no optimizer steps" in errors[1]
+        assert shards == [1, 1]
