@@ -321,6 +321,18 @@ def _caller_thread_matches_queued(rank, world):
         failures.append("a synchronous all-reduce ran on the caller's thread while an async one was in flight")
     if not (torch.equal(big, torch.full((1000,), float(world))) and torch.equal(small, torch.full((2,), float(world)))):
         failures.append("wrong results behind a pending async op")
+    # A Work completed on the caller's thread still has a future (made on request).
+    opts = dist.AllreduceOptions()
+    opts.asyncOp = False
+    t = torch.full((4,), float(rank))
+    before = backend.caller_thread_ops
+    work = backend.allreduce([t], opts)
+    value = work.get_future().wait()
+    if backend.caller_thread_ops != before + 1 or not work.is_completed():
+        failures.append("backend.allreduce with asyncOp=False did not complete on the caller's thread")
+    if not (torch.equal(value[0], torch.full((4,), float(sum(range(world))))) and value[0] is t
+            and work.result()[0] is t):
+        failures.append(f"the caller-thread Work's future holds {value}")
     # Larger than one slot: the progress thread, as before.
     before = backend.caller_thread_ops
     dist.all_reduce(torch.ones((1 << 20) // 4 + 1))

@@ -90,12 +90,36 @@ void split_into(const at::Tensor& flat, std::vector<at::Tensor>& outs) {
 
 }  // namespace
 
-DisttrainWork::DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task)
+namespace {
+c10::intrusive_ptr<c10::ivalue::Future> make_future() {
+  static const c10::TypePtr type = c10::ListType::create(c10::TensorType::get());
+  return c10::make_intrusive<c10::ivalue::Future>(type);
+}
+}  // namespace
+
+DisttrainWork::DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task,
+                             bool eager_future)
     : c10d::Work(rank, type),
       seq_(seq),
       outputs_(std::move(outputs)),
-      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))),
+      eager_future_(eager_future),
+      future_(eager_future ? make_future() : nullptr),
       task_(std::move(task)) {}
+
+c10::intrusive_ptr<c10::ivalue::Future> DisttrainWork::getFuture() {
+  if (eager_future_) return future_;
+  std::lock_guard<std::mutex> lock(future_mu_);
+  if (!future_) {
+    TORCH_INTERNAL_ASSERT(completed_.load(), "disttrain: a lazy future on a Work that has not completed");
+    future_ = make_future();
+    if (error_) {
+      future_->setError(error_);
+    } else {
+      future_->markCompleted(c10::IValue(outputs_));
+    }
+  }
+  return future_;
+}
 
 bool DisttrainWork::wait(std::chrono::milliseconds timeout) {
   bool done = false;
@@ -117,7 +141,9 @@ void DisttrainWork::release_task() {
 
 void DisttrainWork::complete(std::exception_ptr error) {
   if (completed_.exchange(true)) return;  // teardown may reach an op the progress thread was completing
-  if (error) {
+  if (!eager_future_) {
+    error_ = error;  // before anyone else holds this Work: getFuture() reads it later
+  } else if (error) {
     future_->setError(error);
   } else {
     future_->markCompleted(c10::IValue(outputs_));
@@ -299,7 +325,8 @@ void DisttrainBackend::teardown(const std::string& why) {
   // Whatever is left is completed here, on the caller's thread: for Python
   // the thread destroying the group, which may take the GIL even while the
   // interpreter exits (a progress thread may not: Python ends it).
-  std::deque<c10::intrusive_ptr<DisttrainWork>> left, finished;
+  std::deque<c10::intrusive_ptr<DisttrainWork>> left;
+  std::vector<c10::intrusive_ptr<DisttrainWork>> finished;
   c10::intrusive_ptr<DisttrainWork> running;
   std::exception_ptr running_error;
   bool ran = false;
@@ -387,19 +414,22 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
                                                          std::vector<at::Tensor> outputs, Task fn, bool on_caller) {
-  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn));
-  std::deque<c10::intrusive_ptr<DisttrainWork>> finished;
+  // Where the op runs is decided under the lock, before the Work is made: one
+  // run here completes before anyone else sees it, so its future is made lazily.
   std::shared_ptr<ProgressState> st = state_;
   bool run_here = false;
+  c10::intrusive_ptr<DisttrainWork> work;
+  std::vector<c10::intrusive_ptr<DisttrainWork>> finished;  // no allocation when empty
   {
     std::lock_guard<std::mutex> lock(st->mu);
+    run_here = on_caller && st->queue.empty() && !st->busy && !st->caller_running && !st->stop;
+    work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn), !run_here);
     if (st->stop) {
       C10_THROW_ERROR(DistBackendError, "disttrain: " + st->stop_reason + "; " + work->describe() +
                                             " cannot run on it (create a new process group)");
     }
     // Only with nothing queued and nothing running: an earlier async op still
     // in flight keeps this one behind it, on the progress thread, in issue order.
-    run_here = on_caller && st->queue.empty() && !st->busy && !st->caller_running;
     if (run_here) {
       st->caller_running = true;
     } else {
@@ -425,8 +455,8 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint
     wake = st->stop || !st->queue.empty();
   }
   if (wake) st->cv.notify_all();
-  // Completion callbacks run here; one may release the group's last reference,
-  // so `this` is not touched from here on.
+  // No callbacks can be attached yet (the future is lazy): completing only
+  // records the outcome and marks the Work done.
   work->complete(error);
   return work;
 }

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "comm/options.h"
 #include "comm/shm/shm_collectives.h"
@@ -37,8 +38,12 @@ using Task = std::function<void(Deadline)>;
 
 class DisttrainWork : public c10d::Work {
  public:
-  DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task);
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  // Without `eager_future`, the Work must be completed before anyone else sees
+  // it (the caller-thread path): its future is made on the first getFuture(),
+  // already complete, so the common case (nobody asks) never builds one.
+  DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task,
+                bool eager_future = true);
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   std::vector<at::Tensor> result() override { return outputs_; }
   uint64_t getSequencenumber() const override { return seq_; }
   // Waits, then releases the task's buffers at once, on the caller's thread.
@@ -54,6 +59,9 @@ class DisttrainWork : public c10d::Work {
   std::atomic<bool> completed_{false};
   uint64_t seq_;
   std::vector<at::Tensor> outputs_;
+  const bool eager_future_;
+  std::mutex future_mu_;  // the lazy future only
+  std::exception_ptr error_;  // the outcome, for a lazy future
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   std::mutex task_mu_;
   Task task_;
@@ -68,7 +76,7 @@ struct ProgressState {
   std::condition_variable cv;
   std::deque<c10::intrusive_ptr<DisttrainWork>> queue;
   // Ops the progress thread has finished, released on a caller's thread.
-  std::deque<c10::intrusive_ptr<DisttrainWork>> finished;
+  std::vector<c10::intrusive_ptr<DisttrainWork>> finished;
   // The op being run or completed; its outcome when teardown completes it.
   c10::intrusive_ptr<DisttrainWork> running;
   std::exception_ptr running_error;
