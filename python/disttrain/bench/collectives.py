@@ -9,11 +9,20 @@ algbw (bytes / time), busbw (algbw scaled by the op's traffic factor:
 2(n-1)/n for all-reduce, (n-1)/n for all-gather and reduce-scatter, 1 for
 broadcast), the gloo/disttrain time ratio and a correctness check. Rank 0
 writes ``benchmarks/results/<op>_ws<N>.csv``.
+
+``--peers deepspeed`` adds DeepSpeed's CPU shared-memory all-reduce
+(``deepspeed.comm.inference_all_reduce`` after ``deepspeed.init_distributed("gloo")``,
+``LOCAL_SIZE`` set to the ranks on this host as DeepSpeed's launcher does) to the
+same rounds, with its own columns and its time over disttrain's per row. DeepSpeed
+is never a dependency of disttrain: install it into the benchmark environment
+only (docs/benchmarks.md). A peer that does not import, build or apply to the op
+and dtype is skipped with the reason printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -22,6 +31,7 @@ from typing import cast
 from disttrain.bench import write_csv
 
 OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast")
+PEERS = ("deepspeed",)
 
 
 def _parse_size(text: str) -> int:
@@ -44,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=0, help="timed iterations per round (default: by size)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per backend; the best counts (default 5)")
     p.add_argument("--baseline", default="gloo", help="backend to compare against (default gloo)")
+    p.add_argument("--peers", default="", help="comma-separated peers measured in the same rounds: deepspeed")
     p.add_argument("--transport", choices=["auto", "tcp", "shm"], default=None,
                    help="force disttrain's transport (default: DISTTRAIN_TRANSPORT or auto)")
     p.add_argument("--out", default=None,
@@ -59,10 +70,49 @@ def _bus_factor(op: str, n: int) -> float:
     return 1.0
 
 
+class Peer:
+    """A library measured beside disttrain and the baseline: its own all-reduce
+    (SUM, in place) on the same tensors, in the same rounds."""
+
+    def __init__(self, name: str, all_reduce) -> None:
+        self.name = name
+        self.all_reduce = all_reduce
+
+
+def _deepspeed_peer(op: str, dtype_name: str) -> tuple[Peer | None, str]:
+    """DeepSpeed's CPU shared-memory all-reduce, or None and why not. Called on
+    every rank after the default group exists (DeepSpeed then only adds its
+    shared-memory op, built with ninja on first use)."""
+    if op != "allreduce":
+        return None, f"DeepSpeed's shared-memory op is an all-reduce only, not {op}"
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        return None, f"DeepSpeed's shared-memory all-reduce takes float32, bfloat16 and float16, not {dtype_name}"
+    # DeepSpeed's launcher sets LOCAL_SIZE; its op uses shared memory only when
+    # it equals the world size (every rank on this host), as here.
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    try:
+        # By name: an optional package of the benchmark environment, typed Any
+        # whether it is installed (untyped) or not.
+        deepspeed = importlib.import_module("deepspeed")
+        ds_comm = importlib.import_module("deepspeed.comm")
+
+        deepspeed.init_distributed("gloo")
+        backend = ds_comm.comm.cdb
+        if getattr(backend, "shm_comm_op", None) is None:
+            return None, "DeepSpeed imported but its shared-memory op did not build (ninja and a C++ compiler needed)"
+        level = getattr(backend, "shm_vector_kernel_level", 0)
+        if level < (1 if dtype_name == "float32" else 2):
+            return None, "DeepSpeed's shared-memory kernels need AVX2 (float32) or AVX-512BW (16-bit) here"
+    except Exception as e:  # noqa: BLE001 - any failure to import or build means: skipped, with the reason
+        return None, f"DeepSpeed unavailable: {type(e).__name__}: {e}".splitlines()[0]
+    return Peer("deepspeed", ds_comm.inference_all_reduce), ""
+
+
 def _make_case(op, nbytes, dtype, rank, world):
     """Returns (run(pg), check(pg), bytes) for one op and size. run is what is
     timed (no refill of the buffers inside it, as in nccl-tests); check runs the
-    op once on known data and says whether the result is right."""
+    op once on known data and says whether the result is right. For all-reduce,
+    pg may be a Peer."""
     import torch
     import torch.distributed as dist
 
@@ -72,7 +122,10 @@ def _make_case(op, nbytes, dtype, rank, world):
         t = torch.zeros(count, dtype=dtype)  # zeros stay zeros under repeated sums
 
         def run(pg):
-            dist.all_reduce(t, group=pg)
+            if isinstance(pg, Peer):
+                pg.all_reduce(t)
+            else:
+                dist.all_reduce(t, group=pg)
 
         def check(pg):
             t.fill_(rank + 1)
@@ -121,11 +174,11 @@ def _make_case(op, nbytes, dtype, rank, world):
     return run, check, count * elem
 
 
-def _time(run, pg, iters):
+def _time(run, pg, iters, barrier_pg=None):
     """Wall and CPU (all threads of this process) seconds per op."""
     import torch.distributed as dist
 
-    dist.barrier(group=pg)
+    dist.barrier(group=barrier_pg if barrier_pg is not None else pg)
     cpu0, start = time.process_time(), time.perf_counter()
     for _ in range(iters):
         run(pg)
@@ -169,6 +222,18 @@ def bench_rank(args) -> None:
     base_pg = dist.new_group(backend=args.baseline)
     ours_pg = dist.group.WORLD
     dtype = getattr(torch, args.dtype)
+    peers: list[Peer] = []
+    for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
+        if name not in PEERS:
+            raise SystemExit(f"disttrain bench: unknown peer {name!r}; known: {', '.join(PEERS)}")
+        peer, why = _deepspeed_peer(args.op, args.dtype)
+        # Every rank must agree, or the ranks would run different rounds.
+        ok = torch.tensor([1 if peer is not None else 0], dtype=torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=base_pg)
+        if peer is not None and ok.item():
+            peers.append(peer)
+        elif rank == 0:
+            print(f"# peer {name} skipped: {why or 'not available on every rank'}", flush=True)
     sizes = []
     s = args.min_bytes
     while s <= args.max_bytes:
@@ -179,25 +244,34 @@ def bench_rank(args) -> None:
     rows = []
     if rank == 0:
         print(f"# disttrain bench {args.op}: {world} ranks, dtype {args.dtype}, baseline {args.baseline}, "
-              f"disttrain transport {transport}, memcpy {memcpy_gbps:.2f} GB/s (one core, same run)")
+              f"disttrain transport {transport}, memcpy {memcpy_gbps:.2f} GB/s (one core, same run)"
+              + "".join(f", peer {p.name}" for p in peers))
         print(f"{'size(B)':>12} {'count':>10} | {'disttrain us':>12} {'algbw':>8} {'busbw':>8} | "
-              f"{args.baseline + ' us':>12} {'algbw':>8} {'busbw':>8} | {'speedup':>7} {'bw/memcpy':>9} check")
+              f"{args.baseline + ' us':>12} {'algbw':>8} {'busbw':>8} | {'speedup':>7} {'bw/memcpy':>9}"
+              + "".join(f" | {p.name + ' us':>13} {'busbw':>8} {'x':>6}" for p in peers) + " check")
     for nbytes in sizes:
         run, check, moved = _make_case(args.op, nbytes, dtype, rank, world)
         iters = args.iters or max(3, min(200, int(32e6 / max(moved, 1))))
         ok = check(ours_pg) and check(base_pg)  # also the warm-up of both
+        for peer in peers:
+            ok = check(peer) and ok
         ours, base = [], []
+        theirs: list[list[tuple[float, float]]] = [[] for _ in peers]
         for _ in range(args.rounds):
+            # Interleaved: every contender sees the same machine, round by round.
             ours.append(_time(run, ours_pg, iters))
             base.append(_time(run, base_pg, iters))
+            for peer, times in zip(peers, theirs):
+                times.append(_time(run, peer, iters, barrier_pg=base_pg))
         ok = ok and check(ours_pg)
         # Best round of each: on a shared machine the other rounds measure the
         # neighbours. Rank 0 reports the slowest rank: a collective is as fast as its last rank.
         best_ours, best_base = min(ours), min(base)
-        t = torch.tensor([best_ours[0], best_base[0], best_ours[1], best_base[1], 0.0 if ok else 1.0],
-                         dtype=torch.float64)
+        best_theirs = [min(times) for times in theirs]
+        t = torch.tensor([best_ours[0], best_base[0], best_ours[1], best_base[1], 0.0 if ok else 1.0]
+                         + [b[0] for b in best_theirs], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=base_pg)
-        t_ours, t_base, cpu_ours, cpu_base, bad = t.tolist()
+        t_ours, t_base, cpu_ours, cpu_base, bad, *t_theirs = t.tolist()
         factor = _bus_factor(args.op, world)
         row = {
             "op": args.op, "world_size": world, "transport": transport, "dtype": args.dtype, "size_bytes": moved,
@@ -207,15 +281,26 @@ def bench_rank(args) -> None:
             "baseline_busbw_GBps": moved / t_base / 1e9 * factor,
             "speedup": t_base / t_ours, "disttrain_cpu_us": cpu_ours * 1e6, "baseline_cpu_us": cpu_base * 1e6,
             "memcpy_GBps": memcpy_gbps, "busbw_over_memcpy": moved / t_ours / 1e9 * factor / memcpy_gbps,
-            "correct": bad == 0.0,
+            "baseline_busbw_over_memcpy": moved / t_base / 1e9 * factor / memcpy_gbps,
         }
+        for peer, t_peer in zip(peers, t_theirs):
+            # <peer>_over_disttrain: the peer's time over disttrain's (> 1: disttrain is faster).
+            row.update({
+                f"{peer.name}_us": t_peer * 1e6, f"{peer.name}_algbw_GBps": moved / t_peer / 1e9,
+                f"{peer.name}_busbw_GBps": moved / t_peer / 1e9 * factor,
+                f"{peer.name}_busbw_over_memcpy": moved / t_peer / 1e9 * factor / memcpy_gbps,
+                f"{peer.name}_over_disttrain": t_peer / t_ours,
+            })
+        row["correct"] = bad == 0.0
         rows.append(row)
         if rank == 0:
             print(f"{moved:>12} {moved // torch.tensor([], dtype=dtype).element_size():>10} | "
                   f"{row['disttrain_us']:>12.1f} {row['disttrain_algbw_GBps']:>8.3f} {row['disttrain_busbw_GBps']:>8.3f} | "
                   f"{row['baseline_us']:>12.1f} {row['baseline_algbw_GBps']:>8.3f} {row['baseline_busbw_GBps']:>8.3f} | "
-                  f"{row['speedup']:>7.2f} {row['busbw_over_memcpy']:>9.3f} {'OK' if row['correct'] else 'WRONG'}",
-                  flush=True)
+                  f"{row['speedup']:>7.2f} {row['busbw_over_memcpy']:>9.3f}"
+                  + "".join(f" | {row[p.name + '_us']:>13.1f} {row[p.name + '_busbw_GBps']:>8.3f} "
+                            f"{row[p.name + '_over_disttrain']:>6.2f}" for p in peers)
+                  + f" {'OK' if row['correct'] else 'WRONG'}", flush=True)
     if rank == 0:
         out = args.out or os.path.join("benchmarks", "results", f"{args.op}_ws{world}_{transport}.csv")
         write_csv(rows, out)
