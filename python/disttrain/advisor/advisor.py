@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._threads import one_blas_thread
 from .baseline import RawColumnsBaseline
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
@@ -39,7 +40,8 @@ class Advisor:
         self.max_acc = float(curve_model.max_acc_)
 
     @classmethod
-    def fit(cls, paths_or_dataframe=None, coverage: float = 0.8) -> "Advisor":
+    @one_blas_thread
+    def fit(cls, paths_or_dataframe=None, coverage: float = 0.8, cache: bool = False) -> "Advisor":
         """Fits both models on epoch logs.
 
         Args:
@@ -48,10 +50,17 @@ class Advisor:
                 CSVs written by the disttrain trainer), or a data frame in the
                 logs' columns.
             coverage: two-sided coverage of every interval.
+            cache: reuse the fit of the same files from the advisor's cache
+                (and store this one there); see advisor.cache. A data frame is
+                always fitted.
 
         Returns:
             a fitted Advisor.
         """
+        if cache and not isinstance(paths_or_dataframe, pd.DataFrame):
+            from .cache import cached_fit
+
+            return cached_fit(paths_or_dataframe, coverage)[0]
         raw = load_raw(paths_or_dataframe)
         epochs = load_epochs(raw)
         runs = runs_table(epochs)
@@ -81,6 +90,7 @@ class Advisor:
                                     f"(known: {', '.join(sorted(self.known_families))})")
         return self.time_model.predict(normalized).set_index(configs.index)
 
+    @one_blas_thread
     def accuracy_curve(self, config, epochs=100, observed=None) -> pd.DataFrame:
         """Predicted test accuracy per epoch, with an interval.
 
@@ -102,6 +112,7 @@ class Advisor:
             frame.loc[0, "num_epochs"] = grid.max() + 1
         return self.curve_model.predict_curve(frame.iloc[0], grid, observed=observed)
 
+    @one_blas_thread
     def recommend(self, model_name: str, target_acc: float, prices: dict | None = None, gpus=None,
                   deadline_hours: float | None = None, gpu_counts=(1, 2, 3, 4),
                   batch_sizes=(32, 128, 512), max_epochs: int = 100) -> Recommendation:

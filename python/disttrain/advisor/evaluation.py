@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold
 
+from ._threads import one_blas_thread
 from .baseline import RawColumnsBaseline, random_split_scores
 from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, target_crossings
 from .hardware import DEFAULT_PRICES
@@ -29,21 +30,27 @@ from .time_model import EpochTimeModel
 SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name"}
 
 
-def _folds(runs: pd.DataFrame, split: str):
+def _folds(runs: pd.DataFrame, split: str, max_folds: int | None = None):
+    """(train, test) row indices of each fold. ``max_folds`` caps the number of
+    folds: the groups are then dealt into that many folds (GroupKFold), so
+    every test row is still out of fold, with fewer, larger groups left out."""
     groups = runs[SPLITS[split]].to_numpy()
-    if split == "run":
-        yield from GroupKFold(n_splits=min(5, len(np.unique(groups)))).split(runs, groups=groups)
+    n_groups = len(np.unique(groups))
+    folds = min(5 if split == "run" else n_groups, n_groups, max_folds or n_groups)
+    if split == "run" or folds < n_groups:
+        yield from GroupKFold(n_splits=folds).split(runs, groups=groups)
         return
     for value in np.unique(groups):
         yield np.nonzero(groups != value)[0], np.nonzero(groups == value)[0]
 
 
 def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: pd.DataFrame,
-                progress=None) -> pd.DataFrame:
+                progress=None, max_folds: int | None = None) -> pd.DataFrame:
     """Out-of-fold predictions for every run and epoch, ours and the baseline's.
 
     Args:
         progress: optional ``progress(split, folds_done, folds)``, called after each fold.
+        max_folds: at most this many folds (see :func:`_folds`); None: the split as defined.
 
     Returns:
         ``epochs`` plus ``time_pred``, ``time_low``, ``time_high``, ``acc_pred``
@@ -51,7 +58,7 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
     """
     runs = runs_table(epochs)
     out = []
-    folds = list(_folds(runs, split))
+    folds = list(_folds(runs, split, max_folds))
     for done, (train, test) in enumerate(folds, 1):
         train_ids = set(runs["run_id"].iloc[train])
         test_runs = runs.iloc[test]
@@ -137,8 +144,9 @@ def regret_table(pred: pd.DataFrame, time_column: str, acc_column: str, prices=N
     return pd.DataFrame(rows)
 
 
-def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None) -> dict:
-    """Runs the whole evaluation (``progress`` as for :func:`out_of_fold`).
+@one_blas_thread
+def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None, max_folds: int | None = None) -> dict:
+    """Runs the whole evaluation (``progress`` and ``max_folds`` as for :func:`out_of_fold`).
 
     Returns:
         dict with ``summary`` (one row per split and method), ``random_split``
@@ -149,7 +157,7 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None) -> di
     run_fits = LearningCurveModel().fit_runs(epochs)
     summary, predictions = [], {}
     for split in splits:
-        pred = out_of_fold(epochs, raw, split, run_fits, progress)
+        pred = out_of_fold(epochs, raw, split, run_fits, progress, max_folds)
         predictions[split] = pred
         methods = [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]
         tables = {method: target_table(pred, acc_column) for method, _, acc_column in methods}
