@@ -18,3 +18,14 @@ def no_leftover_shared_memory():
     yield
     leftover = set(glob.glob("/dev/shm/disttrain-*")) - before
     assert not leftover, f"shared-memory segments left behind: {sorted(leftover)}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def advisor_fit_cache(tmp_path_factory):
+    """The advisor's fit cache (disttrain.advisor.cache) in a folder of this session: the
+    default logs are fitted once per session, then read by the tests, their subprocesses and
+    the notebooks; never the user's ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DISTTRAIN_ADVISOR_CACHE", str(tmp_path_factory.mktemp("advisor-cache")))
+    yield
+    patch.undo()

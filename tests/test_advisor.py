@@ -10,7 +10,7 @@ from disttrain.advisor.loading import default_data_path
 
 @pytest.fixture(scope="module")
 def advisor():
-    return Advisor.fit()
+    return Advisor.fit(cache=True)  # the session's fit cache (tests/conftest.py): fitted once per session
 
 
 def test_loading_folds_ranks_into_runs():

@@ -1,4 +1,11 @@
-"""``disttrain advise`` as a user runs it: output, JSON, exit codes, no tracebacks."""
+"""``disttrain advise`` as a user runs it: output, JSON, exit codes, no tracebacks.
+
+Each test runs the command once as a real process (``python -m disttrain advise``: the
+dispatch, the exit status, nothing but one line on stderr); further cases of the same test run
+``main()`` in this process, which is the same code after the dispatch, without paying for
+another interpreter and torch import each. The fit itself comes from the session's fit cache
+(tests/conftest.py), so it is made once.
+"""
 
 import json
 import os
@@ -9,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 import disttrain
+from disttrain.advisor import cli as advise_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # The command runs the same disttrain as this test: installed, or the checkout's python/.
@@ -21,7 +29,16 @@ def advise(*args, cwd=None):
                           cwd=cwd or REPO, env=env, timeout=300)
 
 
-def test_ranked_table_and_json():
+def advise_here(capsys, *args):
+    """``disttrain advise ARGS`` in this process: (exit status, stdout, stderr). An exception
+    that escapes main() (a traceback, for a user) fails the test."""
+    capsys.readouterr()
+    code = advise_cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_ranked_table_and_json(capsys):
     out = advise("--model", "resnet50", "--target-acc", "0.75", "--gpus", "P40", "Tesla V100-SXM2-16GB", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -29,38 +46,46 @@ def test_ranked_table_and_json():
     assert rows and {r["gpu"] for r in rows} <= {"P40", "V100-SXM2"}
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(a["cost"] <= b["cost"] for a, b in zip(rows, rows[1:]))
-    text = advise("--model", "resnet50", "--target-acc", "0.75", "--top", "3")
-    assert text.returncode == 0 and text.stdout.startswith("cheapest:")
-    assert len(text.stdout.strip().splitlines()) == 1 + 1 + 3  # message, header, 3 rows
+    code, stdout, _ = advise_here(capsys, "--model", "resnet50", "--target-acc", "0.75", "--top", "3")
+    assert code == 0 and stdout.startswith("cheapest:")
+    assert len(stdout.strip().splitlines()) == 1 + 1 + 3  # message, header, 3 rows
 
 
-def test_user_prices_and_deadline(tmp_path):
+def test_user_prices_and_deadline(tmp_path, capsys):
     prices = tmp_path / "prices.csv"
     prices.write_text("gpu,price_per_gpu_hour\nTesla P40,5.0\nV100-SXM2,0.5\n")
-    out = advise("--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices), "--json")
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["configurations"][0]["gpu"] == "V100-SXM2"
+    code, stdout, stderr = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices), "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["configurations"][0]["gpu"] == "V100-SXM2"
     late = advise("--model", "resnet18", "--target-acc", "0.7", "--deadline-hours", "0.001")
     assert late.returncode == 1 and "deadline" in late.stdout
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
+def _one_line(stderr: str) -> bool:
+    lines = stderr.strip().splitlines()
+    return "Traceback" not in stderr and len(lines) == 1 and lines[0].startswith("disttrain advise: ")
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     malformed = tmp_path / "prices.csv"
     malformed.write_text("gpu,price_per_gpu_hour\nP40,cheap\n")
     bad_csv = tmp_path / "logs.csv"
     bad_csv.write_text("a,b\n1,2\n")
-    cases = [("--model", "vgg11", "--target-acc", "0.7"),
-             ("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"),
-             ("--model", "resnet50", "--target-acc", "0.97"),
-             ("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)),
-             ("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")),
-             ("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv))]
-    for args in cases:
-        out = advise(*args)
-        assert out.returncode == 2, (args, out.stdout, out.stderr)
-        assert "Traceback" not in out.stderr
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("disttrain advise: "), out.stderr
+    # Each case with a word its one line must hold, so a case that fails for another reason fails the test.
+    cases = [(("--model", "vgg11", "--target-acc", "0.7"), "unknown model 'vgg11'"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"), "unknown GPU 'H100'"),
+             (("--model", "resnet50", "--target-acc", "0.97"), "best accuracy"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)), "'cheap' is not a positive number"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")), "cannot read price file"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv)), "logs.csv: 1 row(s) with a missing"),
+             (("--evaluate", "--max-folds", "1"), "--max-folds 1")]
+    # The first case as a real process: its exit status and its whole stderr.
+    (args, words), *rest = cases
+    out = advise(*args)
+    assert out.returncode == 2 and _one_line(out.stderr) and words in out.stderr, (args, out.stdout, out.stderr)
+    for args, words in rest:
+        code, stdout, stderr = advise_here(capsys, *args)
+        assert code == 2 and _one_line(stderr) and words in stderr, (args, code, stdout, stderr)
 
 
 def test_evaluate_writes_the_tables(tmp_path):
@@ -72,9 +97,12 @@ def test_evaluate_writes_the_tables(tmp_path):
     for csv in logs.rglob("*.csv"):
         if csv.name.startswith(("resnet18_", "resnet34_")):
             (subset / csv.name).write_bytes(csv.read_bytes())
-    out = advise("--evaluate", "--data", str(subset), "--no-default-logs", cwd=tmp_path)
+    # At most 2 folds per split (the quick path; every split and both methods still run, grouped).
+    out = advise("--evaluate", "--max-folds", "2", "--data", str(subset), "--no-default-logs", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    table = pd.read_csv(tmp_path / "benchmarks" / "results" / "advisor_evaluation.csv")
+    # A capped run writes its own CSV, never the committed evaluation's.
+    assert not (tmp_path / "benchmarks" / "results" / "advisor_evaluation.csv").exists()
+    table = pd.read_csv(tmp_path / "benchmarks" / "results" / "advisor_evaluation_quick.csv")
     assert set(table["split"]) == {"run", "config", "gpu_family", "model"}
     assert set(table["method"]) == {"advisor", "baseline"}
     assert table["time_mape_pct"].notna().all() and (table["time_mape_pct"] > 0).all()
@@ -82,4 +110,6 @@ def test_evaluate_writes_the_tables(tmp_path):
     closer = table.groupby("split").agg(closer=("epochs_to_target_closer", "sum"), cases=("epochs_to_target_cases", "first"))
     assert (closer["closer"] <= closer["cases"]).all() and (closer["cases"] > 0).all()
     assert "leave" not in out.stderr and "time per epoch" in out.stdout
-    assert all(f"split {split}:" in out.stderr for split in ("run", "config", "gpu_family", "model")), out.stderr
+    # Two folds per split (the 4 GPU families dealt into 2; the 2 models one at a time, as uncapped).
+    for split, folds in (("run", 2), ("config", 2), ("gpu_family", 2), ("model", 2)):
+        assert f"split {split}: {folds} folds done" in out.stderr, out.stderr

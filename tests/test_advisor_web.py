@@ -23,7 +23,7 @@ def _chromium():
 
 @pytest.fixture(scope="module")
 def base_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Advisor.fit()))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Advisor.fit(cache=True)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"

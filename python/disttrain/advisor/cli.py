@@ -2,12 +2,14 @@
 
     disttrain advise --model resnet50 --target-acc 0.75 [--gpus P40 V100-SXM2]
                      [--prices prices.csv] [--deadline-hours H] [--json]
-    disttrain advise --evaluate [--json]
+    disttrain advise --evaluate [--max-folds K] [--json]
     disttrain advise --serve [--port P]
 
 Training data, one rule for every mode: the default logs (``$DISTTRAIN_EPOCH_LOGS``
 if set, else the logs shipped in the package) plus every ``--data`` path;
 ``--no-default-logs`` leaves the defaults out, so ``--data`` alone is used.
+A fit is cached (advisor.cache: keyed by the training files' bytes, the
+advisor's code and its libraries' versions); ``--no-cache`` fits again.
 
 Bad input, or a missing optional dependency (``pip install 'disttrain[advisor]'``),
 prints one line on stderr and exits with status 2; a target that no
@@ -26,6 +28,7 @@ import numpy as np
 from .errors import AdvisorInputError
 
 RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation.csv"
+QUICK_RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation_quick.csv"
 TABLE_COLUMNS = ["rank", "gpu", "num_of_gpus", "batch_size", "distribute_data", "epochs", "epochs_low", "epochs_high",
                  "epoch_time_s", "hours", "hours_low", "hours_high", "cost", "cost_low", "cost_high"]
 
@@ -43,8 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                         "($DISTTRAIN_EPOCH_LOGS if set, else the logs shipped with disttrain)")
     p.add_argument("--no-default-logs", action="store_true",
                    help="train on the --data paths only (leave out $DISTTRAIN_EPOCH_LOGS / the shipped logs)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="fit again even when the same fit is cached ($DISTTRAIN_ADVISOR_CACHE, else "
+                        "~/.cache/disttrain/advisor; 'off' disables the cache)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--evaluate", action="store_true", help=f"run the evaluation, also write {RESULTS_CSV}")
+    p.add_argument("--max-folds", type=int, metavar="K",
+                   help=f"with --evaluate: at most K folds per split (grouped as before), for a quicker, coarser "
+                        f"look; writes {QUICK_RESULTS_CSV}")
     p.add_argument("--serve", action="store_true", help="serve the web page")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
@@ -72,7 +81,7 @@ def _recommend(args) -> int:
             if family is None:
                 raise AdvisorInputError(f"unknown GPU '{name}' (known families: {', '.join(sorted(DEFAULT_PRICES))})")
             gpus.append(family)
-    advisor = Advisor.fit(_sources(args))
+    advisor = Advisor.fit(_sources(args), cache=not args.no_cache)
     rec = advisor.recommend(args.model.lower(), args.target_acc, prices=prices, gpus=gpus,
                             deadline_hours=args.deadline_hours)
     if args.json:
@@ -95,11 +104,16 @@ def _fold_progress(split: str, done: int, folds: int) -> None:
 def _evaluate(args) -> int:
     from .evaluation import SPLITS, evaluate
 
-    print(f"disttrain advise: evaluating on splits {', '.join(SPLITS)} (about 2 min on 2 cores)", file=sys.stderr)
-    result = evaluate(_sources(args), progress=_fold_progress)
+    if args.max_folds is not None and args.max_folds < 2:
+        raise AdvisorInputError(f"--max-folds {args.max_folds}: give at least 2")
+    # A capped evaluation is coarser than the committed one: it never overwrites that one's CSV.
+    results_csv = RESULTS_CSV if args.max_folds is None else QUICK_RESULTS_CSV
+    print(f"disttrain advise: evaluating on splits {', '.join(SPLITS)} (about 2 min on 2 cores)"
+          + (f", at most {args.max_folds} folds per split" if args.max_folds else ""), file=sys.stderr)
+    result = evaluate(_sources(args), progress=_fold_progress, max_folds=args.max_folds)
     summary = result["summary"]
-    RESULTS_CSV.parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(RESULTS_CSV, index=False)
+    results_csv.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(results_csv, index=False)
     if args.json:
         print(json.dumps({"summary": summary.replace([np.inf], None).to_dict(orient="records"),
                           "random_split_baseline": result["random_split"]}, indent=1, default=float))
@@ -116,8 +130,11 @@ def _evaluate(args) -> int:
     print(summary[time_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\naccuracy, epochs to target (0.5..0.8) and regret of the recommendation")
     print(summary[acc_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"\nwritten: {RESULTS_CSV} (in a checkout, refresh docs/advisor_results.md with "
-          f"'python -m disttrain.advisor.results_page')")
+    if args.max_folds is None:
+        print(f"\nwritten: {results_csv} (in a checkout, refresh docs/advisor_results.md with "
+              f"'python -m disttrain.advisor.results_page')")
+    else:
+        print(f"\nwritten: {results_csv} (at most {args.max_folds} folds per split: not the committed evaluation)")
     return 0
 
 
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.serve:
             from .server import serve
-            return serve(args.host, args.port, _sources(args))
+            return serve(args.host, args.port, _sources(args), cache=not args.no_cache)
         if args.evaluate:
             return _evaluate(args)
         return _recommend(args)

@@ -227,17 +227,27 @@ def load_raw(paths_or_dataframe=None) -> pd.DataFrame:
         if "source" not in frame.columns:
             frame["source"] = "data frame"
         return tidy(frame)
-    if paths_or_dataframe is None:
+    return tidy(pd.concat([_read_one(f) for f in csv_files(paths_or_dataframe)], ignore_index=True, sort=False))
+
+
+def csv_files(paths=None) -> list[Path]:
+    """The CSV files :func:`load_raw` reads for ``paths`` (None: the default
+    logs; a file or folder; a list of them), resolved, in reading order.
+
+    Raises:
+        AdvisorInputError: a path that does not exist, or no CSV file at all.
+    """
+    if paths is None:
         paths = [default_data_path()]
-    elif isinstance(paths_or_dataframe, (str, os.PathLike)):
-        paths = [Path(paths_or_dataframe)]
+    elif isinstance(paths, (str, os.PathLike)):
+        paths = [Path(paths)]
     else:
-        paths = [Path(p) for p in paths_or_dataframe]
+        paths = [Path(p) for p in paths]
     # A file reached twice (a folder and a file inside it, the same folder twice) is read once.
     files = list(dict.fromkeys(f.resolve() for p in paths for f in _csv_files(p)))
     if not files:
         raise AdvisorInputError(f"no CSV files under {', '.join(map(str, paths))}")
-    return tidy(pd.concat([_read_one(f) for f in files], ignore_index=True, sort=False))
+    return files
 
 
 def load_epochs(paths_or_dataframe=None) -> pd.DataFrame:

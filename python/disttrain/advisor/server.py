@@ -105,11 +105,11 @@ def make_handler(advisor):
     return Handler
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, data=None) -> int:
-    """Fits the advisor and serves the page until interrupted."""
+def serve(host: str = "127.0.0.1", port: int = 8765, data=None, cache: bool = True) -> int:
+    """Fits the advisor (or reads it from the cache) and serves the page until interrupted."""
     from .advisor import Advisor
 
-    advisor = Advisor.fit(data)
+    advisor = Advisor.fit(data, cache=cache)
     try:
         server = ThreadingHTTPServer((host, port), make_handler(advisor))
     except OSError as e:
