@@ -74,6 +74,9 @@ def strategy(name: str):
         return DDPStrategy(process_group_backend="gloo")
     if name == "ddp_disttrain":
         return DDPStrategy(process_group_backend="disttrain")
+    if name.endswith("_sharded"):  # disttrain_zero<stage>_sharded: sharded checkpoints
+        return disttrain.lightning.DisttrainZeroStrategy(stage=int(name[len("disttrain_zero")]),
+                                                         state_dict_type="sharded")
     return name
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
 import re
 import shutil
@@ -385,7 +386,8 @@ class FullyShardedDataParallel(nn.Module):
         self.module.load_state_dict({k: v for k, v in state_dict.items() if k not in param_names})
         self.gather_updated_parameters()
 
-    def sharded_state_dict(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def sharded_state_dict(self, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None, *,
+                           extra: Any = None) -> None:
         """Writes a sharded checkpoint into directory ``path``: each rank its
         shards (and its optimizer state, if ``optimizer`` is given) as
         ``gen_<n>/shard_<rank>.dts`` in a new generation folder, then, once
@@ -394,7 +396,11 @@ class FullyShardedDataParallel(nn.Module):
         the commit: a checkpoint already at ``path`` stays loadable, untouched,
         until the new one is complete on every rank, and a save that fails or
         is killed at any instant leaves it as it was. Older generations are
-        deleted after the switch. Snapshot format (``disttrain.snapshot``). Collective."""
+        deleted after the switch. Snapshot format (``disttrain.snapshot``). Collective.
+
+        ``extra``: rank 0's further state (what :func:`disttrain.snapshot.save`
+        stores) kept in the manifest, committed with the shards; read it back
+        with :func:`read_sharded_checkpoint`."""
         from . import snapshot
         path = os.fspath(path)
         # Rank 0 picks a generation no file in the folder uses (one past any
@@ -417,7 +423,7 @@ class FullyShardedDataParallel(nn.Module):
             manifest = {"format": _SHARDED_FORMAT, "world_size": self.world_size, "stage": self.stage,
                         "units": self._unit_infos(), "state_keys": self._state_keys,
                         "buffers": dict(self._non_param_state()), "has_optimizer": optimizer is not None,
-                        "generation": generation}
+                        "generation": generation, "extra": extra}
             snapshot.save(os.path.join(path, MANIFEST), manifest)  # the switch
             for name in os.listdir(path):  # what no manifest refers to any more
                 full = os.path.join(path, name)
@@ -513,3 +519,35 @@ def ShardedOptimizer(optimizer_class: type[torch.optim.Optimizer], model: FullyS
     optimizer = optimizer_class(model.parameters(), **optimizer_args)
     optimizer.register_step_post_hook(lambda opt, args, kwargs: model.gather_updated_parameters())
     return optimizer
+
+
+def read_sharded_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
+    """Consolidates a checkpoint written by :meth:`FullyShardedDataParallel.sharded_state_dict`
+    without a process group: every rank's shards are read and joined into the
+    unwrapped module's full ``state_dict`` (parameters and buffers, the
+    module's keys and order). Returns ``(state_dict, extra)``. Reads every
+    shard file: for one process, not for every rank of a job."""
+    from . import snapshot
+    path = os.fspath(path)
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        raise FileNotFoundError(f"sharded checkpoint '{path}' has no {MANIFEST} (missing or incomplete)")
+    manifest = snapshot.load(manifest_path)
+    if manifest.get("format") != _SHARDED_FORMAT:
+        raise ValueError(f"'{manifest_path}' is not a disttrain sharded checkpoint")
+    generation = manifest.get("generation", "")
+    if not isinstance(generation, str) or (generation and not _GENERATION_RE.match(generation)):
+        raise ValueError(f"'{manifest_path}' names the generation {generation!r}, not a gen_<number> folder")
+    world = manifest["world_size"]
+    shards = [snapshot.load(os.path.join(path, generation, _shard_file(r)))["shards"] for r in range(world)]
+    params: dict[str, torch.Tensor] = {}
+    for i, unit in enumerate(manifest["units"]):
+        flat = _C.reshard_flat([s[i] for s in shards], unit["total"], 0, 1)
+        offset = 0
+        for name, shape in zip(unit["names"], unit["shapes"]):
+            numel = math.prod(shape)
+            params[name] = flat[offset:offset + numel].view(shape).clone()
+            offset += numel
+    buffers = manifest["buffers"]
+    state: Any = collections.OrderedDict((k, params[k] if k in params else buffers[k]) for k in manifest["state_keys"])
+    return state, manifest.get("extra")

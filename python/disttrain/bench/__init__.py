@@ -24,6 +24,7 @@ BENCHMARKS = {
     "sampler": "disttrain.bench.sampler",
     "mpi": "disttrain.bench.mpi",
     "strategies": "disttrain.bench.strategies",
+    "lightning": "disttrain.bench.lightning",
 }
 
 

@@ -28,25 +28,25 @@ _PICKLED = "$disttrain.pickled"
 _MAGIC = b"\x89DTSNAP\n"
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """``value`` with everything the snapshot format cannot store pickled."""
     if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor, torch.Size, torch.dtype,
                                            np.ndarray, np.generic)):
         return value
     if type(value) in (dict, collections.OrderedDict) and all(
             k is None or isinstance(k, (bool, int, float, str)) for k in value):
-        out = type(value)((k, _plain(v)) for k, v in value.items())
+        out = type(value)((k, plain(v)) for k, v in value.items())
         if type(value) is collections.OrderedDict and getattr(value, "_metadata", None) is not None:
             out._metadata = value._metadata  # type: ignore[attr-defined]
         return out
     if type(value) is list:
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if type(value) is tuple:
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     return {_PICKLED: pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)}
 
 
-def _restore(value: Any, allow_pickle: bool, where: str) -> Any:
+def restore(value: Any, allow_pickle: bool, where: str) -> Any:
     if isinstance(value, dict):
         if len(value) == 1 and _PICKLED in value:
             if not allow_pickle:
@@ -54,14 +54,14 @@ def _restore(value: Any, allow_pickle: bool, where: str) -> Any:
                     f"checkpoint '{where}' holds a pickled Python object; weights_only=True refuses it "
                     "(load with weights_only=False if you trust the file)")
             return pickle.loads(value[_PICKLED])
-        out = type(value)((k, _restore(v, allow_pickle, where)) for k, v in value.items())
+        out = type(value)((k, restore(v, allow_pickle, where)) for k, v in value.items())
         if getattr(value, "_metadata", None) is not None:
             out._metadata = value._metadata  # type: ignore[attr-defined]
         return out
     if isinstance(value, list):
-        return [_restore(v, allow_pickle, where) for v in value]
+        return [restore(v, allow_pickle, where) for v in value]
     if isinstance(value, tuple):
-        return tuple(_restore(v, allow_pickle, where) for v in value)
+        return tuple(restore(v, allow_pickle, where) for v in value)
     return value
 
 
@@ -123,7 +123,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         os.makedirs(directory, exist_ok=True)
         if os.path.isdir(path):
             raise IsADirectoryError(f"SnapshotCheckpointIO: checkpoint path '{path}' is a directory")
-        state = _plain(checkpoint)
+        state = plain(checkpoint)
         if not self.async_write:
             snapshot.save(path, state, fsync=self.fsync)
             return
@@ -143,7 +143,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint '{path}' does not exist")
         if is_snapshot(path):
-            return _map(_restore(snapshot.load(path), weights_only is not True, path), map_location)
+            return _map(restore(snapshot.load(path), weights_only is not True, path), map_location)
         from lightning.fabric.utilities.cloud_io import _load
         return _load(path, map_location=map_location, weights_only=weights_only)
 

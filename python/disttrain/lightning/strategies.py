@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from datetime import timedelta
 from typing import Any, Generator, Literal, Mapping
 
@@ -27,9 +28,10 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import nn
 
 from ..ddp import DistributedDataParallel
-from ..fsdp import FullyShardedDataParallel
+from .. import snapshot
+from ..fsdp import MANIFEST, FullyShardedDataParallel, read_sharded_checkpoint
 from . import _sharding
-from ._checkpoint_io import SnapshotCheckpointIO
+from ._checkpoint_io import SnapshotCheckpointIO, plain, restore
 
 log = logging.getLogger("disttrain.lightning")
 
@@ -200,11 +202,17 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
     """
 
     def __init__(self, stage: int = 3, *, auto_wrap: Any = None, mixed_precision: Any = None,
-                 prefetch: bool = True, backward_prefetch: str = "post", **kwargs: Any):
+                 prefetch: bool = True, backward_prefetch: str = "post", state_dict_type: str = "full",
+                 **kwargs: Any):
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"DisttrainZeroStrategy: stage must be 1, 2 or 3, got {stage!r}")
+        if state_dict_type not in ("full", "sharded"):
+            raise ValueError(f"DisttrainZeroStrategy: state_dict_type must be 'full' or 'sharded', "
+                             f"got {state_dict_type!r}")
         super().__init__(**kwargs)
         self.stage = stage
+        self.state_dict_type = state_dict_type
+        self._loaded_sharded = False
         self._fsdp_kwargs = dict(stage=stage, auto_wrap=auto_wrap, mixed_precision=mixed_precision,
                                  prefetch=prefetch, backward_prefetch=backward_prefetch)
 
@@ -248,7 +256,16 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
             raise RuntimeError(f"{self.strategy_name}: gradient clipping outside fit")
         self.model.clip_grad_norm_(float(clip_val))
 
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the model is wrapped when the checkpoint loads: sharded checkpoints load shard by shard
+
+    def _writes_sharded(self) -> bool:
+        return self.state_dict_type == "sharded" and isinstance(self.model, FullyShardedDataParallel)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._writes_sharded():
+            return {}  # save_checkpoint writes the shards themselves
         if isinstance(self.model, FullyShardedDataParallel):
             return self.model.full_state_dict(rank0_only=True)
         return super().lightning_module_state_dict()
@@ -256,11 +273,56 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
+        if self._writes_sharded():
+            return {}
         if isinstance(self.model, FullyShardedDataParallel):
             return _sharding.full_optimizer_state(self.model, optimizer)
         return optimizer.state_dict()
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if not self._writes_sharded():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{self.strategy_name}: storage_options is not supported")
+        assert isinstance(self.model, FullyShardedDataParallel)
+        optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+        if len(optimizers) > 1:
+            raise ValueError(f"{self.strategy_name}: a sharded checkpoint holds one optimizer, the module has "
+                             f"{len(optimizers)}; use state_dict_type='full'")
+        path = self.broadcast(os.fspath(filepath))
+        if self.global_rank == 0 and os.path.isfile(path):
+            os.unlink(path)  # a full checkpoint of the same name before
+        extra = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.model.sharded_state_dict(path, optimizers[0] if optimizers else None, extra=plain(extra))
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        wait_for_writes(self)
+        path = self.broadcast(os.fspath(checkpoint_path))
+        self._loaded_sharded = False
+        if not os.path.isdir(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        allow_pickle = weights_only is not True
+        if isinstance(self.model, FullyShardedDataParallel):  # fitting: each rank reads what its shard needs
+            optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+            self.model.load_sharded_state_dict(path, optimizers[0] if optimizers else None)
+            self._loaded_sharded = True
+            checkpoint = restore(snapshot.load(os.path.join(path, MANIFEST)).get("extra"), allow_pickle, path)
+            # Loaded above; the placeholders keep Lightning's restore (which checks for them) going.
+            return {**checkpoint, "state_dict": {}, "optimizer_states": [{} for _ in optimizers]}
+        state_dict, extra = read_sharded_checkpoint(path)  # testing, validating: the full model
+        return {**restore(extra, allow_pickle, path), "state_dict": state_dict}
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._loaded_sharded:
+            return
+        if isinstance(self.model, FullyShardedDataParallel):
+            self.model.load_full_state_dict(checkpoint["state_dict"])
+        else:
+            super().load_model_state_dict(checkpoint, strict=strict)
+
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self._loaded_sharded:
+            return
         states = checkpoint["optimizer_states"]
         if len(states) != len(self.optimizers):
             raise ValueError(f"{self.strategy_name}: the checkpoint holds {len(states)} optimizer states, the "
