@@ -112,6 +112,25 @@ def test_ddp_survives_kill_9_under_torchrun_and_ends_identical(tmp_path, gloo_re
     assert _relative_difference(gloo_reference, torch.load(tmp_path / "run.pt")) < 1e-6
 
 
+def test_two_nodes_from_the_templates_environment_variables(tmp_path, gloo_reference):
+    # Two "nodes" of one process each on this host: MASTER_ADDR, MASTER_PORT, NODE_RANK, num_nodes=2.
+    from disttrain._processes import free_port
+    env = {**_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, WORKER, "--strategy", "disttrain_ddp", "--devices", "1", "--num-nodes", "2", *COMMON,
+           "--out", str(tmp_path / "run.pt")]
+    logs = [open(tmp_path / f"node{n}.log", "w+") for n in (0, 1)]  # files: a full pipe cannot stall a node
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, "NODE_RANK": str(n)}, stdout=logs[n],
+                              stderr=subprocess.STDOUT) for n in (0, 1)]
+    for node in nodes:
+        node.wait(timeout=300)
+    outputs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    for log in logs:
+        log.close()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "Starting with 2 processes" in outputs[0]
+    assert _relative_difference(gloo_reference, torch.load(tmp_path / "run.pt")) < 1e-6
+
+
 def test_manual_optimization_under_disttrain_ddp_equals_automatic_over_gloo(tmp_path, gloo_reference):
     # The worker's manual loop takes the automatic loop's steps by hand (clip, step, scheduler at epoch end).
     _train(tmp_path, "ours", "disttrain_ddp", "--manual", *COMMON)
