@@ -1,5 +1,7 @@
 """The advisor's Python API: loading, time and accuracy predictions, recommendations."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,9 +10,39 @@ from disttrain.advisor import Advisor, AdvisorInputError, load_epochs
 from disttrain.advisor.loading import default_data_path
 
 
+# Configurations the `held_out` advisor never sees, so that what it predicts for them can be
+# wrong: cfg13 (ResNet-18, batch 128, one GPU: the run earlier tests "predicted" after training
+# on it) and three drawn at random, before looking at any result, from the other 30
+# (numpy.random.default_rng(19).choice(..., 3, replace=False)): cfg23 (ResNet-101, batch 512, one
+# GPU), cfg25 (ResNet-18, 2 GPUs, DDP) and cfg30 (ResNet-34, 2 GPUs, DDP). 10 runs on 4 GPU families.
+HELD_OUT = {13, 23, 25, 30}
+
+
+def _config_of(csv: Path) -> int:
+    return int(csv.stem.rsplit("_", 1)[1])  # MODEL_GPU[_RANK_BACKEND]_CONFIG.csv
+
+
 @pytest.fixture(scope="module")
 def advisor():
     return Advisor.fit(cache=True)  # the session's fit cache (tests/conftest.py): fitted once per session
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    """An advisor fitted on every shipped log but the HELD_OUT configurations'."""
+    files = [f for f in sorted((default_data_path() / "runs").glob("*.csv")) if _config_of(f) not in HELD_OUT]
+    return Advisor.fit(files, cache=True)
+
+
+@pytest.fixture(scope="module")
+def held_out_rows():
+    """The held-out runs' rows, read with pandas alone (not the advisor's loader)."""
+    frames = []
+    for csv in sorted((default_data_path() / "runs").glob("*.csv")):
+        if _config_of(csv) in HELD_OUT:
+            frame = pd.read_csv(csv)
+            frames.append(frame.rename(columns={frame.columns[0]: "epoch"}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def test_loading_folds_ranks_into_runs():
@@ -33,8 +65,34 @@ def test_predict_returns_ordered_intervals(advisor):
     assert list(pred.index) == [7, 9]
     assert (pred["epoch_time_s_low"] < pred["epoch_time_s"]).all()
     assert (pred["epoch_time_s"] < pred["epoch_time_s_high"]).all()
-    # ResNet-18 on a P40 with batch 128 took 13 s per epoch in the logs.
-    assert 6 < pred.loc[7, "epoch_time_s"] < 30
+
+
+def test_time_per_epoch_of_configurations_it_never_saw(held_out, held_out_rows):
+    # The truth, computed here from the files: a distributed run's epoch ends with its slowest
+    # rank (the maximum over its rank files), and a run's epoch time is the median over epochs.
+    per_epoch = held_out_rows.groupby(["config_index", "gpu", "epoch"])["epoch_timings"].max()
+    measured = per_epoch.groupby(["config_index", "gpu"]).median()
+    configs = held_out_rows.groupby(["config_index", "gpu"]).first().reset_index()[
+        ["model_name", "gpu", "num_of_gpus", "batch_size", "learning_rate", "distribute_data", "is_distributed",
+         "num_workers_data_loader"]]
+    assert len(configs) == 10 and configs["gpu"].nunique() >= 4
+    pred = held_out.predict(configs)
+    truth = measured.to_numpy()
+    error = pred["epoch_time_s"].to_numpy() / truth - 1
+    inside = (pred["epoch_time_s_low"].to_numpy() <= truth) & (truth <= pred["epoch_time_s_high"].to_numpy())
+    report = pd.DataFrame({"config": measured.index, "measured_s": truth, "error": error, "inside": inside})
+    # Limits from the documented leave-one-configuration-out figures (docs/advisor_results.md:
+    # MAPE 9.3%, 80% intervals covering 87%), not tuned on these runs: a mean error under 15%, no
+    # run off by half, and the 80% intervals holding at least 7 of the 10. The measured times span
+    # 6 s to 76 s, so a model that ignored the GPU, the model or the batch would fail each.
+    assert np.abs(error).mean() < 0.15, report
+    assert np.abs(error).max() < 0.5, report
+    assert inside.sum() >= 7, report
+    # The order across GPUs of one configuration: ResNet-18, batch 128 ran 13.0 s on a P40, 8.0 s on a V100-SXM2.
+    cfg13 = pred["epoch_time_s"][configs["model_name"].eq("resnet18") & configs["batch_size"].eq(128)
+                                 & configs["num_of_gpus"].eq(1)]
+    families = configs.loc[cfg13.index, "gpu"].str.extract(r"(P40|P100|V100)")[0]
+    assert cfg13[families.eq("V100")].iloc[0] < cfg13[families.eq("P40")].iloc[0]
 
 
 def test_time_interval_widens_for_a_gpu_family_or_model_not_trained_on():
@@ -58,52 +116,74 @@ def test_sharding_shortens_the_epoch(advisor):
     assert pred["epoch_time_s"].iloc[1] < pred["epoch_time_s"].iloc[0]
 
 
-def test_accuracy_curve_rises_and_conditioning_narrows(advisor):
+def test_accuracy_curve_rises_and_conditioning_narrows(held_out, held_out_rows):
+    # cfg13 on a P40 (ResNet-18, batch 128, one GPU): a run the held-out advisor never saw.
     config = {"model_name": "resnet18", "gpu": "P40", "num_of_gpus": 1, "batch_size": 128}
-    prior = advisor.accuracy_curve(config, 50)
+    prior = held_out.accuracy_curve(config, 50)
     assert list(prior["epoch"]) == list(range(1, 51))
     assert prior["accuracy"].iloc[-1] > prior["accuracy"].iloc[0] + 0.2
     assert (prior["accuracy_low"] <= prior["accuracy"] + 1e-9).all()
     assert (prior["accuracy"] <= prior["accuracy_high"] + 1e-9).all()
-    observed = load_epochs().query("config_id == 'cfg13' and gpu_family == 'P40'")["test_acc"].to_numpy()
-    posterior = advisor.accuracy_curve(config, 50, observed=observed[:15])
+    run = held_out_rows.query("config_index == 13 and gpu == 'Tesla P40'").sort_values("epoch")
+    observed = run["test_acc"].to_numpy()
+    assert len(observed) == 100
+    posterior = held_out.accuracy_curve(config, 50, observed=observed[:15])
     width = lambda c: (c["accuracy_high"] - c["accuracy_low"]).iloc[20:].mean()  # noqa: E731
     assert width(posterior) < width(prior)
-    # Conditioned on 15 epochs, epoch 30 is predicted within 0.05 of what the run did.
+    # Conditioned on its first 15 epochs, epoch 30 of the unseen run is predicted within 0.05 of what it did.
     assert abs(posterior["accuracy"].iloc[29] - observed[29]) < 0.05
 
 
-def test_accuracy_is_the_curve_moved_by_the_hybrid_then_averaged_with_the_row_model(advisor):
-    import copy
+def _row_model_rebuilt_here():
+    """The ensemble's row model as docs/advisor.md describes it, built here from the files with
+    LightGBM alone (not the advisor's code): LightGBM with default settings on the raw columns of
+    every logged row; a single-process run counts as sharded (it sees the whole data set)."""
+    import lightgbm as lgb
 
-    from disttrain.advisor.curve_model import curve
+    frames = [pd.read_csv(f) for f in sorted((default_data_path() / "runs").glob("*.csv"))]
+    raw = pd.concat([f.rename(columns={f.columns[0]: "epoch"}) for f in frames], ignore_index=True)
+    single = ~raw["is_distributed"].astype(bool)
+    sharded = raw["distribute_data"].astype(str).str.lower().eq("true") | single
+    X = pd.DataFrame({"epoch": raw["epoch"], "model_name": raw["model_name"].astype("category"),
+                      "num_of_paramters": raw["num_of_paramters"], "gpu": raw["gpu"].astype("category"),
+                      "is_distributed": (~single).astype(float), "num_of_gpus": raw["num_of_gpus"],
+                      "num_workers_data_loader": raw["num_workers_data_loader"], "batch_size": raw["batch_size"],
+                      "learning_rate": raw["learning_rate"], "distribute_data": sharded.astype(float)})
+    model = lgb.LGBMRegressor(verbose=-1, n_jobs=1).fit(X, raw["test_acc"])
+    return raw, X, model
+
+
+def test_accuracy_is_the_average_of_the_curve_and_the_row_model(advisor):
+    import copy
 
     model = advisor.curve_model
     assert model.residual_weight_ in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # The curve alone (with its hybrid correction): the same advisor without the row model.
+    curve_only = copy.copy(advisor)
+    curve_only.curve_model = copy.copy(model)
+    curve_only.curve_model.rows_ = None
     config = {"model_name": "resnet50", "gpu": "V100-PCIE", "num_of_gpus": 2, "batch_size": 128}
     predicted = advisor.accuracy_curve(config, 100)
-    frame = advisor.normalize(pd.DataFrame([config]))
-    frame.loc[0, "milestones"], frame.loc[0, "num_epochs"] = "60,80", 101
-    epochs = np.arange(1, 101, dtype=float)
-    params = model.predict_params(frame)
-    plain = curve(params[0], epochs, 60.0)
-    expected = np.clip(plain + model.correction(frame, params, [epochs]), 0, 1)
+    curve = curve_only.accuracy_curve(config, 100)["accuracy"].to_numpy()
+    # The row model's prediction for that configuration, computed here: the rows the trees would
+    # see are the configuration's, with the recipe's defaults (lr 0.1, 4 loader workers, sharded),
+    # the GPU's name as the logs write it and the parameter count of the logged ResNet-50 DDP runs.
+    raw, X, rows = _row_model_rebuilt_here()
+    ddp50 = raw[(raw["model_name"] == "resnet50") & raw["is_distributed"].astype(bool)]
+    query = pd.DataFrame({"epoch": np.arange(100), "model_name": "resnet50",
+                          "num_of_paramters": ddp50["num_of_paramters"].mode().iloc[0],
+                          "gpu": "Tesla V100-PCIE-32GB", "is_distributed": 1.0, "num_of_gpus": 2,
+                          "num_workers_data_loader": 4, "batch_size": 128, "learning_rate": 0.1,
+                          "distribute_data": 1.0})
+    for column in ("model_name", "gpu"):
+        query[column] = pd.Categorical(query[column], categories=X[column].cat.categories)
+    expected = np.clip(0.5 * curve + 0.5 * rows.predict(query), 0, 1)
     np.testing.assert_allclose(predicted["accuracy"], expected, atol=1e-9)
-    np.testing.assert_allclose(model.predict_accuracy(frame, [epochs])[0], expected, atol=1e-9)
-    # The ensemble: half the (hybrid) curve, half the row model.
-    curve_only = copy.copy(model)
-    curve_only.rows_ = None
-    hybrid = plain + curve_only.correction(frame, params, [epochs])
-    rows = model.rows_.predict_accuracy(model.rows_.complete(frame.loc[[0] * 100].assign(epoch=epochs - 1)))
-    np.testing.assert_allclose(expected, np.clip(0.5 * hybrid + 0.5 * rows, 0, 1), atol=1e-9)
-    # A model the row model never saw: the (hybrid) curve alone.
-    unseen = advisor.normalize(pd.DataFrame([{**config, "model_name": "resnet152", "num_of_paramters": 58e6}]))
-    unseen_params = model.predict_params(unseen)
-    np.testing.assert_allclose(model.correction(unseen, unseen_params, [epochs]),
-                               curve_only.correction(unseen, unseen_params, [epochs]), atol=1e-12)
-    if model.residual_ is None:
-        assert model.residual_weight_ == 0
-        np.testing.assert_allclose(hybrid, plain)
+    assert np.abs(curve - expected).max() > 0.01  # the row model's half moves the prediction
+    # A model the trees never saw (ResNet-152): the curve stands alone.
+    unseen = {**config, "model_name": "resnet152", "num_of_paramters": 58e6}
+    np.testing.assert_allclose(advisor.accuracy_curve(unseen, 100)["accuracy"],
+                               curve_only.accuracy_curve(unseen, 100)["accuracy"], atol=1e-12)
     assert ((predicted["accuracy_low"] <= predicted["accuracy"] + 1e-9)
             & (predicted["accuracy"] <= predicted["accuracy_high"] + 1e-9)).all()
 
