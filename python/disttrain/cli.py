@@ -6,8 +6,12 @@ only dispatches, so a command's imports cost nothing to the others.
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import math
+import os
 import sys
+from typing import Any
 
 COMMANDS = {
     "info": ("disttrain.info", "versions, how the extension was built, transports a job would use"),
@@ -24,6 +28,122 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# --- disttrain bench: every option value checked before a benchmark starts a rank ------------------
+
+class _BadOption(ValueError):
+    pass
+
+
+# Option names (argparse dests) shared by the benchmarks, and what each accepts.
+_COUNT_LISTS = {"ranks", "processes"}        # comma-separated whole numbers >= 1
+_NUMBER_LISTS = {"sizes", "stream_sizes"}    # comma-separated counts, 1e6 notation allowed, >= 1
+_ZERO_OK = {"warmup", "iters", "eval_ranks", "seed", "mlp_depth"}  # whole numbers >= 0; other ints >= 1
+_OUTPUT_FILES = {"out", "csv"}               # files written: an existing folder or one that can be created
+_FOLDERS = {"dir"}                           # existing folders
+
+
+def _option(action: argparse.Action) -> str:
+    return "/".join(action.option_strings) or action.dest
+
+
+def _check_output(option: str, path: str) -> None:
+    if os.path.isdir(path):
+        raise _BadOption(f"{option} '{path}' is a folder; expected a file to write")
+    parent = os.path.abspath(os.path.dirname(path) or ".")
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise _BadOption(f"{option} '{path}': '{parent}' is not a writable folder; expected a file in one")
+
+
+def _check_bench_value(module: Any, action: argparse.Action, value: Any, backends: list[str]) -> None:
+    dest, option = action.dest, _option(action)
+    if value is None:
+        return
+    if isinstance(value, list):  # nargs="+"
+        for item in value:
+            _check_bench_value(module, argparse.Action([option], dest, type=action.type), item, backends)
+        return
+    if dest in _COUNT_LISTS or dest in _NUMBER_LISTS:
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        try:
+            numbers = [float(x) for x in items]
+        except ValueError:
+            numbers = []
+        whole = all(n.is_integer() for n in numbers) and (dest in _NUMBER_LISTS or all(x.isdigit() for x in items))
+        if not numbers or not whole or any(n < 1 or not math.isfinite(n) for n in numbers):
+            raise _BadOption(f"{option} {value!r}: expected whole numbers >= 1, comma separated (e.g. 2,4)")
+        return
+    known = getattr(module, dest.upper(), None)  # --configs: CONFIGS, --models: MODELS, --peers: PEERS
+    if isinstance(known, (tuple, list, dict)) and isinstance(value, str):
+        unknown = [x for x in (x.strip() for x in value.split(",")) if x and x not in known]
+        if unknown or (dest != "peers" and not value.strip(",").strip()):
+            raise _BadOption(f"{option} {value!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                             f"choose from {', '.join(known)}")
+        return
+    if dest == "grid":
+        try:
+            points = [(float(a), float(b)) for a, b in (item.split(":") for item in str(value).split(",") if item)]
+        except ValueError:
+            points = []
+        if not points or any(lr <= 0 or not 0 <= m < 1 for lr, m in points):
+            raise _BadOption(f"{option} {value!r}: expected lr:momentum pairs with lr > 0 and 0 <= momentum < 1, "
+                             "comma separated (e.g. 0.1:0.9,0.05:0.5)")
+        return
+    if dest == "baseline" and value not in backends:
+        raise _BadOption(f"{option} {value!r}: not available here; choose from {', '.join(backends)}")
+    if dest in _OUTPUT_FILES:
+        _check_output(option, str(value))
+    if dest in _FOLDERS and not os.path.isdir(value):
+        raise _BadOption(f"{option} '{value}': no such folder; expected an existing folder")
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        minimum = 2 if dest == "factor" else 0 if dest in _ZERO_OK else 1
+        if value < minimum:
+            raise _BadOption(f"{option} {value}: expected a whole number >= {minimum}")
+    elif isinstance(value, float):
+        if dest == "target":
+            if not 0 < value <= 1:
+                raise _BadOption(f"{option} {value:g}: expected an accuracy in (0, 1]")
+        elif dest == "momentum":
+            if not 0 <= value < 1:
+                raise _BadOption(f"{option} {value:g}: expected 0 <= momentum < 1")
+        elif not math.isfinite(value) or value <= 0:
+            raise _BadOption(f"{option} {value:g}: expected a number > 0")
+
+
+def _check_bench(argv: list[str]) -> str | None:
+    """The first bad option of ``disttrain bench NAME ...`` as one line, or None."""
+    from .bench import BENCHMARKS
+    from .train_cli import _backends
+
+    if not argv or argv[0] not in BENCHMARKS:
+        return None  # the dispatcher's own message (usage, unknown benchmark)
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    if not hasattr(module, "build_parser"):
+        return None
+    parser = module.build_parser()
+
+    def error(message: str):
+        raise _BadOption(message)
+
+    parser.error = error  # type: ignore[method-assign]  # one line, not argparse's usage block
+    takes_name = any(a.dest == "op" for a in parser._actions)  # collectives: the name is its positional
+    try:
+        args = parser.parse_args(argv if takes_name else argv[1:])
+        if getattr(args, "min_bytes", None) is not None and getattr(args, "max_bytes", None) is not None \
+                and args.min_bytes > args.max_bytes:
+            raise _BadOption(f"-b/--min-bytes {args.min_bytes} is larger than -e/--max-bytes {args.max_bytes}")
+        backends = _backends()
+        for action in parser._actions:
+            if action.help != argparse.SUPPRESS and action.dest != "help":
+                _check_bench_value(module, action, getattr(args, action.dest, None), backends)
+    except _BadOption as e:
+        return f"disttrain bench {argv[0]}: error: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -33,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"disttrain: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "bench":
+        bad = _check_bench(rest)
+        if bad is not None:
+            print(bad, file=sys.stderr)
+            return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

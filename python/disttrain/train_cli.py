@@ -4,6 +4,10 @@ Under torchrun, mpiexec/mpirun or srun every rank runs this command; without a l
 ``--nproc-per-node N`` starts the N ranks itself through PyTorch's elastic
 launcher (``python -m torch.distributed.run``), restarts included.
 
+Every option (and every entry of a configuration file) is checked before any
+rank starts: a bad value is one line on stderr naming it and what would be
+accepted, and exit status 2, never a crash that a launcher would restart.
+
 Examples::
 
     disttrain train -e 2 --nproc-per-node 2                      # digits, 2 ranks, one command
@@ -15,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
+from typing import Any, NoReturn
 
 _CONFIG_KEYS = {  # configuration-file key -> option; keys of ../shared/data/epoch-logs/configurations.json included
     "model_name": "model", "model": "model", "batch_size": "batch_size", "learning_rate": "learning_rate",
@@ -30,9 +37,24 @@ _CONFIG_KEYS = {  # configuration-file key -> option; keys of ../shared/data/epo
 _LAUNCH_KEYS = {"config_index", "is_distributed", "distributed_strategy", "num_of_nodes", "num_of_gpus"}
 
 
+#: Exit status of a configuration error (as argparse's): bad input, not a crash; nothing was started.
+CONFIG_ERROR_EXIT = 2
+
+
+class ConfigError(ValueError):
+    """A bad option value or configuration entry; the message names it and what is accepted."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block), as every other configuration error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="disttrain train", description="Fault-tolerant data-parallel training "
-                                "(resumes from the newest good snapshot in SAVE_LOCATION/SAVE_NAME).")
+    p = _OneLineParser(prog="disttrain train", description="Fault-tolerant data-parallel training "
+                       "(resumes from the newest good snapshot in SAVE_LOCATION/SAVE_NAME).")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="batch size per rank (default 32)")
     p.add_argument("-e", "--epochs", type=int, default=None, help="epochs (default 10 without --time-budget)")
     p.add_argument("--time-budget", type=float, default=None, metavar="HOURS",
@@ -58,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON list of configurations (dicts of these options), run in turn")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="ddp: data-parallel (default); fsdp: sharded (ZeRO, see --zero-stage)")
-    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=3,
+    p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
                    help="with --strategy fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters (default)")
     p.add_argument("--backend", default="disttrain", help="process-group backend: disttrain (default), gloo, nccl")
     p.add_argument("--seed", type=int, default=0, help="same command and seed, same losses (default 0)")
@@ -105,16 +127,23 @@ def _launch(argv: list[str], args: argparse.Namespace) -> int:
 def _configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[argparse.Namespace, dict]]:
     if args.configuration_file is None:
         return [(args, {})]
-    with open(args.configuration_file) as f:
-        entries = json.load(f)
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise SystemExit(f"disttrain train: {args.configuration_file} must hold a JSON list of objects")
+    try:
+        with open(args.configuration_file) as f:
+            entries = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"-c/--configuration-file '{args.configuration_file}': {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"-c/--configuration-file '{args.configuration_file}' is not JSON ({e}); "
+                          "expected a JSON list of objects") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"-c/--configuration-file '{args.configuration_file}' must hold a non-empty JSON list "
+                          "of objects")
     runs = []
     for i, entry in enumerate(entries):
         unknown = set(entry) - set(_CONFIG_KEYS) - _LAUNCH_KEYS
         if unknown:
-            raise SystemExit(f"disttrain train: configuration {i} has unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(_CONFIG_KEYS)}")
+            raise ConfigError(f"configuration {i} in '{args.configuration_file}' has unknown keys {sorted(unknown)}; "
+                              f"known: {sorted(_CONFIG_KEYS)}")
         run = argparse.Namespace(**vars(args))
         for key, value in entry.items():
             if key in _CONFIG_KEYS:
@@ -141,7 +170,8 @@ def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
         model = models.get_model(args.model, num_classes=num_classes, in_channels=channels)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
+    milestones = list(args.milestones) if isinstance(args.milestones, list) else \
+        [int(m) for m in str(args.milestones).split(",") if m.strip()]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, args.gamma) if milestones else None
     epochs = args.epochs if args.epochs is not None or args.time_budget is not None else 10
     config = TrainerConfig(
@@ -151,20 +181,184 @@ def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
         snapshot_every_steps=args.snapshot_every, keep_snapshots=args.keep_snapshots, lr_scaling=args.lr_scaling,
         seed=args.seed, backend=args.backend, timeout_seconds=args.timeout, tensorboard=args.tensorboard,
         progress=not args.no_progress, resume=not args.no_resume,
-        strategy=args.strategy, zero_stage=args.zero_stage,
+        strategy=args.strategy, zero_stage=args.zero_stage if args.zero_stage is not None else 3,
         configuration={"model_name": args.model, "dataset": args.dataset, "config_index": "", **extra_columns})
     return Trainer(model, optimizer, train_set, val_set, config, scheduler=scheduler).fit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+# --- validation: everything a rank would fail on, checked before any rank starts ------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _need_int(option: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{option} {value!r}: expected a whole number >= {minimum}")
+
+
+def _need_number(option: str, value: Any, minimum: float, inclusive: bool) -> None:
+    if not _is_number(value) or value < minimum or (value == minimum and not inclusive):
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        raise ConfigError(f"{option} {shown}: expected a number {'>=' if inclusive else '>'} {minimum:g}")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _check_data(dataset: str, root: Any) -> None:
+    from .data import IMAGE_EXTENSIONS
+
+    if dataset == "digits":
+        return
+    if not isinstance(root, str) or not root:
+        raise ConfigError(f"--dataset {dataset} needs its data folder: -d/--data FOLDER")
+    folder = os.path.expanduser(root)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"-d/--data '{root}': {'not a folder' if os.path.exists(folder) else 'no such folder'}; "
+                          f"--dataset {dataset} reads its files from an existing folder")
+    if dataset == "cifar10":
+        inner = os.path.join(folder, "cifar-10-batches-py")
+        batches = inner if os.path.isdir(inner) else folder
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        missing = [n for n in names if not os.path.isfile(os.path.join(batches, n))]
+        if missing:
+            raise ConfigError(f"-d/--data '{root}': CIFAR-10 file(s) {', '.join(missing)} not found in '{batches}'; "
+                              "expected the python-pickle batches of cifar-10-python.tar.gz (data_batch_1..5, "
+                              "test_batch)")
+        return
+    # imagefolder: class folders, in train/ (and test/ or val/) when there is such a split, with images.
+    base = os.path.join(folder, "train") if os.path.isdir(os.path.join(folder, "train")) else folder
+    classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    if not classes:
+        raise ConfigError(f"-d/--data '{root}': no class folders in '{base}'; --dataset imagefolder expects "
+                          "FOLDER/<class>/<image> (or FOLDER/train/<class>/<image>)")
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for c in classes for f in os.listdir(os.path.join(base, c))):
+        raise ConfigError(f"-d/--data '{root}': no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders "
+                          f"of '{base}'")
+
+
+def _backends() -> list[str]:
+    import torch
+    import torch.distributed as dist
+
+    names = ["disttrain", "gloo"]
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        names.append("nccl")
+    if dist.is_mpi_available():
+        names.append("mpi")
+    return names
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks one run's options (from the command line or a configuration
+    entry) before anything starts; raises :class:`ConfigError` naming the bad
+    value and what would be accepted."""
+    from .data import DATASETS
+    from .models import MODELS
+
+    if not isinstance(args.model, str) or args.model.lower() not in MODELS:
+        raise ConfigError(f"-m/--model {args.model!r}: unknown model; choose from {', '.join(MODELS)}")
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"--dataset {args.dataset!r}: unknown data set; choose from {', '.join(DATASETS)}")
+    _need_int("-b/--batch-size", args.batch_size, 1)
+    if args.epochs is not None:
+        _need_int("-e/--epochs", args.epochs, 0)
+    if args.time_budget is not None:
+        _need_number("--time-budget", args.time_budget, 0, inclusive=False)
+    _need_number("-lr/--learning-rate", args.learning_rate, 0, inclusive=False)
+    _need_number("--momentum", args.momentum, 0, inclusive=True)
+    _need_number("--weight-decay", args.weight_decay, 0, inclusive=True)
+    _need_number("--gamma", args.gamma, 0, inclusive=False)
+    if isinstance(args.milestones, list):  # from a configuration file
+        good = all(_is_int(m) and m >= 1 for m in args.milestones)
+    else:
+        good = all(m.strip().isdigit() and int(m) >= 1 for m in str(args.milestones).split(",") if m.strip())
+    if not good:
+        raise ConfigError(f"--milestones {args.milestones!r}: expected epochs >= 1, comma separated (e.g. 60,80)")
+    if args.lr_scaling not in ("linear", "sqrt", "none"):
+        raise ConfigError(f"--lr-scaling {args.lr_scaling!r}: choose from linear, sqrt, none")
+    _need_int("--image-size", args.image_size, 1)
+    _need_int("-w/--num-workers", args.num_workers, 0)
+    _need_int("--seed", args.seed, 0)
+    _need_int("--snapshot-every", args.snapshot_every, 0)
+    _need_int("--keep-snapshots", args.keep_snapshots, 1)
+    _need_number("--timeout", args.timeout, 0, inclusive=False)
+    if args.nproc_per_node is not None:
+        _need_int("--nproc-per-node", args.nproc_per_node, 1)
+    _need_int("--max-restarts", args.max_restarts, 0)
+    if args.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"--strategy {args.strategy!r}: choose from ddp, fsdp")
+    if args.zero_stage is not None and args.strategy != "fsdp":
+        raise ConfigError(f"--zero-stage {args.zero_stage}: applies to --strategy fsdp only (the strategy is "
+                          f"{args.strategy})")
+    backends = _backends()
+    if args.backend not in backends:
+        raise ConfigError(f"--backend {args.backend!r}: not available here; choose from {', '.join(backends)}")
+    _check_data(args.dataset, args.data)
+    # The run folder: SAVE_LOCATION/SAVE_NAME, a folder that exists or can be created.
+    if not isinstance(args.save_location, str) or not args.save_location:
+        raise ConfigError(f"-s/--save-location {args.save_location!r}: expected a folder")
+    if args.save_name is not None:
+        name = str(args.save_name)
+        if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise ConfigError(f"--save-name {args.save_name!r}: expected a relative folder name inside "
+                              "-s/--save-location (no '..', not absolute)")
+    run_dir = os.path.join(args.save_location,
+                           str(args.save_name or f"{args.model}_{args.dataset}_b{args.batch_size}"))
+    existing = _nearest_existing(run_dir)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"-s/--save-location {args.save_location!r}: '{existing}' is a file, not a folder; the run "
+                          f"folder would be '{run_dir}'")
+    try:  # what the trainer does first anyway; the only sure test that it can be done (root passes access())
+        os.makedirs(run_dir, exist_ok=True)
+        probe_fd, probe = tempfile.mkstemp(prefix=".disttrain-write-test-", dir=run_dir)
+        os.close(probe_fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"-s/--save-location {args.save_location!r}: cannot write the run folder '{run_dir}' "
+                          f"({e.strerror}); expected a writable folder") from None
+
+
+def _config_error(message: str) -> int:
+    print(f"disttrain train: error: {message}", file=sys.stderr, flush=True)
+    return CONFIG_ERROR_EXIT
+
+
+def _checked_runs(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[argparse.Namespace, dict]]]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.nproc_per_node is not None and not _under_launcher():
-        if args.nproc_per_node < 1:
-            parser.error("--nproc-per-node must be at least 1")
-        return _launch(argv, args)
     runs = _configurations(args, parser)
+    for i, (run, columns) in enumerate(runs):
+        try:
+            validate(run)
+        except ConfigError as e:
+            if args.configuration_file is None:
+                raise
+            raise ConfigError(f"configuration {columns.get('config_index', i)} in "
+                              f"'{args.configuration_file}': {e}") from None
+    return args, runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, runs = _checked_runs(argv)
+    except ConfigError as e:
+        return _config_error(str(e))
+    if args.nproc_per_node is not None and not _under_launcher():
+        return _launch(argv, args)
 
     import torch.distributed as dist
 

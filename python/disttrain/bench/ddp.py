@@ -43,6 +43,8 @@ from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
 CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo")
 
+MODELS = ("resnet18", "resnet18-tv", "mlp")  # --models
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench ddp", description=__doc__,

@@ -45,6 +45,8 @@ from disttrain.bench import format_or_dash, write_csv
 TRAIN_CONFIGS = ("mpi4py", "torch-ddp/gloo", "disttrain-mpi")
 MPIEXEC = ("mpiexec", "--oversubscribe", "--allow-run-as-root")
 
+MODELS = ("resnet18-tv", "mlp")  # --models
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench mpi", description=__doc__,

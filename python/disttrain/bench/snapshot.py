@@ -154,14 +154,17 @@ def _train_blocked(total_bytes: int, folder: str, repeats: int) -> dict[str, tup
             for mode in steps if mode != "none"}
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disttrain bench snapshot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temporary folder)")
     parser.add_argument("--csv", default="benchmarks/results/snapshot.csv")
-    args = parser.parse_args(argv[1:] if argv and argv[0] == "snapshot" else argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv[1:] if argv and argv[0] == "snapshot" else argv)
 
     folder = tempfile.mkdtemp(prefix="disttrain-bench-snapshot-", dir=args.dir)
     rows = []

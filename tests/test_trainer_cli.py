@@ -1,0 +1,178 @@
+"""Bad input at the command line: `disttrain train` and `disttrain bench`
+check every option before any rank starts. A bad value is one line on stderr
+that names it and what would be accepted, and exit status 2; nothing is
+launched, so no launcher restarts a configuration error as if it were a crash."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import disttrain
+from disttrain import cli, train_cli
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
+
+
+def _run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "disttrain.cli", *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd)
+
+
+def _one_line(stderr):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_missing_data_folder_fails_before_any_rank_starts(tmp_path):
+    """Tried by a new user: the ranks started, failed, were restarted three
+    times (4 tracebacks) and torchrun's error report followed."""
+    out = _run("train", "--nproc-per-node", "1", "-m", "resnet18", "--dataset", "cifar10", "-d", "/nonexistent",
+               "-s", str(tmp_path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = _one_line(out.stderr)
+    assert "'/nonexistent'" in line and "no such folder" in line and "-d/--data" in line
+    assert "launching" not in out.stdout and "Traceback" not in out.stdout + out.stderr
+    assert not os.listdir(tmp_path)  # no run folder for a run that cannot start
+
+
+def test_unknown_model_is_one_line_naming_the_choices(tmp_path):
+    out = _run("train", "-m", "nosuchmodel", "-s", str(tmp_path))
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = _one_line(out.stderr)
+    assert "'nosuchmodel'" in line and "resnet18" in line and "small_cnn" in line and "mlp" in line
+
+
+def test_bench_bad_value_is_one_line():
+    out = _run("bench", "ddp", "--ranks", "0,2")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--ranks '0,2'" in _one_line(out.stderr) and out.stdout == ""
+
+
+def _fake_cifar(folder, names=None):
+    os.makedirs(folder)
+    for name in names or [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        open(os.path.join(folder, name), "wb").close()
+
+
+def _train_error(capsys, argv):
+    assert train_cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    line = _one_line(captured.err)
+    assert line.startswith("disttrain train: error: "), line
+    return line
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["-b", "0"], "-b/--batch-size 0: expected a whole number >= 1"),
+    (["-b", "many"], "invalid int value: 'many'"),
+    (["-e", "-1"], "-e/--epochs -1"),
+    (["--time-budget", "0"], "--time-budget 0: expected a number > 0"),
+    (["-lr", "nan"], "-lr/--learning-rate nan"),
+    (["--momentum", "-0.5"], "--momentum -0.5"),
+    (["--gamma", "0"], "--gamma 0"),
+    (["--milestones", "3,x"], "--milestones '3,x'"),
+    (["--keep-snapshots", "0"], "--keep-snapshots 0"),
+    (["--snapshot-every", "-5"], "--snapshot-every -5"),
+    (["-w", "-1"], "-w/--num-workers -1"),
+    (["--image-size", "0"], "--image-size 0"),
+    (["--timeout", "0"], "--timeout 0"),
+    (["--nproc-per-node", "0"], "--nproc-per-node 0"),
+    (["--max-restarts", "-1"], "--max-restarts -1"),
+    (["--dataset", "mnist"], "invalid choice: 'mnist'"),
+    (["--dataset", "cifar10"], "needs its data folder"),
+    (["--dataset", "imagefolder", "-d", "/nonexistent"], "'/nonexistent': no such folder"),
+    (["--zero-stage", "2"], "--zero-stage 2: applies to --strategy fsdp only"),
+    (["--strategy", "zero"], "invalid choice: 'zero'"),
+    (["--backend", "carrier-pigeon"], "--backend 'carrier-pigeon': not available here; choose from disttrain, gloo"),
+    (["--save-name", "../escape"], "--save-name '../escape'"),
+    (["--save-name", "/abs"], "--save-name '/abs'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_train_bad_option_values(tmp_path, capsys, argv, expected):
+    line = _train_error(capsys, ["-s", str(tmp_path / "runs"), *argv])
+    assert expected in line, line
+
+
+def test_train_data_files_and_run_folder(tmp_path, capsys):
+    _fake_cifar(str(tmp_path / "partial"), ["data_batch_1", "test_batch"])
+    line = _train_error(capsys, ["--dataset", "cifar10", "-d", str(tmp_path / "partial"), "-s", str(tmp_path)])
+    assert "data_batch_2, data_batch_3, data_batch_4, data_batch_5 not found" in line
+    (tmp_path / "empty").mkdir()
+    line = _train_error(capsys, ["--dataset", "imagefolder", "-d", str(tmp_path / "empty"), "-s", str(tmp_path)])
+    assert "no class folders" in line
+    (tmp_path / "empty" / "cat").mkdir()
+    line = _train_error(capsys, ["--dataset", "imagefolder", "-d", str(tmp_path / "empty"), "-s", str(tmp_path)])
+    assert "no images" in line
+    (tmp_path / "file").write_text("x")
+    line = _train_error(capsys, ["-s", str(tmp_path / "file")])
+    assert "is a file, not a folder" in line
+
+
+def test_train_configuration_file_entries(tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    line = _train_error(capsys, ["-c", str(tmp_path / "missing.json"), "-s", runs])
+    assert "missing.json" in line and "No such file" in line
+    (tmp_path / "broken.json").write_text("[{")
+    assert "is not JSON" in _train_error(capsys, ["-c", str(tmp_path / "broken.json"), "-s", runs])
+    (tmp_path / "bad.json").write_text(json.dumps([{"model_name": "mlp", "colour": "blue"}]))
+    assert "unknown keys ['colour']" in _train_error(capsys, ["-c", str(tmp_path / "bad.json"), "-s", runs])
+    entries = [{"model_name": "mlp", "batch_size": 8}, {"config_index": 7, "model_name": "mlp", "batch_size": "8"}]
+    (tmp_path / "types.json").write_text(json.dumps(entries))
+    line = _train_error(capsys, ["-c", str(tmp_path / "types.json"), "-s", runs])
+    assert "configuration 7" in line and "-b/--batch-size '8'" in line
+    (tmp_path / "model.json").write_text(json.dumps([{"model_name": "resnet9000"}]))
+    line = _train_error(capsys, ["-c", str(tmp_path / "model.json"), "-s", runs])
+    assert "configuration 0" in line and "'resnet9000'" in line
+
+
+def test_good_configurations_pass(tmp_path):
+    _fake_cifar(str(tmp_path / "cifar"))
+    for argv in (["-m", "mlp"], ["--dataset", "cifar10", "-d", str(tmp_path / "cifar"), "-m", "resnet18"],
+                 ["--strategy", "fsdp", "--zero-stage", "2", "--milestones", "2,4", "-e", "0", "--seed", "7"]):
+        args, runs = train_cli._checked_runs(["-s", str(tmp_path / "runs"), *argv])
+        assert len(runs) == 1
+
+
+def _bench_error(capsys, argv):
+    assert cli.main(["bench", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return _one_line(captured.err)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["allreduce", "--factor", "1"], "-f/--factor 1: expected a whole number >= 2"),
+    (["allreduce", "-b", "1M", "-e", "1K"], "larger than -e/--max-bytes"),
+    (["allreduce", "--nproc", "0"], "--nproc 0"),
+    (["allreduce", "--baseline", "mpich"], "--baseline 'mpich'"),
+    (["ddp", "--ranks", "2,x"], "--ranks '2,x'"),
+    (["ddp", "--models", "resnet19"], "unknown 'resnet19'; choose from resnet18, resnet18-tv, mlp"),
+    (["fsdp", "--configs", "zero4/disttrain"], "unknown 'zero4/disttrain'"),
+    (["fsdp", "--steps", "0"], "--steps 0"),
+    (["mpi", "--eval-ranks", "-1"], "--eval-ranks -1"),
+    (["sampler", "--sizes", "1e6,0"], "--sizes '1e6,0'"),
+    (["sampler", "--timeout", "-1"], "--timeout -1"),
+    (["snapshot", "--sizes-mb", "0"], "--sizes-mb 0"),
+    (["snapshot", "--dir", "/nonexistent"], "--dir '/nonexistent': no such folder"),
+    (["strategies", "--grid", "0.1:1.5"], "--grid '0.1:1.5'"),
+    (["strategies", "--processes", ""], "--processes ''"),
+    (["strategies", "--epochs", "x"], "invalid int value: 'x'"),
+])
+def test_bench_bad_option_values(capsys, argv, expected):
+    line = _bench_error(capsys, argv)
+    assert line.startswith(f"disttrain bench {argv[0]}: error: ") and expected in line, line
+
+
+def test_bench_defaults_pass():
+    from disttrain.bench import BENCHMARKS
+
+    for name in BENCHMARKS:
+        assert cli._check_bench([name]) is None, name
