@@ -24,6 +24,12 @@ if [ -n "$missing" ]; then
     echo "setup: missing Debian packages:$missing (run as root to install them)" >&2
   fi
 fi
+# The C++ unit tests are part of the suite (scripts/run_tests.sh fails without
+# them): no GoogleTest is an error here, not a build without the tests.
+if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
+  echo "setup: FAILED: GoogleTest (libgtest-dev) is not installed and could not be installed here (not root, or no apt-get); the C++ unit tests need it" >&2
+  exit 1
+fi
 # Chromium renders the advisor's web page in its headless browser test.
 if ! command -v chromium >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -33,10 +39,6 @@ if ! command -v chromium >/dev/null; then
   fi
 fi
 $PY -m pip install -q scikit-build-core ninja
-# With GoogleTest present the same build also compiles the C++ unit tests
-# (build/<wheel tag>/disttrain_cpp_tests), reusing the core's objects.
-build_tests=()
-if dpkg -s libgtest-dev >/dev/null 2>&1; then
-  build_tests=(--config-settings=cmake.define.DISTTRAIN_BUILD_TESTS=ON)
-fi
-$PY -m pip install -q --no-build-isolation "${build_tests[@]}" ".[dev]"
+# The same build also compiles the C++ unit tests (build/<wheel tag>/disttrain_cpp_tests),
+# reusing the core's objects.
+$PY -m pip install -q --no-build-isolation --config-settings=cmake.define.DISTTRAIN_BUILD_TESTS=ON ".[dev]"

@@ -7,8 +7,36 @@ if HERE not in sys.path:
 
 
 import glob
+import random
 
 import pytest
+
+# tests/test_trainer_faults.py draws its kill points from this seed: a new one
+# each session unless set, always shown in the session header, so a failing
+# session's cases can be run again exactly.
+os.environ.setdefault("DISTTRAIN_FAULT_SEED", str(random.SystemRandom().randrange(1000)))
+
+
+def _fault_seed_line():
+    return f"fault-injection cases: DISTTRAIN_FAULT_SEED={os.environ['DISTTRAIN_FAULT_SEED']} " \
+           "(set it to replay this session's cases)"
+
+
+def pytest_report_header(config):
+    return _fault_seed_line()
+
+
+_fault_cases_collected = False
+
+
+def pytest_collection_modifyitems(config, items):
+    global _fault_cases_collected
+    _fault_cases_collected = any("test_trainer_faults" in item.nodeid for item in items)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _fault_cases_collected:  # also under -q, which hides the header
+        terminalreporter.write_line(_fault_seed_line())
 
 
 @pytest.fixture(autouse=True)

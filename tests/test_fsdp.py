@@ -384,14 +384,28 @@ def test_state_dicts_and_errors():
 
 
 def _cli(rank, world_size, argv):
+    """`disttrain train ARGV` in one rank; returns what the run's summary says
+    about resuming (the command itself returns only its exit status)."""
+    import torch.distributed as dist
+
+    import disttrain
     from disttrain import train_cli
 
-    return train_cli.main(argv)
+    args, runs = train_cli._checked_runs(argv)
+    disttrain.init(backend=args.backend, timeout=args.timeout)
+    try:
+        [(run, columns)] = runs
+        summary = train_cli._train_one(run, columns)
+    finally:
+        dist.destroy_process_group()
+    return {"epochs": summary["epochs"], "resumed_from": summary["resumed_from"]}
 
 
 def test_trainer_with_fsdp_strategy(tmp_path):
     """`disttrain train --strategy fsdp --zero-stage N` trains, snapshots the
-    full (unwrapped) model and resumes from it."""
+    full (unwrapped) model and resumes from it: the second run starts from the
+    first run's epoch-1 snapshot (it trains only epoch 2) and keeps its row of
+    metrics.csv as it was."""
     import csv
 
     import torch
@@ -400,10 +414,20 @@ def test_trainer_with_fsdp_strategy(tmp_path):
 
     base = ["-m", "mlp", "-b", "128", "--dataset", "digits", "-s", str(tmp_path), "--save-name", "fsdp",
             "--no-progress", "--strategy", "fsdp"]
-    assert run_ranks(_cli, 2, args=(base + ["-e", "1", "--zero-stage", "3"],), backend=None, timeout=180) == [0, 0]
-    assert run_ranks(_cli, 2, args=(base + ["-e", "2", "--zero-stage", "2"],), backend=None, timeout=180) == [0, 0]
+    first = run_ranks(_cli, 2, args=(base + ["-e", "1", "--zero-stage", "3"],), backend=None, timeout=180)
+    assert first == [{"epochs": 1, "resumed_from": None}] * 2
+    measured = ("epoch_timings", "test_timings", "train_loss", "train_acc", "test_error", "test_acc")
+    with open(tmp_path / "fsdp" / "metrics.csv") as f:
+        row_after_first = {k: v for k, v in next(csv.DictReader(f)).items() if k in measured}
+    epoch1 = snapshot.list_snapshots(tmp_path / "fsdp" / "snapshots")[-1]
+    assert snapshot.load(epoch1)["epochs_run"] == 1
+    second = run_ranks(_cli, 2, args=(base + ["-e", "2", "--zero-stage", "2"],), backend=None, timeout=180)
+    assert second == [{"epochs": 2, "resumed_from": epoch1}] * 2, second
     with open(tmp_path / "fsdp" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
+    # Epoch 1's measurements (its timings included) come from the snapshot; a run that started over
+    # would have measured them again.
+    assert {k: v for k, v in rows[0].items() if k in measured} == row_after_first
     assert len(rows) == 2 and float(rows[1]["test_error"]) < float(rows[0]["test_error"])  # test_error: the test loss
     assert float(rows[1]["test_acc"]) > 0.3  # chance is 0.1
     best = snapshot.load(tmp_path / "fsdp" / "best_model.dts")["model"]

@@ -48,8 +48,13 @@ def check_strategies(outputs):
     assert "2 process(es) x 1 epoch(s) per process" in text
 
 
+def check_dataloader(outputs):
+    check_plot(outputs)
+    assert "sampler: disttrain.sampler.DistributedSampler" in _text(outputs)  # never PyTorch's in its place
+
+
 CHECKS = {"quickstart.ipynb": check_quickstart, "strategies.ipynb": check_strategies, "advisor.ipynb": check_advisor,
-          "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_plot}
+          "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_dataloader}
 
 
 def test_there_are_notebooks():

@@ -42,9 +42,14 @@ def reference(tmp_path_factory):
     return state
 
 
-# Random points after the first snapshot (before it, a restart simply starts over); the seed
-# is in the test id, so a failure can be replayed with DISTTRAIN_FAULT_SEED.
-_SEED = int(os.environ.get("DISTTRAIN_FAULT_SEED", random.randrange(1000)))
+# Random points after the first snapshot (before it, a restart simply starts over). The seed
+# is new each session unless DISTTRAIN_FAULT_SEED sets it (conftest.py draws it and prints
+# it in the session header); it is in the test ids and in every failure message.
+_SEED_TEXT = os.environ.get("DISTTRAIN_FAULT_SEED") or str(random.randrange(1000))
+if not _SEED_TEXT.isdigit():
+    raise ValueError(f"DISTTRAIN_FAULT_SEED={_SEED_TEXT!r}: expected a whole number")
+_SEED = int(_SEED_TEXT)
+_REPLAY = f"replay with DISTTRAIN_FAULT_SEED={_SEED} python3 -m pytest tests/test_trainer_faults.py"
 _rng = random.Random(_SEED)
 _CASES = [("forward", _rng.randrange(2), _rng.randint(SNAPSHOT_EVERY + 1, STEPS - 2)),
           ("collective", _rng.randrange(2), _rng.randint(SNAPSHOT_EVERY + 1, STEPS - 2)),
@@ -54,7 +59,7 @@ _CASES = [("forward", _rng.randrange(2), _rng.randint(SNAPSHOT_EVERY + 1, STEPS 
 @pytest.mark.parametrize("where,rank,step", _CASES, ids=[f"{c[0]}-rank{c[1]}-step{c[2]}-seed{_SEED}" for c in _CASES])
 def test_killed_rank_resumes_to_identical_parameters(tmp_path, reference, where, rank, step):
     state, output = _train(tmp_path, "faulty", {"DISTTRAIN_FAULT_INJECT": f"{rank}:{step}:{where}"})
-    context = f"kill -9 of rank {rank} at step {step} during {where}\n{output}"
+    context = f"kill -9 of rank {rank} at step {step} during {where} ({_REPLAY})\n{output}"
     marker = tmp_path / "faulty" / ".fault_injected"
     assert marker.exists(), context
     # Snapshots are written in the background: a kill soon after one was taken can beat its
