@@ -56,13 +56,12 @@ def _check_output(option: str, path: str) -> None:
         raise _BadOption(f"{option} '{path}': '{parent}' is not a writable folder; expected a file in one")
 
 
-def _check_bench_value(module: Any, action: argparse.Action, value: Any, backends: list[str]) -> None:
-    dest, option = action.dest, _option(action)
+def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends: list[str]) -> None:
     if value is None:
         return
     if isinstance(value, list):  # nargs="+"
         for item in value:
-            _check_bench_value(module, argparse.Action([option], dest, type=action.type), item, backends)
+            _check_bench_value(module, dest, option, item, backends)
         return
     if dest in _COUNT_LISTS or dest in _NUMBER_LISTS:
         items = [x.strip() for x in str(value).split(",") if x.strip()]
@@ -128,7 +127,7 @@ def _check_bench(argv: list[str]) -> str | None:
     def error(message: str):
         raise _BadOption(message)
 
-    parser.error = error  # type: ignore[method-assign]  # one line, not argparse's usage block
+    parser.error = error  # one line, not argparse's usage block
     takes_name = any(a.dest == "op" for a in parser._actions)  # collectives: the name is its positional
     try:
         args = parser.parse_args(argv if takes_name else argv[1:])
@@ -138,7 +137,7 @@ def _check_bench(argv: list[str]) -> str | None:
         backends = _backends()
         for action in parser._actions:
             if action.help != argparse.SUPPRESS and action.dest != "help":
-                _check_bench_value(module, action, getattr(args, action.dest, None), backends)
+                _check_bench_value(module, action.dest, _option(action), getattr(args, action.dest, None), backends)
     except _BadOption as e:
         return f"disttrain bench {argv[0]}: error: {e}"
     return None

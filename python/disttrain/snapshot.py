@@ -177,7 +177,7 @@ def _unflatten(path: str, metadata: bytes, names: list[str], tensors: list[torch
     return _decode(doc["state"], dict(zip(names, tensors)))
 
 
-def _fault_options() -> dict[str, int]:
+def _fault_options() -> dict[str, Any]:
     """Test hook: ``DISTTRAIN_SNAPSHOT_FAULT=enospc:BYTES`` makes writes fail
     with ENOSPC after BYTES bytes; ``kill:BYTES`` SIGKILLs the process there;
     ``dirfsync`` fails the directory's fsync after the rename (EIO)."""
