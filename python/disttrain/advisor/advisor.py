@@ -13,7 +13,7 @@ from .baseline import RawColumnsBaseline
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
 from .hardware import DEFAULT_PRICES
-from .loading import load_epochs, load_raw, normalize_configs, runs_table
+from .loading import REFERENCE_DATASET, load_epochs, load_raw, normalize_configs, runs_table
 from .recommend import Recommendation, rank
 from .time_model import EpochTimeModel
 
@@ -35,7 +35,9 @@ class Advisor:
         self.time_model = time_model
         self.curve_model = curve_model
         self.runs = runs
-        self.known_models = set(runs["model_name"])
+        # Models it can recommend for: those with runs on the logs' data set (accuracy is learnt
+        # there). Time per epoch is predicted for any family and model the runs hold.
+        self.known_models = set(runs.loc[runs["dataset"] == REFERENCE_DATASET, "model_name"])
         self.known_families = set(runs["gpu_family"])
         self.max_acc = float(curve_model.max_acc_)
 
@@ -64,7 +66,16 @@ class Advisor:
         raw = load_raw(paths_or_dataframe)
         epochs = load_epochs(raw)
         runs = runs_table(epochs)
-        return cls(EpochTimeModel(coverage).fit(runs), LearningCurveModel(coverage).fit(epochs, rows=RawColumnsBaseline(time=False).fit(raw)), runs)
+        # Every run teaches the time model (its data set's size is a feature); accuracy curves
+        # are learnt on the logs' data set only (CIFAR-10): a run of the trainer on its digits
+        # data set reaches 0.9 in a few epochs, which says nothing of a ResNet on CIFAR-10.
+        reference = raw["dataset"] == REFERENCE_DATASET
+        if not reference.any():
+            raise AdvisorInputError(f"no run on {REFERENCE_DATASET} among the training data: the accuracy model "
+                                    f"learns from those (leave out --no-default-logs to include the shipped logs)")
+        curve_model = LearningCurveModel(coverage).fit(epochs[epochs["dataset"] == REFERENCE_DATASET],
+                                                       rows=RawColumnsBaseline(time=False).fit(raw[reference]))
+        return cls(EpochTimeModel(coverage).fit(runs), curve_model, runs)
 
     @staticmethod
     def normalize(configs: pd.DataFrame) -> pd.DataFrame:

@@ -15,6 +15,10 @@ import pandas as pd
 from .hardware import GPU_TFLOPS
 
 CIFAR10_TRAIN_SAMPLES = 50_000
+# Training samples per epoch of each data set a run may name (``dataset``): CIFAR-10's
+# training split (the logs), and the digits training split of `disttrain train`
+# (scikit-learn's 1,797 digits less the 20% test split: disttrain.data.digits).
+TRAIN_SAMPLES = {"cifar10": CIFAR10_TRAIN_SAMPLES, "digits": 1_797 - int(1_797 * 0.2)}
 
 
 # Residual blocks of the standard ResNets (He et al., 2016, table 1).
@@ -35,12 +39,15 @@ def model_depth(model_name: pd.Series) -> np.ndarray:
 
 def derive(configs: pd.DataFrame) -> pd.DataFrame:
     """Adds ``samples_per_gpu``, ``steps_per_epoch``, ``global_batch``,
-    ``depth`` and ``tflops`` to a frame of configurations (loading's columns)."""
+    ``depth`` and ``tflops`` to a frame of configurations (loading's columns;
+    without a ``dataset`` column, CIFAR-10)."""
     out = configs.copy()
     gpus = out["num_of_gpus"].astype(float).to_numpy()
     batch = out["batch_size"].astype(float).to_numpy()
     sharded = out["distribute_data"].astype(bool).to_numpy()
-    out["samples_per_gpu"] = np.where(sharded, CIFAR10_TRAIN_SAMPLES / gpus, CIFAR10_TRAIN_SAMPLES)
+    samples = (out["dataset"].map(TRAIN_SAMPLES).to_numpy(dtype=float) if "dataset" in out.columns
+               else np.full(len(out), float(CIFAR10_TRAIN_SAMPLES)))
+    out["samples_per_gpu"] = np.where(sharded, samples / gpus, samples)
     out["steps_per_epoch"] = np.ceil(out["samples_per_gpu"] / batch)
     out["global_batch"] = batch * gpus
     out["depth"] = model_depth(out["model_name"])

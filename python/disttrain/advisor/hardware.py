@@ -2,7 +2,8 @@
 
 GPU names in the logs vary by memory size and board ('Tesla V100-SXM2-16GB',
 'Tesla V100-SXM2-32GB-LS'); the chip is what sets the speed, so names are
-folded into families and the family is what models and prices key on.
+folded into families and the family is what models and prices key on. The
+trainer's runs on CPU (``gpu = "cpu"`` in its metrics.csv) are the family ``CPU``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ GPU_TFLOPS = {
     "V100-SXM2": 15.7,
     "A10G": 31.2,
     "A100": 19.5,
+    # `disttrain train` on CPU writes gpu = "cpu". A nominal figure (a few cores' FP32 peak),
+    # only a starting point on the speed axis: the family's learned speed correction fits the
+    # user's own runs, as it does for every family.
+    "CPU": 1.0,
 }
 
 # Illustrative on-demand cloud prices in USD per GPU-hour; override with --prices.

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AdvisorInputError
+from .features import TRAIN_SAMPLES
 from .hardware import gpu_family
 
 ENV_VAR = "DISTTRAIN_EPOCH_LOGS"
@@ -43,7 +44,10 @@ OPTIONAL_DEFAULTS = {
     "rank": 0,
     "config_index": np.nan,
     "num_of_paramters": np.nan,
+    "dataset": "cifar10",
 }
+# The data set of the logs: the one whose accuracy the advisor learns and recommends for.
+REFERENCE_DATASET = "cifar10"
 
 RUN_KEYS = ["model_name", "gpu", "num_of_gpus", "batch_size", "learning_rate",
             "distribute_data", "num_workers_data_loader", "num_epochs", "milestones", "config_id"]
@@ -174,9 +178,20 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     if df["params"].isna().any():
         model = df.loc[df["params"].isna(), "model_name"].iloc[0]
         raise AdvisorInputError(f"unknown model '{model}': not a known ResNet ({', '.join(MODEL_PARAMS)}) and no num_of_paramters given")
-    df["milestones"] = df["milestones"].fillna("").astype(str)
+    # A trainer run without milestones leaves the column empty, which pandas reads as float NaN.
+    df["milestones"] = df["milestones"].astype(object).fillna("").astype(str)
+    # 'CIFAR-10', 'cifar10' and an empty cell are one data set; the time model needs its size.
+    dataset = df["dataset"].fillna(OPTIONAL_DEFAULTS["dataset"]).astype(str).str.lower()
+    df["dataset"] = dataset.str.replace(r"[^a-z0-9]", "", regex=True).replace("", OPTIONAL_DEFAULTS["dataset"])
+    unknown_data = ~df["dataset"].isin(list(TRAIN_SAMPLES))
+    if unknown_data.any():
+        where = df.loc[unknown_data, "source"].iloc[0] if "source" in df.columns else "configuration"
+        raise AdvisorInputError(f"{where}: unknown data set '{df.loc[unknown_data, 'dataset'].iloc[0]}' "
+                                f"(known: {', '.join(TRAIN_SAMPLES)}): the time model needs its number of training samples")
     recipe = (df["model_name"] + "|" + df["num_of_gpus"].astype(str) + "|" + df["batch_size"].astype(str)
               + "|" + df["learning_rate"].astype(str) + "|" + df["distribute_data"].astype(str))
+    # Another data set is another configuration (the logs' own ids and keys are left as they were).
+    recipe = recipe + np.where(df["dataset"] == REFERENCE_DATASET, "", "|" + df["dataset"])
     # A configuration is everything but the GPU type; the logs number them.
     numbered = "cfg" + df["config_index"].fillna(-1).astype(int).astype(str)
     df["config_id"] = np.where(df["config_index"].notna(), numbered, recipe)
@@ -209,7 +224,7 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     key = df["config_id"]
     for column in RUN_KEYS[:-1]:
         key = key + "|" + df[column].astype(str)
-    df["run_id"] = key
+    df["run_id"] = key + np.where(df["dataset"] == REFERENCE_DATASET, "", "|" + df["dataset"])
     return df
 
 
@@ -269,7 +284,7 @@ def load_epochs(paths_or_dataframe=None) -> pd.DataFrame:
     raw = load_raw(paths_or_dataframe)
     config_columns = ["run_id", "config_id", "model_name", "gpu", "gpu_family", "params", "num_of_gpus",
                       "batch_size", "learning_rate", "distribute_data", "is_distributed",
-                      "num_workers_data_loader", "num_epochs", "milestones"]
+                      "num_workers_data_loader", "num_epochs", "milestones", "dataset"]
     grouped = raw.groupby(config_columns + ["epoch"], sort=True, dropna=False)
     epochs = grouped.agg(epoch_timings=("epoch_timings", "max"), test_timings=("test_timings", "max"),
                          test_acc=("test_acc", "mean"), train_loss=("train_loss", "mean")).reset_index()

@@ -1,0 +1,79 @@
+"""The user's own runs as training data (issue 21): the metrics.csv that `disttrain train`
+writes, here from a real run on this machine's CPU (the embedded digits data set, 2 epochs),
+is accepted by `disttrain advise --data runs/`, and the advisor refits on it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import disttrain
+from disttrain.advisor import Advisor, AdvisorInputError, data_sources, load_epochs
+
+PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A runs/ folder holding one real `disttrain train` run (CPU, digits, batch 128, 2 epochs)."""
+    folder = tmp_path_factory.mktemp("user") / "runs"
+    out = subprocess.run([sys.executable, "-m", "disttrain", "train", "-e", "2", "-b", "128", "-s", str(folder),
+                          "--save-name", "cpu_digits", "--no-progress"],
+                         capture_output=True, text=True, env=_env(), cwd=folder.parent, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def metrics(runs):
+    return pd.read_csv(runs / "cpu_digits" / "metrics.csv")
+
+
+def test_the_trainers_csv_is_read_as_one_cpu_run(runs, metrics):
+    assert list(metrics["gpu"].unique()) == ["cpu"] and list(metrics["dataset"].unique()) == ["digits"]
+    epochs = load_epochs(runs)
+    assert epochs["run_id"].nunique() == 1 and len(epochs) == 2
+    assert set(epochs["gpu_family"]) == {"CPU"} and set(epochs["dataset"]) == {"digits"}
+    np.testing.assert_array_equal(epochs["epoch_timings"], metrics["epoch_timings"])
+    np.testing.assert_array_equal(epochs["test_acc"], metrics["test_acc"])
+
+
+def test_the_advisor_refits_on_the_run(runs, metrics):
+    shipped = Advisor.fit(cache=True)
+    mine = Advisor.fit(data_sources([runs]), cache=True)  # the shipped logs + the run, as --data adds it
+    config = metrics.iloc[[0]].drop(columns=[metrics.columns[0]])
+    with pytest.raises(AdvisorInputError, match="no epoch logs for GPU CPU"):
+        shipped.predict(config)  # the run is what teaches it this machine
+    assert "CPU" in mine.known_families
+    pred = mine.predict(config).iloc[0]
+    measured = metrics["epoch_timings"].median()
+    # The run is in the training data, so this is a check that it was learnt from, not of
+    # accuracy on unseen runs: within a factor of 2 of what it measured. (Read as if it had
+    # CIFAR-10's 50,000 samples instead of the digits' 1,438, it comes out near 12 times too slow.)
+    assert measured / 2 < pred["epoch_time_s"] < 2 * measured, (pred.to_dict(), measured)
+    assert pred["epoch_time_s_low"] < pred["epoch_time_s"] < pred["epoch_time_s_high"]
+    # Accuracy is learnt on CIFAR-10 runs only: the digits run leaves the curves as they were,
+    # and its model is not one the advisor recommends for.
+    cifar = {"model_name": "resnet50", "gpu": "V100-PCIE", "num_of_gpus": 2, "batch_size": 128}
+    pd.testing.assert_frame_equal(mine.accuracy_curve(cifar, 30), shipped.accuracy_curve(cifar, 30), check_exact=True)
+    with pytest.raises(AdvisorInputError, match="unknown model 'small_cnn'"):
+        mine.recommend("small_cnn", 0.5)
+
+
+def test_advise_accepts_the_runs_folder(runs):
+    # Before: "disttrain advise: unknown GPU 'cpu'" and status 2.
+    out = subprocess.run([sys.executable, "-m", "disttrain", "advise", "--model", "resnet50", "--target-acc", "0.75",
+                          "--data", str(runs), "--json"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["configurations"]
