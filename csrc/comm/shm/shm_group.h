@@ -65,6 +65,7 @@ class ShmGroup {
   size_t segment_bytes_;
   std::vector<uint8_t*> segments_;
   uint32_t epoch_ = 0;
+  std::vector<uint32_t> done_seen_;  // per rank: an epoch its `done` is known to have reached
   OpSignature sig_;
   Deadline deadline_;
 };
