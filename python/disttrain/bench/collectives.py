@@ -262,7 +262,9 @@ def bench_rank(args) -> None:
             ours.append(_time(run, ours_pg, iters))
             base.append(_time(run, base_pg, iters))
             for peer, times in zip(peers, theirs):
-                times.append(_time(run, peer, iters, barrier_pg=base_pg))
+                # Started by disttrain's barrier, the one that leaves the ranks
+                # least apart (a gloo barrier's skew would land in the peer's first ops).
+                times.append(_time(run, peer, iters, barrier_pg=ours_pg))
         ok = ok and check(ours_pg)
         # Best round of each: on a shared machine the other rounds measure the
         # neighbours. Rank 0 reports the slowest rank: a collective is as fast as its last rank.
