@@ -75,8 +75,9 @@ def test_zero1_equals_lightning_ddp_over_gloo(tmp_path, gloo_reference):
     assert _relative_difference(gloo_reference, torch.load(tmp_path / "run.pt")) < 1e-6
 
 
-@pytest.mark.parametrize("strategy", ["disttrain_zero2", "disttrain_zero3_sharded"])
-def test_zero_resume_from_its_checkpoint_continues_identically(tmp_path, gloo_reference, strategy):
+@pytest.mark.parametrize("strategy, resumed_with", [("disttrain_zero2", "disttrain_ddp"),
+                                                    ("disttrain_zero3_sharded", "disttrain_zero3_sharded")])
+def test_zero_checkpoint_resumes_identically(tmp_path, gloo_reference, strategy, resumed_with):
     ckpt = tmp_path / "ckpt"
     _train(tmp_path, "first", strategy, *COMMON[:1], "2", *COMMON[2:], "--ckpt-dir", str(ckpt))
     first = torch.load(tmp_path / "first.pt")
@@ -88,13 +89,15 @@ def test_zero_resume_from_its_checkpoint_continues_identically(tmp_path, gloo_re
         assert extra["global_step"] == 6 and extra["epoch"] == 1
         assert _relative_difference(first, state_dict) == 0.0
     else:
+        # Full: the gathered model under the plain module's keys, and Adam's state per parameter, shaped
+        # like it, as DDP would write it: so DDP resumes from it.
         assert dl.is_snapshot(ckpt / "last.ckpt")
         saved = dl.SnapshotCheckpointIO().load_checkpoint(ckpt / "last.ckpt")
         assert saved["global_step"] == 6 and saved["epoch"] == 1
-        # The full (gathered) model under the plain module's keys, and Adam's state over whole units.
         assert _relative_difference(first, saved["state_dict"]) == 0.0
-        assert saved["optimizer_states"][0]["state"][0]["exp_avg"].numel() == sum(v.numel() for v in first.values())
-    proc = _train(tmp_path, "resumed", strategy, *COMMON, "--ckpt-dir", str(ckpt), "--resume")
+        optimizer = saved["optimizer_states"][0]
+        assert [optimizer["state"][i]["exp_avg"].shape for i in range(len(first))] == [v.shape for v in first.values()]
+    proc = _train(tmp_path, "resumed", resumed_with, *COMMON, "--ckpt-dir", str(ckpt), "--resume")
     assert "Restored all states" in proc.stdout + proc.stderr
     assert _relative_difference(gloo_reference, torch.load(tmp_path / "resumed.pt")) < 1e-6
 

@@ -330,10 +330,6 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
         for optimizer, state in zip(self.optimizers, states):
             inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
             if isinstance(self.model, FullyShardedDataParallel):
-                if _sharding._UNITS_KEY not in state:
-                    raise ValueError(f"{self.strategy_name}: the checkpoint's optimizer state was not written by a "
-                                     "disttrain ZeRO strategy; resume it with the strategy that wrote it (the model "
-                                     "weights load anywhere: Trainer.fit(ckpt_path=None) after load_state_dict)")
                 _sharding.load_full_optimizer_state(self.model, inner, state)
             else:
                 inner.load_state_dict(state)
