@@ -277,3 +277,14 @@ def test_zero_optimizer_groups_that_split_a_unit_are_clear_errors():
         assert "is split between" in errors[0] and "auto_wrap" in errors[0]
         assert "has parameters no optimizer steps" in errors[1]
         assert shards == [1, 1]
+
+
+@pytest.mark.parametrize("argv, message", [(["--models", "resnet99"], "unknown model 'resnet99'"),
+                                           (["--configs", "ddp_nccl"], "unknown configuration 'ddp_nccl'"),
+                                           (["--steps", "0"], "--steps must be at least 1")])
+def test_bench_lightning_bad_options_exit_2(argv, message, capsys):
+    from disttrain.bench import lightning as bench
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "lightning":  # called as `disttrain bench lightning ...`
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return 0
@@ -190,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in args.configs.split(",") if c]
     for m in models:
         if m not in MODELS:
-            raise SystemExit(f"disttrain bench lightning: unknown model {m!r}; choose from {', '.join(MODELS)}")
+            parser.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     for c in configs:
         if c not in CONFIGS:
-            raise SystemExit(f"disttrain bench lightning: unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+            parser.error(f"unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+    for name in ("ranks", "steps", "warmup", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     best: dict[tuple[str, str], dict] = {}
     for round_ in range(args.rounds):
         for model in models:
