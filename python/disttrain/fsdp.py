@@ -405,7 +405,9 @@ class FullyShardedDataParallel(nn.Module):
         path = os.fspath(path)
         # Rank 0 picks a generation no file in the folder uses (one past any
         # there, also a crashed save's); an all-reduce hands it to every rank.
-        number = torch.zeros(1, dtype=torch.int64)
+        # (on the shards' device: an NCCL group reduces only CUDA tensors)
+        number = torch.zeros(1, dtype=torch.int64,
+                             device=self.flat_shards[0].device if self.flat_shards else torch.device("cpu"))
         if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             used = [int(m.group(1)) for name in os.listdir(path) if (m := _GENERATION_RE.match(name))]
