@@ -306,7 +306,10 @@ def validate(args: argparse.Namespace) -> None:
     backends = _backends()
     if args.backend not in backends:
         raise ConfigError(f"--backend {args.backend!r}: not available here; choose from {', '.join(backends)}")
-    _check_data(args.dataset, args.data)
+    try:
+        _check_data(args.dataset, args.data)
+    except OSError as e:  # a folder that cannot be listed
+        raise ConfigError(f"-d/--data {args.data!r}: cannot read '{e.filename}' ({e.strerror})") from None
     # The run folder: SAVE_LOCATION/SAVE_NAME, a folder that exists or can be created.
     if not isinstance(args.save_location, str) or not args.save_location:
         raise ConfigError(f"-s/--save-location {args.save_location!r}: expected a folder")
