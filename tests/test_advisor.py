@@ -225,6 +225,17 @@ def test_recommend_ranks_by_cost_and_respects_the_deadline(advisor):
     assert np.allclose(table["cost"], table["hours"] * table["num_of_gpus"] * table["gpu"].map(
         {"P40": 1.00, "P100": 1.46, "V100-PCIE": 2.48, "V100-SXM2": 3.06}))
     assert (table["cost_low"] <= table["cost"]).all() and (table["cost"] <= table["cost_high"]).all()
+    # The table's epochs to target are where the plotted (median) curve first reaches the target,
+    # and its pessimistic end is bounded exactly where the target is reached with 80% confidence.
+    for rank, plotted in rec.curves.items():
+        row = table.iloc[rank - 1]
+        first = plotted["epochs"][np.nonzero(plotted["accuracy"] >= 0.7)[0][0]]
+        assert row["epochs"] == first == plotted["epochs_to_target"]
+        assert (plotted["accuracy_low"] <= plotted["accuracy"] + 1e-9).all()
+        assert (plotted["accuracy"] <= plotted["accuracy_high"] + 1e-9).all()
+    assert (table["reached_80pct"] == np.isfinite(table["epochs_high"])).all()
+    assert (table["reached_80pct"] == (table["p_reach"] >= 0.8)).all()
+    assert (table["epochs_high"] >= table["epochs"]).all()
     deadline = float(table["hours"].median())
     fast = advisor.recommend("resnet34", 0.7, deadline_hours=deadline).table
     assert (fast["hours"] <= deadline).all() and len(fast) < len(table)

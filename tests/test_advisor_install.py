@@ -168,6 +168,6 @@ def test_fresh_venv_install_advises_outside_the_repository(tmp_path):
     out = step("advise", [str(venv / "bin" / "disttrain"), "advise", "--model", "resnet50", "--target-acc", "0.8"], 600)
     assert out.stdout.startswith("cheapest:"), out.stdout
     header = out.stdout.splitlines()[1].split()
-    assert header[:3] == ["rank", "gpu", "num_of_gpus"] and "cost" in header
+    assert header[:3] == ["rank", "gpu", "num_of_gpus"] and "cost_USD" in header
     assert len(out.stdout.strip().splitlines()) >= 3  # message, header, at least one configuration
     print(f"fresh venv install timings (s): {timings}")

@@ -48,6 +48,14 @@ def test_submitted_query_renders_ranked_rows_and_plot(base_url):
     assert all(("<td>P40</td>" in r) or ("<td>V100-SXM2</td>" in r) for r in rows)
     assert rows[0].startswith("<td>1</td>")
     assert 'id="accuracy-plot"' in dom and dom.count('class="curve"') >= 3
+    # Each curve with its 80% band and a dot where the table says it reaches the target.
+    assert dom.count('class="band"') == dom.count('class="curve"') and 'class="reached"' in dom
+    # Units in the headers, the data split and the confidence in words, no infinity.
+    head = dom.split("<thead>")[1].split("</thead>")[0]
+    assert "cost (USD)" in head and "seconds per epoch" in head and "data split across GPUs" in head
+    assert "target reached with 80% confidence" in head
+    assert ">inf<" not in dom and ">True<" not in dom
+    assert all(r.split("</tr>")[0].rsplit("<td>", 1)[1].startswith(("yes", "no (")) for r in rows)
     assert 'value="0.75"' in dom  # the form keeps the query
 
 

@@ -66,8 +66,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     # The kernel imports the same disttrain as this test (installed, or the checkout's python/),
     # runs in a scratch folder, and is not mistaken for a rank of some job.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
-    # The advisor notebook's quick path: its evaluation runs at most 3 folds per split (every cell still runs).
-    monkeypatch.setenv("DISTTRAIN_ADVISOR_MAX_FOLDS", "3")
+    # The advisor notebook's quick path: its evaluation runs at most 2 folds per split (every cell still runs).
+    monkeypatch.setenv("DISTTRAIN_ADVISOR_MAX_FOLDS", "2")
     # The advisor notebook trains on the epoch logs shipped in the package (or on DISTTRAIN_EPOCH_LOGS if set).
     for var in ("MPLBACKEND", "DISTTRAIN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)

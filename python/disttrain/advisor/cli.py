@@ -29,8 +29,6 @@ from .errors import AdvisorInputError
 
 RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation.csv"
 QUICK_RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation_quick.csv"
-TABLE_COLUMNS = ["rank", "gpu", "num_of_gpus", "batch_size", "distribute_data", "epochs", "epochs_low", "epochs_high",
-                 "epoch_time_s", "hours", "hours_low", "hours_high", "cost", "cost_low", "cost_high"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +67,7 @@ def _sources(args) -> list:
 def _recommend(args) -> int:
     from .advisor import Advisor
     from .hardware import DEFAULT_PRICES, gpu_family, read_prices
+    from .recommend import display_table
 
     if not args.model or args.target_acc is None:
         raise AdvisorInputError("give --model and --target-acc (or --evaluate, --serve)")
@@ -89,7 +88,10 @@ def _recommend(args) -> int:
     else:
         print(rec.message)
         if not rec.table.empty:
-            print(rec.table[TABLE_COLUMNS].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+            print(display_table(rec, args.top).to_string(index=False))
+            print(f"(epochs_to_target: where the median predicted curve reaches the target; epochs_80pct_sure: "
+                  f"by which epoch 80% of the predicted curves have; cost in {rec.units['cost']} for the GPUs x hours; "
+                  f"data_split_across_gpus: each GPU trains on its share of the data, '-' for one GPU)")
     return 1 if rec.out_of_reach else 0
 
 

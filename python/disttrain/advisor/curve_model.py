@@ -401,16 +401,22 @@ def epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target: float) ->
     return float(np.asarray(epochs)[reached[0]]) if len(reached) else np.inf
 
 
-def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs) -> tuple:
+def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs, target: float | None = None) -> tuple:
     """Curves for many configurations at once (no conditioning).
 
+    Args:
+        target: also return, per configuration and epoch, the fraction of the
+            curve's draws (the prediction moved by each out-of-fold parameter
+            error, as for the interval) that have reached ``target`` by then.
+
     Returns:
-        (center, low, high): arrays of shape (len(configs), len(epochs)).
+        (center, low, high), or (center, low, high, reached) with ``target``:
+        arrays of shape (len(configs), len(epochs)).
     """
     epochs = np.asarray(epochs, dtype=float)
     centers = model.predict_params(configs)
     tail = (1 - model.coverage) / 2
-    out: tuple[list[Any], list[Any], list[Any]] = [], [], []
+    out: tuple[list[Any], list[Any], list[Any], list[Any]] = [], [], [], []
     shifts = model.correction(configs, centers, [epochs] * len(configs)).reshape(len(configs), len(epochs))
     for (_, config), center, shift in zip(configs.iterrows(), centers, shifts):
         milestone = first_milestone(config.get("milestones", ""), config.get("num_epochs", np.inf))
@@ -418,7 +424,10 @@ def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs) -> 
         out[0].append(np.clip(curve(center, epochs, milestone) + shift, 0.0, 1.0))
         out[1].append(np.clip(np.quantile(draws, tail, axis=0), 0.0, 1.0))
         out[2].append(np.clip(np.quantile(draws, 1 - tail, axis=0), 0.0, 1.0))
-    return tuple(np.array(o).reshape(len(configs), len(epochs)) for o in out)
+        if target is not None:
+            out[3].append(np.mean(np.maximum.accumulate(draws, axis=1) >= target, axis=0))
+    arrays = tuple(np.array(o).reshape(len(configs), len(epochs)) for o in out[: 4 if target is not None else 3])
+    return arrays
 
 
 def fractional_epochs_to_target(accuracy: np.ndarray, epochs: np.ndarray, target: float) -> float:

@@ -2,7 +2,11 @@
 
 cost = GPUs x hours x price per GPU-hour, hours = epochs to target x time per
 epoch (training part; evaluation passes are not counted). Intervals combine
-the optimistic ends (fewer epochs, faster epochs) and the pessimistic ends.
+the optimistic ends (fewer epochs: where the upper 80% curve reaches the target;
+faster epochs) and the pessimistic ends (the epoch by which 80% of the curve's
+draws have reached the target; slower epochs). The table says in words whether
+the target is reached with 80% confidence; where it is not, the pessimistic end
+is unbounded (null in JSON, "unbounded" or "not reached" in the tables).
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ class Recommendation:
     message: str
     out_of_reach: bool = False
     curves: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"message": self.message, "out_of_reach": self.out_of_reach,
+        """For --json: the table's rows (an unbounded end is null; ``reached_80pct`` and
+        ``p_reach`` say whether the target is reached with 80% confidence), and the unit of each column."""
+        return {"message": self.message, "out_of_reach": self.out_of_reach, "units": self.units,
                 "configurations": self.table.replace([np.inf, -np.inf], None).to_dict(orient="records")}
 
 
@@ -66,12 +73,18 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
     configs = advisor.normalize(candidates(model_name, families, gpu_counts, batch_sizes, max_epochs))
     times = advisor.predict(configs)
     epochs = np.arange(1, max_epochs + 1)
-    center, low, high = predict_curves(advisor.curve_model, configs, epochs)
+    center, low, high, reached = predict_curves(advisor.curve_model, configs, epochs, target=target_acc)
     table = configs[["gpu_family", "num_of_gpus", "batch_size", "distribute_data"]].rename(
         columns={"gpu_family": "gpu"}).copy()
     table["epochs"] = [epochs_to_target(c, epochs, target_acc) for c in center]
     table["epochs_low"] = [epochs_to_target(c, epochs, target_acc) for c in high]
-    table["epochs_high"] = [epochs_to_target(c, epochs, target_acc) for c in low]
+    # In plain words: the share of the curve's draws (see predict_curves) that reach the target
+    # within max_epochs, whether that is at least 80%, and by which epoch 80% of them have: the
+    # pessimistic end (never earlier than the median curve's epoch), unbounded when they do not.
+    table["p_reach"] = reached[:, -1]
+    table["reached_80pct"] = table["p_reach"] >= CONFIDENCE
+    sure = np.array([float(epochs[np.argmax(r >= CONFIDENCE)]) if r[-1] >= CONFIDENCE else np.inf for r in reached])
+    table["epochs_high"] = np.maximum(sure, table["epochs"].to_numpy())
     table = pd.concat([table, times], axis=1)
     price = table["gpu"].map(prices) * table["num_of_gpus"]
     table["hours"] = table["epochs"] * table["epoch_time_s"] / 3600
@@ -81,7 +94,9 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
     table["cost_low"] = table["hours_low"] * price
     table["cost_high"] = table["hours_high"] * price
     table["final_accuracy"] = center[:, -1]
-    curves = {i: (epochs, center[i], table.loc[i, "epoch_time_s"]) for i in table.index}
+    curves = {i: {"epochs": epochs, "accuracy": center[i], "accuracy_low": low[i], "accuracy_high": high[i],
+                  "epoch_time_s": table.loc[i, "epoch_time_s"], "epochs_to_target": table.loc[i, "epochs"]}
+              for i in table.index}
     reachable = table[np.isfinite(table["epochs"])]
     if reachable.empty:
         best = table["final_accuracy"].idxmax()
@@ -101,7 +116,59 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
     keep = {i: curves[i] for i in reachable.index}
     first = ranked.iloc[0]
+    currency = currency_of(prices)
     message = (f"cheapest: {int(first['num_of_gpus'])}x {first['gpu']}, batch {int(first['batch_size'])}: "
-               f"{first['epochs']:.0f} epochs, {first['hours']:.2f} h, cost {first['cost']:.2f} "
-               f"[{first['cost_low']:.2f}, {first['cost_high']:.2f}]")
-    return Recommendation(ranked, message, False, {r: keep[i] for r, i in zip(ranked["rank"], reachable.sort_values(["cost", "hours"]).index)})
+               f"{first['epochs']:.0f} epochs, {first['hours']:.2f} h, cost {first['cost']:.2f} {currency} "
+               f"(80% range {cost_range(first)}); {reach_words(first)}")
+    return Recommendation(ranked, message, False, {r: keep[i] for r, i in zip(ranked["rank"], reachable.sort_values(["cost", "hours"]).index)},
+                          units={**UNITS, "cost": currency, "cost_low": currency, "cost_high": currency})
+
+
+CONFIDENCE = 0.8
+UNITS = {"epochs": "epochs", "epochs_low": "epochs", "epochs_high": "epochs",
+         "epoch_time_s": "s", "epoch_time_s_low": "s", "epoch_time_s_high": "s",
+         "hours": "h", "hours_low": "h", "hours_high": "h", "p_reach": "fraction of predicted curves"}
+
+
+def currency_of(prices: dict) -> str:
+    """The cost unit: USD at the default (illustrative) prices, else the price file's own."""
+    from .hardware import DEFAULT_PRICES
+
+    return "USD" if prices == DEFAULT_PRICES else "price units"
+
+
+def cost_range(row) -> str:
+    """The cost's 80% range in words: 'low to high', or 'low to unbounded' when the pessimistic
+    curve never reaches the target."""
+    high = f"{row['cost_high']:.2f}" if np.isfinite(row["cost_high"]) else "unbounded"
+    return f"{row['cost_low']:.2f} to {high}"
+
+
+def reach_words(row) -> str:
+    """Whether the target is reached with 80% confidence, in words."""
+    if row["reached_80pct"]:
+        return f"target reached with 80% confidence (by epoch {row['epochs_high']:.0f})"
+    return f"target not reached with 80% confidence ({100 * row['p_reach']:.0f}% of predicted curves reach it)"
+
+
+def display_table(rec: "Recommendation", top: int | None = None) -> pd.DataFrame:
+    """The ranked table as a person reads it: units in the headers, no 'inf', the data split
+    and the confidence in words. Used by the command line and the web page."""
+    table = rec.table if top is None else rec.table.head(top)
+    currency = rec.units.get("cost", "USD")
+    split = np.where(table["num_of_gpus"] == 1, "-", np.where(table["distribute_data"], "yes", "no"))
+    return pd.DataFrame({
+        "rank": table["rank"].astype(int),
+        "gpu": table["gpu"],
+        "num_of_gpus": table["num_of_gpus"].astype(int),
+        "batch_per_gpu": table["batch_size"].astype(int),
+        "data_split_across_gpus": split,
+        "epochs_to_target": table["epochs"].map(lambda v: f"{v:.0f}"),
+        "epochs_80pct_sure": table["epochs_high"].map(lambda v: f"{v:.0f}" if np.isfinite(v) else "not reached"),
+        "s_per_epoch": table["epoch_time_s"].map(lambda v: f"{v:.1f}"),
+        "hours": table["hours"].map(lambda v: f"{v:.2f}"),
+        f"cost_{currency.replace(' ', '_')}": table["cost"].map(lambda v: f"{v:.2f}"),
+        "cost_80pct_range": [cost_range(row) for _, row in table.iterrows()],
+        "reached_with_80pct_confidence": [("yes" if row["reached_80pct"] else f"no ({100 * row['p_reach']:.0f}%)")
+                                          for _, row in table.iterrows()],
+    })

@@ -13,12 +13,15 @@ from urllib.parse import parse_qs, urlparse
 
 from .errors import AdvisorInputError
 from .hardware import DEFAULT_PRICES, gpu_family
+from .recommend import display_table
 from .svg_plot import accuracy_vs_hours_svg
 
-_COLUMNS = [("rank", "rank", "{:.0f}"), ("gpu", "GPU", "{}"), ("num_of_gpus", "GPUs", "{:.0f}"),
-            ("batch_size", "batch", "{:.0f}"), ("distribute_data", "sharded", "{}"), ("epochs", "epochs", "{:.0f}"),
-            ("epoch_time_s", "s / epoch", "{:.1f}"), ("hours", "hours", "{:.2f}"), ("cost", "cost", "{:.2f}"),
-            ("cost_low", "cost low", "{:.2f}"), ("cost_high", "cost high", "{:.2f}")]
+# display_table's columns -> the page's headers (units in each; the cost's unit is filled in).
+_HEADERS = {"rank": "rank", "gpu": "GPU", "num_of_gpus": "GPUs", "batch_per_gpu": "batch per GPU",
+            "data_split_across_gpus": "data split across GPUs", "epochs_to_target": "epochs to target (median curve)",
+            "epochs_80pct_sure": "epochs until 80% sure", "s_per_epoch": "seconds per epoch", "hours": "hours",
+            "cost": "cost ({currency})", "cost_80pct_range": "cost, 80% range ({currency})",
+            "reached_with_80pct_confidence": "target reached with 80% confidence"}
 
 
 def _form(query: dict, models) -> str:
@@ -55,20 +58,31 @@ def _result(advisor, query: dict) -> str:
     html = [f'<p id="message">{escape(rec.message)}</p>']
     if rec.table.empty:
         return "".join(html)
-    head = "".join(f"<th>{title}</th>" for _, title, _ in _COLUMNS)
+    shown = display_table(rec, 15)
+    currency = rec.units.get("cost", "USD")
+    titles = [_HEADERS.get("cost" if c.startswith("cost_") and c != "cost_80pct_range" else c, c).format(currency=currency)
+              for c in shown.columns]
+    head = "".join(f"<th>{escape(title)}</th>" for title in titles)
     body = []
-    for _, row in rec.table.head(15).iterrows():
-        cells = "".join(f"<td>{fmt.format(row[c])}</td>" for c, _, fmt in _COLUMNS)
+    for _, row in shown.iterrows():
+        cells = "".join(f"<td>{escape(str(value))}</td>" for value in row)
         body.append(f'<tr class="config-row">{cells}</tr>')
     html.append(f'<table id="ranking" border="1" cellspacing="0" cellpadding="3"><thead><tr>{head}</tr></thead>'
                 f'<tbody>{"".join(body)}</tbody></table>')
+    html.append("<p><small>Epochs to target: where the median predicted curve reaches the target (the dot on the "
+                "plot); until 80% sure: the epoch by which 80% of the predicted curves have reached it. Data split "
+                "across GPUs: each GPU trains on its share of the data set (a DistributedSampler); "
+                "'-' for one GPU.</small></p>")
     series = []
     for rank in list(rec.curves)[:5]:
-        epochs, accuracy, seconds = rec.curves[rank]
+        c = rec.curves[rank]
         row = rec.table.iloc[rank - 1]
-        series.append((f"#{rank} {int(row['num_of_gpus'])}x {row['gpu']} b{int(row['batch_size'])}",
-                       epochs * seconds / 3600, accuracy))
-    html.append(f"<h2>Predicted accuracy against hours</h2>{accuracy_vs_hours_svg(series, target)}")
+        hours = c["epochs"] * c["epoch_time_s"] / 3600
+        series.append({"label": f"#{rank} {int(row['num_of_gpus'])}x {row['gpu']} b{int(row['batch_size'])}",
+                       "hours": hours, "accuracy": c["accuracy"], "low": c["accuracy_low"], "high": c["accuracy_high"],
+                       "reached_hours": c["epochs_to_target"] * c["epoch_time_s"] / 3600})
+    html.append(f"<h2>Predicted accuracy against hours (band: 80% interval; dot: the table's epochs to target)</h2>"
+                f"{accuracy_vs_hours_svg(series, target)}")
     return "".join(html)
 
 
@@ -91,7 +105,8 @@ def make_handler(advisor):
             page = (f"<!doctype html><html><head><meta charset='utf-8'><title>disttrain advise</title></head>"
                     f"<body style='font-family:sans-serif'><h1>Training-cost advisor</h1>"
                     f"{_form(query, advisor.known_models)}{result}"
-                    f"<p><small>Prices per GPU-hour: {escape(str(DEFAULT_PRICES))}. Training time only.</small></p>"
+                    f"<p><small>Prices in USD per GPU-hour (illustrative on-demand): {escape(str(DEFAULT_PRICES))}. "
+                    f"Training time only (no evaluation passes).</small></p>"
                     f"</body></html>").encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
