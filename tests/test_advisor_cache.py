@@ -129,3 +129,30 @@ def test_only_the_newest_entries_are_kept(logs, fits, tmp_path, monkeypatch):
         advisor_cache.cached_fit(logs, coverage=coverage)
     assert len(list((tmp_path / "cache").glob("advisor-*.pkl"))) == 2
     assert advisor_cache.cached_fit(logs, coverage=0.8)[1] is True
+
+
+def test_processes_fitting_at_once_share_one_whole_entry(logs, fits, tmp_path):
+    # Four processes (forked: each with this test's counted fit) reach the same missing entry at
+    # once, each fits and writes; every one gets its advisor, one whole entry remains, no temporary.
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(4)
+
+    def worker(queue):
+        barrier.wait(timeout=60)
+        advisor, hit = advisor_cache.cached_fit(logs)
+        queue.put(isinstance(advisor, Advisor))
+
+    queue = context.Queue()
+    procs = [context.Process(target=worker, args=(queue,)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert results == [True] * 4 and all(proc.exitcode == 0 for proc in procs)
+    names = _entries(tmp_path / "cache")
+    assert len(names) == 1 and names[0].startswith("advisor-") and names[0].endswith(".pkl")
+    again, hit = advisor_cache.cached_fit(logs)
+    assert hit and isinstance(again, Advisor)

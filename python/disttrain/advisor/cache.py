@@ -129,10 +129,18 @@ def _store(folder: Path, path: Path, advisor) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         return
-    entries = sorted(folder.glob("advisor-*.pkl"), key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True)
+    entries = sorted(folder.glob("advisor-*.pkl"), key=_mtime, reverse=True)
     for old in entries[KEEP:]:
         with contextlib.suppress(OSError):
             old.unlink()
+
+
+def _mtime(path: Path) -> float:
+    """A file's modification time; 0 for one that another process removed meanwhile."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def cached_fit(paths=None, coverage: float = 0.8):
