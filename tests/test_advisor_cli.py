@@ -94,7 +94,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)), "'cheap' is not a positive number"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")), "cannot read price file"),
              (("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv)), "logs.csv: 1 row(s) with a missing"),
-             (("--evaluate", "--max-folds", "1"), "--max-folds 1")]
+             (("--evaluate", "--max-folds", "1"), "--max-folds 1"),
+             (("--serve", "--port", "99999"), "--port 99999")]  # was a traceback (OverflowError from bind)
     # The first case as a real process: its exit status and its whole stderr.
     (args, words), *rest = cases
     out = advise(*args)

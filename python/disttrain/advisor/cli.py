@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.serve:
             from .server import serve
+
+            if not 0 <= args.port <= 65535:
+                raise AdvisorInputError(f"--port {args.port}: give a port number from 0 to 65535 (0: any free port)")
             return serve(args.host, args.port, _sources(args), cache=not args.no_cache)
         if args.evaluate:
             return _evaluate(args)
