@@ -331,3 +331,35 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def peers_table(paths: list[str], peer: str = "deepspeed") -> str:
+    """A markdown table of ``disttrain bench allreduce --peers`` CSVs (docs/benchmarks.md):
+    per size, the time and busbw of disttrain, the baseline and the peer, the
+    ratios to disttrain (> 1: disttrain is faster) and busbw over this machine's memcpy."""
+    import csv
+
+    rows: list[dict[str, str]] = []
+    for path in paths:
+        with open(path, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+
+    def size(n: int) -> str:
+        for unit, mult in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if n >= mult and n % mult == 0:
+                return f"{n // mult} {unit}"
+        return f"{n} B"
+
+    head = ("| size | disttrain us | gloo us | DeepSpeed us | gloo / disttrain | DeepSpeed / disttrain "
+            "| busbw GB/s disttrain / gloo / DeepSpeed | busbw / memcpy disttrain / gloo / DeepSpeed |")
+    out = [head, "|" + "---|" * 8]
+    for r in sorted(rows, key=lambda r: int(r["size_bytes"])):
+        f = {k: float(v) for k, v in r.items() if k.endswith(("_us", "_GBps", "_memcpy", "speedup", "_disttrain"))}
+        mem = f["memcpy_GBps"]
+        out.append(
+            f"| {size(int(r['size_bytes']))} | {f['disttrain_us']:.1f} | {f['baseline_us']:.1f} | {f[peer + '_us']:.1f} "
+            f"| {f['speedup']:.2f} | {f[peer + '_over_disttrain']:.2f} "
+            f"| {f['disttrain_busbw_GBps']:.3f} / {f['baseline_busbw_GBps']:.3f} / {f[peer + '_busbw_GBps']:.3f} "
+            f"| {f['disttrain_busbw_GBps'] / mem:.3f} / {f['baseline_busbw_GBps'] / mem:.3f} "
+            f"/ {f[peer + '_busbw_GBps'] / mem:.3f} |")
+    return "\n".join(out)
