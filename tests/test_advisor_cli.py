@@ -95,7 +95,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")), "cannot read price file"),
              (("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv)), "logs.csv: 1 row(s) with a missing"),
              (("--evaluate", "--max-folds", "1"), "--max-folds 1"),
-             (("--serve", "--port", "99999"), "--port 99999")]  # was a traceback (OverflowError from bind)
+             (("--serve", "--port", "99999"), "--port 99999"),  # was a traceback (OverflowError from bind)
+             # These three printed argparse's whole usage, or were taken (a deadline of -1 h, --top 0).
+             (("--model", "resnet50", "--target-acc", "abc"), "invalid float value: 'abc'"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--deadline-hours", "-1"), "--deadline-hours -1.0"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--top", "0"), "--top 0")]
     # The first case as a real process: its exit status and its whole stderr.
     (args, words), *rest = cases
     out = advise(*args)

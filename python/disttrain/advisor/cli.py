@@ -31,8 +31,17 @@ RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation.csv"
 QUICK_RESULTS_CSV = Path("benchmarks") / "results" / "advisor_evaluation_quick.csv"
 
 
+class _UsageError(Exception):
+    """A command line argparse rejects: reported as one line, like any other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage, then exits; one line instead
+        raise _UsageError(f"{message} (see disttrain advise --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="disttrain advise", description="training-cost advisor (docs/advisor.md)")
+    p = _Parser(prog="disttrain advise", description="training-cost advisor (docs/advisor.md)")
     p.add_argument("--model", help="resnet18 | resnet34 | resnet50 | resnet101")
     p.add_argument("--target-acc", type=float, help="test accuracy to reach, e.g. 0.75")
     p.add_argument("--gpus", nargs="+", help="GPU families to consider (default: all with logs and a price)")
@@ -71,6 +80,10 @@ def _recommend(args) -> int:
 
     if not args.model or args.target_acc is None:
         raise AdvisorInputError("give --model and --target-acc (or --evaluate, --serve)")
+    if args.deadline_hours is not None and not 0 < args.deadline_hours < float("inf"):
+        raise AdvisorInputError(f"--deadline-hours {args.deadline_hours}: give a positive number of hours")
+    if args.top < 1:
+        raise AdvisorInputError(f"--top {args.top}: give at least 1 row")
     prices = read_prices(args.prices) if args.prices else dict(DEFAULT_PRICES)
     gpus = None
     if args.gpus:
@@ -141,7 +154,11 @@ def _evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"disttrain advise: {e}", file=sys.stderr)
+        return 2
     from ._deps import missing_dependencies, missing_message
 
     missing = missing_dependencies()
