@@ -489,8 +489,8 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   const bool on_caller = !opts.asyncOp && shm_ && !hierarchical_ && buf.nbytes() <= shm_->slot_bytes();
   return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
     if (fuse_avg) {
-      shm_allreduce(*shm_, sig, {{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()}}, buf.numel(),
-                    buf.scalar_type(), true, dl);
+      const MemoryPiece whole{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()};
+      shm_allreduce(*shm_, sig, c10::ArrayRef<MemoryPiece>(whole), buf.numel(), buf.scalar_type(), true, dl);
     } else {
       run_allreduce(sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
       if (op == RedOp::kAvg) divide_by(buf, world);

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 #include "comm/shm/shm_collectives.h"
 #include "comm/shm/shm_group.h"
@@ -50,7 +51,7 @@ void divide_block(T* x, size_t n, int d) {
 // it is still in cache. dst may alias srcs[0].
 // With `divide_by` > 0 (float32 or float64 only), each finished block is
 // divided by it (AVG) while in cache.
-void reduce_blocked(ReduceFn fn, uint8_t* dst, const std::vector<const uint8_t*>& srcs, size_t count, size_t elem,
+void reduce_blocked(ReduceFn fn, uint8_t* dst, c10::ArrayRef<const uint8_t*> srcs, size_t count, size_t elem,
                     uint8_t* copy_to = nullptr, c10::ScalarType dtype = c10::ScalarType::Undefined, int divide_by = 0) {
   const size_t block = std::max<size_t>(1, kReduceBlockBytes / elem);
   for (size_t at = 0; at < count; at += block) {
@@ -72,7 +73,7 @@ void reduce_blocked(ReduceFn fn, uint8_t* dst, const std::vector<const uint8_t*>
 // Segments read and written as one virtual buffer.
 class Scattered {
  public:
-  explicit Scattered(const std::vector<MemoryPiece>& segments) {
+  explicit Scattered(c10::ArrayRef<MemoryPiece> segments) {
     size_t at = 0;
     for (const auto& s : segments) {
       if (s.bytes == 0) continue;
@@ -110,20 +111,21 @@ class Scattered {
       done += n;
     }
   }
-  std::vector<MemoryPiece> segments_;
-  std::vector<size_t> starts_;
+  // Inline for the usual one to a few tensors: a small all-reduce allocates nothing here.
+  c10::SmallVector<MemoryPiece, 4> segments_;
+  c10::SmallVector<size_t, 4> starts_;
 };
 
 }  // namespace
 
-void shm_allreduce(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& pieces, size_t count,
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, c10::ArrayRef<MemoryPiece> pieces, size_t count,
                    c10::ScalarType dtype, bool divide, Deadline deadline) {
   const ReduceFn fn = reduce_kernel(dtype, sig.redop);
   const size_t elem = c10::elementSize(dtype);
   const int p = g.size(), r = g.rank(), divide_by = divide ? p : 0;
   const Scattered user(pieces);
   const size_t max_elems = g.slot_bytes() / elem;
-  std::vector<const uint8_t*> slots(p);
+  c10::SmallVector<const uint8_t*, 8> slots(p);
   std::vector<uint8_t> scratch;
   size_t offset = 0;
   do {
@@ -173,7 +175,8 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, const std::vector<Memory
 
 void shm_allreduce(ShmGroup& g, const OpSignature& sig, void* data, size_t count, c10::ScalarType dtype,
                    Deadline deadline) {
-  shm_allreduce(g, sig, {{static_cast<uint8_t*>(data), count * c10::elementSize(dtype)}}, count, dtype,
+  const MemoryPiece whole{static_cast<uint8_t*>(data), count * c10::elementSize(dtype)};
+  shm_allreduce(g, sig, c10::ArrayRef<MemoryPiece>(whole), count, dtype,
                 /*divide=*/false, deadline);
 }
 
@@ -225,7 +228,7 @@ void shm_reduce_scatter(ShmGroup& g, const OpSignature& sig, const void* in, voi
   auto* output = static_cast<uint8_t*>(out);
   const size_t max_elems = std::max<size_t>(1, g.slot_bytes() / (elem * p));
   size_t offset = 0;
-  std::vector<const uint8_t*> slots(p);
+  c10::SmallVector<const uint8_t*, 8> slots(p);
   do {
     const size_t n = std::min(count - offset, max_elems);
     uint8_t* mine = g.begin(sig, deadline);

@@ -5,6 +5,7 @@
 // DistBackendError on every rank.
 #pragma once
 #include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 #include <vector>
@@ -30,6 +31,6 @@ struct MemoryPiece {
 // they are (the tensors of an all_reduce_coalesced: no flattened copy). With
 // `divide`, every element ends divided by the world size (AVG) inside the
 // reduction; it requires float32 or float64, and every rank must pass the same.
-void shm_allreduce(ShmGroup& g, const OpSignature& sig, const std::vector<MemoryPiece>& pieces, size_t count,
+void shm_allreduce(ShmGroup& g, const OpSignature& sig, c10::ArrayRef<MemoryPiece> pieces, size_t count,
                    c10::ScalarType dtype, bool divide, Deadline deadline);
 }  // namespace disttrain::comm
