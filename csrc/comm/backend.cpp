@@ -360,10 +360,11 @@ void DisttrainBackend::teardown(const std::string& why) {
   // `left`, `finished` and `running` (and the tensors their tasks hold) are released here, on this thread.
 }
 
-std::exception_ptr DisttrainBackend::run_op(DisttrainWork& work) {
+template <class Body>
+std::exception_ptr DisttrainBackend::run_guarded(Body&& body) {
   try {
     transport_->check_alive();
-    work.run(Clock::now() + timeout_);
+    body(Clock::now() + timeout_);
     return nullptr;
   } catch (abi::__forced_unwind&) {
     throw;
@@ -377,6 +378,10 @@ std::exception_ptr DisttrainBackend::run_op(DisttrainWork& work) {
   } catch (...) {
     return std::current_exception();
   }
+}
+
+std::exception_ptr DisttrainBackend::run_op(DisttrainWork& work) {
+  return run_guarded([&](Deadline deadline) { work.run(deadline); });
 }
 
 void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> st) {
@@ -413,51 +418,67 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
-                                                         std::vector<at::Tensor> outputs, Task fn, bool on_caller) {
-  // Where the op runs is decided under the lock, before the Work is made: one
-  // run here completes before anyone else sees it, so its future is made lazily.
-  std::shared_ptr<ProgressState> st = state_;
-  bool run_here = false;
-  c10::intrusive_ptr<DisttrainWork> work;
+                                                         std::vector<at::Tensor> outputs, Task fn) {
+  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn));
   std::vector<c10::intrusive_ptr<DisttrainWork>> finished;  // no allocation when empty
   {
-    std::lock_guard<std::mutex> lock(st->mu);
-    run_here = on_caller && st->queue.empty() && !st->busy && !st->caller_running && !st->stop;
-    work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn), !run_here);
-    if (st->stop) {
-      C10_THROW_ERROR(DistBackendError, "disttrain: " + st->stop_reason + "; " + work->describe() +
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (state_->stop) {
+      C10_THROW_ERROR(DistBackendError, "disttrain: " + state_->stop_reason + "; " + work->describe() +
                                             " cannot run on it (create a new process group)");
     }
-    // Only with nothing queued and nothing running: an earlier async op still
-    // in flight keeps this one behind it, on the progress thread, in issue order.
-    if (run_here) {
-      st->caller_running = true;
-    } else {
-      st->queue.push_back(work);
-    }
-    finished.swap(st->finished);
+    state_->queue.push_back(work);
+    finished.swap(state_->finished);
   }
-  if (!run_here) {
-    st->cv.notify_one();
-    return work;
-  }
-  // The same run_op as on the progress thread (same deadline, same failure
-  // handling), so the result and any error are what the queued path gives.
-  std::exception_ptr error = run_op(*work);
-  caller_thread_ops_.fetch_add(1, std::memory_order_relaxed);
+  state_->cv.notify_one();
+  return work;
+}
+
+bool DisttrainBackend::claim_caller_run() {
+  std::vector<c10::intrusive_ptr<DisttrainWork>> finished;  // released here, on the caller's thread
+  std::lock_guard<std::mutex> lock(state_->mu);
+  // Only with nothing queued and nothing running: an earlier async op still
+  // in flight keeps this one behind it, on the progress thread, in issue order.
+  // After a teardown began, enqueue() raises the usual error.
+  if (!state_->queue.empty() || state_->busy || state_->caller_running || state_->stop) return false;
+  state_->caller_running = true;
+  finished.swap(state_->finished);
+  return true;
+}
+
+void DisttrainBackend::release_caller_run() {
   bool wake = false;
   {
-    std::lock_guard<std::mutex> lock(st->mu);
-    st->caller_running = false;
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->caller_running = false;
     // Wake the progress thread only if there is something for it (an op queued
     // meanwhile by another thread) or a teardown waiting for this op: a wake-up
     // for nothing costs the very context switches this path avoids.
-    wake = st->stop || !st->queue.empty();
+    wake = state_->stop || !state_->queue.empty();
   }
-  if (wake) st->cv.notify_all();
-  // No callbacks can be attached yet (the future is lazy): completing only
-  // records the outcome and marks the Work done.
-  work->complete(error);
+  if (wake) state_->cv.notify_all();
+}
+
+template <class Body>
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::run_or_enqueue(c10d::OpType type, uint64_t seq,
+                                                                std::vector<at::Tensor> outputs, Body&& body,
+                                                                bool on_caller) {
+  if (!on_caller || !claim_caller_run()) return enqueue(type, seq, std::move(outputs), Task(std::forward<Body>(body)));
+  c10::intrusive_ptr<DisttrainWork> work;
+  std::exception_ptr error;
+  try {
+    // Completed before anyone else sees it: its future is made lazily, if asked for.
+    work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), Task(), /*eager_future=*/false);
+    // The same failure handling (and deadline) as on the progress thread, so
+    // the result and any error are what the queued path gives.
+    error = run_guarded(body);
+  } catch (...) {
+    release_caller_run();
+    throw;
+  }
+  caller_thread_ops_.fetch_add(1, std::memory_order_relaxed);
+  release_caller_run();
+  work->complete(error);  // no callbacks can be attached yet: records the outcome, marks the Work done
   return work;
 }
 
@@ -487,7 +508,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   // Same task, so the same bits. Asynchronous ones (DDP's buckets, async_op=True)
   // stay on the progress thread, overlapping the caller's work.
   const bool on_caller = !opts.asyncOp && shm_ && !hierarchical_ && buf.nbytes() <= shm_->slot_bytes();
-  return enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+  return run_or_enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
     if (fuse_avg) {
       const MemoryPiece whole{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()};
       shm_allreduce(*shm_, sig, c10::ArrayRef<MemoryPiece>(whole), buf.numel(), buf.scalar_type(), true, dl);

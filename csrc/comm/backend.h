@@ -2,7 +2,7 @@
 // one progress thread per group, in issue order, over shared memory and TCP.
 // One exception: a synchronous all-reduce over shared memory that fits one
 // slot runs on the caller's thread when nothing is queued or running (see
-// enqueue()); issue order holds either way.
+// run_or_enqueue()); issue order holds either way.
 //
 // Teardown (shutdown(), abort(), or the destructor: destroy_process_group(),
 // interpreter exit, any order, other backends alive or not) stops the
@@ -158,7 +158,7 @@ class DisttrainBackend : public c10d::Backend {
   std::string transport_name() const { return hierarchical_ ? "shm+tcp" : shm_ ? "shm" : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
   // Ops run on the caller's thread instead of the progress thread (the
-  // small synchronous all-reduce over shared memory; see enqueue()).
+  // small synchronous all-reduce over shared memory; see run_or_enqueue()).
   uint64_t caller_thread_ops() const { return caller_thread_ops_.load(std::memory_order_relaxed); }
   const CommOptions& options() const { return options_; }
 
@@ -167,12 +167,24 @@ class DisttrainBackend : public c10d::Backend {
   DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                    std::chrono::milliseconds timeout, CommOptions options, int);
   // Queues fn for the progress thread; the returned Work completes when it has run.
-  // With `on_caller`, fn runs right here on the caller's thread instead, and the
-  // Work is returned completed, when nothing is queued or running (so issue order
-  // holds); otherwise it is queued like any op. For an op the caller waits for at
-  // once, this saves the two thread hand-offs (four context switches).
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
-                                         Task fn, bool on_caller = false);
+                                         Task fn);
+  // With `on_caller`, runs body right here on the caller's thread and returns the
+  // Work completed, when nothing is queued or running (so issue order holds);
+  // otherwise queues it like enqueue(). For an op the caller waits for at once,
+  // this saves the two thread hand-offs (four context switches); body is called
+  // directly, never wrapped in a Task.
+  template <class Body>
+  c10::intrusive_ptr<c10d::Work> run_or_enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
+                                                Body&& body, bool on_caller);
+  // The bracket of a caller-thread run: claim succeeds only with nothing queued
+  // or running and no teardown begun; release wakes the progress thread only if
+  // something waits for it.
+  bool claim_caller_run();
+  void release_caller_run();
+  // Runs body(deadline) with run_op's failure handling.
+  template <class Body>
+  std::exception_ptr run_guarded(Body&& body);
   // The progress thread: takes `state` by value (it outlives the backend if
   // the backend is destroyed on this thread) and touches `self` only to run ops.
   static void progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> state);
