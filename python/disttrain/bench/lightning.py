@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -170,8 +171,9 @@ def _run(args: argparse.Namespace, argv: list[str], model: str, config: str) -> 
                "-m", "disttrain.bench.lightning", *argv, "--worker", model, config, result]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            reason = next((line.split("]:", 1)[-1].strip() for line in reversed(proc.stderr.splitlines())
-                           if "Error: " in line or "Exception: " in line), f"exit {proc.returncode}")
+            errors = [line.split("]:", 1)[-1].strip() for line in proc.stderr.splitlines()
+                      if re.search(r"\w(Error|Exception): ", line) and "ChildFailedError" not in line]
+            reason = errors[-1] if errors else f"exit {proc.returncode}"
             return {"skipped": reason[-200:]}
         ranks = [json.load(open(f"{result}.{r}")) for r in range(args.ranks)]
         return {"steps_per_s": ranks[0]["steps_per_s"], "peak_mib": max(r["peak_bytes"] for r in ranks) / _MIB,
