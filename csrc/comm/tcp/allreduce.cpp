@@ -9,9 +9,12 @@
 namespace disttrain::comm {
 namespace {
 
-// Measured crossover on loopback (benchmarks/results/allreduce_crossover.csv):
-// below this, fewer steps beat moving less data per rank.
-constexpr size_t kRecursiveDoublingMaxBytes = 64 << 10;
+// Measured crossover on loopback (scripts/allreduce_crossover.sh writes
+// benchmarks/results/allreduce_crossover.csv): at 3 and 4 ranks recursive doubling
+// is ahead up to 128 KiB (218 against 279 us at 3 ranks, 324 against 433 at 4),
+// about even at 256-512 KiB, and the ring wins from 1 MiB: fewer steps beat
+// moving less data per rank below this.
+constexpr size_t kRecursiveDoublingMaxBytes = 128 << 10;
 
 struct Segment {
   size_t offset;
