@@ -299,7 +299,7 @@ def _process_main(process: int, job: dict[str, Any], results: Any, start: Any) -
         others = [p for p in model.parameters() if id(p) not in grouped]
         loss_fn, spec, log_interval = job["loss_fn"], job["loader"], job["log_interval"]
         size = len(spec["dataset"])
-        seen = job["samples_seen"]
+        seen = job["samples_seen"][process]  # this process's own row: no lost updates between processes
         losses: list[float] = []
         times: list[float] = []
         samples = 0
@@ -536,7 +536,7 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
     groups = _flatten_groups(model, optimizer, kind)
     for b in model.buffers():
         b.share_memory_()  # batch-norm statistics are shared (and updated racily) as in model.share_memory()
-    samples_seen = torch.zeros(len(spec["dataset"]), dtype=torch.int32).share_memory_()
+    samples_seen = torch.zeros(num_processes, len(spec["dataset"]), dtype=torch.int32).share_memory_()
     job = {"model": model, "kind": kind, "groups": groups, "loader": spec, "epochs": epochs_per_process,
            "num_processes": num_processes, "seed": seed, "data": data, "optimizer_state": optimizer_state,
            "loss_fn": loss_fn, "log_interval": log_interval, "samples_seen": samples_seen, "epoch_end": None,
@@ -565,7 +565,7 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
     out.updates_per_second = out.updates / out.elapsed if out.elapsed > 0 else math.inf
     out.per_process = [{k: r[k] for k in ("process", "steps", "samples", "losses", "times", "seconds")}
                        for r in reports]
-    out.samples_seen = samples_seen.clone()
+    out.samples_seen = samples_seen.sum(0, dtype=torch.int32)
     out.test_loss = out.test_accuracy = None
     if optimizer_state == "shared":
         _write_back_state(optimizer, groups)
