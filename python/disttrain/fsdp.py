@@ -442,12 +442,7 @@ class FullyShardedDataParallel(nn.Module):
         The wrapping (units) must be the same. Collective."""
         from . import snapshot
         path = os.fspath(path)
-        manifest_path = os.path.join(path, MANIFEST)
-        if not os.path.exists(manifest_path):
-            raise FileNotFoundError(f"sharded checkpoint '{path}' has no {MANIFEST} (missing or incomplete)")
-        manifest = snapshot.load(manifest_path)
-        if manifest.get("format") != _SHARDED_FORMAT:
-            raise ValueError(f"'{manifest_path}' is not a disttrain sharded checkpoint")
+        manifest, generation = _read_manifest(path)
         mine = self._unit_infos()
         if [u["names"] for u in manifest["units"]] != [u["names"] for u in mine] or \
                 [u["shapes"] for u in manifest["units"]] != [u["shapes"] for u in mine]:
@@ -457,9 +452,6 @@ class FullyShardedDataParallel(nn.Module):
         old_world = manifest["world_size"]
         needed = sorted({r for u in mine for r in _C.reshard_sources(u["total"], old_world, self.rank,
                                                                        self.world_size)})
-        generation = manifest.get("generation", "")  # "": the layout before generations, shards beside it
-        if not isinstance(generation, str) or (generation and not _GENERATION_RE.match(generation)):
-            raise ValueError(f"'{manifest_path}' names the generation {generation!r}, not a gen_<number> folder")
         saved = {r: snapshot.load(os.path.join(path, generation, _shard_file(r))) for r in needed}
         empty = torch.empty(0)
 
@@ -523,14 +515,10 @@ def ShardedOptimizer(optimizer_class: type[torch.optim.Optimizer], model: FullyS
     return optimizer
 
 
-def read_sharded_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
-    """Consolidates a checkpoint written by :meth:`FullyShardedDataParallel.sharded_state_dict`
-    without a process group: every rank's shards are read and joined into the
-    unwrapped module's full ``state_dict`` (parameters and buffers, the
-    module's keys and order). Returns ``(state_dict, extra)``. Reads every
-    shard file: for one process, not for every rank of a job."""
+def _read_manifest(path: str) -> tuple[dict[str, Any], str]:
+    """A sharded checkpoint's manifest, checked, and the generation folder of its shards
+    ("": the layout before generations, shards beside the manifest)."""
     from . import snapshot
-    path = os.fspath(path)
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_path):
         raise FileNotFoundError(f"sharded checkpoint '{path}' has no {MANIFEST} (missing or incomplete)")
@@ -540,6 +528,18 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
     generation = manifest.get("generation", "")
     if not isinstance(generation, str) or (generation and not _GENERATION_RE.match(generation)):
         raise ValueError(f"'{manifest_path}' names the generation {generation!r}, not a gen_<number> folder")
+    return manifest, generation
+
+
+def read_sharded_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
+    """Consolidates a checkpoint written by :meth:`FullyShardedDataParallel.sharded_state_dict`
+    without a process group: every rank's shards are read and joined into the
+    unwrapped module's full ``state_dict`` (parameters and buffers, the
+    module's keys and order). Returns ``(state_dict, extra)``. Reads every
+    shard file: for one process, not for every rank of a job."""
+    from . import snapshot
+    path = os.fspath(path)
+    manifest, generation = _read_manifest(path)
     world = manifest["world_size"]
     shards = [snapshot.load(os.path.join(path, generation, _shard_file(r)))["shards"] for r in range(world)]
     params: dict[str, torch.Tensor] = {}
