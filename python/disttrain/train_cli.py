@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-name", default=None, help="run folder name (default MODEL_DATASET_bBATCH)")
     p.add_argument("-c", "--configuration-file", default=None,
                    help="JSON list of configurations (dicts of these options), run in turn")
-    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
-                   help="ddp: data-parallel (default); fsdp: sharded (ZeRO, see --zero-stage)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp", "torch_ddp"), default="ddp",
+                   help="ddp: data-parallel (default); fsdp: sharded (ZeRO, see --zero-stage); torch_ddp: "
+                        "PyTorch's DistributedDataParallel in place of disttrain's (the reference)")
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
                    help="with --strategy fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters (default)")
     p.add_argument("--backend", default="disttrain", help="process-group backend: disttrain (default), gloo, nccl")
@@ -298,8 +299,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.nproc_per_node is not None:
         _need_int("--nproc-per-node", args.nproc_per_node, 1)
     _need_int("--max-restarts", args.max_restarts, 0)
-    if args.strategy not in ("ddp", "fsdp"):
-        raise ConfigError(f"--strategy {args.strategy!r}: choose from ddp, fsdp")
+    if args.strategy not in ("ddp", "fsdp", "torch_ddp"):
+        raise ConfigError(f"--strategy {args.strategy!r}: choose from ddp, fsdp, torch_ddp")
     if args.zero_stage is not None and args.strategy != "fsdp":
         raise ConfigError(f"--zero-stage {args.zero_stage}: applies to --strategy fsdp only (the strategy is "
                           f"{args.strategy})")

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("disttrain.trainer")
 
 _LR_SCALINGS = ("linear", "sqrt", "none")
-_STRATEGIES = ("ddp", "fsdp")
+_STRATEGIES = ("ddp", "fsdp", "torch_ddp")
 # fsdp: a submodule with at least this many parameters (not in a unit below it) is its own unit.
 _FSDP_MIN_UNIT_PARAMS = 100_000
 _STATE_FORMAT = "disttrain.trainer/1"
@@ -75,9 +75,12 @@ class TrainerConfig:
         progress: progress line on rank 0.
         resume: resume from the newest good snapshot in the run folder.
         configuration: extra columns for metrics.csv (``model_name``, ``dataset``, ``config_index``).
-        strategy: ``"ddp"`` (default: :class:`disttrain.DistributedDataParallel`) or
+        strategy: ``"ddp"`` (default: :class:`disttrain.DistributedDataParallel`),
             ``"fsdp"`` (:class:`disttrain.FullyShardedDataParallel`; the optimizer is
-            rebuilt over the shards with the same class and hyperparameters).
+            rebuilt over the shards with the same class and hyperparameters) or
+            ``"torch_ddp"`` (PyTorch's ``torch.nn.parallel.DistributedDataParallel``
+            in place of disttrain's, everything else the same: the reference that
+            ``disttrain bench scaling`` runs beside disttrain's).
         zero_stage: with ``"fsdp"``, the ZeRO stage (1, 2 or 3).
     """
 
@@ -124,7 +127,9 @@ def _sampler_class():
     return DistributedSampler
 
 
-def _ddp_class():
+def _ddp_class(strategy: str = "ddp"):
+    if strategy == "torch_ddp":
+        return torch.nn.parallel.DistributedDataParallel
     from .ddp import DistributedDataParallel
 
     return DistributedDataParallel
@@ -223,7 +228,7 @@ class Trainer:
             self.optimizer = _rebuild_over_shards(optimizer, self.model, scheduler)
         else:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-            self.model = _ddp_class()(self.module, **ddp_kwargs)
+            self.model = _ddp_class(cfg.strategy)(self.module, **ddp_kwargs)
 
         self.base_lr = float(self.optimizer.param_groups[0]["lr"])
         self.lr_scale = _lr_factor(cfg.lr_scaling, self.world_size)

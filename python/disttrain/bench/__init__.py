@@ -25,6 +25,7 @@ BENCHMARKS = {
     "mpi": "disttrain.bench.mpi",
     "strategies": "disttrain.bench.strategies",
     "lightning": "disttrain.bench.lightning",
+    "scaling": "disttrain.bench.scaling",
 }
 
 

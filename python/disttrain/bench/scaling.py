@@ -1,0 +1,653 @@
+"""``disttrain bench scaling``: the scaling study, disttrain against PyTorch in one run.
+
+The same training (``disttrain train``: the trainer, its run folders, snapshots
+and metrics.csv) at 1, 2 and 4 ranks on this host and at 2 x 2 ranks on two
+network-namespace "nodes", each configuration twice, interleaved:
+
+    disttrain  disttrain's DistributedDataParallel on the disttrain backend
+    pytorch    PyTorch's DistributedDataParallel on gloo
+
+Everything else is the same (model, data, sampler, seed, per-rank batch, the
+learning rate scaled with the world size, the time budget or epoch count).
+Every rank runs one thread (OMP_NUM_THREADS=1). Reported per configuration:
+learning rate, global batch, steps per epoch, mean epoch time (training only;
+the first epoch left out as warm-up when there are more), epochs reached, the
+scaling efficiency E(N) = T(1) / (N x T(N)) with T the mean epoch time and
+T(1) the same implementation's 1-rank run, disttrain's epoch time over
+PyTorch's, the best validation loss, the last epoch's test loss and top-1
+accuracy, backend and strategy.
+
+Each row is a run folder ``RUNS/IMPL_CONFIG`` (``-s``/``--save-name`` of
+``disttrain train``); a configuration that finished leaves ``study.json`` in
+it. Run again, the command skips finished configurations and resumes an
+interrupted one from its newest snapshot (the time budget counts the run time
+before the interruption). ``--fresh`` starts over.
+
+Also a memory-offload study (``--offload``, on by default): time per step and
+peak memory of a model kept resident against one moved to another memory and
+back every step (pageable against page-locked "pinned" memory; a CUDA device
+when there is one), and disttrain FSDP with its parameters resident (stage 1)
+against sharded and gathered for every use (stage 3).
+
+Writes ``OUT`` (the table), ``OUT_curves.csv`` (losses per epoch),
+``OUT_offload.csv`` and the plots ``OUT_losses``, ``OUT_efficiency`` and
+``OUT_offload`` as PNG and SVG, beside the CSV.
+
+    disttrain bench scaling --time-budget 120                 # the published study
+    disttrain bench scaling --ranks 1,2 --two-hosts "" --epochs 2 --out /tmp/s.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from disttrain.bench import format_or_dash, write_csv
+
+#: implementation -> (backend, trainer strategy)
+IMPLS = {"disttrain": ("disttrain", "ddp"), "pytorch": ("gloo", "torch_ddp")}
+
+COLUMNS = ["impl", "config", "nodes", "ranks_per_node", "ranks", "backend", "strategy", "lr", "global_batch",
+           "steps_per_epoch", "epoch_s", "epochs", "budget_s", "run_time_s", "scaling_efficiency",
+           "epoch_time_vs_pytorch", "best_val_loss", "test_loss", "test_acc", "status", "run_dir"]
+CURVE_COLUMNS = ["impl", "config", "ranks", "epoch", "wall_s", "train_loss", "val_loss", "val_acc"]
+OFFLOAD_COLUMNS = ["row", "memory", "where", "ranks", "params_mb", "step_ms", "step_ms_vs_resident",
+                   "peak_rss_mb", "peak_device_mb", "note"]
+_MASTER_PORT = 29581  # inside the namespaces: their own port space
+
+
+@dataclass(frozen=True)
+class Config:
+    impl: str
+    nodes: int
+    per_node: int
+
+    @property
+    def label(self) -> str:
+        return str(self.per_node) if self.nodes == 1 else f"{self.nodes}x{self.per_node}"
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.per_node
+
+    @property
+    def name(self) -> str:
+        return f"{self.impl}_{self.label}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disttrain bench scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", default="1,2,4", help="rank counts on this host (default 1,2,4; 1 is the baseline)")
+    p.add_argument("--two-hosts", default="2x2", help="NODESxRANKS on network-namespace nodes, comma separated "
+                   "(default 2x2; needs root and iproute2; \"\" for none)")
+    p.add_argument("--impls", default="disttrain,pytorch", help="disttrain, pytorch or both (default)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="training time per configuration (default 120 s without --epochs)")
+    p.add_argument("-e", "--epochs", type=int, default=None, help="epochs per configuration")
+    p.add_argument("-m", "--model", default="small_cnn", help="as disttrain train (default small_cnn)")
+    p.add_argument("--dataset", default="digits", help="as disttrain train (default digits, embedded)")
+    p.add_argument("-d", "--data", default=None, help="data folder for cifar10 and imagefolder")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="per rank (default 32)")
+    p.add_argument("-lr", "--learning-rate", type=float, default=0.05, help="1-rank learning rate (default 0.05)")
+    p.add_argument("--lr-scaling", choices=("linear", "sqrt", "none"), default="linear")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", default="runs/scaling", help="parent of the run folders (default runs/scaling)")
+    p.add_argument("--fresh", action="store_true", help="delete the study's run folders and start over")
+    p.add_argument("--out", default="benchmarks/results/scaling.csv")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the memory-offload study (default on)")
+    p.add_argument("--offload-mb", type=float, default=64.0, help="offload study: parameter megabytes (default 64)")
+    p.add_argument("--offload-steps", type=int, default=20, help="offload study: timed steps per row (default 20)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per configuration before it is stopped "
+                   "(default: 4 x the budget + 120)")
+    p.add_argument("--offload-job", help=argparse.SUPPRESS)
+    p.add_argument("--rows-file", help=argparse.SUPPRESS)
+    return p
+
+
+def configs(args: argparse.Namespace) -> list[Config]:
+    """Every configuration, in run order: for each rank layout, both
+    implementations one after the other (alternating which goes first)."""
+    layouts = [(1, int(r)) for r in args.ranks.split(",") if r.strip()]
+    for spec in (s.strip() for s in args.two_hosts.split(",") if s.strip()):
+        nodes, per_node = (int(x) for x in spec.lower().split("x"))
+        if nodes != 2:
+            raise SystemExit(f"disttrain bench scaling: --two-hosts {spec}: two nodes only (NODES must be 2)")
+        layouts.append((nodes, per_node))
+    if (1, 1) not in layouts:
+        layouts.insert(0, (1, 1))  # the baseline of the scaling efficiency
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or not impls:
+        raise SystemExit(f"disttrain bench scaling: --impls {args.impls}: choose from {', '.join(IMPLS)}")
+    out = []
+    for k, (nodes, per_node) in enumerate(layouts):
+        for impl in (impls if k % 2 == 0 else impls[::-1]):
+            out.append(Config(impl, nodes, per_node))
+    return out
+
+
+# --- running one configuration ------------------------------------------------------------------
+
+def _study_key(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two runs of the study the same study (a resumed one must match)."""
+    return {k: getattr(args, k) for k in ("time_budget", "epochs", "model", "dataset", "data", "batch_size",
+                                          "learning_rate", "lr_scaling", "seed")}
+
+
+def _train_argv(args: argparse.Namespace, cfg: Config) -> list[str]:
+    backend, strategy = IMPLS[cfg.impl]
+    argv = ["-m", "disttrain.cli", "train", "-m", args.model, "--dataset", args.dataset, "-b", str(args.batch_size),
+            "-lr", repr(args.learning_rate), "--lr-scaling", args.lr_scaling, "--seed", str(args.seed),
+            "--backend", backend, "--strategy", strategy, "-s", os.path.abspath(args.runs), "--save-name", cfg.name,
+            "--no-progress", "--timeout", "120"]
+    if args.data:
+        argv += ["-d", os.path.abspath(args.data)]
+    if args.time_budget is not None:
+        argv += ["--time-budget", repr(args.time_budget / 3600)]
+    if args.epochs is not None:
+        argv += ["-e", str(args.epochs)]
+    return argv
+
+
+def _torchrun(nodes: int, node: int, per_node: int, master: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}", "--max-restarts=0"]
+    if nodes == 1:
+        return cmd + ["--standalone"]
+    return cmd + [f"--nnodes={nodes}", f"--node-rank={node}", f"--master-addr={master}",
+                  f"--master-port={_MASTER_PORT}"]
+
+
+def _run_config(args: argparse.Namespace, cfg: Config, hosts: Any, log_path: str) -> str | None:
+    """Runs (or resumes) one configuration; None when it finished, else why not."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID"):
+        env.pop(var, None)
+    budget = args.time_budget if args.time_budget is not None else 60.0 * (args.epochs or 1)
+    timeout = args.timeout if args.timeout is not None else 4 * budget + 120
+    train = _train_argv(args, cfg)
+    with open(log_path, "a") as log:
+        if cfg.nodes == 1:
+            cmds = [(_torchrun(1, 0, cfg.per_node, None) + train, env)]
+        else:
+            cmds = [(hosts.command(n, _torchrun(2, n, cfg.per_node, hosts.addresses[0]) + train),
+                     {**env, **hosts.env(n)}) for n in range(cfg.nodes)]
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmds[0][0])}\n")
+        log.flush()
+        procs = [subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                 for cmd, e in cmds]
+        deadline = time.monotonic() + timeout
+        failed = None
+        for p in procs:
+            try:
+                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failed = f"stopped after {timeout:.0f} s"
+                break
+            if rc != 0 and failed is None:
+                failed = f"exit status {rc}"
+        if failed:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)
+                    p.wait()
+            if hosts is not None:
+                for n in range(cfg.nodes):
+                    hosts.kill(n)
+            return f"{failed} (log: {log_path})"
+    return None
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+def read_metrics(run_dir: str) -> list[dict[str, float]]:
+    """A run folder's metrics.csv as rows of floats (epoch, epoch/test times, losses, accuracies)."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{"epoch": float(r[""]), "epoch_time": float(r["epoch_timings"]), "test_time": float(r["test_timings"]),
+                 "train_loss": float(r["train_loss"]), "val_loss": float(r["test_error"]),
+                 "val_acc": float(r["test_acc"])} for r in csv.DictReader(f)]
+
+
+def mean_epoch_time(epoch_times: list[float]) -> float:
+    """The mean epoch time; the first epoch (warm-up) is left out when there are more."""
+    times = epoch_times[1:] if len(epoch_times) > 1 else epoch_times
+    return sum(times) / len(times) if times else math.nan
+
+
+def scaling_efficiency(t1: float, ranks: int, tn: float) -> float:
+    """E(N) = T(1) / (N x T(N)): 1 when N ranks take 1/N of one rank's epoch time."""
+    return t1 / (ranks * tn) if tn > 0 and t1 > 0 else math.nan
+
+
+def _train_size(args: argparse.Namespace) -> int:
+    from disttrain import data
+    return len(data.get_dataset(args.dataset, args.data, True)[0])
+
+
+def summarize(args: argparse.Namespace, cfgs: list[Config], failures: dict[str, str]) -> tuple[list[dict],
+                                                                                                  list[dict]]:
+    """The table's rows and the loss curves, from the run folders."""
+    n_train = _train_size(args)
+    rows, curves, epoch_s = [], [], {}
+    factor = {"linear": lambda n: n, "sqrt": math.sqrt, "none": lambda n: 1}[args.lr_scaling]
+    for cfg in cfgs:
+        run_dir = os.path.join(args.runs, cfg.name)
+        metrics = read_metrics(run_dir)
+        backend, strategy = IMPLS[cfg.impl]
+        t = mean_epoch_time([m["epoch_time"] for m in metrics])
+        epoch_s[(cfg.impl, cfg.label)] = t
+        status = failures.get(cfg.name) or ("ok" if os.path.exists(os.path.join(run_dir, "study.json"))
+                                            else "not run")
+        rows.append({
+            "impl": cfg.impl, "config": cfg.label, "nodes": cfg.nodes, "ranks_per_node": cfg.per_node,
+            "ranks": cfg.ranks, "backend": backend, "strategy": strategy,
+            "lr": args.learning_rate * factor(cfg.ranks), "global_batch": args.batch_size * cfg.ranks,
+            "steps_per_epoch": math.ceil(math.ceil(n_train / cfg.ranks) / args.batch_size),
+            "epoch_s": t, "epochs": len(metrics), "budget_s": args.time_budget if args.time_budget else "",
+            "run_time_s": sum(m["epoch_time"] + m["test_time"] for m in metrics),
+            "best_val_loss": min((m["val_loss"] for m in metrics), default=math.nan),
+            "test_loss": metrics[-1]["val_loss"] if metrics else math.nan,
+            "test_acc": metrics[-1]["val_acc"] if metrics else math.nan,
+            "status": status, "run_dir": run_dir})
+        wall = 0.0
+        for m in metrics:
+            wall += m["epoch_time"] + m["test_time"]
+            curves.append({"impl": cfg.impl, "config": cfg.label, "ranks": cfg.ranks, "epoch": int(m["epoch"]) + 1,
+                           "wall_s": wall, "train_loss": m["train_loss"], "val_loss": m["val_loss"],
+                           "val_acc": m["val_acc"]})
+    for row in rows:
+        row["scaling_efficiency"] = scaling_efficiency(epoch_s.get((row["impl"], "1"), math.nan), row["ranks"],
+                                                       row["epoch_s"])
+        ref = epoch_s.get(("pytorch", row["config"]))
+        row["epoch_time_vs_pytorch"] = row["epoch_s"] / ref if ref and row["impl"] == "disttrain" else ""
+    return rows, curves
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return format_or_dash(value, spec)
+
+
+def report(rows: list[dict]) -> None:
+    print(f"{'impl':>10} {'config':>6} {'lr':>6} {'gbatch':>6} {'steps':>5} {'epoch s':>8} {'epochs':>6} "
+          f"{'eff':>5} {'vs pt':>6} {'best val':>8} {'test':>7} {'acc':>6}  backend/strategy  status")
+    for r in rows:
+        print(f"{r['impl']:>10} {r['config']:>6} {r['lr']:>6.3g} {r['global_batch']:>6} {r['steps_per_epoch']:>5} "
+              f"{_fmt(r['epoch_s'], '.3f'):>8} {r['epochs']:>6} {_fmt(r['scaling_efficiency'], '.3f'):>5} "
+              f"{_fmt(r['epoch_time_vs_pytorch'], '.3f'):>6} {_fmt(r['best_val_loss'], '.4f'):>8} "
+              f"{_fmt(r['test_loss'], '.4f'):>7} {_fmt(r['test_acc'], '.4f'):>6}  "
+              f"{r['backend']}/{r['strategy']}  {r['status']}")
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+def _save(fig: Any, base: str | None) -> None:
+    if base:
+        for ext in ("png", "svg"):
+            fig.savefig(f"{base}.{ext}", bbox_inches="tight")
+            print(f"# wrote {base}.{ext}")
+
+
+def plot_losses(curves: list[dict], base: str | None = None) -> Any:
+    """Train and validation loss against wall time and against epochs, one line per configuration."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, works headless and in notebooks
+
+    fig = Figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2)
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for c in curves:
+        lines.setdefault((c["impl"], str(c["config"])), []).append(c)
+    colors = {config: f"C{i}" for i, config in enumerate(dict.fromkeys(config for _, config in lines))}
+    for (impl, config), points in lines.items():
+        style = "-" if impl == "disttrain" else "--"
+        label = f"{impl} {config}"
+        for row, key in enumerate(("train_loss", "val_loss")):
+            for col, x in enumerate(("wall_s", "epoch")):
+                axes[row][col].plot([float(p[x]) for p in points], [float(p[key]) for p in points], style,
+                                    color=colors[config], marker=".", label=label)
+    for row, key in enumerate(("training loss", "validation loss")):
+        for col, x in enumerate(("wall time, s (training + evaluation)", "epoch")):
+            ax = axes[row][col]
+            ax.set_xlabel(x)
+            ax.set_ylabel(key)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=8, ncol=2)
+    fig.suptitle("disttrain bench scaling: loss curves (solid: disttrain DDP, dashed: PyTorch DDP over gloo)")
+    _save(fig, base)
+    return fig
+
+
+def plot_scaling(rows: list[dict], base: str | None = None) -> Any:
+    """Epoch time and scaling efficiency against ranks, with the ideal line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    ax_t, ax_e = fig.subplots(1, 2)
+    ranks_seen: set[int] = set()
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        for multi in (False, True):
+            pts = sorted((int(r["ranks"]), float(r["epoch_s"]), float(r["scaling_efficiency"])) for r in rows
+                         if r["impl"] == impl and (int(r["nodes"]) > 1) == multi and r["epoch_s"] != ""
+                         and not math.isnan(float(r["epoch_s"])))
+            if multi:  # the two-host points beside the one-host line
+                pts = [p for p in pts if p[0] > 1]
+            if not pts:
+                continue
+            ranks_seen.update(p[0] for p in pts)
+            label = f"{impl}{' (2 namespace nodes)' if multi else ''}"
+            style = dict(marker="s" if multi else "o", linestyle="none" if multi else "-",
+                         color="C0" if impl == "disttrain" else "C1")
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+            ax_e.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
+    ranks = sorted(ranks_seen)
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        t1 = [float(r["epoch_s"]) for r in rows if r["impl"] == impl and str(r["config"]) == "1"]
+        if t1 and ranks:
+            ax_t.plot(ranks, [t1[0] / n for n in ranks], ":", color="C0" if impl == "disttrain" else "C1",
+                      label=f"ideal ({impl}: T(1)/N)")
+    if ranks:
+        ax_e.plot(ranks, [1.0] * len(ranks), ":", color="gray", label="ideal (1)")
+    ax_t.set_ylabel("mean epoch time, s")
+    ax_e.set_ylabel("scaling efficiency T(1) / (N T(N))")
+    for ax in (ax_t, ax_e):
+        ax.set_xlabel("ranks N")
+        ax.set_xticks(ranks)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_e.set_ylim(bottom=0)
+    _save(fig, base)
+    return fig
+
+
+def plot_offload(rows: list[dict], base: str | None = None) -> Any:
+    """Time per step and peak memory of each offload row."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4))
+    ax_t, ax_m = fig.subplots(1, 2)
+    names = [f"{r['row']}\n{r['memory']}" for r in rows]
+    ax_t.bar(names, [float(r["step_ms"]) for r in rows], color="tab:blue")
+    ax_t.set_ylabel("time per step, ms")
+    peak = [float(r["peak_device_mb"]) if r["peak_device_mb"] not in ("", None) else float(r["peak_rss_mb"])
+            for r in rows]
+    ax_m.bar(names, peak, color="tab:orange")
+    ax_m.set_ylabel("peak memory, MB (device when there is one, else process RSS)")
+    for ax in (ax_t, ax_m):
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("memory-offload study")
+    _save(fig, base)
+    return fig
+
+
+def load_results(out: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """The table, the curves and the offload rows a run wrote (``out`` is its ``--out``)."""
+    base = os.path.splitext(out)[0]
+
+    def read(path: str) -> list[dict]:
+        if not os.path.exists(path):
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    return read(out), read(base + "_curves.csv"), read(base + "_offload.csv")
+
+
+# --- the memory-offload study -----------------------------------------------------------------------
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _offload_model(mb: float):
+    import torch
+    from torch import nn
+
+    # Four square layers of width h hold ~4 h^2 floats: h from the wanted size.
+    h = max(64, int(math.sqrt(mb * 1e6 / 4 / 4)))
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                         nn.Linear(h, h)), h
+
+
+def _page_locked(t):
+    """``t``'s memory locked in RAM (mlock): the host side of what CUDA's pinned
+    allocator gives; a CPU-only torch has no pinned allocator."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlock(ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.numel() * t.element_size())) != 0:
+        raise OSError(ctypes.get_errno(), "mlock failed")
+    return t
+
+
+def _offload_single(memory: str, mb: float, steps: int) -> dict:
+    """One process: the model trained with its parameters resident, or moved to
+    ``memory`` (pageable or pinned host memory) after every step and back before the next."""
+    import torch
+
+    torch.set_num_threads(1)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model, h = _offload_model(mb)
+    model.to(device)
+    params = list(model.parameters())
+    params_mb = sum(p.numel() * p.element_size() for p in params) / 1e6
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    x, y = torch.randn(32, h, device=device), torch.randn(32, h, device=device)
+    store = None
+    if memory != "resident":
+        pin = memory == "pinned"
+        store = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin and cuda) for p in params]
+        if pin and not cuda:
+            store = [_page_locked(s) for s in store]
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 3):
+        start = time.perf_counter()
+        if store is not None:  # in: host -> device
+            with torch.no_grad():
+                for p, s in zip(params, store):
+                    p.data = s.to(device, non_blocking=True) if cuda else s.clone()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if store is not None:  # out: device -> host, the device copy freed
+            with torch.no_grad():
+                for p, s in zip(params, store):
+                    s.copy_(p.data, non_blocking=True)
+                    p.data = torch.empty(0, device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= 3:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"step_ms": 1e3 * times[len(times) // 2], "peak_rss_mb": _peak_rss_mb(),
+            "peak_device_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else "",
+            "where": "cuda" if cuda else "cpu", "params_mb": params_mb}
+
+
+def _offload_fsdp(stage: int, mb: float, steps: int) -> dict:
+    """Under torchrun: disttrain FSDP over the same model, each Linear a unit, at ``stage``."""
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    torch.set_num_threads(1)
+    disttrain.init()
+    import torch.distributed as dist
+    model, h = _offload_model(mb)
+    params_mb = sum(p.numel() for p in model.parameters()) * 4 / 1e6
+    fsdp = disttrain.FullyShardedDataParallel(model, stage=stage, auto_wrap={nn.Linear})
+    opt = disttrain.ShardedOptimizer(torch.optim.SGD, fsdp, lr=1e-3, momentum=0.9)
+    x, y = torch.randn(32, h), torch.randn(32, h)
+    times = []
+    for step in range(steps + 3):
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(fsdp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= 3:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    peak = torch.tensor([_peak_rss_mb()])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    dist.destroy_process_group()
+    return {"step_ms": 1e3 * times[len(times) // 2], "peak_rss_mb": float(peak[0]), "peak_device_mb": "",
+            "where": "cpu", "params_mb": params_mb}
+
+
+def _offload_job(args: argparse.Namespace) -> None:
+    kind = args.offload_job
+    row = _offload_fsdp(int(kind[-1]), args.offload_mb, args.offload_steps) if kind.startswith("fsdp") \
+        else _offload_single(kind, args.offload_mb, args.offload_steps)
+    if os.environ.get("RANK", "0") == "0":
+        with open(args.rows_file, "w") as f:
+            json.dump(row, f)
+
+
+def offload_study(args: argparse.Namespace) -> list[dict]:
+    """Each row in a fresh process (its peak memory its own); FSDP at 2 ranks under torchrun."""
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--offload-mb", str(args.offload_mb), "--offload-steps", str(args.offload_steps)]
+    plan = [("model", "resident", 1), ("model", "pageable", 1), ("model", "pinned", 1),
+            ("fsdp ranks=2", "fsdp1", 2), ("fsdp ranks=2", "fsdp3", 2)]
+    notes = {"resident": "parameters stay where they compute",
+             "pageable": "moved out to ordinary (pageable) host memory after every step and back before the next",
+             "pinned": "the same through page-locked host memory",
+             "fsdp1": "stage 1: parameters resident, whole on every rank",
+             "fsdp3": "stage 3: parameters sharded, all-gathered before each use and freed after"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kind, ranks in plan:
+            rows_file = os.path.join(tmp, f"{kind}.json")
+            job = ["-m", "disttrain.bench.scaling", "--offload-job", kind, "--rows-file", rows_file, *common]
+            cmd = [sys.executable, *job] if ranks == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *job]
+            print(f"# offload: {name} {kind}", flush=True)
+            subprocess.run(cmd, env=env, check=True)
+            with open(rows_file) as f:
+                row = json.load(f)
+            memory = {"fsdp1": "stage 1 (resident)", "fsdp3": "stage 3 (gathered per use)"}.get(kind, kind)
+            rows.append({"row": name, "memory": memory, "ranks": ranks, "note": notes[kind], **row})
+    for r in rows:
+        ref = next(x for x in rows if x["memory"] == ("resident" if r["row"] == "model" else "stage 1 (resident)"))
+        r["step_ms_vs_resident"] = r["step_ms"] / ref["step_ms"]
+    return rows
+
+
+def report_offload(rows: list[dict]) -> None:
+    print(f"{'row':>14} {'memory':>28} {'where':>5} {'MB':>6} {'ms/step':>8} {'vs res':>6} {'peak RSS MB':>11} "
+          f"{'peak dev MB':>11}")
+    for r in rows:
+        print(f"{r['row']:>14} {r['memory']:>28} {r['where']:>5} {float(r['params_mb']):>6.1f} "
+              f"{float(r['step_ms']):>8.2f} {float(r['step_ms_vs_resident']):>6.2f} {float(r['peak_rss_mb']):>11.0f} "
+              f"{format_or_dash(r['peak_device_mb'], '.0f'):>11}")
+
+
+# --- the study --------------------------------------------------------------------------------------
+
+def _prepare(args: argparse.Namespace) -> None:
+    """The study folder: fresh, or the same study as the one already there."""
+    key_path = os.path.join(args.runs, "study.json")
+    if args.fresh and os.path.isdir(args.runs):
+        shutil.rmtree(args.runs)
+    os.makedirs(args.runs, exist_ok=True)
+    key = _study_key(args)
+    if os.path.exists(key_path):
+        with open(key_path) as f:
+            old = json.load(f)
+        if old != key:
+            changed = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
+            raise SystemExit(f"disttrain bench scaling: '{args.runs}' holds a study with other settings "
+                             f"{changed} (old, new); --fresh starts over, or give another --runs")
+    else:
+        with open(key_path, "w") as f:
+            json.dump(key, f)
+
+
+def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    cfgs = configs(args)
+    _prepare(args)
+    hosts = None
+    failures: dict[str, str] = {}
+    try:
+        for cfg in cfgs:
+            run_dir = os.path.join(args.runs, cfg.name)
+            if os.path.exists(os.path.join(run_dir, "study.json")):
+                print(f"# {cfg.name}: finished earlier, kept", flush=True)
+                continue
+            if cfg.nodes > 1 and hosts is None:
+                from disttrain.netns import NamespaceHosts, can_make_hosts
+                why = can_make_hosts()
+                if why:
+                    failures[cfg.name] = f"skipped: two namespace hosts {why}"
+                    print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
+                    continue
+                hosts = NamespaceHosts("dtscale", 80)
+                hosts.make()
+            resumed = os.path.isdir(os.path.join(run_dir, "snapshots"))
+            print(f"# {cfg.name}: {cfg.ranks} rank(s){', resuming' if resumed else ''}", flush=True)
+            os.makedirs(run_dir, exist_ok=True)
+            error = _run_config(args, cfg, hosts, os.path.join(run_dir, "study.log"))
+            if error:
+                failures[cfg.name] = f"failed: {error}"
+                print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
+                continue
+            with open(os.path.join(run_dir, "study.json"), "w") as f:
+                json.dump({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.label, "impl": cfg.impl,
+                           "argv": _train_argv(args, cfg)}, f)
+    finally:
+        if hosts is not None:
+            hosts.remove()
+    return summarize(args, cfgs, failures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "scaling":
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    if args.offload_job:
+        _offload_job(args)
+        return 0
+    if args.time_budget is None and args.epochs is None:
+        args.time_budget = 120.0
+    base = os.path.splitext(args.out)[0]
+    rows, curves = run_study(args)
+    write_csv(rows, args.out, COLUMNS)
+    write_csv(curves, base + "_curves.csv", CURVE_COLUMNS)
+    report(rows)
+    plot_losses(curves, base + "_losses")
+    plot_scaling(rows, base + "_efficiency")
+    if args.offload:
+        off = offload_study(args)
+        write_csv(off, base + "_offload.csv", OFFLOAD_COLUMNS)
+        report_offload(off)
+        plot_offload(off, base + "_offload")
+    bad = [r for r in rows if r["status"] != "ok"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
