@@ -53,8 +53,16 @@ def check_dataloader(outputs):
     assert "sampler: disttrain.sampler.DistributedSampler" in _text(outputs)  # never PyTorch's in its place
 
 
+def check_scaling(outputs):
+    assert len(_images(outputs)) >= 3  # loss curves, epoch time and efficiency, the offload study
+    text = _text(outputs)
+    assert "every configuration ran" in text and "scaling_efficiency" in text and "torch_ddp" in text
+    assert "pinned" in text and "stage 3" in text
+
+
 CHECKS = {"quickstart.ipynb": check_quickstart, "strategies.ipynb": check_strategies, "advisor.ipynb": check_advisor,
-          "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_dataloader}
+          "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_dataloader,
+          "scaling_study.ipynb": check_scaling}
 
 
 def test_there_are_notebooks():

@@ -44,7 +44,6 @@ import csv
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -389,7 +388,7 @@ def plot_offload(rows: list[dict], base: str | None = None) -> Any:
     peak = [float(r["peak_device_mb"]) if r["peak_device_mb"] not in ("", None) else float(r["peak_rss_mb"])
             for r in rows]
     ax_m.bar(names, peak, color="tab:orange")
-    ax_m.set_ylabel("peak memory, MB (device when there is one, else process RSS)")
+    ax_m.set_ylabel("peak memory of the row, MB\n(device when there is one, else process RSS)")
     for ax in (ax_t, ax_m):
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
@@ -412,8 +411,19 @@ def load_results(out: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 # --- the memory-offload study -----------------------------------------------------------------------
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return math.nan
+
+
+def _reset_peak_rss() -> None:
+    """The peak RSS starts again from the current RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _offload_model(mb: float):
@@ -437,122 +447,174 @@ def _page_locked(t):
     return t
 
 
-def _offload_single(memory: str, mb: float, steps: int) -> dict:
-    """One process: the model trained with its parameters resident, or moved to
+class _ModelRow:
+    """The model trained with its parameters resident, or moved out to
     ``memory`` (pageable or pinned host memory) after every step and back before the next."""
+
+    def __init__(self, memory: str, mb: float):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        model, h = _offload_model(mb)
+        self.model = model.to(self.device)
+        self.params = list(model.parameters())
+        self.params_mb = sum(p.numel() * p.element_size() for p in self.params) / 1e6
+        self.opt = torch.optim.SGD(self.params, lr=1e-3, momentum=0.9)
+        self.x, self.y = torch.randn(32, h, device=self.device), torch.randn(32, h, device=self.device)
+        self.store = None
+        if memory != "resident":
+            pin = memory == "pinned"
+            self.store = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin and self.cuda) for p in self.params]
+            if pin and not self.cuda:
+                self.store = [_page_locked(t) for t in self.store]
+            self._out()
+
+    def _out(self) -> None:  # device -> host, the device copy freed
+        import torch
+        assert self.store is not None
+        with torch.no_grad():
+            for p, t in zip(self.params, self.store):
+                t.copy_(p.data, non_blocking=True)
+                p.data = torch.empty(0, device=self.device)
+
+    def step(self) -> float:
+        import torch
+        start = time.perf_counter()
+        if self.store is not None:  # host -> device
+            with torch.no_grad():
+                for p, t in zip(self.params, self.store):
+                    p.data = t.to(self.device, non_blocking=True) if self.cuda else t.clone()
+        loss = torch.nn.functional.mse_loss(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.store is not None:
+            self._out()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+class _FsdpRow:
+    """disttrain FSDP over the same model, each Linear a unit, at ``stage`` (collective)."""
+
+    def __init__(self, stage: int, mb: float):
+        import torch
+        from torch import nn
+
+        import disttrain
+        model, h = _offload_model(mb)
+        self.cuda, self.params_mb = False, sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+        self.model = disttrain.FullyShardedDataParallel(model, stage=stage, auto_wrap={nn.Linear})
+        self.opt = disttrain.ShardedOptimizer(torch.optim.SGD, self.model, lr=1e-3, momentum=0.9)
+        self.x, self.y = torch.randn(32, h), torch.randn(32, h)
+
+    def step(self) -> float:
+        import torch
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - start
+
+
+def _measure_rows(kinds: list[str], make, steps: int) -> dict[str, dict]:
+    """Builds each row in turn (after a throw-away one) and takes its peak memory
+    over 3 warm-up steps, above what the process held before its set-up; then times the rows
+    interleaved (one step of each per round, the order rotating), median per row."""
     import torch
 
-    torch.set_num_threads(1)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    model, h = _offload_model(mb)
-    model.to(device)
-    params = list(model.parameters())
-    params_mb = sum(p.numel() * p.element_size() for p in params) / 1e6
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    x, y = torch.randn(32, h, device=device), torch.randn(32, h, device=device)
-    store = None
-    if memory != "resident":
-        pin = memory == "pinned"
-        store = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin and cuda) for p in params]
-        if pin and not cuda:
-            store = [_page_locked(s) for s in store]
-    times = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(steps + 3):
-        start = time.perf_counter()
-        if store is not None:  # in: host -> device
-            with torch.no_grad():
-                for p, s in zip(params, store):
-                    p.data = s.to(device, non_blocking=True) if cuda else s.clone()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if store is not None:  # out: device -> host, the device copy freed
-            with torch.no_grad():
-                for p, s in zip(params, store):
-                    s.copy_(p.data, non_blocking=True)
-                    p.data = torch.empty(0, device=device)
+    rows, runners = {}, {}
+    warm = make(kinds[0])  # what the first step of any row allocates once per process (libraries, autograd)
+    for _ in range(3):
+        warm.step()
+    del warm
+    for kind in kinds:
+        cuda = torch.cuda.is_available() and not kind.startswith("fsdp")
+        before_rss = _rss_mb("VmRSS")
         if cuda:
             torch.cuda.synchronize()
-        if step >= 3:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return {"step_ms": 1e3 * times[len(times) // 2], "peak_rss_mb": _peak_rss_mb(),
-            "peak_device_mb": torch.cuda.max_memory_allocated() / 1e6 if cuda else "",
-            "where": "cuda" if cuda else "cpu", "params_mb": params_mb}
-
-
-def _offload_fsdp(stage: int, mb: float, steps: int) -> dict:
-    """Under torchrun: disttrain FSDP over the same model, each Linear a unit, at ``stage``."""
-    import torch
-    from torch import nn
-
-    import disttrain
-
-    torch.set_num_threads(1)
-    disttrain.init()
-    import torch.distributed as dist
-    model, h = _offload_model(mb)
-    params_mb = sum(p.numel() for p in model.parameters()) * 4 / 1e6
-    fsdp = disttrain.FullyShardedDataParallel(model, stage=stage, auto_wrap={nn.Linear})
-    opt = disttrain.ShardedOptimizer(torch.optim.SGD, fsdp, lr=1e-3, momentum=0.9)
-    x, y = torch.randn(32, h), torch.randn(32, h)
-    times = []
-    for step in range(steps + 3):
-        start = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(fsdp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step >= 3:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    peak = torch.tensor([_peak_rss_mb()])
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    dist.destroy_process_group()
-    return {"step_ms": 1e3 * times[len(times) // 2], "peak_rss_mb": float(peak[0]), "peak_device_mb": "",
-            "where": "cpu", "params_mb": params_mb}
+            before_dev = torch.cuda.memory_allocated()
+        runner = make(kind)
+        _reset_peak_rss()  # after the set-up: its transient copies (the unwrapped model) are not the row's
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            runner.step()
+        rows[kind] = {"peak_rss_mb": _rss_mb("VmHWM") - before_rss, "where": "cuda" if cuda else "cpu",
+                      "peak_device_mb": (torch.cuda.max_memory_allocated() - before_dev) / 1e6 if cuda else "",
+                      "params_mb": runner.params_mb}
+        runners[kind] = runner
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(steps):
+        order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
+        for kind in order:
+            times[kind].append(runners[kind].step())
+    for kind, t in times.items():
+        t.sort()
+        rows[kind]["step_ms"] = 1e3 * t[len(t) // 2]
+    return rows
 
 
 def _offload_job(args: argparse.Namespace) -> None:
-    kind = args.offload_job
-    row = _offload_fsdp(int(kind[-1]), args.offload_mb, args.offload_steps) if kind.startswith("fsdp") \
-        else _offload_single(kind, args.offload_mb, args.offload_steps)
+    import torch
+
+    torch.set_num_threads(1)
+    if args.offload_job == "fsdp":
+        import torch.distributed as dist
+
+        import disttrain
+        disttrain.init()
+        rows = _measure_rows(["fsdp1", "fsdp3"], lambda k: _FsdpRow(int(k[-1]), args.offload_mb),
+                             args.offload_steps)
+        for row in rows.values():  # the largest rank's
+            peak = torch.tensor([row["peak_rss_mb"]])
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            row["peak_rss_mb"] = float(peak[0])
+        dist.destroy_process_group()
+    else:
+        rows = _measure_rows(["resident", "pageable", "pinned"], lambda k: _ModelRow(k, args.offload_mb),
+                             args.offload_steps)
     if os.environ.get("RANK", "0") == "0":
         with open(args.rows_file, "w") as f:
-            json.dump(row, f)
+            json.dump(rows, f)
+
+
+_OFFLOAD_ROWS = {  # kind -> (row, memory, note)
+    "resident": ("model", "resident", "parameters stay where they compute"),
+    "pageable": ("model", "pageable", "moved out to ordinary (pageable) host memory after every step, back before "
+                 "the next"),
+    "pinned": ("model", "pinned", "the same through page-locked host memory (mlock without CUDA)"),
+    "fsdp1": ("fsdp ranks=2", "stage 1 (resident)", "parameters whole on every rank"),
+    "fsdp3": ("fsdp ranks=2", "stage 3 (gathered per use)", "parameters sharded, all-gathered before each use, "
+              "freed after"),
+}
 
 
 def offload_study(args: argparse.Namespace) -> list[dict]:
-    """Each row in a fresh process (its peak memory its own); FSDP at 2 ranks under torchrun."""
-    rows = []
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """The model rows in one process, the FSDP rows in one 2-rank torchrun job.
+    Large allocations always mmapped (a fixed glibc threshold), so memory a
+    row frees leaves the RSS and the next row's peak is its own."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     common = ["--offload-mb", str(args.offload_mb), "--offload-steps", str(args.offload_steps)]
-    plan = [("model", "resident", 1), ("model", "pageable", 1), ("model", "pinned", 1),
-            ("fsdp ranks=2", "fsdp1", 2), ("fsdp ranks=2", "fsdp3", 2)]
-    notes = {"resident": "parameters stay where they compute",
-             "pageable": "moved out to ordinary (pageable) host memory after every step and back before the next",
-             "pinned": "the same through page-locked host memory",
-             "fsdp1": "stage 1: parameters resident, whole on every rank",
-             "fsdp3": "stage 3: parameters sharded, all-gathered before each use and freed after"}
+    measured: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kind, ranks in plan:
-            rows_file = os.path.join(tmp, f"{kind}.json")
-            job = ["-m", "disttrain.bench.scaling", "--offload-job", kind, "--rows-file", rows_file, *common]
-            cmd = [sys.executable, *job] if ranks == 1 else \
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *job]
-            print(f"# offload: {name} {kind}", flush=True)
+        for job, ranks in (("model", 1), ("fsdp", 2)):
+            rows_file = os.path.join(tmp, f"{job}.json")
+            argv = ["-m", "disttrain.bench.scaling", "--offload-job", job, "--rows-file", rows_file, *common]
+            cmd = [sys.executable, *argv] if ranks == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *argv]
+            print(f"# offload study: {job}", flush=True)
             subprocess.run(cmd, env=env, check=True)
             with open(rows_file) as f:
-                row = json.load(f)
-            memory = {"fsdp1": "stage 1 (resident)", "fsdp3": "stage 3 (gathered per use)"}.get(kind, kind)
-            rows.append({"row": name, "memory": memory, "ranks": ranks, "note": notes[kind], **row})
-    for r in rows:
-        ref = next(x for x in rows if x["memory"] == ("resident" if r["row"] == "model" else "stage 1 (resident)"))
-        r["step_ms_vs_resident"] = r["step_ms"] / ref["step_ms"]
+                measured.update(json.load(f))
+    rows = []
+    for kind, (name, memory, note) in _OFFLOAD_ROWS.items():
+        ref = measured["resident" if name == "model" else "fsdp1"]
+        rows.append({"row": name, "memory": memory, "ranks": 1 if name == "model" else 2, "note": note,
+                     **measured[kind], "step_ms_vs_resident": measured[kind]["step_ms"] / ref["step_ms"]})
     return rows
 
 
