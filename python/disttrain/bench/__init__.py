@@ -26,6 +26,7 @@ BENCHMARKS = {
     "strategies": "disttrain.bench.strategies",
     "lightning": "disttrain.bench.lightning",
     "scaling": "disttrain.bench.scaling",
+    "decentralised": "disttrain.bench.decentralised",
 }
 
 
