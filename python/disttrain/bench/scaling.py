@@ -71,10 +71,11 @@ class Config:
     impl: str
     nodes: int
     per_node: int
+    slow: bool = False  # the nodes joined by the emulated slow link (--slow-link)
 
     @property
     def label(self) -> str:
-        return str(self.per_node) if self.nodes == 1 else f"{self.nodes}x{self.per_node}"
+        return str(self.per_node) if self.nodes == 1 else f"{self.nodes}x{self.per_node}{'slow' if self.slow else ''}"
 
     @property
     def ranks(self) -> int:
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default="1,2,4", help="rank counts on this host (default 1,2,4; 1 is the baseline)")
     p.add_argument("--two-hosts", default="2x2", help="NODESxRANKS on network-namespace nodes, comma separated "
                    "(default 2x2; needs root and iproute2; \"\" for none)")
+    p.add_argument("--slow-link", default="", metavar="DELAY_MS,RATE_MBIT",
+                   help="also each --two-hosts layout with its nodes joined by an emulated link of this one-way "
+                        "delay and rate (disttrain.netem; e.g. 1,100); default none")
     p.add_argument("--impls", default="disttrain,pytorch", help="disttrain, pytorch or both (default)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="training time per configuration (default 120 s without --epochs)")
@@ -119,22 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
 def configs(args: argparse.Namespace) -> list[Config]:
     """Every configuration, in run order: for each rank layout, both
     implementations one after the other (alternating which goes first)."""
-    layouts = [(1, int(r)) for r in args.ranks.split(",") if r.strip()]
+    layouts = [(1, int(r), False) for r in args.ranks.split(",") if r.strip()]
     for spec in (s.strip() for s in args.two_hosts.split(",") if s.strip()):
         nodes, per_node = (int(x) for x in spec.lower().split("x"))
         if nodes != 2:
             raise SystemExit(f"disttrain bench scaling: --two-hosts {spec}: two nodes only (NODES must be 2)")
-        layouts.append((nodes, per_node))
-    if (1, 1) not in layouts:
-        layouts.insert(0, (1, 1))  # the baseline of the scaling efficiency
+        layouts.append((nodes, per_node, False))
+        if args.slow_link:
+            layouts.append((nodes, per_node, True))
+    if (1, 1, False) not in layouts:
+        layouts.insert(0, (1, 1, False))  # the baseline of the scaling efficiency
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown or not impls:
         raise SystemExit(f"disttrain bench scaling: --impls {args.impls}: choose from {', '.join(IMPLS)}")
     out = []
-    for k, (nodes, per_node) in enumerate(layouts):
+    for k, (nodes, per_node, slow) in enumerate(layouts):
         for impl in (impls if k % 2 == 0 else impls[::-1]):
-            out.append(Config(impl, nodes, per_node))
+            out.append(Config(impl, nodes, per_node, slow))
     return out
 
 
@@ -143,7 +149,35 @@ def configs(args: argparse.Namespace) -> list[Config]:
 def _study_key(args: argparse.Namespace) -> dict[str, Any]:
     """What makes two runs of the study the same study (a resumed one must match)."""
     return {k: getattr(args, k) for k in ("time_budget", "epochs", "model", "dataset", "data", "batch_size",
-                                          "learning_rate", "lr_scaling", "seed")}
+                                          "learning_rate", "lr_scaling", "seed", "slow_link")}
+
+
+class _SlowHosts:
+    """Two hosts of disttrain.netem (TUN devices and a user-space wire with a
+    delay and a rate) behind NamespaceHosts' interface."""
+
+    def __init__(self, spec: str):
+        from disttrain import netem
+        try:
+            delay_ms, rate_mbit = (float(x) for x in spec.split(","))
+        except ValueError:
+            raise SystemExit(f"disttrain bench scaling: --slow-link {spec!r}: expected DELAY_MS,RATE_MBIT") from None
+        self.network = netem.Network(2, delay_ms=delay_ms, rate_mbit=rate_mbit)
+        self.network.__enter__()
+        self.addresses = tuple(h.address for h in self.network.hosts)
+
+    def command(self, node: int, argv: list[str]) -> list[str]:
+        return self.network.command(node, argv)
+
+    def env(self, node: int) -> dict[str, str]:
+        from disttrain import netem
+        return {"GLOO_SOCKET_IFNAME": netem.DEVICE}
+
+    def kill(self, node: int) -> None:
+        self.network.kill_host(node)
+
+    def remove(self) -> None:
+        self.network.close()
 
 
 def _train_argv(args: argparse.Namespace, cfg: Config) -> list[str]:
@@ -334,6 +368,13 @@ def plot_losses(curves: list[dict], base: str | None = None) -> Any:
     return fig
 
 
+def _layout_kind(row: dict) -> str:
+    """one (one host), two (two namespace nodes) or slow (two nodes over the emulated link)."""
+    if int(row["nodes"]) == 1:
+        return "one"
+    return "slow" if str(row["config"]).endswith("slow") else "two"
+
+
 def plot_scaling(rows: list[dict], base: str | None = None) -> Any:
     """Epoch time and scaling efficiency against ranks, with the ideal line."""
     from matplotlib.figure import Figure
@@ -342,17 +383,18 @@ def plot_scaling(rows: list[dict], base: str | None = None) -> Any:
     ax_t, ax_e = fig.subplots(1, 2)
     ranks_seen: set[int] = set()
     for impl in dict.fromkeys(r["impl"] for r in rows):
-        for multi in (False, True):
+        for kind, suffix, marker in (("one", "", "o"), ("two", " (2 namespace nodes)", "s"),
+                                     ("slow", " (2 nodes, emulated slow link)", "^")):
             pts = sorted((int(r["ranks"]), float(r["epoch_s"]), float(r["scaling_efficiency"])) for r in rows
-                         if r["impl"] == impl and (int(r["nodes"]) > 1) == multi and r["epoch_s"] != ""
+                         if r["impl"] == impl and _layout_kind(r) == kind and r["epoch_s"] != ""
                          and not math.isnan(float(r["epoch_s"])))
-            if multi:  # the two-host points beside the one-host line
+            if kind != "one":  # the two-host points beside the one-host line
                 pts = [p for p in pts if p[0] > 1]
             if not pts:
                 continue
             ranks_seen.update(p[0] for p in pts)
-            label = f"{impl}{' (2 namespace nodes)' if multi else ''}"
-            style = dict(marker="s" if multi else "o", linestyle="none" if multi else "-",
+            label = impl + suffix
+            style = dict(marker=marker, linestyle="-" if kind == "one" else "none",
                          color="C0" if impl == "disttrain" else "C1")
             ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
             ax_e.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
@@ -651,7 +693,7 @@ def _prepare(args: argparse.Namespace) -> None:
 def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     cfgs = configs(args)
     _prepare(args)
-    hosts = None
+    made: dict[bool, Any] = {}  # slow? -> the two hosts
     failures: dict[str, str] = {}
     try:
         for cfg in cfgs:
@@ -659,6 +701,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             if os.path.exists(os.path.join(run_dir, "study.json")):
                 print(f"# {cfg.name}: finished earlier, kept", flush=True)
                 continue
+            hosts = made.get(cfg.slow)
             if cfg.nodes > 1 and hosts is None:
                 from disttrain.netns import NamespaceHosts, can_make_hosts
                 why = can_make_hosts()
@@ -666,8 +709,12 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     failures[cfg.name] = f"skipped: two namespace hosts {why}"
                     print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
                     continue
-                hosts = NamespaceHosts("dtscale", 80)
-                hosts.make()
+                if cfg.slow:
+                    hosts = _SlowHosts(args.slow_link)
+                else:
+                    hosts = NamespaceHosts("dtscale", 80)
+                    hosts.make()
+                made[cfg.slow] = hosts
             resumed = os.path.isdir(os.path.join(run_dir, "snapshots"))
             print(f"# {cfg.name}: {cfg.ranks} rank(s){', resuming' if resumed else ''}", flush=True)
             os.makedirs(run_dir, exist_ok=True)
@@ -680,7 +727,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 json.dump({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.label, "impl": cfg.impl,
                            "argv": _train_argv(args, cfg)}, f)
     finally:
-        if hosts is not None:
+        for hosts in made.values():
             hosts.remove()
     return summarize(args, cfgs, failures)
 
