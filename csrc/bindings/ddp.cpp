@@ -36,8 +36,10 @@ DISTTRAIN_BINDINGS(ddp) {
       .def("last_trace", [](const Reducer& r) {
         BackwardTrace t = r.last_trace();
         py::dict d;
+        d["ready_ns"] = t.ready_ns;
         d["launch_ns"] = t.launch_ns;
         d["done_ns"] = t.done_ns;
+        d["backward_start_ns"] = t.backward_start_ns;
         d["backward_end_ns"] = t.backward_end_ns;
         d["finalize_end_ns"] = t.finalize_end_ns;
         return d;

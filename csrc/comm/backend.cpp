@@ -13,6 +13,7 @@
 
 #include "comm/host_identity.h"
 #include "comm/thread_util.h"
+#include "trace/timeline.h"
 
 namespace disttrain::comm {
 namespace {
@@ -380,13 +381,30 @@ std::exception_ptr DisttrainBackend::run_guarded(Body&& body) {
   }
 }
 
+namespace {
+// An op's busy span in the timeline (trace/timeline.h): its name, sequence
+// number and bytes, on the thread that ran it.
+void trace_op(c10d::OpType type, uint64_t seq, const std::vector<at::Tensor>& outputs, int64_t start_ns) {
+  if (!trace::enabled()) return;
+  int64_t bytes = 0;
+  for (const auto& t : outputs) bytes += static_cast<int64_t>(t.nbytes());
+  trace::record(trace::Event{c10d::opTypeToString(type), "comm", 'X', start_ns, trace::now_ns(), 0,
+                             static_cast<int64_t>(seq), bytes});
+}
+}  // namespace
+
 std::exception_ptr DisttrainBackend::run_op(DisttrainWork& work) {
-  return run_guarded([&](Deadline deadline) { work.run(deadline); });
+  const int64_t start = trace::enabled() ? trace::now_ns() : 0;
+  std::exception_ptr error = run_guarded([&](Deadline deadline) { work.run(deadline); });
+  if (start) trace_op(work.retrieveOpType(), work.getSequencenumber(), work.result(), start);
+  return error;
 }
 
 void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> st) {
+  trace::name_this_thread("disttrain progress");
   std::unique_lock<std::mutex> lock(st->mu);
   while (true) {
+    const int64_t idle_from = trace::enabled() ? trace::now_ns() : 0;
     st->cv.wait(lock, [&] { return st->stop || (!st->queue.empty() && !st->caller_running); });
     if (st->stop) return;  // teardown fails what is queued, on its own thread
     st->running = std::move(st->queue.front());
@@ -394,6 +412,7 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
     st->busy = true;
     DisttrainWork* work = st->running.get();
     lock.unlock();
+    if (idle_from) trace::span("comm", "idle", idle_from, trace::now_ns());
     std::exception_ptr error = self->run_op(*work);
     lock.lock();
     st->busy = false;
@@ -466,6 +485,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::run_or_enqueue(c10d::OpType typ
   if (!on_caller || !claim_caller_run()) return enqueue(type, seq, std::move(outputs), Task(std::forward<Body>(body)));
   c10::intrusive_ptr<DisttrainWork> work;
   std::exception_ptr error;
+  const int64_t start = trace::enabled() ? trace::now_ns() : 0;
   try {
     // Completed before anyone else sees it: its future is made lazily, if asked for.
     work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), Task(), /*eager_future=*/false);
@@ -478,6 +498,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::run_or_enqueue(c10d::OpType typ
   }
   caller_thread_ops_.fetch_add(1, std::memory_order_relaxed);
   release_caller_run();
+  if (start) trace_op(type, seq, work->result(), start);
   work->complete(error);  // no callbacks can be attached yet: records the outcome, marks the Work done
   return work;
 }

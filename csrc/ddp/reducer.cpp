@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "ddp/bucket_plan.h"
+#include "trace/timeline.h"
 
 namespace disttrain::ddp {
 namespace {
@@ -30,10 +31,18 @@ at::Tensor reciprocal(int world) {
   return scale;
 }
 
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using trace::now_ns;
+
+// Notes when backward reaches the module's output (its first node to run).
+struct BackwardStartHook : torch::autograd::FunctionPreHook {
+  explicit BackwardStartHook(std::shared_ptr<std::atomic<int64_t>> at) : at_(std::move(at)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    int64_t none = 0;
+    at_->compare_exchange_strong(none, now_ns());
+    return grads;
+  }
+  std::shared_ptr<std::atomic<int64_t>> at_;
+};
 
 }  // namespace
 
@@ -133,6 +142,16 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   reset_iteration();
   armed_ = true;
   if (options_.find_unused_parameters) unused_ = locally_unused(outputs);
+  backward_start_ns_->store(0);
+  if (trace::enabled()) {
+    // Backward's span starts when backward reaches the outputs (Python passes
+    // them while tracing); the hook lives and dies with this iteration's graph.
+    for (const auto& t : outputs) {
+      if (!t.defined() || !t.requires_grad()) continue;
+      if (auto fn = torch::autograd::impl::gradient_edge(t).function)
+        fn->add_pre_hook(std::make_unique<BackwardStartHook>(backward_start_ns_));
+    }
+  }
 }
 
 std::vector<int64_t> Reducer::locally_unused(const std::vector<at::Tensor>& outputs) const {
@@ -180,7 +199,8 @@ void Reducer::mark_ready(int64_t index, bool from_hook) {
   ready_[index] = 1;
   if (!rebuilt_) arrival_.push_back(index);
   copy_into_bucket(index, from_hook);
-  buckets_[where_[index].bucket].pending -= 1;
+  Bucket& bucket = buckets_[where_[index].bucket];
+  if (--bucket.pending == 0) bucket.ready_ns = now_ns();
 }
 
 void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
@@ -261,6 +281,13 @@ void Reducer::launch_ready_buckets() {
       bucket.launch_ns = now_ns();
       bucket.work = group_->allreduce(tensors, opts);
     }
+    if (trace::enabled()) {
+      try {
+        bucket.seq = bucket.work->getSequencenumber();
+      } catch (const std::exception&) {
+        bucket.seq = 0;  // a Work that does not say (a Python process group's)
+      }
+    }
     bucket.done_ns = std::make_shared<std::atomic<int64_t>>(0);
     try {
       bucket.work->getFuture()->addCallback(
@@ -282,6 +309,7 @@ void Reducer::finalize_backward() {
   std::lock_guard<std::mutex> lock(mu_);
   trace_ = BackwardTrace{};
   trace_.backward_end_ns = now_ns();
+  trace_.backward_start_ns = backward_start_ns_->load();
   if (next_launch_ < buckets_.size()) {
     std::ostringstream names;
     int64_t missing = 0;
@@ -301,12 +329,16 @@ void Reducer::finalize_backward() {
     std::vector<std::pair<size_t, size_t>> deferred;
     for (const auto b : c10::irange(buckets_.size())) {
       Bucket& bucket = buckets_[b];
+      const int64_t wait_from = now_ns();
       bucket.work->wait();
       const int64_t waited = now_ns();
       if (bucket.wire.defined()) bucket.flat.copy_(bucket.wire);
       const int64_t done = bucket.done_ns->load();
+      trace_.ready_ns.push_back(bucket.ready_ns);
       trace_.launch_ns.push_back(bucket.launch_ns);
       trace_.done_ns.push_back(done ? std::min(done, waited) : waited);
+      // finalize blocked on this bucket (more than the call itself takes)
+      if (waited - wait_from > 2000) trace::span("ddp", "wait", wait_from, waited, static_cast<int64_t>(b));
       for (const auto slot : c10::irange(bucket.params.size())) {
         if (options_.find_unused_parameters && !used_[bucket.params[slot]]) {
           deferred.emplace_back(b, slot);
@@ -330,8 +362,25 @@ void Reducer::finalize_backward() {
     throw;
   }
   trace_.finalize_end_ns = now_ns();
+  if (trace::enabled()) record_timeline();
   reset_iteration();
   std::fill(used_.begin(), used_.end(), 0);
+}
+
+void Reducer::record_timeline() const {
+  // Per bucket: ready (its last gradient arrived) and in flight [launch, done]
+  // (the "buckets" track; its id is the collective's sequence number).
+  for (const auto b : c10::irange(trace_.launch_ns.size())) {
+    const Bucket& bucket = buckets_[b];
+    int64_t bytes = 0;
+    for (int64_t i : bucket.params) bytes += params_[i].numel() * static_cast<int64_t>(params_[i].element_size());
+    const std::string name = "bucket " + std::to_string(b);
+    trace::instant("ddp", "ready", trace_.ready_ns[b], static_cast<int64_t>(b), bytes);
+    trace::record(trace::Event{name, "ddp.bucket", 'X', trace_.launch_ns[b], trace_.done_ns[b], 0,
+                               static_cast<int64_t>(bucket.seq), bytes});
+  }
+  if (trace_.backward_start_ns) trace::span("ddp", "backward", trace_.backward_start_ns, trace_.backward_end_ns);
+  trace::span("ddp", "finalize", trace_.backward_end_ns, trace_.finalize_end_ns);
 }
 
 void Reducer::write_back(Bucket& bucket, size_t slot) {

@@ -37,8 +37,12 @@ struct ReducerOptions {
 
 // Timestamps (steady clock, ns) of the last synchronised backward.
 struct BackwardTrace {
+  std::vector<int64_t> ready_ns;   // per bucket, when its last gradient arrived
   std::vector<int64_t> launch_ns;  // per bucket, when its all-reduce was issued
   std::vector<int64_t> done_ns;    // per bucket, when it completed (0 if unknown)
+  // When backward reached the module's outputs; 0 unless the timeline
+  // (trace/timeline.h) was on at the forward.
+  int64_t backward_start_ns = 0;
   int64_t backward_end_ns = 0;     // autograd finished: the final callback started
   int64_t finalize_end_ns = 0;     // gradients written back
 };
@@ -79,6 +83,8 @@ class Reducer {
     bool launched_in_place = false;
     size_t pending = 0;
     c10::intrusive_ptr<c10d::Work> work;
+    uint64_t seq = 0;  // the collective's sequence number, to match the backend's trace
+    int64_t ready_ns = 0;
     int64_t launch_ns = 0;
     std::shared_ptr<std::atomic<int64_t>> done_ns;
   };
@@ -94,6 +100,7 @@ class Reducer {
   void stage(Bucket& bucket, size_t slot, const at::Tensor& grad);  // scaled copy into the bucket
   void launch_ready_buckets();            // holds mu_
   void finalize_backward();               // engine final callback
+  void record_timeline() const;           // trace_ into the timeline (trace/timeline.h)
   void write_back(Bucket& bucket, size_t slot);  // the reduced gradient into param.grad
   void rebuild_from_arrival_order();
   void reset_iteration();
@@ -128,6 +135,8 @@ class Reducer {
   std::vector<int64_t> arrival_;  // order of readiness, for the rebuild
   bool rebuilt_ = false;
   BackwardTrace trace_;
+  // Set by a pre-hook on the outputs' autograd nodes while tracing.
+  std::shared_ptr<std::atomic<int64_t>> backward_start_ns_ = std::make_shared<std::atomic<int64_t>>(0);
 };
 
 }  // namespace disttrain::ddp

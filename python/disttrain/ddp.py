@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _C
+from . import _C, trace
 from ._parallel import BROADCAST_CHUNK_BYTES, default_group, find_tensors, wire_dtype
 
 # torch DDP's first bucket: small, so the first all-reduce starts early.
@@ -68,6 +68,7 @@ class DistributedDataParallel(nn.Module):
         if bucket_cap_mb <= 0:
             raise ValueError(f"DistributedDataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
         process_group = default_group("DistributedDataParallel", process_group)
+        trace.start_from_environment()  # DISTTRAIN_TRACE=path
         self.module = module
         self.process_group = process_group
         self.broadcast_buffers = broadcast_buffers
@@ -107,7 +108,9 @@ class DistributedDataParallel(nn.Module):
         Lightning's manual optimization, with ``require_backward_grad_sync``
         off during that forward). ``output``: what the backward starts from
         (searched for unused parameters when ``find_unused_parameters``)."""
-        self._reducer.prepare_for_backward(find_tensors(output) if self.find_unused_parameters else [])
+        # The outputs also mark where backward starts in a trace (disttrain.trace).
+        wanted = self.find_unused_parameters or _C.trace_enabled()
+        self._reducer.prepare_for_backward(find_tensors(output) if wanted else [])
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -133,6 +136,9 @@ class DistributedDataParallel(nn.Module):
 
     def last_backward_trace(self) -> dict[str, Any]:
         """Timestamps (``time.monotonic_ns`` clock) of the last synchronised
-        backward: per bucket ``launch_ns`` and ``done_ns``, ``backward_end_ns``
-        (autograd finished) and ``finalize_end_ns`` (gradients written back)."""
+        backward: per bucket ``ready_ns`` (last gradient arrived), ``launch_ns``
+        and ``done_ns``, ``backward_start_ns`` (backward reached the outputs;
+        0 unless :mod:`disttrain.trace` was recording at the forward),
+        ``backward_end_ns`` (autograd finished) and ``finalize_end_ns``
+        (gradients written back)."""
         return self._reducer.last_trace()

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "trace/timeline.h"
+
 namespace disttrain::comm {
 namespace {
 
@@ -141,6 +143,7 @@ void ShmGroup::signal(Flag& f) {
 }
 
 void ShmGroup::wait_for(int q, Flag& f, uint32_t target, const char* what) {
+  const int64_t from = trace::enabled() ? trace::now_ns() : 0;
   for (int i = 0, n = oversubscribed_ ? kYieldIterations : kSpinIterations; i < n; ++i) {
     if (reached(f.epoch.load(std::memory_order_acquire), target)) return;
     if (oversubscribed_)
@@ -148,6 +151,15 @@ void ShmGroup::wait_for(int q, Flag& f, uint32_t target, const char* what) {
     else
       _mm_pause();
   }
+  // Past the spinning: a wait worth seeing in the timeline (named by what it waits for, id = the peer).
+  struct Traced {
+    int64_t from;
+    const char* what;
+    int q;
+    ~Traced() {
+      if (from) trace::span("comm.wait", what, from, trace::now_ns(), q);
+    }
+  } traced{from, what, q};
   while (true) {
     uint32_t seen = f.epoch.load();
     if (reached(seen, target)) return;

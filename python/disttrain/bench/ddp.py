@@ -12,6 +12,9 @@ the same machine:
     disttrain/disttrain   disttrain.DistributedDataParallel over disttrain
     disttrain-bf16/...    the same with compression="bf16" (gradients in bf16 on the wire)
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
+    no-comm               the floor: the same step with disttrain DDP under no_sync() (no
+                          communication at all); every configuration's step is reported as a
+                          multiple of it (`x floor`)
 
 The models span the regimes: ResNet-18 with the CIFAR stem (11.2 M
 parameters, batch 8 of 32x32 images per rank) spends almost all of a step
@@ -23,10 +26,14 @@ for the same 11.2 M gradients; the wide MLP (3072 -> 3072 -> 3072 -> 10,
 
 Configurations take turns step by step (rounds x steps timed steps each).
 Reported per configuration: training steps per second (1 / median step time,
-each step timed by its slowest rank), the ratio to torch/gloo and to torch/disttrain, and
-for disttrain DDP the fraction of all-reduce time hidden behind backward:
-all-reduce time is the union of [launch, completion] over buckets, and the
-hidden part is what falls before backward finished. Rank threads are 1 (the
+each step timed by its slowest rank), the step time as a multiple of the
+no-communication step's (``x floor``), the ratio to torch/gloo and to torch/disttrain, and
+for disttrain DDP the fraction of all-reduce time hidden behind backward,
+read from the timeline (``disttrain.trace``, recording during every timed step
+of every configuration): all-reduce time is the union of the buckets'
+[launch, completion] spans, and the hidden part is what falls inside DDP's
+backward span. ``--trace DIR`` also writes the last timed step of each
+configuration as a Chrome trace (all ranks) and a picture of it. Rank threads are 1 (the
 machine has 2 cores). Rank 0 writes ``benchmarks/results/ddp.csv``.
 """
 
@@ -41,7 +48,10 @@ import time
 
 from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
-CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo")
+CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo",
+           "no-comm")
+# The floor: disttrain DDP's step under no_sync(), the same compute without communication.
+FLOOR = "no-comm"
 
 MODELS = ("resnet18", "resnet18-tv", "mlp")  # --models
 
@@ -62,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="rounds; each configuration times rounds x steps steps (default 4)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="set it for every DDP (default off)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "ddp.csv"), help="CSV path")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="write each configuration's last timed step as a Chrome trace and a PNG into DIR")
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)  # worker -> launcher
     return p
 
@@ -83,27 +95,6 @@ def _model_and_batch(name, args, rank):
     raise ValueError(f"unknown model {name!r}; choose resnet18, resnet18-tv or mlp")
 
 
-def _hidden_ns(trace) -> tuple[int, int]:
-    """(all-reduce time, part of it before backward ended) for one backward, in ns."""
-    spans = sorted(zip(trace["launch_ns"], trace["done_ns"]))
-    total = hidden = 0
-    start = end = None
-    merged = []
-    for s, e in spans:
-        if end is None or s > end:
-            if end is not None:
-                merged.append((start, end))
-            start, end = s, e
-        else:
-            end = max(end, e)
-    if end is not None:
-        merged.append((start, end))
-    for s, e in merged:
-        total += e - s
-        hidden += max(0, min(e, trace["backward_end_ns"]) - s)
-    return total, hidden
-
-
 class _Runner:
     """One configuration: its own model replica, DDP wrapper and optimizer."""
 
@@ -116,7 +107,8 @@ class _Runner:
         import disttrain
 
         self.config = config
-        wrapper, backend = config.split("/")
+        self.floor = config == FLOOR
+        wrapper, backend = ("disttrain", "disttrain") if self.floor else config.split("/")
         self.group = groups[backend]
         torch.manual_seed(0)
         model, self.x, self.y = _model_and_batch(model_name, args, rank)
@@ -131,26 +123,40 @@ class _Runner:
         self.ours = wrapper != "torch"
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
-        self.comm_ns = self.hidden_ns = 0
+        self.comm_us = self.hidden_us = 0.0
+        self.last_step: list = []  # the last timed step's trace events
 
-    def step(self, record: bool) -> None:
+    def step(self) -> None:
+        import contextlib
+
         import torch.nn.functional as F
 
+        from disttrain import trace
+
         self.opt.zero_grad()
-        F.cross_entropy(self.ddp(self.x), self.y).backward()
-        self.opt.step()
-        if record and self.ours:
-            total, hidden = _hidden_ns(self.ddp.last_backward_trace())
-            self.comm_ns += total
-            self.hidden_ns += hidden
+        with trace.span("forward"), self.ddp.no_sync() if self.floor else contextlib.nullcontext():
+            loss = F.cross_entropy(self.ddp(self.x), self.y)
+        with trace.span("loss.backward()"):
+            loss.backward()
+        with trace.span("optimizer.step()"):
+            self.opt.step()
 
     def timed_step(self) -> None:
         import torch.distributed as dist
 
+        from disttrain import trace
+
         dist.barrier(group=self.group)
+        trace.start()
         start = time.perf_counter()
-        self.step(record=True)
+        self.step()
         self.times.append(time.perf_counter() - start)
+        trace.stop()
+        self.last_step = trace.collect()
+        if self.ours and not self.floor:
+            total, hidden = trace.hidden(self.last_step)
+            self.comm_us += total
+            self.hidden_us += hidden
 
     def steps_per_s(self) -> float:
         """1 / median step time, each step timed by its slowest rank."""
@@ -180,7 +186,7 @@ def bench_rank(args) -> None:
         runners = [_Runner(c, model_name, args, groups, rank) for c in configs]
         for runner in runners:
             for _ in range(args.warmup):
-                runner.step(record=False)
+                runner.step()
         # Configurations take turns step by step, so load from elsewhere on
         # the machine falls on all of them alike.
         for _ in range(args.rounds * args.steps):
@@ -191,14 +197,36 @@ def bench_rank(args) -> None:
             rows.append({
                 "model": model_name, "world_size": world, "config": runner.config, "params": params,
                 "steps_per_s": runner.steps_per_s(),
-                "hidden_fraction": (runner.hidden_ns / runner.comm_ns) if runner.comm_ns else "",
+                "hidden_fraction": (runner.hidden_us / runner.comm_us) if runner.comm_us else "",
             })
+            if args.trace:
+                _write_trace(args.trace, f"ddp-{model_name}-{world}r-{runner.config.replace('/', '-')}",
+                             runner.last_step, rank, world)
         del runners
         gc.collect()
     if rank == 0 and args.rows_file:
         with open(args.rows_file, "w") as f:
             json.dump(rows, f)
     dist.destroy_process_group()
+
+
+def _write_trace(folder, name, events, rank, world) -> None:
+    """Rank 0 writes ``events`` of every rank as folder/name.json and draws them to folder/name.png."""
+    import torch.distributed as dist
+
+    from disttrain import trace
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, events)
+    if rank != 0:
+        return
+    merged = [e for part in parts for e in part]
+    os.makedirs(folder, exist_ok=True)
+    trace.write(os.path.join(folder, name + ".json"), merged)
+    try:
+        trace.plot(merged, os.path.join(folder, name + ".png"), title=name)
+    except ImportError:
+        print("# matplotlib is not installed: no picture of the trace", file=sys.stderr)
 
 
 def _report(rows, out) -> None:
@@ -211,12 +239,16 @@ def _report(rows, out) -> None:
     for r in rows:
         gloo = rate(r["model"], r["world_size"], "torch/gloo")
         ours_backend = rate(r["model"], r["world_size"], "torch/disttrain")
+        floor = rate(r["model"], r["world_size"], FLOOR)
         r["vs_torch_gloo"] = r["steps_per_s"] / gloo if gloo else ""
         r["vs_torch_disttrain"] = r["steps_per_s"] / ours_backend if ours_backend else ""
-    print(f"{'model':<9} {'ranks':>5} {'config':<25} {'steps/s':>8} {'vs torch/gloo':>13} "
+        # Step time as a multiple of the no-communication step's (1.00 = the floor).
+        r["x_floor"] = floor / r["steps_per_s"] if floor else ""
+    print(f"{'model':<11} {'ranks':>5} {'config':<25} {'steps/s':>8} {'x floor':>7} {'vs torch/gloo':>13} "
           f"{'vs torch/disttrain':>18} {'hidden':>7}")
     for r in rows:
-        print(f"{r['model']:<9} {r['world_size']:>5} {r['config']:<25} {r['steps_per_s']:>8.3f} "
+        print(f"{r['model']:<11} {r['world_size']:>5} {r['config']:<25} {r['steps_per_s']:>8.3f} "
+              f"{format_or_dash(r['x_floor'], '>7.2f')} "
               f"{format_or_dash(r['vs_torch_gloo'], '>13.2f')} {format_or_dash(r['vs_torch_disttrain'], '>18.2f')} "
               f"{format_or_dash(r['hidden_fraction'], '>7.2f')}")
     write_csv(rows, out)

@@ -1,0 +1,85 @@
+"""disttrain.trace: the timeline of DDP buckets, the backend's ops and backward,
+as a Chrome trace merged across ranks (context manager and DISTTRAIN_TRACE)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from harness import run_ranks
+
+
+def _traced_steps(rank, world_size, path, use_env):
+    import torch
+    from torch import nn
+
+    import disttrain
+    from disttrain import trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+    ddp = disttrain.DistributedDataParallel(model, bucket_cap_mb=0.1)
+    x = torch.randn(8, 64)
+
+    def step():
+        model.zero_grad()
+        with trace.span("forward"):
+            out = ddp(x)
+        out.square().sum().backward()
+
+    if use_env:  # DISTTRAIN_TRACE: recording from the DDP construction on, written at exit
+        assert trace.enabled()
+        for _ in range(2):
+            step()
+        return len(ddp.bucket_plan())
+    step()  # not recorded
+    assert not trace.enabled()
+    with trace.record(path):
+        for _ in range(2):
+            step()
+    assert not trace.enabled()
+    return len(ddp.bucket_plan())
+
+
+def _check(path, buckets):
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    assert not [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".part")]
+    from disttrain import trace
+
+    for rank in (0, 1):
+        mine = [e for e in events if e.get("pid") == rank]
+        names = {e["name"] for e in mine}
+        assert {"backward", "finalize", "ready", "allreduce_coalesced", "idle"} <= names, names
+        # Two steps: each bucket launched and completed twice, completion after launch.
+        spans = trace.bucket_spans(events, rank)
+        assert len(spans) == 2 * buckets and all(s <= e for s, e in spans), spans
+        # Every bucket's collective ran, matched by sequence number (a one-tensor bucket is an allreduce).
+        ops = {e["args"]["seq"]: e for e in mine if e["name"] in ("allreduce", "allreduce_coalesced")}
+        bucket_seqs = [e["args"]["seq"] for e in mine if e.get("cat") == "ddp.bucket" and e["ph"] == "b"]
+        assert set(bucket_seqs) <= set(ops), (bucket_seqs, sorted(ops))
+        threads = {e["args"]["name"] for e in mine if e["name"] == "thread_name"}
+        assert "disttrain progress" in threads, threads
+        assert len(trace.spans_named(events, "backward", rank)) == 2
+        total, hidden = trace.hidden(events, rank)
+        assert 0 < total and 0 <= hidden <= total, (total, hidden)
+    return events
+
+
+def test_record_merges_ranks(tmp_path):
+    path = str(tmp_path / "trace.json")
+    buckets = run_ranks(_traced_steps, 2, args=(path, False), timeout=120)
+    assert buckets[0] == buckets[1] > 2
+    events = _check(path, buckets[0])
+    assert {e["name"] for e in events if e.get("cat") == "python"} == {"forward"}
+    # One step drawn: a picture comes out.
+    from disttrain import trace
+
+    trace.plot(events, str(tmp_path / "trace.png"), title="test")
+    assert os.path.getsize(tmp_path / "trace.png") > 1000
+
+
+def test_environment_variable(tmp_path):
+    path = str(tmp_path / "env.json")
+    buckets = run_ranks(_traced_steps, 2, args=(path, True), env={"DISTTRAIN_TRACE": path}, timeout=120)
+    _check(path, buckets[0])
