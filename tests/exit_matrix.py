@@ -26,10 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from disttrain.netns import NamespaceHosts, can_make_hosts
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_worker.py")
-NAMESPACES = ("dtexit-h0", "dtexit-h1")
-VETHS = ("dtexit-veth0", "dtexit-veth1")
-ADDRESSES = ("10.231.79.1", "10.231.79.2")
+HOSTS = NamespaceHosts(namespaces=("dtexit-h0", "dtexit-h1"), veths=("dtexit-veth0", "dtexit-veth1"),
+                       addresses=("10.231.79.1", "10.231.79.2"))
+NAMESPACES, VETHS, ADDRESSES = HOSTS.namespaces, HOSTS.veths, HOSTS.addresses
 NPROC = 2
 # A rank's status when it records one: sh reports a signal as 128 + its number.
 SIGABRT_STATUS = 128 + signal.SIGABRT
@@ -91,45 +93,12 @@ class Outcome:
 
 # --- hosts -----------------------------------------------------------------------------
 
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
-
-
-def can_make_hosts() -> str | None:
-    """None if two namespace hosts can be made here, else why not."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (scripts/setup.sh installs it)"
-    return None
-
-
 def make_hosts() -> None:
-    remove_hosts()
-    steps = [("netns", "add", NAMESPACES[0]), ("netns", "add", NAMESPACES[1]),
-             ("link", "add", VETHS[0], "type", "veth", "peer", "name", VETHS[1]),
-             ("link", "set", VETHS[0], "netns", NAMESPACES[0]), ("link", "set", VETHS[1], "netns", NAMESPACES[1])]
-    for i, ns in enumerate(NAMESPACES):
-        steps += [("-n", ns, "addr", "add", f"{ADDRESSES[i]}/24", "dev", VETHS[i]),
-                  ("-n", ns, "link", "set", VETHS[i], "up"), ("-n", ns, "link", "set", "lo", "up")]
-    for step in steps:
-        res = _ip(*step)
-        if res.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(step)}: {res.stderr.strip()}")
+    HOSTS.make()
 
 
 def remove_hosts() -> None:
-    for ns in NAMESPACES:
-        _kill_namespace(ns)
-        _ip("netns", "del", ns)
-
-
-def _kill_namespace(ns: str) -> None:
-    for pid in _ip("netns", "pids", ns).stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
+    HOSTS.remove()
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -182,8 +151,8 @@ def run_case(case: Case, limit: float = 90.0, keep_dir: str | None = None) -> Ou
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         if case.topology == "two-hosts":
-            for ns in NAMESPACES:
-                _kill_namespace(ns)
+            for node in range(len(NAMESPACES)):
+                HOSTS.kill(node)
     text = ""
     for log in logs:
         log.seek(0)

@@ -21,6 +21,7 @@ import torch
 
 import disttrain.distributed as dd
 from disttrain import snapshot
+from disttrain.netns import NamespaceHosts, can_make_hosts
 from disttrain.strategies import mpi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -205,29 +206,17 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
 
 # --- two hosts: network namespaces and a hostfile -------------------------------------------------
 
-NAMESPACES = ("dt-mpi0", "dt-mpi1")
-ADDRESSES = ("10.231.78.1", "10.231.78.2")
-
-
-def _ip(*args):
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
+HOSTS = NamespaceHosts(namespaces=("dt-mpi0", "dt-mpi1"), veths=("dt-mveth0", "dt-mveth1"),
+                       addresses=("10.231.78.1", "10.231.78.2"))
+NAMESPACES, ADDRESSES = HOSTS.namespaces, HOSTS.addresses
 
 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("the namespace test needs root and iproute2 (scripts/setup.sh installs iproute2)")
-    for ns in NAMESPACES:
-        _ip("netns", "del", ns)
-    steps = [("netns", "add", NAMESPACES[0]), ("netns", "add", NAMESPACES[1]),
-             ("link", "add", "dt-mveth0", "type", "veth", "peer", "name", "dt-mveth1"),
-             ("link", "set", "dt-mveth0", "netns", NAMESPACES[0]), ("link", "set", "dt-mveth1", "netns", NAMESPACES[1])]
-    for i, ns in enumerate(NAMESPACES):
-        steps += [("-n", ns, "addr", "add", f"{ADDRESSES[i]}/24", "dev", f"dt-mveth{i}"),
-                  ("-n", ns, "link", "set", f"dt-mveth{i}", "up"), ("-n", ns, "link", "set", "lo", "up")]
-    for step in steps:
-        res = _ip(*step)
-        assert res.returncode == 0, f"ip {' '.join(step)}: {res.stderr}"
+    why = can_make_hosts()
+    if why:
+        pytest.fail(f"the namespace test {why}")
+    HOSTS.make()
     folder = tmp_path_factory.mktemp("hosts")
     agent = folder / "netns_agent.sh"  # Open MPI's rsh agent: "AGENT HOST COMMAND..." -> the host's namespace
     agent.write_text("#!/bin/sh\nhost=$1; shift\ncase \"$host\" in\n"
@@ -238,8 +227,7 @@ def two_hosts(tmp_path_factory):
     hostfile = folder / "hostfile"
     hostfile.write_text("".join(f"{a} slots=1\n" for a in ADDRESSES))
     yield str(agent), str(hostfile)
-    for ns in NAMESPACES:
-        _ip("netns", "del", ns)
+    HOSTS.remove()
 
 
 @pytest.mark.parametrize("rendezvous", ["hostfile", "mpi4py"])

@@ -4,65 +4,39 @@ a host killed mid-job makes the other host's ranks raise within the timeout."""
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-NAMESPACES = ("dt-host0", "dt-host1")
-ADDRESSES = ("10.231.77.1", "10.231.77.2")
+from disttrain.netns import NamespaceHosts, can_make_hosts
+
+HOSTS = NamespaceHosts(namespaces=("dt-host0", "dt-host1"), veths=("dt-veth0", "dt-veth1"),
+                       addresses=("10.231.77.1", "10.231.77.2"))
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-
-
-def _ip(*args):
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
-
-
-def _teardown():
-    for ns in NAMESPACES:
-        _ip("netns", "del", ns)
 
 
 @pytest.fixture(scope="module")
 def two_hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.fail("multi-host tests need root and iproute2 (scripts/setup.sh installs iproute2)")
-    _teardown()
-    steps = [("netns", "add", NAMESPACES[0]), ("netns", "add", NAMESPACES[1]),
-             ("link", "add", "dt-veth0", "type", "veth", "peer", "name", "dt-veth1"),
-             ("link", "set", "dt-veth0", "netns", NAMESPACES[0]), ("link", "set", "dt-veth1", "netns", NAMESPACES[1])]
-    for i, ns in enumerate(NAMESPACES):
-        steps += [("-n", ns, "addr", "add", f"{ADDRESSES[i]}/24", "dev", f"dt-veth{i}"),
-                  ("-n", ns, "link", "set", f"dt-veth{i}", "up"), ("-n", ns, "link", "set", "lo", "up")]
-    for step in steps:
-        res = _ip(*step)
-        assert res.returncode == 0, f"ip {' '.join(step)}: {res.stderr}"
-    yield
-    _teardown()
+    why = can_make_hosts()
+    if why:
+        pytest.fail(f"multi-host tests {why}")
+    with HOSTS:
+        yield
 
 
 def _launch(node, out_dir, mode):
-    cmd = ["ip", "netns", "exec", NAMESPACES[node], sys.executable, "-m", "torch.distributed.run",
-           "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2", f"--master-addr={ADDRESSES[0]}",
-           "--master-port=29555", WORKER, out_dir, mode]
-    # gloo (the reference) picks its interface from the host name otherwise.
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=f"dt-veth{node}")
+    cmd = HOSTS.command(node, [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                               "--nproc-per-node=2", f"--master-addr={HOSTS.addresses[0]}", "--master-port=29555",
+                               WORKER, out_dir, mode])
+    env = dict(os.environ, OMP_NUM_THREADS="1", **HOSTS.env(node))  # gloo (the reference) needs its interface
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
 def _kill_host(node):
-    """SIGKILL every process in the host's namespace (torchrun starts its
-    workers in sessions of their own, so a process group is not enough)."""
-    pids = _ip("netns", "pids", NAMESPACES[node]).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    HOSTS.kill(node)  # a host that vanishes: its launcher and its ranks
 
 
 def _results(out_dir):
