@@ -313,20 +313,31 @@ def summarize(args: argparse.Namespace, cfgs: list[Config], failures: dict[str, 
 
 
 def _fmt(value: Any, spec: str) -> str:
+    if isinstance(value, str) and value and spec:  # a CSV cell
+        try:
+            value = float(value)
+        except ValueError:
+            return value
     if isinstance(value, float) and math.isnan(value):
         return "-"
     return format_or_dash(value, spec)
 
 
-def report(rows: list[dict]) -> None:
-    print(f"{'impl':>10} {'config':>6} {'lr':>6} {'gbatch':>6} {'steps':>5} {'epoch s':>8} {'epochs':>6} "
-          f"{'eff':>5} {'vs pt':>6} {'best val':>8} {'test':>7} {'acc':>6}  backend/strategy  status")
+def _print_table(rows: list[dict], columns: list[tuple[str, str, str, int]]) -> None:
+    """One line per row: ``(header, key, format, width)`` per column."""
+    print(" ".join(f"{header:>{width}}" for header, _, _, width in columns))
     for r in rows:
-        print(f"{r['impl']:>10} {r['config']:>6} {r['lr']:>6.3g} {r['global_batch']:>6} {r['steps_per_epoch']:>5} "
-              f"{_fmt(r['epoch_s'], '.3f'):>8} {r['epochs']:>6} {_fmt(r['scaling_efficiency'], '.3f'):>5} "
-              f"{_fmt(r['epoch_time_vs_pytorch'], '.3f'):>6} {_fmt(r['best_val_loss'], '.4f'):>8} "
-              f"{_fmt(r['test_loss'], '.4f'):>7} {_fmt(r['test_acc'], '.4f'):>6}  "
-              f"{r['backend']}/{r['strategy']}  {r['status']}")
+        print(" ".join(f"{_fmt(r[key], spec):>{width}}" for _, key, spec, width in columns))
+
+
+def report(rows: list[dict]) -> None:
+    _print_table(rows, [("impl", "impl", "", 9), ("config", "config", "", 7), ("lr", "lr", ".3g", 5),
+                        ("gbatch", "global_batch", "", 6), ("steps", "steps_per_epoch", "", 5),
+                        ("epoch s", "epoch_s", ".3f", 7), ("epochs", "epochs", "", 6),
+                        ("eff", "scaling_efficiency", ".3f", 5), ("vs pt", "epoch_time_vs_pytorch", ".3f", 5),
+                        ("best val", "best_val_loss", ".4f", 8), ("test", "test_loss", ".4f", 6),
+                        ("acc", "test_acc", ".4f", 6), ("backend", "backend", "", 9), ("strategy", "strategy", "", 9),
+                        ("status", "status", "", 6)])
 
 
 # --- plots ------------------------------------------------------------------------------------------
@@ -661,12 +672,10 @@ def offload_study(args: argparse.Namespace) -> list[dict]:
 
 
 def report_offload(rows: list[dict]) -> None:
-    print(f"{'row':>14} {'memory':>28} {'where':>5} {'MB':>6} {'ms/step':>8} {'vs res':>6} {'peak RSS MB':>11} "
-          f"{'peak dev MB':>11}")
-    for r in rows:
-        print(f"{r['row']:>14} {r['memory']:>28} {r['where']:>5} {float(r['params_mb']):>6.1f} "
-              f"{float(r['step_ms']):>8.2f} {float(r['step_ms_vs_resident']):>6.2f} {float(r['peak_rss_mb']):>11.0f} "
-              f"{format_or_dash(r['peak_device_mb'], '.0f'):>11}")
+    _print_table(rows, [("row", "row", "", 12), ("memory", "memory", "", 26), ("where", "where", "", 5),
+                        ("MB", "params_mb", ".1f", 5), ("ms/step", "step_ms", ".2f", 8),
+                        ("vs resident", "step_ms_vs_resident", ".2f", 11), ("peak RSS MB", "peak_rss_mb", ".0f", 11),
+                        ("peak dev MB", "peak_device_mb", ".0f", 11)])
 
 
 # --- the study --------------------------------------------------------------------------------------
