@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -25,7 +26,8 @@ constexpr uint32_t kAverageMagic = 0x56415444;  // "DTAV"
 constexpr uint8_t kVersion = 1;
 constexpr size_t kTokenBytes = 32;
 constexpr int kIoTimeoutMs = 30000;  // inactivity limit on one message's bytes
-constexpr auto kConnectLimit = std::chrono::seconds(3);
+constexpr auto kConnectLimit = std::chrono::milliseconds(500);  // peers listen before they are announced: a refusal means gone
+constexpr auto kProbeInterval = std::chrono::milliseconds(250);
 
 #pragma pack(push, 1)
 struct AverageHeader {
@@ -212,9 +214,74 @@ void GroupAverager::accept_loop() {
   }
 }
 
+// One connection attempt that never outlasts `limit` (a blocking connect to a
+// host that vanished waits for the kernel's SYN retries, minutes). Returns the
+// connected, blocking fd, or -1 with *refused telling a refusal from a timeout.
+static int connect_once(const GroupMember& member, std::chrono::milliseconds limit, bool* refused) {
+  *refused = false;
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(member.host.c_str(), std::to_string(member.port).c_str(), &hints, &res) != 0 || !res) return -1;
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  int rc = fd < 0 ? -1 : ::connect(fd, res->ai_addr, res->ai_addrlen);
+  ::freeaddrinfo(res);
+  if (fd < 0) return -1;
+  if (rc != 0 && errno != EINPROGRESS) {
+    *refused = errno == ECONNREFUSED;
+    ::close(fd);
+    return -1;
+  }
+  if (rc != 0) {
+    pollfd p{fd, POLLOUT, 0};
+    int error = 0;
+    socklen_t len = sizeof(error);
+    if (::poll(&p, 1, static_cast<int>(limit.count())) <= 0 ||
+        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0 || error != 0) {
+      *refused = error == ECONNREFUSED;
+      ::close(fd);
+      return -1;
+    }
+  }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) & ~O_NONBLOCK);
+  return fd;
+}
+
+// Connects before the deadline, retrying refusals (a peer may be a moment
+// late to listen); -1 when the deadline passes.
+static int connect_before(const GroupMember& member, std::chrono::steady_clock::time_point deadline) {
+  auto pause = std::chrono::milliseconds(10);
+  while (true) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return -1;
+    bool refused;
+    int fd = connect_once(member, left, &refused);
+    if (fd >= 0 || !refused) return fd;
+    if (std::chrono::steady_clock::now() + pause >= deadline) return -1;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::milliseconds(250));
+  }
+}
+
+// Whether a member is certainly gone: its port refuses connections. A member
+// slow to answer is given the benefit of the doubt (the round's deadline
+// bounds the wait for it).
+static bool refuses_connections(const GroupMember& member) {
+  bool refused;
+  int fd = connect_once(member, std::chrono::milliseconds(200), &refused);
+  if (fd >= 0) ::close(fd);  // a probe: the other side sees a connection closed before any byte
+  return fd < 0 && refused;
+}
+
 void GroupAverager::handle_connection(int fd) {
   comm::tune_socket(fd, 0);
   std::string from = peer_name(fd);
+  {
+    pollfd p{fd, POLLIN, 0};
+    char byte;
+    if (::poll(&p, 1, kIoTimeoutMs) > 0 && ::recv(fd, &byte, 1, MSG_PEEK) == 0) return;  // a liveness probe
+  }
   AverageHeader h{};
   if (!comm::read_full(fd, &h, sizeof(h), kIoTimeoutMs)) {
     refuse("incomplete header from " + from);
@@ -279,13 +346,32 @@ void GroupAverager::handle_connection(int fd) {
 
 std::map<int, GroupAverager::Message> GroupAverager::collect(uint64_t round, uint8_t phase,
                                                              const std::vector<int>& senders,
+                                                             const std::vector<GroupMember>& group,
                                                              std::chrono::steady_clock::time_point deadline) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto all_here = [&] {
-    return std::all_of(senders.begin(), senders.end(),
-                       [&](int s) { return mailbox_.count(Key{round, phase, s}) > 0; });
+  std::set<int> dead;
+  auto missing = [&] {
+    std::vector<int> out;
+    for (int s : senders)
+      if (!dead.count(s) && !mailbox_.count(Key{round, phase, s})) out.push_back(s);
+    return out;
   };
-  cv_.wait_until(lock, deadline, [&] { return closing_.load() || all_here(); });
+  // A member that died after it received this peer's message but before it sent
+  // its own would be waited for until the deadline: probe the missing ones
+  // every kProbeInterval and stop waiting for those that refuse connections.
+  while (!closing_) {
+    auto waiting = missing();
+    auto now = std::chrono::steady_clock::now();
+    if (waiting.empty() || now >= deadline) break;
+    if (cv_.wait_until(lock, std::min(deadline, now + kProbeInterval),
+                       [&] { return closing_.load() || missing().empty(); }))
+      break;
+    waiting = missing();
+    lock.unlock();
+    for (int s : waiting)
+      if (refuses_connections(group[s])) dead.insert(s);
+    lock.lock();
+  }
   std::map<int, Message> out;
   for (int s : senders) {
     auto it = mailbox_.find(Key{round, phase, s});
@@ -348,9 +434,7 @@ AverageResult GroupAverager::average(torch::Tensor vec, uint64_t round, const st
         h.count = static_cast<uint64_t>(values.numel());
         h.weight = weight;
         h.payload_bytes = static_cast<uint64_t>(bytes.numel()) * bytes.element_size();
-        std::string error;
-        auto connect_deadline = std::min(deadline, std::chrono::steady_clock::now() + kConnectLimit);
-        int fd = comm::connect_retry(group[j].host, group[j].port, connect_deadline, &error);
+        int fd = connect_before(group[j], std::min(deadline, std::chrono::steady_clock::now() + kConnectLimit));
         if (fd < 0) return std::make_pair(false, uint64_t{0});
         comm::tune_socket(fd, 0);
         int left_ms = static_cast<int>(std::max<int64_t>(
@@ -385,7 +469,7 @@ AverageResult GroupAverager::average(torch::Tensor vec, uint64_t round, const st
   torch::Tensor sum = mine.mul(weight);
   double total_weight = weight;
   result.contributors = 1;
-  auto contributions = collect(round, 1, reachable(others), deadline);
+  auto contributions = collect(round, 1, reachable(others), group, deadline);
   for (int j : others) {
     auto it = contributions.find(j);
     if (it == contributions.end()) {
@@ -420,7 +504,7 @@ AverageResult GroupAverager::average(torch::Tensor vec, uint64_t round, const st
 
   // Phase 2: the averaged part to every member still reachable; theirs back.
   send_all(2, reachable(others), [&](int) { return std::make_pair(averaged, my_index); });
-  auto results = collect(round, 2, reachable(others), deadline);
+  auto results = collect(round, 2, reachable(others), group, deadline);
   for (int j : others) {
     auto it = results.find(j);
     if (it == results.end()) {

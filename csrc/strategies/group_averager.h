@@ -15,9 +15,10 @@
 // Every message is its own connection: a header (magic, job secret, round,
 // phase, sender, part, element count, wire dtype, weight, int8 scale) and the
 // payload. Messages that arrive before the local peer enters the round wait in
-// a bounded mailbox. Nothing blocks forever: a member that is dead, late or
-// rejected is reported in the result and the caller decides (the strategy
-// aborts the round and retries it without that member).
+// a bounded mailbox. Nothing blocks forever: a member that is dead (it refuses
+// connections; missing members are probed while waiting), late or rejected is
+// reported in the result and the caller decides (the strategy aborts the
+// round and retries it without that member).
 #pragma once
 
 #include <torch/torch.h>
@@ -98,6 +99,7 @@ class GroupAverager {
   // Waits until every sender in `senders` has a message for (round, phase) or
   // the deadline passes; moves out what arrived.
   std::map<int, Message> collect(uint64_t round, uint8_t phase, const std::vector<int>& senders,
+                                 const std::vector<GroupMember>& group,
                                  std::chrono::steady_clock::time_point deadline);
 
   std::string secret_;

@@ -90,6 +90,24 @@ def hogwild_adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
                         step: torch.Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                         decoupled_weight_decay: bool, maximize: bool, zero_grad: bool) -> int: ...
 
+# csrc/strategies/group_averager: decentralised averaging among peers found at run time
+# (csrc/bindings/decentralised.cpp; disttrain.strategies.decentralised is its Python face).
+class _AverageResult(TypedDict):
+    unreachable: list[int]
+    rejected: list[tuple[int, str]]
+    contributors: int
+    bytes_sent: int
+    bytes_received: int
+
+class GroupAverager(metaclass=_pybind11_type):
+    def __init__(self, token: bytes, port: int = 0, max_message_bytes: int = 2147483648) -> None: ...
+    @property
+    def port(self) -> int: ...
+    def average(self, vec: torch.Tensor, round: int, group: Sequence[tuple[str, int]], my_index: int,
+                weight: float, wire: str, timeout_s: float) -> _AverageResult: ...
+    def take_refusals(self) -> list[str]: ...
+    def close(self) -> None: ...
+
 # csrc/ddp: the DDP gradient reducer (csrc/bindings/ddp.cpp; disttrain.ddp is its Python face).
 class Reducer(metaclass=_pybind11_type):
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group: ProcessGroup,

@@ -40,6 +40,8 @@ _LAUNCH_KEYS = {"config_index", "is_distributed", "distributed_strategy", "num_o
 #: Exit status of a configuration error (as argparse's): bad input, not a crash; nothing was started.
 CONFIG_ERROR_EXIT = 2
 
+STRATEGIES = ("ddp", "fsdp", "torch_ddp", "decentralised")
+
 
 class ConfigError(ValueError):
     """A bad option value or configuration entry; the message names it and what is accepted."""
@@ -78,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-name", default=None, help="run folder name (default MODEL_DATASET_bBATCH)")
     p.add_argument("-c", "--configuration-file", default=None,
                    help="JSON list of configurations (dicts of these options), run in turn")
-    p.add_argument("--strategy", choices=("ddp", "fsdp", "torch_ddp"), default="ddp",
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
                    help="ddp: data-parallel (default); fsdp: sharded (ZeRO, see --zero-stage); torch_ddp: "
-                        "PyTorch's DistributedDataParallel in place of disttrain's (the reference)")
+                        "PyTorch's DistributedDataParallel in place of disttrain's (the reference); decentralised: "
+                        "this process is one peer of decentralised training (see --initial-peers)")
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
                    help="with --strategy fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters (default)")
     p.add_argument("--backend", default="disttrain", help="process-group backend: disttrain (default), gloo, nccl")
@@ -92,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-resume", action="store_true", help="ignore existing snapshots")
+    d = p.add_argument_group("decentralised peers (--strategy decentralised)")
+    d.add_argument("--initial-peers", default=None, metavar="HOST:PORT,...",
+                   help="peers to meet first (default: DISTTRAIN_INITIAL_PEERS; none: this peer is the first)")
+    d.add_argument("--listen", default=None, metavar="HOST:PORT",
+                   help="this peer's control address (default 127.0.0.1:0, any free port)")
+    d.add_argument("--local-steps", type=int, default=None, metavar="H",
+                   help="DiLoCo: average after H local steps (default 50 without --target-batch-size)")
+    d.add_argument("--target-batch-size", type=int, default=None, metavar="B",
+                   help="hivemind: average gradients once the peers together have B samples")
+    d.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer learning rate (default 0.7)")
+    d.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default 0.9)")
+    d.add_argument("--min-group-size", type=int, default=2, help="fewest peers that average together (default 2)")
+    d.add_argument("--matchmaking-window", type=float, default=2.0,
+                   help="seconds the leader waits for ready peers (default 2)")
+    d.add_argument("--compression", choices=("none", "bf16", "int8"), default="none",
+                   help="what the averaging sends (default none: float32)")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="without torchrun: start N ranks through torch.distributed.run")
     p.add_argument("--max-restarts", type=int, default=3, help="with --nproc-per-node: restarts after a failure")
@@ -299,8 +318,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.nproc_per_node is not None:
         _need_int("--nproc-per-node", args.nproc_per_node, 1)
     _need_int("--max-restarts", args.max_restarts, 0)
-    if args.strategy not in ("ddp", "fsdp", "torch_ddp"):
-        raise ConfigError(f"--strategy {args.strategy!r}: choose from ddp, fsdp, torch_ddp")
+    if args.strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {args.strategy!r}: choose from {', '.join(STRATEGIES)}")
+    _check_decentralised(args)
     if args.zero_stage is not None and args.strategy != "fsdp":
         raise ConfigError(f"--zero-stage {args.zero_stage}: applies to --strategy fsdp only (the strategy is "
                           f"{args.strategy})")
@@ -335,6 +355,41 @@ def validate(args: argparse.Namespace) -> None:
                           f"({e.strerror}); expected a writable folder") from None
 
 
+def _check_decentralised(args: argparse.Namespace) -> None:
+    options = {"--initial-peers": args.initial_peers, "--listen": args.listen, "--local-steps": args.local_steps,
+               "--target-batch-size": args.target_batch_size}
+    if args.strategy != "decentralised":
+        given = [name for name, value in options.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: applies to --strategy decentralised only (the strategy is {args.strategy})")
+        return
+    from .strategies.decentralised import parse_peers
+
+    if args.nproc_per_node is not None:
+        raise ConfigError("--nproc-per-node: a decentralised peer is one process; start one `disttrain train "
+                          "--strategy decentralised` per peer")
+    if args.local_steps is not None and args.target_batch_size is not None:
+        raise ConfigError("--local-steps and --target-batch-size: choose one (DiLoCo or hivemind rounds)")
+    if args.local_steps is not None:
+        _need_int("--local-steps", args.local_steps, 1)
+    else:
+        args.local_steps = 50
+    if args.target_batch_size is not None:
+        _need_int("--target-batch-size", args.target_batch_size, 1)
+    _need_number("--outer-lr", args.outer_lr, 0, inclusive=False)
+    _need_number("--outer-momentum", args.outer_momentum, 0, inclusive=True)
+    if args.outer_momentum >= 1:
+        raise ConfigError(f"--outer-momentum {args.outer_momentum:g}: expected a number in [0, 1)")
+    _need_int("--min-group-size", args.min_group_size, 1)
+    _need_number("--matchmaking-window", args.matchmaking_window, 0, inclusive=False)
+    for name, value in (("--initial-peers", args.initial_peers), ("--listen", args.listen)):
+        try:
+            if len(parse_peers(value, allow_port_zero=name == "--listen")) > 1 and name == "--listen":
+                raise ValueError("one address only")
+        except ValueError as e:
+            raise ConfigError(f"{name} {value!r}: {e}; expected HOST:PORT") from None
+
+
 def _config_error(message: str) -> int:
     print(f"disttrain train: error: {message}", file=sys.stderr, flush=True)
     return CONFIG_ERROR_EXIT
@@ -363,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         return _config_error(str(e))
     if args.nproc_per_node is not None and not _under_launcher():
         return _launch(argv, args)
+    if args.strategy == "decentralised":
+        from .strategies import decentralised
+
+        for run, columns in runs:
+            decentralised.run_from_args(run, {"model_name": run.model, "dataset": run.dataset, "config_index": "",
+                                              **columns})
+        return 0
 
     import torch.distributed as dist
 
