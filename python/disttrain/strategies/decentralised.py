@@ -56,6 +56,7 @@ from torch import nn
 
 from .. import _C
 from .. import snapshot
+from ._common import evaluate, split_epoch
 
 log = logging.getLogger("disttrain.decentralised")
 
@@ -803,7 +804,7 @@ def run_from_args(args: Any, configuration: dict[str, Any]) -> dict[str, Any]:
 
     from .. import data, models
     from ..train_metrics import write_metrics_csv
-    from ._common import evaluate, split_epoch
+
 
     torch.manual_seed(args.seed)
     train_set, num_classes, (channels, height, width) = data.get_dataset(args.dataset, args.data, True,
