@@ -61,7 +61,10 @@ def test_predict_returns_ordered_intervals(advisor):
          "distribute_data": True},
     ], index=[7, 9])
     pred = advisor.predict(configs)
-    assert list(pred.columns) == ["epoch_time_s", "epoch_time_s_low", "epoch_time_s_high"]
+    assert list(pred.columns[:6]) == ["epoch_time_s", "epoch_time_s_low", "epoch_time_s_high",
+                                      "load_s", "compute_s", "comm_s"]
+    # The DDP runs of the logs all used 16 loader workers, not the default 4 (test_advisor_range: the flags).
+    assert list(pred["outside_logs"]) == ["", "workers"]
     assert list(pred.index) == [7, 9]
     assert (pred["epoch_time_s_low"] < pred["epoch_time_s"]).all()
     assert (pred["epoch_time_s"] < pred["epoch_time_s_high"]).all()
@@ -255,8 +258,9 @@ def test_unreachable_and_bad_inputs(advisor):
         advisor.recommend("vgg16", 0.7)
     with pytest.raises(AdvisorInputError, match="GPU"):
         advisor.predict(pd.DataFrame([{"model_name": "resnet18", "gpu": "Radeon 7", "batch_size": 32}]))
+    # A GPU without logs is priced from its data sheet, flagged (test_advisor_range); the CPU has none.
     with pytest.raises(AdvisorInputError, match="no epoch logs"):
-        advisor.recommend("resnet50", 0.7, gpus=["A100"], prices={"A100": 3.0})
+        advisor.recommend("resnet50", 0.7, gpus=["CPU"], prices={"CPU": 0.1})
 
 
 def test_save_load_round_trip(advisor, tmp_path):

@@ -126,7 +126,12 @@ def test_evaluate_writes_the_tables(tmp_path):
     # A capped run writes its own CSV, never the committed evaluation's.
     assert not (tmp_path / "benchmarks" / "results" / "advisor_evaluation.csv").exists()
     table = pd.read_csv(tmp_path / "benchmarks" / "results" / "advisor_evaluation_quick.csv")
-    assert set(table["split"]) == {"run", "config", "gpu_family", "model"}
+    # The subset holds 3 of the frozen holdout's configurations: the cross-validated splits run without
+    # them, the holdout split scores them once.
+    assert set(table["split"]) == {"run", "config", "gpu_family", "model", "holdout"}
+    holdout = table[table["split"] == "holdout"].iloc[0]
+    assert holdout["time_runs"] == 6 and table[table["split"] == "config"]["time_runs"].iloc[0] == 10
+    assert 0 <= holdout["time_interval_run_coverage_pct"] <= 100 and holdout["time_worst_run_ape_pct"] > 0
     assert set(table["method"]) == {"advisor", "baseline"}
     assert table["time_mape_pct"].notna().all() and (table["time_mape_pct"] > 0).all()
     # The paired count: per split, cases where either is strictly closer, never more than all cases.
@@ -134,5 +139,5 @@ def test_evaluate_writes_the_tables(tmp_path):
     assert (closer["closer"] <= closer["cases"]).all() and (closer["cases"] > 0).all()
     assert "leave" not in out.stderr and "time per epoch" in out.stdout
     # Two folds per split (the 3 GPU families dealt into 2; the 2 models one at a time, as uncapped).
-    for split, folds in (("run", 2), ("config", 2), ("gpu_family", 2), ("model", 2)):
+    for split, folds in (("run", 2), ("config", 2), ("gpu_family", 2), ("model", 2), ("holdout", 1)):
         assert f"split {split}: {folds} folds done" in out.stderr, out.stderr

@@ -55,7 +55,10 @@ def test_submitted_query_renders_ranked_rows_and_plot(base_url):
     assert "cost (USD)" in head and "seconds per epoch" in head and "data split across GPUs" in head
     assert "target reached with 80% confidence" in head
     assert ">inf<" not in dom and ">True<" not in dom
-    assert all(r.split("</tr>")[0].rsplit("<td>", 1)[1].startswith(("yes", "no (")) for r in rows)
+    cells = [r.split("</tr>")[0].split("<td>")[1:] for r in rows]
+    assert all(c[-2].startswith(("yes", "no (")) for c in cells)
+    # The out-of-range flag (issue 21): these GPUs, batch sizes, counts and workers are all in the logs.
+    assert "inputs outside the logs" in head and all(c[-1].startswith("-<") for c in cells)
     assert 'value="0.75"' in dom  # the form keeps the query
 
 

@@ -12,7 +12,7 @@ from ._threads import one_blas_thread
 from .baseline import RawColumnsBaseline
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
-from .hardware import DEFAULT_PRICES
+from .hardware import DEFAULT_PRICES, NO_DATA_SHEET
 from .loading import REFERENCE_DATASET, load_epochs, load_raw, normalize_configs, runs_table
 from .recommend import Recommendation, rank
 from .time_model import EpochTimeModel
@@ -92,12 +92,20 @@ class Advisor:
 
         Returns:
             DataFrame with one row per configuration: ``epoch_time_s``,
-            ``epoch_time_s_low``, ``epoch_time_s_high``.
+            ``epoch_time_s_low``, ``epoch_time_s_high``, the physical terms
+            ``load_s``, ``compute_s``, ``comm_s``, and whether each input lies
+            inside what the training runs cover (``in_logs_workers``,
+            ``in_logs_batch_size``, ``in_logs_num_of_gpus``, ``in_logs_gpu``,
+            ``in_logs_model``; ``outside_logs`` names those outside). Outside,
+            the time is the physical terms alone, with a wider interval.
         """
         normalized = self.normalize(configs)
+        # A GPU family without logs is predicted from its data-sheet speed, flagged (see
+        # time_model); the CPU has no data sheet on that scale: its runs, or a calibration.
         unknown = set(normalized["gpu_family"]) - self.known_families
-        if unknown:
-            raise AdvisorInputError(f"no epoch logs for GPU {', '.join(sorted(unknown))} "
+        if unknown & set(NO_DATA_SHEET):
+            raise AdvisorInputError(f"no epoch logs for GPU {', '.join(sorted(unknown & set(NO_DATA_SHEET)))}: add "
+                                    f"runs on it with --data, or measure it with --calibrate "
                                     f"(known: {', '.join(sorted(self.known_families))})")
         return self.time_model.predict(normalized).set_index(configs.index)
 

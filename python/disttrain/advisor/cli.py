@@ -4,6 +4,8 @@
                      [--prices prices.csv] [--deadline-hours H] [--json]
     disttrain advise --evaluate [--max-folds K] [--json]
     disttrain advise --serve [--port P]
+    disttrain advise --calibrate [--device cpu|cuda]     # measure this machine (advisor.calibrate)
+    disttrain advise --predict runs/x/metrics.csv [...]  # time per epoch of the runs' configurations
 
 Training data, one rule for every mode: the default logs (``$DISTTRAIN_EPOCH_LOGS``
 if set, else the logs shipped in the package) plus every ``--data`` path;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"with --evaluate: at most K folds per split (grouped as before), for a quicker, coarser "
                         f"look; writes {QUICK_RESULTS_CSV}")
     p.add_argument("--serve", action="store_true", help="serve the web page")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure a few training steps on this machine (reference models) and keep the result; "
+                        "later predictions for this device use it")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="with --calibrate: the device (default: cuda if available)")
+    p.add_argument("--predict", nargs="+", metavar="CSV",
+                   help="predict the time per epoch of the configurations in these CSVs (a trainer's metrics.csv, or "
+                        "rows in the logs' columns); a device calibrated here is predicted from its measurement")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     return p
@@ -104,7 +114,8 @@ def _recommend(args) -> int:
             print(display_table(rec, args.top).to_string(index=False))
             print(f"(epochs_to_target: where the median predicted curve reaches the target; epochs_80pct_sure: "
                   f"by which epoch 80% of the predicted curves have; cost in {rec.units['cost']} for the GPUs x hours; "
-                  f"data_split_across_gpus: each GPU trains on its share of the data, '-' for one GPU)")
+                  f"data_split_across_gpus: each GPU trains on its share of the data, '-' for one GPU; outside_logs: "
+                  f"inputs the training runs do not cover, where the time comes from the physical terms alone)")
     return 1 if rec.out_of_reach else 0
 
 
@@ -153,6 +164,110 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _speed_scale(args):
+    """f(model, batch) -> the fitted compute term of that ResNet on the logs' P40, in seconds per
+    epoch times the P40's TFLOPS: a measured epoch of t seconds is then f / t TFLOPS on that scale."""
+    import pandas as pd
+
+    from .advisor import Advisor
+    from .hardware import GPU_TFLOPS
+
+    advisor = Advisor.fit(_sources(args), cache=not args.no_cache)
+    if "P40" not in advisor.known_families:
+        return None
+
+    def scale(model: str, batch: int) -> float:
+        config = pd.DataFrame([{"model_name": model, "gpu": "P40", "batch_size": batch, "num_workers_data_loader": 4}])
+        return float(advisor.predict(config)["compute_s"].iloc[0]) * GPU_TFLOPS["P40"]
+    return scale
+
+
+def _calibrate(args) -> int:
+    import pandas as pd
+
+    from . import calibrate
+
+    device = calibrate.this_device(args.device)
+    print(f"disttrain advise: calibrating on {calibrate.device_name(device)} (a few training steps of "
+          f"{', '.join(f'{m}/{d}/b{b}' for m, d, b in calibrate.REFERENCE)})", file=sys.stderr)
+    result = calibrate.calibrate(device, speed_scale=_speed_scale(args))
+    path = calibrate.store(result)
+    if args.json:
+        print(json.dumps({**asdict(result), "stored": str(path) if path else None}, indent=1))
+        return 0
+    print(pd.DataFrame(result.timings).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if result.equivalent_tflops is not None:
+        print(f"on the logs' speed scale (ResNet-18, batch {calibrate.REFERENCE[2][2]}): about {result.equivalent_tflops:.2f} FP32 TFLOPS "
+              f"(P40 11.8, V100-SXM2 15.7)")
+    print(f"stored: {path}" if path else "not stored: the advisor's cache is off ($DISTTRAIN_ADVISOR_CACHE)")
+    return 0
+
+
+_CONFIG_COLUMNS = ["model_name", "gpu", "dataset", "batch_size", "num_workers_data_loader", "num_of_gpus",
+                   "distribute_data", "is_distributed", "learning_rate", "num_of_paramters"]
+
+
+def _predict(args) -> int:
+    """Time per epoch of each configuration in the --predict CSVs: measured by this machine's
+    calibration where the configuration's device is one calibrated here, else the fitted advisor."""
+    import pandas as pd
+
+    from . import calibrate
+    from .loading import _read_one, csv_files
+
+    frames = []
+    for path in csv_files(args.predict):
+        frame = _read_one(path)
+        missing = [c for c in ("model_name", "gpu", "batch_size") if c not in frame.columns]
+        if missing:
+            raise AdvisorInputError(f"{path}: lacks column(s) {', '.join(missing)}")
+        columns = [c for c in _CONFIG_COLUMNS if c in frame.columns]
+        measured = "epoch_timings" in frame.columns
+        grouped = frame.assign(_measured=frame["epoch_timings"] if measured else np.nan).groupby(
+            columns, dropna=False, sort=False)["_measured"].median().reset_index()
+        frames.append(grouped.rename(columns={"_measured": "measured_s"}))
+    configs = pd.concat(frames, ignore_index=True)
+    out = configs.copy()
+    out["source"] = "logs"
+    for column in ("epoch_time_s", "epoch_time_s_low", "epoch_time_s_high"):
+        out[column] = np.nan
+    out["outside_logs"] = ""
+    calibrations = {gpu: calibrate.load(str(gpu)) for gpu in configs["gpu"].astype(str).unique()}
+    mine = configs["gpu"].astype(str).map(lambda g: calibrations[g] is not None).to_numpy()
+    for gpu, calibration in calibrations.items():
+        rows = configs["gpu"].astype(str).to_numpy() == gpu
+        if calibration is None:
+            continue
+        before = len(calibration.timings)
+        out.loc[rows, ["epoch_time_s", "epoch_time_s_low", "epoch_time_s_high"]] = \
+            calibrate.predict(calibration, configs[rows]).to_numpy()
+        out.loc[rows, "source"] = "calibrated"
+        if len(calibration.timings) > before:
+            calibrate.store(calibration)
+    if (~mine).any():
+        from .advisor import Advisor
+
+        advisor = Advisor.fit(_sources(args), cache=not args.no_cache)
+        pred = advisor.predict(configs[~mine].drop(columns=["measured_s"]))
+        for column in ("epoch_time_s", "epoch_time_s_low", "epoch_time_s_high", "outside_logs"):
+            out.loc[~mine, column] = pred[column].to_numpy()
+        out.loc[~mine, "source"] = np.where(pred["outside_logs"] == "", "logs", "physical terms (outside the logs)")
+    shown = out[[c for c in ("model_name", "gpu", "dataset", "batch_size", "num_workers_data_loader", "num_of_gpus")
+                 if c in out.columns] + ["epoch_time_s", "epoch_time_s_low", "epoch_time_s_high", "measured_s",
+                                          "source", "outside_logs"]]
+    if args.json:
+        print(json.dumps({"units": {"epoch_time_s": "s", "epoch_time_s_low": "s", "epoch_time_s_high": "s",
+                                    "measured_s": "s (median epoch of the CSV)"},
+                          "configurations": shown.replace({np.nan: None}).to_dict(orient="records")},
+                         indent=1, default=float))
+    else:
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print("(seconds per epoch: the prediction and its 80% range; measured_s: the CSV's median epoch; source: "
+              "calibrated = measured on this machine (disttrain advise --calibrate), logs = the fitted time model, "
+              "physical terms = outside what the logs cover)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -174,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args.host, args.port, _sources(args), cache=not args.no_cache)
         if args.evaluate:
             return _evaluate(args)
+        if args.calibrate:
+            return _calibrate(args)
+        if args.predict:
+            return _predict(args)
         return _recommend(args)
     except AdvisorInputError as e:
         print(f"disttrain advise: {e}", file=sys.stderr)

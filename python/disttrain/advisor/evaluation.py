@@ -6,9 +6,16 @@ Splits:
     config       leave one configuration out (all its GPU types at once)
     gpu_family   leave one GPU family out
     model        leave one model out
+    holdout      the frozen development holdout (holdout.py): fitted once on all
+                 other runs, scored once
+
+The four cross-validated splits run on the runs outside the holdout only:
+they are what design choices are scored on; the holdout is not.
 
 For each split and each of our model and the reproduced baseline: MAE, RMSE
-and MAPE of time per epoch (on every epoch row), the error in epochs to reach a
+and MAPE of time per epoch (on every epoch row), per run (a configuration on
+one GPU type) the worst relative error of its median epoch time and whether
+the 80% interval holds it, the error in epochs to reach a
 target accuracy (its median and mean, whole and fractional, and the paired
 count of cases where each method is strictly closer), and the regret of the
 recommendation.
@@ -24,17 +31,25 @@ from ._threads import one_blas_thread
 from .baseline import RawColumnsBaseline, random_split_scores
 from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, target_crossings
 from .hardware import DEFAULT_PRICES
+from .holdout import holdout_configs
 from .loading import load_epochs, load_raw, runs_table
 from .time_model import EpochTimeModel
 
-SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name"}
+SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name",
+          "holdout": "config_id"}
+CROSS_VALIDATED = ("run", "config", "gpu_family", "model")
 
 
 def _folds(runs: pd.DataFrame, split: str, max_folds: int | None = None):
     """(train, test) row indices of each fold. ``max_folds`` caps the number of
     folds: the groups are then dealt into that many folds (GroupKFold), so
-    every test row is still out of fold, with fewer, larger groups left out."""
+    every test row is still out of fold, with fewer, larger groups left out.
+    The holdout is one fold: the frozen configurations against all others."""
     groups = runs[SPLITS[split]].to_numpy()
+    if split == "holdout":
+        held = np.isin(groups, sorted(holdout_configs()))
+        yield np.nonzero(~held)[0], np.nonzero(held)[0]
+        return
     n_groups = len(np.unique(groups))
     folds = min(5 if split == "run" else n_groups, n_groups, max_folds or n_groups)
     if split == "run" or folds < n_groups:
@@ -91,9 +106,25 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
 
 
 def time_scores(pred: pd.DataFrame, column: str) -> dict:
+    """Errors over every epoch row, and per run (its median epoch time against
+    the mean prediction for its rows): the worst run's relative error."""
     error = pred[column] - pred["epoch_timings"]
+    runs = pred.groupby("run_id").agg(true=("epoch_timings", "median"), guess=(column, "mean"))
     return {"time_mae_s": error.abs().mean(), "time_rmse_s": float(np.sqrt((error ** 2).mean())),
-            "time_mape_pct": 100 * (error.abs() / pred["epoch_timings"]).mean()}
+            "time_mape_pct": 100 * (error.abs() / pred["epoch_timings"]).mean(),
+            "time_worst_run_ape_pct": 100 * float((runs["guess"] / runs["true"] - 1).abs().max()),
+            "time_runs": len(runs)}
+
+
+def interval_scores(pred: pd.DataFrame) -> dict:
+    """How often the advisor's 80% time intervals hold the truth: every epoch
+    row, and every run's median epoch time (a run's interval is one interval)."""
+    inside = (pred["epoch_timings"] >= pred["time_low"]) & (pred["epoch_timings"] <= pred["time_high"])
+    runs = pred.groupby("run_id").agg(true=("epoch_timings", "median"), low=("time_low", "first"),
+                                      high=("time_high", "first"))
+    return {"time_interval_coverage_pct": 100 * inside.mean(),
+            "time_interval_run_coverage_pct": 100 * ((runs["true"] >= runs["low"]) & (runs["true"] <= runs["high"])).mean(),
+            "time_interval_high_over_low": (pred["time_high"] / pred["time_low"]).median()}
 
 
 def target_table(pred: pd.DataFrame, column: str, targets=TARGETS) -> pd.DataFrame:
@@ -147,6 +178,9 @@ def regret_table(pred: pd.DataFrame, time_column: str, acc_column: str, prices=N
 @one_blas_thread
 def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None, max_folds: int | None = None) -> dict:
     """Runs the whole evaluation (``progress`` and ``max_folds`` as for :func:`out_of_fold`).
+    The cross-validated splits see the runs outside the frozen holdout only; the
+    holdout split (skipped when the data holds none of its configurations, or
+    nothing else) is fitted on those runs and scored on the holdout's.
 
     Returns:
         dict with ``summary`` (one row per split and method), ``random_split``
@@ -155,9 +189,16 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None, max_f
     raw = load_raw(paths_or_dataframe)
     epochs = load_epochs(raw)
     run_fits = LearningCurveModel().fit_runs(epochs)
+    held = epochs["config_id"].isin(holdout_configs())
+    development = (epochs[~held], raw[~raw["config_id"].isin(holdout_configs())])
     summary, predictions = [], {}
     for split in splits:
-        pred = out_of_fold(epochs, raw, split, run_fits, progress, max_folds)
+        if split == "holdout":
+            if held.all() or not held.any():
+                continue
+            pred = out_of_fold(epochs, raw, split, run_fits, progress)
+        else:
+            pred = out_of_fold(*development, split, run_fits, progress, max_folds)
         predictions[split] = pred
         methods = [("advisor", "time_pred", "acc_pred"), ("baseline", "time_base", "acc_base")]
         tables = {method: target_table(pred, acc_column) for method, _, acc_column in methods}
@@ -180,8 +221,6 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None, max_f
                    "regret_infeasible": int(np.isinf(regret["regret_pct"]).sum()),
                    "regret_cases": len(regret)}
             if method == "advisor":
-                inside = (pred["epoch_timings"] >= pred["time_low"]) & (pred["epoch_timings"] <= pred["time_high"])
-                row["time_interval_coverage_pct"] = 100 * inside.mean()
-                row["time_interval_high_over_low"] = (pred["time_high"] / pred["time_low"]).median()
+                row.update(interval_scores(pred))
             summary.append(row)
     return {"summary": pd.DataFrame(summary), "random_split": random_split_scores(raw), "predictions": predictions}

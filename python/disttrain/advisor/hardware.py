@@ -30,6 +30,10 @@ GPU_TFLOPS = {
     "CPU": 1.0,
 }
 
+# Families whose figure above is nominal, not a data sheet: predicted only from their own runs
+# (or a calibration), never from the speed axis alone.
+NO_DATA_SHEET = ("CPU",)
+
 # Illustrative on-demand cloud prices in USD per GPU-hour; override with --prices.
 DEFAULT_PRICES = {
     "P40": 1.00,

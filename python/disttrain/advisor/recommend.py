@@ -18,6 +18,7 @@ import pandas as pd
 
 from .curve_model import epochs_to_target, predict_curves
 from .errors import AdvisorInputError
+from .hardware import GPU_TFLOPS, NO_DATA_SHEET
 
 # The logs' recipe: SGD, lr 0.1, step decay at epochs 60 and 80.
 RECIPE = {"learning_rate": 0.1, "milestones": "60,80"}
@@ -64,7 +65,8 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
                                 f"the best accuracy in the training logs")
     families = list(gpus) if gpus else sorted(set(prices) & set(advisor.known_families))
     for family in families:
-        if family not in advisor.known_families:
+        # A family without logs is priced from its data-sheet speed, flagged in the table (CPU has none).
+        if family not in advisor.known_families and (family in NO_DATA_SHEET or family not in GPU_TFLOPS):
             raise AdvisorInputError(f"no epoch logs for GPU '{family}' (known: {', '.join(sorted(advisor.known_families))})")
         if family not in prices:
             raise AdvisorInputError(f"no price for GPU '{family}': add it to the price file")
@@ -127,7 +129,8 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
 CONFIDENCE = 0.8
 UNITS = {"epochs": "epochs", "epochs_low": "epochs", "epochs_high": "epochs",
          "epoch_time_s": "s", "epoch_time_s_low": "s", "epoch_time_s_high": "s",
-         "hours": "h", "hours_low": "h", "hours_high": "h", "p_reach": "fraction of predicted curves"}
+         "hours": "h", "hours_low": "h", "hours_high": "h", "p_reach": "fraction of predicted curves",
+         "load_s": "s", "compute_s": "s", "comm_s": "s"}
 
 
 def currency_of(prices: dict) -> str:
@@ -171,4 +174,6 @@ def display_table(rec: "Recommendation", top: int | None = None) -> pd.DataFrame
         "cost_80pct_range": [cost_range(row) for _, row in table.iterrows()],
         "reached_with_80pct_confidence": [("yes" if row["reached_80pct"] else f"no ({100 * row['p_reach']:.0f}%)")
                                           for _, row in table.iterrows()],
+        # Inputs outside what the training runs cover: the time there is the physical terms alone.
+        "outside_logs": table["outside_logs"].replace("", "-") if "outside_logs" in table else "-",
     })

@@ -20,15 +20,22 @@ from pathlib import Path
 CSV_PATH = Path("benchmarks") / "results" / "advisor_evaluation.csv"
 PAGE_PATH = Path("docs") / "advisor_results.md"
 SPLITS = {"run": "a run (GroupKFold(5) over runs)", "config": "a configuration (all its GPU types)",
-          "gpu_family": "a GPU family", "model": "a model"}
+          "gpu_family": "a GPU family", "model": "a model",
+          "holdout": "the frozen development holdout (`advisor/holdout.json`: 9 configurations, 16 runs), "
+                     "scored once, fitted on all other runs"}
 GROUPED = ["config", "gpu_family", "model"]  # the splits where no part of a held-out configuration is seen
 COLUMNS = ["split", "method", "time_mae_s", "time_mape_pct", "time_interval_coverage_pct", "time_interval_high_over_low",
            "epochs_to_target_median_err", "epochs_to_target_mean_err", "epochs_to_target_median_err_frac",
            "epochs_to_target_mean_err_frac", "epochs_to_target_closer", "epochs_to_target_cases", "accuracy_mae",
-           "regret_median_pct", "regret_mean_pct", "regret_infeasible", "regret_cases"]
+           "regret_median_pct", "regret_mean_pct", "regret_infeasible", "regret_cases",
+           "time_worst_run_ape_pct", "time_runs", "time_interval_run_coverage_pct"]
 GOAL_TIME_MAPE_PCT = 10.0     # leaving a configuration out
 GOAL_COVERAGE_PCT = 80.0      # the intervals' nominal coverage
 GOAL_EPOCHS_MEDIAN_ERR = 2.0  # leaving a configuration out
+# Issue 21's goals, on the holdout and the grouped splits: time MAPE, the worst run, runs inside their interval.
+GOAL_HOLDOUT_MAPE_PCT = 8.0
+GOAL_WORST_RUN_PCT = 30.0
+MUST_SHOW = ["config", "gpu_family", "model", "holdout"]
 
 
 def read_rows(path: Path) -> dict[tuple[str, str], dict[str, float | str]]:
@@ -160,6 +167,51 @@ def _findings(rows, splits) -> list[str]:
     return out
 
 
+def _must_show(rows, splits) -> list[str]:
+    """Issue 21's figures: time MAPE, the worst run, and the runs inside their 80% interval,
+    on the holdout and the grouped splits, against the goals."""
+    shown = [s for s in MUST_SHOW if s in splits]
+    if not shown:
+        return []
+    lines = ["| split | method | runs | time MAPE % (goal < 8) | worst run % (goal < 30) "
+             "| runs inside their 80% interval % (goal >= 80) |", "|---|---|---|---|---|---|"]
+    for split in shown:
+        for method in ("advisor", "baseline"):
+            r = rows[(split, method)]
+            lines.append(f"| {split} | {method} | {_i(r['time_runs'])} | {_f(r['time_mape_pct'], 1)} "
+                         f"| {_f(r['time_worst_run_ape_pct'], 1)} | {_f(r['time_interval_run_coverage_pct'], 1)} |")
+    out = ["", "## Issue 21's figures: the holdout apart from the post-selection splits", "",
+           "Reproduce (from the repository root, about 5 minutes on 2 busy cores): `disttrain advise --evaluate` "
+           "(writes `benchmarks/results/advisor_evaluation.csv`), then `python -m disttrain.advisor.results_page`.", "",
+           "A run is a configuration on one GPU type; its error is its mean prediction against its median "
+           "epoch time, and its interval holds it or not. The cross-validated splits are **post-selection**: "
+           "every design choice of the time model was scored on them (before the holdout was frozen, on all 31 "
+           "configurations, the holdout's included; since, on the other 22 only). The holdout was drawn at random "
+           "(by hash, `advisor/holdout.py`) and frozen before the out-of-range work and calibration, and no "
+           "choice has been scored on it since; but the time model's earlier design saw its configurations in "
+           "those earlier cross-validations, so it is independent of the choices made after the freeze only. "
+           "Its first score, taken right after the freeze and before any of that work: time MAPE 8.9%, worst run "
+           "19.3%, runs inside their interval 93.8% (the out-of-range path leaves every prediction inside the "
+           "logs' range as it was).", ""] + lines
+    if "holdout" in shown:
+        a = rows[("holdout", "advisor")]
+        out += ["", f"- Holdout, time MAPE {_f(a['time_mape_pct'], 1)}% (goal below {GOAL_HOLDOUT_MAPE_PCT:.0f}%: "
+                    f"{_met(a['time_mape_pct'] < GOAL_HOLDOUT_MAPE_PCT)}), worst run "
+                    f"{_f(a['time_worst_run_ape_pct'], 1)}% (goal below {GOAL_WORST_RUN_PCT:.0f}%: "
+                    f"{_met(a['time_worst_run_ape_pct'] < GOAL_WORST_RUN_PCT)}), runs inside their 80% interval "
+                    f"{_f(a['time_interval_run_coverage_pct'], 1)}% (goal at least {GOAL_COVERAGE_PCT:.0f}%: "
+                    f"{_met(a['time_interval_run_coverage_pct'] >= GOAL_COVERAGE_PCT)})."]
+    grouped = [s for s in shown if s != "holdout"]
+    for split in grouped:
+        a = rows[(split, "advisor")]
+        out.append(f"- {split} (post-selection): MAPE {_f(a['time_mape_pct'], 1)}% "
+                   f"({_met(a['time_mape_pct'] < GOAL_HOLDOUT_MAPE_PCT)}), worst run "
+                   f"{_f(a['time_worst_run_ape_pct'], 1)}% ({_met(a['time_worst_run_ape_pct'] < GOAL_WORST_RUN_PCT)}), "
+                   f"runs inside {_f(a['time_interval_run_coverage_pct'], 1)}% "
+                   f"({_met(a['time_interval_run_coverage_pct'] >= GOAL_COVERAGE_PCT)}).")
+    return out
+
+
 def render(csv_path: Path = CSV_PATH) -> str:
     """The results page for the evaluation CSV at ``csv_path``, as Markdown."""
     rows = read_rows(Path(csv_path))
@@ -192,6 +244,7 @@ def render(csv_path: Path = CSV_PATH) -> str:
         "",
     ]
     lines += _findings(rows, splits)
+    lines += _must_show(rows, splits)
     return "\n".join(lines) + "\n"
 
 

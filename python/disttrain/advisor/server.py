@@ -21,7 +21,8 @@ _HEADERS = {"rank": "rank", "gpu": "GPU", "num_of_gpus": "GPUs", "batch_per_gpu"
             "data_split_across_gpus": "data split across GPUs", "epochs_to_target": "epochs to target (median curve)",
             "epochs_80pct_sure": "epochs until 80% sure", "s_per_epoch": "seconds per epoch", "hours": "hours",
             "cost": "cost ({currency})", "cost_80pct_range": "cost, 80% range ({currency})",
-            "reached_with_80pct_confidence": "target reached with 80% confidence"}
+            "reached_with_80pct_confidence": "target reached with 80% confidence",
+            "outside_logs": "inputs outside the logs (time from the physical terms)"}
 
 
 def _form(query: dict, models) -> str:
@@ -72,7 +73,9 @@ def _result(advisor, query: dict) -> str:
     html.append("<p><small>Epochs to target: where the median predicted curve reaches the target (the dot on the "
                 "plot); until 80% sure: the epoch by which 80% of the predicted curves have reached it. Data split "
                 "across GPUs: each GPU trains on its share of the data set (a DistributedSampler); "
-                "'-' for one GPU.</small></p>")
+                "'-' for one GPU. Inputs outside the logs: the GPU family, model, batch size, GPU count or loader "
+                "workers the training runs do not cover; there the time per epoch comes from the physical terms "
+                "alone (loading, compute, communication) and its interval is wider.</small></p>")
     series = []
     for rank in list(rec.curves)[:5]:
         c = rec.curves[rank]

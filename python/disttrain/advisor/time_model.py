@@ -52,6 +52,24 @@ training runs do not hold is a larger step into the unknown, so its interval
 comes from residuals of the same kind of step: leaving each GPU family out
 (or each model) in turn inside the training runs (the union of both intervals
 when both are new).
+
+Out of range (issue 21): every prediction says which of its inputs lie inside
+what the training runs cover (loader workers: a count logged in the same
+execution regime; batch size per GPU and GPU count: within the logged range;
+GPU family and model: logged). A configuration with any input outside is
+predicted by the physical terms alone (no LightGBM correction, which cannot
+extrapolate), its interval widened for each input outside by residuals of the
+same kind of step where the logs hold one: a batch size beyond the logged ones
+by fitting without the largest (and without the smallest) batch size and
+predicting it, a GPU count beyond by fitting without the largest count; an
+unseen family or model as above. The loader-worker count has no such step in
+the logs (every single-process run used 4 workers, every DDP run 16), so it
+is reasoned, not learnt: the fitted loading term is the loading left exposed
+at the regime's logged count W0; W workers load W/W0 times as fast (the term
+scales by W0/W), and none (W = 0) loads in the training process, not
+overlapped with compute, which costs at least the W0 workers' whole loading
+work (W0 times the term). That term's uncertainty is a priori a factor of 2
+either way (``LOAD_UNCERTAINTY``), applied to its share of the epoch.
 """
 
 from __future__ import annotations
@@ -76,6 +94,11 @@ _START = np.log([2.0, 20.0, 5.0, 0.1])
 _BOOST = dict(n_estimators=60, learning_rate=0.05, num_leaves=4, min_child_samples=8,
               reg_lambda=5.0, subsample=1.0, verbose=-1, n_jobs=1)
 _BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The inputs whose coverage a prediction states: column -> name in the flags.
+COVERED_INPUTS = {"num_workers_data_loader": "workers", "batch_size": "batch_size", "num_of_gpus": "num_of_gpus",
+                  "gpu_family": "gpu", "model_name": "model"}
+# A priori uncertainty (log) of the loading term at a worker count the logs lack: a factor 2 either way.
+LOAD_UNCERTAINTY = float(np.log(2.0))
 
 
 def _forward_difference(residuals, x0: np.ndarray) -> np.ndarray:
@@ -139,10 +162,12 @@ class EpochTimeModel:
         # Unknown categories map to the last slot, a correction fixed at 0.
         return np.array([known.index(v) if v in known else len(known) for v in values])
 
-    def _arrays(self, configs: pd.DataFrame, families: list, models: list, recipes: list) -> dict:
+    def _arrays(self, configs: pd.DataFrame, families: list, models: list, recipes: list,
+                workers: dict | None = None) -> dict:
         d = derive(configs)
         gpus = d["num_of_gpus"].to_numpy(dtype=float)
         return {
+            "load_scale": load_scale(d, workers or {}),
             "regime": d["is_distributed"].to_numpy().astype(int),
             "family": self._index(d["gpu_family"], families),
             "model": self._index(d["model_name"], models),
@@ -185,10 +210,13 @@ class EpochTimeModel:
         table = values.reshape(len(values), rows, -1)
         return np.concatenate([table, np.zeros((len(values), rows, 1))], axis=2)
 
-    def _physical(self, theta: np.ndarray, a: dict, n_families: int, n_models: int, n_recipes: int) -> np.ndarray:
+    def _physical(self, theta: np.ndarray, a: dict, n_families: int, n_models: int, n_recipes: int,
+                  terms: bool = False):
         """Epoch times of the configurations in ``a``: a vector for a parameter
         vector, one row per parameter vector for a matrix of them (the
-        finite-difference Jacobian evaluates all its points in one call)."""
+        finite-difference Jacobian evaluates all its points in one call).
+        ``terms``: instead, a dict of the loading, compute and communication
+        terms (seconds, one parameter vector)."""
         thetas = np.atleast_2d(theta)
         p = self._unpack(thetas, n_families, n_models, n_recipes)
         rates = p["rates"].reshape(len(thetas), _REGIMES, len(_RATES))[:, a["regime"]]
@@ -199,8 +227,12 @@ class EpochTimeModel:
                          + self._pad(p["model_compute_regime"], _REGIMES)[:, r, m]) * a["samples"] * a["params"]
         launch = np.exp(rates[..., 2] + self._pad(p["model_launch"])[:, 0, m]) * a["steps"] * a["depth"]
         comm = np.exp(np.minimum(rates[..., 3], 5.0)) * a["steps"] * a["params"] * a["ring"]
-        load = np.exp(rates[..., 0] + self._pad(p["family_load"])[:, 0, f]) * a["samples"]
-        time = (load + np.exp(-log_speed) * (compute + launch) + comm) * np.exp(self._pad(p["recipe"])[:, 0, a["recipe"]])
+        load = np.exp(rates[..., 0] + self._pad(p["family_load"])[:, 0, f]) * a["samples"] * a["load_scale"]
+        factor = np.exp(self._pad(p["recipe"])[:, 0, a["recipe"]])
+        if terms:
+            return {"load_s": (load * factor)[0], "compute_s": (np.exp(-log_speed) * (compute + launch) * factor)[0],
+                    "comm_s": (comm * factor)[0]}
+        time = (load + np.exp(-log_speed) * (compute + launch) + comm) * factor
         return time if np.ndim(theta) == 2 else time[0]
 
     def _fit_core(self, runs: pd.DataFrame):
@@ -208,7 +240,8 @@ class EpochTimeModel:
         models = sorted(runs["model_name"].unique())
         recipes = self._minority_recipes(runs)
         nf, nm, nr = len(families), len(models), len(recipes)
-        a = self._arrays(runs, families, models, recipes)
+        workers = logged_workers(runs)
+        a = self._arrays(runs, families, models, recipes, workers)
         y = runs["epoch_time_s"].to_numpy(dtype=float)
         epochs = runs["epochs"].to_numpy(dtype=float) if "epochs" in runs.columns else np.full(len(runs), 100.0)
         weight = np.sqrt(np.clip(epochs, 1, None) / 100)
@@ -226,12 +259,13 @@ class EpochTimeModel:
             theta = least_squares(lambda theta: residuals(theta[None, :])[0], theta0,
                                   jac=lambda theta: _forward_difference(residuals, theta),
                                   loss="cauchy", f_scale=0.1).x
-        return theta, families, models, recipes
+        return theta, families, models, recipes, workers
 
-    def _predict_core(self, core, configs: pd.DataFrame) -> np.ndarray:
-        theta, families, models, recipes = core
-        a = self._arrays(configs, families, models, recipes)
-        return np.log(self._physical(theta, a, len(families), len(models), len(recipes)))
+    def _predict_core(self, core, configs: pd.DataFrame, terms: bool = False):
+        theta, families, models, recipes, workers = core
+        a = self._arrays(configs, families, models, recipes, workers)
+        value = self._physical(theta, a, len(families), len(models), len(recipes), terms=terms)
+        return value if terms else np.log(value)
 
     def fit(self, runs: pd.DataFrame) -> "EpochTimeModel":
         """Fits on a runs table (loading.runs_table): one row per run with ``epoch_time_s``.
@@ -262,6 +296,16 @@ class EpochTimeModel:
             if len(np.unique(values)) >= 2:
                 leave_one_out = ((np.nonzero(values != v)[0], np.nonzero(values == v)[0]) for v in np.unique(values))
                 self.novel_bounds_[column] = self._bounds(self._out_of_fold_residual(runs, leave_one_out))
+        # Out of range: the logged span of batch size and GPU count, and the residuals of
+        # predicting beyond it inside the training runs (fit without the extreme, predict it).
+        self.ranges_ = {c: (float(runs[c].min()), float(runs[c].max())) for c in ("batch_size", "num_of_gpus")}
+        self.extrapolation_bounds_ = {}
+        for column, edges in (("batch_size", ("max", "min")), ("num_of_gpus", ("max",))):
+            values = runs[column].to_numpy(dtype=float)
+            splits = [(np.nonzero(values != v)[0], np.nonzero(values == v)[0])
+                      for v in {getattr(np, e)(values) for e in edges} if len(np.unique(values[values != v])) >= 2]
+            if splits:
+                self.extrapolation_bounds_[column] = self._bounds(self._out_of_fold_residual(runs, splits))
         rates = self.core_[0][: _REGIMES * len(_RATES)].reshape(_REGIMES, len(_RATES))
         self.rates_ = {regime: dict(zip(_RATES, np.exp(np.minimum(row, 50)))) for regime, row in zip(("single", "distributed"), rates)}
         return self
@@ -298,40 +342,108 @@ class EpochTimeModel:
             self.booster_ = lgb.LGBMRegressor(**_BOOST).fit(X, residual, sample_weight=weight)
         return residual - self.weight_ * inner
 
+    def in_logs(self, configs: pd.DataFrame) -> pd.DataFrame:
+        """Per configuration and input (COVERED_INPUTS), whether it lies inside
+        what the training runs cover (see the module's docstring)."""
+        _, families, models, _, workers = self.core_
+        d = derive(configs)
+        regime = d["is_distributed"].to_numpy().astype(int)
+        count = d["num_workers_data_loader"].to_numpy(dtype=float)
+        inside = {"num_workers_data_loader": np.array([w in workers.get(r, ()) for r, w in zip(regime, count)], dtype=bool),
+                  "gpu_family": d["gpu_family"].isin(families).to_numpy(),
+                  "model_name": d["model_name"].isin(models).to_numpy()}
+        for column, (lo, hi) in getattr(self, "ranges_", {}).items():
+            value = d[column].to_numpy(dtype=float)
+            inside[column] = (value >= lo) & (value <= hi)
+        return pd.DataFrame({f"in_logs_{COVERED_INPUTS[c]}": inside[c] for c in COVERED_INPUTS}, index=configs.index)
+
     def predict_log(self, configs: pd.DataFrame) -> np.ndarray:
-        """Log of the predicted epoch time (structure plus weighted correction)."""
+        """Log of the predicted epoch time: structure plus weighted correction
+        inside the logs' range, the physical structure alone outside it."""
         log_time = self._predict_core(self.core_, configs)
         if self.booster_ is not None:
-            log_time = log_time + self.weight_ * self.booster_.predict(correction_features(configs))
+            inside = self.in_logs(configs).all(axis=1).to_numpy()
+            correction = self.weight_ * self.booster_.predict(correction_features(configs))
+            log_time = log_time + np.where(inside, correction, 0.0)
         return log_time
 
     def predict(self, configs: pd.DataFrame) -> pd.DataFrame:
-        """Time per epoch with its interval, one row per configuration.
+        """Time per epoch with its interval, one row per configuration, with
+        the physical terms and the coverage flags.
 
         Returns:
-            DataFrame with ``epoch_time_s``, ``epoch_time_s_low``, ``epoch_time_s_high``.
+            DataFrame with ``epoch_time_s``, ``epoch_time_s_low``, ``epoch_time_s_high``,
+            ``load_s``, ``compute_s``, ``comm_s`` (the physical terms, which add up to
+            the epoch time outside the logs' range), the ``in_logs_*`` flags and
+            ``outside_logs`` (the inputs outside, comma-separated; empty when none).
         """
         log_time = self.predict_log(configs)
         low, high = self.log_bounds(configs)
-        return pd.DataFrame({
+        flags = self.in_logs(configs)
+        out = pd.DataFrame({
             "epoch_time_s": np.exp(log_time),
             "epoch_time_s_low": np.exp(log_time + low),
             "epoch_time_s_high": np.exp(log_time + high),
+            **self._predict_core(self.core_, configs, terms=True),
         }, index=configs.index)
+        out = pd.concat([out, flags], axis=1)
+        out["outside_logs"] = outside_words(flags)
+        return out
 
     def log_bounds(self, configs: pd.DataFrame) -> tuple:
         """Per configuration, the interval around the log prediction: the
-        configuration-level one, widened to the leave-one-family-out (or
-        leave-one-model-out) one where the GPU family (model) is new."""
-        _, families, models, _ = self.core_
+        configuration-level one, widened where an input is outside the logs'
+        range: to the leave-one-family-out (leave-one-model-out) one where the
+        GPU family (model) is new, to the extrapolation residuals' where the
+        batch size or GPU count is beyond the logged ones, and by the loading
+        term's a-priori uncertainty (its share of the epoch) where the worker
+        count is one the regime's logs lack."""
         d = derive(configs)
+        flags = self.in_logs(configs)
         low = np.full(len(configs), self.log_low_)
         high = np.full(len(configs), self.log_high_)
-        for column, known in (("gpu_family", families), ("model_name", models)):
-            bounds = self.novel_bounds_.get(column)
-            if bounds is None:
-                continue
-            new = ~d[column].isin(known).to_numpy()
+        steps = {**self.novel_bounds_, **getattr(self, "extrapolation_bounds_", {})}
+        for column, bounds in steps.items():
+            new = ~flags[f"in_logs_{COVERED_INPUTS[column]}"].to_numpy()
             low[new] = np.minimum(low[new], bounds[0])
             high[new] = np.maximum(high[new], bounds[1])
+        other_workers = ~flags["in_logs_workers"].to_numpy()
+        if other_workers.any():
+            terms = self._predict_core(self.core_, d, terms=True)
+            share = terms["load_s"] / (terms["load_s"] + terms["compute_s"] + terms["comm_s"])
+            low[other_workers] -= (LOAD_UNCERTAINTY * share)[other_workers]
+            high[other_workers] += (LOAD_UNCERTAINTY * share)[other_workers]
         return low, high
+
+
+def logged_workers(runs: pd.DataFrame) -> dict:
+    """Per execution regime (0 one process, 1 DDP): the loader-worker counts
+    its runs logged, the most common first (the reference count W0)."""
+    out = {}
+    regime = runs["is_distributed"].to_numpy().astype(int)
+    count = runs["num_workers_data_loader"].to_numpy(dtype=float)
+    for r in np.unique(regime):
+        values, n = np.unique(count[regime == r], return_counts=True)
+        out[int(r)] = tuple(float(v) for v in values[np.argsort(-n, kind="stable")])
+    return out
+
+
+def load_scale(d: pd.DataFrame, workers: dict) -> np.ndarray:
+    """The factor on the fitted loading term for each configuration's loader
+    workers W: 1 at a count its regime logged, else W0/W (W0: the regime's most
+    common logged count), and W0 for W = 0 (loading in the training process,
+    not overlapped: at least the W0 workers' whole work)."""
+    regime = d["is_distributed"].to_numpy().astype(int)
+    count = d["num_workers_data_loader"].to_numpy(dtype=float)
+    scale = np.ones(len(d))
+    for i, (r, w) in enumerate(zip(regime, count)):
+        logged = workers.get(int(r), ())
+        if logged and w not in logged:
+            scale[i] = logged[0] / w if w >= 1 else logged[0]
+    return scale
+
+
+def outside_words(flags: pd.DataFrame) -> list:
+    """Per row of coverage flags, the inputs outside the logs, comma-separated ('' when none)."""
+    names = [c.removeprefix("in_logs_") for c in flags.columns]
+    return [", ".join(n for n, ok in zip(names, row) if not ok) for row in flags.to_numpy()]
