@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pickle
 import subprocess
 import sys
@@ -167,6 +168,34 @@ def test_hydra_example_trains_tests_and_writes_the_template_outputs(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
 
 
+def test_hydra_decentralised_experiment_two_peers(tmp_path):
+    """Two Lightning processes, each one peer (strategy disttrain_decentralised), the second
+    finding the first from DISTTRAIN_INITIAL_PEERS: both average (rounds with 2 members) and learn."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(2):
+        env = {**_env(), "DISTTRAIN_LISTEN": f"127.0.0.1:{port if i == 0 else 0}", "DISTTRAIN_PEER_SECRET": "t",
+               **({"DISTTRAIN_INITIAL_PEERS": f"127.0.0.1:{port}"} if i else {})}
+        procs.append(subprocess.Popen(
+            [sys.executable, HYDRA_EXAMPLE, "experiment=digits_decentralised", f"hydra.run.dir={tmp_path / str(i)}",
+             "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "seed=" + str(42 + i)],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(out + err)
+    for i in range(2):
+        metrics = json.loads((tmp_path / str(i) / "metrics.json").read_text())
+        assert metrics["test/acc"] > 0.8, metrics
+        summary = re.search(r"disttrain_decentralised: peer \S+: (\d+) rounds, mean group size ([\d.]+)", outputs[i])
+        assert summary and int(summary[1]) >= 5 and float(summary[2]) > 1.5, outputs[i][-2000:]
+
+
 # --- in-process ---------------------------------------------------------------------------------
 
 class _Custom:
@@ -219,7 +248,8 @@ def test_strategy_names_are_registered_with_trainer_and_fabric():
     from lightning.fabric.strategies import STRATEGY_REGISTRY
     from lightning.pytorch.strategies import StrategyRegistry
     for name in dl.STRATEGY_NAMES:
-        assert name in StrategyRegistry and name in STRATEGY_REGISTRY
+        assert name in StrategyRegistry and (name in STRATEGY_REGISTRY or name == "disttrain_decentralised")
+    assert isinstance(StrategyRegistry.get("disttrain_decentralised"), dl.DisttrainDecentralisedStrategy)
     assert isinstance(StrategyRegistry.get("disttrain_zero2"), dl.DisttrainZeroStrategy)
     assert StrategyRegistry.get("disttrain_zero2").stage == 2
     assert isinstance(STRATEGY_REGISTRY.get("disttrain_ddp"), dl.DisttrainFabricDDPStrategy)

@@ -6,7 +6,9 @@ Lightning's ``Trainer`` and ``Fabric``:
 * ``"disttrain_ddp"``: the disttrain backend and disttrain's C++ gradient reducer;
 * ``"disttrain_zero1"``, ``"disttrain_zero2"``, ``"disttrain_zero3"``: disttrain's
   FSDP (ZeRO) at that stage, with the LightningModule's optimizers stepping
-  this rank's shards.
+  this rank's shards;
+* ``"disttrain_decentralised"`` (Trainer only): each process is one peer of
+  disttrain's decentralised training (no process group; DiLoCo rounds).
 
 Checkpoints are written in disttrain's snapshot format (checksummed, atomic,
 in the background) by :class:`SnapshotCheckpointIO`.
@@ -30,16 +32,18 @@ from lightning.fabric.strategies import STRATEGY_REGISTRY as _FABRIC_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry as _TRAINER_REGISTRY
 
 from ._checkpoint_io import SnapshotCheckpointIO, is_snapshot
+from .decentralised import DisttrainDecentralisedStrategy
 from .fabric import DisttrainFabricDDPStrategy, DisttrainFabricZeroStrategy
 from .strategies import DisttrainDDPStrategy, DisttrainZeroStrategy
 
-__all__ = ["DisttrainDDPStrategy", "DisttrainZeroStrategy", "DisttrainFabricDDPStrategy",
+__all__ = ["DisttrainDDPStrategy", "DisttrainZeroStrategy", "DisttrainDecentralisedStrategy", "DisttrainFabricDDPStrategy",
            "DisttrainFabricZeroStrategy", "SnapshotCheckpointIO", "is_snapshot", "STRATEGY_NAMES"]
 
 #: The names ``import disttrain.lightning`` registers (Trainer and Fabric).
-STRATEGY_NAMES = ("disttrain_ddp", "disttrain_zero1", "disttrain_zero2", "disttrain_zero3")
+STRATEGY_NAMES = ("disttrain_ddp", "disttrain_zero1", "disttrain_zero2", "disttrain_zero3", "disttrain_decentralised")
 
 DisttrainDDPStrategy.register_strategies(_TRAINER_REGISTRY)
 DisttrainZeroStrategy.register_strategies(_TRAINER_REGISTRY)
+DisttrainDecentralisedStrategy.register_strategies(_TRAINER_REGISTRY)
 DisttrainFabricDDPStrategy.register_strategies(_FABRIC_REGISTRY)
 DisttrainFabricZeroStrategy.register_strategies(_FABRIC_REGISTRY)

@@ -328,14 +328,25 @@ class Peer:
         (loss * n if hivemind else loss).backward()
         if not hivemind:
             self.optimizer.step()
+        self._count(n)
+        return float(loss.detach())
+
+    def local_step_done(self, samples: int) -> bool:
+        """For training loops that step the optimizer themselves (DiLoCo mode
+        only): counts one local step of ``samples`` samples and runs a round
+        if one is due. True when a round was committed."""
+        if self.config.target_batch_size is not None:
+            raise ValueError("local_step_done() is for local_steps (DiLoCo) rounds; with target_batch_size the "
+                             "peer must hold the optimizer step: use train_step()")
+        return self._count(samples)
+
+    def _count(self, samples: int) -> bool:
         with self._lock:
             self._steps_in_round += 1
-            self._samples_in_round += n
+            self._samples_in_round += samples
             self.stats.local_steps += 1
-            self.stats.samples += n
-        if self._round_due():
-            self.run_round()
-        return float(loss.detach())
+            self.stats.samples += samples
+        return self.run_round() if self._round_due() else False
 
     def run_round(self) -> bool:
         """Matchmaking and averaging now; True when a round was committed."""
