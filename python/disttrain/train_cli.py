@@ -175,11 +175,11 @@ def _configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return runs
 
 
-def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
+def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """The run's model (initial weights from ``--seed``), SGD optimizer, training and test sets."""
     import torch
 
     from . import data, models
-    from .trainer import Trainer, TrainerConfig
 
     torch.manual_seed(args.seed)  # the model's initial weights
     train_set, num_classes, (channels, height, width) = data.get_dataset(args.dataset, args.data, True, args.image_size)
@@ -190,6 +190,15 @@ def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
         model = models.get_model(args.model, num_classes=num_classes, in_channels=channels)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
+    return model, optimizer, train_set, val_set
+
+
+def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
+    import torch
+
+    from .trainer import Trainer, TrainerConfig
+
+    model, optimizer, train_set, val_set = _model_and_data(args)
     milestones = list(args.milestones) if isinstance(args.milestones, list) else \
         [int(m) for m in str(args.milestones).split(",") if m.strip()]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, args.gamma) if milestones else None
@@ -422,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         from .strategies import decentralised
 
         for run, columns in runs:
-            decentralised.run_from_args(run, {"model_name": run.model, "dataset": run.dataset, "config_index": "",
-                                              **columns})
+            decentralised.run_from_args(run, *_model_and_data(run),
+                                        {"model_name": run.model, "dataset": run.dataset, "config_index": "",
+                                         **columns})
         return 0
 
     import torch.distributed as dist

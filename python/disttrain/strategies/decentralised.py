@@ -803,35 +803,29 @@ PEER_COLUMNS = ["epoch", "wall_time_s", "train_loss", "test_loss", "test_acc", "
                 "failed_attempts", "rejections"]
 
 
-def run_from_args(args: Any, configuration: dict[str, Any]) -> dict[str, Any]:
-    """One peer of ``disttrain train --strategy decentralised``: trains for the
-    epochs or time budget, evaluating after each epoch; writes
-    RUN/metrics.csv (the trainer's columns), RUN/peers.csv (rounds, peers,
-    group sizes, bytes) and RUN/snapshots/peer.dtsnap (this peer's state, from
-    which it resumes when no other peer is alive). Returns the history."""
+def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer, train_set: Any, test_set: Any,
+                  configuration: dict[str, Any]) -> dict[str, Any]:
+    """One peer of ``disttrain train --strategy decentralised`` (``args`` are its
+    options): trains for the epochs or time budget, evaluating after each
+    epoch; writes RUN/metrics.csv (the trainer's columns), RUN/peers.csv
+    (rounds, peers, group sizes, bytes) and RUN/snapshots/peer.dtsnap (this
+    peer's state, from which it resumes when no other peer is alive). Returns
+    the history."""
     import csv
 
     import torch.nn.functional as F
 
-    from .. import data, models
     from ..train_metrics import write_metrics_csv
 
-
-    torch.manual_seed(args.seed)
-    train_set, num_classes, (channels, height, width) = data.get_dataset(args.dataset, args.data, True,
-                                                                         args.image_size)
-    test_set, _, _ = data.get_dataset(args.dataset, args.data, False, args.image_size)
-    if args.model.lower() == "mlp":
-        model = models.get_model("mlp", num_classes=num_classes, in_features=channels * height * width)
-    else:
-        model = models.get_model(args.model, num_classes=num_classes, in_channels=channels)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
     config = DecentralisedConfig(
         local_steps=None if args.target_batch_size else args.local_steps,
         target_batch_size=args.target_batch_size, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
         min_group_size=args.min_group_size, matchmaking_window=args.matchmaking_window,
         compression=args.compression, round_timeout=args.timeout)
+    if args.target_batch_size and args.target_batch_size > len(train_set):
+        log.warning("--target-batch-size %d is more than one peer's whole epoch (%d samples): each round waits for "
+                    "that many samples from all peers together, so rounds (and learning) will be rare",
+                    args.target_batch_size, len(train_set))
     host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
     run_dir = os.path.join(args.save_location, args.save_name or f"{args.model}_{args.dataset}_decentralised")
     os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
