@@ -85,3 +85,15 @@ def test_the_cli_carries_the_flags(tmp_path, capsys):
     assert advise_cli.main(args + ["--top", "20"]) == 0
     table = capsys.readouterr().out
     assert "outside_logs" in table and " gpu\n" in table and " -\n" in table
+
+
+def test_predict_reads_a_csvs_configurations(tmp_path, capsys):
+    """--predict on CSVs in the logs' columns, on no calibrated device: the fitted model, flagged."""
+    rows = pd.DataFrame([{"model_name": "resnet50", "gpu": "Tesla P40", "batch_size": 128, "epoch_timings": t,
+                          "num_workers_data_loader": w} for w, t in ((4, 30.0), (4, 34.0), (0, 40.0))])
+    (tmp_path / "runs.csv").write_text(rows.to_csv(index=False))
+    assert advise_cli.main(["--predict", str(tmp_path / "runs.csv"), "--json"]) == 0
+    logged, none = json.loads(capsys.readouterr().out)["configurations"]
+    assert (logged["source"], logged["outside_logs"], logged["measured_s"]) == ("logs", "", 32.0)
+    assert (none["source"], none["outside_logs"]) == ("physical terms (outside the logs)", "workers")
+    assert none["epoch_time_s"] > logged["epoch_time_s"]

@@ -261,7 +261,7 @@ def _predict(args) -> int:
                           "configurations": shown.replace({np.nan: None}).to_dict(orient="records")},
                          indent=1, default=float))
     else:
-        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(shown.replace({"outside_logs": {"": "-"}}).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print("(seconds per epoch: the prediction and its 80% range; measured_s: the CSV's median epoch; source: "
               "calibrated = measured on this machine (disttrain advise --calibrate), logs = the fitted time model, "
               "physical terms = outside what the logs cover)")
