@@ -20,6 +20,16 @@ def test_efficiency_formula():
     assert scaling.mean_epoch_time([5.0]) == 5.0
 
 
+def test_rounds_resume_each_configuration_to_a_growing_share_of_the_budget():
+    args = scaling.build_parser().parse_args(["--ranks", "1,2", "--two-hosts", "", "--time-budget", "90"])
+    cfg = scaling.configs(args)[0]
+    budgets = [float(a[a.index("--time-budget") + 1]) * 3600
+               for a in (scaling._train_argv(args, cfg, r / 3) for r in (1, 2, 3))]
+    assert budgets == pytest.approx([30, 60, 90])
+    epochs = scaling.build_parser().parse_args(["--epochs", "5"])
+    assert [scaling._train_argv(epochs, cfg, f)[-1] for f in (1 / 3, 2 / 3, 1)] == ["2", "4", "5"]
+
+
 def test_study_table_plots_and_resume(tmp_path, capsys):
     why = can_make_hosts()
     if why:

@@ -18,10 +18,13 @@ PyTorch's, the best validation loss, the last epoch's test loss and top-1
 accuracy, backend and strategy.
 
 Each row is a run folder ``RUNS/IMPL_CONFIG`` (``-s``/``--save-name`` of
-``disttrain train``); a configuration that finished leaves ``study.json`` in
-it. Run again, the command skips finished configurations and resumes an
-interrupted one from its newest snapshot (the time budget counts the run time
-before the interruption). ``--fresh`` starts over.
+``disttrain train``). The configurations run in ``--rounds`` rounds (3 with a
+time budget): round r trains each to r/R of its budget, resuming from its
+snapshot, the order reversed every other round, so every configuration samples
+the machine's load over the whole study, not one stretch of it. Each records
+its progress in ``RUN/study.json``. Run again, the command skips what finished
+and resumes an interrupted configuration from its newest snapshot (the time
+budget counts the run time before the interruption). ``--fresh`` starts over.
 
 Also a memory-offload study (``--offload``, on by default): time per step and
 peak memory of a model kept resident against one moved to another memory and
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-lr", "--learning-rate", type=float, default=0.05, help="1-rank learning rate (default 0.05)")
     p.add_argument("--lr-scaling", choices=("linear", "sqrt", "none"), default="linear")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run the configurations in R rounds, each to r/R of the budget (resuming from its snapshot), "
+                        "so every one samples the machine's load over the whole study (default 3 with a time budget, "
+                        "1 with --epochs)")
     p.add_argument("--runs", default="runs/scaling", help="parent of the run folders (default runs/scaling)")
     p.add_argument("--fresh", action="store_true", help="delete the study's run folders and start over")
     p.add_argument("--out", default="benchmarks/results/scaling.csv")
@@ -180,7 +187,7 @@ class _SlowHosts:
         self.network.close()
 
 
-def _train_argv(args: argparse.Namespace, cfg: Config) -> list[str]:
+def _train_argv(args: argparse.Namespace, cfg: Config, fraction: float = 1.0) -> list[str]:
     backend, strategy = IMPLS[cfg.impl]
     argv = ["-m", "disttrain.cli", "train", "-m", args.model, "--dataset", args.dataset, "-b", str(args.batch_size),
             "-lr", repr(args.learning_rate), "--lr-scaling", args.lr_scaling, "--seed", str(args.seed),
@@ -189,9 +196,9 @@ def _train_argv(args: argparse.Namespace, cfg: Config) -> list[str]:
     if args.data:
         argv += ["-d", os.path.abspath(args.data)]
     if args.time_budget is not None:
-        argv += ["--time-budget", repr(args.time_budget / 3600)]
+        argv += ["--time-budget", repr(args.time_budget * fraction / 3600)]
     if args.epochs is not None:
-        argv += ["-e", str(args.epochs)]
+        argv += ["-e", str(math.ceil(args.epochs * fraction))]
     return argv
 
 
@@ -203,15 +210,16 @@ def _torchrun(nodes: int, node: int, per_node: int, master: str | None) -> list[
                   f"--master-port={_MASTER_PORT}"]
 
 
-def _run_config(args: argparse.Namespace, cfg: Config, hosts: Any, log_path: str) -> str | None:
-    """Runs (or resumes) one configuration; None when it finished, else why not."""
+def _run_config(args: argparse.Namespace, cfg: Config, hosts: Any, log_path: str,
+                fraction: float = 1.0) -> str | None:
+    """Runs (or resumes) one configuration to ``fraction`` of its budget; None when it got there, else why not."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
     budget = args.time_budget if args.time_budget is not None else 60.0 * (args.epochs or 1)
     timeout = args.timeout if args.timeout is not None else 4 * budget + 120
-    train = _train_argv(args, cfg)
+    train = _train_argv(args, cfg, fraction)
     with open(log_path, "a") as log:
         if cfg.nodes == 1:
             cmds = [(_torchrun(1, 0, cfg.per_node, None) + train, env)]
@@ -285,8 +293,9 @@ def summarize(args: argparse.Namespace, cfgs: list[Config], failures: dict[str, 
         backend, strategy = IMPLS[cfg.impl]
         t = mean_epoch_time([m["epoch_time"] for m in metrics])
         epoch_s[(cfg.impl, cfg.label)] = t
-        status = failures.get(cfg.name) or ("ok" if os.path.exists(os.path.join(run_dir, "study.json"))
-                                            else "not run")
+        done = _rounds_done(run_dir)
+        status = failures.get(cfg.name) or ("ok" if done.get("finished") else "not run" if not done
+                                            else f"unfinished (round {done['round']} of {done['rounds']})")
         rows.append({
             "impl": cfg.impl, "config": cfg.label, "nodes": cfg.nodes, "ranks_per_node": cfg.per_node,
             "ranks": cfg.ranks, "backend": backend, "strategy": strategy,
@@ -699,42 +708,60 @@ def _prepare(args: argparse.Namespace) -> None:
             json.dump(key, f)
 
 
+def _rounds_done(run_dir: str) -> dict[str, Any]:
+    """A configuration's progress in the study (``RUN/study.json``): {} before its first round."""
+    try:
+        with open(os.path.join(run_dir, "study.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Runs every configuration in ``args.rounds`` rounds (the order reversed
+    every other round), each round to r/R of the budget; skips what an earlier,
+    interrupted invocation finished."""
     cfgs = configs(args)
     _prepare(args)
     made: dict[bool, Any] = {}  # slow? -> the two hosts
     failures: dict[str, str] = {}
+    rounds = args.rounds
     try:
-        for cfg in cfgs:
-            run_dir = os.path.join(args.runs, cfg.name)
-            if os.path.exists(os.path.join(run_dir, "study.json")):
-                print(f"# {cfg.name}: finished earlier, kept", flush=True)
-                continue
-            hosts = made.get(cfg.slow)
-            if cfg.nodes > 1 and hosts is None:
-                from disttrain.netns import NamespaceHosts, can_make_hosts
-                why = can_make_hosts()
-                if why:
-                    failures[cfg.name] = f"skipped: two namespace hosts {why}"
+        for r in range(1, rounds + 1):
+            for cfg in (cfgs if r % 2 else cfgs[::-1]):
+                run_dir = os.path.join(args.runs, cfg.name)
+                done = _rounds_done(run_dir)
+                if done.get("finished") or done.get("round", 0) >= r or cfg.name in failures:
+                    if done.get("finished") and r == 1:
+                        print(f"# {cfg.name}: finished earlier, kept", flush=True)
+                    continue
+                hosts = made.get(cfg.slow)
+                if cfg.nodes > 1 and hosts is None:
+                    from disttrain.netns import NamespaceHosts, can_make_hosts
+                    why = can_make_hosts()
+                    if why:
+                        failures[cfg.name] = f"skipped: two namespace hosts {why}"
+                        print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
+                        continue
+                    if cfg.slow:
+                        hosts = _SlowHosts(args.slow_link)
+                    else:
+                        hosts = NamespaceHosts("dtscale", 80)
+                        hosts.make()
+                    made[cfg.slow] = hosts
+                resumed = os.path.isdir(os.path.join(run_dir, "snapshots"))
+                print(f"# {cfg.name}: {cfg.ranks} rank(s){', resuming' if resumed else ''}, round {r} of {rounds}",
+                      flush=True)
+                os.makedirs(run_dir, exist_ok=True)
+                error = _run_config(args, cfg, hosts, os.path.join(run_dir, "study.log"), r / rounds)
+                if error:
+                    failures[cfg.name] = f"failed: {error}"
                     print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
                     continue
-                if cfg.slow:
-                    hosts = _SlowHosts(args.slow_link)
-                else:
-                    hosts = NamespaceHosts("dtscale", 80)
-                    hosts.make()
-                made[cfg.slow] = hosts
-            resumed = os.path.isdir(os.path.join(run_dir, "snapshots"))
-            print(f"# {cfg.name}: {cfg.ranks} rank(s){', resuming' if resumed else ''}", flush=True)
-            os.makedirs(run_dir, exist_ok=True)
-            error = _run_config(args, cfg, hosts, os.path.join(run_dir, "study.log"))
-            if error:
-                failures[cfg.name] = f"failed: {error}"
-                print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
-                continue
-            with open(os.path.join(run_dir, "study.json"), "w") as f:
-                json.dump({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg.label, "impl": cfg.impl,
-                           "argv": _train_argv(args, cfg)}, f)
+                with open(os.path.join(run_dir, "study.json"), "w") as f:
+                    json.dump({"round": r, "rounds": rounds, "finished": r == rounds, "impl": cfg.impl,
+                               "config": cfg.label, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "argv": _train_argv(args, cfg, r / rounds)}, f)
     finally:
         for hosts in made.values():
             hosts.remove()
@@ -751,6 +778,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.time_budget is None and args.epochs is None:
         args.time_budget = 120.0
+    if args.rounds is None:
+        args.rounds = 3 if args.time_budget is not None else 1
+    if args.rounds < 1:
+        raise SystemExit(f"disttrain bench scaling: --rounds {args.rounds}: expected at least 1")
     base = os.path.splitext(args.out)[0]
     rows, curves = run_study(args)
     write_csv(rows, args.out, COLUMNS)
