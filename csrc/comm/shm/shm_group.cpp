@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -21,8 +22,19 @@
 namespace disttrain::comm {
 namespace {
 
-constexpr int kSpinIterations = 2000;          // ~10-50 us before sleeping
-constexpr int kYieldIterations = 20;           // instead, with more ranks than cores
+constexpr int kSpinIterations = 2000;          // ~10-50 us of pause, with a core per rank
+// Then the waiter yields its core (to whatever else wants it: this rank's own
+// compute while DDP reduces in the background, or a peer with more ranks than
+// cores) and checks again, for up to an adaptive budget before sleeping. One
+// epoch of a large all-reduce takes ~0.1-0.3 ms; a futex sleep and wake-up
+// costs about as much again per wait (measured in the timeline: 0.1-0.2 ms per
+// wait, three waits per 1 MiB epoch, ~20 ms of a 75 MB DDP step at 2 ranks).
+// But when the peer is not running at all (other processes hold the cores)
+// the wait lasts milliseconds and yielding burns CPU time for nothing: the
+// budget doubles after a wait that yielding ended and halves after one that
+// had to sleep, between these bounds.
+constexpr int64_t kYieldMinNs = 20000;
+constexpr int64_t kYieldMaxNs = 1000000;
 constexpr int kSleepSliceMs = 10;              // how often a sleeper checks its peer and deadline
 
 bool reached(uint32_t value, uint32_t target) { return static_cast<int32_t>(value - target) >= 0; }
@@ -144,12 +156,11 @@ void ShmGroup::signal(Flag& f) {
 
 void ShmGroup::wait_for(int q, Flag& f, uint32_t target, const char* what) {
   const int64_t from = trace::enabled() ? trace::now_ns() : 0;
-  for (int i = 0, n = oversubscribed_ ? kYieldIterations : kSpinIterations; i < n; ++i) {
-    if (reached(f.epoch.load(std::memory_order_acquire), target)) return;
-    if (oversubscribed_)
-      ::sched_yield();
-    else
+  if (!oversubscribed_) {
+    for (int i = 0; i < kSpinIterations; ++i) {
+      if (reached(f.epoch.load(std::memory_order_acquire), target)) return;
       _mm_pause();
+    }
   }
   // Past the spinning: a wait worth seeing in the timeline (named by what it waits for, id = the peer).
   struct Traced {
@@ -160,6 +171,15 @@ void ShmGroup::wait_for(int q, Flag& f, uint32_t target, const char* what) {
       if (from) trace::span("comm.wait", what, from, trace::now_ns(), q);
     }
   } traced{from, what, q};
+  const auto yield_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(yield_budget_ns_);
+  do {
+    if (reached(f.epoch.load(std::memory_order_acquire), target)) {
+      yield_budget_ns_ = std::min(kYieldMaxNs, 2 * yield_budget_ns_);
+      return;
+    }
+    ::sched_yield();
+  } while (std::chrono::steady_clock::now() < yield_until);
+  yield_budget_ns_ = std::max(kYieldMinNs, yield_budget_ns_ / 2);
   while (true) {
     uint32_t seen = f.epoch.load();
     if (reached(seen, target)) return;

@@ -65,6 +65,8 @@ class ShmGroup {
   size_t segment_bytes_;
   std::vector<uint8_t*> segments_;
   uint32_t epoch_ = 0;
+  // How long a wait past the spinning yields before it sleeps (adaptive: see wait_for).
+  int64_t yield_budget_ns_ = 200000;
   std::vector<uint32_t> done_seen_;  // per rank: an epoch its `done` is known to have reached
   OpSignature sig_;
   Deadline deadline_;
