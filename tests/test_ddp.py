@@ -63,6 +63,8 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
         kwargs["gradient_as_bucket_view"] = True
     if variant == "stale":  # one bucket per parameter, gradients never zeroed
         kwargs["bucket_cap_mb"] = 1e-6
+    if variant == "caller" and wrapper != "torch":  # buckets reduced on backward's thread
+        kwargs["reduce_on_caller"] = True
     cls = TorchDDP if wrapper == "torch" else disttrain.DistributedDataParallel
     ddp = cls(model, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -93,7 +95,7 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
     return state
 
 
-CASES = ["cnn", "cnn:view", "cnn:accumulate", "branchy", "branchy:stale", "bn"]
+CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "branchy", "branchy:stale", "bn"]
 
 
 def _numerics(rank, world_size):

@@ -567,7 +567,10 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
     OpSignature sig = signature(OpKind::kAllreduce, tensors[0], op, count);
     const c10::ScalarType dtype = tensors[0].scalar_type();
     const bool fuse_avg = fused_avg(op, dtype);
-    return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
+    // Synchronous (asyncOp false: the caller waits at once; DDP's buckets when
+    // the cores are saturated): on the caller's thread, any size, when nothing
+    // is queued or running, so no hand-off to the progress thread and back.
+    return run_or_enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
       std::vector<MemoryPiece> pieces;
       for (auto& b : buffers) pieces.push_back({static_cast<uint8_t*>(b.data_ptr()), b.nbytes()});
       shm_allreduce(*shm_, sig, pieces, count, dtype, fuse_avg, dl);
@@ -575,7 +578,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
         if (op == RedOp::kAvg && !fuse_avg) divide_by(buffers[i], world);
         copy_back(users[i], buffers[i]);
       }
-    });
+    }, /*on_caller=*/!opts.asyncOp);
   }
   at::Tensor flat = flat_cat(tensors);
   OpSignature sig = signature(OpKind::kAllreduce, flat, op, flat.numel());
@@ -662,10 +665,18 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather(std::vector<std::vect
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
                                                                      std::vector<at::Tensor>& inputs,
                                                                      const c10d::AllgatherOptions& opts) {
-  TORCH_CHECK_VALUE(outputs.size() == inputs.size(), "disttrain: allgather_coalesced needs one output list per input");
+  // PyTorch's convention (torch.distributed.all_gather_coalesced, gloo): outputs[r][i] receives rank r's inputs[i].
+  TORCH_CHECK_VALUE(outputs.size() == static_cast<size_t>(getSize()), "disttrain: allgather_coalesced needs one "
+                    "output list per rank (", getSize(), "), got ", outputs.size());
+  for (const auto& per_rank : outputs)
+    TORCH_CHECK_VALUE(per_rank.size() == inputs.size(), "disttrain: allgather_coalesced needs, for every rank, one "
+                      "output tensor per input (", inputs.size(), "), got ", per_rank.size());
+  TORCH_CHECK_VALUE(!inputs.empty(), "disttrain: allgather_coalesced needs at least one input");
+  // Ops run in issue order, so the last one's completion implies the others'.
   c10::intrusive_ptr<c10d::Work> last;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    std::vector<std::vector<at::Tensor>> o{outputs[i]};
+    std::vector<std::vector<at::Tensor>> o(1);
+    for (auto& per_rank : outputs) o[0].push_back(per_rank[i]);
     std::vector<at::Tensor> in{inputs[i]};
     last = allgather(o, in, opts);
   }

@@ -228,13 +228,15 @@ void Reducer::copy_into_bucket(int64_t index, bool from_hook) {
   // parameter this forward did not use: if no rank used it, its .grad must
   // stay untouched.
   const bool where_it_is = from_hook && grad.is_contiguous() && !grad.requires_grad();
+  // Averaged by the backend inside the reduction, at launch: also for a lone
+  // parameter, which would otherwise take a scaling pass over its gradient first.
+  if (reduce_in_place_ && where_it_is && (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble)) {
+    bucket.in_place[loc.slot] = grad;
+    return;
+  }
   if (bucket.direct && where_it_is) {
     grad.mul_(reciprocal(world_size_));
     bucket.direct_grad = grad;
-    return;
-  }
-  if (reduce_in_place_ && where_it_is && (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble)) {
-    bucket.in_place[loc.slot] = grad;  // averaged by the backend, at launch
     return;
   }
   stage(bucket, loc.slot, grad);
@@ -265,6 +267,7 @@ void Reducer::launch_ready_buckets() {
     if (bucket.launched_in_place) {
       c10d::AllreduceCoalescedOptions opts;
       opts.reduceOp = c10d::ReduceOp::AVG;
+      opts.asyncOp = !options_.reduce_on_caller;
       bucket.launch_ns = now_ns();
       bucket.work = group_->allreduce_coalesced(bucket.in_place, opts);
     } else {

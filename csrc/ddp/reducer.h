@@ -33,6 +33,12 @@ struct ReducerOptions {
   // Reduced precision on the wire (kBFloat16 or kHalf); accumulation of the
   // local gradient and the result stay in the parameter's dtype.
   std::optional<c10::ScalarType> wire_dtype;
+  // The thread whose gradient completes a bucket reduces it itself, there and
+  // then (a synchronous all-reduce, run on the caller's thread by a backend
+  // that can), instead of handing it to the backend's progress thread: no
+  // hand-off, but backward waits for every other rank at every bucket.
+  // Measured slower on 2 saturated cores shared with other work (docs/ddp.md).
+  bool reduce_on_caller = false;
 };
 
 // Timestamps (steady clock, ns) of the last synchronised backward.

@@ -49,6 +49,12 @@ class DistributedDataParallel(nn.Module):
             0 at the start of every forward.
         compression: ``"bf16"`` or ``"fp16"`` to all-reduce gradients in half
             precision (half the bytes on the wire); None for full precision.
+        reduce_on_caller: the thread that completes a bucket (backward's) all-reduces
+            it itself, there and then, instead of handing it to the backend's
+            progress thread (disttrain backend over shared memory): no hand-off,
+            but backward waits for the other ranks at every bucket. Off by
+            default: measured slower on a 2-core machine shared with other work
+            (docs/ddp.md, "Near the floor").
 
     Example:
         >>> import disttrain, torch
@@ -62,7 +68,7 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None,
                  bucket_cap_mb: float = 25, find_unused_parameters: bool = False,
                  gradient_as_bucket_view: bool = False, broadcast_buffers: bool = True,
-                 compression: str | None = None):
+                 compression: str | None = None, reduce_on_caller: bool = False):
         super().__init__()
         compression_dtype = wire_dtype(compression, "DistributedDataParallel", "compression")
         if bucket_cap_mb <= 0:
@@ -91,7 +97,8 @@ class DistributedDataParallel(nn.Module):
             first_bucket_cap_bytes=min(_FIRST_BUCKET_BYTES, int(bucket_cap_mb * 1024 * 1024)),
             find_unused_parameters=find_unused_parameters,
             gradient_as_bucket_view=gradient_as_bucket_view,
-            wire_dtype=compression_dtype)
+            wire_dtype=compression_dtype,
+            reduce_on_caller=reduce_on_caller)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self.broadcast_buffers and self._buffers_to_sync:

@@ -11,10 +11,15 @@ the same machine:
     torch/disttrain       torch DDP over the disttrain backend
     disttrain/disttrain   disttrain.DistributedDataParallel over disttrain
     disttrain-bf16/...    the same with compression="bf16" (gradients in bf16 on the wire)
+    disttrain-caller/...  disttrain DDP with reduce_on_caller=True: the thread that completes a
+                          bucket (backward's) all-reduces it itself, no progress thread
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
+    comm-only             the communication alone: the gradients all-reduced as disttrain DDP
+                          does (its buckets, AVG, launched together, then waited for), no compute;
+                          its `x floor` is (floor + this) / floor, the step if nothing were hidden
 
 The models span the regimes: ResNet-18 with the CIFAR stem (11.2 M
 parameters, batch 8 of 32x32 images per rank) spends almost all of a step
@@ -48,10 +53,11 @@ import time
 
 from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
-CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain", "disttrain/gloo",
-           "no-comm")
+CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
+           "disttrain-caller/disttrain", "disttrain/gloo", "no-comm", "comm-only")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
+COMM_ONLY = "comm-only"
 
 MODELS = ("resnet18", "resnet18-tv", "mlp")  # --models
 
@@ -108,7 +114,8 @@ class _Runner:
 
         self.config = config
         self.floor = config == FLOOR
-        wrapper, backend = ("disttrain", "disttrain") if self.floor else config.split("/")
+        self.comm_only = config == COMM_ONLY
+        wrapper, backend = ("disttrain", "disttrain") if config in (FLOOR, COMM_ONLY) else config.split("/")
         self.group = groups[backend]
         torch.manual_seed(0)
         model, self.x, self.y = _model_and_batch(model_name, args, rank)
@@ -118,21 +125,37 @@ class _Runner:
             self.ddp = TorchDDP(self.model, process_group=self.group, **kwargs)
         else:
             compression = "bf16" if wrapper.endswith("bf16") else None
+            if wrapper.endswith("caller"):
+                kwargs["reduce_on_caller"] = True
             self.ddp = disttrain.DistributedDataParallel(self.model, process_group=self.group,
                                                          compression=compression, **kwargs)
         self.ours = wrapper != "torch"
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # CPU time of the whole process (all its threads) per step
         self.comm_us = self.hidden_us = 0.0
         self.last_step: list = []  # the last timed step's trace events
+        if self.comm_only:
+            # Gradients to reduce (one local backward), grouped as the reducer's buckets.
+            with self.ddp.no_sync():
+                torch.nn.functional.cross_entropy(self.ddp(self.x), self.y).backward()
+            by_name = dict(self.model.named_parameters())
+            self.buckets = [[by_name[n].grad for n in bucket] for bucket in self.ddp.bucket_plan()]
 
     def step(self) -> None:
         import contextlib
 
+        import torch.distributed as dist
         import torch.nn.functional as F
 
         from disttrain import trace
 
+        if self.comm_only:
+            opts = dist.AllreduceCoalescedOptions()
+            opts.reduceOp = dist.ReduceOp(dist.ReduceOp.AVG)
+            for work in [self.group.allreduce_coalesced(bucket, opts) for bucket in self.buckets]:
+                work.wait()
+            return
         self.opt.zero_grad()
         with trace.span("forward"), self.ddp.no_sync() if self.floor else contextlib.nullcontext():
             loss = F.cross_entropy(self.ddp(self.x), self.y)
@@ -148,9 +171,10 @@ class _Runner:
 
         dist.barrier(group=self.group)
         trace.start()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.step()
         self.times.append(time.perf_counter() - start)
+        self.cpu_times.append(time.process_time() - cpu_start)
         trace.stop()
         self.last_step = trace.collect()
         if self.ours and not self.floor:
@@ -158,14 +182,14 @@ class _Runner:
             self.comm_us += total
             self.hidden_us += hidden
 
-    def steps_per_s(self) -> float:
+    def steps_per_s(self, times: list[float] | None = None) -> float:
         """1 / median step time, each step timed by its slowest rank."""
         import torch
         import torch.distributed as dist
 
-        times = torch.tensor(self.times, dtype=torch.float64)
-        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.group)
-        return 1.0 / statistics.median(times.tolist())
+        slowest = torch.tensor(self.times if times is None else times, dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self.group)
+        return 1.0 / statistics.median(slowest.tolist())
 
 
 def bench_rank(args) -> None:
@@ -197,6 +221,9 @@ def bench_rank(args) -> None:
             rows.append({
                 "model": model_name, "world_size": world, "config": runner.config, "params": params,
                 "steps_per_s": runner.steps_per_s(),
+                # The same from the processes' CPU time (compute and progress threads): what
+                # the step costs the cores, whatever else runs on the machine.
+                "cpu_steps_per_s": runner.steps_per_s(runner.cpu_times),
                 "hidden_fraction": (runner.hidden_us / runner.comm_us) if runner.comm_us else "",
             })
             if args.trace:
@@ -230,25 +257,29 @@ def _write_trace(folder, name, events, rank, world) -> None:
 
 
 def _report(rows, out) -> None:
-    def rate(model, world, config):
+    def rate(model, world, config, column="steps_per_s"):
         for r in rows:
             if (r["model"], r["world_size"], r["config"]) == (model, world, config):
-                return r["steps_per_s"]
+                return r[column]
         return None
 
     for r in rows:
         gloo = rate(r["model"], r["world_size"], "torch/gloo")
         ours_backend = rate(r["model"], r["world_size"], "torch/disttrain")
         floor = rate(r["model"], r["world_size"], FLOOR)
-        r["vs_torch_gloo"] = r["steps_per_s"] / gloo if gloo else ""
-        r["vs_torch_disttrain"] = r["steps_per_s"] / ours_backend if ours_backend else ""
-        # Step time as a multiple of the no-communication step's (1.00 = the floor).
-        r["x_floor"] = floor / r["steps_per_s"] if floor else ""
-    print(f"{'model':<11} {'ranks':>5} {'config':<25} {'steps/s':>8} {'x floor':>7} {'vs torch/gloo':>13} "
-          f"{'vs torch/disttrain':>18} {'hidden':>7}")
+        comm_only = r["config"] == COMM_ONLY
+        r["vs_torch_gloo"] = r["steps_per_s"] / gloo if gloo and not comm_only else ""
+        r["vs_torch_disttrain"] = r["steps_per_s"] / ours_backend if ours_backend and not comm_only else ""
+        # Step time as a multiple of the no-communication step's (1.00 = the floor); for
+        # comm-only, floor + communication over floor: the step if no communication were hidden.
+        r["x_floor"] = (floor / r["steps_per_s"] + (1 if comm_only else 0)) if floor else ""
+        cpu_floor = rate(r["model"], r["world_size"], FLOOR, "cpu_steps_per_s")
+        r["cpu_x_floor"] = (cpu_floor / r["cpu_steps_per_s"] + (1 if comm_only else 0)) if cpu_floor else ""
+    print(f"{'model':<11} {'ranks':>5} {'config':<25} {'steps/s':>8} {'x floor':>7} {'cpu x floor':>11} "
+          f"{'vs torch/gloo':>13} {'vs torch/disttrain':>18} {'hidden':>7}")
     for r in rows:
         print(f"{r['model']:<11} {r['world_size']:>5} {r['config']:<25} {r['steps_per_s']:>8.3f} "
-              f"{format_or_dash(r['x_floor'], '>7.2f')} "
+              f"{format_or_dash(r['x_floor'], '>7.2f')} {format_or_dash(r['cpu_x_floor'], '>11.2f')} "
               f"{format_or_dash(r['vs_torch_gloo'], '>13.2f')} {format_or_dash(r['vs_torch_disttrain'], '>18.2f')} "
               f"{format_or_dash(r['hidden_fraction'], '>7.2f')}")
     write_csv(rows, out)
