@@ -175,19 +175,27 @@ def _configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return runs
 
 
+def build_model(name: str, num_classes: int, shape: tuple[int, int, int]) -> Any:
+    """The trainer's model by name for a data set's classes and (channels, height, width) samples
+    (the MLP takes them flattened). Also what the advisor's calibration times."""
+    from . import models
+
+    channels, height, width = shape
+    if name.lower() == "mlp":
+        return models.get_model("mlp", num_classes=num_classes, in_features=channels * height * width)
+    return models.get_model(name, num_classes=num_classes, in_channels=channels)
+
+
 def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """The run's model (initial weights from ``--seed``), SGD optimizer, training and test sets."""
     import torch
 
-    from . import data, models
+    from . import data
 
     torch.manual_seed(args.seed)  # the model's initial weights
-    train_set, num_classes, (channels, height, width) = data.get_dataset(args.dataset, args.data, True, args.image_size)
+    train_set, num_classes, shape = data.get_dataset(args.dataset, args.data, True, args.image_size)
     val_set, _, _ = data.get_dataset(args.dataset, args.data, False, args.image_size)
-    if args.model.lower() == "mlp":
-        model = models.get_model("mlp", num_classes=num_classes, in_features=channels * height * width)
-    else:
-        model = models.get_model(args.model, num_classes=num_classes, in_channels=channels)
+    model = build_model(args.model, num_classes, shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     return model, optimizer, train_set, val_set

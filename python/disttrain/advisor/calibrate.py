@@ -153,25 +153,22 @@ def _model_and_data(model_name: str, dataset: str):
     """The trainer's model and training set for a configuration (CIFAR-10: random tensors of its shape)."""
     import torch
 
-    from .. import data, models
+    from .. import data
+    from ..train_cli import build_model
 
     if dataset == "digits":
-        train_set, num_classes, (channels, height, width) = data.get_dataset("digits", None, True)
+        train_set, num_classes, shape = data.get_dataset("digits", None, True)
     elif dataset == "cifar10":
         generator = torch.Generator().manual_seed(0)
         train_set = torch.utils.data.TensorDataset(torch.randn(2048, 3, 32, 32, generator=generator),
                                                    torch.randint(0, 10, (2048,), generator=generator))
-        num_classes, (channels, height, width) = 10, (3, 32, 32)
+        num_classes, shape = 10, (3, 32, 32)
     else:
         raise AdvisorInputError(f"cannot calibrate on data set '{dataset}' (digits, cifar10)")
     try:
-        if model_name == "mlp":
-            model = models.get_model("mlp", num_classes=num_classes, in_features=channels * height * width)
-        else:
-            model = models.get_model(model_name, num_classes=num_classes, in_channels=channels)
+        return build_model(model_name, num_classes, shape), train_set
     except ValueError as e:
         raise AdvisorInputError(str(e)) from None
-    return model, train_set
 
 
 def measure_steps(model_name: str, dataset: str, batch_size: int, workers: int = 0, device: str = "cpu",
