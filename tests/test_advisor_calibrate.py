@@ -30,7 +30,6 @@ from disttrain.advisor import cli as advise_cli
 
 PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 SLOW_STEP_S = 0.03
-DIGITS_TRAIN = 1437
 SLOWDOWN = f"""
 import time
 import torch.optim
@@ -111,8 +110,9 @@ def test_calibrate_then_predict_a_trainer_run(calibrated, run):
 
 def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, tmp_path, monkeypatch):
     """Every SGD step 30 ms slower, in the run and in the measurement: 11.2 steps an epoch,
-    about 0.34 s more. This calibration lacks the configuration, so --predict measures it now."""
-    stored, (fast, _) = calibrated
+    about 0.34 s more (on a quiet machine, about three times the epoch). This calibration lacks
+    the configuration, so --predict measures it now."""
+    stored, _ = calibrated
     slow_dir = tmp_path / "slow"
     slow_dir.mkdir()
     (slow_dir / "sitecustomize.py").write_text(SLOWDOWN)
@@ -130,7 +130,8 @@ def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, tmp_path, monkey
 
     monkeypatch.setattr(torch.optim.SGD, "step", slow_step)
     predicted, measured = _predicted(metrics)
-    assert len(json.loads(entry.read_text())["timings"]) == 1  # measured now, and kept
-    assert predicted - fast > 0.5 * DIGITS_TRAIN / 128 * SLOW_STEP_S, (predicted, fast)
+    (timing,) = json.loads(entry.read_text())["timings"]  # measured now, and kept
+    assert timing["step_s"] > SLOW_STEP_S  # the measurement sees the slower step
+    # Not compared with the unslowed prediction: that was measured minutes ago, under another load.
     attempts = _closest(metrics, (predicted, measured))
     assert abs(attempts[-1][0] / attempts[-1][1] - 1) < 0.2, attempts
