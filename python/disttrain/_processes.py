@@ -1,6 +1,6 @@
 """Small helpers shared by the code that starts processes of its own (the
 strategies, the benchmarks, ``disttrain.init``, the test harness): a free port,
-a process's exit status in words, and ending a set of processes for sure."""
+whether a pid is alive, a process's exit status in words, and ending a set of processes for sure."""
 
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host, in this PID namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def describe_exit(code: int | None) -> str:

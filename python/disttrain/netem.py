@@ -81,24 +81,16 @@ def _kill_namespace(name: str) -> None:
     _ip("netns", "del", name)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_namespaces() -> list[str]:
     """Deletes the namespaces of Networks whose owning process is gone
     (a test killed before its ``__exit__``). Returns their names."""
+    from disttrain._processes import pid_alive  # not at the top: the wire runs this file without the package
+
     stale = []
     for line in _ip("netns", "list").stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             _kill_namespace(name)
             stale.append(name)
     return stale

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import _C
+from ._processes import pid_alive
 
 __all__ = ["save", "load", "AsyncSnapshotter", "list_snapshots", "latest_good", "load_latest", "export",
            "CorruptSnapshotError", "SnapshotWriteError", "UnsupportedSnapshotError", "SUFFIX"]
@@ -462,20 +463,8 @@ class AsyncSnapshotter:
         # Left by a process killed mid-write; a live writer's files are kept.
         for name in os.listdir(self.directory):
             m = _TEMP_RE.match(name)
-            if m and not _pid_alive(int(m.group("pid"))):
+            if m and not pid_alive(int(m.group("pid"))):
                 try:
                     os.unlink(os.path.join(self.directory, name))
                 except FileNotFoundError:
                     pass
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -19,8 +19,10 @@ the same run:
 
 Every system trains an MLP on the embedded digits data, each host on its
 shard of every pass (``--batch-size`` per step), SGD with the same lr and
-momentum. Host 0 evaluates on the test split every ``--eval-every`` seconds
-(in its wall time). Bytes are the IPv4 bytes each host sent onto the wire,
+momentum. A run is as many samples as DDP's ``--epochs``: each host takes as
+many steps as a DDP rank (hivemind: as many global updates of its target batch,
+its own notion of a run). Host 0 evaluates on the test split every
+``--eval-every`` seconds (in its wall time). Bytes are the IPv4 bytes each host sent onto the wire,
 counted by the wire for every system alike. Reported per system: time from the
 common start to DDP's final accuracy and the bytes per host sent by then,
 with ratios to DDP and to hivemind (all measured in this run); curves of
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--target-batch-size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--local-updates", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stop-on-updates", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log", help=argparse.SUPPRESS)
     p.add_argument("--start-file", help=argparse.SUPPRESS)
     return p
@@ -225,16 +228,19 @@ def _worker(args: argparse.Namespace) -> int:
         time.sleep(0.02)
     start = time.monotonic()
     samples, steps, epoch, last_report = 0, 0, 0, -math.inf
-    # Every host takes as many steps (batches) as a DDP rank: the same samples in every system. DDP's ranks
-    # must all take the same steps, so only that count stops them (the benchmark kills a job past its
-    # budget); a host of the other systems also stops at the budget on its own.
+    # A host stops after --max-steps of its steps (hivemind's: of its global updates, --stop-on-updates).
+    # DDP's ranks must all take the same steps, so only that count stops them (the benchmark kills a job
+    # past its budget); a host of the other systems also stops at the budget on its own.
     out_of_time = (lambda: False) if args.worker == "ddp" else (lambda: time.monotonic() - start > args.budget)
 
     def report() -> None:
         acc = evaluate(model, [test.tensors])[1] if args.rank == 0 else None
         log("progress", steps=steps, updates=updates(), samples=samples, acc=acc)
 
-    while steps < args.max_steps and not out_of_time():
+    def done() -> bool:
+        return (updates() if args.stop_on_updates else steps) >= args.max_steps or out_of_time()
+
+    while not done():
         shard = split_epoch(len(labels), args.peers, args.rank, epoch, args.seed)
         for first in range(0, len(shard) - args.batch_size + 1, args.batch_size):
             batch = shard[first:first + args.batch_size]
@@ -243,7 +249,7 @@ def _worker(args: argparse.Namespace) -> int:
             if time.monotonic() - last_report >= args.eval_every:
                 report()
                 last_report = time.monotonic()
-            if steps >= args.max_steps or out_of_time():
+            if done():
                 break
         epoch += 1
     report()
@@ -355,9 +361,13 @@ def _start_ddp(run: _Run, args: argparse.Namespace, max_steps: int) -> None:
 
 
 def _start_hivemind(run: _Run, args: argparse.Namespace, max_steps: int) -> None:
+    # A hivemind run is as many global updates (epochs: target batches) as DDP's with as many samples in all,
+    # as its users count a run; host steps would stop a host that started alone (it counts only its own
+    # samples until its progress tracker sees the others: seconds) before the swarm has formed.
     factor = args.hivemind_local_factor if run.system == "hivemind_local" else 1
-    extra = ["--target-batch-size", str(factor * args.peers * args.batch_size)]
+    extra = ["--target-batch-size", str(factor * args.peers * args.batch_size), "--stop-on-updates"]
     extra += ["--local-updates"] if run.system == "hivemind_local" else []
+    max_steps = math.ceil(max_steps / factor)
     # Host 0 first: the others join through its multiaddr (/ip4/10.77.0.1/tcp/PORT/p2p/ID).
     run.launch(0, _worker_argv(args.bench_python, args, "hivemind", run, 0, max_steps, extra))
     maddrs = _wait_for(run.logs[:1], "maddrs", run.procs, 120)[0]["maddrs"]
@@ -392,7 +402,7 @@ STARTERS = {"local": _start_local, "ddp": _start_ddp, "hivemind": _start_hivemin
 def _run_system(net: Any, args: argparse.Namespace, system: str, folder: str, max_steps: int,
                 kill: tuple[int, int] | None = None) -> dict[str, Any]:
     """Runs ``system`` on ``net`` until its hosts finish or the budget passes. With ``kill``
-    (host, steps), that host is SIGKILLed once host 0 has taken that many steps.
+    (host, count), that host is SIGKILLed once it has taken that many steps (hivemind: global updates).
     Returns the run and what was seen."""
     run = _Run(net, args, system, folder)
     load_before = os.getloadavg()[0]
@@ -403,11 +413,13 @@ def _run_system(net: Any, args: argparse.Namespace, system: str, folder: str, ma
 
     def maybe_kill() -> None:
         if kill and not killed:
-            seen = run.progress(0)
-            if seen and seen[-1]["steps"] >= kill[1]:
+            # hivemind's run is counted in global updates, the others' in steps (see _start_hivemind).
+            key = "updates" if system.startswith("hivemind") else "steps"
+            seen = run.progress(kill[0])
+            if seen and seen[-1][key] >= kill[1]:
                 net.kill_host(kill[0])
-                killed.update(t=time.monotonic() - run.start, steps=seen[-1]["steps"])
-                print(f"#   killed host {kill[0]} (SIGKILL) at {killed['t']:.1f} s, host 0 at step {killed['steps']}",
+                killed.update(t=time.monotonic() - run.start, at=seen[-1][key])
+                print(f"#   killed host {kill[0]} (SIGKILL) at {killed['t']:.1f} s, at its {key} {killed['at']}",
                       flush=True)
 
     finished = run.wait(args.budget + 20, maybe_kill)
@@ -463,7 +475,7 @@ FIELDS = ["system", "peers", "delay_ms", "rate_mbit", "target_acc", "final_acc",
 
 
 def _churn(net: Any, args: argparse.Namespace, system: str, folder: str, max_steps: int) -> list[dict]:
-    """``system`` with the last host killed (SIGKILL) once host 0 has taken a third of its steps: do the
+    """``system`` with the last host killed (SIGKILL) a third into its run: do the
     others go on (their global updates, hivemind's epochs or the strategy's rounds, still advance)?"""
     victim = args.peers - 1
     result = _run_system(net, args, system, os.path.join(folder, "churn"), max_steps,
