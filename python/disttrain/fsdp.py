@@ -16,7 +16,7 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -528,7 +528,43 @@ def _read_manifest(path: str) -> tuple[dict[str, Any], str]:
     generation = manifest.get("generation", "")
     if not isinstance(generation, str) or (generation and not _GENERATION_RE.match(generation)):
         raise ValueError(f"'{manifest_path}' names the generation {generation!r}, not a gen_<number> folder")
+    _check_layout(manifest, manifest_path)
     return manifest, generation
+
+
+def _check_layout(manifest: dict[str, Any], manifest_path: str) -> None:
+    """Refuses, by name, a manifest whose layout fields the loaders could not index: its
+    checksums pass, but a buggy or hostile writer may still have written it (found by
+    fuzz/python/fsdp_manifest_fuzzer.py: a KeyError, a TypeError, a loop over any world size)."""
+    def refuse(why: str) -> NoReturn:
+        raise ValueError(f"'{manifest_path}' is not a valid sharded checkpoint manifest: {why}")
+
+    def whole(value: Any, low: int) -> bool:
+        return type(value) is int and value >= low
+
+    world, units = manifest.get("world_size"), manifest.get("units")
+    if not whole(world, 1) or world > 1 << 20:
+        refuse(f"world_size {world!r}")
+    if not isinstance(units, list):
+        refuse("units is not a list")
+    names: set[str] = set()
+    for i, unit in enumerate(units):
+        shapes = unit.get("shapes") if isinstance(unit, dict) else None
+        unit_names = unit.get("names") if isinstance(unit, dict) else None
+        if not (isinstance(unit, dict) and whole(unit.get("total"), 0) and isinstance(unit_names, list)
+                and isinstance(shapes, list) and len(unit_names) == len(shapes)
+                and all(isinstance(n, str) for n in unit_names)
+                and all(isinstance(s, list) and all(whole(d, 0) for d in s) for s in shapes)):
+            refuse(f"unit {i} is not (total, names, shapes)")
+        if sum(math.prod(s) for s in shapes) > unit["total"]:
+            refuse(f"unit {i}'s parameters need more than its {unit['total']} elements")
+        names.update(unit_names)
+    buffers, keys = manifest.get("buffers"), manifest.get("state_keys")
+    if not isinstance(buffers, dict) or not isinstance(keys, list):
+        refuse("buffers or state_keys missing")
+    unknown = [k for k in keys if not isinstance(k, str) or (k not in names and k not in buffers)]
+    if unknown:
+        refuse(f"state keys {unknown[:3]!r} are neither parameters nor buffers")
 
 
 def read_sharded_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any]:
@@ -542,9 +578,14 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
     manifest, generation = _read_manifest(path)
     world = manifest["world_size"]
     shards = [snapshot.load(os.path.join(path, generation, _shard_file(r)))["shards"] for r in range(world)]
+    if any(len(s) != len(manifest["units"]) for s in shards):
+        raise ValueError(f"sharded checkpoint '{path}': its shard files do not hold one shard per unit of the manifest")
     params: dict[str, torch.Tensor] = {}
     for i, unit in enumerate(manifest["units"]):
-        flat = _C.reshard_flat([s[i] for s in shards], unit["total"], 0, 1)
+        try:
+            flat = _C.reshard_flat([s[i] for s in shards], unit["total"], 0, 1)
+        except RuntimeError as e:  # the manifest's sizes do not match the shard files
+            raise ValueError(f"sharded checkpoint '{path}', unit {i}: {e}") from None
         offset = 0
         for name, shape in zip(unit["names"], unit["shapes"]):
             numel = math.prod(shape)

@@ -142,7 +142,10 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return t.requires_grad_() if node.get("requires_grad") else t
     if "$ndarray" in node:
         raw = tensors[node["$ndarray"]].numpy()
-        array = raw.view(np.dtype(node["dtype"])).reshape(node["shape"]).copy()
+        dtype = np.dtype(node["dtype"])
+        if dtype.hasobject:  # a view of raw bytes as Python object pointers
+            raise ValueError(f"array dtype {dtype} holds Python objects")
+        array = raw.view(dtype).reshape(node["shape"]).copy()
         return array[()] if node.get("scalar") else array
     if "$size" in node:
         return torch.Size(node["$size"])
@@ -160,7 +163,10 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if "$bytes" in node:
         return base64.b64decode(node["$bytes"])
     if "$dtype" in node:
-        return getattr(torch, node["$dtype"])
+        dtype = getattr(torch, node["$dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"'{node['$dtype']}' is not a torch dtype")
+        return dtype
     raise ValueError(f"snapshot: unknown node {sorted(node)} in the metadata")
 
 
@@ -172,10 +178,18 @@ def _flatten(state: Any, stage_on_host: bool) -> tuple[bytes, list[str], list[to
 
 
 def _unflatten(path: str, metadata: bytes, names: list[str], tensors: list[torch.Tensor]) -> Any:
-    doc = json.loads(metadata)
-    if not isinstance(doc, dict) or doc.get("format") != _FORMAT_TAG:
-        raise CorruptSnapshotError(f"snapshot '{path}' has metadata this version of disttrain does not understand")
-    return _decode(doc["state"], dict(zip(names, tensors)))
+    # Metadata that passed its CRC can still be hostile or from a buggy writer
+    # (found by fuzz/python/snapshot_load_fuzzer.py): whatever does not decode
+    # is a corrupt snapshot, never a stray JSONDecodeError or KeyError.
+    try:
+        doc = json.loads(metadata)
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT_TAG:
+            raise CorruptSnapshotError(f"snapshot '{path}' has metadata this version of disttrain does not understand")
+        return _decode(doc["state"], dict(zip(names, tensors)))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        if isinstance(e, CorruptSnapshotError):
+            raise
+        raise CorruptSnapshotError(f"snapshot '{path}' has malformed metadata ({type(e).__name__}: {e})") from None
 
 
 def _fault_options() -> dict[str, Any]:

@@ -665,8 +665,10 @@ class Peer:
                 raise ValueError(f"unknown message kind {kind!r}")
         except PermissionError as e:
             self._reject(f"control message from {client[0]}:{client[1]}: {e}")
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._reject(f"malformed control message from {client[0]}:{client[1]}: {e}")
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError) as e:
+            # A signed body that is not the expected JSON objects (a list, a number, a peer entry
+            # that is a string: found by fuzz/python/decentralised_control_fuzzer.py) is malformed too.
+            self._reject(f"malformed control message from {client[0]}:{client[1]}: {type(e).__name__}: {e}")
         except OSError:
             pass  # the other side went away; heartbeats will tell
 
