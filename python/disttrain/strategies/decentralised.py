@@ -583,20 +583,22 @@ class Peer:
 
     def _heartbeat_once(self) -> None:
         with self._lock:
-            targets = {(m.host, m.port) for m in self._members.values()}
-        targets.update(self.initial_peers)
-        targets.discard((self.host, self.port))
+            known = {(m.host, m.port) for m in self._members.values()}
+        targets = sorted((known | set(self.initial_peers)) - {(self.host, self.port)})
         message = {"kind": "heartbeat", "peer": self._info(), "view": self._view()}
         jobs = [self._pool.submit(_request, t, self._control_key, message, self.config.peer_timeout)
                 for t in targets]
-        for job in jobs:
+        for target, job in zip(targets, jobs):
             try:
                 reply, _ = job.result()
             except Exception:  # noqa: BLE001 - an unreachable peer is what heartbeats are for
                 continue
-            self._merge(reply["peer"], direct=True)
-            for entry in reply.get("view", []):
-                self._merge(entry, direct=False, age=float(entry.get("age", 0.0)))
+            try:
+                self._merge(reply["peer"], direct=True)
+                for entry in reply.get("view", []):
+                    self._merge(entry, direct=False, age=float(entry.get("age", 0.0)))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self._reject(f"malformed heartbeat reply from {target[0]}:{target[1]}: {type(e).__name__}: {e}")
         now = time.monotonic()
         with self._lock:
             for pid in [p for p, m in self._members.items() if now - m.last_seen > self.config.peer_timeout]:
@@ -611,7 +613,11 @@ class Peer:
             try:
                 self._heartbeat_once()
             except RuntimeError:  # the pool was shut down by close()
-                return
+                if self._closing.is_set():
+                    return
+                log.exception("heartbeat failed; retrying")
+            except Exception:  # noqa: BLE001 - membership must outlive any one bad round of heartbeats
+                log.exception("heartbeat failed; retrying")
 
     def _leader(self) -> _Member | None:
         """The oldest live peer (None when it is this one)."""
