@@ -542,7 +542,8 @@ def _check_layout(manifest: dict[str, Any], manifest_path: str) -> None:
     def whole(value: Any, low: int) -> bool:
         return type(value) is int and value >= low
 
-    world, units = manifest.get("world_size"), manifest.get("units")
+    world: Any = manifest.get("world_size")
+    units = manifest.get("units")
     if not whole(world, 1) or world > 1 << 20:
         refuse(f"world_size {world!r}")
     if not isinstance(units, list):
