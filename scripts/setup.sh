@@ -17,6 +17,9 @@ dpkg -s libgtest-dev >/dev/null 2>&1 || missing="$missing libgtest-dev"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 dpkg -s openmpi-bin >/dev/null 2>&1 || missing="$missing openmpi-bin"
 dpkg -s libopenmpi-dev >/dev/null 2>&1 || missing="$missing libopenmpi-dev"
+# clang 14 and libFuzzer for the fuzz targets of the C++ parsers (scripts/fuzz.sh, tests/test_fuzz.py)
+dpkg -s clang-14 >/dev/null 2>&1 || missing="$missing clang-14"
+dpkg -s libfuzzer-14-dev >/dev/null 2>&1 || missing="$missing libfuzzer-14-dev"
 if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
@@ -42,3 +45,6 @@ $PY -m pip install -q scikit-build-core ninja
 # The same build also compiles the C++ unit tests (build/<wheel tag>/disttrain_cpp_tests),
 # reusing the core's objects.
 $PY -m pip install -q --no-build-isolation --config-settings=cmake.define.DISTTRAIN_BUILD_TESTS=ON ".[dev]"
+# The libFuzzer targets (build/fuzz, clang-14 with coverage and sanitizers): a separate
+# project, so the package build above never depends on clang.
+bash scripts/fuzz.sh --build-only
