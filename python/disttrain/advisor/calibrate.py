@@ -76,10 +76,6 @@ class Calibration:
     equivalent_tflops: float | None = None
     created: float = 0.0
 
-    def matches(self, gpu: str) -> bool:
-        """Whether a configuration's ``gpu`` names this device ('cpu', or the GPU's name)."""
-        return str(gpu).strip().lower() == self.device.lower()
-
     def timing(self, model: str, dataset: str, batch: int, workers: int) -> dict | None:
         for t in self.timings:
             if (t["model_name"], t["dataset"], t["batch_size"], t["workers"]) == (model, dataset, batch, workers):
