@@ -60,9 +60,15 @@ def check_scaling(outputs):
     assert "pinned" in text and "stage 3" in text
 
 
+def check_decentralised(outputs):
+    assert len(_images(outputs)) >= 2  # accuracy against wall time and against bytes
+    text = _text(outputs)
+    assert "target: DDP's final test accuracy" in text and "hivemind" in text and "bytes_ddp_over_this" in text
+
+
 CHECKS = {"quickstart.ipynb": check_quickstart, "strategies.ipynb": check_strategies, "advisor.ipynb": check_advisor,
           "model_results.ipynb": check_plot, "dataloader_visualization.ipynb": check_dataloader,
-          "scaling_study.ipynb": check_scaling}
+          "scaling_study.ipynb": check_scaling, "decentralised.ipynb": check_decentralised}
 
 
 def test_there_are_notebooks():
@@ -76,6 +82,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
     # The advisor notebook's quick path: its evaluation runs at most 2 folds per split (every cell still runs).
     monkeypatch.setenv("DISTTRAIN_ADVISOR_MAX_FOLDS", "2")
+    # The decentralised notebook plots the committed results of `disttrain bench decentralised`.
+    monkeypatch.setenv("DISTTRAIN_BENCH_RESULTS", os.path.join(ROOT, "benchmarks", "results"))
     # The advisor notebook trains on the epoch logs shipped in the package (or on DISTTRAIN_EPOCH_LOGS if set).
     for var in ("MPLBACKEND", "DISTTRAIN_RUN_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
