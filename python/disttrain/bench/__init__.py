@@ -27,7 +27,26 @@ BENCHMARKS = {
     "lightning": "disttrain.bench.lightning",
     "scaling": "disttrain.bench.scaling",
     "decentralised": "disttrain.bench.decentralised",
+    "resume": "disttrain.bench.resume",
 }
+
+
+#: The benchmark-only venv with the peers that are not in the system's Python (scripts/bench_env.sh).
+BENCH_VENV = os.environ.get("DISTTRAIN_BENCH_VENV", "/opt/disttrain-bench-venv")
+BENCH_VENV_PYTHON = os.path.join(BENCH_VENV, "bin", "python")
+
+
+def rerun_in_bench_venv(module: str, argv: list[str], missing: list[str]) -> None:
+    """Re-runs ``python -m module *argv`` under the benchmark venv's Python
+    (never returns) when a peer in ``missing`` does not import here but the
+    venv exists; else returns, and the caller skips those peers."""
+    if not missing or os.environ.get("DISTTRAIN_BENCH_RERUN") or not os.access(BENCH_VENV_PYTHON, os.X_OK) \
+            or os.path.realpath(sys.prefix) == os.path.realpath(BENCH_VENV):
+        return
+    print(f"# {', '.join(missing)} not in this Python: re-running under {BENCH_VENV_PYTHON}", flush=True)
+    sys.stdout.flush()
+    os.execve(BENCH_VENV_PYTHON, [BENCH_VENV_PYTHON, "-m", module, *argv],
+              dict(os.environ, DISTTRAIN_BENCH_RERUN="1"))
 
 
 def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:

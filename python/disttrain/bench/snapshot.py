@@ -21,9 +21,14 @@ least disturbed by others; every row's two columns come from the same run):
   copy overlapping forward and backward (``copy_in_background=True``,
   ``wait_staged()`` before ``optimizer.step()``).
 
+With ``--peers dcp,torchsnapshot``, the comparison with PyTorch Distributed
+Checkpoint and torchsnapshot instead, and the kill-during-save test (see
+:mod:`disttrain.bench.snapshot_peers`).
+
 Example::
 
     disttrain bench snapshot --sizes-mb 100 1000 --repeats 3
+    disttrain bench snapshot --peers dcp,torchsnapshot --sizes-mb 100 1000 --kill-mb 100
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import statistics
 import tempfile
 import time
 
-from disttrain.bench import write_csv
+from disttrain.bench import rerun_in_bench_venv, write_csv
 
 import torch
 
 from .. import snapshot
+from .snapshot_peers import PEERS  # noqa: F401 - `disttrain bench` checks --peers against it
 
 
 def _state(total_bytes: int) -> dict:
@@ -160,11 +166,85 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temporary folder)")
     parser.add_argument("--csv", default="benchmarks/results/snapshot.csv")
+    parser.add_argument("--peers", default="", help="comma-separated peers: dcp, torchsnapshot (then only the "
+                        "peer comparison and the kill test run)")
+    parser.add_argument("--kill-mb", type=int, default=100, help="state size of the kill-during-save test (0: skip)")
+    parser.add_argument("--kill-at", type=float, nargs="+", default=[0.33, 0.9],
+                        help="kill once the new checkpoint has this fraction of the state's bytes on disk")
+    parser.add_argument("--min-free-gb", type=float, default=4.0,
+                        help="skip a size whose state, copies and staging would leave less memory than this")
+    parser.add_argument("--peers-csv", default="benchmarks/results/snapshot_peers.csv")
+    parser.add_argument("--kill-csv", default="benchmarks/results/snapshot_kill.csv")
     return parser
 
 
+def _peers_main(args: argparse.Namespace, argv: list[str]) -> int:
+    import sys
+
+    from . import snapshot_peers
+    from .sampler import _mem_available
+
+    wanted = [p.strip() for p in args.peers.split(",") if p.strip()]
+    rerun_in_bench_venv("disttrain.bench.snapshot", argv,
+                        [p for p in wanted if snapshot_peers.peer_unavailable(p) is not None])
+    peers = []
+    for name in wanted:
+        why = snapshot_peers.peer_unavailable(name)
+        if why is None:
+            peers.append(name)
+        else:
+            print(f"# peer {name} skipped: {why}", flush=True)
+    folder = tempfile.mkdtemp(prefix="disttrain-bench-snapshot-peers-", dir=args.dir)
+    rows: list[dict] = []
+    kill_rows: list[dict] = []
+    print(f"# disttrain bench snapshot --peers {','.join(peers) or '(none)'}: best of {args.repeats} interleaved "
+          f"rounds; x = peer's time / disttrain's (> 1: disttrain faster); folder {folder}", flush=True)
+    try:
+        for size_mb in args.sizes_mb:
+            # The state, a loaded copy, DCP's and disttrain's staging copies, and the page cache of the files.
+            need = 5 * (size_mb << 20)
+            available = _mem_available()
+            if available - need < args.min_free_gb * 2**30:
+                print(f"{size_mb:>6}MB skipped: needs ~{need / 2**30:.1f} GiB, MemAvailable {available / 2**30:.1f} "
+                      f"GiB (keeping {args.min_free_gb} GiB free)", flush=True)
+                rows.append({"size_mb": size_mb, "system": "all", "operation": "skipped", "seconds": "",
+                             "durable": "", "over_disttrain": "",
+                             "note": f"MemAvailable {available / 2**30:.1f} GiB"})
+                continue
+            state = _state(size_mb << 20)
+            measured = snapshot_peers.measure(state, os.path.join(folder, f"{size_mb}mb"), peers, args.repeats)
+            ours = {r["operation"]: r["seconds"] for r in measured if r["system"] == "disttrain"}
+            for r in measured:
+                r.update(size_mb=round(_nbytes(state) / 2**20), over_disttrain=r["seconds"] / ours[r["operation"]],
+                         note="")
+                rows.append(r)
+                print(f"{r['size_mb']:>6}MB {r['system']:<14} {r['operation']:<14} {r['seconds']:>9.4f} s "
+                      f"{'durable' if r['durable'] else 'page cache':<10} {r['over_disttrain']:>6.2f}x", flush=True)
+            del state, measured
+            shutil.rmtree(os.path.join(folder, f"{size_mb}mb"), ignore_errors=True)
+        if args.kill_mb:
+            for fraction in args.kill_at:
+                for system in ["disttrain", *peers]:
+                    for layout in ("one per step", "same path"):
+                        row = snapshot_peers.kill_test(system, layout, args.kill_mb << 20, folder, sys.executable,
+                                                       fraction)
+                        row["size_mb"] = args.kill_mb
+                        kill_rows.append(row)
+                        print(f"kill {args.kill_mb}MB at {fraction:.0%} {system:<14} {layout:<13} "
+                              f"{row['killed']:<16} -> {row['outcome']}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    write_csv(rows, args.peers_csv, ["size_mb", "system", "operation", "seconds", "over_disttrain", "durable", "note"])
+    if kill_rows:
+        write_csv(kill_rows, args.kill_csv, ["size_mb", "system", "layout", "kill_at", "killed", "outcome"])
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv[1:] if argv and argv[0] == "snapshot" else argv)
+    argv = argv[1:] if argv and argv[0] == "snapshot" else argv
+    args = build_parser().parse_args(argv)
+    if args.peers:
+        return _peers_main(args, argv)
 
     folder = tempfile.mkdtemp(prefix="disttrain-bench-snapshot-", dir=args.dir)
     rows = []
