@@ -4,7 +4,7 @@
 # decentralised averager's messages), atheris for the Python entry points
 # (fuzz/python: snapshot.load, the FSDP manifest loader, the decentralised
 # control messages). The corpus is fuzz/corpus/<target> (committed; a run adds
-# what it finds there); a crash lands in fuzz/crashes/<target>/ and must become
+# what it finds there); a crash lands in build/fuzz/crashes/<target>/ and must become
 # a regression input in fuzz/regressions/<target>/ (tests/test_fuzz.py replays
 # those and runs every target for a few seconds).
 #
@@ -51,7 +51,7 @@ status=0
 printf '%-22s %12s %8s %8s\n' target executions corpus crashes
 for t in "${TARGETS[@]}"; do
   corpus=fuzz/corpus/$t
-  crashes=fuzz/crashes/$t
+  crashes=build/fuzz/crashes/$t
   mkdir -p "$corpus" "$crashes"
   if [[ " $CPP_TARGETS " == *" $t "* ]]; then
     cmd=(build/fuzz/${t}_fuzzer)

@@ -20,9 +20,12 @@ Faults (one per run, drawn from a seed that every message names):
 A run passes when it ends with the reference's parameters, histories and best
 validation loss bit for bit and one metrics row per epoch, or fails with a
 clear error (full disk: the message names it, and the resumed command then
-passes). Never a hang (a wall-clock limit per launch), never a completed epoch
-lost: a resume starts at or after the last epoch that metrics.csv recorded
-before the failure (except after ``corrupt-newest`` destroyed that snapshot).
+passes). Never a hang (a wall-clock limit per launch), never completed work
+lost: after a kill, a SIGSTOP or a full disk, every resume starts at or after
+the newest snapshot that was complete when the fault struck (the snapshot at
+each epoch's end included), and the run's end is the reference's (so no epoch
+is missing or logged twice). ``corrupt-newest`` destroys that snapshot on
+purpose: there the resume falls back to the one before.
 
     python3 tests/chaos_soak.py --runs 30 --seed 7
 """
@@ -139,6 +142,8 @@ def launch(cmd: list[str], env: dict[str, str], action=None) -> Launch:
             hung = False
         except subprocess.TimeoutExpired:
             hung = True
+            for pid in _workers(proc.pid):  # torchrun starts each rank in a session of its own
+                os.kill(pid, signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.seek(0)
@@ -221,17 +226,29 @@ def _epochs_logged(run_dir: str) -> int:
     return len(open(metrics).read().splitlines()) - 1 if os.path.exists(metrics) else 0
 
 
-def _check_resume(outcome: Outcome, output: str, epochs_before: int) -> None:
-    """A resume never goes back past an epoch that metrics.csv had recorded."""
-    for epoch, _ in _RESUMED.findall(output):
-        if int(epoch) < epochs_before:
-            outcome.problems.append(f"resumed at epoch {epoch} after {epochs_before} epoch(s) were logged")
+def _newest_step(run_dir: str) -> int:
+    """The step of the newest complete snapshot file (they appear by rename only): -1 if none."""
+    snaps = snapshot.list_snapshots(os.path.join(run_dir, "snapshots"))
+    return int(re.search(r"(\d+)\.dts$", snaps[-1]).group(1)) if snaps else -1
 
 
-def _strike_random_rank(rng: random.Random, timing: Timing, run_dir: str, on_rank) -> tuple[str, Callable]:
+def _check_resume(outcome: Outcome, output: str, committed_step: int) -> None:
+    """Completed work is never lost: every resume starts at or after the newest snapshot
+    that was complete when the fault struck."""
+    steps = [int(step) for _, step in _RESUMED.findall(output)]
+    if committed_step >= 0 and not steps:
+        outcome.problems.append(f"started over although step {committed_step} was saved")
+    for step in steps:
+        if step < committed_step:
+            outcome.problems.append(f"resumed at step {step} although step {committed_step} was saved")
+
+
+def _strike_random_rank(rng: random.Random, timing: Timing, run_dir: str, on_rank,
+                        struck: dict[str, int]) -> tuple[str, Callable]:
     """A fault thread: waits for the ranks, then for a random instant (half the draws in
     start-up, half in training, snapshots and collectives included), then calls
-    on_rank(pid) for a random rank."""
+    on_rank(pid) for a random rank; struck["committed"] is the newest complete snapshot's
+    step at that instant."""
     in_training = rng.random() < 0.5
     delay = rng.uniform(0, timing.training if in_training else timing.startup)
     rank = rng.randrange(NPROC)
@@ -248,6 +265,7 @@ def _strike_random_rank(rng: random.Random, timing: Timing, run_dir: str, on_ran
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                        struck["committed"] = _newest_step(run_dir)
                         on_rank(pid)
                         return
             except OSError:
@@ -272,10 +290,13 @@ def run_one(fault: str, rng: random.Random, timing: Timing, root: str, index: in
     name = f"run{index:03d}-{fault}"
     run_dir = os.path.join(root, name)
     step = rng.randint(SNAPSHOT_EVERY + 1, STEPS - 2)
+    struck: dict[str, int] = {}
     if fault == "kill-random":
-        detail, action = _strike_random_rank(rng, timing, run_dir, lambda pid: os.kill(pid, signal.SIGKILL))
-        return _launched(Outcome(fault, detail, run_dir), launch(train_command(root, name), train_env(), action),
-                         run_dir)
+        detail, action = _strike_random_rank(rng, timing, run_dir, lambda pid: os.kill(pid, signal.SIGKILL), struck)
+        outcome = Outcome(fault, detail, run_dir)
+        result = launch(train_command(root, name), train_env(), action)
+        _check_resume(outcome, result.output, struck.get("committed", -1))
+        return _launched(outcome, result, run_dir)
     if fault in ("kill-snapshot", "kill-collective"):
         where = fault.split("-")[1]
         rank = 0 if where == "snapshot" else rng.randrange(NPROC)
@@ -293,10 +314,11 @@ def run_one(fault: str, rng: random.Random, timing: Timing, root: str, index: in
             except ProcessLookupError:
                 pass
 
-        detail, action = _strike_random_rank(rng, timing, run_dir, stop)
+        detail, action = _strike_random_rank(rng, timing, run_dir, stop, struck)
         outcome = Outcome(fault, f"{detail}, stopped {stop_for:g} s (timeout {PG_TIMEOUT:g} s)", run_dir)
-        return _launched(outcome, launch(train_command(root, name, timeout=PG_TIMEOUT), train_env(), action),
-                         run_dir)
+        result = launch(train_command(root, name, timeout=PG_TIMEOUT), train_env(), action)
+        _check_resume(outcome, result.output, struck.get("committed", -1))
+        return _launched(outcome, result, run_dir)
     if fault == "full-disk":
         return _full_disk(rng, root, name, index)
     if fault == "corrupt-newest":
@@ -335,11 +357,11 @@ def _full_disk(rng: random.Random, root: str, name: str, index: int) -> Outcome:
             outcome.problems.append(f"failed on a full disk without saying so:\n{first.output[-3000:]}")
             return outcome
         outcome.clear_failure = True
-        logged = _epochs_logged(run_dir)
+        committed = _newest_step(run_dir)
         subprocess.run(["mount", "-o", "remount,size=8m", mount], check=True)
         second = launch(train_command(mount, name), train_env())
-        _check_resume(outcome, second.output, logged)
-        outcome.detail += f", failed cleanly with {logged} epoch(s) logged, resumed on 8 MiB"
+        _check_resume(outcome, second.output, committed)
+        outcome.detail += f", failed cleanly after step {committed} was saved, resumed on 8 MiB"
         return _launched(outcome, second, run_dir)
     finally:
         subprocess.run(["umount", "-l", mount], check=False)

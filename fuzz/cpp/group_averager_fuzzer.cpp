@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "loopback.h"
 #include "strategies/group_averager.h"
 
 using namespace disttrain::strategies;
@@ -49,15 +50,6 @@ static_assert(sizeof(WireHeader) == 88, "average header layout");
 
 const std::string kToken(32, 'k');
 
-int connect_to(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) __builtin_trap();
-  return fd;
-}
 
 // A port nobody listens on: the averager's probes find the second member gone.
 int closed_port() {
@@ -101,7 +93,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       return averager.average(vec, 1, group, 0, 1.0, WireDtype::kFloat32, std::chrono::milliseconds(100));
     });
   }
-  int fd = connect_to(averager.port());
+  int fd = connect_loopback(averager.port());
   size_t sent = 0;
   while (sent < bytes.size()) {
     ssize_t w = ::send(fd, bytes.data() + sent, bytes.size() - sent, MSG_NOSIGNAL);
@@ -112,7 +104,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   char sink[256];
   while (true) {  // the averager closes the connection once it has judged the message
     pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, 10000) <= 0) __builtin_trap();  // it neither answered nor closed: a hang
+    if (::poll(&p, 1, 20000) <= 0) __builtin_trap();  // it neither answered nor closed in 20 s: a hang
     if (::recv(fd, sink, sizeof(sink), 0) <= 0) break;
   }
   ::close(fd);

@@ -31,21 +31,13 @@
 #include <vector>
 
 #include "comm/tcp/frame.h"
+#include "loopback.h"
 #include "comm/tcp/tcp_transport.h"
 
 using namespace disttrain::comm;
 
 namespace {
 
-int connect_to(int port) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) __builtin_trap();
-  return fd;
-}
 
 void send_all(int fd, const void* data, size_t n) {
   const char* p = static_cast<const char*>(data);
@@ -63,7 +55,7 @@ bool acknowledged(int fd) {
   size_t got = 0;
   while (got < sizeof(ack)) {
     pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, 5000) <= 0) __builtin_trap();  // neither an answer nor a close: a hang
+    if (::poll(&p, 1, 20000) <= 0) __builtin_trap();  // neither an answer nor a close in 20 s: a hang
     ssize_t n = ::recv(fd, reinterpret_cast<char*>(&ack) + got, sizeof(ack) - got, 0);
     if (n <= 0) return false;
     got += static_cast<size_t>(n);
@@ -94,13 +86,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (mode & 1) std::memcpy(hello.secret, secret.data(), sizeof(hello.secret));
   if (mode & 2) hello.magic = kHelloMagic, hello.world_size = 2;
   if (mode & 4) hello.rank = 1;
-  int fd = connect_to(port);
+  int fd = connect_loopback(port);
   send_all(fd, &hello, sizeof(hello));
   if (!acknowledged(fd)) {
     ::close(fd);
     HelloMessage valid{kHelloMagic, 1, 2, {}};
     std::memcpy(valid.secret, secret.data(), sizeof(valid.secret));
-    fd = connect_to(port);
+    fd = connect_loopback(port);
     send_all(fd, &valid, sizeof(valid));
     if (!acknowledged(fd)) __builtin_trap();  // a stranger's connection stopped the job from forming
   }

@@ -2,10 +2,9 @@
 and its ``_read_manifest``) on hostile manifests.
 
 The checkpoint is fuzz/seeds/fsdp_checkpoint (a real one: two linear layers and
-a batch norm, one rank). Byte 0 is a mode. Even: the rest replaces the manifest
-file as is. Odd: the rest is the manifest's JSON metadata, written with the
-real manifest's tensors as a well-formed snapshot (valid checksums), so
-mutations reach the manifest's structure. The loader must return or raise
+a batch norm, one rank). The input becomes its manifest as snapshot_input.py
+says (raw, or JSON metadata with the real manifest's tensors behind valid
+checksums, which reaches the manifest's structure). The loader must return or raise
 ValueError (CorruptSnapshotError is one), FileNotFoundError or
 UnsupportedSnapshotError."""
 
@@ -15,6 +14,7 @@ import os
 import shutil
 import tempfile
 
+import snapshot_input
 from disttrain import _C, fsdp, snapshot
 
 _SEED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seeds", "fsdp_checkpoint")
@@ -25,13 +25,8 @@ _, _NAMES, _TENSORS = _C.snapshot_read(os.path.join(_SEED, fsdp.MANIFEST))
 
 
 def test_one_input(data: bytes) -> None:
-    if not data:
+    if not snapshot_input.write(_MANIFEST, data, _NAMES, _TENSORS):
         return
-    if data[0] % 2 == 0:
-        with open(_MANIFEST, "wb") as f:
-            f.write(data[1:])
-    else:
-        _C.snapshot_write(_MANIFEST, data[1:], _NAMES, _TENSORS, False)
     try:
         fsdp.read_sharded_checkpoint(_DIR)
     except (ValueError, FileNotFoundError, snapshot.UnsupportedSnapshotError):

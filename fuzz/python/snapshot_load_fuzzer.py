@@ -1,10 +1,9 @@
 """atheris target: ``disttrain.snapshot.load`` on arbitrary bytes.
 
-Byte 0 is a mode. Even: the rest is the file as is. Odd: the rest is the
-JSON metadata, written with the tensors of ``STATE`` as a well-formed snapshot
-(valid checksums) by the C++ writer, so mutations reach the Python decoding of
-the metadata behind the checksums. ``load`` must
-return or raise CorruptSnapshotError / UnsupportedSnapshotError."""
+The input becomes a file as snapshot_input.py says (raw, or JSON metadata with
+the tensors of ``STATE`` behind valid checksums, which reaches the Python
+decoding of the metadata). ``load`` must return or raise CorruptSnapshotError /
+UnsupportedSnapshotError."""
 
 from __future__ import annotations
 
@@ -13,7 +12,8 @@ import tempfile
 
 import torch
 
-from disttrain import _C, snapshot
+import snapshot_input
+from disttrain import snapshot
 
 _DIR = tempfile.mkdtemp(prefix="disttrain-fuzz-")
 _PATH = os.path.join(_DIR, "input.dts")
@@ -23,13 +23,8 @@ _, _NAMES, _TENSORS = snapshot._flatten(STATE, stage_on_host=False)
 
 
 def test_one_input(data: bytes) -> None:
-    if not data:
+    if not snapshot_input.write(_PATH, data, _NAMES, _TENSORS):
         return
-    if data[0] % 2 == 0:
-        with open(_PATH, "wb") as f:
-            f.write(data[1:])
-    else:
-        _C.snapshot_write(_PATH, data[1:], _NAMES, _TENSORS, False)
     try:
         snapshot.load(_PATH)
     except (snapshot.CorruptSnapshotError, snapshot.UnsupportedSnapshotError):
