@@ -14,6 +14,8 @@ the same machine:
     disttrain-caller/...  disttrain DDP with reduce_on_caller=True: the thread that completes a
                           bucket (backward's) all-reduces it itself, no progress thread
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
+    disttrain/disttrain-slot4m  disttrain DDP over a disttrain group with 4 MiB shared-memory
+                          slots (shm_slot_bytes; the default is 1 MiB)
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
@@ -54,7 +56,7 @@ import time
 from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
 CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
-           "disttrain-caller/disttrain", "disttrain/gloo", "no-comm", "comm-only")
+           "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm", "comm-only")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
 COMM_ONLY = "comm-only"
@@ -205,6 +207,8 @@ def bench_rank(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = {"disttrain": dist.group.WORLD, "gloo": dist.new_group(backend="gloo")}
     configs = [c for c in args.configs.split(",") if c]
+    if any(c.endswith("/disttrain-slot4m") for c in configs):
+        groups["disttrain-slot4m"] = dist.new_group(backend="disttrain", pg_options={"shm_slot_bytes": str(4 << 20)})
     rows = []
     for model_name in [m for m in args.models.split(",") if m]:
         runners = [_Runner(c, model_name, args, groups, rank) for c in configs]
