@@ -68,8 +68,10 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
         if len(self.optimizers) != 1:
             raise ValueError(f"disttrain_decentralised averages one optimizer's parameters; the LightningModule "
                              f"configured {len(self.optimizers)}")
+        module = self.lightning_module
+        assert module is not None  # set by super().setup()
         host, _, port = self.listen.rpartition(":")
-        self.peer = Peer(self.lightning_module, self.optimizers[0], initial_peers=self.initial_peers, host=host,
+        self.peer = Peer(module, self.optimizers[0], initial_peers=self.initial_peers, host=host,
                          port=int(port), secret=self.secret, config=self.config)
         self.peer.start()
 
@@ -79,7 +81,8 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.peer is not None and self.lightning_module.training:
+        module = self.lightning_module
+        if self.peer is not None and module is not None and module.training:
             self.peer.local_step_done(self._samples)
         return out
 
