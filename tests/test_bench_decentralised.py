@@ -24,7 +24,9 @@ def test_ddp_on_the_emulated_network(tmp_path):
     rows = {r["system"]: r for r in csv.DictReader(open(out))}
     ddp, hivemind = rows["ddp"], rows["hivemind"]
     assert "no benchmark venv" in hivemind["status"] and hivemind["time_to_target_s"] == ""
-    assert ddp["status"] == "finished" and float(ddp["final_acc"]) == float(ddp["target_acc"]) > 0.1
+    # DDP's final accuracy is the target (written to 4 decimals).
+    assert ddp["status"] == "finished" and abs(float(ddp["final_acc"]) - float(ddp["target_acc"])) < 1e-4
+    assert float(ddp["final_acc"]) > 0.3  # chance is 0.1
     updates = int(ddp["updates"])
     assert updates == (1437 // 2) // 32  # one pass of the training split, 32 samples per host and step
     # At 2 ranks each step's all-reduce sends the whole gradient (float32) once each way, plus headers.
