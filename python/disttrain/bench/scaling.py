@@ -444,7 +444,7 @@ def plot_offload(rows: list[dict], base: str | None = None) -> Any:
 
     fig = Figure(figsize=(12, 4))
     ax_t, ax_m = fig.subplots(1, 2)
-    names = [f"{r['row']}\n{r['memory']}" for r in rows]
+    names = [f"{str(r['row']).split()[0]}\n{str(r['memory']).replace(' (', chr(10) + '(')}" for r in rows]
     ax_t.bar(names, [float(r["step_ms"]) for r in rows], color="tab:blue")
     ax_t.set_ylabel("time per step, ms")
     peak = [float(r["peak_device_mb"]) if r["peak_device_mb"] not in ("", None) else float(r["peak_rss_mb"])
