@@ -89,7 +89,8 @@ struct ShmGroup::Control {
   static_assert(sizeof(Flag) + 2 * sizeof(PackedSignature) <= 64, "copied and the signatures share a line");
 };
 
-ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t tag[8], size_t slot_bytes)
+ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t tag[8], size_t slot_bytes,
+                   bool slot_bytes_is_default)
     : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(std::max<size_t>(4096, slot_bytes & ~size_t(4095))) {
   // With more ranks than cores, the peer a rank waits for is often not
   // running: spinning would hold the very core it needs, so a waiter yields
@@ -97,6 +98,18 @@ ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, con
   // all-reduce of the spin-then-sleep used with a core per rank).
   cpu_set_t cpus;
   oversubscribed_ = ::sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && size_ > CPU_COUNT(&cpus);
+  if (slot_bytes_is_default) {
+    // Rank 0's choice for all: ranks pinned differently could judge differently.
+    const std::string key = "disttrain/shm/slot_bytes";
+    if (rank_ == 0) {
+      if (oversubscribed_) slot_bytes_ = kOversubscribedShmSlotBytes;
+      const std::string text = std::to_string(slot_bytes_);
+      store->set(key, std::vector<uint8_t>(text.begin(), text.end()));
+    } else {
+      const std::vector<uint8_t> text = store->get(key);
+      slot_bytes_ = std::stoull(std::string(text.begin(), text.end()));
+    }
+  }
   segment_bytes_ = sizeof(Control) + 2 * slot_bytes_;
   segments_.assign(size_, nullptr);
   done_seen_.assign(size_, 0);

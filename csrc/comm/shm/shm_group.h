@@ -20,14 +20,22 @@ namespace disttrain::comm {
 // epoch's copy-reduce-copy in cache; 256 KiB loses to the extra waits with more
 // ranks than cores, 4 MiB to cache misses.
 constexpr size_t kDefaultShmSlotBytes = 1 << 20;
+// The default instead when the host's ranks outnumber the cores a rank may run
+// on: every sync point then waits for a peer to be scheduled, and 4 MiB slots
+// have four times fewer (measured with DDP at 4 ranks on 2 cores: 1.85x and
+// 1.98x the no-communication step with 1 MiB slots, 1.35x with 4 MiB; docs/ddp.md).
+constexpr size_t kOversubscribedShmSlotBytes = 4 << 20;
 
 class ShmGroup {
  public:
   // Requires every rank of `tcp`'s group to be on this host and to call it.
   // The TCP mesh stays the control path: set-up barriers go through the
   // store, and a peer that dies is noticed through its socket closing.
+  // `slot_bytes_is_default`: the slot size was not chosen by the user, so an
+  // oversubscribed host gets kOversubscribedShmSlotBytes (rank 0 decides and
+  // the others read it from the store: every rank must map the same layout).
   ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t secret_tag[8],
-           size_t slot_bytes = kDefaultShmSlotBytes);
+           size_t slot_bytes = kDefaultShmSlotBytes, bool slot_bytes_is_default = false);
   ~ShmGroup();
   ShmGroup(const ShmGroup&) = delete;
   ShmGroup& operator=(const ShmGroup&) = delete;
