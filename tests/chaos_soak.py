@@ -232,11 +232,13 @@ def _newest_step(run_dir: str) -> int:
     return int(re.search(r"(\d+)\.dts$", snaps[-1]).group(1)) if snaps else -1
 
 
-def _check_resume(outcome: Outcome, output: str, committed_step: int) -> None:
-    """Completed work is never lost: every resume starts at or after the newest snapshot
+def _check_resume(outcome: Outcome, output: str, committed_step: int, relaunch: bool = False) -> None:
+    """Completed work is never lost: every start after the fault (each restart, and the
+    first start too for a relaunched command) resumes at or after the newest snapshot
     that was complete when the fault struck."""
     steps = [int(step) for _, step in _RESUMED.findall(output)]
-    if committed_step >= 0 and not steps:
+    restarts = output.count("disttrain: run folder") - (0 if relaunch else 1)  # rank 0 says it at every start
+    if committed_step >= 0 and len(steps) < restarts:
         outcome.problems.append(f"started over although step {committed_step} was saved")
     for step in steps:
         if step < committed_step:
@@ -360,7 +362,7 @@ def _full_disk(rng: random.Random, root: str, name: str, index: int) -> Outcome:
         committed = _newest_step(run_dir)
         subprocess.run(["mount", "-o", "remount,size=8m", mount], check=True)
         second = launch(train_command(mount, name), train_env())
-        _check_resume(outcome, second.output, committed)
+        _check_resume(outcome, second.output, committed, relaunch=True)
         outcome.detail += f", failed cleanly after step {committed} was saved, resumed on 8 MiB"
         return _launched(outcome, second, run_dir)
     finally:
