@@ -11,7 +11,7 @@ and floating-point parameters are written ``int`` and ``float``. Parameters boun
 
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch._C._distributed_c10d import Backend as _C10dBackend
@@ -92,19 +92,14 @@ def hogwild_adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
 
 # csrc/strategies/group_averager: decentralised averaging among peers found at run time
 # (csrc/bindings/decentralised.cpp; disttrain.strategies.decentralised is its Python face).
-class _AverageResult(TypedDict):
-    unreachable: list[int]
-    rejected: list[tuple[int, str]]
-    contributors: int
-    bytes_sent: int
-    bytes_received: int
-
 class GroupAverager(metaclass=_pybind11_type):
     def __init__(self, token: bytes, port: int = 0, max_message_bytes: int = 2147483648) -> None: ...
     @property
     def port(self) -> int: ...
     def average(self, vec: torch.Tensor, round: int, group: Sequence[tuple[str, int]], my_index: int,
-                weight: float, wire: str, timeout_s: float) -> _AverageResult: ...
+                weight: float, wire: str, timeout_s: float) -> dict[str, Any]: ...
+    # average()'s keys: unreachable (member indices), rejected ((index, reason) pairs), contributors,
+    # bytes_sent, bytes_received
     def take_refusals(self) -> list[str]: ...
     def close(self) -> None: ...
 
