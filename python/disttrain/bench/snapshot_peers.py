@@ -8,7 +8,9 @@ Rows per state size (best of ``--repeats``):
 
 - ``save``: a synchronous save with each system's defaults (disttrain and DCP
   fsync their files, torchsnapshot does not: the ``durable`` column says which);
-- ``load``: into a state of the same structure, files in the page cache;
+- ``load``: files in the page cache; DCP and torchsnapshot load in place into
+  a state of the same structure (allocated before the timer: a resuming job has
+  its model), disttrain returns new tensors (their allocation is timed);
 - ``async blocked``: how long the async call holds the caller (disttrain
   ``AsyncSnapshotter.save``, DCP ``async_save``, torchsnapshot ``async_take``);
 - ``async total``: from that call until the checkpoint is committed.
@@ -184,11 +186,13 @@ def measure(state: Any, folder: str, peers: list[str], repeats: int) -> list[dic
         for n in order:
             s = systems[n]
             _remove(s.target(1))
+            template = _zeros_like(state)  # a training job has its model and optimizer: not timed
             start = time.perf_counter()
             s.save(state, 1)
             saved = time.perf_counter()
-            s.load(_zeros_like(state), 1)
+            s.load(template, 1)
             loaded = time.perf_counter()
+            del template
             _remove(s.target(2))
             wait = s.async_save(state, 2)
             blocked = time.perf_counter()
