@@ -208,18 +208,22 @@ def _peers_main(args: argparse.Namespace, argv: list[str]) -> int:
                 print(f"{size_mb:>6}MB skipped: needs ~{need / 2**30:.1f} GiB, MemAvailable {available / 2**30:.1f} "
                       f"GiB (keeping {args.min_free_gb} GiB free)", flush=True)
                 rows.append({"size_mb": size_mb, "system": "all", "operation": "skipped", "seconds": "",
-                             "durable": "", "over_disttrain": "",
+                             "durable": "", "over_disttrain": "", "over_disttrain_same_durability": "",
                              "note": f"MemAvailable {available / 2**30:.1f} GiB"})
                 continue
             state = _state(size_mb << 20)
             measured = snapshot_peers.measure(state, os.path.join(folder, f"{size_mb}mb"), peers, args.repeats)
             ours = {r["operation"]: r["seconds"] for r in measured if r["system"] == "disttrain"}
+            # disttrain of the same durability: fsync for DCP, disttrain-nofsync for torchsnapshot
+            like = {(r["operation"], r["durable"]): r["seconds"] for r in measured if r["system"].startswith("disttrain")}
             for r in measured:
+                same = like.get((r["operation"], r["durable"]), ours[r["operation"]])
                 r.update(size_mb=round(_nbytes(state) / 2**20), over_disttrain=r["seconds"] / ours[r["operation"]],
-                         note="")
+                         over_disttrain_same_durability=r["seconds"] / same, note="")
                 rows.append(r)
-                print(f"{r['size_mb']:>6}MB {r['system']:<14} {r['operation']:<14} {r['seconds']:>9.4f} s "
-                      f"{'durable' if r['durable'] else 'page cache':<10} {r['over_disttrain']:>6.2f}x", flush=True)
+                print(f"{r['size_mb']:>6}MB {r['system']:<17} {r['operation']:<14} {r['seconds']:>9.4f} s "
+                      f"{'durable' if r['durable'] else 'page cache':<10} {r['over_disttrain']:>6.2f}x "
+                      f"{r['over_disttrain_same_durability']:>6.2f}x (same durability)", flush=True)
             del state, measured
             shutil.rmtree(os.path.join(folder, f"{size_mb}mb"), ignore_errors=True)
         if args.kill_mb:
@@ -234,7 +238,8 @@ def _peers_main(args: argparse.Namespace, argv: list[str]) -> int:
                               f"{row['killed']:<16} -> {row['outcome']}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    write_csv(rows, args.peers_csv, ["size_mb", "system", "operation", "seconds", "over_disttrain", "durable", "note"])
+    write_csv(rows, args.peers_csv, ["size_mb", "system", "operation", "seconds", "over_disttrain",
+                                     "over_disttrain_same_durability", "durable", "note"])
     if kill_rows:
         write_csv(kill_rows, args.kill_csv, ["size_mb", "system", "layout", "kill_at", "killed", "outcome"])
     return 0

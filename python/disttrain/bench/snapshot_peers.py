@@ -15,6 +15,10 @@ Rows per state size (best of ``--repeats``):
   ``AsyncSnapshotter.save``, DCP ``async_save``, torchsnapshot ``async_take``);
 - ``async total``: from that call until the checkpoint is committed.
 
+Every target is removed before the timer (no system pays for deleting an old
+checkpoint). With torchsnapshot, which does not fsync, ``disttrain-nofsync``
+(``fsync=False``) gives disttrain's like-for-like rows.
+
 And the kill test (``--kill-mb``): a child process saves a good checkpoint
 (step 1), then starts the next (step 2) and is SIGKILLed once the step-2 files
 hold a given fraction of the state's bytes (``--kill-at``). A fresh loader then does what a resuming job
@@ -103,13 +107,14 @@ class _Disttrain(_System):
 
     def __init__(self, folder: str):
         super().__init__(folder)
-        self.writer = snapshot.AsyncSnapshotter(os.path.join(folder, "async"), keep=1)
+        # keep=None: deleting old snapshots is left to the caller, as for the peers.
+        self.writer = snapshot.AsyncSnapshotter(folder, keep=None, fsync=self.durable)
 
     def target(self, step: int) -> str:
-        return os.path.join(self.folder, f"step_{step:09d}{snapshot.SUFFIX}")
+        return self.writer.path_for(step)
 
     def save(self, state: Any, step: int) -> None:
-        snapshot.save(self.target(step), state)
+        snapshot.save(self.target(step), state, fsync=self.durable)
 
     def load(self, state: Any, step: int) -> Any:
         return snapshot.load(self.target(step))
@@ -117,6 +122,12 @@ class _Disttrain(_System):
     def async_save(self, state: Any, step: int) -> Callable[[], None]:
         self.writer.save(state, step=step)
         return lambda: None if self.writer.wait() else None
+
+
+class _DisttrainPageCache(_Disttrain):
+    """disttrain without fsync (``fsync=False``): torchsnapshot's durability, for the like-for-like row."""
+
+    name, durable = "disttrain-nofsync", False
 
 
 class _DCP(_System):
@@ -161,7 +172,8 @@ class _TorchSnapshot(_System):
         return lambda: None if pending.wait() else None
 
 
-SYSTEMS: dict[str, type[_System]] = {"disttrain": _Disttrain, "dcp": _DCP, "torchsnapshot": _TorchSnapshot}
+SYSTEMS: dict[str, type[_System]] = {"disttrain": _Disttrain, "disttrain-nofsync": _DisttrainPageCache,
+                                     "dcp": _DCP, "torchsnapshot": _TorchSnapshot}
 
 
 def _remove(path: str) -> None:
@@ -174,13 +186,16 @@ def _remove(path: str) -> None:
 def measure(state: Any, folder: str, peers: list[str], repeats: int) -> list[dict]:
     """save / load / async rows of disttrain and ``peers`` for one state, interleaved."""
     _quiet()
-    names = ["disttrain", *peers]
+    names = ["disttrain", *(["disttrain-nofsync"] if "torchsnapshot" in peers else []), *peers]
     systems = {n: SYSTEMS[n](os.path.join(folder, n)) for n in names}
     for s in systems.values():
         os.makedirs(s.folder, exist_ok=True)
     ops = ("save", "load", "async blocked", "async total")
     times: dict[tuple[str, str], list[float]] = {(n, op): [] for n in names for op in ops}
-    systems["disttrain"].async_save(state, 0)()  # allocates the writer's staging memory once
+    for n in names:
+        if n.startswith("disttrain"):
+            systems[n].async_save(state, 0)()  # allocates the writer's staging memory once
+            _remove(systems[n].target(0))
     for r in range(repeats + 1):  # round 0 warms every code path and is not counted
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
