@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matchmaking-time", type=float, default=3.0,
                    help="hivemind's matchmaking_time (3 s, with averaging_timeout 10 s, as in its quickstart)")
     p.add_argument("--local-steps", type=int, default=20, help="H of the decentralised strategy")
+    p.add_argument("--compression", choices=("none", "bf16", "int8"), default="none",
+                   help="what the decentralised strategy's averaging sends (default none: float32)")
     p.add_argument("--hivemind-local-factor", type=int, default=20,
                    help="hivemind_local's target batch size over DDP's global batch (default 20)")
     p.add_argument("--bench-python", default=os.environ.get("DISTTRAIN_BENCH_PYTHON", DEFAULT_BENCH_PYTHON),
@@ -192,7 +194,9 @@ def _decentralised_stepper(args: argparse.Namespace, model: Any,
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     peer = strategy.Peer(model, opt, initial_peers=args.initial_peers or None, host=args.address, port=PEER_PORT,
                          secret=b"disttrain-bench-decentralised",
-                         config=strategy.DecentralisedConfig(local_steps=args.local_steps))
+                         config=strategy.DecentralisedConfig(
+                             local_steps=args.local_steps,
+                             compression=None if args.compression == "none" else args.compression))
     peer.start()
     log("maddrs", maddrs=[peer.address])
     peer.wait_for_peers(args.peers - 1, timeout=120)  # the group forms before the clock starts, as DDP's does
@@ -350,7 +354,7 @@ def _worker_argv(python: str, args: argparse.Namespace, system: str, run: _Run, 
             "--hidden", str(args.hidden), "--lr", str(args.lr), "--momentum", str(args.momentum),
             "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--budget", str(args.budget),
             "--matchmaking-time", str(args.matchmaking_time), "--max-steps", str(max_steps),
-            "--local-steps", str(args.local_steps),
+            "--local-steps", str(args.local_steps), "--compression", args.compression,
             "--log", run.logs[i], "--start-file", os.path.join(run.folder, "start"), *extra]
 
 
