@@ -335,7 +335,7 @@ def _caller_thread_matches_queued(rank, world):
         failures.append(f"the caller-thread Work's future holds {value}")
     # Larger than one slot: the progress thread, as before.
     before = backend.caller_thread_ops
-    dist.all_reduce(torch.ones((1 << 20) // 4 + 1))
+    dist.all_reduce(torch.ones((4 << 20) // 4 + 1))  # above the largest default slot (4 MiB when ranks outnumber cores)
     if backend.caller_thread_ops != before:
         failures.append("an all-reduce larger than one slot ran on the caller's thread")
     return failures

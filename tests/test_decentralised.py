@@ -244,6 +244,8 @@ def test_cli_rejects_bad_decentralised_options(tmp_path, capsys):
         (("--strategy", "decentralised", "--outer-momentum", "1.5"), "--outer-momentum"),
         (("--local-steps", "5",), "applies to --strategy decentralised only"),
         (("--strategy", "decentralised", "--nproc-per-node", "2"), "one process"),
+        (("--strategy", "decentralised", "--wait-for-peers", "-1"), "--wait-for-peers"),
+        (("--wait-for-peers", "2",), "applies to --strategy decentralised only"),
     ]:
         assert main(["train", *args, "-s", str(tmp_path)][1:]) == 2, args
         err = capsys.readouterr().err
@@ -265,6 +267,7 @@ def test_four_peers_on_a_slow_network_converge(tmp_path):
             argv = [sys.executable, "-m", "disttrain.cli", "train", "--strategy", "decentralised",
                     "--listen", f"{host.address}:7070", "-e", "3", "-b", "32", "--local-steps", "10",
                     "-lr", "0.05", "-s", str(tmp_path), "--save-name", f"peer{i}", "--no-progress",
+                    "--wait-for-peers", "3",  # on a quiet machine a peer would finish before the others start
                     *([] if i == 0 else ["--initial-peers", first])]
             procs.append(net.popen(i, argv, env={**os.environ, "DISTTRAIN_PEER_SECRET": "netem test",
                                                  "OMP_NUM_THREADS": "1"},

@@ -182,7 +182,8 @@ def test_hydra_decentralised_experiment_two_peers(tmp_path):
                **({"DISTTRAIN_INITIAL_PEERS": f"127.0.0.1:{port}"} if i else {})}
         procs.append(subprocess.Popen(
             [sys.executable, HYDRA_EXAMPLE, "experiment=digits_decentralised", f"hydra.run.dir={tmp_path / str(i)}",
-             "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "seed=" + str(42 + i)],
+             "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "seed=" + str(42 + i),
+             "trainer.strategy.wait_for_peers=1"],  # on a quiet machine one peer would finish before the other starts
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     for proc in procs:

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer learning rate (default 0.7)")
     d.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default 0.9)")
     d.add_argument("--min-group-size", type=int, default=2, help="fewest peers that average together (default 2)")
+    d.add_argument("--wait-for-peers", type=int, default=0, metavar="N",
+                   help="start training only once N other peers are seen (default 0: at once); waits at most "
+                        "--timeout seconds")
     d.add_argument("--matchmaking-window", type=float, default=2.0,
                    help="seconds the leader waits for ready peers (default 2)")
     d.add_argument("--compression", choices=("none", "bf16", "int8"), default="none",
@@ -374,7 +377,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def _check_decentralised(args: argparse.Namespace) -> None:
     options = {"--initial-peers": args.initial_peers, "--listen": args.listen, "--local-steps": args.local_steps,
-               "--target-batch-size": args.target_batch_size}
+               "--target-batch-size": args.target_batch_size, "--wait-for-peers": args.wait_for_peers or None}
     if args.strategy != "decentralised":
         given = [name for name, value in options.items() if value is not None]
         if given:
@@ -398,6 +401,7 @@ def _check_decentralised(args: argparse.Namespace) -> None:
     if args.outer_momentum >= 1:
         raise ConfigError(f"--outer-momentum {args.outer_momentum:g}: expected a number in [0, 1)")
     _need_int("--min-group-size", args.min_group_size, 1)
+    _need_int("--wait-for-peers", args.wait_for_peers, 0)
     _need_number("--matchmaking-window", args.matchmaking_window, 0, inclusive=False)
     for name, value in (("--initial-peers", args.initial_peers), ("--listen", args.listen)):
         try:

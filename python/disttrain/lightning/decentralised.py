@@ -43,6 +43,8 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
         local_steps, outer_lr, outer_momentum, min_group_size,
         matchmaking_window, compression, round_timeout: as in
             :class:`~disttrain.strategies.decentralised.DecentralisedConfig`.
+        wait_for_peers: start training only once this many other peers are seen
+            (at most 60 s, or ``round_timeout`` if longer).
     """
 
     strategy_name = "disttrain_decentralised"
@@ -50,7 +52,8 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
     def __init__(self, initial_peers: str | None = None, listen: str | None = None, secret: str | None = None, *,
                  local_steps: int = 50, outer_lr: float = 0.7, outer_momentum: float = 0.9, min_group_size: int = 2,
                  matchmaking_window: float = 2.0, compression: str | None = None, round_timeout: float = 30.0,
-                 accelerator: Any = None, checkpoint_io: Any = None, precision_plugin: Any = None):
+                 wait_for_peers: int = 0, accelerator: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None):
         super().__init__(device=torch.device("cpu"), accelerator=accelerator,
                          checkpoint_io=checkpoint_io or SnapshotCheckpointIO(), precision_plugin=precision_plugin)
         self.config = DecentralisedConfig(local_steps=local_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -60,6 +63,9 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
         self.initial_peers = initial_peers if initial_peers is not None else os.environ.get("DISTTRAIN_INITIAL_PEERS")
         self.listen = listen or os.environ.get("DISTTRAIN_LISTEN", "127.0.0.1:0")
         self.secret = secret
+        if wait_for_peers < 0:
+            raise ValueError(f"wait_for_peers must be >= 0, got {wait_for_peers}")
+        self.wait_for_peers = wait_for_peers
         self.peer: Peer | None = None
         self._samples = 0
 
@@ -74,6 +80,8 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
         self.peer = Peer(module, self.optimizers[0], initial_peers=self.initial_peers, host=host,
                          port=int(port), secret=self.secret, config=self.config)
         self.peer.start()
+        if self.wait_for_peers:
+            self.peer.wait_for_peers(self.wait_for_peers, timeout=max(60.0, self.config.round_timeout))
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._samples = _batch_size(args[0]) if args else 0

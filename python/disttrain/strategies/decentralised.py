@@ -264,7 +264,6 @@ class Peer:
         self._committed: dict[int, list[str]] = {}
         self._mm = threading.Condition()
         self._closing = threading.Event()
-        self._averager = _C.GroupAverager(_token(raw, b"data"), 0)
         peer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -275,11 +274,13 @@ class Peer:
             daemon_threads = True
             allow_reuse_address = True
 
+        # The control port first: the data port is any free port, which could otherwise take a
+        # port just freed that the caller chose for the control port.
         try:
             self._server = Server((host, port), Handler)
         except OSError as e:
-            self._averager.close()
             raise DecentralisedError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        self._averager = _C.GroupAverager(_token(raw, b"data"), 0)
         self.port = self._server.server_address[1]
         self._threads = [threading.Thread(target=self._server.serve_forever, name="dt-peer-control", daemon=True)]
         self._pool = futures.ThreadPoolExecutor(8, thread_name_prefix="dt-peer-heartbeat")
@@ -298,8 +299,9 @@ class Peer:
             t.start()
         deadline = time.monotonic() + join_timeout
         if self.initial_peers:
-            # Wait up to peer_timeout for anyone to answer: none means this peer is the first.
-            first_wait = time.monotonic() + self.config.peer_timeout
+            # The initial peers were named to be joined: wait for one of them to answer (they may
+            # still be starting) up to 15 s, or peer_timeout if longer; none means this peer is the first.
+            first_wait = time.monotonic() + max(15.0, self.config.peer_timeout)
             while not self._members and time.monotonic() < first_wait:
                 self._heartbeat_once()
                 if not self._members:
@@ -849,6 +851,9 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
     start = time.monotonic()
     try:
         peer.start()
+        if args.wait_for_peers:
+            print(f"disttrain peer {peer.address}: waiting for {args.wait_for_peers} other peers", flush=True)
+            peer.wait_for_peers(args.wait_for_peers, timeout=args.timeout)
         if not args.no_resume and os.path.exists(own) and peer.round == 0 and not peer.live_peers():
             peer.restore(snapshot.load(own))
             log.info("resumed round %d from %s", peer.round, own)
