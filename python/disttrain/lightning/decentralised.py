@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..strategies.decentralised import DecentralisedConfig, Peer
@@ -71,6 +72,8 @@ class DisttrainDecentralisedStrategy(SingleDeviceStrategy):
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict: no training, so no peer (and nobody to wait for)
         if len(self.optimizers) != 1:
             raise ValueError(f"disttrain_decentralised averages one optimizer's parameters; the LightningModule "
                              f"configured {len(self.optimizers)}")
