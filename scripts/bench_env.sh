@@ -3,7 +3,9 @@
 # hivemind (the reference system, its PyPI wheel carries the p2p daemon p2pd)
 # in a virtual environment of its own, never a dependency of disttrain; and the
 # peers of `disttrain bench snapshot --peers` and `disttrain bench resume
-# --peers` (issue 23): torchsnapshot and torchdata (StatefulDataLoader).
+# --peers` (issue 23): torchsnapshot and torchdata (StatefulDataLoader); and
+# torchft, the peer of `disttrain bench fault --peers torchft` (its wheel carries
+# the Rust lighthouse, torchft_lighthouse, and runs on CPU over gloo).
 #
 # The venv sees the system's packages (--system-site-packages): the same torch
 # and the installed disttrain (for its data set and models). hivemind is
@@ -24,9 +26,12 @@ HIVEMIND_REQUIREMENTS=(PyYAML "numpy>=1.17" "scipy>=1.2.1" "prefetch_generator>=
 
 TORCHSNAPSHOT_VERSION=0.1.0
 TORCHDATA_VERSION=0.11.0
+TORCHFT_VERSION=0.2.0
 # Their Requires-Dist, torch left out (torchsnapshot: torch; torchdata: torch>=2).
 PEER_REQUIREMENTS=(PyYAML aiofiles aiohttp importlib-metadata nest-asyncio psutil typing-extensions
   "urllib3>=1.25" requests)
+# torchft 0.2.0's Requires-Dist, torch left out.
+TORCHFT_REQUIREMENTS=(opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http)
 
 SYSTEM_PYTHON=${PYTHON:-python3}
 TORCH_VERSION=$("$SYSTEM_PYTHON" -c "import torch; print(torch.__version__)")
@@ -40,16 +45,21 @@ echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "${HIVEMIND_REQUIREMENTS[@]}"
 "$VENV/bin/python" -m pip install -q --no-deps "torchsnapshot==$TORCHSNAPSHOT_VERSION" "torchdata==$TORCHDATA_VERSION"
 "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "${PEER_REQUIREMENTS[@]}"
+"$VENV/bin/python" -m pip install -q --no-deps "torchft==$TORCHFT_VERSION"
+"$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "${TORCHFT_REQUIREMENTS[@]}"
 
 # The venv's torch must be the system's, and hivemind must import with its daemon.
 "$VENV/bin/python" - "$TORCH_FILE" <<'PY'
 import os, sys
-import torch, hivemind, torchsnapshot
+import torch, hivemind, torchsnapshot, torchft
+from torchft import Manager, ProcessGroupGloo
 from torchdata.stateful_dataloader import StatefulDataLoader
 from hivemind.p2p.p2p_daemon import P2P
 assert torch.__file__ == sys.argv[1], f"the bench venv has a torch of its own: {torch.__file__}"
 daemon = os.path.join(os.path.dirname(hivemind.__file__), "hivemind_cli", "p2pd")
 assert os.access(daemon, os.X_OK), f"hivemind's p2p daemon is missing: {daemon}"
-print(f"bench venv ready: hivemind {hivemind.__version__}, torchsnapshot, torchdata, torch {torch.__version__} (the system's)")
+lighthouse = os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")
+assert os.access(lighthouse, os.X_OK), f"torchft's lighthouse is missing: {lighthouse}"
+print(f"bench venv ready: hivemind {hivemind.__version__}, torchsnapshot, torchdata, torchft, torch {torch.__version__} (the system's)")
 PY
 echo "$VENV/bin/python"

@@ -19,6 +19,13 @@ the same machine:
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
+    torch-best/gloo       with ``--peers torch-best``: torch DDP at its best settings on CPU
+    torch-best/disttrain  (gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb from
+                          --best-bucket-mb), over gloo and over the disttrain backend
+    torch-best-bf16/...   with ``--peers torch-best-bf16``: the same with PyTorch's bf16_compress_hook (gradients cast to bf16
+                          for the all-reduce), the peer of disttrain-bf16's bf16 wire
+                          (with several --best-bucket-mb values, each is a configuration of its
+                          own, named torch-best@MB/...: the bucket-size sweep)
     comm-only             the communication alone: the gradients all-reduced as disttrain DDP
                           does (its buckets, AVG, launched together, then waited for), no compute;
                           its `x floor` is (floor + this) / floor, the step if nothing were hidden
@@ -39,7 +46,8 @@ for disttrain DDP the fraction of all-reduce time hidden behind backward,
 read from the timeline (``disttrain.trace``, recording during every timed step
 of every configuration): all-reduce time is the union of the buckets'
 [launch, completion] spans, and the hidden part is what falls inside DDP's
-backward span. ``--trace DIR`` also writes the last timed step of each
+backward span. ``vs best torch`` is the step rate over the fastest torch DDP configuration
+of the same run (torch/*, torch-best*). ``--trace DIR`` also writes the last timed step of each
 configuration as a Chrome trace (all ranks) and a picture of it. Rank threads are 1 (the
 machine has 2 cores). Rank 0 writes ``benchmarks/results/ddp.csv``.
 """
@@ -59,6 +67,8 @@ CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf
            "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm", "comm-only")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
+#: --peers torch-best: torch DDP at its best settings (wrapper names; each over gloo and disttrain).
+PEERS = {"torch-best": ("torch-best",), "torch-best-bf16": ("torch-best-bf16",)}
 COMM_ONLY = "comm-only"
 
 MODELS = ("resnet18", "resnet18-tv", "mlp")  # --models
@@ -79,11 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default 2)")
     p.add_argument("--rounds", type=int, default=4, help="rounds; each configuration times rounds x steps steps (default 4)")
     p.add_argument("--gradient-as-bucket-view", action="store_true", help="set it for every DDP (default off)")
+    p.add_argument("--peers", default="", help="torch-best, torch-best-bf16: torch DDP at its best settings, without and with its bf16 "
+                        "compression hook (see above)")
+    p.add_argument("--best-bucket-mb", default="25",
+                   help="bucket_cap_mb of the torch-best configurations; several (comma separated) sweep it (default 25)")
+    p.add_argument("--best-backends", default="gloo,disttrain", help="backends of the torch-best configurations")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "ddp.csv"), help="CSV path")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="write each configuration's last timed step as a Chrome trace and a PNG into DIR")
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)  # worker -> launcher
     return p
+
+
+def all_configs(args) -> list[str]:
+    """--configs, then the --peers configurations (torch-best[-bf16][@MB]/BACKEND)."""
+    configs = [c for c in args.configs.split(",") if c]
+    caps = [c for c in args.best_bucket_mb.split(",") if c]
+    for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
+        if peer not in PEERS:
+            raise SystemExit(f"disttrain bench ddp: unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+        for wrapper in PEERS[peer]:
+            for cap in caps:
+                name = f"{wrapper}@{cap}" if len(caps) > 1 else wrapper
+                configs += [f"{name}/{backend}" for backend in args.best_backends.split(",") if backend]
+    return configs
 
 
 def _model_and_batch(name, args, rank):
@@ -101,6 +130,15 @@ def _model_and_batch(name, args, rank):
                 torch.randn(args.mlp_batch, 3, 32, 32, generator=g),
                 torch.randint(0, 10, (args.mlp_batch,), generator=g))
     raise ValueError(f"unknown model {name!r}; choose resnet18, resnet18-tv or mlp")
+
+
+def _bf16_compress_hook(process_group, bucket):
+    """PyTorch's ``default_hooks.bf16_compress_hook``, called unchanged: ``register_comm_hook``
+    refuses that hook by its name unless CUDA with NCCL 2.10+ (or XPU) is present, a check of the
+    device and not of the hook, which runs on CPU over any backend that all-reduces bfloat16."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks.bf16_compress_hook(process_group, bucket)
 
 
 class _Runner:
@@ -125,13 +163,19 @@ class _Runner:
         kwargs = dict(gradient_as_bucket_view=args.gradient_as_bucket_view)
         if wrapper == "torch":
             self.ddp = TorchDDP(self.model, process_group=self.group, **kwargs)
+        elif wrapper.startswith("torch-best"):
+            bucket_mb = float(wrapper.split("@")[1]) if "@" in wrapper else float(args.best_bucket_mb.split(",")[0])
+            self.ddp = TorchDDP(self.model, process_group=self.group, gradient_as_bucket_view=True,
+                                static_graph=True, bucket_cap_mb=bucket_mb)
+            if "-bf16" in wrapper:
+                self.ddp.register_comm_hook(self.group, _bf16_compress_hook)
         else:
             compression = "bf16" if wrapper.endswith("bf16") else None
             if wrapper.endswith("caller"):
                 kwargs["reduce_on_caller"] = True
             self.ddp = disttrain.DistributedDataParallel(self.model, process_group=self.group,
                                                          compression=compression, **kwargs)
-        self.ours = wrapper != "torch"
+        self.ours = not wrapper.startswith("torch")
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # CPU time of the whole process (all its threads) per step
@@ -206,7 +250,7 @@ def bench_rank(args) -> None:
     disttrain.init()
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = {"disttrain": dist.group.WORLD, "gloo": dist.new_group(backend="gloo")}
-    configs = [c for c in args.configs.split(",") if c]
+    configs = all_configs(args)
     if any(c.endswith("/disttrain-slot4m") for c in configs):
         groups["disttrain-slot4m"] = dist.new_group(backend="disttrain", pg_options={"shm_slot_bytes": str(4 << 20)})
     rows = []
@@ -274,17 +318,24 @@ def _report(rows, out) -> None:
         comm_only = r["config"] == COMM_ONLY
         r["vs_torch_gloo"] = r["steps_per_s"] / gloo if gloo and not comm_only else ""
         r["vs_torch_disttrain"] = r["steps_per_s"] / ours_backend if ours_backend and not comm_only else ""
+        torch_rates = [t["steps_per_s"] for t in rows if (t["model"], t["world_size"]) == (r["model"], r["world_size"])
+                       and t["config"].startswith("torch")]
+        r["best_torch_config"] = next((t["config"] for t in rows if (t["model"], t["world_size"]) == (
+            r["model"], r["world_size"]) and t["config"].startswith("torch") and t["steps_per_s"] == max(torch_rates)),
+            "") if torch_rates else ""
+        r["vs_best_torch"] = r["steps_per_s"] / max(torch_rates) if torch_rates and not comm_only else ""
         # Step time as a multiple of the no-communication step's (1.00 = the floor); for
         # comm-only, floor + communication over floor: the step if no communication were hidden.
         r["x_floor"] = (floor / r["steps_per_s"] + (1 if comm_only else 0)) if floor else ""
         cpu_floor = rate(r["model"], r["world_size"], FLOOR, "cpu_steps_per_s")
         r["cpu_x_floor"] = (cpu_floor / r["cpu_steps_per_s"] + (1 if comm_only else 0)) if cpu_floor else ""
-    print(f"{'model':<11} {'ranks':>5} {'config':<25} {'steps/s':>8} {'x floor':>7} {'cpu x floor':>11} "
-          f"{'vs torch/gloo':>13} {'vs torch/disttrain':>18} {'hidden':>7}")
+    print(f"{'model':<11} {'ranks':>5} {'config':<28} {'steps/s':>8} {'x floor':>7} {'cpu x floor':>11} "
+          f"{'vs torch/gloo':>13} {'vs torch/disttrain':>18} {'vs best torch':>13} {'hidden':>7}")
     for r in rows:
-        print(f"{r['model']:<11} {r['world_size']:>5} {r['config']:<25} {r['steps_per_s']:>8.3f} "
+        print(f"{r['model']:<11} {r['world_size']:>5} {r['config']:<28} {r['steps_per_s']:>8.3f} "
               f"{format_or_dash(r['x_floor'], '>7.2f')} {format_or_dash(r['cpu_x_floor'], '>11.2f')} "
               f"{format_or_dash(r['vs_torch_gloo'], '>13.2f')} {format_or_dash(r['vs_torch_disttrain'], '>18.2f')} "
+              f"{format_or_dash(r['vs_best_torch'], '>13.2f')} "
               f"{format_or_dash(r['hidden_fraction'], '>7.2f')}")
     write_csv(rows, out)
 
