@@ -40,7 +40,7 @@ _LAUNCH_KEYS = {"config_index", "is_distributed", "distributed_strategy", "num_o
 #: Exit status of a configuration error (as argparse's): bad input, not a crash; nothing was started.
 CONFIG_ERROR_EXIT = 2
 
-STRATEGIES = ("ddp", "fsdp", "torch_ddp", "decentralised")
+STRATEGIES = ("ddp", "fsdp", "torch_ddp", "decentralised", "none")
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
                    help="ddp: data-parallel (default); fsdp: sharded (ZeRO, see --zero-stage); torch_ddp: "
                         "PyTorch's DistributedDataParallel in place of disttrain's (the reference); decentralised: "
-                        "this process is one peer of decentralised training (see --initial-peers)")
+                        "this process is one peer of decentralised training (see --initial-peers); none: the model "
+                        "unwrapped, one rank (plain non-distributed training, the serial baseline)")
     p.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
                    help="with --strategy fsdp: 1 shards optimizer state, 2 also gradients, 3 also parameters (default)")
     p.add_argument("--backend", default="disttrain", help="process-group backend: disttrain (default), gloo, nccl")

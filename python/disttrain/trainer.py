@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("disttrain.trainer")
 
 _LR_SCALINGS = ("linear", "sqrt", "none")
-_STRATEGIES = ("ddp", "fsdp", "torch_ddp")
+_STRATEGIES = ("ddp", "fsdp", "torch_ddp", "none")
 # fsdp: a submodule with at least this many parameters (not in a unit below it) is its own unit.
 _FSDP_MIN_UNIT_PARAMS = 100_000
 _STATE_FORMAT = "disttrain.trainer/1"
@@ -80,7 +80,9 @@ class TrainerConfig:
             rebuilt over the shards with the same class and hyperparameters) or
             ``"torch_ddp"`` (PyTorch's ``torch.nn.parallel.DistributedDataParallel``
             in place of disttrain's, everything else the same: the reference that
-            ``disttrain bench scaling`` runs beside disttrain's).
+            ``disttrain bench scaling`` runs beside disttrain's) or ``"none"``
+            (the model unwrapped: plain non-distributed training, one rank only;
+            the serial baseline of ``disttrain bench scaling``).
         zero_stage: with ``"fsdp"``, the ZeRO stage (1, 2 or 3).
     """
 
@@ -226,6 +228,11 @@ class Trainer:
             from .fsdp import FullyShardedDataParallel
             self.model = FullyShardedDataParallel(self.module, stage=cfg.zero_stage, auto_wrap=_FSDP_MIN_UNIT_PARAMS)
             self.optimizer = _rebuild_over_shards(optimizer, self.model, scheduler)
+        elif cfg.strategy == "none":
+            if self.world_size != 1:
+                raise ValueError(f"Trainer: strategy 'none' (no data parallelism) runs on one rank; the job has "
+                                 f"{self.world_size}")
+            self.model = self.module
         else:
             ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
             self.model = _ddp_class(cfg.strategy)(self.module, **ddp_kwargs)
