@@ -4,11 +4,10 @@ epoch logs the advisor learns from (../shared/data/epoch-logs), so a run of
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import os
-import tempfile
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
+
+from ._atomic import umask, write_atomically
 
 #: Column order of the reference epoch logs; the first, unnamed column is the epoch.
 COLUMNS = [
@@ -28,43 +27,16 @@ def write_metrics_csv(path: str, history: Mapping[str, Sequence[float]], configu
     """Rewrites ``path`` from the whole history (atomically: a resumed run
     rewrites it from its snapshot, so no epoch appears twice)."""
     rows = len(history["train_loss"])
-    # A new file of a random name, created exclusively (never through a symlink
-    # planted at a predictable name), fsynced before the rename so that a crash
-    # never loses epochs the snapshot already has, and the folder after it.
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            for epoch in range(rows):
-                row = {"": epoch, **{col: history[key][epoch] for key, col in _PER_EPOCH.items()}}
-                writer.writerow([row.get(c, configuration.get(c, "")) for c in COLUMNS])
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
+    def fill(f: IO[str]) -> None:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for epoch in range(rows):
+            row = {"": epoch, **{col: history[key][epoch] for key, col in _PER_EPOCH.items()}}
+            writer.writerow([row.get(c, configuration.get(c, "")) for c in COLUMNS])
 
-def _umask() -> int:
-    """The process's umask, read without changing it (os.umask would, for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o077
+    # fsynced before the rename, so that a crash never loses epochs the snapshot already has
+    write_atomically(path, fill, mode=0o666 & ~umask())
 
 
 def describe_run(model, optimizer, scheduler, loss_fn, world_size: int, local_world_size: int, backend: str,

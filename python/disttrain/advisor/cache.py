@@ -32,8 +32,9 @@ import os
 import pickle
 import stat
 import sys
-import tempfile
 from pathlib import Path
+
+from .._atomic import write_atomically
 
 ENV_VAR = "DISTTRAIN_ADVISOR_CACHE"
 KEEP = 8
@@ -116,18 +117,8 @@ def _load(path: Path):
 def _store(folder: Path, path: Path, advisor) -> None:
     """Writes ``advisor`` to ``path`` atomically (exclusive temporary, fsync, rename); best effort."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomically(path, lambda f: pickle.dump(advisor, f, protocol=pickle.HIGHEST_PROTOCOL), binary=True)
     except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(advisor, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         return
     entries = sorted(folder.glob("advisor-*.pkl"), key=_mtime, reverse=True)
     for old in entries[KEEP:]:

@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._atomic import write_atomically
 from .errors import AdvisorInputError
 from .features import TRAIN_SAMPLES
 
@@ -133,14 +134,9 @@ def store(calibration: Calibration) -> Path | None:
     path = _path(calibration.device)
     if path is None or not _private_dir(path.parent):
         return None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(calibration), f, indent=1)
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: json.dump(asdict(calibration), f, indent=1), durable=False)
     except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         return None
     return path
 

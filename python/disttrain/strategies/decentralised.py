@@ -34,6 +34,7 @@ contribution reaches its owner alone and is checked before it is averaged).
 from __future__ import annotations
 
 import concurrent.futures as futures
+import csv
 import hashlib
 import hmac
 import json
@@ -56,6 +57,7 @@ from torch import nn
 
 from .. import _C
 from .. import snapshot
+from .._atomic import umask, write_atomically
 from ._common import evaluate, split_epoch
 
 log = logging.getLogger("disttrain.decentralised")
@@ -813,6 +815,12 @@ PEER_COLUMNS = ["epoch", "wall_time_s", "train_loss", "test_loss", "test_acc", "
                 "failed_attempts", "rejections"]
 
 
+def _write_peer_rows(f: Any, rows: list[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(f, PEER_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
 def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer, train_set: Any, test_set: Any,
                   configuration: dict[str, Any]) -> dict[str, Any]:
     """One peer of ``disttrain train --strategy decentralised`` (``args`` are its
@@ -821,7 +829,6 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
     (rounds, peers, group sizes, bytes) and RUN/snapshots/peer.dtsnap (this
     peer's state, from which it resumes when no other peer is alive). Returns
     the history."""
-    import csv
 
     import torch.nn.functional as F
 
@@ -893,10 +900,8 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                                "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                                "momentum": args.momentum, "weight_decay": args.weight_decay,
                                "optimizer": "SGD", "criterion": "CrossEntropyLoss", "num_epochs": epochs})
-            with open(os.path.join(run_dir, "peers.csv"), "w", newline="") as f:
-                writer = csv.DictWriter(f, PEER_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
+            write_atomically(os.path.join(run_dir, "peers.csv"), lambda f: _write_peer_rows(f, rows),
+                             mode=0o666 & ~umask())
             snapshot.save(own, peer.state())
             if not args.no_progress:
                 print(f"peer {peer.address} epoch {epoch + 1}: loss {history['train_loss'][-1]:.4f}, test acc "
