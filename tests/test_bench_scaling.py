@@ -4,12 +4,14 @@ table, the curves, the plots, real run folders, and a resumed study."""
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 from disttrain.bench import scaling
 from disttrain.data import digits
-from disttrain.netns import can_make_hosts
+from disttrain.netns import NamespaceHosts, can_make_hosts
 
 
 def test_efficiency_formula():
@@ -18,6 +20,11 @@ def test_efficiency_formula():
     assert math.isnan(scaling.scaling_efficiency(2.0, 2, math.nan))
     assert scaling.mean_epoch_time([5.0, 1.0, 2.0]) == 1.5  # the first (warm-up) epoch left out
     assert scaling.mean_epoch_time([5.0]) == 5.0
+    # Per round (epochs 0-2, 3-5, 6-7), each round's first epoch left out; T(N) is the median of the rounds.
+    times = [9.0, 1.0, 1.0, 9.0, 2.0, 2.0, 9.0, 7.0]
+    assert scaling.round_epoch_times(times, [3, 6, 8]) == [1.0, 2.0, 7.0]
+    assert scaling.study_epoch_time(times, [3, 6, 8]) == (2.0, [1.0, 2.0, 7.0])
+    assert scaling.study_epoch_time([5.0, 1.0, 2.0], []) == (1.5, [])  # no record of rounds: the mean
 
 
 def test_rounds_resume_each_configuration_to_a_growing_share_of_the_budget():
@@ -40,27 +47,30 @@ def test_study_table_plots_and_resume(tmp_path, capsys):
     assert scaling.main(argv) == 0
     rows, curves, offload = scaling.load_results(str(out))
     assert [(r["impl"], r["config"]) for r in rows] == [
-        ("disttrain", "1"), ("pytorch", "1"), ("pytorch", "2x1"), ("disttrain", "2x1")]  # interleaved
+        ("serial", "1"), ("disttrain", "1"), ("pytorch", "1"), ("pytorch", "2x1"), ("disttrain", "2x1")]  # interleaved
     assert offload == []
     n_train = len(digits(True))
     times = {(r["impl"], r["config"]): float(r["epoch_s"]) for r in rows}
     for r in rows:
         ranks = int(r["ranks"])
         assert r["status"] == "ok" and int(r["epochs"]) == 2, r
-        assert (r["backend"], r["strategy"]) == {"disttrain": ("disttrain", "ddp"),
-                                                 "pytorch": ("gloo", "torch_ddp")}[r["impl"]]
+        assert (r["backend"], r["strategy"]) == {"disttrain": ("disttrain", "ddp"), "pytorch": ("gloo", "torch_ddp"),
+                                                 "serial": ("disttrain", "none")}[r["impl"]]
         assert float(r["lr"]) == pytest.approx(0.05 * ranks) and int(r["global_batch"]) == 32 * ranks
         assert int(r["steps_per_epoch"]) == math.ceil(math.ceil(n_train / ranks) / 32)
         assert float(r["scaling_efficiency"]) == pytest.approx(times[(r["impl"], "1")] / (ranks * float(r["epoch_s"])))
+        assert float(r["efficiency_vs_serial"]) == pytest.approx(times[("serial", "1")] / (ranks * float(r["epoch_s"])))
+        assert len(r["epoch_s_rounds"].split()) == 1  # one round with --epochs
         assert 0 < float(r["test_loss"]) < 2.5 and float(r["best_val_loss"]) <= float(r["test_loss"])
         assert 0.1 < float(r["test_acc"]) <= 1
         run_dir = runs / f"{r['impl']}_{r['config']}"  # a real run folder of the trainer
         assert len(scaling.read_metrics(str(run_dir))) == 2 and (run_dir / "best_model.dts").exists()
         assert list((run_dir / "snapshots").glob("*.dts"))
-    assert rows[0]["epoch_time_vs_pytorch"] != "" and rows[1]["epoch_time_vs_pytorch"] == ""
+    assert rows[1]["epoch_time_vs_pytorch"] != ""  # disttrain's row
+    assert rows[0]["epoch_time_vs_pytorch"] == rows[2]["epoch_time_vs_pytorch"] == ""
     # The two implementations train the same thing: the same losses, epoch by epoch.
     loss = {(c["impl"], c["config"], c["epoch"]): float(c["train_loss"]) for c in curves}
-    assert len(loss) == 8
+    assert len(loss) == 10  # serial: the unwrapped model trains the same as DDP at one rank
     for (impl, config, epoch), value in loss.items():
         assert value == pytest.approx(loss[("pytorch", config, epoch)], rel=1e-5)
     for name in ("scaling_losses", "scaling_efficiency"):
@@ -76,10 +86,64 @@ def test_study_table_plots_and_resume(tmp_path, capsys):
     capsys.readouterr()
     assert scaling.main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished earlier, kept") == 3 and "disttrain_2x1: 2 rank(s), resuming" in printed
+    assert printed.count("finished earlier, kept") == 4 and "disttrain_2x1: 2 rank(s), resuming" in printed
     assert "resumed from" in (run_dir / "study.log").read_text()
     after = scaling.read_metrics(str(run_dir))
     assert [m["train_loss"] for m in after] == [m["train_loss"] for m in before]  # resumed, not started over
     # Another study's settings in the same folder: refused, nothing overwritten.
     with pytest.raises(SystemExit, match="other settings"):
         scaling.main([*argv[:4], "--epochs", "3", *argv[6:]])
+
+
+def test_cluster_settings_from_slurm_and_flags():
+    args = scaling.build_parser().parse_args(["--two-hosts", "2x4,4x4", "--time-budget", "60"])
+    slurm = {"SLURM_NNODES": "4", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[001-004]", "MASTER_ADDR": "n001",
+             "MASTER_PORT": "29700"}
+    scaling.cluster_settings(args, slurm)
+    assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == (4, 1, "n001", 29700)
+    rows = {c.name: c for c in scaling.configs(args)}
+    assert {"serial_1", "disttrain_1", "pytorch_4", "disttrain_2x4", "pytorch_4x4"} <= set(rows)
+    (cmd, _), = scaling._row_commands(args, rows["disttrain_4x4"], None, {})
+    assert cmd[:8] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--max-restarts=0",
+                       "--nnodes=4", "--node-rank=1", "--master-addr=n001"]
+    assert cmd[8] == "--master-port=29701" and "--strategy" in cmd
+    local = scaling.build_parser().parse_args([])
+    scaling.cluster_settings(local, {})
+    assert (local.nnodes, local.node_rank) == (1, 0)
+    for argv, env, why in ((["--nnodes", "2"], {}, "--node-rank"),
+                           (["--nnodes", "2", "--node-rank", "0"], {}, "address"),
+                           (["--two-hosts", "8x1"], slurm, "2 to 4 nodes")):
+        bad = scaling.build_parser().parse_args(argv)
+        with pytest.raises(SystemExit, match=why):
+            scaling.cluster_settings(bad, env)
+            scaling.configs(bad)
+
+
+def test_cluster_study_on_two_namespace_nodes(tmp_path):
+    """The cluster path for real: one `disttrain bench scaling --nnodes 2 --node-rank N` per
+    network-namespace node (as srun starts one per node); node 0 runs the one-host row alone,
+    both run their part of the 2 x 1 row, node 0 writes the table."""
+    why = can_make_hosts()
+    if why:
+        pytest.fail(f"the two nodes {why}")
+    runs, out = tmp_path / "runs", tmp_path / "scaling.csv"
+    with NamespaceHosts("dtclu", 81) as hosts:
+        argv = [sys.executable, "-m", "disttrain.cli", "bench", "scaling", "--ranks", "1", "--two-hosts", "2x1",
+                "--impls", "disttrain", "--no-serial", "--epochs", "1", "--no-offload", "--runs", str(runs),
+                "--out", str(out), "--nnodes", "2", "--master-addr", hosts.addresses[0], "--master-port", "29640"]
+        procs = [subprocess.Popen(hosts.command(n, [*argv, "--node-rank", str(n)]), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env={**os.environ, **hosts.env(n)})
+                 for n in (0, 1)]
+        outs = [procs[0].communicate(timeout=300)[0]]
+        try:  # node 1 finishes with node 0 (or waits for it: not when node 0 failed)
+            outs.append(procs[1].communicate(timeout=60 if procs[0].returncode == 0 else 1)[0])
+        except subprocess.TimeoutExpired:
+            procs[1].kill()
+            outs.append(procs[1].communicate()[0])
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "node 1 of 2" in outs[1] and "node 0 writes the table" in outs[1] and "disttrain_1" not in outs[1]
+    rows, _, _ = scaling.load_results(str(out))
+    assert [(r["config"], r["nodes"], r["ranks"], r["status"]) for r in rows] == [("1", "1", "1", "ok"),
+                                                                                ("2x1", "2", "2", "ok")]
+    assert len(scaling.read_metrics(str(runs / "disttrain_2x1"))) == 1
+    assert (runs / "disttrain_2x1" / "study.node1.log").exists()

@@ -37,7 +37,7 @@ class _BadOption(ValueError):
 # Option names (argparse dests) shared by the benchmarks, and what each accepts.
 _COUNT_LISTS = {"ranks", "processes"}        # comma-separated whole numbers >= 1
 _NUMBER_LISTS = {"sizes", "stream_sizes"}    # comma-separated counts, 1e6 notation allowed, >= 1
-_ZERO_OK = {"warmup", "iters", "eval_ranks", "seed", "mlp_depth", "workers", "kill_mb"}  # whole numbers >= 0; other ints >= 1
+_ZERO_OK = {"warmup", "iters", "eval_ranks", "seed", "mlp_depth", "workers", "kill_mb", "node_rank"}  # whole numbers >= 0; other ints >= 1
 _OUTPUT_FILES = {"out", "csv"}               # files written: an existing folder or one that can be created
 _FOLDERS = {"dir"}                           # existing folders
 

@@ -9,13 +9,20 @@ network-namespace "nodes", each configuration twice, interleaved:
 
 Everything else is the same (model, data, sampler, seed, per-rank batch, the
 learning rate scaled with the world size, the time budget or epoch count).
+Also, at one rank, the serial baseline (``--serial``, on by default): plain
+non-distributed training, the model unwrapped (``--strategy none``).
 Every rank runs one thread (OMP_NUM_THREADS=1). Reported per configuration:
-learning rate, global batch, steps per epoch, mean epoch time (training only;
-the first epoch left out as warm-up when there are more), epochs reached, the
-scaling efficiency E(N) = T(1) / (N x T(N)) with T the mean epoch time and
-T(1) the same implementation's 1-rank run, disttrain's epoch time over
-PyTorch's, the best validation loss, the last epoch's test loss and top-1
-accuracy, backend and strategy.
+learning rate, global batch, steps per epoch, the epoch time T(N) (training
+only: per round the mean of the round's epochs but its first, a fresh process's
+warm-up; T(N) the median over the rounds), epochs reached, two efficiencies:
+
+    scaling_efficiency    E(N) = T(1) / (N x T(N)), T(1) the same implementation's
+                          1-rank run (relative: how the implementation scales)
+    efficiency_vs_serial  T_serial / (N x T(N)), T_serial the serial baseline's
+                          (absolute: against the best sequential time, the same for both)
+
+disttrain's epoch time over PyTorch's, the best validation loss, the last
+epoch's test loss and top-1 accuracy, backend and strategy.
 
 Each row is a run folder ``RUNS/IMPL_CONFIG`` (``-s``/``--save-name`` of
 ``disttrain train``). The configurations run in ``--rounds`` rounds (3 with a
@@ -25,6 +32,12 @@ the machine's load over the whole study, not one stretch of it. Each records
 its progress in ``RUN/study.json``. Run again, the command skips what finished
 and resumes an interrupted configuration from its newest snapshot (the time
 budget counts the run time before the interruption). ``--fresh`` starts over.
+
+On a cluster every node runs the same command (``srun`` starts one per node;
+Slurm's variables, or ``--nnodes --node-rank --master-addr``): node 0 runs the
+one-host rows, each ``NODESxRANKS`` row (``--two-hosts``) runs one torchrun per
+node of the row, the nodes kept in step through a TCPStore on node 0, and node
+0 writes the same table (``scripts/slurm_scaling.sbatch``).
 
 Also a memory-offload study (``--offload``, on by default): time per step and
 peak memory of a model kept resident against one moved to another memory and
@@ -36,7 +49,7 @@ Writes ``OUT`` (the table), ``OUT_curves.csv`` (losses per epoch),
 ``OUT_offload.csv`` and the plots ``OUT_losses``, ``OUT_efficiency`` and
 ``OUT_offload`` as PNG and SVG, beside the CSV.
 
-    disttrain bench scaling --time-budget 120                 # the published study
+    disttrain bench scaling --time-budget 45 --slow-link 1,100   # the published study
     disttrain bench scaling --ranks 1,2 --two-hosts "" --epochs 2 --out /tmp/s.csv
 """
 
@@ -59,10 +72,14 @@ from disttrain.bench import format_or_dash, write_csv
 
 #: implementation -> (backend, trainer strategy)
 IMPLS = {"disttrain": ("disttrain", "ddp"), "pytorch": ("gloo", "torch_ddp")}
+#: the serial baseline: plain non-distributed training (the model unwrapped), one rank
+SERIAL = "serial"
+_IMPL_RUN = {**IMPLS, SERIAL: ("disttrain", "none")}
 
 COLUMNS = ["impl", "config", "nodes", "ranks_per_node", "ranks", "backend", "strategy", "lr", "global_batch",
-           "steps_per_epoch", "epoch_s", "epochs", "budget_s", "run_time_s", "scaling_efficiency",
-           "epoch_time_vs_pytorch", "best_val_loss", "test_loss", "test_acc", "status", "run_dir"]
+           "steps_per_epoch", "epoch_s", "epoch_s_rounds", "epochs", "budget_s", "run_time_s",
+           "scaling_efficiency", "efficiency_vs_serial", "epoch_time_vs_pytorch", "best_val_loss", "test_loss",
+           "test_acc", "status", "run_dir"]
 CURVE_COLUMNS = ["impl", "config", "ranks", "epoch", "wall_s", "train_loss", "val_loss", "val_acc"]
 OFFLOAD_COLUMNS = ["row", "memory", "where", "ranks", "params_mb", "step_ms", "step_ms_vs_resident",
                    "peak_rss_mb", "peak_device_mb", "note"]
@@ -93,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", default="1,2,4", help="rank counts on this host (default 1,2,4; 1 is the baseline)")
-    p.add_argument("--two-hosts", default="2x2", help="NODESxRANKS on network-namespace nodes, comma separated "
-                   "(default 2x2; needs root and iproute2; \"\" for none)")
+    p.add_argument("--two-hosts", default="2x2", help="NODESxRANKS on two network-namespace nodes, comma separated "
+                   "(default 2x2; needs root and iproute2; \"\" for none); on a cluster (--nnodes) 2 to NNODES "
+                   "of its nodes")
     p.add_argument("--slow-link", default="", metavar="DELAY_MS,RATE_MBIT",
                    help="also each --two-hosts layout with its nodes joined by an emulated link of this one-way "
                         "delay and rate (disttrain.netem; e.g. 1,100); default none")
     p.add_argument("--impls", default="disttrain,pytorch", help="disttrain, pytorch or both (default)")
+    p.add_argument("--serial", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the serial baseline: plain non-distributed training on one rank (the model unwrapped), "
+                        "for the efficiency against one shared baseline (default on)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="training time per configuration (default 120 s without --epochs)")
     p.add_argument("-e", "--epochs", type=int, default=None, help="epochs per configuration")
@@ -122,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-steps", type=int, default=20, help="offload study: timed steps per row (default 20)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per configuration before it is stopped "
                    "(default: 4 x the budget + 120)")
+    c = p.add_argument_group("on a cluster (every node runs the same command; default: from Slurm's environment "
+                             "under srun, else this host alone)")
+    c.add_argument("--nnodes", type=int, default=None, help="nodes of the study (SLURM_NNODES under srun)")
+    c.add_argument("--node-rank", type=int, default=None, help="this node's index, 0 to NNODES-1 (SLURM_NODEID); "
+                   "node 0 runs the one-host rows and writes the table")
+    c.add_argument("--master-addr", default=None, help="node 0's address (MASTER_ADDR, else the first host of "
+                   "SLURM_JOB_NODELIST)")
+    c.add_argument("--master-port", type=int, default=None, help="node 0's port for the study's coordination; "
+                   "the rows' rendezvous uses the next one (MASTER_PORT, default 29580)")
     p.add_argument("--offload-job", help=argparse.SUPPRESS)
     p.add_argument("--rows-file", help=argparse.SUPPRESS)
     return p
@@ -131,10 +161,14 @@ def configs(args: argparse.Namespace) -> list[Config]:
     """Every configuration, in run order: for each rank layout, both
     implementations one after the other (alternating which goes first)."""
     layouts = [(1, int(r), False) for r in args.ranks.split(",") if r.strip()]
+    nnodes = getattr(args, "nnodes", None) or 1
     for spec in (s.strip() for s in args.two_hosts.split(",") if s.strip()):
         nodes, per_node = (int(x) for x in spec.lower().split("x"))
-        if nodes != 2:
-            raise SystemExit(f"disttrain bench scaling: --two-hosts {spec}: two nodes only (NODES must be 2)")
+        if nnodes > 1 and not 2 <= nodes <= nnodes:
+            raise SystemExit(f"disttrain bench scaling: --two-hosts {spec}: 2 to {nnodes} nodes on this cluster")
+        if nnodes == 1 and nodes != 2:
+            raise SystemExit(f"disttrain bench scaling: --two-hosts {spec}: two nodes only (NODES must be 2) on "
+                             f"network namespaces; more with --nnodes on a cluster")
         layouts.append((nodes, per_node, False))
         if args.slow_link:
             layouts.append((nodes, per_node, True))
@@ -146,9 +180,82 @@ def configs(args: argparse.Namespace) -> list[Config]:
         raise SystemExit(f"disttrain bench scaling: --impls {args.impls}: choose from {', '.join(IMPLS)}")
     out = []
     for k, (nodes, per_node, slow) in enumerate(layouts):
-        for impl in (impls if k % 2 == 0 else impls[::-1]):
+        order = impls if k % 2 == 0 else impls[::-1]
+        if (nodes, per_node, slow) == (1, 1, False) and getattr(args, "serial", False):
+            order = [SERIAL, *order]
+        for impl in order:
             out.append(Config(impl, nodes, per_node, slow))
     return out
+
+
+# --- on a cluster ---------------------------------------------------------------------------------
+
+def cluster_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> None:
+    """Fills ``args.nnodes``, ``node_rank``, ``master_addr``, ``master_port``: the
+    flags, else Slurm's variables (``srun``: SLURM_NNODES, SLURM_NODEID; node 0's
+    address from MASTER_ADDR or the first host of SLURM_JOB_NODELIST), else one node."""
+    env = os.environ if environ is None else environ
+    slurm = env.get("SLURM_NNODES", "") != "" and env.get("SLURM_NODEID", "") != ""
+    if args.nnodes is None:
+        args.nnodes = int(env["SLURM_NNODES"]) if slurm else 1
+    if args.nnodes < 1:
+        raise SystemExit(f"disttrain bench scaling: --nnodes {args.nnodes}: expected at least 1")
+    if args.nnodes == 1:
+        args.node_rank = 0
+        return
+    if args.node_rank is None:
+        if not slurm:
+            raise SystemExit("disttrain bench scaling: --nnodes given without --node-rank (or SLURM_NODEID)")
+        args.node_rank = int(env["SLURM_NODEID"])
+    if not 0 <= args.node_rank < args.nnodes:
+        raise SystemExit(f"disttrain bench scaling: --node-rank {args.node_rank}: expected 0 to {args.nnodes - 1}")
+    if args.master_addr is None:
+        args.master_addr = env.get("MASTER_ADDR") or None
+    if args.master_addr is None and env.get("SLURM_JOB_NODELIST"):
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                               text=True).stdout.split()
+        args.master_addr = hosts[0] if hosts else None
+    if args.master_addr is None:
+        raise SystemExit("disttrain bench scaling: a cluster study needs node 0's address: --master-addr or "
+                         "MASTER_ADDR")
+    if args.master_port is None:
+        args.master_port = int(env.get("MASTER_PORT") or 29580)
+    if args.slow_link:
+        raise SystemExit("disttrain bench scaling: --slow-link emulates a link between namespace nodes on one host; "
+                         "on a cluster the nodes' own network is the link")
+
+
+class _Cluster:
+    """The nodes of a cluster study kept in step through a TCPStore on node 0
+    (``--master-addr``:``--master-port``). Every node walks the same
+    configurations in the same order; node 0 decides for each multi-node row
+    whether it runs this round (``go/ROUND/NAME``: run or skip) and runs the
+    one-host rows alone; each other node in the row starts its part of the
+    row's torchrun (``--nnodes``, ``--node-rank``, node 0's address and the next
+    port) and reports how it ended (``rc/ROUND/NAME/NODE``)."""
+
+    def __init__(self, args: argparse.Namespace, wait_s: float):
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+        self.node, self.nnodes, self.wait = args.node_rank, args.nnodes, timedelta(seconds=wait_s)
+        self.store = TCPStore(args.master_addr, args.master_port, is_master=self.node == 0, timeout=self.wait,
+                              wait_for_workers=False)
+
+    def set(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+
+    def get(self, key: str) -> str:
+        self.store.wait([key], self.wait)
+        return self.store.get(key).decode()
+
+    def finish(self) -> None:
+        """The other nodes say goodbye; node 0 keeps the store up until all have."""
+        if self.node == 0:
+            for n in range(1, self.nnodes):
+                self.get(f"bye/{n}")
+        else:
+            self.set(f"bye/{self.node}", "1")
 
 
 # --- running one configuration ------------------------------------------------------------------
@@ -188,7 +295,7 @@ class _SlowHosts:
 
 
 def _train_argv(args: argparse.Namespace, cfg: Config, fraction: float = 1.0) -> list[str]:
-    backend, strategy = IMPLS[cfg.impl]
+    backend, strategy = _IMPL_RUN[cfg.impl]
     argv = ["-m", "disttrain.cli", "train", "-m", args.model, "--dataset", args.dataset, "-b", str(args.batch_size),
             "-lr", repr(args.learning_rate), "--lr-scaling", args.lr_scaling, "--seed", str(args.seed),
             "--backend", backend, "--strategy", strategy, "-s", os.path.abspath(args.runs), "--save-name", cfg.name,
@@ -202,30 +309,39 @@ def _train_argv(args: argparse.Namespace, cfg: Config, fraction: float = 1.0) ->
     return argv
 
 
-def _torchrun(nodes: int, node: int, per_node: int, master: str | None) -> list[str]:
+def _torchrun(nodes: int, node: int, per_node: int, master: str | None, port: int = _MASTER_PORT) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={per_node}", "--max-restarts=0"]
     if nodes == 1:
         return cmd + ["--standalone"]
-    return cmd + [f"--nnodes={nodes}", f"--node-rank={node}", f"--master-addr={master}",
-                  f"--master-port={_MASTER_PORT}"]
+    return cmd + [f"--nnodes={nodes}", f"--node-rank={node}", f"--master-addr={master}", f"--master-port={port}"]
+
+
+def _row_commands(args: argparse.Namespace, cfg: Config, hosts: Any, env: dict[str, str],
+                  fraction: float = 1.0) -> list[tuple[list[str], dict[str, str]]]:
+    """The commands (and environments) this process starts for a row: one torchrun on
+    this host; one per namespace node; on a cluster, this node's part of the row."""
+    train = _train_argv(args, cfg, fraction)
+    if cfg.nodes == 1:
+        return [(_torchrun(1, 0, cfg.per_node, None) + train, env)]
+    if (getattr(args, "nnodes", None) or 1) > 1:
+        return [(_torchrun(cfg.nodes, args.node_rank, cfg.per_node, args.master_addr, args.master_port + 1) + train,
+                 env)]
+    return [(hosts.command(n, _torchrun(2, n, cfg.per_node, hosts.addresses[0]) + train), {**env, **hosts.env(n)})
+            for n in range(cfg.nodes)]
 
 
 def _run_config(args: argparse.Namespace, cfg: Config, hosts: Any, log_path: str,
                 fraction: float = 1.0) -> str | None:
-    """Runs (or resumes) one configuration to ``fraction`` of its budget; None when it got there, else why not."""
+    """Runs (or resumes) one configuration to ``fraction`` of its budget; None when it got there, else why not.
+    On a cluster (``args.nnodes`` > 1) this node's part of it only."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
     budget = args.time_budget if args.time_budget is not None else 60.0 * (args.epochs or 1)
     timeout = args.timeout if args.timeout is not None else 4 * budget + 120
-    train = _train_argv(args, cfg, fraction)
+    cmds = _row_commands(args, cfg, hosts, env, fraction)
     with open(log_path, "a") as log:
-        if cfg.nodes == 1:
-            cmds = [(_torchrun(1, 0, cfg.per_node, None) + train, env)]
-        else:
-            cmds = [(hosts.command(n, _torchrun(2, n, cfg.per_node, hosts.addresses[0]) + train),
-                     {**env, **hosts.env(n)}) for n in range(cfg.nodes)]
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmds[0][0])}\n")
         log.flush()
         procs = [subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -271,6 +387,32 @@ def mean_epoch_time(epoch_times: list[float]) -> float:
     return sum(times) / len(times) if times else math.nan
 
 
+def round_epoch_times(epoch_times: list[float], bounds: list[int]) -> list[float]:
+    """The mean epoch time of each round: ``bounds`` are the epochs done at the end of
+    each round (cumulative); a round's first epoch (a fresh process's warm-up) is left
+    out when the round has more."""
+    means, start = [], 0
+    for end in bounds:
+        times = epoch_times[start:end]
+        start = max(start, end)
+        times = times[1:] if len(times) > 1 else times
+        if times:
+            means.append(sum(times) / len(times))
+    return means
+
+
+def study_epoch_time(epoch_times: list[float], bounds: list[int]) -> tuple[float, list[float]]:
+    """T(N) of a row: the median over its rounds of the round's mean epoch time (a round
+    run under a burst of load moves the median little), and the rounds' means; without
+    a record of the rounds, the mean of all epochs but the first."""
+    means = round_epoch_times(epoch_times, bounds)
+    if not means:
+        return mean_epoch_time(epoch_times), []
+    means_sorted, k = sorted(means), len(means)
+    median = means_sorted[k // 2] if k % 2 else (means_sorted[k // 2 - 1] + means_sorted[k // 2]) / 2
+    return median, means
+
+
 def scaling_efficiency(t1: float, ranks: int, tn: float) -> float:
     """E(N) = T(1) / (N x T(N)): 1 when N ranks take 1/N of one rank's epoch time."""
     return t1 / (ranks * tn) if tn > 0 and t1 > 0 else math.nan
@@ -290,10 +432,10 @@ def summarize(args: argparse.Namespace, cfgs: list[Config], failures: dict[str, 
     for cfg in cfgs:
         run_dir = os.path.join(args.runs, cfg.name)
         metrics = read_metrics(run_dir)
-        backend, strategy = IMPLS[cfg.impl]
-        t = mean_epoch_time([m["epoch_time"] for m in metrics])
-        epoch_s[(cfg.impl, cfg.label)] = t
+        backend, strategy = _IMPL_RUN[cfg.impl]
         done = _rounds_done(run_dir)
+        t, by_round = study_epoch_time([m["epoch_time"] for m in metrics], done.get("epochs_by_round", []))
+        epoch_s[(cfg.impl, cfg.label)] = t
         status = failures.get(cfg.name) or ("ok" if done.get("finished") else "not run" if not done
                                             else f"unfinished (round {done['round']} of {done['rounds']})")
         rows.append({
@@ -301,7 +443,8 @@ def summarize(args: argparse.Namespace, cfgs: list[Config], failures: dict[str, 
             "ranks": cfg.ranks, "backend": backend, "strategy": strategy,
             "lr": args.learning_rate * factor(cfg.ranks), "global_batch": args.batch_size * cfg.ranks,
             "steps_per_epoch": math.ceil(math.ceil(n_train / cfg.ranks) / args.batch_size),
-            "epoch_s": t, "epochs": len(metrics), "budget_s": args.time_budget if args.time_budget else "",
+            "epoch_s": t, "epoch_s_rounds": " ".join(f"{x:.4f}" for x in by_round), "epochs": len(metrics),
+            "budget_s": args.time_budget if args.time_budget else "",
             "run_time_s": sum(m["epoch_time"] + m["test_time"] for m in metrics),
             "best_val_loss": min((m["val_loss"] for m in metrics), default=math.nan),
             "test_loss": metrics[-1]["val_loss"] if metrics else math.nan,
@@ -313,9 +456,11 @@ def summarize(args: argparse.Namespace, cfgs: list[Config], failures: dict[str, 
             curves.append({"impl": cfg.impl, "config": cfg.label, "ranks": cfg.ranks, "epoch": int(m["epoch"]) + 1,
                            "wall_s": wall, "train_loss": m["train_loss"], "val_loss": m["val_loss"],
                            "val_acc": m["val_acc"]})
+    serial = epoch_s.get((SERIAL, "1"), math.nan)
     for row in rows:
         row["scaling_efficiency"] = scaling_efficiency(epoch_s.get((row["impl"], "1"), math.nan), row["ranks"],
                                                        row["epoch_s"])
+        row["efficiency_vs_serial"] = scaling_efficiency(serial, row["ranks"], row["epoch_s"])
         ref = epoch_s.get(("pytorch", row["config"]))
         row["epoch_time_vs_pytorch"] = row["epoch_s"] / ref if ref and row["impl"] == "disttrain" else ""
     return rows, curves
@@ -343,7 +488,8 @@ def report(rows: list[dict]) -> None:
     _print_table(rows, [("impl", "impl", "", 9), ("config", "config", "", 7), ("lr", "lr", ".3g", 5),
                         ("gbatch", "global_batch", "", 6), ("steps", "steps_per_epoch", "", 5),
                         ("epoch s", "epoch_s", ".3f", 7), ("epochs", "epochs", "", 6),
-                        ("eff", "scaling_efficiency", ".3f", 5), ("vs pt", "epoch_time_vs_pytorch", ".3f", 5),
+                        ("eff", "scaling_efficiency", ".3f", 5), ("eff/ser", "efficiency_vs_serial", ".3f", 7),
+                        ("vs pt", "epoch_time_vs_pytorch", ".3f", 5),
                         ("best val", "best_val_loss", ".4f", 8), ("test", "test_loss", ".4f", 6),
                         ("acc", "test_acc", ".4f", 6), ("backend", "backend", "", 9), ("strategy", "strategy", "", 9),
                         ("status", "status", "", 6)])
@@ -369,7 +515,7 @@ def plot_losses(curves: list[dict], base: str | None = None) -> Any:
         lines.setdefault((c["impl"], str(c["config"])), []).append(c)
     colors = {config: f"C{i}" for i, config in enumerate(dict.fromkeys(config for _, config in lines))}
     for (impl, config), points in lines.items():
-        style = "-" if impl == "disttrain" else "--"
+        style = {"disttrain": "-", SERIAL: ":"}.get(impl, "--")
         label = f"{impl} {config}"
         for row, key in enumerate(("train_loss", "val_loss")):
             for col, x in enumerate(("wall_s", "epoch")):
@@ -383,7 +529,8 @@ def plot_losses(curves: list[dict], base: str | None = None) -> Any:
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=8, ncol=2)
-    fig.suptitle("disttrain bench scaling: loss curves (solid: disttrain DDP, dashed: PyTorch DDP over gloo)")
+    fig.suptitle("disttrain bench scaling: loss curves (solid: disttrain DDP, dashed: PyTorch DDP over gloo, "
+                 "dotted: serial)")
     _save(fig, base)
     return fig
 
@@ -396,44 +543,59 @@ def _layout_kind(row: dict) -> str:
 
 
 def plot_scaling(rows: list[dict], base: str | None = None) -> Any:
-    """Epoch time and scaling efficiency against ranks, with the ideal line."""
+    """Epoch time, scaling efficiency (each implementation against its own 1-rank run) and
+    efficiency against the shared serial baseline, against ranks, with the ideal lines."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5))
-    ax_t, ax_e = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.5), layout="constrained")
+    ax_t, ax_e, ax_s = fig.subplots(1, 3)
     ranks_seen: set[int] = set()
+    has_serial = any(r["impl"] == SERIAL for r in rows)
+    colors = {"disttrain": "C0", "pytorch": "C1", SERIAL: "C2"}
+
+    def value(r: dict, key: str) -> float:
+        try:
+            return float(r.get(key, ""))
+        except (TypeError, ValueError):
+            return math.nan
     for impl in dict.fromkeys(r["impl"] for r in rows):
         for kind, suffix, marker in (("one", "", "o"), ("two", " (2 namespace nodes)", "s"),
                                      ("slow", " (2 nodes, emulated slow link)", "^")):
-            pts = sorted((int(r["ranks"]), float(r["epoch_s"]), float(r["scaling_efficiency"])) for r in rows
-                         if r["impl"] == impl and _layout_kind(r) == kind and r["epoch_s"] != ""
-                         and not math.isnan(float(r["epoch_s"])))
+            pts = sorted((int(r["ranks"]), value(r, "epoch_s"), value(r, "scaling_efficiency"),
+                          value(r, "efficiency_vs_serial")) for r in rows
+                         if r["impl"] == impl and _layout_kind(r) == kind and not math.isnan(value(r, "epoch_s")))
             if kind != "one":  # the two-host points beside the one-host line
                 pts = [p for p in pts if p[0] > 1]
             if not pts:
                 continue
             ranks_seen.update(p[0] for p in pts)
             label = impl + suffix
-            style = dict(marker=marker, linestyle="-" if kind == "one" else "none",
-                         color="C0" if impl == "disttrain" else "C1")
+            style = dict(marker=marker, linestyle="-" if kind == "one" else "none", color=colors.get(impl, "C3"))
             ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
-            ax_e.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
+            if impl != SERIAL:
+                ax_e.plot([p[0] for p in pts], [p[2] for p in pts], label=label, **style)
+            ax_s.plot([p[0] for p in pts], [p[3] for p in pts], label=label, **style)
     ranks = sorted(ranks_seen)
     for impl in dict.fromkeys(r["impl"] for r in rows):
-        t1 = [float(r["epoch_s"]) for r in rows if r["impl"] == impl and str(r["config"]) == "1"]
+        if has_serial and impl != SERIAL:
+            continue  # one ideal line: the serial time over N
+        t1 = [value(r, "epoch_s") for r in rows if r["impl"] == impl and str(r["config"]) == "1"]
         if t1 and ranks:
-            ax_t.plot(ranks, [t1[0] / n for n in ranks], ":", color="C0" if impl == "disttrain" else "C1",
+            ax_t.plot(ranks, [t1[0] / n for n in ranks], ":", color=colors.get(impl, "C3"),
                       label=f"ideal ({impl}: T(1)/N)")
-    if ranks:
-        ax_e.plot(ranks, [1.0] * len(ranks), ":", color="gray", label="ideal (1)")
-    ax_t.set_ylabel("mean epoch time, s")
-    ax_e.set_ylabel("scaling efficiency T(1) / (N T(N))")
-    for ax in (ax_t, ax_e):
+    for ax in (ax_e, ax_s):
+        if ranks:
+            ax.plot(ranks, [1.0] * len(ranks), ":", color="gray", label="ideal (1)")
+    ax_t.set_ylabel("epoch time T(N), s (median of the rounds)")
+    ax_e.set_ylabel("scaling efficiency T(1) / (N T(N)),\nT(1) the same implementation's 1-rank run")
+    ax_s.set_ylabel("efficiency against the serial baseline\nT_serial / (N T(N))")
+    for ax in (ax_t, ax_e, ax_s):
         ax.set_xlabel("ranks N")
         ax.set_xticks(ranks)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     ax_e.set_ylim(bottom=0)
+    ax_s.set_ylim(bottom=0)
     _save(fig, base)
     return fig
 
@@ -717,12 +879,19 @@ def _rounds_done(run_dir: str) -> dict[str, Any]:
         return {}
 
 
-def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]] | None:
     """Runs every configuration in ``args.rounds`` rounds (the order reversed
     every other round), each round to r/R of the budget; skips what an earlier,
-    interrupted invocation finished."""
+    interrupted invocation finished. On a cluster every node calls this; node 0
+    returns the table, the others None."""
     cfgs = configs(args)
-    _prepare(args)
+    cluster = None
+    if args.nnodes > 1:
+        budget = args.time_budget if args.time_budget is not None else 60.0 * (args.epochs or 1)
+        per_config = args.timeout if args.timeout is not None else 4 * budget + 120
+        cluster = _Cluster(args, per_config * len(cfgs) + 600)  # the longest another node may wait for node 0
+    if args.node_rank == 0:
+        _prepare(args)
     made: dict[bool, Any] = {}  # slow? -> the two hosts
     failures: dict[str, str] = {}
     rounds = args.rounds
@@ -730,13 +899,25 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         for r in range(1, rounds + 1):
             for cfg in (cfgs if r % 2 else cfgs[::-1]):
                 run_dir = os.path.join(args.runs, cfg.name)
+                go = f"go/{r}/{cfg.name}"
+                if args.node_rank > 0:  # another node of a cluster: its part of node 0's multi-node rows
+                    if cfg.nodes == 1 or args.node_rank >= cfg.nodes or cluster.get(go) != "run":
+                        continue
+                    print(f"# {cfg.name}: node {args.node_rank} of {cfg.nodes}, round {r} of {rounds}", flush=True)
+                    error = _run_config(args, cfg, None, os.path.join(run_dir, f"study.node{args.node_rank}.log"),
+                                        r / rounds)
+                    cluster.set(f"rc/{r}/{cfg.name}/{args.node_rank}", error or "")
+                    continue
+                shared = cluster is not None and cfg.nodes > 1
                 done = _rounds_done(run_dir)
                 if done.get("finished") or done.get("round", 0) >= r or cfg.name in failures:
                     if done.get("finished") and r == 1:
                         print(f"# {cfg.name}: finished earlier, kept", flush=True)
+                    if shared:
+                        cluster.set(go, "skip")
                     continue
                 hosts = made.get(cfg.slow)
-                if cfg.nodes > 1 and hosts is None:
+                if cfg.nodes > 1 and cluster is None and hosts is None:
                     from disttrain.netns import NamespaceHosts, can_make_hosts
                     why = can_make_hosts()
                     if why:
@@ -753,18 +934,28 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 print(f"# {cfg.name}: {cfg.ranks} rank(s){', resuming' if resumed else ''}, round {r} of {rounds}",
                       flush=True)
                 os.makedirs(run_dir, exist_ok=True)
+                if shared:
+                    cluster.set(go, "run")
                 error = _run_config(args, cfg, hosts, os.path.join(run_dir, "study.log"), r / rounds)
+                if shared:
+                    others = [(n, cluster.get(f"rc/{r}/{cfg.name}/{n}")) for n in range(1, cfg.nodes)]
+                    error = error or "; ".join(f"node {n}: {e}" for n, e in others if e) or None
                 if error:
                     failures[cfg.name] = f"failed: {error}"
                     print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
                     continue
+                bounds = list(done.get("epochs_by_round", []))[:r - 1] + [len(read_metrics(run_dir))]
                 with open(os.path.join(run_dir, "study.json"), "w") as f:
                     json.dump({"round": r, "rounds": rounds, "finished": r == rounds, "impl": cfg.impl,
                                "config": cfg.label, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "argv": _train_argv(args, cfg, r / rounds)}, f)
+                               "epochs_by_round": bounds, "argv": _train_argv(args, cfg, r / rounds)}, f)
+        if cluster is not None:
+            cluster.finish()
     finally:
         for hosts in made.values():
             hosts.remove()
+    if args.node_rank > 0:
+        return None
     return summarize(args, cfgs, failures)
 
 
@@ -782,8 +973,13 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 3 if args.time_budget is not None else 1
     if args.rounds < 1:
         raise SystemExit(f"disttrain bench scaling: --rounds {args.rounds}: expected at least 1")
+    cluster_settings(args)
     base = os.path.splitext(args.out)[0]
-    rows, curves = run_study(args)
+    result = run_study(args)
+    if result is None:  # another node of a cluster study: node 0 writes the table
+        print(f"# node {args.node_rank}: done; node 0 writes the table", flush=True)
+        return 0
+    rows, curves = result
     write_csv(rows, args.out, COLUMNS)
     write_csv(curves, base + "_curves.csv", CURVE_COLUMNS)
     report(rows)
