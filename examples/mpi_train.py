@@ -81,7 +81,7 @@ def main() -> None:
         total = torch.zeros(2)
         for i in range(int(steps)):
             batch = order[i * args.batch_size:(i + 1) * args.batch_size]
-            average.zero_grad()  # gradients as views of the all-reduce buffer: backward writes there
+            average.zero_grad()  # drops the gradients: backward writes each once, into the last step's memory
             loss = F.cross_entropy(model(images[batch]), labels[batch])
             loss.backward()
             average()  # one fused all-reduce of every gradient

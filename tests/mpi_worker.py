@@ -101,16 +101,30 @@ def _check_training_pieces(rank, world, files, result):
     all_grads = [torch.empty_like(grads) for _ in range(world)]
     dist.all_gather(all_grads, grads)
     average = mpi.GradientAverager(model)
-    average()  # gradients backward allocated: copied into the buffer
+    average()  # gradients backward allocated: averaged in place
     averaged = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     result["average_error"] = float((averaged - torch.stack(all_grads).mean(0)).abs().max())
-    average.zero_grad()  # gradients as views of the buffer: backward accumulates there
+    average.zero_grad()  # gradients dropped; backward writes them once, in the step-memory scope
     model(x).square().mean().backward()
     average()
     again = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     result["average_in_place_error"] = float((again - torch.stack(all_grads).mean(0)).abs().max())
-    result["grads_are_views"] = all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(model.parameters(),
-                                                                                       average._views))
+    # A gradient of 2 MiB (above the reuse threshold): the next step's lands in the block the
+    # step before used, with the same values.
+    wide = torch.nn.Linear(512, 1024)
+    mpi.broadcast_parameters(wide)
+    wide_average = mpi.GradientAverager(wide)
+    pointers, values = [], []
+    for _ in range(3):
+        wide_average.zero_grad()
+        wide(x.reshape(4, -1).repeat(1, 8)).square().mean().backward()
+        wide_average()
+        pointers.append(wide.weight.grad.data_ptr())
+        values.append(wide.weight.grad.clone())
+    stats = wide_average.memory_stats()
+    result["grads_reuse_memory"] = (stats["installed"] and stats["reused"] >= 2 and pointers[1] == pointers[2]
+                                    and all(torch.equal(values[0], v) for v in values))
+    result["step_memory_scope_closed"] = mpi._C.step_memory_depth() == 0
 
 
 def main(out_dir, mode, image_dir):

@@ -191,7 +191,7 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
         assert res["scatter_sizes"] == [9, 9, 8, 8, 8] and res["scatter_complete"]
         assert "4 file(s) cannot be scattered over 5 ranks" in res["scatter_error"]
         assert res["broadcast_equal"] and res["average_error"] < 1e-6 and res["average_in_place_error"] < 1e-6
-        assert res["grads_are_views"]
+        assert res["grads_reuse_memory"] and res["step_memory_scope_closed"]
         assert res["stage_error"] == ("pipeline stage 2 ('normalise') on rank 2 raised on item 7: "
                                       "ValueError: corrupt image"), (rank, res["stage_error"])
         assert res["too_many_stages"] == ("pipeline: 6 stages need at least 6 ranks (one per stage, the last "
