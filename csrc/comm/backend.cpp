@@ -203,7 +203,7 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
   TORCH_CHECK_VALUE(mode != TransportChoice::kShm || hosts == 1, "disttrain: transport=shm needs every rank on one host, ",
                     "but the ranks are on ", hosts, " hosts");
   if (hosts == 1) {
-    shm_ = std::make_unique<ShmGroup>(store, *transport_, transport_->secret(), options_.shm_slot_bytes,
+    shm_ = std::make_unique<ShmGroup>(store, *transport_, timeout, options_.shm_slot_bytes,
                                       options_.is_default("shm_slot_bytes"));
     return;
   }
@@ -227,7 +227,7 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
     local_ = std::make_unique<TcpTransport>(host_store, local_rank, static_cast<int>(local.size()), timeout,
                                             options_.tcp, store);
     local_->set_group_ranks(local);
-    shm_ = std::make_unique<ShmGroup>(host_store, *local_, local_->secret(), options_.shm_slot_bytes,
+    shm_ = std::make_unique<ShmGroup>(host_store, *local_, timeout, options_.shm_slot_bytes,
                                       options_.is_default("shm_slot_bytes"));
   }
   if (local_rank == 0) {

@@ -3,14 +3,21 @@
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <c10/util/Half.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "comm/tcp/socket_util.h"
 #include "comm/tcp/tcp_collectives.h"
 #include "comm/kernels/reduce_kernels.h"
 
@@ -182,4 +189,123 @@ TEST(Collectives, SimultaneousLargeSendsDoNotDeadlock) {
     });
     expect_no_errors(errors);
   }
+}
+
+// ---------------------------------------------------------------------------
+// The handshake during set-up: rank 0 is real, this test plays everyone else.
+
+namespace {
+
+int connect_to(const std::string& address) {
+  std::string error;
+  auto colon = address.rfind(':');
+  int fd = connect_retry(address.substr(0, colon), std::stoi(address.substr(colon + 1)), soon(), &error);
+  if (fd < 0) throw std::runtime_error(error);
+  return fd;
+}
+
+HelloMessage hello_for(uint32_t rank, uint32_t world, const std::vector<uint8_t>& secret) {
+  HelloMessage h{kHelloMagic, rank, world, {}};
+  std::memcpy(h.secret, secret.data(), sizeof(h.secret));
+  return h;
+}
+
+// What rank 0 answers a complete hello with: "ack", "closed" (dropped
+// unanswered) or "silence" (nothing within 10 s: it is not even being read).
+std::string answer_to(const HelloMessage& h, const std::string& address, int* kept_fd = nullptr) {
+  int fd = connect_to(address);
+  if (::send(fd, &h, sizeof(h), MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(h))) {
+    ::close(fd);
+    return "closed";
+  }
+  pollfd p{fd, POLLIN, 0};
+  std::string result = "silence";
+  if (::poll(&p, 1, 10000) > 0) {
+    uint32_t ack = 0;
+    ssize_t n = ::recv(fd, &ack, sizeof(ack), MSG_WAITALL);
+    result = n == static_cast<ssize_t>(sizeof(ack)) && ack == kHelloMagic ? "ack" : n <= 0 ? "closed" : "garbage";
+  }
+  if (kept_fd && result == "ack") *kept_fd = fd;
+  else ::close(fd);
+  return result;
+}
+
+}  // namespace
+
+TEST(Handshake, StrangersDuringSetUpAreDroppedWithoutDelayingIt) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::unique_ptr<TcpTransport> rank0;
+  std::string error;
+  std::atomic<bool> ready{false};
+  std::thread setup([&] {
+    try {
+      rank0 = std::make_unique<TcpTransport>(store, 0, 3, 30000ms);
+      ready = true;
+    } catch (const c10::Error& e) {
+      error = e.what_without_backtrace();
+    }
+  });
+  const std::vector<uint8_t> secret = store->get("disttrain/secret");
+  const std::vector<uint8_t> addr_bytes = store->get("disttrain/addr/0");
+  const std::string address(addr_bytes.begin(), addr_bytes.end());
+
+  // First in: a sender that dribbles a valid hello (the right secret even) at
+  // one byte a second; it would take 28 s. Its deadline is for the whole hello.
+  int dribbler = connect_to(address);
+  const auto dribble_start = Clock::now();
+  std::atomic<int64_t> dropped_after_ms{-1};
+  std::thread dribble([&] {
+    HelloMessage h = hello_for(1, 3, secret);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(&h);
+    for (size_t i = 0; i < sizeof(h); ++i) {
+      if (::send(dribbler, bytes + i, 1, MSG_NOSIGNAL) != 1) break;
+      pollfd p{dribbler, POLLIN | POLLRDHUP, 0};
+      if (::poll(&p, 1, 1000) > 0) break;  // rank 0 closed it (it never answers a byte)
+    }
+    dropped_after_ms = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - dribble_start).count();
+  });
+
+  // Strangers, each answered (by a close) while the dribbler is still being read.
+  HelloMessage wrong_secret = hello_for(1, 3, secret);
+  wrong_secret.secret[15] ^= 1;
+  HelloMessage bad_magic = hello_for(1, 3, secret);
+  bad_magic.magic ^= 1;
+  for (const auto& [what, h] : std::vector<std::pair<std::string, HelloMessage>>{
+           {"wrong secret", wrong_secret},
+           {"its own rank", hello_for(0, 3, secret)},
+           {"rank == world", hello_for(3, 3, secret)},
+           {"rank 1000", hello_for(1000, 3, secret)},
+           {"wrong world size", hello_for(1, 4, secret)},
+           {"bad magic", bad_magic}}) {
+    EXPECT_EQ(answer_to(h, address), "closed") << what;
+  }
+  // Rank 1 gets in while the dribbler is pending; a second rank 1 does not.
+  int rank1 = -1, rank2 = -1;
+  EXPECT_EQ(answer_to(hello_for(1, 3, secret), address, &rank1), "ack") << "rank 1";
+  EXPECT_EQ(answer_to(hello_for(1, 3, secret), address), "closed") << "duplicate rank 1";
+
+  // The dribbler goes at its deadline, while set-up still waits for rank 2.
+  dribble.join();
+  EXPECT_GE(dropped_after_ms.load(), kHelloDeadline.count() - 100);
+  EXPECT_LT(dropped_after_ms.load(), kHelloDeadline.count() + 8000) << "dropped only when its hello was complete";
+  EXPECT_FALSE(ready.load());
+
+  EXPECT_EQ(answer_to(hello_for(2, 3, secret), address, &rank2), "ack") << "rank 2";
+  setup.join();
+  EXPECT_EQ(error, "");
+  ASSERT_TRUE(rank0);
+  EXPECT_EQ(rank0->rejected_connections(), 8u);  // six strangers, the duplicate and the dribbler
+  for (int fd : {dribbler, rank1, rank2})
+    if (fd >= 0) ::close(fd);
+}
+
+TEST(Handshake, SecretsCompareInConstantTimeHelper) {
+  const uint8_t a[16] = {1, 2, 3}, b[16] = {1, 2, 3};
+  uint8_t c[16] = {1, 2, 3};
+  EXPECT_TRUE(equal_constant_time(a, b, sizeof(a)));
+  c[15] = 1;
+  EXPECT_FALSE(equal_constant_time(a, c, sizeof(a)));
+  c[15] = 0, c[0] = 0;
+  EXPECT_FALSE(equal_constant_time(a, c, sizeof(a)));
+  EXPECT_TRUE(equal_constant_time(a, c, 0));
 }

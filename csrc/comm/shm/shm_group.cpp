@@ -15,6 +15,8 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <random>
+#include <thread>
 #include <sstream>
 
 #include "trace/timeline.h"
@@ -89,9 +91,65 @@ struct ShmGroup::Control {
   static_assert(sizeof(Flag) + 2 * sizeof(PackedSignature) <= 64, "copied and the signatures share a line");
 };
 
-ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t tag[8], size_t slot_bytes,
-                   bool slot_bytes_is_default)
+ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std::chrono::milliseconds timeout,
+                   size_t slot_bytes, bool slot_bytes_is_default)
     : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(std::max<size_t>(4096, slot_bytes & ~size_t(4095))) {
+  const Deadline deadline = Clock::now() + timeout;
+  segments_.assign(size_, nullptr);
+  done_seen_.assign(size_, 0);
+  uint8_t tag[8];
+  bool have_tag = false;
+  // A failure during set-up (ours, or a peer that died) removes every name of
+  // the group, not only ours: a peer killed before the names went cannot.
+  auto fail = [&](const std::string& what, bool with_errno) {
+    const std::string cause = with_errno ? std::string(" (") + std::strerror(errno) + ")" : "";
+    for (auto*& seg : segments_) {
+      if (seg) ::munmap(seg, segment_bytes_);
+      seg = nullptr;
+    }
+    if (have_tag) {
+      for (int q = 0; q < size_; ++q) ::shm_unlink(segment_name(tag, q).c_str());
+    }
+    TORCH_CHECK(false, "disttrain: shared-memory transport: ", what, cause,
+                "; set DISTTRAIN_TRANSPORT=tcp to use sockets only");
+  };
+  // Waits for a key of the set-up, watching the peers' connections and the deadline.
+  auto await = [&](const std::string& key, const std::string& what) {
+    auto sleep = std::chrono::milliseconds(1);
+    while (!store->check({key})) {
+      for (int q = 0; q < size_; ++q) {
+        if (!tcp_.peer_connected(q)) {
+          fail("rank " + std::to_string(tcp_.group_rank(q)) + " exited during set-up, while rank " +
+                   std::to_string(tcp_.group_rank(rank_)) + " waited for " + what,
+               false);
+        }
+      }
+      if (Clock::now() >= deadline) {
+        fail("rank " + std::to_string(tcp_.group_rank(rank_)) + " timed out after " + std::to_string(timeout.count()) +
+                 " ms waiting for " + what,
+             false);
+      }
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, std::chrono::milliseconds(20));
+    }
+  };
+  auto text_of = [](const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); };
+
+  // The names' tag: random, drawn by rank 0 for this group alone; it tells
+  // nobody anything about the job secret.
+  const std::string tag_key = "disttrain/shm/tag";
+  if (rank_ == 0) {
+    std::random_device rd;
+    for (auto& b : tag) b = static_cast<uint8_t>(rd());
+    store->set(tag_key, std::vector<uint8_t>(tag, tag + sizeof(tag)));
+  } else {
+    await(tag_key, "rank " + std::to_string(tcp_.group_rank(0)) + "'s segment tag");
+    const std::vector<uint8_t> got = store->get(tag_key);
+    TORCH_CHECK(got.size() == sizeof(tag), "disttrain: shared-memory transport: malformed segment tag in the store");
+    std::memcpy(tag, got.data(), sizeof(tag));
+  }
+  have_tag = true;
+
   // With more ranks than cores, the peer a rank waits for is often not
   // running: spinning would hold the very core it needs, so a waiter yields
   // it a few times instead, then sleeps (measured: half the CPU time per
@@ -106,49 +164,81 @@ ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, con
       const std::string text = std::to_string(slot_bytes_);
       store->set(key, std::vector<uint8_t>(text.begin(), text.end()));
     } else {
-      const std::vector<uint8_t> text = store->get(key);
-      slot_bytes_ = std::stoull(std::string(text.begin(), text.end()));
+      await(key, "the slot size");
+      slot_bytes_ = std::stoull(text_of(store->get(key)));
     }
   }
   segment_bytes_ = sizeof(Control) + 2 * slot_bytes_;
-  segments_.assign(size_, nullptr);
-  done_seen_.assign(size_, 0);
-  auto fail = [&](const std::string& what) {
-    for (auto* s : segments_)
-      if (s) ::munmap(s, segment_bytes_);
-    ::shm_unlink(segment_name(tag, rank_).c_str());
-    TORCH_CHECK(false, "disttrain: shared-memory transport: ", what, " (", std::strerror(errno),
-                "); set DISTTRAIN_TRANSPORT=tcp to use sockets only");
-  };
+
   std::string mine = segment_name(tag, rank_);
-  int fd = ::shm_open(mine.c_str(), O_CREAT | O_EXCL | O_RDWR, S_IRUSR | S_IWUSR);
-  if (fd < 0) fail("cannot create " + mine);
-  if (::ftruncate(fd, static_cast<off_t>(segment_bytes_)) != 0) {
+  int fd = ::shm_open(mine.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW, S_IRUSR | S_IWUSR);
+  if (fd < 0) fail("cannot create " + mine, true);
+  // Exactly 0600 whatever the umask: peers check it.
+  if (::fchmod(fd, S_IRUSR | S_IWUSR) != 0 || ::ftruncate(fd, static_cast<off_t>(segment_bytes_)) != 0) {
     ::close(fd);
-    fail("cannot size " + mine);
+    fail("cannot size " + mine, true);
   }
   void* addr = ::mmap(nullptr, segment_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);
-  if (addr == MAP_FAILED) fail("cannot map " + mine);
+  if (addr == MAP_FAILED) fail("cannot map " + mine, true);
   segments_[rank_] = static_cast<uint8_t*>(addr);
   new (segments_[rank_]) Control{};
   store->set("disttrain/shm/created/" + std::to_string(rank_), std::vector<uint8_t>{1});
   for (int q = 0; q < size_; ++q) {
     if (q == rank_) continue;
-    store->wait({"disttrain/shm/created/" + std::to_string(q)});
+    const std::string who = "rank " + std::to_string(tcp_.group_rank(q));
+    await("disttrain/shm/created/" + std::to_string(q), who + "'s segment");
     std::string name = segment_name(tag, q);
-    int qfd = ::shm_open(name.c_str(), O_RDWR, 0);
-    if (qfd < 0) fail("cannot open rank " + std::to_string(q) + "'s segment " + name);
+    int qfd = ::shm_open(name.c_str(), O_RDWR | O_NOFOLLOW, 0);
+    if (qfd < 0) fail("cannot open " + who + "'s segment " + name, true);
+    // Map only what a rank of this job made: our own user's, 0600, of the
+    // size agreed (a smaller file would fault on access).
+    struct stat st {};
+    if (::fstat(qfd, &st) != 0) {
+      ::close(qfd);
+      fail("cannot inspect " + who + "'s segment " + name, true);
+    }
+    const mode_t mode = st.st_mode & 07777;
+    if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid() || mode != (S_IRUSR | S_IWUSR) ||
+        static_cast<uint64_t>(st.st_size) != segment_bytes_) {
+      ::close(qfd);
+      std::ostringstream m;
+      m << "refusing " << who << "'s segment " << name << ": owner uid " << st.st_uid << ", mode 0" << std::oct
+        << mode << std::dec << ", " << st.st_size << " bytes, where uid " << ::geteuid() << ", mode 0600 and "
+        << segment_bytes_ << " bytes are expected (not made by a rank of this job)";
+      fail(m.str(), false);
+    }
     void* qaddr = ::mmap(nullptr, segment_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, qfd, 0);
     ::close(qfd);
-    if (qaddr == MAP_FAILED) fail("cannot map " + name);
+    if (qaddr == MAP_FAILED) fail("cannot map " + name, true);
     segments_[q] = static_cast<uint8_t*>(qaddr);
   }
   // Once everyone has mapped everything, the names go: the memory lives
-  // exactly as long as the last mapping, crash or not.
-  store->add("disttrain/shm/mapped", 1);
-  while (store->add("disttrain/shm/mapped", 0) < size_) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  ::shm_unlink(mine.c_str());
+  // exactly as long as the last mapping, crash or not. Every rank unlinks
+  // every name (the second unlink of a name fails harmlessly), so a rank
+  // killed right after the count is reached leaves nothing either.
+  const std::string mapped_key = "disttrain/shm/mapped";
+  store->add(mapped_key, 1);
+  auto sleep = std::chrono::milliseconds(1);
+  while (true) {
+    const int64_t mapped = store->add(mapped_key, 0);
+    if (mapped >= size_) break;
+    for (int q = 0; q < size_; ++q) {
+      if (!tcp_.peer_connected(q)) {
+        fail("rank " + std::to_string(tcp_.group_rank(q)) + " exited during set-up, before every rank had mapped " +
+                 "every segment",
+             false);
+      }
+    }
+    if (Clock::now() >= deadline) {
+      fail("timed out after " + std::to_string(timeout.count()) + " ms with " + std::to_string(mapped) + " of " +
+               std::to_string(size_) + " ranks done mapping every segment (a rank is hung or stopped)",
+           false);
+    }
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::milliseconds(20));
+  }
+  for (int q = 0; q < size_; ++q) ::shm_unlink(segment_name(tag, q).c_str());
 }
 
 ShmGroup::~ShmGroup() {

@@ -1,11 +1,16 @@
 // Same-host shared-memory transport. Every rank of the host owns one segment
 // (a control block plus two data slots); all ranks map all segments, then the
 // names are unlinked at once, so nothing is left in /dev/shm whatever happens
-// to the processes afterwards. Ranks move data through their own slot and
+// to the processes afterwards. During set-up a rank that fails, or sees a peer
+// die (its TCP connection closes), unlinks every name of the group before it
+// raises. Names carry a random tag drawn for the group (nothing of the job
+// secret), and a peer's segment is mapped only if it is ours: owner, mode 0600
+// and size checked on the open descriptor. Ranks move data through their own slot and
 // read each other's slots directly; progress is signalled with epoch counters
 // in the control blocks, waited on by bounded spinning and then futex sleep.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -34,7 +39,9 @@ class ShmGroup {
   // `slot_bytes_is_default`: the slot size was not chosen by the user, so an
   // oversubscribed host gets kOversubscribedShmSlotBytes (rank 0 decides and
   // the others read it from the store: every rank must map the same layout).
-  ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, const uint8_t secret_tag[8],
+  // Set-up (every store wait included) ends within `timeout`, with an error
+  // naming what was missing.
+  ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std::chrono::milliseconds timeout,
            size_t slot_bytes = kDefaultShmSlotBytes, bool slot_bytes_is_default = false);
   ~ShmGroup();
   ShmGroup(const ShmGroup&) = delete;

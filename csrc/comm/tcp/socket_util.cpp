@@ -9,7 +9,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -115,10 +117,26 @@ static bool wait_fd(int fd, short events, int timeout_ms) {
   return rc > 0 && (p.revents & events);
 }
 
-bool read_full(int fd, void* buf, size_t n, int timeout_ms) {
+namespace {
+using SteadyClock = std::chrono::steady_clock;
+
+int ms_left(SteadyClock::time_point deadline) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - SteadyClock::now()).count();
+  return left <= 0 ? 0 : static_cast<int>(std::min<int64_t>(left, 1000 * 1000));
+}
+
+// A time limit for each wait: the same for every piece, or what is left of one deadline.
+struct Limit {
+  int timeout_ms;
+  bool overall;
+  SteadyClock::time_point deadline;
+  int next() const { return overall ? ms_left(deadline) : timeout_ms; }
+};
+
+bool read_limited(int fd, void* buf, size_t n, const Limit& limit) {
   auto* p = static_cast<uint8_t*>(buf);
   while (n > 0) {
-    if (!wait_fd(fd, POLLIN, timeout_ms)) return false;
+    if (!wait_fd(fd, POLLIN, limit.next())) return false;
     ssize_t r = ::recv(fd, p, n, MSG_DONTWAIT);
     if (r == 0) return false;
     if (r < 0) {
@@ -131,10 +149,10 @@ bool read_full(int fd, void* buf, size_t n, int timeout_ms) {
   return true;
 }
 
-bool write_full(int fd, const void* buf, size_t n, int timeout_ms) {
+bool write_limited(int fd, const void* buf, size_t n, const Limit& limit) {
   auto* p = static_cast<const uint8_t*>(buf);
   while (n > 0) {
-    if (!wait_fd(fd, POLLOUT, timeout_ms)) return false;
+    if (!wait_fd(fd, POLLOUT, limit.next())) return false;
     ssize_t r = ::send(fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (r < 0) {
       if (errno == EAGAIN || errno == EINTR) continue;
@@ -144,6 +162,34 @@ bool write_full(int fd, const void* buf, size_t n, int timeout_ms) {
     n -= static_cast<size_t>(r);
   }
   return true;
+}
+
+}  // namespace
+
+bool read_full(int fd, void* buf, size_t n, int timeout_ms) {
+  return read_limited(fd, buf, n, Limit{timeout_ms, false, {}});
+}
+
+bool write_full(int fd, const void* buf, size_t n, int timeout_ms) {
+  return write_limited(fd, buf, n, Limit{timeout_ms, false, {}});
+}
+
+bool read_full_until(int fd, void* buf, size_t n, SteadyClock::time_point deadline) {
+  return read_limited(fd, buf, n, Limit{0, true, deadline});
+}
+
+bool write_full_until(int fd, const void* buf, size_t n, SteadyClock::time_point deadline) {
+  return write_limited(fd, buf, n, Limit{0, true, deadline});
+}
+
+bool equal_constant_time(const void* a, const void* b, size_t n) {
+  // No early exit, and the compiler may not turn the loop into memcmp: every
+  // byte is read through a volatile pointer and folded into one difference.
+  const volatile uint8_t* x = static_cast<const volatile uint8_t*>(a);
+  const volatile uint8_t* y = static_cast<const volatile uint8_t*>(b);
+  uint8_t diff = 0;
+  for (size_t i = 0; i < n; ++i) diff |= static_cast<uint8_t>(x[i] ^ y[i]);
+  return diff == 0;
 }
 
 }  // namespace disttrain::comm

@@ -131,8 +131,8 @@ void TcpTransport::setup_mesh(std::chrono::milliseconds timeout) {
     HelloMessage hello{kHelloMagic, static_cast<uint32_t>(rank_), static_cast<uint32_t>(world_size_), {}};
     std::memcpy(hello.secret, secret_, sizeof(secret_));
     uint32_t ack = 0;
-    bool ok = write_full(fd, &hello, sizeof(hello), ms_until(deadline)) &&
-              read_full(fd, &ack, sizeof(ack), ms_until(deadline)) && ack == kHelloMagic;
+    bool ok = write_full_until(fd, &hello, sizeof(hello), deadline) &&
+              read_full_until(fd, &ack, sizeof(ack), deadline) && ack == kHelloMagic;
     if (!ok) {
       ::close(fd);
       TORCH_CHECK(false, "disttrain: rank ", rank_, " failed the handshake with rank ", peer, " at ", addr);
@@ -163,39 +163,85 @@ void TcpTransport::setup_mesh(std::chrono::milliseconds timeout) {
   setup_done_ = true;
 }
 
+// The acceptor reads every connection's hello side by side (non-blocking,
+// one poll over all of them), each under its own overall deadline: a stranger
+// that dribbles, stalls or floods delays no other connection, and is dropped
+// by kHelloDeadline after it connected whatever it sends.
 void TcpTransport::accept_loop() {
+  struct Pending {
+    int fd;
+    Deadline deadline;
+    HelloMessage hello;
+    size_t got;
+  };
+  std::vector<Pending> pending;
+  std::vector<pollfd> fds;
+  auto reject = [this](int fd) {
+    rejected_++;  // counted before the close a stranger may be waiting to see
+    ::close(fd);
+  };
   while (!stopping_) {
-    pollfd p{listen_fd_, POLLIN, 0};
-    int rc = ::poll(&p, 1, 200);
+    fds.assign(1, pollfd{listen_fd_, POLLIN, 0});
+    int wait_ms = 200;
+    for (auto& c : pending) {
+      fds.push_back({c.fd, POLLIN, 0});
+      wait_ms = std::min(wait_ms, ms_until(c.deadline) + 1);
+    }
+    int rc = ::poll(fds.data(), fds.size(), wait_ms);
     if (stopping_) break;
-    if (rc <= 0) continue;
-    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
-    if (!handle_incoming(fd, !setup_done_)) {
-      ::close(fd);
-      rejected_++;
+    if (rc < 0) {
+      if (errno != EINTR) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;  // revents unset: nothing to read; deadlines are checked next time round
+    }
+    const auto now = Clock::now();
+    // Connections already waiting, then the new one (not yet in fds).
+    std::vector<Pending> still;
+    for (size_t i = 0; i < pending.size(); ++i) {
+      Pending& c = pending[i];
+      bool failed = false, complete = false;
+      if (fds[i + 1].revents != 0) {
+        ssize_t n = ::recv(c.fd, reinterpret_cast<uint8_t*>(&c.hello) + c.got, sizeof(HelloMessage) - c.got,
+                           MSG_DONTWAIT);
+        if (n > 0) c.got += static_cast<size_t>(n);
+        else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) failed = true;
+        complete = c.got == sizeof(HelloMessage);
+      }
+      if (complete && !setup_done_ && accept_hello(c.fd, c.hello)) continue;
+      if (complete || failed || setup_done_ || now >= c.deadline) {
+        reject(c.fd);
+        continue;
+      }
+      still.push_back(c);
+    }
+    pending.swap(still);
+    if (fds[0].revents != 0) {
+      int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd >= 0) {
+        // After set-up, every new connection is closed unread.
+        if (setup_done_ || pending.size() >= kMaxPendingHellos) reject(fd);
+        else pending.push_back(Pending{fd, Clock::now() + kHelloDeadline, HelloMessage{}, 0});
+      }
     }
   }
+  for (auto& c : pending) ::close(c.fd);
 }
 
 // A connection is kept only if it presents the job secret, a valid rank that
 // is still expected, and our world size; anything else is closed unanswered.
-bool TcpTransport::handle_incoming(int fd, bool during_setup) {
-  if (!during_setup) return false;
-  HelloMessage hello{};
-  if (!read_full(fd, &hello, sizeof(hello), 2000)) return false;
-  if (hello.magic != kHelloMagic || hello.world_size != static_cast<uint32_t>(world_size_)) return false;
-  if (std::memcmp(hello.secret, secret_, sizeof(secret_)) != 0) return false;
-  int peer = static_cast<int>(hello.rank);
-  if (peer <= rank_ || peer >= world_size_) return false;
+bool TcpTransport::accept_hello(int fd, const HelloMessage& hello) {
+  // The secret is compared first and in constant time, whatever else is wrong.
+  const bool secret_ok = equal_constant_time(hello.secret, secret_, sizeof(secret_));
+  if (!secret_ok || hello.magic != kHelloMagic || hello.world_size != static_cast<uint32_t>(world_size_)) return false;
+  if (hello.rank <= static_cast<uint32_t>(rank_) || hello.rank >= static_cast<uint32_t>(world_size_)) return false;
+  const int peer = static_cast<int>(hello.rank);
   {
     std::lock_guard<std::mutex> lock(setup_mu_);
-    if (peers_[peer].fd >= 0) return false;
+    if (peers_[peer].fd >= 0) return false;  // that rank is connected already
   }
+  // Four bytes into a fresh connection's empty send buffer: they go at once or never.
   uint32_t ack = kHelloMagic;
-  if (!write_full(fd, &ack, sizeof(ack), 2000)) return false;
+  if (::send(fd, &ack, sizeof(ack), MSG_DONTWAIT | MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(ack))) return false;
   tune_socket(fd, settings_.socket_buffer_bytes);
-  set_nonblocking(fd);
   std::lock_guard<std::mutex> lock(setup_mu_);
   peers_[peer].fd = fd;
   return true;
@@ -270,6 +316,13 @@ void TcpTransport::lost_peer(int peer, const OpSignature& sig, const char* what)
   m << "rank " << group_rank(peer) << " " << what << " while rank " << group_rank(rank_) << " was in " << describe(sig)
     << " (the process exited, was killed or aborted)";
   abort(m.str());
+}
+
+bool TcpTransport::peer_connected(int peer) const {
+  if (peer == rank_) return true;
+  if (peers_[peer].fd < 0 || aborted_) return false;
+  pollfd p{peers_[peer].fd, POLLRDHUP, 0};
+  return !(::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)));
 }
 
 void TcpTransport::check_peer(int peer, const OpSignature& sig) {

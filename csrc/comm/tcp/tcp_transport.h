@@ -42,6 +42,13 @@ struct RecvSpec {
   size_t* progress = nullptr;  // updated with the bytes of dst that are final
 };
 
+// How long a connection during set-up may take to present its hello, in all
+// (not per byte): a stranger that dribbles, stalls or sends garbage is dropped
+// by then, and connections are read side by side, so none delays another.
+constexpr std::chrono::milliseconds kHelloDeadline{2000};
+// Connections read side by side during set-up at most; more are dropped at once.
+constexpr size_t kMaxPendingHellos = 64;
+
 // How a transport sizes its frames and sockets and which address it
 // advertises; parsed once into CommOptions (comm/options.h).
 struct TcpSettings {
@@ -93,18 +100,19 @@ class TcpTransport {
   // Throws the recorded failure if the group was aborted before (or shut down).
   void check_alive() const;
 
+  // False once the connection to `peer` has closed (the process exited or was
+  // killed): for set-up steps beside this transport, which raise their own error.
+  bool peer_connected(int peer) const;
   // Raises (after aborting the group) if the connection to `peer` has closed:
   // how waits that do not read from sockets notice a dead peer.
   void check_peer(int peer, const OpSignature& sig);
-  // The job secret every connection presented; other transports derive names from it.
-  const uint8_t* secret() const { return secret_; }
-
   // Error messages name ranks of the whole process group: a transport over a
   // subset of it (one host, or the hosts' leaders) is told their numbers.
   void set_group_ranks(std::vector<int> group_ranks) { group_ranks_ = std::move(group_ranks); }
   int group_rank(int r) const { return group_ranks_.empty() ? r : group_ranks_[r]; }
 
-  // Connection attempts rejected since setup (bad secret, garbage, late).
+  // Connection attempts rejected since set-up began (bad secret, rank or world
+  // size, a rank already connected, garbage, too slow, or late).
   uint64_t rejected_connections() const { return rejected_.load(); }
 
  private:
@@ -126,7 +134,9 @@ class TcpTransport {
 
   void setup_mesh(std::chrono::milliseconds timeout);
   void accept_loop();
-  bool handle_incoming(int fd, bool during_setup);
+  // Whether a complete hello is from a rank this one still expects (then the
+  // connection becomes that rank's, acknowledged).
+  bool accept_hello(int fd, const HelloMessage& hello);
   bool do_send(SendState& s, const FrameKind kind, const OpSignature& sig, uint32_t step);
   void do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step);
   void read_ahead(int peer, const OpSignature& sig);
