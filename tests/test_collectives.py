@@ -211,7 +211,11 @@ def _forced_algorithms(rank, world):
         dist.all_reduce(t)
         if not torch.equal(t, torch.full((n,), float(sum(range(1, world + 1))))):
             failures.append(f"n={n}")
-    return failures
+    # The group runs on TCP with the forced settings in effect (an ignored
+    # setting, or a group on shared memory, would pass the sums above too).
+    backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+    options = {name: value for name, value, _, _ in backend.options}
+    return failures, backend.transport, options["allreduce_algorithm"], options["chunk_bytes"]
 
 
 @pytest.mark.parametrize("algo", ["ring", "rd"])
@@ -219,7 +223,7 @@ def test_each_allreduce_algorithm_at_every_size(algo):
     # Over TCP: the algorithm option applies to the TCP paths only (shared memory has one algorithm).
     results = run_ranks(_forced_algorithms, 3, env={"DISTTRAIN_ALLREDUCE_ALGO": algo, "DISTTRAIN_CHUNK_BYTES": "4096",
                                                      "DISTTRAIN_TRANSPORT": "tcp"})
-    assert results == [[], [], []]
+    assert results == [([], "tcp", algo, "4096")] * 3
 
 
 def _avg_edge_values(rank, world):

@@ -95,9 +95,13 @@ def _nothing(rank, world):
     return rank
 
 
-def test_malformed_environment_fails_group_creation_on_every_rank():
-    with pytest.raises(RankFailure, match="DISTTRAIN|chunk_bytes='lots' is not a whole number"):
-        run_ranks(_nothing, 2, env={"DISTTRAIN_CHUNK_BYTES": "lots"}, timeout=60)
+@pytest.mark.parametrize("env, message", [
+    ({"DISTTRAIN_CHUNK_BYTES": "lots"}, "chunk_bytes='lots' is not a whole number"),
+    ({"DISTTRAIN_ALLREDUCE_ALGO": "tree", "DISTTRAIN_TRANSPORT": "tcp"}, "allreduce_algorithm='tree' is not one of"),
+])
+def test_malformed_environment_fails_group_creation_on_every_rank(env, message):
+    with pytest.raises(RankFailure, match=message):
+        run_ranks(_nothing, 2, env=env, timeout=60)
 
 
 def test_info_prints_the_effective_options():
