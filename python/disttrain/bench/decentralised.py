@@ -19,9 +19,12 @@ the same run:
 
 Every system trains an MLP on the embedded digits data, each host on its
 shard of every pass (``--batch-size`` per step), SGD with the same lr and
-momentum. A run is as many samples as DDP's ``--epochs``: each host takes as
+momentum. DDP's run is as many samples as ``--epochs``; its final test accuracy
+is the target. Every other system may take up to ``--steps-factor`` times as
 many steps as a DDP rank (hivemind: as many global updates of its target batch,
-its own notion of a run). Host 0 evaluates on the test split every
+its own notion of a run), so that one needing more samples than DDP can still
+show its time to the target; its accuracy at DDP's sample count is reported
+too (``acc_at_ddp_samples``). Host 0 evaluates on the test split every
 ``--eval-every`` seconds (in its wall time). Bytes are the IPv4 bytes each host sent onto the wire,
 counted by the wire for every system alike. Reported per system: time from the
 common start to DDP's final accuracy and the bytes per host sent by then,
@@ -75,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "DDP rank does in this many passes")
     p.add_argument("--batch-size", type=int, default=32, help="per host and step (global batch: peers x this)")
     p.add_argument("--hidden", type=int, default=128, help="the MLP's hidden width (2 layers)")
+    p.add_argument("--steps-factor", type=float, default=3.0,
+                   help="the other systems may take up to this many times DDP's steps (default 3), "
+                        "within --budget")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master", help=argparse.SUPPRESS)
     p.add_argument("--initial-peers", default="", help=argparse.SUPPRESS)
     p.add_argument("--max-steps", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ddp-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--target-batch-size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--local-updates", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stop-on-updates", action="store_true", help=argparse.SUPPRESS)
@@ -250,7 +257,8 @@ def _worker(args: argparse.Namespace) -> int:
             batch = shard[first:first + args.batch_size]
             step(images[batch], labels[batch])
             samples, steps = samples + len(batch), steps + 1
-            if time.monotonic() - last_report >= args.eval_every:
+            # an evaluation exactly at DDP's sample count too (acc_at_ddp_samples)
+            if time.monotonic() - last_report >= args.eval_every or steps == args.ddp_steps:
                 report()
                 last_report = time.monotonic()
             if done():
@@ -354,6 +362,7 @@ def _worker_argv(python: str, args: argparse.Namespace, system: str, run: _Run, 
             "--hidden", str(args.hidden), "--lr", str(args.lr), "--momentum", str(args.momentum),
             "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--budget", str(args.budget),
             "--matchmaking-time", str(args.matchmaking_time), "--max-steps", str(max_steps),
+            "--ddp-steps", str(args.ddp_steps),
             "--local-steps", str(args.local_steps), "--compression", args.compression,
             "--log", run.logs[i], "--start-file", os.path.join(run.folder, "start"), *extra]
 
@@ -443,7 +452,7 @@ def _curve(result: dict[str, Any]) -> list[dict]:
 
 
 def _summary(system: str, result: dict[str, Any] | None, curve: list[dict], target: float,
-             args: argparse.Namespace, why_not: str = "") -> dict[str, Any]:
+             ddp_samples: int, args: argparse.Namespace, why_not: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"system": system, "peers": args.peers, "delay_ms": args.delay_ms,
                            "rate_mbit": args.rate_mbit, "target_acc": round(target, 4)}
     if result is None:
@@ -451,7 +460,10 @@ def _summary(system: str, result: dict[str, Any] | None, curve: list[dict], targ
     run = result["run"]
     reached = next((c for c in curve if c["test_acc"] is not None and c["test_acc"] >= target - 1e-9), None)
     total = run.bytes_at(math.inf)
-    row.update(final_acc=curve[-1]["test_acc"] if curve else "", updates=curve[-1]["updates"] if curve else "",
+    at_ddp = [c for c in curve if c["samples_host0"] <= ddp_samples]
+    row.update(final_acc=curve[-1]["test_acc"] if curve else "",
+               acc_at_ddp_samples=at_ddp[-1]["test_acc"] if at_ddp else "",
+               updates=curve[-1]["updates"] if curve else "",
                time_s=curve[-1]["time_s"] if curve else "",
                time_to_target_s=reached["time_s"] if reached else "",
                bytes_per_host_to_target=reached["bytes_per_host"] if reached else "",
@@ -472,7 +484,8 @@ def _ratios(rows: list[dict]) -> None:
                 row[f"{col}_{ref}_over_this"] = round(theirs / ours, 3) if theirs != "" and ours not in ("", 0) else ""
 
 
-FIELDS = ["system", "peers", "delay_ms", "rate_mbit", "target_acc", "final_acc", "updates", "time_s",
+FIELDS = ["system", "peers", "delay_ms", "rate_mbit", "target_acc", "final_acc", "acc_at_ddp_samples", "updates",
+          "time_s",
           "time_to_target_s", "bytes_per_host_to_target", "bytes_per_host_total", "bytes_max_host_total",
           "time_ddp_over_this", "bytes_ddp_over_this", "time_hivemind_over_this", "bytes_hivemind_over_this",
           "startup_s", "load_before", "load_after", "status"]
@@ -535,6 +548,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     train_size = len(data.digits(True, seed=args.seed))
     max_steps = args.epochs * ((train_size // args.peers) // args.batch_size)
+    args.ddp_steps = max_steps
     skipped = {}
     if {"hivemind", "hivemind_local"} & set(systems):
         skipped["hivemind"] = skipped["hivemind_local"] = _hivemind_missing(args.bench_python)
@@ -542,7 +556,7 @@ def _bench(args: argparse.Namespace) -> int:
         skipped["decentralised"] = "not run: disttrain.strategies.decentralised is not installed"
     print(f"# {args.peers} hosts, {args.delay_ms:g} ms one way, {args.rate_mbit:g} Mbit/s per link; MLP "
           f"(hidden {args.hidden}) on digits, {args.batch_size}/host/step, {max_steps} steps per host "
-          f"({args.epochs} passes); load {os.getloadavg()[0]:.2f}", flush=True)
+          f"({args.epochs} passes; the others up to {args.steps_factor:g}x); load {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[dict]] = {}
     churn_rows: list[dict] = []
@@ -554,7 +568,8 @@ def _bench(args: argparse.Namespace) -> int:
                     print(f"# {system}: {skipped[system]}", flush=True)
                     continue
                 print(f"# {system} ...", flush=True)
-                results[system] = _run_system(net, args, system, folder, max_steps)
+                steps = max_steps if system == "ddp" else math.ceil(max_steps * args.steps_factor)
+                results[system] = _run_system(net, args, system, folder, steps)
                 curves[system] = _curve(results[system])
                 if not curves[system]:
                     tails = "; ".join(f"host {i}: {results[system]['run'].tail(i)}" for i in range(args.peers))
@@ -567,7 +582,9 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.keep_logs:
             shutil.rmtree(folder, ignore_errors=True)
     target = curves["ddp"][-1]["test_acc"]
-    rows = [_summary(s, results.get(s), curves.get(s, []), target, args, skipped.get(s, "")) for s in systems]
+    ddp_samples = max_steps * args.batch_size  # per host
+    rows = [_summary(s, results.get(s), curves.get(s, []), target, ddp_samples, args, skipped.get(s, ""))
+            for s in systems]
     _ratios(rows)
     _report(rows)
     stem = os.path.splitext(args.out)[0]
