@@ -28,6 +28,7 @@ BENCHMARKS = {
     "scaling": "disttrain.bench.scaling",
     "decentralised": "disttrain.bench.decentralised",
     "resume": "disttrain.bench.resume",
+    "fault": "disttrain.bench.fault",
 }
 
 
