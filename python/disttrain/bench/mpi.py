@@ -12,7 +12,9 @@ round so that all see the same machine:
                       array, / size, torch.from_numpy), then optimizer.step()
     torch-ddp/gloo    torch.nn.parallel.DistributedDataParallel over gloo
     disttrain-mpi     disttrain.strategies.mpi.GradientAverager over the disttrain
-                      backend: one fused all-reduce (AVG) per step
+                      backend: its zero_grad, then one coalesced all-reduce (AVG)
+                      per step, in place; backward's large blocks reused from the
+                      step before (step memory, docs/mpi.md); the same optimizer
 
 Steps per second = timed steps / the slowest rank's time for them, median over
 rounds; every row is checked: after the run the three models' parameters agree
