@@ -77,6 +77,9 @@ def strategy(name: str):
     if name.endswith("_sharded"):  # disttrain_zero<stage>_sharded: sharded checkpoints
         return disttrain.lightning.DisttrainZeroStrategy(stage=int(name[len("disttrain_zero")]),
                                                          state_dict_type="sharded")
+    if name == "disttrain_zero3_lowmem":  # per-Linear units, each checkpointed, lean backward
+        return disttrain.lightning.DisttrainZeroStrategy(stage=3, auto_wrap={torch.nn.Linear},
+                                                         activation_checkpointing_policy=True, lean_backward=True)
     return name
 
 

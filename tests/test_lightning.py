@@ -103,6 +103,17 @@ def test_zero_checkpoint_resumes_identically(tmp_path, gloo_reference, strategy,
     assert _relative_difference(gloo_reference, torch.load(tmp_path / "resumed.pt")) < 1e-6
 
 
+def test_zero3_memory_options_equal_lightning_ddp_and_resume_identically(tmp_path, gloo_reference):
+    """disttrain_zero3 with activation checkpointing of every unit (one per
+    Linear) and lean_backward: trained 2 epochs, checkpointed, resumed for the
+    other 2, it ends with the parameters of Lightning's DDP over gloo."""
+    ckpt = tmp_path / "ckpt"
+    _train(tmp_path, "first", "disttrain_zero3_lowmem", *COMMON[:1], "2", *COMMON[2:], "--ckpt-dir", str(ckpt))
+    proc = _train(tmp_path, "resumed", "disttrain_zero3_lowmem", *COMMON, "--ckpt-dir", str(ckpt), "--resume")
+    assert "Restored all states" in proc.stdout + proc.stderr
+    assert _relative_difference(gloo_reference, torch.load(tmp_path / "resumed.pt")) < 1e-6
+
+
 def test_ddp_survives_kill_9_under_torchrun_and_ends_identical(tmp_path, gloo_reference):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

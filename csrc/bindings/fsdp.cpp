@@ -27,16 +27,18 @@ DISTTRAIN_BINDINGS(fsdp) {
 
   py::class_<ShardEngine>(m, "ShardEngine")
       .def(py::init([](c10::intrusive_ptr<c10d::ProcessGroup> group, int stage, bool prefetch,
-                       std::optional<at::ScalarType> wire_dtype, const std::string& backward_prefetch) {
+                       std::optional<at::ScalarType> wire_dtype, const std::string& backward_prefetch,
+                       bool lean_backward) {
              ShardOptions options;
              options.stage = stage;
              options.prefetch = prefetch;
              options.backward_prefetch = parse_backward_prefetch(backward_prefetch);
              options.wire_dtype = wire_dtype;
+             options.lean_backward = lean_backward;
              return std::make_unique<ShardEngine>(std::move(group), options);
            }),
            py::arg("group"), py::arg("stage"), py::arg("prefetch"), py::arg("wire_dtype"),
-           py::arg("backward_prefetch") = "post")
+           py::arg("backward_prefetch") = "post", py::arg("lean_backward") = false)
       .def("add_unit", &ShardEngine::add_unit, py::arg("params"), py::arg("names"), py::arg("is_root"),
            py::arg("gather_for_backward") = true, py::call_guard<py::gil_scoped_release>())
       .def("unit", &ShardEngine::unit, py::arg("index"), py::return_value_policy::reference_internal)

@@ -127,7 +127,15 @@ void ShardEngine::pre_backward(int64_t index) {
   if (backward_seen_[index]) return;
   backward_seen_[index] = 1;
   if (options_.stage != 3) return;
+  // lean_backward: the previous unit's reduction is launched now (its
+  // gradients no longer held by autograd) and ends before this unit's
+  // gradients are computed (otherwise on_param_gradient ends it, after).
+  if (options_.lean_backward) reduce_deferred(/*in_backward=*/true);
   if (gather_for_backward_[index]) units_[index]->wait_gather();
+  if (options_.lean_backward && last_reduced_ >= 0 && last_reduced_ != index) {
+    units_[last_reduced_]->finish_reduction();
+    last_reduced_ = -1;
+  }
   if (options_.backward_prefetch == ShardOptions::BackwardPrefetch::kPre) prefetch(backward_prefetch_target(index));
 }
 
@@ -137,6 +145,7 @@ void ShardEngine::on_param_gradient(int64_t index, size_t param) {
     callback_queued_ = true;
     torch::autograd::Engine::get_default_engine().queue_callback([this] { finalize_backward(); });
   }
+  if (deferred_ != index) reduce_deferred(/*in_backward=*/true);
   ShardedUnit& u = *units_[index];
   TORCH_CHECK(!reduced_[index], "FullyShardedDataParallel: the unit holding '", u.names().front(),
               "' received gradients twice in one backward (was backward run twice on one forward?)");
@@ -147,7 +156,20 @@ void ShardEngine::on_param_gradient(int64_t index, size_t param) {
     units_[last_reduced_]->finish_reduction();
     last_reduced_ = -1;
   }
-  if (u.accept_gradient(param)) reduce_unit(index, /*in_backward=*/true);
+  if (u.accept_gradient(param)) {
+    if (options_.lean_backward && options_.stage == 3) {
+      deferred_ = index;
+    } else {
+      reduce_unit(index, /*in_backward=*/true);
+    }
+  }
+}
+
+void ShardEngine::reduce_deferred(bool in_backward) {
+  if (deferred_ < 0) return;
+  const int64_t index = deferred_;
+  deferred_ = -1;
+  reduce_unit(index, in_backward);
 }
 
 void ShardEngine::reduce_unit(int64_t index, bool in_backward) {
@@ -156,6 +178,9 @@ void ShardEngine::reduce_unit(int64_t index, bool in_backward) {
   if (last_reduced_ >= 0) units_[last_reduced_]->finish_reduction();
   // Every parameter's accumulator has run: no later backward node reads them.
   if (options_.stage == 3 && index != root_) u.free_full();
+  // lean_backward: the gradients become the flat gradient with the parameters
+  // freed and before the next unit's gather allocates its own.
+  u.flatten_pending();
   // The next unit's gather goes first: backward waits for it, not for this reduction.
   if (in_backward && options_.backward_prefetch == ShardOptions::BackwardPrefetch::kPost) {
     prefetch(backward_prefetch_target(index));
@@ -167,6 +192,7 @@ void ShardEngine::reduce_unit(int64_t index, bool in_backward) {
 void ShardEngine::finalize_backward() {
   std::lock_guard<std::mutex> lock(mu_);
   try {
+    reduce_deferred(/*in_backward=*/false);
     // Units that ran forward but got no or only some gradients (every rank
     // alike) reduce what they have (zeros for the rest), in index order, so
     // every rank issues the same collectives.
@@ -180,6 +206,7 @@ void ShardEngine::finalize_backward() {
   } catch (...) {
     callback_queued_ = false;
     last_reduced_ = -1;
+    deferred_ = -1;
     std::fill(backward_seen_.begin(), backward_seen_.end(), 0);
     std::fill(reduced_.begin(), reduced_.end(), 0);
     throw;

@@ -58,6 +58,8 @@ class ShardEngine {
   void free_all();
   // Before unit `index`'s backward (the first call per backward counts).
   void pre_backward(int64_t index);
+  // lean_backward: reduces the deferred unit, if any.
+  void reduce_deferred(bool in_backward);
   // Stages 1 and 2: gathers every unit whose shard changed since its last gather.
   void gather_stale();
 
@@ -94,6 +96,10 @@ class ShardEngine {
   std::vector<char> reduced_;           // per unit, reduction launched this backward
   bool callback_queued_ = false;
   int64_t last_reduced_ = -1;           // reduction still in flight (bounds gradient memory)
+  // lean_backward: a unit whose gradients are complete, reduced at the next
+  // pre_backward or gradient of another unit (autograd still holds the last
+  // gradient while the accumulator's post hook runs).
+  int64_t deferred_ = -1;
 };
 
 }  // namespace disttrain::shard

@@ -73,6 +73,7 @@ ShardedUnit::ShardedUnit(const std::vector<at::Tensor>& params, std::vector<std:
     params_.push_back(std::move(leaf));
   }
   arrived_.assign(params_.size(), 0);
+  pending_.resize(params_.size());
   gathered_ = true;
   gathered_version_ = shard_._version();
 }
@@ -96,6 +97,25 @@ bool ShardedUnit::accept_gradient(size_t i) {
   ++arrived_count_;
   at::NoGradGuard no_grad;
   if (g.is_sparse()) g = g.to_dense();
+  if (options_.lean_backward && options_.stage == 3) {
+    pending_[i] = std::move(g);  // flattened once the parameters are freed
+  } else {
+    flatten_into_grad(i, std::move(g));
+  }
+  return arrived_count_ == params_.size();
+}
+
+void ShardedUnit::flatten_pending() {
+  at::NoGradGuard no_grad;
+  for (const auto i : c10::irange(pending_.size())) {
+    if (!pending_[i].defined()) continue;
+    at::Tensor g = std::move(pending_[i]);
+    pending_[i].reset();
+    flatten_into_grad(i, std::move(g));  // each piece dropped once copied
+  }
+}
+
+void ShardedUnit::flatten_into_grad(size_t i, at::Tensor g) {
   const int64_t bytes = layout_.padded * full_.element_size();
   // The only parameter, no padding, and no other handle on its gradient (the
   // flat gradient's memory is released after the reduction; a gradient a
@@ -109,7 +129,6 @@ bool ShardedUnit::accept_gradient(size_t i) {
     if (!grad_.defined()) grad_ = at::empty({layout_.padded}, full_.options());
     grad_.narrow(0, layout_.offsets[i], layout_.numels[i]).view(layout_.shapes[i]).copy_(g);
   }
-  return arrived_count_ == params_.size();
 }
 
 void ShardedUnit::allocate_full_storage() {
@@ -153,6 +172,7 @@ void ShardedUnit::wait_gather() {
 
 void ShardedUnit::launch_reduction() {
   TORCH_INTERNAL_ASSERT(!reduce_work_, "a unit's gradient reduction launched twice in one backward");
+  flatten_pending();
   at::NoGradGuard no_grad;
   at::Tensor grad = std::move(grad_);
   grad_.reset();

@@ -47,6 +47,15 @@ struct ShardOptions {
   // Parameters and gradients travel in this dtype (kBFloat16 or kHalf); the
   // master shard, the gathered parameters and the reduced gradient stay fp32.
   std::optional<c10::ScalarType> wire_dtype;
+  // Stage 3, trading overlap for memory in backward (default false):
+  //  - a unit's gradients stay as autograd made them until the last one
+  //    arrives; the unit is reduced at the next unit's pre_backward (autograd
+  //    still holds the last gradient while the accumulator's hook runs);
+  //  - there the gathered parameters are freed before the gradients are
+  //    flattened (parameters, flat gradient and a gradient piece are never
+  //    alive together) and before the next unit's gather;
+  //  - the reduction is finished before the next unit computes a gradient.
+  bool lean_backward = false;
 };
 
 // "pre" or "post" (FullyShardedDataParallel's backward_prefetch); anything else
@@ -90,6 +99,9 @@ class ShardedUnit {
   // Releases the memory of `full` (stage 3).
   void free_full();
 
+  // lean_backward: flattens the gradients kept since they arrived (call after
+  // free_full, before the next gather); launch_reduction does it otherwise.
+  void flatten_pending();
   // Launches the reduction of the flat gradient (async); parameters whose
   // gradients did not arrive (or all, if none did) contribute zeros.
   void launch_reduction();
@@ -107,6 +119,8 @@ class ShardedUnit {
 
  private:
   void allocate_full_storage();
+  // Moves gradient `g` of parameter `i` into the flat gradient (allocating it).
+  void flatten_into_grad(size_t i, at::Tensor g);
 
   FlatLayout layout_;
   std::vector<std::string> names_;
@@ -117,6 +131,7 @@ class ShardedUnit {
   at::Tensor full_;                 // collectives write here
   std::vector<at::Tensor> params_;  // autograd leaves sharing full_'s storage
   at::Tensor grad_;                 // flat gradient being assembled (padded)
+  std::vector<at::Tensor> pending_; // lean_backward: gradients as autograd made them, until flattened
   std::vector<char> arrived_;       // per parameter, this backward
   size_t arrived_count_ = 0;
   at::Tensor shard_;

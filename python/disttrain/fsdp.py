@@ -11,6 +11,7 @@ backward), freeing and gradient clipping are the engine's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any, Callable, NoReturn
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils import checkpoint as torch_checkpoint
 
 from . import _C
 from ._parallel import BROADCAST_CHUNK_BYTES, default_group, find_tensors, wire_dtype
@@ -117,6 +119,58 @@ def _plan_units(root: nn.Module, policy: Callable[[nn.Module, int], bool]) -> li
     return units
 
 
+def _checkpoint_policy(activation_checkpointing: Any) -> Callable[[nn.Module], bool]:
+    """``activation_checkpointing`` as ``policy(unit_module) -> checkpoint it?``."""
+    if activation_checkpointing is None or activation_checkpointing is False:
+        return lambda module: False
+    if activation_checkpointing is True:
+        return lambda module: True
+    if isinstance(activation_checkpointing, type) and issubclass(activation_checkpointing, nn.Module):
+        activation_checkpointing = {activation_checkpointing}
+    if isinstance(activation_checkpointing, (set, frozenset, list, tuple)):
+        classes = tuple(activation_checkpointing)
+        bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
+        if bad or not classes:
+            raise TypeError("FullyShardedDataParallel: activation_checkpointing as a collection must hold nn.Module "
+                            f"subclasses; got {bad or 'an empty collection'}")
+        return lambda module: isinstance(module, classes)
+    if callable(activation_checkpointing):
+        return lambda module: bool(activation_checkpointing(module))
+    raise TypeError("FullyShardedDataParallel: activation_checkpointing must be None, a bool, a set of module "
+                    f"classes or a callable; got {type(activation_checkpointing).__name__}")
+
+
+class _KeepBatchNormStatistics:
+    """Recomputation's context: the unit's batch-norm running statistics as
+    they were before, after (the recomputed forward must not count the batch twice)."""
+
+    def __init__(self, module: nn.Module):
+        self._norms = [m for m in module.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self._saved: list[dict[str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        self._saved = [{k: b.clone() for k, b in m._buffers.items() if b is not None} for m in self._norms]
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for m, saved in zip(self._norms, self._saved):
+                for k, v in saved.items():
+                    m._buffers[k].copy_(v)  # type: ignore[union-attr]
+        self._saved = []
+
+
+def _checkpointed_forward(module: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``forward`` under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant):
+    only the unit's inputs are kept; backward recomputes the rest, after the
+    unit's pre-backward hook gathered its parameters again."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch_checkpoint.checkpoint(
+        forward, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _KeepBatchNormStatistics(module)), **kwargs)
+
+
 def _backward_ignores_params(module: nn.Module) -> bool:
     """True for a unit whose backward never reads its parameters' values: a
     plain ``nn.Embedding`` (its gradient needs only the indices), so stage 3
@@ -171,6 +225,13 @@ class FullyShardedDataParallel(nn.Module):
       gather runs while the current unit computes (forward) or the current
       unit's gradient is reduced (backward, see ``backward_prefetch``).
 
+    Activation checkpointing (``activation_checkpointing``): a chosen unit
+    keeps only its inputs from forward; its backward first gathers the unit's
+    parameters (stage 3), then recomputes the unit's forward and computes its
+    gradients, which are the same as without checkpointing (batch-norm running
+    statistics are counted once). The unit's activations are traded for a
+    second forward of its compute.
+
     With stages 1 and 2 the updated shards are gathered back into the full
     parameters after an optimizer step (:func:`ShardedOptimizer` does it at
     once; otherwise the next forward does).
@@ -198,6 +259,23 @@ class FullyShardedDataParallel(nn.Module):
         mixed_precision: ``"bf16"`` (or ``torch.bfloat16``), ``"fp16"``: parameters
             and gradients travel in that dtype; shards, optimizer state and
             computation stay fp32. None (default): fp32 on the wire.
+        activation_checkpointing: which wrapped units recompute their forward
+            in backward instead of keeping their activations: None or False
+            (default: none), True (every wrapped unit, not the root), a set of
+            module classes (units that are instances), or a callable
+            ``policy(unit_module) -> bool``. A checkpointed unit must not hold
+            another unit. Any stage (stage 3 gathers the unit for backward).
+        lean_backward: stage 3: trade overlap for memory in backward
+            (default False). A unit's gradients are kept as autograd made them
+            until its last one arrives; when the next unit's backward starts
+            (autograd has let go of them by then) its gathered parameters are
+            freed, the gradients flattened for the reduction, the next unit
+            gathered and the reduction launched and finished before that unit
+            computes a gradient. Backward's worst moment then holds fewer
+            copies of a unit (no gathered parameters next to the flat gradient
+            and autograd's gradient; no reduction in flight next to the next
+            unit's gradient); the reduction no longer overlaps computation.
+            Same results.
 
     Example:
         >>> disttrain.init()
@@ -211,19 +289,33 @@ class FullyShardedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, stage: int = 3, auto_wrap: Any = None,
                  process_group: dist.ProcessGroup | None = None, prefetch: bool = True,
-                 mixed_precision: Any = None, backward_prefetch: str = "post"):
+                 mixed_precision: Any = None, backward_prefetch: str = "post",
+                 activation_checkpointing: Any = None, lean_backward: bool = False):
         super().__init__()
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"FullyShardedDataParallel: stage must be 1, 2 or 3, got {stage!r}")
         mixed_dtype = wire_dtype(mixed_precision, "FullyShardedDataParallel", "mixed_precision")
         if not isinstance(prefetch, bool):
             raise TypeError(f"FullyShardedDataParallel: prefetch must be a bool, got {prefetch!r}")
+        if not isinstance(lean_backward, bool):
+            raise TypeError(f"FullyShardedDataParallel: lean_backward must be a bool, got {lean_backward!r}")
         _check_module(module)
         policy = _wrap_policy(auto_wrap)
+        checkpoint_policy = _checkpoint_policy(activation_checkpointing)
+        plan = _plan_units(module, policy)
+        checkpointed = [m for m, _ in plan if m is not module and checkpoint_policy(m)]
+        unit_modules = {id(m) for m, _ in plan}
+        for m in checkpointed:
+            inner = [name for name, sub in m.named_modules() if sub is not m and id(sub) in unit_modules]
+            if inner:
+                raise ValueError(f"FullyShardedDataParallel: activation_checkpointing chose a unit "
+                                 f"({type(m).__name__}) that holds other units ({', '.join(inner[:3])}); "
+                                 "checkpoint the inner units or wrap at one level")
         process_group = default_group("FullyShardedDataParallel", process_group)
         # Parses backward_prefetch: a ValueError before any collective.
         self._engine = _C.ShardEngine(process_group, stage=stage, prefetch=prefetch,
-                                      wire_dtype=mixed_dtype, backward_prefetch=backward_prefetch)
+                                      wire_dtype=mixed_dtype, backward_prefetch=backward_prefetch,
+                                      lean_backward=lean_backward)
         self.module = module
         self.process_group = process_group
         self.stage = stage
@@ -240,10 +332,17 @@ class FullyShardedDataParallel(nn.Module):
         self._root_unit: int | None = None
         self.flat_shards = nn.ParameterList()
         self._hooks = []
-        for unit_module, slots in _plan_units(module, policy):
+        # Units whose forward is checkpointed (an instance attribute over the class's forward; unwrap removes it).
+        self._checkpointed: list[nn.Module] = []
+        for unit_module, slots in plan:
             is_root = unit_module is module
+            recompute = any(m is unit_module for m in checkpointed)
             index = self._engine.add_unit([getattr(s.owner, s.attr) for s in slots], [s.name for s in slots],
-                                          is_root=is_root, gather_for_backward=not _backward_ignores_params(unit_module))
+                                          is_root=is_root,
+                                          gather_for_backward=recompute or not _backward_ignores_params(unit_module))
+            if recompute:
+                unit_module.forward = functools.partial(_checkpointed_forward, unit_module, unit_module.forward)
+                self._checkpointed.append(unit_module)
             unit = self._engine.unit(index)
             shard = nn.Parameter(unit.shard)
             unit.set_shard(shard)

@@ -197,8 +197,11 @@ def unwrap(model: FullyShardedDataParallel) -> nn.Module:
     for hook in model._hooks:
         hook.remove()
     model._hooks.clear()
+    for module in model._checkpointed:
+        module.__dict__.pop("forward", None)  # the class's forward again
+    model._checkpointed.clear()
     for slots in model._slots:
         for slot in slots:
             slot.owner.__dict__.pop(slot.attr, None)
-            slot.owner._parameters[slot.attr] = nn.Parameter(full[slot.name].clone())
+            slot.owner._parameters[slot.attr] = nn.Parameter(full[slot.name])  # a copy of its own already
     return model.module

@@ -105,13 +105,16 @@ class DisttrainFabricZeroStrategy(_FabricBase):
     Options as :class:`disttrain.lightning.DisttrainZeroStrategy`."""
 
     def __init__(self, stage: int = 3, *, auto_wrap: Any = None, mixed_precision: Any = None,
-                 prefetch: bool = True, backward_prefetch: str = "post", **kwargs: Any):
+                 prefetch: bool = True, backward_prefetch: str = "post",
+                 activation_checkpointing_policy: Any = None, lean_backward: bool = False, **kwargs: Any):
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"DisttrainFabricZeroStrategy: stage must be 1, 2 or 3, got {stage!r}")
         super().__init__(**kwargs)
         self.stage = stage
         self._fsdp_kwargs = dict(stage=stage, auto_wrap=auto_wrap, mixed_precision=mixed_precision,
-                                 prefetch=prefetch, backward_prefetch=backward_prefetch)
+                                 prefetch=prefetch, backward_prefetch=backward_prefetch,
+                                 activation_checkpointing=activation_checkpointing_policy,
+                                 lean_backward=lean_backward)
         self._sharded: FullyShardedDataParallel | None = None
 
     def setup_module_and_optimizers(self, module: nn.Module, optimizers: list[torch.optim.Optimizer],

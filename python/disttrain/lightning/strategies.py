@@ -190,6 +190,15 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
             exactly one optimizer parameter group.
         mixed_precision: ``"bf16"`` / ``"fp16"`` on the wire, or None.
         prefetch, backward_prefetch: stage 3 gathers ahead (see FSDP).
+        activation_checkpointing_policy: units whose forward is recomputed in
+            backward instead of keeping activations, as Lightning's
+            ``FSDPStrategy`` names it: a set of module classes (e.g.
+            ``{Block}``), True (every wrapped unit) or a callable
+            ``policy(module) -> bool``; None (default): none. FSDP's
+            ``activation_checkpointing``.
+        lean_backward: stage 3: backward's worst moment holds fewer copies
+            of a unit, at the cost of overlapping reductions with computation
+            less (see FSDP's ``lean_backward``); default False.
         async_checkpoint, start_method, timeout, ...: as for :class:`DisttrainDDPStrategy`.
 
     Not supported (a ValueError at set-up): manual optimization (its backward
@@ -203,7 +212,7 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
 
     def __init__(self, stage: int = 3, *, auto_wrap: Any = None, mixed_precision: Any = None,
                  prefetch: bool = True, backward_prefetch: str = "post", state_dict_type: str = "full",
-                 **kwargs: Any):
+                 activation_checkpointing_policy: Any = None, lean_backward: bool = False, **kwargs: Any):
         if isinstance(stage, bool) or stage not in (1, 2, 3):
             raise ValueError(f"DisttrainZeroStrategy: stage must be 1, 2 or 3, got {stage!r}")
         if state_dict_type not in ("full", "sharded"):
@@ -214,7 +223,9 @@ class DisttrainZeroStrategy(_DisttrainStrategyBase):
         self.state_dict_type = state_dict_type
         self._loaded_sharded = False
         self._fsdp_kwargs = dict(stage=stage, auto_wrap=auto_wrap, mixed_precision=mixed_precision,
-                                 prefetch=prefetch, backward_prefetch=backward_prefetch)
+                                 prefetch=prefetch, backward_prefetch=backward_prefetch,
+                                 activation_checkpointing=activation_checkpointing_policy,
+                                 lean_backward=lean_backward)
 
     @property
     def strategy_name(self) -> str:
