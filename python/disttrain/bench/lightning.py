@@ -8,7 +8,10 @@ Configurations (each a Trainer run of its own, started by torchrun, 1 thread per
     ddp_gloo            Lightning DDPStrategy over gloo (what Lightning users run on CPU)
     ddp_over_disttrain  DDPStrategy(process_group_backend="disttrain"): PyTorch's reducer, our backend
     disttrain_ddp       "disttrain_ddp": our backend and our C++ reducer
-    disttrain_zero3     DisttrainZeroStrategy(stage=3), one unit per block / layer
+    disttrain_zero3     DisttrainZeroStrategy(stage=3), one unit per block / layer (no further options)
+    disttrain_zero3_ckpt          the same with activation_checkpointing_policy=<the units>
+    disttrain_zero3_lean          the same with lean_backward=True
+    disttrain_zero3_ckpt_lean     both options
     lightning_fsdp      Lightning's FSDPStrategy (its sharded strategy): reported as skipped
                         with the reason where it does not run on CPU
 
@@ -22,9 +25,14 @@ best round, so a noisy moment hits one round, not one configuration.
 
 Memory: peak bytes of CPU tensor memory per rank on the training thread
 (``disttrain._C.TensorMemoryTracker``, as ``disttrain bench fsdp``), reset once
-the model is wrapped and the optimizer exists; maximum over ranks. The check
-printed: ``disttrain_zero3`` peak <= ``disttrain_ddp`` peak / N + 2 x the
-largest unit's fp32 parameters.
+the model is wrapped and the optimizer exists, read when training ends
+(``on_train_end``, before the strategy's teardown); maximum over ranks.
+``peak_fit_mib`` also counts the teardown (ZeRO gathers the full model back
+into the LightningModule there). The check
+printed for every zero3 row: its peak <= ``disttrain_ddp`` peak / N + 2 x the
+largest unit's fp32 parameters. ``disttrain_ddp`` is never checkpointed: a
+``*_ckpt`` row's bound compares a checkpointed run against an un-checkpointed
+DDP (the ``options`` column says which options a row ran with).
 
 Writes ``benchmarks/results/lightning.csv``.
 """
@@ -43,7 +51,22 @@ import time
 
 from disttrain.bench import format_or_dash, write_csv
 
-CONFIGS = ("ddp_gloo", "ddp_over_disttrain", "disttrain_ddp", "disttrain_zero3", "lightning_fsdp")
+CONFIGS = ("ddp_gloo", "ddp_over_disttrain", "disttrain_ddp", "disttrain_zero3", "disttrain_zero3_ckpt",
+           "disttrain_zero3_lean", "disttrain_zero3_ckpt_lean", "lightning_fsdp")
+# The options each disttrain_zero3 configuration adds to DisttrainZeroStrategy(stage=3, auto_wrap=units).
+ZERO3_OPTIONS = {"disttrain_zero3": {}, "disttrain_zero3_ckpt": {"activation_checkpointing_policy": True},
+                 "disttrain_zero3_lean": {"lean_backward": True},
+                 "disttrain_zero3_ckpt_lean": {"activation_checkpointing_policy": True, "lean_backward": True}}
+
+
+def _options_note(config: str) -> str:
+    """The options a configuration ran with, in words (the CSV's ``options`` column)."""
+    if config not in ZERO3_OPTIONS:
+        return "no activation checkpointing" if config != "lightning_fsdp" else ""
+    opts = ZERO3_OPTIONS[config]
+    parts = (["activation checkpointing per unit"] if opts.get("activation_checkpointing_policy") else []) + \
+        (["lean_backward"] if opts.get("lean_backward") else [])
+    return "; ".join(parts) or "defaults (no checkpointing)"
 MODELS = ("resnet18-tv", "mlp", "vit")
 _MIB = 1024 * 1024
 
@@ -97,8 +120,8 @@ def _strategy(config: str, units):
         return DDPStrategy(process_group_backend="disttrain")
     if config == "disttrain_ddp":
         return DisttrainDDPStrategy(async_checkpoint=False)
-    if config == "disttrain_zero3":
-        return DisttrainZeroStrategy(stage=3, auto_wrap=units, async_checkpoint=False)
+    if config in ZERO3_OPTIONS:
+        return DisttrainZeroStrategy(stage=3, auto_wrap=units, async_checkpoint=False, **ZERO3_OPTIONS[config])
     if config == "lightning_fsdp":
         return FSDPStrategy(auto_wrap_policy=units, process_group_backend="gloo")
     raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
@@ -149,6 +172,9 @@ def _worker(args: argparse.Namespace) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             ends.append(time.perf_counter())
 
+        def on_train_end(self, trainer, pl_module):
+            info["train_peak_bytes"] = tracker.peak_bytes
+
     trainer = L.Trainer(accelerator="cpu", devices=int(os.environ["LOCAL_WORLD_SIZE"]), strategy=_strategy(config, units),
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[Probe()])
@@ -157,7 +183,8 @@ def _worker(args: argparse.Namespace) -> None:
     tracker.stop()
     intervals = [b - a for a, b in zip(ends[args.warmup - 1:], ends[args.warmup:])]
     with open(f"{result}.{rank}", "w") as f:
-        json.dump({"steps_per_s": 1.0 / statistics.median(intervals), "peak_bytes": peak,
+        json.dump({"steps_per_s": 1.0 / statistics.median(intervals), "peak_bytes": info.pop("train_peak_bytes"),
+                   "fit_peak_bytes": peak,
                    "params": sum(p.numel() for p in net.parameters()), **info}, f)
 
 
@@ -177,6 +204,7 @@ def _run(args: argparse.Namespace, argv: list[str], model: str, config: str) -> 
             return {"skipped": reason[-200:]}
         ranks = [json.load(open(f"{result}.{r}")) for r in range(args.ranks)]
         return {"steps_per_s": ranks[0]["steps_per_s"], "peak_mib": max(r["peak_bytes"] for r in ranks) / _MIB,
+                "peak_fit_mib": max(r["fit_peak_bytes"] for r in ranks) / _MIB,
                 "params": ranks[0]["params"], "largest_unit_params": ranks[0]["largest_unit_params"]}
 
 
@@ -211,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"#   skipped: {row['skipped']}", flush=True)
                     best.setdefault(key, row)
                     continue
-                print(f"#   {row['steps_per_s']:.2f} steps/s, peak {row['peak_mib']:.0f} MiB", flush=True)
+                print(f"#   {row['steps_per_s']:.2f} steps/s, peak {row['peak_mib']:.0f} MiB (with teardown "
+                      f"{row['peak_fit_mib']:.0f})", flush=True)
                 if "steps_per_s" not in best.get(key, {}) or row["steps_per_s"] > best[key]["steps_per_s"]:
                     best[key] = row
     rows = []
@@ -221,22 +250,29 @@ def main(argv: list[str] | None = None) -> int:
         for config in configs:
             r = dict(best[(model, config)])
             row = {"model": model, "config": config, "ranks": args.ranks, "steps_per_s": r.get("steps_per_s", ""),
-                   "vs_ddp_gloo": "", "peak_mib": r.get("peak_mib", ""), "zero3_bound_mib": "", "zero3_bound_met": "",
+                   "vs_ddp_gloo": "", "peak_mib": r.get("peak_mib", ""), "peak_fit_mib": r.get("peak_fit_mib", ""),
+                   "zero3_bound_mib": "", "zero3_bound_met": "",
                    "params": r.get("params", ""), "largest_unit_params": r.get("largest_unit_params", ""),
-                   "skipped": r.get("skipped", "")}
+                   "options": _options_note(config), "skipped": r.get("skipped", "")}
             if "steps_per_s" in r and "steps_per_s" in gloo:
                 row["vs_ddp_gloo"] = r["steps_per_s"] / gloo["steps_per_s"]
-            if config == "disttrain_zero3" and "peak_mib" in r and "peak_mib" in ddp:
+            if config in ZERO3_OPTIONS and "peak_mib" in r and "peak_mib" in ddp:
                 bound = ddp["peak_mib"] / args.ranks + 2 * 4 * r["largest_unit_params"] / _MIB
                 row["zero3_bound_mib"], row["zero3_bound_met"] = bound, r["peak_mib"] <= bound
             rows.append(row)
-    print(f"{'model':<12} {'config':<19} {'steps/s':>8} {'vs gloo':>8} {'peak MiB':>9} {'zero3 bound':>11}  notes")
+    print(f"{'model':<12} {'config':<27} {'steps/s':>8} {'vs gloo':>8} {'peak MiB':>9} {'+teardown':>9} "
+          f"{'zero3 bound':>11}  notes")
     for row in rows:
-        print(f"{row['model']:<12} {row['config']:<19} {format_or_dash(row['steps_per_s'], '>8.2f')} "
+        print(f"{row['model']:<12} {row['config']:<27} {format_or_dash(row['steps_per_s'], '>8.2f')} "
               f"{format_or_dash(row['vs_ddp_gloo'], '>8.2f')} {format_or_dash(row['peak_mib'], '>9.0f')} "
+              f"{format_or_dash(row['peak_fit_mib'], '>9.0f')} "
               f"{format_or_dash(row['zero3_bound_mib'], '>11.0f')}  "
               f"{'bound met' if row['zero3_bound_met'] is True else 'BOUND MISSED' if row['zero3_bound_met'] is False else ''}"
-              f"{'skipped: ' + row['skipped'] if row['skipped'] else ''}")
+              f"{'skipped: ' + row['skipped'] if row['skipped'] else ''}"
+              f"{'  [' + row['options'] + ']' if row['config'] in ZERO3_OPTIONS else ''}")
+    if any(c in configs for c in ZERO3_OPTIONS):
+        print("# zero3 bound: disttrain_ddp's peak (never checkpointed) / ranks + 2 x the largest unit's fp32 "
+              "parameters")
     write_csv(rows, args.out)
     return 0
 
