@@ -26,7 +26,8 @@ def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], Non
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        f: IO[Any]
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
             fill(f)
             f.flush()
             if mode is not None:
