@@ -48,13 +48,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from disttrain.bench import format_or_dash, write_csv
 
 CONFIGS = ("ddp_gloo", "ddp_over_disttrain", "disttrain_ddp", "disttrain_zero3", "disttrain_zero3_ckpt",
            "disttrain_zero3_lean", "disttrain_zero3_ckpt_lean", "lightning_fsdp")
 # The options each disttrain_zero3 configuration adds to DisttrainZeroStrategy(stage=3, auto_wrap=units).
-ZERO3_OPTIONS = {"disttrain_zero3": {}, "disttrain_zero3_ckpt": {"activation_checkpointing_policy": True},
+ZERO3_OPTIONS: dict[str, dict[str, Any]] = {"disttrain_zero3": {}, "disttrain_zero3_ckpt": {"activation_checkpointing_policy": True},
                  "disttrain_zero3_lean": {"lean_backward": True},
                  "disttrain_zero3_ckpt_lean": {"activation_checkpointing_policy": True, "lean_backward": True}}
 
