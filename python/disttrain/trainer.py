@@ -226,8 +226,9 @@ class Trainer:
         self.sharded = cfg.strategy == "fsdp"
         if self.sharded:
             from .fsdp import FullyShardedDataParallel
-            self.model = FullyShardedDataParallel(self.module, stage=cfg.zero_stage, auto_wrap=_FSDP_MIN_UNIT_PARAMS)
-            self.optimizer = _rebuild_over_shards(optimizer, self.model, scheduler)
+            fsdp = FullyShardedDataParallel(self.module, stage=cfg.zero_stage, auto_wrap=_FSDP_MIN_UNIT_PARAMS)
+            self.model: Any = fsdp  # FullyShardedDataParallel, the module itself, or DDP around it
+            self.optimizer = _rebuild_over_shards(optimizer, fsdp, scheduler)
         elif cfg.strategy == "none":
             if self.world_size != 1:
                 raise ValueError(f"Trainer: strategy 'none' (no data parallelism) runs on one rank; the job has "

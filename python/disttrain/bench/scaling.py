@@ -901,6 +901,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]] | None:
                 run_dir = os.path.join(args.runs, cfg.name)
                 go = f"go/{r}/{cfg.name}"
                 if args.node_rank > 0:  # another node of a cluster: its part of node 0's multi-node rows
+                    assert cluster is not None  # a node other than 0 is always part of a cluster
                     if cfg.nodes == 1 or args.node_rank >= cfg.nodes or cluster.get(go) != "run":
                         continue
                     print(f"# {cfg.name}: node {args.node_rank} of {cfg.nodes}, round {r} of {rounds}", flush=True)
@@ -908,13 +909,13 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]] | None:
                                         r / rounds)
                     cluster.set(f"rc/{r}/{cfg.name}/{args.node_rank}", error or "")
                     continue
-                shared = cluster is not None and cfg.nodes > 1
+                shared = cluster if cfg.nodes > 1 else None  # the cluster, for a multi-node row
                 done = _rounds_done(run_dir)
                 if done.get("finished") or done.get("round", 0) >= r or cfg.name in failures:
                     if done.get("finished") and r == 1:
                         print(f"# {cfg.name}: finished earlier, kept", flush=True)
-                    if shared:
-                        cluster.set(go, "skip")
+                    if shared is not None:
+                        shared.set(go, "skip")
                     continue
                 hosts = made.get(cfg.slow)
                 if cfg.nodes > 1 and cluster is None and hosts is None:
@@ -934,11 +935,11 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]] | None:
                 print(f"# {cfg.name}: {cfg.ranks} rank(s){', resuming' if resumed else ''}, round {r} of {rounds}",
                       flush=True)
                 os.makedirs(run_dir, exist_ok=True)
-                if shared:
-                    cluster.set(go, "run")
+                if shared is not None:
+                    shared.set(go, "run")
                 error = _run_config(args, cfg, hosts, os.path.join(run_dir, "study.log"), r / rounds)
-                if shared:
-                    others = [(n, cluster.get(f"rc/{r}/{cfg.name}/{n}")) for n in range(1, cfg.nodes)]
+                if shared is not None:
+                    others = [(n, shared.get(f"rc/{r}/{cfg.name}/{n}")) for n in range(1, cfg.nodes)]
                     error = error or "; ".join(f"node {n}: {e}" for n, e in others if e) or None
                 if error:
                     failures[cfg.name] = f"failed: {error}"
