@@ -37,6 +37,18 @@ BENCH_VENV = os.environ.get("DISTTRAIN_BENCH_VENV", "/opt/disttrain-bench-venv")
 BENCH_VENV_PYTHON = os.path.join(BENCH_VENV, "bin", "python")
 
 
+def import_failure(*modules: str) -> str | None:
+    """Why a peer's ``modules`` do not import in this interpreter (the first
+    failure, ``Type: message``), or None when all do: any exception counts, as a
+    peer's import can fail in many ways (a missing wheel, a torch ABI mismatch)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - any import failure means: skipped, with the reason
+            return f"{type(e).__name__}: {e}"
+    return None
+
+
 def rerun_in_bench_venv(module: str, argv: list[str], missing: list[str]) -> None:
     """Re-runs ``python -m module *argv`` under the benchmark venv's Python
     (never returns) when a peer in ``missing`` does not import here but the

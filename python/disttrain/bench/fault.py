@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 
-from disttrain.bench import rerun_in_bench_venv, write_csv
+from disttrain.bench import import_failure, rerun_in_bench_venv, write_csv
 
 PEERS = ("torchft",)
 SYSTEMS = ("disttrain",) + PEERS
@@ -102,12 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def torchft_unavailable() -> str | None:
-    try:
-        import torchft  # type: ignore[import-not-found]  # noqa: F401
-        from torchft.coordination import LighthouseServer  # type: ignore[import-not-found]  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means: skipped, with the reason
-        return f"{type(e).__name__}: {e}"
-    return None
+    return import_failure("torchft", "torchft.coordination")
 
 
 # --- workers -------------------------------------------------------------------------------------
@@ -187,7 +182,7 @@ def _torchft_worker(args) -> None:
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung replica's stacks, for its .out
     import disttrain.models  # noqa: F401
-    from torchft import Manager, Optimizer, ProcessGroupGloo
+    from torchft import Manager, Optimizer, ProcessGroupGloo  # type: ignore[import-not-found]  # the bench venv's
 
     torch.set_num_threads(1)
     log = _StepLog(args.step_log, args.replica)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from disttrain.bench import rerun_in_bench_venv, write_csv
+from disttrain.bench import import_failure, rerun_in_bench_venv, write_csv
 
 
 PEERS = ("torchdata",)
@@ -58,11 +58,7 @@ class _Indices(Dataset):
 
 
 def torchdata_unavailable() -> str | None:
-    try:
-        from torchdata.stateful_dataloader import StatefulDataLoader  # type: ignore[import-not-found]  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means: skipped, with the reason
-        return f"{type(e).__name__}: {e}"
-    return None
+    return import_failure("torchdata.stateful_dataloader")
 
 
 def _factories(samples: int, batch: int, workers: int, seed: int) -> dict[str, Callable[[], Any]]:
@@ -81,7 +77,8 @@ def _factories(samples: int, batch: int, workers: int, seed: int) -> dict[str, C
 
     def torchdata(with_torch_sampler: bool) -> Callable[[], Any]:
         def build() -> Any:
-            from torchdata.stateful_dataloader import StatefulDataLoader
+            # the bench venv's
+            from torchdata.stateful_dataloader import StatefulDataLoader  # type: ignore[import-not-found]
             if with_torch_sampler:
                 from torch.utils.data.distributed import DistributedSampler
                 torch_sampler: DistributedSampler[int] = DistributedSampler(data, num_replicas=1, rank=0, seed=seed)

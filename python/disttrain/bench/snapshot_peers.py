@@ -48,22 +48,18 @@ from typing import Any, Callable
 import torch
 
 from .. import snapshot
+from . import import_failure
 
 PEERS = ("dcp", "torchsnapshot")
 
 
 def peer_unavailable(name: str) -> str | None:
     """Why the peer cannot run in this interpreter, or None."""
-    try:
-        if name == "dcp":
-            import torch.distributed.checkpoint  # noqa: F401
-        elif name == "torchsnapshot":
-            import torchsnapshot  # type: ignore[import-not-found]  # noqa: F401  # the bench venv's
-        else:
-            return f"unknown peer (choose from {', '.join(PEERS)})"
-    except Exception as e:  # noqa: BLE001 - any import failure means: skipped, with the reason
-        return f"{type(e).__name__}: {e}"
-    return None
+    # torchsnapshot: the bench venv's
+    modules = {"dcp": "torch.distributed.checkpoint", "torchsnapshot": "torchsnapshot"}
+    if name not in modules:
+        return f"unknown peer (choose from {', '.join(PEERS)})"
+    return import_failure(modules[name])
 
 
 def _quiet() -> None:
@@ -153,7 +149,7 @@ class _TorchSnapshot(_System):
 
     @staticmethod
     def _app(state: Any) -> dict:
-        import torchsnapshot
+        import torchsnapshot  # type: ignore[import-not-found]  # the bench venv's
         return {"state": torchsnapshot.StateDict(**state)}
 
     def save(self, state: Any, step: int) -> None:
