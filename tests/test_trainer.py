@@ -176,3 +176,18 @@ def test_cli_runs_configuration_file_in_turn(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"model_name": "mlp", "colour": "blue"}]))
     from disttrain import train_cli
     assert train_cli.main(["-c", str(tmp_path / "bad.json")]) == 2  # a configuration error: one line, status 2
+
+
+def _strategy_none_error(rank, world_size, folder):
+    try:
+        _digits_trainer(folder, "none", strategy="none")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_strategy_none_refuses_more_than_one_rank(tmp_path):
+    # 'none' is plain non-distributed training (bench scaling's serial baseline): in a job of 2 ranks
+    # every rank refuses it by name instead of training two unsynchronised copies.
+    errors = run_ranks(_strategy_none_error, world_size=2, args=(str(tmp_path),))
+    assert all(e is not None and "strategy 'none'" in e and "has 2" in e for e in errors), errors
