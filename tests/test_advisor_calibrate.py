@@ -1,27 +1,34 @@
 """`disttrain advise --calibrate` (issue 21): measured on this machine, then a prediction for a
-real `disttrain train` run on this machine lands within TOLERANCE of its measured epoch time (the
-issue's 20% for the slowed run; 35% for the plain one, see TOLERANCE). The run's
+real `disttrain train` run on this machine lands within 20% of its measured epoch time. The run's
 speed is controlled: the same again with every optimizer step slowed by a known 30 ms (a
-sitecustomize in the trainer's process, the same patch in the measuring one) must follow it, which
+sitecustomize in the trainer's process and in the measuring one) must follow it, which
 a fitted model that does not measure cannot (refitting on one short CPU run was off by 12x, and
-once predicted a 10x slower copy faster). The trainer runs as its own process; `advise` runs
-in this one (main()), which keeps the test short.
+once predicted a 10x slower copy faster). The trainer and `advise --predict` run as processes of
+their own; `advise --calibrate` runs in this one (main()).
 
-The machine is shared (other tests, other jobs): a measurement made a few seconds after the run
-meets another load (on 2 cores at a load of 7 the same step took 30 to 250 ms). So the
-configuration's steps are measured up to 3 times, as --predict does for a configuration the
-calibration lacks, and the closest of these predictions must be within the bound; every attempt is in
-the assertion's message."""
+The machine is shared (other tests, other jobs at a load of 10-25 on 2 cores): the load a few
+seconds apart differs by 2x and more, so the prediction and the measurement are interleaved. One
+long run of the trainer is paused (SIGSTOP) between stretches of RUN_EPOCHS epochs; while it is
+paused, `disttrain advise --predict` measures the run's configuration (the stored timing dropped, so
+it is timed anew, with the trainer's own epoch), then the run goes on (SIGCONT). Each prediction is compared
+with the median of the run's epochs just before and just after it (an epoch that spans a pause is
+left out), and the median of PREDICTIONS such ratios must be within 20%. Both sides use one
+thread (OMP_NUM_THREADS=1 in the run and in --predict, torch.set_num_threads(1) for --calibrate
+here): with torch's two threads on the 2 busy cores, consecutive epochs of this CNN took 2.5 to
+4.3 s (25-35x a one-thread epoch), which makes the test minutes long and no 20% bound meaningful."""
 
 import contextlib
+import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,16 +54,73 @@ torch.optim.SGD.step = _slow_step
 """
 
 
-def _train(folder, slow_dir=None):
-    """A real CPU run of the trainer: small CNN on the digits, batch 128, 6 epochs."""
+THREADS = 1
+RUN_EPOCHS = 4   # clean epochs of the run between two predictions
+PREDICTIONS = 3
+
+
+def _rows(metrics):
+    try:
+        with open(metrics) as f:
+            return [float(row["epoch_timings"]) for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []
+
+
+def _env(slow_dir=None):
+    """A process of its own: this package, one thread, and the slowdown when given."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     paths = ([str(slow_dir)] if slow_dir else []) + [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    out = subprocess.run([sys.executable, "-m", "disttrain", "train", "-e", "6", "-b", "128", "-s", str(folder),
-                          "--save-name", "cpu_digits", "--no-progress"],
-                         capture_output=True, text=True, env=env, cwd=folder.parent, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return folder / "cpu_digits" / "metrics.csv"
+    env["OMP_NUM_THREADS"] = str(THREADS)
+    return env
+
+
+def _interleaved(folder, predict, slow_dir=None):
+    """A real CPU run of the trainer (small CNN on the digits, batch 128), paused for each of
+    PREDICTIONS calls of ``predict(metrics)``; returns (prediction, measured) pairs, measured the
+    median of the run's epochs just before and just after the prediction (its first epoch, which
+    warms up, and any epoch that spans a pause left out)."""
+    env = _env(slow_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = folder / "cpu_digits" / "metrics.csv"
+    log = open(folder / "train.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "disttrain", "train", "-e", "100000", "-b", "128", "-s", str(folder),
+                             "--save-name", "cpu_digits", "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, cwd=folder.parent)
+    stretches, predictions, clean_from = [], [], 1
+    try:
+        deadline = time.monotonic() + 600
+        for i in range(PREDICTIONS + 1):
+            while len(_rows(metrics)) < clean_from + RUN_EPOCHS:
+                log.seek(0)
+                assert proc.poll() is None and time.monotonic() < deadline, log.read()[-3000:]
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGSTOP)
+            rows = _rows(metrics)  # read while paused: epoch len(rows) is the one the pause falls in
+            stretches.append(rows[clean_from:])
+            clean_from = len(rows) + 1
+            if i < PREDICTIONS:
+                predictions.append(predict(metrics, slow_dir))
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)  # the trainer's preemption: a snapshot, then exit
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return [(predicted, float(np.median(stretches[i] + stretches[i + 1]))) for i, predicted in enumerate(predictions)]
+
+
+def _within(pairs, bound=0.2):
+    ratios = [p / m for p, m in pairs]
+    table = [(round(p, 4), round(m, 4), round(r, 3)) for (p, m), r in zip(pairs, ratios)]
+    print(f"predicted/measured epoch (s), ratio: {table}, median ratio {float(np.median(ratios)):.3f}, "
+          f"load {os.getloadavg()[0]:.1f}")  # shown with pytest -s
+    assert abs(float(np.median(ratios)) - 1) < bound, table
 
 
 def _advise(*args):
@@ -67,79 +131,65 @@ def _advise(*args):
     return json.loads(out.getvalue())
 
 
-def _predicted(metrics):
-    (row,) = _advise("--predict", str(metrics), "--json")["configurations"]
+def _predicted(metrics, slow_dir=None):
+    """`disttrain advise --predict` (its own process, as a user runs it) for the run's configuration,
+    its steps measured then (the stored timing dropped). Measured in this pytest process instead, the
+    same epochs came out 20-24% slower than in a process of their own."""
+    calibration = calibrate.load("cpu")
+    calibration.timings = [t for t in calibration.timings if (t["model_name"], t["batch_size"]) != ("small_cnn", 128)]
+    calibrate.store(calibration)
+    out = subprocess.run([sys.executable, "-m", "disttrain", "advise", "--predict", str(metrics), "--json"],
+                         capture_output=True, text=True, env=_env(slow_dir), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = json.loads(out.stdout)["configurations"]
     assert row["source"] == "calibrated" and row["gpu"] == "cpu" and row["outside_logs"] == ""
     assert row["epoch_time_s_low"] < row["epoch_time_s"] < row["epoch_time_s_high"]
-    return row["epoch_time_s"], row["measured_s"]
-
-
-# Issue 21 asks for 20%. A quiet CI machine measured the calibrated prediction 23-27% below the
-# trainer's epoch (0.028-0.029 s against 0.038 s, three attempts): a systematic gap the calibration
-# does not model yet (left open in issue 21). The test holds what is true today, and fails if it
-# gets worse.
-TOLERANCE = 0.35
-
-
-def _closest(metrics, first):
-    """(prediction, measured) pairs: ``first``, then up to two more with the run's configuration
-    measured again; the first within TOLERANCE ends it."""
-    attempts = [first]
-    while abs(attempts[-1][0] / attempts[-1][1] - 1) >= TOLERANCE and len(attempts) < 3:
-        calibration = calibrate.load("cpu")
-        calibration.timings = [t for t in calibration.timings if (t["model_name"], t["batch_size"]) != ("small_cnn", 128)]
-        calibrate.store(calibration)
-        attempts.append(_predicted(metrics))
-    return attempts
+    return row["epoch_time_s"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("calibrate") / "runs")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def calibrated(run):
-    """--calibrate right after the run (the closer in time, the closer the machine's load), then --predict."""
-    stored = _advise("--calibrate", "--device", "cpu", "--json")
-    return stored, _predicted(run)
+def calibrated(one_thread):
+    return _advise("--calibrate", "--device", "cpu", "--json")
 
 
-def test_calibrate_then_predict_a_trainer_run(calibrated, run):
-    stored, (predicted, measured) = calibrated
+def test_calibrate_then_predict_a_trainer_run(calibrated, tmp_path):
+    stored = calibrated
     assert stored["device"] == "cpu" and Path(stored["stored"]).is_file()
     assert {(t["model_name"], t["dataset"], t["batch_size"]) for t in stored["timings"]} == set(calibrate.REFERENCE)
-    assert all(t["step_s"] > 0 and t["steps"] >= 3 for t in stored["timings"])
+    assert all(t["step_s"] > 0 and t["steps"] >= 3 and t["epoch_s"] > 0 for t in stored["timings"])
     assert stored["equivalent_tflops"] > 0  # placed on the logs' speed scale
-    assert calibrate.load("cpu").timings == stored["timings"]  # kept, and what --predict read
-    attempts = _closest(run, (predicted, measured))
-    assert abs(attempts[-1][0] / attempts[-1][1] - 1) < TOLERANCE, attempts
+    assert calibrate.load("cpu").timings == stored["timings"]  # kept, and what --predict reads
+    _within(_interleaved(tmp_path / "runs", _predicted))
 
 
 def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, tmp_path, monkeypatch):
-    """Every SGD step 30 ms slower, in the run and in the measurement: 11.2 steps an epoch,
-    about 0.34 s more (on a quiet machine, about three times the epoch). This calibration lacks
-    the configuration, so --predict measures it now."""
-    stored, _ = calibrated
+    """Every SGD step 30 ms slower, in the run and in the measurement: 12 steps an epoch, about
+    0.36 s more (several times a quiet one-thread epoch). This calibration lacks the
+    configuration, so each --predict measures it then."""
+    stored = calibrated
     slow_dir = tmp_path / "slow"
     slow_dir.mkdir()
     (slow_dir / "sitecustomize.py").write_text(SLOWDOWN)
-    metrics = _train(tmp_path / "runs", slow_dir)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(cache))
     entry = cache / Path(stored["stored"]).name  # the same device's calibration, without its steps
     entry.write_text(json.dumps({**{k: v for k, v in stored.items() if k != "stored"}, "timings": []}))
-    step = torch.optim.SGD.step
+    timings = []
 
-    def slow_step(self, *args, **kwargs):
-        time.sleep(SLOW_STEP_S)
-        return step(self, *args, **kwargs)
+    def predicted(metrics, slow_dir):
+        value = _predicted(metrics, slow_dir)
+        timings.extend(json.loads(entry.read_text())["timings"])  # measured now, and kept
+        return value
 
-    monkeypatch.setattr(torch.optim.SGD, "step", slow_step)
-    predicted, measured = _predicted(metrics)
-    (timing,) = json.loads(entry.read_text())["timings"]  # measured now, and kept
-    assert timing["step_s"] > SLOW_STEP_S  # the measurement sees the slower step
-    # Not compared with the unslowed prediction: that was measured minutes ago, under another load.
-    attempts = _closest(metrics, (predicted, measured))
-    assert abs(attempts[-1][0] / attempts[-1][1] - 1) < 0.2, attempts
+    pairs = _interleaved(tmp_path / "runs", predicted, slow_dir)
+    assert len(timings) == PREDICTIONS and all(t["step_s"] > SLOW_STEP_S for t in timings)  # sees the slower step
+    _within(pairs)

@@ -6,22 +6,33 @@ tried and is not reliable: the family's speed correction is shrunk towards
 its nominal start, so a 2-epoch run of 0.15-0.18 s per epoch was predicted at
 2.2-2.6 s, and a copy of it made 10 times slower was once predicted faster.
 So a device the logs do not hold (this CPU, or a GPU outside the table) is
-measured directly: a few training steps of a configuration, the same loop as
-the trainer's epoch (a fresh DataLoader with the configuration's workers over
-the data set, to(device), forward and backward through disttrain's DDP wrapper
-in a one-process group, SGD step, the loss and accuracy read back, and the
-trainer's one-flag all-reduce per step: without the wrapper and the flag a
-small CNN's step measured 27-28 ms against 37-48 ms with them), timed step by
-step after a warm-up, and scaled to an epoch:
+measured directly, with the trainer itself: a ``Trainer`` (one-process
+group, its DDP wrapper, sampler, DataLoader with the configuration's workers,
+per-step metrics and stop flag, deterministic algorithms, the snapshot and
+best model written in the background after each epoch, the evaluation
+between epochs) runs epochs of the configuration's data set, cut to a few
+full batches (``timed_batches``) plus its last, partial batch, or all of it
+when it is that small (the trainer's digits); one epoch warms up, then at
+least two and a second are timed, each as the trainer's ``epoch_time``
+counts it. An epoch of the whole data set is then
 
-    epoch = first batch (loader start, workers included) + samples / batch x step
+    epoch = timed epoch + (full batches - timed full batches) x step
 
-with ``step`` the mean time from one full batch's end to the next (the next
-batch's loading included; the mean, not the median: an epoch is the sum of its
-steps, and on a shared machine a few steps take several times the others),
-measured for at least a second, and ``samples`` the data set's training split
-(features.TRAIN_SAMPLES; one process: multi-process runs are not calibrated).
-The interval is the spread of an epoch's mean step (the steps' standard
+with ``step`` the mean time from one full batch's end to the next while no
+snapshot is being written (the next batch's loading included; the mean, not
+the median: an epoch is the sum of its steps, and on a shared machine a few
+steps take several times the others), and the data set's size from
+features.TRAIN_SAMPLES (one process: multi-process runs are not calibrated).
+An earlier hand-written copy of the trainer's loop (the same calls, timed
+step by step, ``first batch + samples / batch x step``) predicted 23-27%
+short of the trainer's epochs on a quiet machine with torch's 2 threads:
+interleaved with a run (issue 21, docs/advisor.md), its median ratio was
+0.83 against 1.02 for this measurement; in one process, step by step, the
+two loops' steps agreed within 3% (the snapshot ~3%, deterministic
+algorithms ~2%, the partial batch, counted as 0.23 of a step, cost 0.6 of
+one), so the rest of that gap was not located in the loop: timing the
+trainer itself removes the question. The interval is the spread of an
+epoch's mean step (the steps' standard
 deviation over the square root of an epoch's steps, times 1.28), widened to at
 least ``DRIFT`` either way: a run later on the same machine meets another
 load, which no measurement made now can know (an a-priori width, not
@@ -63,6 +74,9 @@ from .features import TRAIN_SAMPLES
 REFERENCE = (("small_cnn", "digits", 32), ("small_cnn", "digits", 128), ("resnet18", "cifar10", 4))
 # A priori: a later run on the same machine may meet another load; the interval is at least this wide either way.
 DRIFT = 0.15
+# 2: epochs timed through the trainer itself (1, the earlier hand-written loop, predicted 23-27% short of the
+# trainer's epochs; its files are not reused).
+VERSION = 2
 _SPEED_REFERENCE = REFERENCE[2]
 
 
@@ -76,6 +90,7 @@ class Calibration:
     timings: list = field(default_factory=list)  # one dict per (model, dataset, batch, workers)
     equivalent_tflops: float | None = None
     created: float = 0.0
+    version: int = 1                 # files written before VERSION 2 lack it
 
     def timing(self, model: str, dataset: str, batch: int, workers: int) -> dict | None:
         for t in self.timings:
@@ -122,9 +137,10 @@ def load(device: str) -> Calibration | None:
         return None
     try:
         with open(path) as f:
-            return Calibration(**json.load(f))
+            calibration = Calibration(**json.load(f))
     except (OSError, ValueError, TypeError):
         return None
+    return calibration if calibration.version == VERSION else None
 
 
 def store(calibration: Calibration) -> Path | None:
@@ -142,7 +158,9 @@ def store(calibration: Calibration) -> Path | None:
 
 
 def _model_and_data(model_name: str, dataset: str):
-    """The trainer's model and training set for a configuration (CIFAR-10: random tensors of its shape)."""
+    """The trainer's model, training set and a validation set for a configuration (CIFAR-10: random
+    tensors of its shape; the validation set is a few batches, evaluated between epochs as the trainer
+    does, outside the epoch's time)."""
     import torch
 
     from .. import data
@@ -150,32 +168,50 @@ def _model_and_data(model_name: str, dataset: str):
 
     if dataset == "digits":
         train_set, num_classes, shape = data.get_dataset("digits", None, True)
+        val_set, _, _ = data.get_dataset("digits", None, False)
     elif dataset == "cifar10":
         generator = torch.Generator().manual_seed(0)
         train_set = torch.utils.data.TensorDataset(torch.randn(2048, 3, 32, 32, generator=generator),
                                                    torch.randint(0, 10, (2048,), generator=generator))
+        val_set = torch.utils.data.Subset(train_set, range(64))
         num_classes, shape = 10, (3, 32, 32)
     else:
         raise AdvisorInputError(f"cannot calibrate on data set '{dataset}' (digits, cifar10)")
     try:
-        return build_model(model_name, num_classes, shape), train_set
+        return build_model(model_name, num_classes, shape), train_set, val_set
     except ValueError as e:
         raise AdvisorInputError(str(e)) from None
 
 
+def timed_batches(model_name: str) -> int:
+    """Full batches in the epochs a measurement times: a ResNet's CPU step takes seconds."""
+    return 3 if model_name.startswith("resnet") else 16
+
+
 def measure_steps(model_name: str, dataset: str, batch_size: int, workers: int = 0, device: str = "cpu",
-                  min_seconds: float = 1.0, min_steps: int = 5, max_steps: int = 400, warmup: int = 2) -> dict:
-    """Times training steps of one configuration, as the trainer's epoch runs them.
+                  min_seconds: float = 1.0, min_epochs: int = 2, max_epochs: int = 50,
+                  batches: int | None = None) -> dict:
+    """Times epochs of one configuration with the trainer's own epoch (``Trainer``, one process).
+
+    The data set is cut to ``batches`` full batches (default: ``timed_batches``)
+    plus the configuration's last, partial batch, all of it when it has fewer;
+    one epoch warms up, then at least ``min_epochs`` epochs and ``min_seconds``
+    are timed.
 
     Returns:
-        dict: the configuration, ``step_s`` (mean of the full-batch steps),
-        ``step_s_sd`` (their standard deviation),
-        ``first_batch_s`` (a fresh loader's first batch: its start and workers)
-        and ``steps`` (how many were timed).
+        dict: the configuration; ``epoch_s`` (the median timed epoch of the cut
+        data set, as the trainer's ``epoch_time`` counts it), ``timed_batches``
+        (its full batches), ``step_s`` (the mean time from one full batch's end
+        to the next, while no snapshot is being written, when there are such
+        steps), ``step_s_sd`` (their standard deviation), ``first_batch_s``
+        (the loader's start and first step), ``steps`` and ``epochs`` (how many
+        were timed).
     """
-    with _one_process_group():
-        return _measure_steps(model_name, dataset, batch_size, workers, device, min_seconds, min_steps, max_steps,
-                              warmup)
+    if dataset not in TRAIN_SAMPLES:
+        raise AdvisorInputError(f"unknown data set '{dataset}' (known: {', '.join(TRAIN_SAMPLES)})")
+    with _one_process_group(), _trainer_side_effects_undone(device):
+        return _measure_steps(model_name, dataset, batch_size, workers, device, min_seconds, min_epochs, max_epochs,
+                              timed_batches(model_name) if batches is None else batches)
 
 
 @contextlib.contextmanager
@@ -198,64 +234,107 @@ def _one_process_group():
             dist.destroy_process_group()
 
 
-def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int, device: str, min_seconds: float,
-                   min_steps: int, max_steps: int, warmup: int) -> dict:
+@contextlib.contextmanager
+def _trainer_side_effects_undone(device: str):
+    """The trainer seeds every generator, turns on deterministic algorithms and prints its epochs:
+    undone afterwards, printing into nothing (--json prints on stdout). On a CUDA machine a CPU
+    measurement hides CUDA from the trainer, which otherwise takes the GPU."""
+    import io
+    from unittest import mock
+
     import torch
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader
 
-    from ..ddp import DistributedDataParallel
+    from ..trainer import _rng_state, _set_rng_state
 
+    rng = _rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    hide_cuda = mock.patch.object(torch.cuda, "is_available", lambda: False) if device == "cpu" \
+        else contextlib.nullcontext()
+    try:
+        with hide_cuda, contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        _set_rng_state(rng)
+
+
+def _timed_trainer_class():
+    from ..trainer import Trainer
+
+    class _TimedTrainer(Trainer):
+        """The trainer, with the end of every step stamped (its progress line's hook, called once a
+        step, after the step's ``epoch_time`` is updated), and whether a snapshot was being written."""
+
+        stamps: list
+
+        def _progress(self) -> None:
+            writing = bool((self._snapshotter is not None and self._snapshotter.busy)
+                           or (self._best_writer is not None and self._best_writer.busy))
+            self.stamps.append((self.epoch, self.batches_done, time.perf_counter(), self._partial["elapsed"],
+                                writing))
+
+    return _TimedTrainer
+
+
+def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int, device: str, min_seconds: float,
+                   min_epochs: int, max_epochs: int, batches: int) -> dict:
+    import torch
+    from torch.utils.data import Subset
+
+    from ..trainer import TrainerConfig
+
+    full, rest = divmod(TRAIN_SAMPLES[dataset], batch_size)
+    kept = min(full, max(1, batches))
     torch.manual_seed(0)
-    module, train_set = _model_and_data(model_name, dataset)
-    module = module.to(device)
-    model = DistributedDataParallel(module)
-    model.train()
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    steps: list[float] = []
-    first: list[float] = []
-    seen = 0
-    begin = time.perf_counter()
-    while len(steps) < max_steps and (len(steps) < min_steps or time.perf_counter() - begin < min_seconds):
-        loader = DataLoader(train_set, batch_size=batch_size, sampler=torch.randperm(len(train_set)).tolist(),
-                            num_workers=workers, drop_last=False)
-        last = time.perf_counter()
-        for i, (inputs, labels) in enumerate(loader):
-            if i == 0:
-                first.append(time.perf_counter() - last)
-            inputs, labels = inputs.to(device), labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            output = model(inputs)
-            loss = loss_fn(output, labels)
-            loss.backward()
-            optimizer.step()
-            loss.item()
-            int((output.argmax(1) == labels).sum())
-            flag = torch.zeros(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the trainer's stop flag, agreed every step
-            flag.item()
-            now = time.perf_counter()
-            seen += 1
-            if i > 0 and len(labels) == batch_size and seen > warmup:
-                steps.append(now - last)
-            last = now
-            if len(steps) >= max_steps or (len(steps) >= min_steps and now - begin >= min_seconds):
-                break
-    if not steps:
-        raise AdvisorInputError(f"calibration of {model_name} on {dataset}, batch {batch_size}: the data set has "
-                                f"too few samples for two full batches")
-    values = np.asarray(steps)
+    module, train_set, val_set = _model_and_data(model_name, dataset)
+    size = kept * batch_size + rest  # the configuration's last batch, partial or not, is timed too
+    if size != len(train_set):
+        train_set = Subset(train_set, [i % len(train_set) for i in range(size)])
+    # As `disttrain train` builds it (its defaults: lr 0.05, momentum 0.9, weight decay 1e-4).
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    with tempfile.TemporaryDirectory(prefix="disttrain-calibrate-") as folder:
+        config = TrainerConfig(epochs=max_epochs, batch_size=batch_size, num_workers=workers, save_location=folder,
+                               save_name="calibration", progress=False, resume=False)
+        trainer = _timed_trainer_class()(module, optimizer, train_set, val_set, config)
+        trainer.stamps = []
+        begin = time.perf_counter()
+        try:
+            # The trainer's fit() loop (an epoch, then its evaluation, metrics.csv and snapshot in the
+            # background), without resume or signals; the first epoch warms up.
+            while trainer.epoch < 1 + min_epochs or (time.perf_counter() - begin < min_seconds
+                                                      and trainer.epoch < max_epochs):
+                trainer._train_epoch()
+                trainer._end_epoch(None)
+        finally:
+            for writer in (trainer._snapshotter, trainer._best_writer):
+                if writer is not None:
+                    writer.wait()
+    epochs = trainer.history["epoch_time"][1:]
+    steps, quiet, first = [], [], []
+    for (e0, _, t0, _, busy0), (e1, b1, t1, elapsed, busy1) in zip(trainer.stamps, trainer.stamps[1:]):
+        if e1 >= 1 and b1 == 1:
+            first.append(elapsed)
+        if e0 == e1 >= 1 and b1 <= kept:  # a full batch of a timed epoch, from the previous one's end
+            steps.append(t1 - t0)
+            if not (busy0 or busy1):
+                quiet.append(t1 - t0)
+    values = np.asarray(quiet if len(quiet) >= 3 else steps) if steps else np.asarray(epochs)
     return {"model_name": model_name, "dataset": dataset, "batch_size": int(batch_size), "workers": int(workers),
-            "step_s": float(values.mean()), "step_s_sd": float(values.std()), "first_batch_s": float(np.median(first)),
-            "steps": len(values)}
+            "epoch_s": float(np.median(epochs)), "timed_batches": int(kept), "step_s": float(values.mean()),
+            "step_s_sd": float(values.std()), "first_batch_s": float(np.median(first)), "steps": len(values),
+            "epochs": len(epochs)}
 
 
 def epoch_time(timing: dict, samples: float) -> tuple[float, float, float]:
-    """(epoch, low, high) seconds of an epoch of ``samples`` samples from a step timing."""
-    steps = samples / timing["batch_size"]
-    center = timing["first_batch_s"] + steps * timing["step_s"]
-    spread = max(DRIFT, 1.28 * timing["step_s_sd"] / np.sqrt(max(steps, 1.0)) / timing["step_s"])
+    """(epoch, low, high) seconds of an epoch of ``samples`` samples from a measurement: the timed
+    epoch, plus the full batches it lacked at the mean step."""
+    full = int(samples) // timing["batch_size"]
+    center = timing["epoch_s"] + max(full - timing["timed_batches"], 0) * timing["step_s"]
+    steps = max(full, 1)
+    spread = max(DRIFT, 1.28 * timing["step_s_sd"] / np.sqrt(steps) / max(timing["step_s"], 1e-12))
     return center, center * (1 - min(spread, 0.9)), center * (1 + spread)
 
 
@@ -271,10 +350,9 @@ def calibrate(device: str | None = None, reference=REFERENCE, speed_scale=None) 
 
     device = this_device(device)
     calibration = Calibration(device=device_name(device), host=platform.node(), threads=torch.get_num_threads(),
-                              created=time.time())
+                              created=time.time(), version=VERSION)
     for model_name, dataset, batch in reference:
-        few = dict(min_steps=3, warmup=1) if model_name.startswith("resnet") else {}
-        calibration.timings.append(measure_steps(model_name, dataset, batch, 0, device, **few))
+        calibration.timings.append(measure_steps(model_name, dataset, batch, 0, device))
     speed = calibration.timing(*_SPEED_REFERENCE, 0)
     if speed_scale is not None and speed is not None:
         measured = TRAIN_SAMPLES["cifar10"] / speed["batch_size"] * speed["step_s"]
