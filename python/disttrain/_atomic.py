@@ -40,11 +40,16 @@ def write_atomically(path: str | os.PathLike[str], fill: Callable[[IO[Any]], Non
             os.unlink(tmp)
         raise
     if durable:
-        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(folder)
+
+
+def fsync_directory(path: str) -> None:
+    """Makes the folder's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def umask() -> int:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from . import _C
+from ._atomic import fsync_directory
 from ._parallel import BROADCAST_CHUNK_BYTES, default_group, find_tensors, wire_dtype
 
 __all__ = ["FullyShardedDataParallel", "ShardedOptimizer"]
@@ -45,20 +46,28 @@ def _generation_dir(number: int) -> str:
     return f"gen_{number:09d}"
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _ParamSlot:
     """Where an original parameter lived: ``owner.<attr>``, named ``name`` in the root."""
     __slots__ = ("owner", "attr", "name")
 
     def __init__(self, owner: nn.Module, attr: str, name: str):
         self.owner, self.attr, self.name = owner, attr, name
+
+
+def _module_classes(value: Any, option: str) -> tuple[type, ...] | None:
+    """``value`` as a tuple of nn.Module subclasses when it is one such class or a collection of
+    them (a collection holding anything else, or nothing, is a TypeError naming ``option``); None
+    when it is neither a class nor a collection."""
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return (value,)
+    if not isinstance(value, (set, frozenset, list, tuple)):
+        return None
+    classes = tuple(value)
+    bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
+    if bad or not classes:
+        raise TypeError(f"FullyShardedDataParallel: {option} as a collection must hold nn.Module subclasses; "
+                        f"got {bad or 'an empty collection'}")
+    return classes
 
 
 def _wrap_policy(auto_wrap: Any) -> Callable[[nn.Module, int], bool]:
@@ -73,14 +82,8 @@ def _wrap_policy(auto_wrap: Any) -> Callable[[nn.Module, int], bool]:
             raise ValueError(f"FullyShardedDataParallel: auto_wrap as a minimum parameter count must be positive, "
                              f"got {auto_wrap}")
         return lambda module, numel: numel >= auto_wrap
-    if isinstance(auto_wrap, type) and issubclass(auto_wrap, nn.Module):
-        auto_wrap = {auto_wrap}
-    if isinstance(auto_wrap, (set, frozenset, list, tuple)):
-        classes = tuple(auto_wrap)
-        bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
-        if bad or not classes:
-            raise TypeError(f"FullyShardedDataParallel: auto_wrap as a collection must hold nn.Module subclasses; "
-                            f"got {bad or 'an empty collection'}")
+    classes = _module_classes(auto_wrap, "auto_wrap")
+    if classes is not None:
         return lambda module, numel: isinstance(module, classes)
     if callable(auto_wrap):
         return lambda module, numel: bool(auto_wrap(module))
@@ -125,14 +128,8 @@ def _checkpoint_policy(activation_checkpointing: Any) -> Callable[[nn.Module], b
         return lambda module: False
     if activation_checkpointing is True:
         return lambda module: True
-    if isinstance(activation_checkpointing, type) and issubclass(activation_checkpointing, nn.Module):
-        activation_checkpointing = {activation_checkpointing}
-    if isinstance(activation_checkpointing, (set, frozenset, list, tuple)):
-        classes = tuple(activation_checkpointing)
-        bad = [c for c in classes if not (isinstance(c, type) and issubclass(c, nn.Module))]
-        if bad or not classes:
-            raise TypeError("FullyShardedDataParallel: activation_checkpointing as a collection must hold nn.Module "
-                            f"subclasses; got {bad or 'an empty collection'}")
+    classes = _module_classes(activation_checkpointing, "activation_checkpointing")
+    if classes is not None:
         return lambda module: isinstance(module, classes)
     if callable(activation_checkpointing):
         return lambda module: bool(activation_checkpointing(module))
@@ -512,7 +509,7 @@ class FullyShardedDataParallel(nn.Module):
             used = [int(m.group(1)) for name in os.listdir(path) if (m := _GENERATION_RE.match(name))]
             number[0] = max(used, default=0) + 1
             os.mkdir(os.path.join(path, _generation_dir(int(number[0]))))
-            _fsync_directory(path)
+            fsync_directory(path)
         dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self.process_group)
         generation = _generation_dir(int(number[0]))
         state = {"format": _SHARDED_FORMAT, "rank": self.rank, "world_size": self.world_size,
