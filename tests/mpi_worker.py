@@ -56,6 +56,17 @@ def _check_pipeline(rank, world, every_file, result):
         result["in_order"] = len(out.outputs) == len(files) and all(
             torch.equal(a, b) for a, b in zip(out.outputs, serial))
     result["stats"] = [vars(s) for s in out.stats]
+    result["pipeline_scope_closed"] = mpi._C.step_memory_depth() == 0
+    # The same over isend/recv (TCP) and without the step-memory scope.
+    out = mpi.pipeline(stages, files, queue_depth=2, transfer="sendrecv", reuse_memory=False)
+    if rank == 0:
+        result["in_order_sendrecv"] = len(out.outputs) == len(files) and all(
+            torch.equal(a, b) for a, b in zip(out.outputs, serial))
+    try:
+        mpi.pipeline(stages, files, transfer="carrier pigeon")
+        result["bad_transfer"] = None
+    except ValueError as e:
+        result["bad_transfer"] = str(e)
 
     # A stage that raises stops the pipeline on every rank with that error.
     bad_mean = float(F.interpolate(mpi.read_image(every_file[7][0]).float()[None], size=(8, 8), mode="bilinear",
@@ -109,6 +120,28 @@ def _check_training_pieces(rank, world, files, result):
     average()
     again = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     result["average_in_place_error"] = float((again - torch.stack(all_grads).mean(0)).abs().max())
+    # overlap=True: buckets launched from gradient hooks during backward, in the same order on every
+    # rank; the same average. A second backward before the averager is an error, not a race.
+    overlapped = mpi.GradientAverager(model, overlap=True, bucket_bytes=4096)
+    result["overlap_buckets"] = len(overlapped._buckets)
+    for _ in range(2):
+        overlapped.zero_grad()
+        model(x).square().mean().backward()
+        overlapped()
+    overlap_grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    result["overlap_error"] = float((overlap_grads - torch.stack(all_grads).mean(0)).abs().max())
+    overlapped.zero_grad()
+    model(x).square().mean().backward()
+    try:
+        model(x).square().mean().backward()
+        result["overlap_accumulate_error"] = None
+    except RuntimeError as e:
+        result["overlap_accumulate_error"] = str(e)
+    overlapped()
+    overlapped.close()
+    model(x).square().mean().backward()  # no hook left: nothing is launched
+    dist.barrier()
+    result["overlap_closed"] = mpi._C.step_memory_depth() == 0 and not overlapped._hooks
     # A gradient of 2 MiB (above the reuse threshold): the next step's lands in the block the
     # step before used, with the same values.
     wide = torch.nn.Linear(512, 1024)

@@ -192,11 +192,15 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
         assert "4 file(s) cannot be scattered over 5 ranks" in res["scatter_error"]
         assert res["broadcast_equal"] and res["average_error"] < 1e-6 and res["average_in_place_error"] < 1e-6
         assert res["grads_reuse_memory"] and res["step_memory_scope_closed"]
+        assert res["overlap_buckets"] >= 3 and res["overlap_error"] < 1e-6 and res["overlap_closed"], res
+        assert "written again after its bucket's all-reduce started" in (res["overlap_accumulate_error"] or ""), res
+        assert res["pipeline_scope_closed"]
+        assert res["bad_transfer"] == "pipeline: transfer must be one of broadcast, sendrecv, got 'carrier pigeon'"
         assert res["stage_error"] == ("pipeline stage 2 ('normalise') on rank 2 raised on item 7: "
                                       "ValueError: corrupt image"), (rank, res["stage_error"])
         assert res["too_many_stages"] == ("pipeline: 6 stages need at least 6 ranks (one per stage, the last "
                                           "replicated over the rest), the job has 5")
-    assert results[0]["in_order"]
+    assert results[0]["in_order"] and results[0]["in_order_sendrecv"]
     stats = results[0]["stats"]
     assert [(s["rank"], s["stage"], s["name"]) for s in stats] == [
         (0, 0, "read"), (1, 1, "resize"), (2, 2, "normalise"), (3, 3, "predict"), (4, 3, "predict")]

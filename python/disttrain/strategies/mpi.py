@@ -23,6 +23,20 @@ replicas of the last stage are fed round-robin (item k to replica k mod R) and
 their results come back to rank 0 on one group per replica. Each channel ends
 with exactly one terminal message (end or error), so every thread that reads a
 channel stops, and an error reaches every rank, whichever stage raised.
+
+Note [pipeline transfers]: where a pipeline's time went on the 2-core benchmark
+VM (4 ranks, docs/mpi.md). (1) Page faults: the predict rank took ~480 minor
+faults per image (about 2 MB of its activations mapped afresh every item: glibc
+gave the memory back and faulted it in again, where the one-rank loop's heap
+settled after its first round), ~1 ms of CPU per image; each stage call therefore
+runs in a step-memory scope (csrc/strategies/step_memory.h), which keeps the
+blocks of 1 MiB or more for the next item. (2) Transfers: the backend runs
+send/recv over TCP even between ranks of one host (a kernel copy on each side:
+~0.6 + 0.4 ms of CPU per 0.9 MB image measured), while a broadcast in a
+two-rank group takes its shared-memory path, so an item is sent as a broadcast
+rooted at the sender (``transfer="broadcast"``, the default; ``"sendrecv"``
+keeps isend/recv). Message order and sizes are the same either way: a 16-word
+header, then the payload whose size the header gave.
 """
 
 from __future__ import annotations
@@ -150,11 +164,25 @@ class GradientAverager:
     ``disttrain._C.step_memory_*``, csrc/strategies/step_memory.h). Only memory
     management differs: the gradients are the same bits.
 
+    ``overlap=True`` splits the all-reduce into buckets of about
+    ``bucket_bytes`` (parameters in reverse order, the order backward produces
+    their gradients) and launches each bucket's coalesced all-reduce from a
+    gradient hook as soon as its last gradient is written, so the transfers
+    run on the backend's progress thread while backward computes the rest;
+    :meth:`__call__` then launches what is left and waits. Buckets are
+    launched in the same order on every rank. The values are the same as with
+    one all-reduce (each element is averaged the same way).
+
     Args:
         module: the model, or an iterable of its parameters.
         group: process group (default: the whole job).
         reuse_memory: reuse the step's large blocks as described (default True);
             False leaves memory to torch's allocator.
+        overlap: all-reduce buckets during backward (default False: one
+            all-reduce after it).
+        bucket_bytes: bytes of gradients per bucket with ``overlap`` (the first
+            bucket, the last layers' gradients, is at most 1 MiB so that the
+            first transfer starts early).
 
     Raises:
         ValueError: parameters of more than one dtype or device.
@@ -168,7 +196,8 @@ class GradientAverager:
     # from its heap without new page faults after the first steps).
     REUSE_MIN_BYTES = 1 << 20
 
-    def __init__(self, module: nn.Module | Iterable[nn.Parameter], group: Any = None, reuse_memory: bool = True):
+    def __init__(self, module: nn.Module | Iterable[nn.Parameter], group: Any = None, reuse_memory: bool = True,
+                 overlap: bool = False, bucket_bytes: int = 8 << 20):
         params = module.parameters() if isinstance(module, nn.Module) else module
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -185,6 +214,55 @@ class GradientAverager:
             # Room for one step's gradients and as much again (activations, temporaries).
             _C.step_memory_limits(2 * nbytes, self.REUSE_MIN_BYTES)
             self.reuse_memory = _C.step_memory_install()
+        self.overlap = bool(overlap) and self.world_size > 1
+        self._buckets: list[list[int]] = []  # parameter indices, in launch order
+        self._bucket_of: list[int] = []      # parameter index -> bucket
+        self._pending: list[int] = []        # per bucket: gradients not yet written this step
+        self._works: list[Any] = []          # per bucket launched this step, in order
+        self._hooks: list[Any] = []
+        if self.overlap:
+            if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+                raise ValueError(f"GradientAverager: bucket_bytes must be a whole number >= 1, got {bucket_bytes!r}")
+            self._plan_buckets(bucket_bytes)
+            for i, p in enumerate(self.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(self._grad_ready, i)))
+            self._pending = [len(b) for b in self._buckets]
+
+    def _plan_buckets(self, bucket_bytes: int) -> None:
+        cap, size = min(1 << 20, bucket_bytes), 0
+        self._bucket_of = [0] * len(self.params)
+        current: list[int] = []
+        for i in reversed(range(len(self.params))):
+            nbytes = self.params[i].numel() * self.params[i].element_size()
+            if current and size + nbytes > cap:
+                self._buckets.append(current)
+                current, size, cap = [], 0, bucket_bytes
+            current.append(i)
+            size += nbytes
+        self._buckets.append(current)
+        for b, members in enumerate(self._buckets):
+            for i in members:
+                self._bucket_of[i] = b
+
+    def _grad_ready(self, index: int, param: torch.Tensor) -> None:
+        b = self._bucket_of[index]
+        if b < len(self._works):
+            raise RuntimeError("GradientAverager(overlap=True): a gradient was written again after its bucket's "
+                               "all-reduce started; call the averager after each backward (gradient accumulation "
+                               "over several backward passes needs overlap=False)")
+        self._pending[b] -= 1
+        # Launch in bucket order only: every rank issues the same sequence of collectives.
+        while len(self._works) < len(self._buckets) and self._pending[len(self._works)] <= 0:
+            self._launch(len(self._works))
+
+    def _launch(self, b: int) -> None:
+        grads = []
+        for i in self._buckets[b]:
+            p = self.params[i]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        self._works.append(dist.all_reduce_coalesced(grads, op=dist.ReduceOp.AVG, group=self.group, async_op=True))
 
     def zero_grad(self) -> None:
         """Drops the gradients (use it instead of ``optimizer.zero_grad()``) and opens this
@@ -205,6 +283,14 @@ class GradientAverager:
         """All-reduces (averages) the current gradients in place; a missing gradient counts as zero."""
         try:
             with torch.no_grad():
+                if self.overlap:
+                    # The buckets backward did not complete (unused parameters, a step without
+                    # zero_grad), then every transfer's end.
+                    while len(self._works) < len(self._buckets):
+                        self._launch(len(self._works))
+                    for work in self._works:
+                        work.wait()
+                    return
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -212,7 +298,21 @@ class GradientAverager:
                     dist.all_reduce_coalesced([p.grad for p in self.params], op=dist.ReduceOp.AVG,
                                               group=self.group)
         finally:
+            if self.overlap:
+                self._works = []
+                self._pending = [len(b) for b in self._buckets]
             self._close_scope()
+
+    def close(self) -> None:
+        """Removes the gradient hooks of ``overlap=True`` (backward then no longer starts
+        all-reduces); waits for transfers still in flight first."""
+        for work in self._works:
+            work.wait()
+        self._works = []
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.overlap = False
 
     @staticmethod
     def memory_stats() -> dict[str, Any]:
@@ -422,6 +522,9 @@ class PipelineResult:
 
 
 _ITEM, _END, _ERROR = 0, 1, 2
+_TRANSFERS = ("broadcast", "sendrecv")
+# Free blocks the step memory keeps for a pipeline's stages (process-wide; see reuse_memory).
+PIPELINE_CACHE_BYTES = 64 << 20
 _HEADER = 16  # int64 words: kind, index, nbytes, dtype code, ndim, shape (up to 11 dims)
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.int16,
            torch.int32, torch.int64, torch.bool]
@@ -432,17 +535,33 @@ class _Stop(Exception):
 
 
 class _Channel:
-    """One direction of one edge: a two-rank group used by one thread of each side."""
+    """One direction of one edge: a two-rank group used by one thread of each side.
 
-    def __init__(self, group: Any, peer: int):
+    ``transfer="broadcast"``: a message is a broadcast in the two-rank group rooted at the
+    sender (the backend's shared-memory path on one host, TCP across hosts); ``"sendrecv"``:
+    ``isend``/``recv`` (TCP, also on one host). See Note [pipeline transfers].
+    """
+
+    def __init__(self, group: Any, peer: int, transfer: str = "broadcast"):
         self.group, self.peer = group, peer
+        self.broadcast = transfer == "broadcast"
+        self.me = dist.get_rank()
         self.closed = False  # this side sent its terminal message
         # Sends are asynchronous (the stage computes its next item meanwhile); their tensors live
         # here until the backend completed them, in issue order. Credits bound how many there are.
         self.in_flight: collections.deque = collections.deque()
 
+    def _recv(self, tensor: torch.Tensor) -> None:
+        if self.broadcast:
+            dist.broadcast(tensor, self.peer, group=self.group)
+        else:
+            dist.recv(tensor, self.peer, group=self.group)
+
     def _send(self, tensor: torch.Tensor) -> None:
-        work = dist.isend(tensor, self.peer, group=self.group)
+        if self.broadcast:
+            work = dist.broadcast(tensor, self.me, group=self.group, async_op=True)
+        else:
+            work = dist.isend(tensor, self.peer, group=self.group)
         assert work is not None  # this rank is in the group
         self.in_flight.append((work, tensor))
         while self.in_flight and self.in_flight[0][0].is_completed():
@@ -479,11 +598,11 @@ class _Channel:
     def recv_message(self) -> tuple[int, int, Any]:
         """``(kind, index, tensor or error text or None)``."""
         header = torch.empty(_HEADER, dtype=torch.int64)
-        dist.recv(header, self.peer, group=self.group)
+        self._recv(header)
         kind, index, nbytes = int(header[0]), int(header[1]), int(header[2])
         payload = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes > 0:
-            dist.recv(payload, self.peer, group=self.group)
+            self._recv(payload)
         if kind == _ERROR:
             return kind, index, bytes(payload.numpy()).decode(errors="replace")
         if kind == _END:
@@ -503,12 +622,12 @@ class _Channel:
 
     def recv_credit(self) -> tuple[int, str]:
         box = torch.empty(1, dtype=torch.int64)
-        dist.recv(box, self.peer, group=self.group)
+        self._recv(box)
         credit = int(box.item())
         if credit >= 0:
             return credit, ""
         text = torch.empty(-credit, dtype=torch.uint8)
-        dist.recv(text, self.peer, group=self.group)
+        self._recv(text)
         return credit, bytes(text.numpy()).decode(errors="replace")
 
 
@@ -621,7 +740,7 @@ def _edge_groups(stage_count: int, world: int) -> dict[tuple[str, int, int], Any
 
 
 def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], Any]]], items: Sequence[Any],
-             queue_depth: int = 4) -> PipelineResult:
+             queue_depth: int = 4, transfer: str = "broadcast", reuse_memory: bool = True) -> PipelineResult:
     """Runs ``items`` through ``stages``, one stage per rank, the last one replicated.
 
     Stage ``s < S-1`` runs on rank ``s``; the last stage runs on ranks ``S-1`` to
@@ -639,6 +758,16 @@ def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], 
             before returned. Each returns a tensor (up to 11 dims).
         items: the inputs, e.g. image file names (rank 0's are used).
         queue_depth: items a stage may send ahead (credits per edge), >= 1.
+        transfer: how an item moves between two ranks: ``"broadcast"`` (default) a
+            broadcast in the edge's two-rank group, which the backend runs through
+            shared memory between ranks of one host (over TCP between hosts), or
+            ``"sendrecv"``: ``isend``/``recv``, which the backend runs over TCP even on one
+            host (an extra kernel copy of each item on each side; Note [pipeline transfers]).
+        reuse_memory: each stage call runs in a step-memory scope (as
+            :class:`GradientAverager`'s backward does): its blocks of 1 MiB or more are
+            taken from those the previous item freed, so a stage's large temporaries are
+            not page-faulted in again for every item (Note [pipeline transfers]); at most
+            ``PIPELINE_CACHE_BYTES`` are kept free, and released when the pipeline ends.
 
     Returns:
         A :class:`PipelineResult`: on rank 0 the last stage's outputs in the
@@ -662,6 +791,8 @@ def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], 
                          f"last replicated over the rest), the job has {world}")
     if not isinstance(queue_depth, int) or queue_depth < 1:
         raise ValueError(f"pipeline: queue_depth must be a whole number >= 1, got {queue_depth!r}")
+    if transfer not in _TRANSFERS:
+        raise ValueError(f"pipeline: transfer must be one of {', '.join(_TRANSFERS)}, got {transfer!r}")
     stage_count = len(named)
     groups = _edge_groups(stage_count, world)
     stage = min(rank, stage_count - 1)
@@ -670,11 +801,17 @@ def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], 
     outputs: dict[int, torch.Tensor] = {}
     started = time.perf_counter()
     try:
-        error = _run_rank(named, items, queue_depth, groups, rank, stage, replicas, _Rank(), stats, outputs)
+        if reuse_memory:
+            _C.step_memory_limits(PIPELINE_CACHE_BYTES, GradientAverager.REUSE_MIN_BYTES)
+            reuse_memory = _C.step_memory_install()
+        error = _run_rank(named, items, queue_depth, groups, rank, stage, replicas, _Rank(), stats, outputs,
+                          transfer, reuse_memory)
     finally:
         for g in groups.values():
             if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER:
                 dist.destroy_process_group(g)
+        if reuse_memory:
+            _C.step_memory_release()
     seconds = time.perf_counter() - started
     if stats.items:
         stats.items_per_second = stats.items / max(stats.busy_seconds, 1e-9)
@@ -693,7 +830,7 @@ def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], 
 
 
 def _run_rank(named, items, depth, groups, rank, stage, replicas, state: _Rank, stats: StageStats,
-              outputs: dict[int, torch.Tensor]) -> str | None:
+              outputs: dict[int, torch.Tensor], transfer: str, reuse_memory: bool) -> str | None:
     """This rank's part; returns the pipeline's error text, or None when it completed."""
     stage_count = len(named)
     name, fn = named[stage]
@@ -701,12 +838,13 @@ def _run_rank(named, items, depth, groups, rank, stage, replicas, state: _Rank, 
     upstream = stage_count - 2 if last else stage - 1
     inbound = None if stage == 0 else (upstream, rank)
     outbound = [] if last else ([(rank, r) for r in replicas] if stage == stage_count - 2 else [(rank, rank + 1)])
-    data_in = _Channel(groups[("data", upstream, rank)], upstream) if inbound else None
-    credit_up = _Channel(groups[("credit", upstream, rank)], upstream) if inbound else None
-    data_out = [_Channel(groups[("data", a, b)], b) for a, b in outbound]
-    credit_in = [_Channel(groups[("credit", a, b)], b) for a, b in outbound]
-    result_out = _Channel(groups[("result", rank, 0)], 0) if last and rank != 0 else None
-    results_in = [_Channel(groups[("result", r, 0)], r) for r in replicas] if rank == 0 else []
+    make = functools.partial(_Channel, transfer=transfer)
+    data_in = make(groups[("data", upstream, rank)], upstream) if inbound else None
+    credit_up = make(groups[("credit", upstream, rank)], upstream) if inbound else None
+    data_out = [make(groups[("data", a, b)], b) for a, b in outbound]
+    credit_in = [make(groups[("credit", a, b)], b) for a, b in outbound]
+    result_out = make(groups[("result", rank, 0)], 0) if last and rank != 0 else None
+    results_in = [make(groups[("result", r, 0)], r) for r in replicas] if rank == 0 else []
     for ch in credit_in:
         state.credits[ch.peer] = threading.Semaphore(depth)
         state.start(functools.partial(state.receive_credits, ch))
@@ -721,11 +859,16 @@ def _run_rank(named, items, depth, groups, rank, stage, replicas, state: _Rank, 
         t0 = time.perf_counter()
         if stats.items == 0:
             first_start[0] = t0
+        if reuse_memory:
+            _C.step_memory_enter()
         try:
             out = fn(value)
         except Exception as e:  # noqa: BLE001 - a stage's error stops the pipeline everywhere
             raise _Stop(f"pipeline stage {stage} ({name!r}) on rank {rank} raised on item {index}: "
                         f"{type(e).__name__}: {e}") from None
+        finally:
+            if reuse_memory:
+                _C.step_memory_exit()
         t1 = time.perf_counter()
         stats.busy_seconds += t1 - t0
         stats.wall_seconds = t1 - first_start[0]
