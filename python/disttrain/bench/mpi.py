@@ -15,6 +15,8 @@ round so that all see the same machine:
                       backend: its zero_grad, then one coalesced all-reduce (AVG)
                       per step, in place; backward's large blocks reused from the
                       step before (step memory, docs/mpi.md); the same optimizer
+    disttrain-mpi-overlap  the same with GradientAverager(overlap=True): buckets
+                      all-reduced from gradient hooks while backward runs
 
 Steps per second = timed steps / the slowest rank's time for them, median over
 rounds; every row is checked: after the run the three models' parameters agree
@@ -22,11 +24,20 @@ rounds; every row is checked: after the run the three models' parameters agree
 
 Evaluation (``--eval-ranks``, default 4): JPEG photos-sized images (640x480,
 written once into a temporary folder) are read (PIL decode), resized to 128x128
-(bilinear, antialiased), normalised and classified by a small CNN (the four
-steps cost about the same as each other, within 2x, on one core). One rank
-doing all four steps in a loop (the other ranks wait) against
-``disttrain.strategies.mpi.pipeline`` with one stage per rank; outputs of both are
-compared. Rank 0 writes ``benchmarks/results/mpi.csv``.
+(bilinear, antialiased), normalised and classified by a small CNN (read,
+resize and predict cost about the same, within 2x, on one core; normalise
+little). One rank doing all four steps in a loop (the other ranks wait in a
+barrier, sleeping) against ``disttrain.strategies.mpi.pipeline`` with one stage
+per rank (``--transfer``: how items move, default broadcast); outputs of both
+are compared, and each round takes its turn: one rank, then the pipeline.
+Rank 0 writes ``benchmarks/results/mpi.csv``.
+
+Thread budget, the same for every configuration and rank: each process runs
+with OMP_NUM_THREADS=1 (torch's intra-op pool of 1 thread), as MPI jobs do with
+one process per core. So the one-rank evaluation computes on one thread; the
+pipeline's ranks each compute on one thread, and share the machine's cores
+(4 ranks on a 2-core machine: oversubscribed). Per image both do the same
+work: the same four functions on the same files.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from typing import Any
 
 from disttrain.bench import format_or_dash, write_csv
 
-TRAIN_CONFIGS = ("mpi4py", "torch-ddp/gloo", "disttrain-mpi")
+TRAIN_CONFIGS = ("mpi4py", "torch-ddp/gloo", "disttrain-mpi", "disttrain-mpi-overlap")
 MPIEXEC = ("mpiexec", "--oversubscribe", "--allow-run-as-root")
 
 MODELS = ("resnet18-tv", "mlp")  # --models
@@ -65,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-rounds", type=int, default=3, help="evaluation rounds (default 3)")
     p.add_argument("--eval-size", type=int, default=128, help="images are resized to this square (default 128)")
     p.add_argument("--queue-depth", type=int, default=4, help="pipeline credits per edge (default 4)")
+    p.add_argument("--transfer", default="broadcast", choices=("broadcast", "sendrecv"),
+                   help="how the pipeline moves items between ranks (default broadcast; docs/mpi.md)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "mpi.csv"), help="CSV path")
     p.add_argument("--role", choices=("train", "eval"), default=None, help=argparse.SUPPRESS)  # inside a job
     p.add_argument("--image-dir", default=None, help=argparse.SUPPRESS)
@@ -110,6 +123,7 @@ def _train_rank(args) -> list[dict]:
         opts = {c: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for c, n in nets.items()}
         ddp = torch.nn.parallel.DistributedDataParallel(nets["torch-ddp/gloo"], process_group=gloo)
         average = mpi.GradientAverager(nets["disttrain-mpi"])
+        overlapped = mpi.GradientAverager(nets["disttrain-mpi-overlap"], overlap=True)
 
         def mpi4py_step() -> None:
             net, opt = nets["mpi4py"], opts["mpi4py"]
@@ -133,7 +147,14 @@ def _train_rank(args) -> list[dict]:
             average()
             opts["disttrain-mpi"].step()
 
-        steps = {"mpi4py": mpi4py_step, "torch-ddp/gloo": ddp_step, "disttrain-mpi": disttrain_step}
+        def overlap_step() -> None:
+            overlapped.zero_grad()
+            F.cross_entropy(nets["disttrain-mpi-overlap"](x), y).backward()
+            overlapped()
+            opts["disttrain-mpi-overlap"].step()
+
+        steps = {"mpi4py": mpi4py_step, "torch-ddp/gloo": ddp_step, "disttrain-mpi": disttrain_step,
+                 "disttrain-mpi-overlap": overlap_step}
         for step in steps.values():
             for _ in range(args.warmup):
                 step()
@@ -241,7 +262,7 @@ def _eval_rank(args) -> list[dict]:
             serial_rates.append(len(files) / (time.perf_counter() - start))
         dist.barrier()
         start = time.perf_counter()
-        result = mpi.pipeline(stages, files, queue_depth=args.queue_depth)
+        result = mpi.pipeline(stages, files, queue_depth=args.queue_depth, transfer=args.transfer)
         elapsed = time.perf_counter() - start
         if rank == 0:
             assert result.outputs is not None
@@ -279,13 +300,13 @@ def _run_job(world: int, argv: list[str], label: str) -> list[dict]:
 
 
 def _report(rows: list[dict], out: str) -> None:
-    print(f"\n{'model':<14} {'ranks':>5} {'configuration':<20} {'steps/s':>8} {'vs mpi4py':>9} {'vs ddp/gloo':>11}")
+    print(f"\n{'model':<14} {'ranks':>5} {'configuration':<22} {'steps/s':>8} {'vs mpi4py':>9} {'vs ddp/gloo':>11}")
     for row in rows:
         if row["kind"] != "train":
             continue
         same = {r["config"]: r["steps_per_s"] for r in rows
                 if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
-        print(f"{row['model']:<14} {row['world_size']:>5} {row['config']:<20} {row['steps_per_s']:>8.2f} "
+        print(f"{row['model']:<14} {row['world_size']:>5} {row['config']:<22} {row['steps_per_s']:>8.2f} "
               f"{row['steps_per_s'] / same['mpi4py']:>8.2f}x {row['steps_per_s'] / same['torch-ddp/gloo']:>10.2f}x")
     print("load average (1 min) around each job: "
           + ", ".join(sorted({f"{r['world_size']} ranks {r['kind']}: {r['load_1min']}" for r in rows})))
