@@ -95,14 +95,19 @@ def format_or_dash(value, spec: str) -> str:
     return format(value, spec) if value != "" else "-"
 
 
+def arguments(name: str, argv: list[str] | None) -> list[str]:
+    """A benchmark's own arguments: ``argv`` (``sys.argv[1:]`` when None) without
+    its leading NAME when called as ``disttrain bench NAME ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv[1:] if argv and argv[0] == name else argv
+
+
 def per_world_size_main(name: str, argv: list[str] | None, build_parser, bench_rank, report, label) -> int:
     """``main`` of a benchmark that runs one torchrun job per ``--ranks`` entry:
     inside a job (RANK and WORLD_SIZE set) it runs ``bench_rank(args)``;
     otherwise it starts the jobs and ``report(rows, args.out)``s their rows.
     ``label(args)`` names the jobs in the progress lines."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == name:  # called as `disttrain bench NAME ...`
-        argv = argv[1:]
+    argv = arguments(name, argv)
     args = build_parser().parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         bench_rank(args)

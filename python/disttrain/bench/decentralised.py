@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from disttrain.bench import format_or_dash, write_csv
+from disttrain.bench import arguments, format_or_dash, write_csv
 
 SYSTEMS = ("ddp", "hivemind", "hivemind_local", "decentralised", "local")
 HIVEMIND_PORT = 31337
@@ -599,9 +599,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "decentralised":  # called as `disttrain bench decentralised ...`
-        argv = argv[1:]
+    argv = arguments("decentralised", argv)
     args = build_parser().parse_args(argv)
     if args.worker:
         return _worker(args)

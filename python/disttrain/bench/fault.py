@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 
-from disttrain.bench import import_failure, rerun_in_bench_venv, write_csv
+from disttrain.bench import arguments, import_failure, rerun_in_bench_venv, write_csv
 
 PEERS = ("torchft",)
 SYSTEMS = ("disttrain",) + PEERS
@@ -393,9 +393,7 @@ def _run_torchft(args, folder: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "fault":
-        argv = argv[1:]
+    argv = arguments("fault", argv)
     args = build_parser().parse_args(argv)
     if args.worker == "disttrain":
         _disttrain_worker(args)

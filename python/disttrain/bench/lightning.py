@@ -50,7 +50,7 @@ import tempfile
 import time
 from typing import Any
 
-from disttrain.bench import format_or_dash, write_csv
+from disttrain.bench import arguments, format_or_dash, write_csv
 
 CONFIGS = ("ddp_gloo", "ddp_over_disttrain", "disttrain_ddp", "disttrain_zero3", "disttrain_zero3_ckpt",
            "disttrain_zero3_lean", "disttrain_zero3_ckpt_lean", "lightning_fsdp")
@@ -210,9 +210,7 @@ def _run(args: argparse.Namespace, argv: list[str], model: str, config: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "lightning":  # called as `disttrain bench lightning ...`
-        argv = argv[1:]
+    argv = arguments("lightning", argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from disttrain.bench import import_failure, rerun_in_bench_venv, write_csv
+from disttrain.bench import arguments, import_failure, rerun_in_bench_venv, write_csv
 
 
 PEERS = ("torchdata",)
@@ -137,9 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "resume":
-        argv = argv[1:]
+    argv = arguments("resume", argv)
     args = build_parser().parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for peer in peers:

@@ -36,7 +36,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, cast
 
-from disttrain.bench import write_csv
+from disttrain.bench import arguments, write_csv
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -171,9 +171,7 @@ def _print_row(row: dict, torch_seconds: float | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "sampler":
-        argv = argv[1:]
+    argv = arguments("sampler", argv)
     args = build_parser().parse_args(argv)
     trace = not args.no_tracemalloc
     if args.cell:

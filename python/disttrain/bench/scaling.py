@@ -68,7 +68,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from disttrain.bench import format_or_dash, write_csv
+from disttrain.bench import arguments, format_or_dash, write_csv
 
 #: implementation -> (backend, trainer strategy)
 IMPLS = {"disttrain": ("disttrain", "ddp"), "pytorch": ("gloo", "torch_ddp")}
@@ -961,9 +961,7 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "scaling":
-        argv = argv[1:]
+    argv = arguments("scaling", argv)
     args = build_parser().parse_args(argv)
     if args.offload_job:
         _offload_job(args)

@@ -40,7 +40,7 @@ import statistics
 import tempfile
 import time
 
-from disttrain.bench import rerun_in_bench_venv, write_csv
+from disttrain.bench import arguments, rerun_in_bench_venv, write_csv
 
 import torch
 
@@ -246,7 +246,7 @@ def _peers_main(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    argv = argv[1:] if argv and argv[0] == "snapshot" else argv
+    argv = arguments("snapshot", argv)
     args = build_parser().parse_args(argv)
     if args.peers:
         return _peers_main(args, argv)

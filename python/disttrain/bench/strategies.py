@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from disttrain.bench import format_or_dash, write_csv
+from disttrain.bench import arguments, format_or_dash, write_csv
 
 CONFIGS = ("ddp", "hogwild", "hogwild_local", "classic_hogwild", "classic_hogwild_1t", "ps_sync", "ps_ssp2",
            "ps_async", "rpc_ps")
@@ -350,9 +350,7 @@ def report(rows: list[dict[str, Any]], target: float, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "strategies":
-        argv = argv[1:]
+    argv = arguments("strategies", argv)
     args = build_parser().parse_args(argv)
     if args.job:
         result = _run_job(args)
