@@ -3,7 +3,9 @@
     python tests/lightning_fabric_worker.py OUT_DIR
 
 Trains the same MLP with ``disttrain_ddp``, ``disttrain_zero1``,
-``disttrain_zero2`` and ``disttrain_zero3`` (Adam, gradient clipping by norm,
+``disttrain_zero2``, ``disttrain_zero3`` and ZeRO-3 with its memory options
+(``disttrain_zero3_lowmem``: a unit per Linear, each checkpointed, lean
+backward) (Adam, gradient clipping by norm,
 two accumulation micro-batches per step), saves and reloads a Fabric
 checkpoint, and has rank 0 train the same model alone on both ranks' data
 as the reference. Rank 0 writes ``OUT_DIR/results.pt``.
@@ -18,7 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-import disttrain.lightning  # noqa: F401  (registers the strategy names)
+import disttrain.lightning  # registers the strategy names
 from disttrain import data, models
 
 STEPS, BATCH, CLIP = 4, 16, 0.5
@@ -38,11 +40,21 @@ def build():
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
 
 
+def fabric_strategy(name: str):
+    if name == "disttrain_zero3_lowmem":
+        return disttrain.lightning.DisttrainFabricZeroStrategy(stage=3, auto_wrap={torch.nn.Linear},
+                                                               activation_checkpointing_policy=True,
+                                                               lean_backward=True)
+    return name
+
+
 def train(strategy: str, out_dir: str) -> dict[str, torch.Tensor]:
-    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=fabric_strategy(strategy))
     fabric.launch()
     model, optimizer = build()
     model, optimizer = fabric.setup(model, optimizer)
+    if strategy == "disttrain_zero3_lowmem":  # the options reached the engine: three units, all checkpointed
+        assert len(fabric.strategy._sharded._checkpointed) == 3, fabric.strategy._sharded._checkpointed
     for x, y, last in batches(fabric.global_rank, fabric.world_size):
         with fabric.no_backward_sync(model, enabled=not last and strategy == "disttrain_ddp"):
             fabric.backward(F.cross_entropy(model(x), y) / 2)
@@ -86,7 +98,8 @@ def reference() -> dict[str, torch.Tensor]:
 def main() -> None:
     out_dir = sys.argv[1]
     results = {}
-    for strategy in ("disttrain_ddp", "disttrain_zero1", "disttrain_zero2", "disttrain_zero3"):
+    for strategy in ("disttrain_ddp", "disttrain_zero1", "disttrain_zero2", "disttrain_zero3",
+                     "disttrain_zero3_lowmem"):
         results[strategy] = train(strategy, out_dir)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         results["reference"] = reference()
