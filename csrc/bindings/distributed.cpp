@@ -4,6 +4,7 @@
 #include "comm/backend.h"
 #include "comm/kernels/reduce_kernels.h"
 #include "comm/options.h"
+#include "comm/shm/shm_group.h"
 
 namespace py = pybind11;
 using disttrain::comm::CommOptions;
@@ -35,4 +36,5 @@ DISTTRAIN_BINDINGS(distributed) {
       [](const std::map<std::string, std::string>& overrides) { return describe(CommOptions::resolve(overrides)); },
       py::arg("overrides") = std::map<std::string, std::string>{});
   m.def("reduce_kernel_isa", &disttrain::comm::reduce_kernel_isa);
+  m.attr("OVERSUBSCRIBED_SHM_SLOT_BYTES") = disttrain::comm::kOversubscribedShmSlotBytes;
 }

@@ -20,6 +20,12 @@ def collect() -> dict:
     # The backend's settings as a group created here would parse them (from the
     # environment; pg_options could still override them per group).
     options = [{"name": n, "value": v, "source": s, "env": e} for n, v, s, e in _C.comm_options()]
+    for o in options:
+        if o["name"] == "shm_slot_bytes" and o["source"] == "default":
+            # The default depends on the group: more ranks on a host than the
+            # cores a rank may run on get larger slots (docs/settings.md).
+            o["note"] = (f"{_C.OVERSUBSCRIBED_SHM_SLOT_BYTES} when a host runs more than "
+                         f"{len(os.sched_getaffinity(0))} ranks (the cores a rank may use here)")
     transport = next(o["value"] for o in options if o["name"] == "transport")
     shm_ok = os.access("/dev/shm", os.W_OK)
     same_host = "tcp (loopback)" if transport == "tcp" or not shm_ok else "shared memory (/dev/shm)"
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print("backend options (effective for a group created here; docs/settings.md):")
     for o in info["options"]:
         value = o["value"] if o["value"] != "" else "(unset)"
-        print(f"  {o['name']:<20} {value:<16} {o['source']}")
+        note = f" ({o['note']})" if o.get("note") else ""
+        print(f"  {o['name']:<20} {value:<16} {o['source']}{note}")
     return 0
 
 
