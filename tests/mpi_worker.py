@@ -62,6 +62,28 @@ def _check_pipeline(rank, world, every_file, result):
     if rank == 0:
         result["in_order_sendrecv"] = len(out.outputs) == len(files) and all(
             torch.equal(a, b) for a, b in zip(out.outputs, serial))
+    # Items of changing sizes (a resize message before each change), an empty one, 3 dtypes; an
+    # error message longer than the last item (resized, not padded).
+    sizes = [3, 3, 0, 5, 5, 5, 1, 2, 2, 7]
+    make = ("make", lambda n: torch.arange(n * 2, dtype=torch.float64).reshape(n, 2))
+    for transfer in ("broadcast", "sendrecv"):
+        out = mpi.pipeline([make, ("half", lambda t: (t / 2).to(torch.float16 if len(t) % 2 else torch.int32))],
+                           sizes if rank == 0 else [], queue_depth=2, transfer=transfer)
+        if rank == 0:
+            want = [(torch.arange(n * 2, dtype=torch.float64).reshape(n, 2) / 2).to(
+                torch.float16 if n % 2 else torch.int32) for n in sizes]
+            result[f"sizes_{transfer}"] = all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(out.outputs, want))
+
+    def long_error(t):
+        if len(t) == 5:
+            raise ValueError("x" * 1000)
+        return t
+
+    try:
+        mpi.pipeline([make, ("long", long_error)], sizes if rank == 0 else [], queue_depth=2)
+        result["long_error"] = None
+    except mpi.PipelineError as e:
+        result["long_error"] = str(e)
     try:
         mpi.pipeline(stages, files, transfer="carrier pigeon")
         result["bad_transfer"] = None

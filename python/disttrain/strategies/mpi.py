@@ -18,7 +18,13 @@ Note [pipeline messages]: the backend executes a group's operations in issue
 order on one progress thread and has no receive from any source. So every edge
 between two ranks gets groups of its own, each used by one thread of each rank
 in one direction: a data group (items, upstream -> downstream) and a credit
-group (credits, downstream -> upstream). Every receive names its source: the
+group (credits, downstream -> upstream). A data message is one transfer: a
+16-word header (kind, index, payload bytes, dtype, shape) and the payload after
+it. Since a receive must name its size, both sides keep the size of the next
+message: it starts at the header's, an item of another size is preceded by a
+resize message of the old size that names the new one, and an end or error
+message is padded to it (or resized first when longer). Items of one shape,
+the usual case, cost one transfer each. Every receive names its source: the
 replicas of the last stage are fed round-robin (item k to replica k mod R) and
 their results come back to rank 0 on one group per replica. Each channel ends
 with exactly one terminal message (end or error), so every thread that reads a
@@ -521,11 +527,12 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-_ITEM, _END, _ERROR = 0, 1, 2
+_ITEM, _END, _ERROR, _RESIZE = 0, 1, 2, 3
 _TRANSFERS = ("broadcast", "sendrecv")
 # Free blocks the step memory keeps for a pipeline's stages (process-wide; see reuse_memory).
 PIPELINE_CACHE_BYTES = 64 << 20
 _HEADER = 16  # int64 words: kind, index, nbytes, dtype code, ndim, shape (up to 11 dims)
+_HEADER_BYTES = 8 * _HEADER
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.int16,
            torch.int32, torch.int64, torch.bool]
 
@@ -547,6 +554,8 @@ class _Channel:
         self.broadcast = transfer == "broadcast"
         self.me = dist.get_rank()
         self.closed = False  # this side sent its terminal message
+        # Bytes of the next message on a data channel, the same on both sides (Note [pipeline messages]).
+        self.expected = _HEADER_BYTES
         # Sends are asynchronous (the stage computes its next item meanwhile); their tensors live
         # here until the backend completed them, in issue order. Credits bound how many there are.
         self.in_flight: collections.deque = collections.deque()
@@ -574,41 +583,54 @@ class _Channel:
 
     def send_message(self, kind: int, index: int = 0, tensor: torch.Tensor | None = None,
                      text: str = "") -> None:
-        header = torch.zeros(_HEADER, dtype=torch.int64)
+        """One message: the header and the payload in one transfer of the size the receiver
+        expects (Note [pipeline messages]); a size change is announced first."""
+        words = [kind, index, 0, 0, 0] + [0] * (_HEADER - 5)
         payload = None
         if tensor is not None:
             if tensor.dim() > _HEADER - 5 or tensor.dtype not in _DTYPES:
                 raise TypeError(f"pipeline: cannot send a tensor of shape {tuple(tensor.shape)} and dtype "
                                 f"{tensor.dtype}")
             payload = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            header[3] = _DTYPES.index(tensor.dtype)
-            header[4] = tensor.dim()
-            header[5:5 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+            words[3], words[4] = _DTYPES.index(tensor.dtype), tensor.dim()
+            words[5:5 + tensor.dim()] = tensor.shape
         elif text:
             payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
-        header[0], header[1] = kind, index
-        header[2] = payload.numel() if payload is not None else 0
-        self._send(header)
-        if payload is not None and payload.numel() > 0:
-            self._send(payload)
+        nbytes = payload.numel() if payload is not None else 0
+        words[2] = nbytes
+        size = _HEADER_BYTES + nbytes
+        # An item is sent at its exact size; a terminal message is padded to the expected one when it fits.
+        if size != self.expected and (kind == _ITEM or size > self.expected):
+            resize = torch.zeros(self.expected, dtype=torch.uint8)
+            resize[:_HEADER_BYTES].view(torch.int64)[:3] = torch.tensor([_RESIZE, index, size])
+            self._send(resize)
+            self.expected = size
+        message = torch.empty(self.expected, dtype=torch.uint8)
+        message[:_HEADER_BYTES].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+        if payload is not None and nbytes > 0:
+            message[_HEADER_BYTES:size].copy_(payload)
+        self._send(message)
         if kind != _ITEM:
             self.closed = True
             self.flush()
 
     def recv_message(self) -> tuple[int, int, Any]:
         """``(kind, index, tensor or error text or None)``."""
-        header = torch.empty(_HEADER, dtype=torch.int64)
-        self._recv(header)
-        kind, index, nbytes = int(header[0]), int(header[1]), int(header[2])
-        payload = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes > 0:
-            self._recv(payload)
+        while True:
+            message = torch.empty(self.expected, dtype=torch.uint8)
+            self._recv(message)
+            words = message[:_HEADER_BYTES].view(torch.int64).tolist()
+            kind, index, nbytes = words[0], words[1], words[2]
+            if kind != _RESIZE:
+                break
+            self.expected = nbytes  # the next message's size
+        payload = message[_HEADER_BYTES:_HEADER_BYTES + nbytes]
         if kind == _ERROR:
             return kind, index, bytes(payload.numpy()).decode(errors="replace")
         if kind == _END:
             return kind, index, None
-        shape = [int(d) for d in header[5:5 + int(header[4])]]
-        return kind, index, payload.view(_DTYPES[int(header[3])]).reshape(shape)
+        # A view of the message (the header stays with it): no copy.
+        return kind, index, payload.view(_DTYPES[words[3]]).reshape(words[5:5 + words[4]])
 
     def send_credit(self, credit: int, text: str = "") -> None:
         """credit > 0: room for that many items; 0: end; < 0: error, ``text`` follows."""
