@@ -99,9 +99,10 @@ c10::intrusive_ptr<c10::ivalue::Future> make_future() {
 }  // namespace
 
 DisttrainWork::DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task,
-                             bool eager_future)
+                             bool eager_future, std::shared_ptr<RecvMatch> match)
     : c10d::Work(rank, type),
       seq_(seq),
+      match_(std::move(match)),
       outputs_(std::move(outputs)),
       eager_future_(eager_future),
       future_(eager_future ? make_future() : nullptr),
@@ -152,9 +153,24 @@ void DisttrainWork::complete(std::exception_ptr error) {
   finish(error);
 }
 
+int DisttrainWork::sourceRank() const {
+  if (!match_) return c10d::Work::sourceRank();  // torch's error: not a receive
+  const int source = match_->source.load();
+  TORCH_CHECK(source >= 0, "disttrain: the sender of a receive from any source is known once it has matched; "
+              "call wait() first");
+  return source;
+}
+
 std::string DisttrainWork::describe() const {
   std::string op = c10d::opTypeToString(retrieveOpType());
   for (auto& c : op) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (match_) {
+    const int source = match_->source.load();
+    if (source < 0) return op + " (not matched to a sender yet)";
+    std::string from = op + " from rank " + std::to_string(source);
+    if (!match_->numbered.load()) return from + " (not begun)";
+    return from + " (sequence number " + std::to_string(match_->seq.load()) + ")";
+  }
   return op + " (sequence number " + std::to_string(seq_) + ")";
 }
 
@@ -439,8 +455,10 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
-                                                         std::vector<at::Tensor> outputs, Task fn) {
-  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn));
+                                                         std::vector<at::Tensor> outputs, Task fn,
+                                                         std::shared_ptr<RecvMatch> match) {
+  auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn),
+                                                 /*eager_future=*/true, std::move(match));
   std::vector<c10::intrusive_ptr<DisttrainWork>> finished;  // no allocation when empty
   {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -886,17 +904,38 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::send(std::vector<at::Tensor>& t
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::recv(std::vector<at::Tensor>& tensors, int src_rank, int tag) {
-  at::Tensor user = single(tensors, "recv");
-  check_cpu(user, "recv");
   TORCH_CHECK_VALUE(src_rank >= 0 && src_rank < getSize() && src_rank != getRank(), "disttrain: recv from rank ",
                     src_rank, " is invalid for rank ", getRank(), " of ", getSize());
-  OpSignature sig{received_from_[src_rank]++, OpKind::kSend, static_cast<uint8_t>(user.scalar_type()), RedOp::kNone,
+  return receive(tensors, src_rank, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
+  TORCH_CHECK_VALUE(getSize() > 1, "disttrain: recv from any source on a group of one rank: nobody can send it");
+  return receive(tensors, -1, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::receive(std::vector<at::Tensor>& tensors, int src, int tag) {
+  at::Tensor user = single(tensors, "recv");
+  check_cpu(user, "recv");
+  // The sequence number is the pair's, counted on the progress thread when
+  // the receive runs: every receive runs there, in issue order, so a receive
+  // from any source posted before receives from a given rank takes its number
+  // first when it matches that rank, and theirs follow.
+  OpSignature sig{0, OpKind::kSend, static_cast<uint8_t>(user.scalar_type()), RedOp::kNone,
                   static_cast<uint64_t>(user.numel()), tag};
+  auto match = std::make_shared<RecvMatch>();
+  if (src >= 0) match->source = src;
   at::Tensor buf = user.contiguous();
-  return enqueue(c10d::OpType::RECV, sig.seq, {user}, [=, this](Deadline dl) mutable {
-    comm::recv(*transport_, sig, buf.data_ptr(), buf.nbytes(), src_rank, dl);
+  const c10d::OpType type = src >= 0 ? c10d::OpType::RECV : c10d::OpType::RECVANYSOURCE;
+  return enqueue(type, 0, {user}, [=, this](Deadline dl) mutable {
+    const int from = src >= 0 ? src : transport_->first_sender(sig, dl);
+    sig.seq = received_from_[from]++;
+    match->seq = sig.seq;
+    match->numbered = true;
+    match->source = from;
+    comm::recv(*transport_, sig, buf.data_ptr(), buf.nbytes(), from, dl);
     copy_back(user, buf);
-  });
+  }, match);
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {

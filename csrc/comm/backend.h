@@ -36,16 +36,29 @@ namespace disttrain::comm {
 // One op: what the progress thread runs (`Task`) and what callers wait on.
 using Task = std::function<void(Deadline)>;
 
+// A receive's sender and sequence number, known once the progress thread
+// matches it (the sequence numbers of a pair are counted there, in issue
+// order, so that a receive from any source takes the chosen sender's next one).
+struct RecvMatch {
+  std::atomic<int> source{-1};
+  std::atomic<uint64_t> seq{0};
+  std::atomic<bool> numbered{false};  // seq is set (the receive has begun)
+};
+
 class DisttrainWork : public c10d::Work {
  public:
   // Without `eager_future`, the Work must be completed before anyone else sees
   // it (the caller-thread path): its future is made on the first getFuture(),
   // already complete, so the common case (nobody asks) never builds one.
+  // `match` (receives only) is shared with the task, which fills it in.
   DisttrainWork(int rank, c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs, Task task,
-                bool eager_future = true);
+                bool eager_future = true, std::shared_ptr<RecvMatch> match = nullptr);
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
   std::vector<at::Tensor> result() override { return outputs_; }
-  uint64_t getSequencenumber() const override { return seq_; }
+  uint64_t getSequencenumber() const override { return match_ ? match_->seq.load() : seq_; }
+  // The sender of a receive (for one from any source: the rank it matched,
+  // once it has; torch reads it after wait()). Other ops: torch's error.
+  int sourceRank() const override;
   // Waits, then releases the task's buffers at once, on the caller's thread.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   void run(Deadline deadline) { task_(deadline); }  // progress thread
@@ -58,6 +71,7 @@ class DisttrainWork : public c10d::Work {
   void release_task();
   std::atomic<bool> completed_{false};
   uint64_t seq_;
+  std::shared_ptr<RecvMatch> match_;
   std::vector<at::Tensor> outputs_;
   const bool eager_future_;
   std::mutex future_mu_;  // the lazy future only
@@ -146,6 +160,9 @@ class DisttrainBackend : public c10d::Backend {
                                           const c10d::AllToAllOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dst_rank, int tag) override;
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src_rank, int tag) override;
+  // dist.recv / dist.irecv without a source: the progress thread takes the
+  // first peer whose next message is a send with this tag (TcpTransport::first_sender).
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
 
   void setSequenceNumberForGroup() override {}
@@ -168,7 +185,9 @@ class DisttrainBackend : public c10d::Backend {
                    std::chrono::milliseconds timeout, CommOptions options, int);
   // Queues fn for the progress thread; the returned Work completes when it has run.
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
-                                         Task fn);
+                                         Task fn, std::shared_ptr<RecvMatch> match = nullptr);
+  // A receive from `src`, or from any source with src < 0.
+  c10::intrusive_ptr<c10d::Work> receive(std::vector<at::Tensor>& tensors, int src, int tag);
   // With `on_caller`, runs body right here on the caller's thread and returns the
   // Work completed, when nothing is queued or running (so issue order holds);
   // otherwise queues it like enqueue(). For an op the caller waits for at once,
@@ -213,6 +232,9 @@ class DisttrainBackend : public c10d::Backend {
   bool hierarchical_ = false;
   std::chrono::milliseconds timeout_;
   uint64_t next_seq_ = 0;
+  // Point-to-point sequence numbers per peer: sends counted when issued,
+  // receives by the progress thread when they run (a receive from any source
+  // learns its sender only then).
   std::vector<uint64_t> sent_to_, received_from_;
   std::atomic<uint64_t> caller_thread_ops_{0};
 

@@ -484,6 +484,101 @@ void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
   }
 }
 
+const FrameHeader* TcpTransport::peek_header(int peer_rank, const OpSignature& sig) {
+  Peer& peer = peers_[peer_rank];
+  if (!peer.backlog.empty()) return &peer.backlog.front().hdr;
+  InFrame& f = peer.partial_frame;
+  while (peer.hdr_got < sizeof(FrameHeader)) {
+    // Even a peer seen closing (`closed`) may have left frames in the socket:
+    // they are read until the end of its stream.
+    if (peer.fd < 0) return nullptr;
+    ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&f.hdr) + peer.hdr_got, sizeof(FrameHeader) - peer.hdr_got,
+                       MSG_DONTWAIT);
+    if (n == 0) {
+      peer.closed = true;
+      return nullptr;
+    }
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) peer.closed = true;
+      return nullptr;
+    }
+    peer.hdr_got += static_cast<size_t>(n);
+    if (peer.hdr_got < sizeof(FrameHeader)) continue;
+    // As read_ahead() would have it: the payload follows into partial_frame.
+    if (f.hdr.magic != kFrameMagic || f.hdr.len > kMaxFramePayload) {
+      abort("corrupt stream from rank " + std::to_string(group_rank(peer_rank)) + " to rank " +
+            std::to_string(group_rank(rank_)) + " during " + describe(sig));
+    }
+    f.payload.resize(f.hdr.len);
+  }
+  return &f.hdr;
+}
+
+namespace {
+// "recv from any source (dtype=Float, numel=10, tag=3)": its sequence number
+// is the chosen sender's, unknown until a sender is found.
+std::string describe_any_source(const OpSignature& sig) {
+  return "recv from any source (dtype=" + dtype_name(sig.dtype) + ", numel=" + std::to_string(sig.count) +
+         ", tag=" + std::to_string(sig.aux) + ")";
+}
+
+std::string describe_header(const FrameHeader& h) {
+  OpSignature theirs{h.seq, static_cast<OpKind>(h.op), h.dtype, static_cast<RedOp>(h.redop), h.count, h.aux};
+  return (h.kind == static_cast<uint8_t>(FrameKind::kPointToPoint) ? "send " : "") + describe(theirs);
+}
+}  // namespace
+
+int TcpTransport::first_sender(const OpSignature& sig, Deadline deadline) {
+  check_alive();
+  TORCH_INTERNAL_ASSERT(world_size_ > 1);
+  std::vector<pollfd> fds;
+  while (true) {
+    fds.clear();
+    std::ostringstream passed, gone;  // peers that cannot match, for the error messages
+    for (int i = 0; i < world_size_; ++i) {
+      const int p = (next_any_source_ + i) % world_size_;
+      if (p == rank_) continue;
+      if (const FrameHeader* h = peek_header(p, sig)) {
+        if (h->kind == static_cast<uint8_t>(FrameKind::kPointToPoint) && h->aux == sig.aux) {
+          next_any_source_ = (p + 1) % world_size_;
+          return p;
+        }
+        passed << (passed.tellp() > 0 ? "; " : "") << "rank " << group_rank(p) << " sent "
+               << describe_header(*h) << " first";
+      } else if (peers_[p].closed || peers_[p].fd < 0) {
+        gone << (gone.tellp() > 0 ? ", " : "") << group_rank(p);
+      } else {
+        fds.push_back({peers_[p].fd, static_cast<short>(POLLIN | POLLRDHUP), 0});
+      }
+    }
+    const std::string me = std::to_string(group_rank(rank_));
+    auto why_not = [&] {
+      std::string m;
+      if (passed.tellp() > 0) m += "; " + passed.str();
+      if (gone.tellp() > 0) m += "; rank(s) " + gone.str() + " closed the connection";
+      return m;
+    };
+    if (fds.empty()) {
+      // Nobody left who could send it: a failure recorded elsewhere is the
+      // cause, else the program's order of operations.
+      std::string reason = recorded_abort_reason();
+      if (!reason.empty()) abort(reason);
+      abort("rank " + me + "'s " + describe_any_source(sig) + " cannot be matched" + why_not() +
+            " (each pair's messages are matched in the order the ranks issued them)");
+    }
+    int rc = ::poll(fds.data(), fds.size(), ms_until(deadline));
+    if (rc < 0 && errno == EINTR) continue;
+    if (aborted_) abort(abort_reason());  // torn down (or failed on a sibling) while we waited
+    if (rc == 0 && Clock::now() >= deadline) {
+      std::string reason = recorded_abort_reason();
+      if (!reason.empty()) abort(reason);
+      abort("timeout: rank " + me + " waited more than the group timeout in " + describe_any_source(sig) +
+            " and no rank sent it" + why_not());
+    }
+  }
+}
+
 void TcpTransport::do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step) {
   Peer& peer = peers_[r.spec.peer];
   // Frames that arrived ahead come first, in order.

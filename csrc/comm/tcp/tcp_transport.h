@@ -83,6 +83,18 @@ class TcpTransport {
   void exchange(FrameKind kind, const OpSignature& sig, uint32_t step,
                 std::vector<SendSpec>& sends, std::vector<RecvSpec>& recvs, Deadline deadline);
 
+  // For a receive from any source: waits until some peer's next frame (in
+  // its stream's order) is a point-to-point frame with the tag `sig.aux`, and
+  // returns that peer. Only the frame's header is read; the frame stays queued
+  // for the exchange() that receives it, which checks the rest of the
+  // signature (dtype, element count, the pair's sequence number). A peer
+  // whose next frame is anything else (a collective it is ahead in, another
+  // tag) cannot send a match before this receive ends: it is passed over, and
+  // when every peer is passed over or gone this aborts the group naming what
+  // each one sent. At the deadline it aborts with a timeout, like exchange().
+  // Peers are tried in turn from the one after the last match, so no sender starves.
+  int first_sender(const OpSignature& sig, Deadline deadline);
+
   // Records the first failure of the group in the store (so that every rank
   // raises the same message), shuts every connection down and throws it.
   [[noreturn]] void abort(const std::string& reason);
@@ -140,6 +152,9 @@ class TcpTransport {
   bool do_send(SendState& s, const FrameKind kind, const OpSignature& sig, uint32_t step);
   void do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step);
   void read_ahead(int peer, const OpSignature& sig);
+  // The header of the next frame from `peer`, reading no further than its end
+  // without blocking; nullptr while it has not fully arrived (or the peer closed).
+  const FrameHeader* peek_header(int peer, const OpSignature& sig);
   void accept_header(RecvState& r, const FrameHeader& h, FrameKind kind, const OpSignature& sig,
                      uint32_t step);
   void consume_payload(RecvState& r, const uint8_t* data, size_t len);
@@ -159,6 +174,7 @@ class TcpTransport {
   std::vector<Peer> peers_;
   std::vector<int> group_ranks_;
   std::vector<uint8_t> scratch_;
+  int next_any_source_ = 0;  // first_sender() starts looking here
   std::string address_;
   uint8_t secret_[16];
 
