@@ -200,10 +200,10 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
                                       "ValueError: corrupt image"), (rank, res["stage_error"])
         assert res["too_many_stages"] == ("pipeline: 6 stages need at least 6 ranks (one per stage, the last "
                                           "replicated over the rest), the job has 5")
-    assert results[0]["in_order"] and results[0]["in_order_sendrecv"]
+    assert results[0]["in_order"] and results[0]["in_order_broadcast"]
     assert results[0]["sizes_broadcast"] and results[0]["sizes_sendrecv"]
-    for rank, res in results.items():  # item 3 (5 rows) is the first on replica rank 4
-        assert res["long_error"] == "pipeline stage 1 ('long') on rank 4 raised on item 3: ValueError: " + "x" * 1000, (
+    for rank, res in results.items():  # item 9 (7 rows) goes to replica 9 mod 4, rank 2
+        assert res["long_error"] == "pipeline stage 1 ('long') on rank 2 raised on item 9: ValueError: " + "x" * 1000, (
             rank, res["long_error"])
     stats = results[0]["stats"]
     assert [(s["rank"], s["stage"], s["name"]) for s in stats] == [

@@ -19,8 +19,13 @@ round so that all see the same machine:
                       all-reduced from gradient hooks while backward runs
 
 Steps per second = timed steps / the slowest rank's time for them, median over
-rounds; every row is checked: after the run the three models' parameters agree
-(relative 1e-4), else the benchmark fails instead of printing.
+rounds; every row is checked: after the run the four models' parameters agree
+(relative 1e-3), else the benchmark fails instead of printing. The configurations
+sum the ranks' gradients in different orders (MPI's, gloo's, one buffer or
+buckets), and the warm-up and timed steps (SGD with momentum) amplify those fp32
+roundings: 2.3e-4 was seen between the overlapped buckets and the single
+all-reduce at 4 ranks (resnet18-tv), whose averaged gradients of one step agree
+within 1.2e-7; a wrong average differs by far more.
 
 Evaluation (``--eval-ranks``, default 4): JPEG photos-sized images (640x480,
 written once into a temporary folder) are read (PIL decode), resized to 128x128
@@ -28,8 +33,9 @@ written once into a temporary folder) are read (PIL decode), resized to 128x128
 resize and predict cost about the same, within 2x, on one core; normalise
 little). One rank doing all four steps in a loop (the other ranks wait in a
 barrier, sleeping) against ``disttrain.strategies.mpi.pipeline`` with one stage
-per rank (``--transfer``: how items move, default broadcast); outputs of both
-are compared, and each round takes its turn: one rank, then the pipeline.
+per rank (``--transfer``: how items move, sendrecv and broadcast by default, a
+row each); outputs are compared, and each round takes its turn: one rank, then
+each pipeline.
 Rank 0 writes ``benchmarks/results/mpi.csv``.
 
 Thread budget, the same for every configuration and rank: each process runs
@@ -76,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-rounds", type=int, default=3, help="evaluation rounds (default 3)")
     p.add_argument("--eval-size", type=int, default=128, help="images are resized to this square (default 128)")
     p.add_argument("--queue-depth", type=int, default=4, help="pipeline credits per edge (default 4)")
-    p.add_argument("--transfer", default="broadcast", choices=("broadcast", "sendrecv"),
-                   help="how the pipeline moves items between ranks (default broadcast; docs/mpi.md)")
+    p.add_argument("--transfer", default="sendrecv,broadcast",
+                   help="how the pipeline moves items between ranks, one pipeline row each, comma separated: "
+                        "sendrecv (isend/recv, TCP; the library's default), broadcast (shared memory on one host) (default both; "
+                        "docs/mpi.md)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "mpi.csv"), help="CSV path")
     p.add_argument("--role", choices=("train", "eval"), default=None, help=argparse.SUPPRESS)  # inside a job
     p.add_argument("--image-dir", default=None, help=argparse.SUPPRESS)
@@ -172,7 +180,7 @@ def _train_rank(args) -> list[dict]:
         for config in TRAIN_CONFIGS:
             got = torch.cat([p.detach().reshape(-1) for p in nets[config].parameters()])
             error = float((got - reference).abs().max() / reference.abs().max())
-            if error > 1e-4:
+            if error > 1e-3:
                 raise RuntimeError(f"bench mpi: {config} and disttrain-mpi trained {name} to different parameters "
                                    f"(max relative difference {error:.2e}); no result is printed")
         params = sum(p.numel() for p in base.parameters())
@@ -248,7 +256,12 @@ def _eval_rank(args) -> list[dict]:
     rank, world = disttrain.init()
     stages = _eval_stages(args.eval_size)
     files = mpi.image_files(args.image_dir) if rank == 0 else []
-    serial_rates, pipeline_rates, reports = [], [], []
+    transfers = [t for t in args.transfer.split(",") if t]
+    if not transfers or any(t not in ("broadcast", "sendrecv") for t in transfers):
+        raise SystemExit(f"disttrain bench mpi: --transfer {args.transfer!r}: give broadcast, sendrecv or both")
+    serial_rates: list[float] = []
+    pipeline_rates: dict[str, list[float]] = {t: [] for t in transfers}
+    reports: dict[str, str] = {}
     for _ in range(args.eval_rounds):
         dist.barrier()
         if rank == 0:
@@ -260,21 +273,26 @@ def _eval_rank(args) -> list[dict]:
                     value = fn(value)
                 serial.append(value)
             serial_rates.append(len(files) / (time.perf_counter() - start))
-        dist.barrier()
-        start = time.perf_counter()
-        result = mpi.pipeline(stages, files, queue_depth=args.queue_depth, transfer=args.transfer)
-        elapsed = time.perf_counter() - start
-        if rank == 0:
-            assert result.outputs is not None
-            if not all(torch.equal(a, b) for a, b in zip(result.outputs, serial)) or len(result.outputs) != len(files):
-                raise RuntimeError("bench mpi: the pipeline's outputs differ from the serial evaluation's")
-            pipeline_rates.append(len(files) / elapsed)
-            reports.append(result.report())
+        for transfer in transfers:
+            dist.barrier()
+            start = time.perf_counter()
+            result = mpi.pipeline(stages, files, queue_depth=args.queue_depth, transfer=transfer)
+            elapsed = time.perf_counter() - start
+            if rank == 0:
+                assert result.outputs is not None
+                if (not all(torch.equal(a, b) for a, b in zip(result.outputs, serial))
+                        or len(result.outputs) != len(files)):
+                    raise RuntimeError("bench mpi: the pipeline's outputs differ from the serial evaluation's")
+                pipeline_rates[transfer].append(len(files) / elapsed)
+                reports[transfer] = result.report()
     rows = []
     if rank == 0:
-        print("# pipeline per-stage statistics (last round):\n" + reports[-1], flush=True)
-        for config, ranks, rates in (("one rank", 1, serial_rates), (f"pipeline ({world} ranks)", world,
-                                                                     pipeline_rates)):
+        for transfer in transfers:
+            print(f"# pipeline ({transfer}) per-stage statistics (last round):\n" + reports[transfer], flush=True)
+        configs: list[tuple[str, int, list[float]]] = [("one rank", 1, serial_rates)]
+        configs += [(f"pipeline ({world} ranks)" + ("" if t == "sendrecv" else f", {t}"), world, pipeline_rates[t])
+                    for t in transfers]
+        for config, ranks, rates in configs:
             rows.append({"kind": "eval", "model": f"small_cnn@{args.eval_size}x{args.eval_size}", "world_size": ranks, "config": config,
                          "params": "", "tensors": "", "batch": 1, "steps_per_s": "",
                          "images_per_s": round(statistics.median(rates), 1)})
@@ -312,9 +330,9 @@ def _report(rows: list[dict], out: str) -> None:
           + ", ".join(sorted({f"{r['world_size']} ranks {r['kind']}: {r['load_1min']}" for r in rows})))
     evals = [r for r in rows if r["kind"] == "eval"]
     if evals:
-        print(f"\n{'evaluation':<22} {'ranks':>5} {'images/s':>9} {'vs one rank':>11}")
+        print(f"\n{'evaluation':<30} {'ranks':>5} {'images/s':>9} {'vs one rank':>11}")
         for row in evals:
-            print(f"{row['config']:<22} {row['world_size']:>5} {format_or_dash(row['images_per_s'], '>9.1f')} "
+            print(f"{row['config']:<30} {row['world_size']:>5} {format_or_dash(row['images_per_s'], '>9.1f')} "
                   f"{row['images_per_s'] / evals[0]['images_per_s']:>10.2f}x")
     write_csv(rows, out)
 

@@ -38,11 +38,13 @@ settled after its first round), ~1 ms of CPU per image; each stage call therefor
 runs in a step-memory scope (csrc/strategies/step_memory.h), which keeps the
 blocks of 1 MiB or more for the next item. (2) Transfers: the backend runs
 send/recv over TCP even between ranks of one host (a kernel copy on each side:
-~0.6 + 0.4 ms of CPU per 0.9 MB image measured), while a broadcast in a
-two-rank group takes its shared-memory path, so an item is sent as a broadcast
-rooted at the sender (``transfer="broadcast"``, the default; ``"sendrecv"``
-keeps isend/recv). Message order and sizes are the same either way: a 16-word
-header, then the payload whose size the header gave.
+~0.6 + 0.4 ms of CPU per 0.9 MB image, two ranks alone), while a broadcast in a
+two-rank group takes its shared-memory path (~0.23 ms each side, most of it
+waiting): ``transfer="broadcast"`` sends an item as a broadcast rooted at the
+sender. In the 4-rank pipeline on 2 busy cores it saved no CPU (its waits yield
+the core in a loop before they sleep; total CPU per image 9.4-12.9 ms against
+9.2-10.6 ms with send/recv, same jobs), so ``"sendrecv"`` stays the default.
+(3) Messages: an item is one transfer (header and payload), Note [pipeline messages].
 """
 
 from __future__ import annotations
@@ -549,7 +551,7 @@ class _Channel:
     ``isend``/``recv`` (TCP, also on one host). See Note [pipeline transfers].
     """
 
-    def __init__(self, group: Any, peer: int, transfer: str = "broadcast"):
+    def __init__(self, group: Any, peer: int, transfer: str = "sendrecv"):
         self.group, self.peer = group, peer
         self.broadcast = transfer == "broadcast"
         self.me = dist.get_rank()
@@ -762,7 +764,7 @@ def _edge_groups(stage_count: int, world: int) -> dict[tuple[str, int, int], Any
 
 
 def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], Any]]], items: Sequence[Any],
-             queue_depth: int = 4, transfer: str = "broadcast", reuse_memory: bool = True) -> PipelineResult:
+             queue_depth: int = 4, transfer: str = "sendrecv", reuse_memory: bool = True) -> PipelineResult:
     """Runs ``items`` through ``stages``, one stage per rank, the last one replicated.
 
     Stage ``s < S-1`` runs on rank ``s``; the last stage runs on ranks ``S-1`` to
@@ -780,11 +782,11 @@ def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], 
             before returned. Each returns a tensor (up to 11 dims).
         items: the inputs, e.g. image file names (rank 0's are used).
         queue_depth: items a stage may send ahead (credits per edge), >= 1.
-        transfer: how an item moves between two ranks: ``"broadcast"`` (default) a
-            broadcast in the edge's two-rank group, which the backend runs through
-            shared memory between ranks of one host (over TCP between hosts), or
-            ``"sendrecv"``: ``isend``/``recv``, which the backend runs over TCP even on one
-            host (an extra kernel copy of each item on each side; Note [pipeline transfers]).
+        transfer: how an item moves between two ranks: ``"sendrecv"`` (default)
+            ``isend``/``recv``, which the backend runs over TCP even on one host, or
+            ``"broadcast"``: a broadcast rooted at the sender in the edge's two-rank group,
+            which the backend runs through shared memory between ranks of one host (TCP
+            between hosts); Note [pipeline transfers].
         reuse_memory: each stage call runs in a step-memory scope (as
             :class:`GradientAverager`'s backward does): its blocks of 1 MiB or more are
             taken from those the previous item freed, so a stage's large temporaries are
