@@ -12,8 +12,17 @@ long run of the trainer is paused (SIGSTOP) between stretches of RUN_EPOCHS epoc
 paused, `disttrain advise --predict` measures the run's configuration (the stored timing dropped, so
 it is timed anew, with the trainer's own epoch), then the run goes on (SIGCONT). Each prediction is compared
 with the median of the run's epochs just before and just after it (an epoch that spans a pause is
-left out), and the median of PREDICTIONS such ratios must be within 20% (when it is not, a second
-run adds PREDICTIONS more, once, and the median of all must be). Both sides use one
+left out), and the median of PREDICTIONS such ratios must be within 30% (the issue's 20% is not
+reliably met here, see the test) or, for the slowed run, 20% (when it is not, a second run adds as
+many more, once, and the median of all must be).
+
+Why single ratios stray (0.40 and 1.37 once, 0.69 and 2.50 at load 11): an epoch of this CNN is
+60-80 ms of CPU, and on the 2 shared cores the process spends from 5% to 90% of its time waiting for
+a CPU (run-queue wait, Linux's schedstat), changing from one second to the next. The test prints,
+beside each ratio, that wait per second for the measurement (``cpu_wait_share``, which --predict
+keeps with the timing) and for the run's stretches before and after it: a ratio above 1 comes with a
+measurement that waited more than the run, one below 1 with one that waited less. The median of 5
+holds where the wait changes under a minority of the predictions. Both sides use one
 thread (OMP_NUM_THREADS=1 in the run and in --predict, torch.set_num_threads(1) for --calibrate
 here): with torch's two threads on the 2 busy cores, consecutive epochs of this CNN took 2.5 to
 4.3 s (25-35x a one-thread epoch), which makes the test minutes long and no 20% bound meaningful."""
@@ -57,7 +66,16 @@ torch.optim.SGD.step = _slow_step
 
 THREADS = 1
 RUN_EPOCHS = 4   # clean epochs of the run between two predictions
-PREDICTIONS = 3
+# Predictions per run: the median of 5 in the unslowed run, whose single ratios stray with the
+# load (a ~70 ms epoch on 2 shared cores); the slowed run's epochs are mostly the known sleep, and
+# its ratios stayed within 0.95-1.07 in every run seen, so 3 are enough there.
+PREDICTIONS = 5
+SLOWED_PREDICTIONS = 3
+# How often this process looks for the run's next epoch. At 20 ms it woke 50 times a second beside
+# the run, but never beside a measurement (it waits in subprocess.run then): on the 2 shared cores
+# the run then waited longer for a CPU than the measurement did (run-queue wait per second 0.79-0.93
+# against 0.56-0.97, in 5 of 6 pairs at load 18), and its epochs came out longer.
+POLL_S = 0.2
 
 
 def _rows(metrics):
@@ -77,9 +95,11 @@ def _env(slow_dir=None):
     return env
 
 
-def _interleaved(folder, predict, slow_dir=None):
+def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
     """A real CPU run of the trainer (small CNN on the digits, batch 128), paused for each of
-    PREDICTIONS calls of ``predict(metrics)``; returns (prediction, measured) pairs, measured the
+    ``count`` calls of ``predict(metrics)`` (each returns the predicted epoch and the
+    measurement's CPU wait share); returns (prediction, measured, the run's wait share in the
+    stretch before, after) tuples, measured the
     median of the run's epochs just before and just after the prediction (its first epoch, which
     warms up, and any epoch that spans a pause left out)."""
     env = _env(slow_dir)
@@ -90,20 +110,24 @@ def _interleaved(folder, predict, slow_dir=None):
                              "--save-name", "cpu_digits", "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=folder.parent)
     stretches, predictions, clean_from = [], [], 1
+    waits: list = []    # (when, the run's scheduler times) at each pause
+    resumed: list = []  # the same at each resume
     try:
         deadline = time.monotonic() + 600
-        for i in range(PREDICTIONS + 1):
+        for i in range(count + 1):
             while len(_rows(metrics)) < clean_from + RUN_EPOCHS:
                 log.seek(0)
                 assert proc.poll() is None and time.monotonic() < deadline, log.read()[-3000:]
-                time.sleep(0.02)
+                time.sleep(POLL_S)
             proc.send_signal(signal.SIGSTOP)
             rows = _rows(metrics)  # read while paused: epoch len(rows) is the one the pause falls in
             stretches.append(rows[clean_from:])
+            waits.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
             clean_from = len(rows) + 1
-            if i < PREDICTIONS:
+            if i < count:
                 predictions.append(predict(metrics, slow_dir))
             proc.send_signal(signal.SIGCONT)
+            resumed.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)  # the trainer's preemption: a snapshot, then exit
@@ -113,29 +137,42 @@ def _interleaved(folder, predict, slow_dir=None):
             proc.kill()
             proc.wait()
         log.close()
-    return [(predicted, float(np.median(stretches[i] + stretches[i + 1]))) for i, predicted in enumerate(predictions)]
+    shares = [_wait_share(resumed[i - 1] if i else None, waits[i]) for i in range(len(waits))]
+    return [(predicted, float(np.median(stretches[i] + stretches[i + 1])), shares[i], shares[i + 1])
+            for i, predicted in enumerate(predictions)]
+
+
+def _wait_share(start, end):
+    """The run's run-queue wait per second between a resume and the next pause (None: unknown)."""
+    spent = None if start is None else calibrate.scheduler_delta(start[1], end[1])
+    return None if spent is None or end[0] <= start[0] else spent[1] / (end[0] - start[0])
 
 
 def _median_ratio(pairs):
-    return float(np.median([p / m for p, m in pairs]))
+    return float(np.median([p[0] / m for p, m, *_ in pairs]))
 
 
-def _interleaved_twice(folder, predict, slow_dir=None, bound=0.2):
+def _interleaved_twice(folder, predict, slow_dir=None, bound=0.2, count=PREDICTIONS):
     """_interleaved's pairs; when their median ratio misses ``bound``, a second run's pairs are
-    added (once) and the median is taken over all six. Single ratios stray on this shared 2-core
+    added (once) and the median is taken over all of them. Single ratios stray on this shared 2-core
     machine (0.40 and 1.87 seen beside 1.0s); a prediction that is really off still fails."""
-    pairs = _interleaved(folder / "first", predict, slow_dir)
+    pairs = _interleaved(folder / "first", predict, slow_dir, count)
     if abs(_median_ratio(pairs) - 1) >= bound:
         print(f"first stretch's median ratio {_median_ratio(pairs):.3f}: a second stretch")
-        pairs += _interleaved(folder / "second", predict, slow_dir)
+        pairs += _interleaved(folder / "second", predict, slow_dir, count)
     return pairs
 
 
 def _within(pairs, bound=0.2):
-    ratios = [p / m for p, m in pairs]
-    table = [(round(p, 4), round(m, 4), round(r, 3)) for (p, m), r in zip(pairs, ratios)]
-    print(f"predicted/measured epoch (s), ratio: {table}, median ratio {float(np.median(ratios)):.3f}, "
-          f"load {os.getloadavg()[0]:.1f}")  # shown with pytest -s
+    ratios = [p[0] / m for p, m, *_ in pairs]
+    share = lambda v: None if v is None else round(v, 2)  # noqa: E731
+    table = [(round(p[0], 4), round(m, 4), round(r, 3), share(p[1]), share(before), share(after))
+             for (p, m, before, after), r in zip(pairs, ratios)]
+    # Each pair: predicted and measured epoch (s), their ratio, and the run-queue wait per second of
+    # the measurement, of the run's stretch before it and after it: a stray ratio comes with waits
+    # that differ (the load changed between the two).
+    print(f"predicted/measured epoch (s), ratio, CPU wait share of the prediction / the run before / after: "
+          f"{table}, median ratio {float(np.median(ratios)):.3f}, load {os.getloadavg()[0]:.1f}")  # shown with pytest -s
     assert abs(float(np.median(ratios)) - 1) < bound, table
 
 
@@ -160,7 +197,8 @@ def _predicted(metrics, slow_dir=None):
     (row,) = json.loads(out.stdout)["configurations"]
     assert row["source"] == "calibrated" and row["gpu"] == "cpu" and row["outside_logs"] == ""
     assert row["epoch_time_s_low"] < row["epoch_time_s"] < row["epoch_time_s_high"]
-    return row["epoch_time_s"]
+    timing = calibrate.load("cpu").timing("small_cnn", "digits", 128, 0)
+    return row["epoch_time_s"], None if timing is None else timing.get("cpu_wait_share")
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +221,11 @@ def test_calibrate_then_predict_a_trainer_run(calibrated, tmp_path):
     assert all(t["step_s"] > 0 and t["steps"] >= 3 and t["epoch_s"] > 0 for t in stored["timings"])
     assert stored["equivalent_tflops"] > 0  # placed on the logs' speed scale
     assert calibrate.load("cpu").timings == stored["timings"]  # kept, and what --predict reads
-    # The issue's bound is 20%; a fresh clone at cbbd2ad measured a median of 0.79 (ratios 0.79,
-    # 0.72, 1.00) while other runs gave 0.90-1.08: 20% is not reliably met yet (issue 21 stays
-    # open), so the test holds 30% and prints the ratios.
+    # The issue's bound is 20%. It is not reliably met on this shared machine (issue 21 stays open):
+    # besides the load changing between the measurement and the run's stretches (the waits printed),
+    # one trainer process can run this CNN slower than the next at the same wait (30 Nov 2026, load
+    # 9-11: one run's ratios 1.00, 0.67, 0.72, 0.72, 0.96, the next run's 1.39, 1.03, 1.07, 0.98, 1.07),
+    # which the median over one run's predictions cannot remove. So the test holds 30%.
     bound = 0.3
     _within(_interleaved_twice(tmp_path / "runs", _predicted, bound=bound), bound=bound)
 
@@ -210,6 +250,6 @@ def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, tmp_path, monkey
         timings.extend(json.loads(entry.read_text())["timings"])  # measured now, and kept
         return value
 
-    pairs = _interleaved_twice(tmp_path / "runs", predicted, slow_dir)
+    pairs = _interleaved_twice(tmp_path / "runs", predicted, slow_dir, count=SLOWED_PREDICTIONS)
     assert len(timings) == len(pairs) and all(t["step_s"] > SLOW_STEP_S for t in timings)  # sees the slower step
     _within(pairs)

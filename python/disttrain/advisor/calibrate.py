@@ -205,7 +205,9 @@ def measure_steps(model_name: str, dataset: str, batch_size: int, workers: int =
         to the next, while no snapshot is being written, when there are such
         steps), ``step_s_sd`` (their standard deviation), ``first_batch_s``
         (the loader's start and first step), ``steps`` and ``epochs`` (how many
-        were timed).
+        were timed), ``cpu_wait_share`` (the process's run-queue wait per second of
+        timed epoch: near 0 on an idle machine; None where Linux's schedstat is
+        not available).
     """
     if dataset not in TRAIN_SAMPLES:
         raise AdvisorInputError(f"unknown data set '{dataset}' (known: {', '.join(TRAIN_SAMPLES)})")
@@ -300,13 +302,18 @@ def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int,
                                save_name="calibration", progress=False, resume=False)
         trainer = _timed_trainer_class()(module, optimizer, train_set, val_set, config)
         trainer.stamps = []
+        waited = []  # (run-queue wait, wall) of each timed epoch
         begin = time.perf_counter()
         try:
             # The trainer's fit() loop (an epoch, then its evaluation, metrics.csv and snapshot in the
             # background), without resume or signals; the first epoch warms up.
             while trainer.epoch < 1 + min_epochs or (time.perf_counter() - begin < min_seconds
                                                       and trainer.epoch < max_epochs):
+                before, start = scheduler_threads(), time.perf_counter()
                 trainer._train_epoch()
+                spent = scheduler_delta(before, scheduler_threads())
+                if trainer.epoch >= 1 and spent is not None:
+                    waited.append((spent[1], time.perf_counter() - start))
                 trainer._end_epoch(None)
         finally:
             for writer in (trainer._snapshotter, trainer._best_writer):
@@ -325,7 +332,39 @@ def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int,
     return {"model_name": model_name, "dataset": dataset, "batch_size": int(batch_size), "workers": int(workers),
             "epoch_s": float(np.median(epochs)), "timed_batches": int(kept), "step_s": float(values.mean()),
             "step_s_sd": float(values.std()), "first_batch_s": float(np.median(first)), "steps": len(values),
-            "epochs": len(epochs)}
+            "epochs": len(epochs),
+            "cpu_wait_share": float(sum(w for w, _ in waited) / sum(t for _, t in waited)) if waited else None}
+
+
+def scheduler_threads(pid: int | str = "self") -> dict[str, tuple[float, float]] | None:
+    """Per thread of a process: (CPU seconds run, seconds spent runnable but waiting for a CPU), from
+    Linux's /proc/PID/task/*/schedstat; None where the kernel does not provide them. On a shared
+    machine the wait is what makes the same work take longer: a measurement made while the run
+    queue was long predicts a run that meets the same queue."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    out = {}
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                fields = f.read().split()
+            out[task] = (int(fields[0]) / 1e9, int(fields[1]) / 1e9)
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return out
+
+
+def scheduler_delta(before: dict | None, after: dict | None) -> tuple[float, float] | None:
+    """(CPU seconds, wait seconds) of a process's threads between two scheduler_threads() readings:
+    a thread started meanwhile counts from zero, one that ended meanwhile is left out (its
+    cumulative figures vanish with it)."""
+    if before is None or after is None:
+        return None
+    run = sum(r - before.get(t, (0.0, 0.0))[0] for t, (r, _) in after.items())
+    wait = sum(w - before.get(t, (0.0, 0.0))[1] for t, (_, w) in after.items())
+    return run, wait
 
 
 def epoch_time(timing: dict, samples: float) -> tuple[float, float, float]:
