@@ -109,7 +109,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert code == 2 and _one_line(stderr) and words in stderr, (args, code, stdout, stderr)
 
 
-def test_evaluate_writes_the_tables(tmp_path):
+def test_evaluate_writes_the_tables(tmp_path, capsys, monkeypatch):
     # A small slice of the logs keeps this quick: the single-GPU runs (MODEL_GPU_CONFIG.csv) of two
     # models, 16 runs on three GPU families.
     from disttrain.advisor.loading import default_data_path
@@ -121,8 +121,11 @@ def test_evaluate_writes_the_tables(tmp_path):
             (subset / csv.name).write_bytes(csv.read_bytes())
     assert len(list(subset.glob("*.csv"))) == 16
     # At most 2 folds per split (the quick path; every split and both methods still run, grouped).
-    out = advise("--evaluate", "--max-folds", "2", "--data", str(subset), "--no-default-logs", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    # main() in this process, from tmp_path (the command's real process is tested above).
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = advise_here(capsys, "--evaluate", "--max-folds", "2", "--data", str(subset),
+                                       "--no-default-logs")
+    assert code == 0, stderr
     # A capped run writes its own CSV, never the committed evaluation's.
     assert not (tmp_path / "benchmarks" / "results" / "advisor_evaluation.csv").exists()
     table = pd.read_csv(tmp_path / "benchmarks" / "results" / "advisor_evaluation_quick.csv")
@@ -137,7 +140,7 @@ def test_evaluate_writes_the_tables(tmp_path):
     # The paired count: per split, cases where either is strictly closer, never more than all cases.
     closer = table.groupby("split").agg(closer=("epochs_to_target_closer", "sum"), cases=("epochs_to_target_cases", "first"))
     assert (closer["closer"] <= closer["cases"]).all() and (closer["cases"] > 0).all()
-    assert "leave" not in out.stderr and "time per epoch" in out.stdout
+    assert "leave" not in stderr and "time per epoch" in stdout
     # Two folds per split (the 3 GPU families dealt into 2; the 2 models one at a time, as uncapped).
     for split, folds in (("run", 2), ("config", 2), ("gpu_family", 2), ("model", 2), ("holdout", 1)):
-        assert f"split {split}: {folds} folds done" in out.stderr, out.stderr
+        assert f"split {split}: {folds} folds done" in stderr, stderr

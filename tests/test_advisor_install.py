@@ -77,6 +77,22 @@ def test_missing_dependency_is_one_line_with_the_install_hint(blocked):
     assert out.stdout.startswith("api: ") and HINT in out.stdout
 
 
+def test_predict_checks_the_model_dependencies_when_it_needs_the_model(tmp_path):
+    # --predict alone imports LightGBM, SciPy and scikit-learn only for a configuration the fitted
+    # model predicts (a device calibrated here is measured); then a missing one is still one line.
+    rows = tmp_path / "metrics.csv"
+    rows.write_text("epoch,epoch_timings,model_name,gpu,batch_size\n0,10.0,resnet18,Tesla P40,128\n")
+    out = _python(f"""
+        import sys
+        sys.modules["lightgbm"] = None
+        from disttrain.cli import main
+        sys.exit(main(["advise", "--predict", {str(rows)!r}]))
+    """, env=dict(os.environ, DISTTRAIN_ADVISOR_CACHE="off"))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lightgbm" in lines[0] and HINT in lines[0], out.stderr
+
+
 def test_help_needs_no_advisor_dependency():
     out = _python("""
         import sys

@@ -11,10 +11,13 @@ REQUIRED = {"pandas": "pandas", "lightgbm": "lightgbm", "scipy": "scipy", "sklea
 INSTALL_HINT = "pip install 'disttrain[advisor]'"
 
 
-def missing_dependencies() -> list[str]:
-    """Distribution names of the advisor's dependencies that cannot be imported."""
+def missing_dependencies(modules: tuple[str, ...] | None = None) -> list[str]:
+    """Distribution names of the advisor's dependencies (or of those among ``modules``, module
+    names) that cannot be imported."""
     missing = []
     for module, distribution in REQUIRED.items():
+        if modules is not None and module not in modules:
+            continue
         try:
             importlib.import_module(module)
         except (ImportError, OSError):  # OSError: e.g. lightgbm without its OpenMP runtime

@@ -245,6 +245,11 @@ def _predict(args) -> int:
         if len(calibration.timings) > before:
             calibrate.store(calibration)
     if (~mine).any():
+        from ._deps import missing_dependencies, missing_message
+
+        missing = missing_dependencies()
+        if missing:
+            raise AdvisorInputError(missing_message(missing))
         from .advisor import Advisor
 
         advisor = Advisor.fit(_sources(args), cache=not args.no_cache)
@@ -276,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ._deps import missing_dependencies, missing_message
 
-    missing = missing_dependencies()
+    # --predict alone reads CSVs (pandas) and, for a device calibrated here, measures with torch:
+    # LightGBM, SciPy and scikit-learn (seconds of imports for each such process) are checked
+    # there only when a configuration needs the fitted model.
+    only_predict = args.predict and not (args.serve or args.evaluate or args.calibrate)
+    missing = missing_dependencies(("pandas",) if only_predict else None)
     if missing:
         print(f"disttrain advise: {missing_message(missing)}", file=sys.stderr)
         return 2
