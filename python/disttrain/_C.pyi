@@ -66,6 +66,9 @@ def comm_options(overrides: Mapping[str, str] = {}) -> list[_OptionRow]:
 def reduce_kernel_isa() -> str:
     """Instruction set the reduction kernels dispatch to on this CPU: ``"avx512f"``, ``"avx2"`` or ``"sse2"``."""
 
+OVERSUBSCRIBED_SHM_SLOT_BYTES: int
+"""The shared-memory slot size a group gets by default when a host runs more ranks than a rank's cores."""
+
 # csrc/data: the sampler engine (csrc/bindings/sampler.cpp; disttrain.sampler is its Python face).
 class SamplerIndexStream(metaclass=_pybind11_type):
     def __init__(self, dataset_size: int, num_replicas: int, rank: int, shuffle: bool, seed: int,

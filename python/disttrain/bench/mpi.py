@@ -59,7 +59,7 @@ import tempfile
 import time
 from typing import Any
 
-from disttrain.bench import format_or_dash, write_csv
+from disttrain.bench import arguments, format_or_dash, write_csv
 
 TRAIN_CONFIGS = ("mpi4py", "torch-ddp/gloo", "disttrain-mpi", "disttrain-mpi-overlap")
 MPIEXEC = ("mpiexec", "--oversubscribe", "--allow-run-as-root")
@@ -338,9 +338,7 @@ def _report(rows: list[dict], out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "mpi":  # called as `disttrain bench mpi ...`
-        argv = argv[1:]
+    argv = arguments("mpi", argv)
     args = build_parser().parse_args(argv)
     if args.role is not None:  # one rank of a job
         mine = _train_rank(args) if args.role == "train" else _eval_rank(args)
