@@ -20,6 +20,7 @@
 #include "comm/tcp/socket_util.h"
 #include "comm/tcp/tcp_collectives.h"
 #include "comm/kernels/reduce_kernels.h"
+#include "rank_threads.h"
 
 using namespace disttrain::comm;
 using namespace std::chrono_literals;
@@ -30,22 +31,10 @@ namespace {
 std::vector<std::string> run_ranks(int world, const std::function<void(TcpTransport&)>& fn,
                                    std::chrono::milliseconds timeout = 20000ms) {
   auto store = c10::make_intrusive<c10d::HashStore>();
-  std::vector<std::string> errors(world);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        TcpTransport t(store, r, world, timeout);
-        fn(t);
-      } catch (const c10::Error& e) {
-        errors[r] = e.what_without_backtrace();
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
+  return disttrain::testing::on_rank_threads(world, [&](int r) {
+    TcpTransport t(store, r, world, timeout);
+    fn(t);
+  });
 }
 
 Deadline soon(std::chrono::milliseconds ms = 20000ms) { return Clock::now() + ms; }

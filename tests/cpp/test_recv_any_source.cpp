@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "comm/backend.h"
+#include "rank_threads.h"
 
 using namespace disttrain::comm;
 using namespace std::chrono_literals;
@@ -32,23 +33,11 @@ std::vector<std::string> run_group(int world, const std::function<void(int, Dist
                                    const std::string& transport = "tcp",
                                    std::chrono::milliseconds timeout = 30000ms) {
   auto store = c10::make_intrusive<c10d::HashStore>();
-  std::vector<std::string> errors(world);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        auto b = c10::make_intrusive<DisttrainBackend>(store, r, world, timeout,
-                                                       CommOptions::resolve({{"transport", transport}}));
-        fn(r, *b);
-      } catch (const c10::Error& e) {
-        errors[r] = e.what_without_backtrace();
-      } catch (const std::exception& e) {
-        errors[r] = e.what();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
+  return disttrain::testing::on_rank_threads(world, [&](int r) {
+    auto b = c10::make_intrusive<DisttrainBackend>(store, r, world, timeout,
+                                                   CommOptions::resolve({{"transport", transport}}));
+    fn(r, *b);
+  });
 }
 
 WorkPtr send(DisttrainBackend& b, float value, int dst, int tag = 0, int64_t n = 10) {
