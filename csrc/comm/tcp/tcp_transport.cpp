@@ -435,33 +435,42 @@ void TcpTransport::consume_payload(RecvState& r, const uint8_t* data, size_t len
   if (r.spec.progress) *r.spec.progress = r.received;
 }
 
+// Reads the header of the peer's next frame into its partial frame without
+// blocking, and sizes the payload for it once complete: true when the whole
+// header is there (now or before), false while it has not arrived (or the peer closed).
+bool TcpTransport::read_header(int peer_rank, const OpSignature& sig) {
+  Peer& peer = peers_[peer_rank];
+  InFrame& f = peer.partial_frame;
+  while (peer.hdr_got < sizeof(FrameHeader)) {
+    ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&f.hdr) + peer.hdr_got, sizeof(FrameHeader) - peer.hdr_got,
+                       MSG_DONTWAIT);
+    if (n == 0) {
+      peer.closed = true;
+      return false;
+    }
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) peer.closed = true;
+      return false;
+    }
+    peer.hdr_got += static_cast<size_t>(n);
+    if (peer.hdr_got < sizeof(FrameHeader)) continue;
+    if (f.hdr.magic != kFrameMagic || f.hdr.len > kMaxFramePayload) {
+      abort("corrupt stream from rank " + std::to_string(group_rank(peer_rank)) + " to rank " +
+            std::to_string(group_rank(rank_)) + " during " + describe(sig));
+    }
+    f.payload.resize(f.hdr.len);
+  }
+  return true;
+}
+
 // Reads whatever a peer sent ahead of its receive into that peer's backlog,
 // so that two ranks sending to each other at once never block each other.
 void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
   Peer& peer = peers_[peer_rank];
   while (true) {
     InFrame& f = peer.partial_frame;
-    if (peer.hdr_got < sizeof(FrameHeader)) {
-      ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&f.hdr) + peer.hdr_got,
-                         sizeof(FrameHeader) - peer.hdr_got, MSG_DONTWAIT);
-      if (n == 0) {
-        peer.closed = true;
-        return;
-      }
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK) peer.closed = true;
-        return;
-      }
-      peer.hdr_got += static_cast<size_t>(n);
-      if (peer.hdr_got < sizeof(FrameHeader)) continue;
-      if (f.hdr.magic != kFrameMagic || f.hdr.len > kMaxFramePayload) {
-        abort("corrupt stream from rank " + std::to_string(group_rank(peer_rank)) + " to rank " +
-              std::to_string(group_rank(rank_)) +
-              " during " + describe(sig));
-      }
-      f.payload.resize(f.hdr.len);
-    }
+    if (!read_header(peer_rank, sig)) return;
     if (peer.payload_got < f.payload.size()) {
       ssize_t n = ::recv(peer.fd, f.payload.data() + peer.payload_got, f.payload.size() - peer.payload_got,
                          MSG_DONTWAIT);
@@ -487,32 +496,11 @@ void TcpTransport::read_ahead(int peer_rank, const OpSignature& sig) {
 const FrameHeader* TcpTransport::peek_header(int peer_rank, const OpSignature& sig) {
   Peer& peer = peers_[peer_rank];
   if (!peer.backlog.empty()) return &peer.backlog.front().hdr;
-  InFrame& f = peer.partial_frame;
-  while (peer.hdr_got < sizeof(FrameHeader)) {
-    // Even a peer seen closing (`closed`) may have left frames in the socket:
-    // they are read until the end of its stream.
-    if (peer.fd < 0) return nullptr;
-    ssize_t n = ::recv(peer.fd, reinterpret_cast<uint8_t*>(&f.hdr) + peer.hdr_got, sizeof(FrameHeader) - peer.hdr_got,
-                       MSG_DONTWAIT);
-    if (n == 0) {
-      peer.closed = true;
-      return nullptr;
-    }
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) peer.closed = true;
-      return nullptr;
-    }
-    peer.hdr_got += static_cast<size_t>(n);
-    if (peer.hdr_got < sizeof(FrameHeader)) continue;
-    // As read_ahead() would have it: the payload follows into partial_frame.
-    if (f.hdr.magic != kFrameMagic || f.hdr.len > kMaxFramePayload) {
-      abort("corrupt stream from rank " + std::to_string(group_rank(peer_rank)) + " to rank " +
-            std::to_string(group_rank(rank_)) + " during " + describe(sig));
-    }
-    f.payload.resize(f.hdr.len);
-  }
-  return &f.hdr;
+  // Even a peer seen closing (`closed`) may have left frames in the socket:
+  // they are read until the end of its stream. The payload follows into the
+  // partial frame, as read_ahead() reads it.
+  if (peer.hdr_got < sizeof(FrameHeader) && peer.fd < 0) return nullptr;
+  return read_header(peer_rank, sig) ? &peer.partial_frame.hdr : nullptr;
 }
 
 namespace {

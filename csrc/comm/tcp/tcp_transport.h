@@ -152,6 +152,9 @@ class TcpTransport {
   bool do_send(SendState& s, const FrameKind kind, const OpSignature& sig, uint32_t step);
   void do_recv(RecvState& r, FrameKind kind, const OpSignature& sig, uint32_t step);
   void read_ahead(int peer, const OpSignature& sig);
+  // The next frame's header from `peer` into its partial frame, without
+  // blocking; true once it is complete (checked, payload sized).
+  bool read_header(int peer, const OpSignature& sig);
   // The header of the next frame from `peer`, reading no further than its end
   // without blocking; nullptr while it has not fully arrived (or the peer closed).
   const FrameHeader* peek_header(int peer, const OpSignature& sig);
