@@ -1,6 +1,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include "bindings/registry.h"
+#include "ddp/bucket_plan.h"
 #include "ddp/reducer.h"
 #include "ddp/replica_sync.h"
 
@@ -49,4 +50,15 @@ DISTTRAIN_BINDINGS(ddp) {
         py::call_guard<py::gil_scoped_release>());
   m.def("broadcast_coalesced", &disttrain::ddp::broadcast_coalesced, py::arg("group"), py::arg("tensors"),
         py::arg("chunk_bytes"), py::arg("root") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "plan_buckets",
+      [](const std::vector<int64_t>& bytes, const std::vector<at::ScalarType>& dtypes,
+         const std::vector<int64_t>& order, int64_t first_cap_bytes, int64_t cap_bytes) {
+        TORCH_CHECK_VALUE(bytes.size() == dtypes.size(), "plan_buckets: ", bytes.size(), " sizes but ",
+                          dtypes.size(), " dtypes");
+        std::vector<disttrain::ddp::TensorSlot> slots;
+        for (size_t i = 0; i < bytes.size(); ++i) slots.push_back({bytes[i], dtypes[i]});
+        return disttrain::ddp::plan_buckets(slots, order, first_cap_bytes, cap_bytes);
+      },
+      py::arg("bytes"), py::arg("dtypes"), py::arg("order"), py::arg("first_cap_bytes"), py::arg("cap_bytes"));
 }

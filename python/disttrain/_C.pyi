@@ -133,6 +133,9 @@ class Reducer(metaclass=_pybind11_type):
 def verify_replicas(group: ProcessGroup, params: Sequence[torch.Tensor], names: Sequence[str]) -> None: ...
 def broadcast_coalesced(group: ProcessGroup, tensors: Sequence[torch.Tensor], chunk_bytes: int,
                         root: int = 0) -> None: ...
+def plan_buckets(bytes: Sequence[int], dtypes: Sequence[torch.dtype], order: Sequence[int], first_cap_bytes: int,
+                 cap_bytes: int) -> list[list[int]]:
+    """DDP's bucket planner (csrc/ddp/bucket_plan.h): ``order`` grouped into buckets, one dtype each."""
 
 # csrc/trace: the core's timeline (csrc/bindings/trace.cpp; disttrain.trace is its Python face).
 def trace_start() -> None: ...

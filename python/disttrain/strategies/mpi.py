@@ -237,17 +237,11 @@ class GradientAverager:
             self._pending = [len(b) for b in self._buckets]
 
     def _plan_buckets(self, bucket_bytes: int) -> None:
-        cap, size = min(1 << 20, bucket_bytes), 0
+        # DDP's planner (csrc/ddp/bucket_plan.h), in the order backward writes the gradients.
+        self._buckets = _C.plan_buckets([p.numel() * p.element_size() for p in self.params],
+                                        [p.dtype for p in self.params], list(reversed(range(len(self.params)))),
+                                        min(1 << 20, bucket_bytes), bucket_bytes)
         self._bucket_of = [0] * len(self.params)
-        current: list[int] = []
-        for i in reversed(range(len(self.params))):
-            nbytes = self.params[i].numel() * self.params[i].element_size()
-            if current and size + nbytes > cap:
-                self._buckets.append(current)
-                current, size, cap = [], 0, bucket_bytes
-            current.append(i)
-            size += nbytes
-        self._buckets.append(current)
         for b, members in enumerate(self._buckets):
             for i in members:
                 self._bucket_of[i] = b
