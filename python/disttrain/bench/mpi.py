@@ -19,11 +19,11 @@ round so that all see the same machine:
                       all-reduced from gradient hooks while backward runs
 
 Steps per second = timed steps / the slowest rank's time for them, median over
-rounds; every row is checked: after the run the four models' parameters agree
-(relative 1e-3), else the benchmark fails instead of printing. The configurations
-sum the ranks' gradients in different orders (MPI's, gloo's, one buffer or
-buckets), and the warm-up and timed steps (SGD with momentum) amplify those fp32
-roundings: 2.3e-4 was seen between the overlapped buckets and the single
+rounds; every row is checked: after the run the models' parameters agree with
+disttrain-mpi's (relative 1e-4; 1e-3 for disttrain-mpi-overlap), else the
+benchmark fails instead of printing. The overlapped buckets sum the ranks'
+gradients in another order, and the warm-up and timed steps (SGD with momentum)
+amplify those fp32 roundings: 2.3e-4 was seen between them and the single
 all-reduce at 4 ranks (resnet18-tv), whose averaged gradients of one step agree
 within 1.2e-7; a wrong average differs by far more.
 
@@ -180,7 +180,8 @@ def _train_rank(args) -> list[dict]:
         for config in TRAIN_CONFIGS:
             got = torch.cat([p.detach().reshape(-1) for p in nets[config].parameters()])
             error = float((got - reference).abs().max() / reference.abs().max())
-            if error > 1e-3:
+            # The overlapped buckets sum in another order, which the momentum steps amplify (the help).
+            if error > (1e-3 if config == "disttrain-mpi-overlap" else 1e-4):
                 raise RuntimeError(f"bench mpi: {config} and disttrain-mpi trained {name} to different parameters "
                                    f"(max relative difference {error:.2e}); no result is printed")
         params = sum(p.numel() for p in base.parameters())
