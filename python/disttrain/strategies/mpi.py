@@ -257,13 +257,18 @@ class GradientAverager:
         while len(self._works) < len(self._buckets) and self._pending[len(self._works)] <= 0:
             self._launch(len(self._works))
 
-    def _launch(self, b: int) -> None:
+    @staticmethod
+    def _gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The parameters' gradients; a missing one is set to zeros (it counts as zero)."""
         grads = []
-        for i in self._buckets[b]:
-            p = self.params[i]
+        for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
+        return grads
+
+    def _launch(self, b: int) -> None:
+        grads = self._gradients([self.params[i] for i in self._buckets[b]])
         self._works.append(dist.all_reduce_coalesced(grads, op=dist.ReduceOp.AVG, group=self.group, async_op=True))
 
     def zero_grad(self) -> None:
@@ -293,12 +298,9 @@ class GradientAverager:
                     for work in self._works:
                         work.wait()
                     return
-                for p in self.params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
+                grads = self._gradients(self.params)
                 if self.world_size > 1:
-                    dist.all_reduce_coalesced([p.grad for p in self.params], op=dist.ReduceOp.AVG,
-                                              group=self.group)
+                    dist.all_reduce_coalesced(grads, op=dist.ReduceOp.AVG, group=self.group)
         finally:
             if self.overlap:
                 self._works = []
