@@ -1,16 +1,25 @@
-"""One Lightning Trainer run on CPU processes, for tests/test_lightning.py.
+"""Lightning Trainer runs on CPU processes, for tests/test_lightning.py.
 
     python tests/lightning_worker.py --strategy disttrain_ddp --out params.pt
+    python tests/lightning_worker.py --strategy disttrain_zero1 --out a.pt --then --strategy disttrain_ddp --out b.pt
 
 Lightning's own launcher starts the other processes (it re-runs this script),
 or torchrun does (``--devices`` then counts processes per node). Rank 0 writes
 the LightningModule's final ``state_dict`` to ``--out``.
+
+``--then`` separates runs that share one launch (one set of processes, each
+importing Lightning once): each is a fresh Trainer, model, optimizer and
+data loader, seeded as a launch of its own would be; the process group of
+the first run is kept by the later ones. Rank 0 prints ``RUN_MARKER`` and the
+run's index on stdout and stderr before each run, so a caller can tell the
+runs' logs apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import lightning as L
 import torch
@@ -83,7 +92,10 @@ def strategy(name: str):
     return name
 
 
-def main() -> None:
+RUN_MARKER = "lightning_worker: run"
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", default="disttrain_ddp")
     p.add_argument("--model", default="mlp")
@@ -100,8 +112,30 @@ def main() -> None:
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--out")
-    args = p.parse_args()
+    return p
 
+
+def split_runs(argv: list[str]) -> list[list[str]]:
+    """The runs' argument lists: ``argv`` split at each ``--then``."""
+    runs: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    return runs
+
+
+def main() -> None:
+    runs = [parser().parse_args(argv) for argv in split_runs(sys.argv[1:])]
+    for index, args in enumerate(runs):
+        if len(runs) > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            for stream in (sys.stdout, sys.stderr):
+                print(f"{RUN_MARKER} {index}", file=stream, flush=True)
+        train(args)
+
+
+def train(args: argparse.Namespace) -> None:
     L.seed_everything(0, workers=True)
     loader = DataLoader(data.digits(train=True), batch_size=16, shuffle=True)
     model = Classifier(args.model, args.optimizer, manual=args.manual, clip=args.clip if args.manual else 0.0)

@@ -11,6 +11,10 @@
   reloaded checkpoint) equals one process training on both ranks' data.
 - The Hydra example runs end to end on the embedded data.
 - In-process: the checkpoint IO round trip, registration, option errors.
+
+The Trainer runs from scratch share one launch (the worker's ``--then``: the
+processes import Lightning once, not once per run), and the runs resumed from
+their checkpoints another, of fresh processes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import re
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +34,7 @@ pytest.importorskip("lightning", reason="disttrain[lightning] is part of the dev
 
 import disttrain.lightning as dl  # noqa: E402
 from harness import run_ranks  # noqa: E402
+from lightning_worker import RUN_MARKER  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -59,6 +65,21 @@ def _train(tmp, name: str, strategy: str, *extra: str, check: bool = True) -> su
                 check=check)
 
 
+def _train_runs(tmp, runs: list[tuple[str, str, list[str]]]) -> list[str]:
+    """Several runs (name, strategy, arguments) in one launch of the worker (``--then``
+    between them: one set of processes, each importing Lightning once, where a launch
+    per run imports it again); rank 0 writes ``tmp/<name>.pt`` for each. Returns each
+    run's log (its stdout, then its stderr)."""
+    cmd = [sys.executable, WORKER]
+    for i, (name, strategy, extra) in enumerate(runs):
+        cmd += ["--then"] * bool(i) + ["--strategy", strategy, "--out", str(tmp / f"{name}.pt"), *extra]
+    proc = _run(cmd, tmp)
+    marker = re.compile(rf"{re.escape(RUN_MARKER)} \d+\n")  # not only at a line's start: rank 1 writes to the pipes too
+    parts = [marker.split(text) for text in (proc.stdout, proc.stderr)]
+    assert [len(p) for p in parts] == [len(runs) + 1] * 2, f"the runs' markers: {proc.stdout[-3000:]}"
+    return [parts[0][i + 1] + parts[1][i + 1] for i in range(len(runs))]
+
+
 def _relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
@@ -71,17 +92,48 @@ def gloo_reference(tmp_path_factory):
     return torch.load(tmp / "gloo.pt")
 
 
-def test_zero1_equals_lightning_ddp_over_gloo(tmp_path, gloo_reference):
-    _train(tmp_path, "run", "disttrain_zero1", *COMMON)
-    assert _relative_difference(gloo_reference, torch.load(tmp_path / "run.pt")) < 1e-6
+# The first 2 of COMMON's 4 epochs, checkpointed; then resumed with (the same or another strategy) for the other 2.
+FIRST_HALF = [*COMMON[:1], "2", *COMMON[2:]]
+RESUMED_WITH = {"disttrain_zero2": "disttrain_ddp", "disttrain_zero3_sharded": "disttrain_zero3_sharded",
+                "disttrain_zero3_lowmem": "disttrain_zero3_lowmem"}
 
 
-@pytest.mark.parametrize("strategy, resumed_with", [("disttrain_zero2", "disttrain_ddp"),
-                                                    ("disttrain_zero3_sharded", "disttrain_zero3_sharded")])
-def test_zero_checkpoint_resumes_identically(tmp_path, gloo_reference, strategy, resumed_with):
-    ckpt = tmp_path / "ckpt"
-    _train(tmp_path, "first", strategy, *COMMON[:1], "2", *COMMON[2:], "--ckpt-dir", str(ckpt))
-    first = torch.load(tmp_path / "first.pt")
+@pytest.fixture(scope="module")
+def from_scratch(tmp_path_factory):
+    """The runs from scratch, in one launch: ZeRO-1, and manual optimization under
+    disttrain_ddp, for COMMON's 4 epochs; each strategy of RESUMED_WITH for the first 2,
+    checkpointed into <strategy>_ckpt. Each checkpoint folder is also copied, as its run
+    left it, to <strategy>_ckpt_first (the resumed run adds its own checkpoints to the
+    folder)."""
+    tmp = tmp_path_factory.mktemp("scratch")
+    runs = [("zero1", "disttrain_zero1", COMMON), ("manual", "disttrain_ddp", ["--manual", *COMMON])]
+    runs += [(f"{s}_first", s, [*FIRST_HALF, "--ckpt-dir", str(tmp / f"{s}_ckpt")]) for s in RESUMED_WITH]
+    _train_runs(tmp, runs)
+    for s in RESUMED_WITH:
+        shutil.copytree(tmp / f"{s}_ckpt", tmp / f"{s}_ckpt_first")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def resumed(from_scratch):
+    """Each checkpointed run of from_scratch resumed (RESUMED_WITH) for the other 2 epochs,
+    in one launch of fresh processes (nothing but the checkpoint carries over): the folder
+    and each resumed run's log by strategy."""
+    tmp = from_scratch
+    runs = [(f"{s}_resumed", r, [*COMMON, "--ckpt-dir", str(tmp / f"{s}_ckpt"), "--resume"])
+            for s, r in RESUMED_WITH.items()]
+    return tmp, dict(zip(RESUMED_WITH, _train_runs(tmp, runs)))
+
+
+def test_zero1_equals_lightning_ddp_over_gloo(from_scratch, gloo_reference):
+    assert _relative_difference(gloo_reference, torch.load(from_scratch / "zero1.pt")) < 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["disttrain_zero2", "disttrain_zero3_sharded"])
+def test_zero_checkpoint_resumes_identically(resumed, gloo_reference, strategy):
+    tmp, logs = resumed
+    ckpt = tmp / f"{strategy}_ckpt_first"
+    first = torch.load(tmp / f"{strategy}_first.pt")
     if strategy.endswith("_sharded"):
         # A folder: a manifest (with Lightning's loop and callback state) and one shard file per rank.
         from disttrain.fsdp import read_sharded_checkpoint
@@ -98,20 +150,17 @@ def test_zero_checkpoint_resumes_identically(tmp_path, gloo_reference, strategy,
         assert _relative_difference(first, saved["state_dict"]) == 0.0
         optimizer = saved["optimizer_states"][0]
         assert [optimizer["state"][i]["exp_avg"].shape for i in range(len(first))] == [v.shape for v in first.values()]
-    proc = _train(tmp_path, "resumed", resumed_with, *COMMON, "--ckpt-dir", str(ckpt), "--resume")
-    assert "Restored all states" in proc.stdout + proc.stderr
-    assert _relative_difference(gloo_reference, torch.load(tmp_path / "resumed.pt")) < 1e-6
+    assert "Restored all states" in logs[strategy]
+    assert _relative_difference(gloo_reference, torch.load(tmp / f"{strategy}_resumed.pt")) < 1e-6
 
 
-def test_zero3_memory_options_equal_lightning_ddp_and_resume_identically(tmp_path, gloo_reference):
+def test_zero3_memory_options_equal_lightning_ddp_and_resume_identically(resumed, gloo_reference):
     """disttrain_zero3 with activation checkpointing of every unit (one per
     Linear) and lean_backward: trained 2 epochs, checkpointed, resumed for the
     other 2, it ends with the parameters of Lightning's DDP over gloo."""
-    ckpt = tmp_path / "ckpt"
-    _train(tmp_path, "first", "disttrain_zero3_lowmem", *COMMON[:1], "2", *COMMON[2:], "--ckpt-dir", str(ckpt))
-    proc = _train(tmp_path, "resumed", "disttrain_zero3_lowmem", *COMMON, "--ckpt-dir", str(ckpt), "--resume")
-    assert "Restored all states" in proc.stdout + proc.stderr
-    assert _relative_difference(gloo_reference, torch.load(tmp_path / "resumed.pt")) < 1e-6
+    tmp, logs = resumed
+    assert "Restored all states" in logs["disttrain_zero3_lowmem"]
+    assert _relative_difference(gloo_reference, torch.load(tmp / "disttrain_zero3_lowmem_resumed.pt")) < 1e-6
 
 
 def test_ddp_survives_kill_9_under_torchrun_and_ends_identical(tmp_path, gloo_reference):
@@ -146,10 +195,9 @@ def test_two_nodes_from_the_templates_environment_variables(tmp_path, gloo_refer
     assert _relative_difference(gloo_reference, torch.load(tmp_path / "run.pt")) < 1e-6
 
 
-def test_manual_optimization_under_disttrain_ddp_equals_automatic_over_gloo(tmp_path, gloo_reference):
+def test_manual_optimization_under_disttrain_ddp_equals_automatic_over_gloo(from_scratch, gloo_reference):
     # The worker's manual loop takes the automatic loop's steps by hand (clip, step, scheduler at epoch end).
-    _train(tmp_path, "ours", "disttrain_ddp", "--manual", *COMMON)
-    assert _relative_difference(gloo_reference, torch.load(tmp_path / "ours.pt")) < 1e-6
+    assert _relative_difference(gloo_reference, torch.load(from_scratch / "manual.pt")) < 1e-6
 
 
 def test_zero_with_manual_optimization_is_a_clear_error(tmp_path):
