@@ -5,7 +5,8 @@ the whole-suite runs found broken or gated: all_gather_coalesced's calling
 convention (outputs[rank][input]), receive from any source (with the sender
 returned, also under both profilers), and tests the suite gates on gloo's
 name that the runner also runs against disttrain (all_reduce_coalesced,
-get_future, scatter_object_list). Each must run and pass: a skip fails."""
+get_future, scatter_object_list, batched isend/irecv, sparse all-reduce).
+Each must run and pass: a skip fails."""
 
 import os
 import re
@@ -24,6 +25,8 @@ SELECTION = [
     "test_all_reduce_coalesced_sum",
     "test_get_future",
     "test_scatter_object_list",
+    "test_batch_isend_irecv_gloo",
+    "test_sparse_all_reduce_sum",
 ]
 
 

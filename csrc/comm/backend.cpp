@@ -124,6 +124,8 @@ c10::intrusive_ptr<c10::ivalue::Future> DisttrainWork::getFuture() {
 }
 
 bool DisttrainWork::wait(std::chrono::milliseconds timeout) {
+  TORCH_CHECK(!awaiting_batch_.load(), "disttrain: wait() on a send or receive of a coalescing block ",
+              "(batch_isend_irecv) before the block ended: the block's ops start only when it ends");
   bool done = false;
   try {
     done = c10d::Work::wait(timeout);
@@ -151,6 +153,9 @@ void DisttrainWork::complete(std::exception_ptr error) {
     future_->markCompleted(c10::IValue(outputs_));
   }
   finish(error);
+  // Kept until this Work is destroyed (on a caller's thread): they may hold
+  // the last references to tensors Python owns.
+  for (auto& member : followers_) member->complete(error);
 }
 
 int DisttrainWork::sourceRank() const {
@@ -456,9 +461,11 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::enqueue(c10d::OpType type, uint64_t seq,
                                                          std::vector<at::Tensor> outputs, Task fn,
-                                                         std::shared_ptr<RecvMatch> match) {
+                                                         std::shared_ptr<RecvMatch> match,
+                                                         std::vector<c10::intrusive_ptr<DisttrainWork>> followers) {
   auto work = c10::make_intrusive<DisttrainWork>(getRank(), type, seq, std::move(outputs), std::move(fn),
                                                  /*eager_future=*/true, std::move(match));
+  for (auto& f : followers) work->follow(std::move(f));
   std::vector<c10::intrusive_ptr<DisttrainWork>> finished;  // no allocation when empty
   {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -530,6 +537,7 @@ OpSignature DisttrainBackend::signature(OpKind op, const at::Tensor& t, RedOp re
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tensor>& tensors,
                                                            const c10d::AllreduceOptions& opts) {
   at::Tensor user = single(tensors, "all_reduce");
+  if (user.layout() == at::kSparse) return sparse_allreduce(user, to_redop(opts.reduceOp));
   check_cpu(user, "all_reduce");
   RedOp op = to_redop(opts.reduceOp);
   reduce_kernel(user.scalar_type(), op);  // unsupported (dtype, op) fails here, in the caller
@@ -559,6 +567,59 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
     }
     copy_back(user, buf);
   }, on_caller);
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                                  const c10d::AllreduceOptions& opts) {
+  return sparse_allreduce(single(tensors, "all_reduce"), to_redop(opts.reduceOp));
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::sparse_allreduce(const at::Tensor& user, RedOp op) {
+  TORCH_CHECK_VALUE(user.layout() == at::kSparse, "disttrain: sparse all_reduce takes a sparse COO tensor, got ",
+                    user.layout());
+  TORCH_CHECK_VALUE(user.device().is_cpu(), "disttrain: all_reduce takes CPU tensors, got one on ", user.device());
+  TORCH_CHECK_VALUE(op == RedOp::kSum, "disttrain: all_reduce of a sparse tensor supports SUM only, got ",
+                    redop_name(op));
+  // Each rank's nonzeros, gathered by every rank and summed by coalescing
+  // them: three all-gathers (the counts, then the indices and the values,
+  // padded to the largest count), numbered now so that every rank agrees.
+  const at::Tensor in = user.coalesce();
+  const at::Tensor indices = in._indices().contiguous();  // [sparse_dim, nnz]
+  const at::Tensor values = in._values().contiguous();    // [nnz, dense sizes...]
+  const uint64_t first = next_seq_;
+  next_seq_ += 3;
+  const auto lng = static_cast<uint8_t>(at::kLong);
+  at::Tensor out = user;
+  return enqueue(c10d::OpType::_ALLREDUCE_SPARSE, first, {user}, [=, this](Deadline dl) mutable {
+    const int64_t world = getSize(), sparse_dim = indices.size(0), nnz = indices.size(1);
+    at::Tensor count = at::full({1}, nnz, at::kLong);
+    at::Tensor counts = at::empty({world}, at::kLong);
+    run_allgather(OpSignature{first, OpKind::kAllgather, lng, RedOp::kNone, 1, 0}, count.data_ptr(),
+                  counts.data_ptr(), sizeof(int64_t), dl);
+    const int64_t most = std::max<int64_t>(1, counts.max().item<int64_t>());  // never an empty message
+    std::vector<int64_t> value_shape = values.sizes().vec();
+    value_shape[0] = most;
+    at::Tensor my_indices = at::zeros({sparse_dim, most}, at::kLong);
+    my_indices.narrow(1, 0, nnz).copy_(indices);
+    at::Tensor my_values = at::zeros(value_shape, values.options());
+    my_values.narrow(0, 0, nnz).copy_(values);
+    at::Tensor all_indices = at::empty({world, sparse_dim, most}, at::kLong);
+    value_shape.insert(value_shape.begin(), world);
+    at::Tensor all_values = at::empty(value_shape, values.options());
+    run_allgather(OpSignature{first + 1, OpKind::kAllgather, lng, RedOp::kNone,
+                              static_cast<uint64_t>(my_indices.numel()), 0},
+                  my_indices.data_ptr(), all_indices.data_ptr(), my_indices.nbytes(), dl);
+    run_allgather(OpSignature{first + 2, OpKind::kAllgather, static_cast<uint8_t>(values.scalar_type()), RedOp::kNone,
+                              static_cast<uint64_t>(my_values.numel()), 0},
+                  my_values.data_ptr(), all_values.data_ptr(), my_values.nbytes(), dl);
+    std::vector<at::Tensor> each_indices, each_values;
+    for (int64_t r = 0; r < world; ++r) {
+      const int64_t n = counts[r].item<int64_t>();
+      each_indices.push_back(all_indices[r].narrow(1, 0, n));
+      each_values.push_back(all_values[r].narrow(0, 0, n));
+    }
+    out.copy_(at::sparse_coo_tensor(at::cat(each_indices, 1), at::cat(each_values, 0), out.sizes()).coalesce());
+  });
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,
@@ -898,6 +959,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::send(std::vector<at::Tensor>& t
   OpSignature sig{sent_to_[dst_rank]++, OpKind::kSend, static_cast<uint8_t>(user.scalar_type()), RedOp::kNone,
                   static_cast<uint64_t>(user.numel()), tag};
   at::Tensor buf = user.contiguous();
+  if (coalescing_) return add_to_batch({true, dst_rank, sig, user, buf, nullptr, nullptr});
   return enqueue(c10d::OpType::SEND, sig.seq, {user}, [=, this](Deadline dl) {
     comm::send(*transport_, sig, buf.data_ptr(), buf.nbytes(), dst_rank, dl);
   });
@@ -926,6 +988,11 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::receive(std::vector<at::Tensor>
   auto match = std::make_shared<RecvMatch>();
   if (src >= 0) match->source = src;
   at::Tensor buf = user.contiguous();
+  if (coalescing_) {
+    TORCH_CHECK_VALUE(src >= 0, "disttrain: a receive from any source cannot be part of a coalescing block ",
+                      "(batch_isend_irecv): name the sender");
+    return add_to_batch({false, src, sig, user, buf, nullptr, match});
+  }
   const c10d::OpType type = src >= 0 ? c10d::OpType::RECV : c10d::OpType::RECVANYSOURCE;
   return enqueue(type, 0, {user}, [=, this](Deadline dl) mutable {
     const int from = src >= 0 ? src : transport_->first_sender(sig, dl);
@@ -936,6 +1003,62 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::receive(std::vector<at::Tensor>
     comm::recv(*transport_, sig, buf.data_ptr(), buf.nbytes(), from, dl);
     copy_back(user, buf);
   }, match);
+}
+
+void DisttrainBackend::startCoalescing() {
+  TORCH_CHECK(!coalescing_, "disttrain: a coalescing block (batch_isend_irecv) began inside another one");
+  coalescing_ = true;
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::add_to_batch(BatchedMessage m) {
+  m.work = c10::make_intrusive<DisttrainWork>(getRank(), m.send ? c10d::OpType::SEND : c10d::OpType::RECV,
+                                              m.sig.seq, std::vector<at::Tensor>{m.user}, Task(),
+                                              /*eager_future=*/true, m.match);
+  m.work->set_batched(true);
+  batch_.push_back(m);
+  return m.work;
+}
+
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::endCoalescing() {
+  TORCH_CHECK(coalescing_, "disttrain: endCoalescing without startCoalescing");
+  coalescing_ = false;
+  auto batch = std::make_shared<std::vector<BatchedMessage>>(std::move(batch_));
+  batch_.clear();
+  std::vector<at::Tensor> received;
+  for (auto& m : *batch)
+    if (!m.send) received.push_back(m.user);
+  std::vector<c10::intrusive_ptr<DisttrainWork>> members;
+  for (auto& m : *batch) {
+    m.work->set_batched(false);
+    members.push_back(m.work);
+  }
+  auto task = [=, this](Deadline dl) {
+    if (batch->empty()) return;
+    std::vector<SendSpec> sends;
+    std::vector<RecvSpec> recvs;
+    for (auto& m : *batch) {
+      if (m.send) {
+        sends.push_back({m.peer, m.buf.data_ptr(), m.buf.nbytes(), m.sig.count, nullptr, &m.sig});
+      } else {
+        // Numbered here, in issue order, as a lone receive is when it runs.
+        m.sig.seq = received_from_[m.peer]++;
+        m.match->seq = m.sig.seq;
+        m.match->numbered = true;
+        RecvSpec r{m.peer, m.buf.data_ptr(), m.buf.nbytes(), m.sig.count};
+        r.sig = &m.sig;
+        recvs.push_back(r);
+      }
+    }
+    transport_->exchange(FrameKind::kPointToPoint, batch->front().sig, 0, sends, recvs, dl);
+    for (auto& m : *batch)
+      if (!m.send) copy_back(m.user, m.buf);
+  };
+  try {
+    return enqueue(c10d::OpType::COALESCED, next_seq_, received, task, nullptr, members);
+  } catch (...) {
+    for (auto& m : members) m->complete(std::current_exception());  // never queued: fail them as well
+    throw;
+  }
 }
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::barrier(const c10d::BarrierOptions&) {

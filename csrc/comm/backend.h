@@ -62,8 +62,15 @@ class DisttrainWork : public c10d::Work {
   // Waits, then releases the task's buffers at once, on the caller's thread.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   void run(Deadline deadline) { task_(deadline); }  // progress thread
-  // Completes the future, then the Work; only the first call has an effect.
+  // Completes the future, then the Work, then its followers; only the first
+  // call has an effect.
   void complete(std::exception_ptr error);
+  // A send or receive issued inside a coalescing block (batch_isend_irecv)
+  // completes with the block's Work, however that ends (run, failed, or
+  // failed by a teardown while queued). Before the block ends, wait() on it
+  // raises instead of waiting for an op that cannot start yet.
+  void follow(c10::intrusive_ptr<DisttrainWork> member) { followers_.push_back(std::move(member)); }
+  void set_batched(bool pending) { awaiting_batch_.store(pending); }
   // "allreduce (sequence number 7)", for error messages.
   std::string describe() const;
 
@@ -79,6 +86,8 @@ class DisttrainWork : public c10d::Work {
   c10::intrusive_ptr<c10::ivalue::Future> future_;
   std::mutex task_mu_;
   Task task_;
+  std::vector<c10::intrusive_ptr<DisttrainWork>> followers_;  // set before the Work is queued
+  std::atomic<bool> awaiting_batch_{false};
 };
 
 // What the progress thread shares with the backend. It lives as long as
@@ -125,6 +134,9 @@ class DisttrainBackend : public c10d::Backend {
                                            const c10d::BroadcastOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
                                            const c10d::AllreduceOptions& opts) override;
+  // Sparse COO tensors (SUM), as gloo: dist.all_reduce of a sparse tensor.
+  c10::intrusive_ptr<c10d::Work> allreduce_sparse(std::vector<at::Tensor>& tensors,
+                                                  const c10d::AllreduceOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
                                                      const c10d::AllreduceCoalescedOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors, const c10d::ReduceOptions& opts) override;
@@ -165,6 +177,15 @@ class DisttrainBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
 
+  // Coalescing (dist.batch_isend_irecv, _coalescing_manager): the sends and
+  // receives issued between start and end are queued as one op that runs
+  // them side by side, so a batch whose receives come before its sends (on
+  // every rank) cannot deadlock the way ops run one at a time in issue order
+  // would. Other ops issued meanwhile are queued as usual, ahead of the batch.
+  bool supportsCoalescing() const override { return true; }
+  void startCoalescing() override;
+  c10::intrusive_ptr<c10d::Work> endCoalescing() override;
+
   void setSequenceNumberForGroup() override {}
   uint64_t getSequenceNumberForGroup() override { return next_seq_; }
 
@@ -183,11 +204,25 @@ class DisttrainBackend : public c10d::Backend {
   // The constructor proper, on the store already scoped to this attempt.
   DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                    std::chrono::milliseconds timeout, CommOptions options, int);
-  // Queues fn for the progress thread; the returned Work completes when it has run.
+  // Queues fn for the progress thread; the returned Work completes when it
+  // has run, and `followers` with it.
   c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, uint64_t seq, std::vector<at::Tensor> outputs,
-                                         Task fn, std::shared_ptr<RecvMatch> match = nullptr);
+                                         Task fn, std::shared_ptr<RecvMatch> match = nullptr,
+                                         std::vector<c10::intrusive_ptr<DisttrainWork>> followers = {});
   // A receive from `src`, or from any source with src < 0.
   c10::intrusive_ptr<c10d::Work> receive(std::vector<at::Tensor>& tensors, int src, int tag);
+  // One message of a coalescing block: its Work follows the block's.
+  struct BatchedMessage {
+    bool send;
+    int peer;
+    OpSignature sig;  // a receive's sequence number is set when the block runs
+    at::Tensor user, buf;
+    c10::intrusive_ptr<DisttrainWork> work;
+    std::shared_ptr<RecvMatch> match;  // receives only
+  };
+  c10::intrusive_ptr<c10d::Work> add_to_batch(BatchedMessage message);
+  // Sparse COO all-reduce (SUM): every rank's indices and values gathered, summed by coalescing.
+  c10::intrusive_ptr<c10d::Work> sparse_allreduce(const at::Tensor& user, RedOp op);
   // With `on_caller`, runs body right here on the caller's thread and returns the
   // Work completed, when nothing is queued or running (so issue order holds);
   // otherwise queues it like enqueue(). For an op the caller waits for at once,
@@ -237,6 +272,8 @@ class DisttrainBackend : public c10d::Backend {
   // learns its sender only then).
   std::vector<uint64_t> sent_to_, received_from_;
   std::atomic<uint64_t> caller_thread_ops_{0};
+  bool coalescing_ = false;
+  std::vector<BatchedMessage> batch_;
 
   std::shared_ptr<ProgressState> state_ = std::make_shared<ProgressState>();
   std::mutex teardown_mu_;

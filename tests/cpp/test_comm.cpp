@@ -180,6 +180,46 @@ TEST(Collectives, SimultaneousLargeSendsDoNotDeadlock) {
   }
 }
 
+TEST(Collectives, OneExchangeRunsSeveralMessagesPerPeerInOrder) {
+  // A batch of point-to-point messages (batch_isend_irecv): each rank receives
+  // two messages from every peer and sends two to each, each with its own
+  // signature (sequence number, tag, size), all in one exchange. A peer's
+  // messages must arrive whole and in order: their frames never interleave.
+  const size_t big = 3 << 20, small = 100;
+  for (int world : {2, 3}) {
+    auto errors = run_ranks(world, [&](TcpTransport& t) {
+      std::vector<OpSignature> sigs;
+      std::vector<std::vector<uint8_t>> out, in;
+      std::vector<SendSpec> sends;
+      std::vector<RecvSpec> recvs;
+      sigs.reserve(4 * world);  // specs point into it
+      for (int p = 0; p < world; ++p) {
+        if (p == t.rank()) continue;
+        for (int i = 0; i < 2; ++i) {
+          const size_t bytes = i == 0 ? big : small;
+          sigs.push_back(OpSignature{static_cast<uint64_t>(i), OpKind::kSend, static_cast<uint8_t>(c10::kByte),
+                                     RedOp::kNone, bytes, i});
+          in.emplace_back(bytes);
+          RecvSpec r{p, in.back().data(), bytes, bytes};
+          r.sig = &sigs.back();
+          recvs.push_back(r);
+          out.emplace_back(bytes, static_cast<uint8_t>(10 * t.rank() + i));
+          sends.push_back({p, out.back().data(), bytes, bytes, nullptr, &sigs.back()});
+        }
+      }
+      // in/out stop growing here, so the pointers above stay valid
+      t.exchange(FrameKind::kPointToPoint, sigs.front(), 0, sends, recvs, soon());
+      for (const auto& r : recvs) {
+        const auto* data = static_cast<const uint8_t*>(r.dst);
+        const uint8_t want = static_cast<uint8_t>(10 * r.peer + r.sig->aux);
+        for (size_t k = 0; k < r.bytes; ++k)
+          if (data[k] != want) throw std::runtime_error("wrong payload from rank " + std::to_string(r.peer));
+      }
+    });
+    expect_no_errors(errors);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The handshake during set-up: rank 0 is real, this test plays everyone else.
 

@@ -62,6 +62,9 @@ RUN_ON_DISTTRAIN_TOO = [
     "test_scatter_object_list",
     "test_barrier_timeout_group",
     "test_barrier_timeout_full_group",
+    "test_batch_isend_irecv_gloo",
+    "test_batch_isend_irecv_gloo_tags",
+    "test_sparse_all_reduce_sum",
 ]
 
 

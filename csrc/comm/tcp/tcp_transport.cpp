@@ -654,13 +654,21 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
   std::vector<int> fd_peer;
   std::vector<char> recv_from(world_size_, 0), send_to(world_size_, 0);
   while (true) {
-    // Progress everything that can move without waiting.
+    // Progress everything that can move without waiting: per peer and
+    // direction, the first message not done (its frames must not interleave
+    // with the next one's); when it completes, the next one starts at once.
     bool pending = false;
+    std::fill(recv_from.begin(), recv_from.end(), 0);
+    std::fill(send_to.begin(), send_to.end(), 0);
     for (auto& r : rs) {
-      if (!r.done) do_recv(r, kind, sig, step);
+      if (r.done || recv_from[r.spec.peer]) continue;
+      do_recv(r, kind, r.spec.sig ? *r.spec.sig : sig, step);
+      if (!r.done) recv_from[r.spec.peer] = 1;
     }
     for (auto& s : ss) {
-      if (!s.done) do_send(s, kind, sig, step);
+      if (s.done || send_to[s.spec.peer]) continue;
+      do_send(s, kind, s.spec.sig ? *s.spec.sig : sig, step);
+      if (!s.done) send_to[s.spec.peer] = 1;
     }
     std::fill(recv_from.begin(), recv_from.end(), 0);
     std::fill(send_to.begin(), send_to.end(), 0);

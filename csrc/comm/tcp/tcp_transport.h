@@ -29,6 +29,9 @@ struct SendSpec {
   size_t bytes;
   uint64_t count;                     // signature count announced to the peer
   const size_t* available = nullptr;  // when set, only the first *available bytes may go yet
+  // When set, this message's own signature (a batch of point-to-point
+  // messages, each with its pair's sequence number and tag); else the exchange's.
+  const OpSignature* sig = nullptr;
 };
 
 struct RecvSpec {
@@ -40,6 +43,7 @@ struct RecvSpec {
   const void* base = nullptr;
   size_t elem_size = 1;
   size_t* progress = nullptr;  // updated with the bytes of dst that are final
+  const OpSignature* sig = nullptr;  // as SendSpec::sig
 };
 
 // How long a connection during set-up may take to present its hello, in all
@@ -78,7 +82,9 @@ class TcpTransport {
 
   // Runs one step's sends and receives concurrently until all are complete.
   // Every send emits at least one frame, so even empty messages are checked
-  // against the receiver's signature. On a mismatch, a lost peer or the
+  // against the receiver's signature. Several sends to one peer (or receives
+  // from one) run one after the other, in list order; sends and receives and
+  // different peers run side by side. On a mismatch, a lost peer or the
   // deadline, the whole group is aborted (see abort) and this throws.
   void exchange(FrameKind kind, const OpSignature& sig, uint32_t step,
                 std::vector<SendSpec>& sends, std::vector<RecvSpec>& recvs, Deadline deadline);
