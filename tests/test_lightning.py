@@ -13,8 +13,9 @@
 - In-process: the checkpoint IO round trip, registration, option errors.
 
 The Trainer runs from scratch share one launch (the worker's ``--then``: the
-processes import Lightning once, not once per run), and the runs resumed from
-their checkpoints another, of fresh processes.
+processes import Lightning once, not once per run), run at the same time as the
+gloo reference's launch; the runs resumed from their checkpoints share another,
+of fresh processes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -85,9 +87,7 @@ def _relative_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def gloo_reference(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gloo")
+def _gloo_reference(tmp) -> dict:
     _train(tmp, "gloo", "ddp_gloo", *COMMON)
     return torch.load(tmp / "gloo.pt")
 
@@ -98,20 +98,39 @@ RESUMED_WITH = {"disttrain_zero2": "disttrain_ddp", "disttrain_zero3_sharded": "
                 "disttrain_zero3_lowmem": "disttrain_zero3_lowmem"}
 
 
-@pytest.fixture(scope="module")
-def from_scratch(tmp_path_factory):
+def _from_scratch(tmp):
     """The runs from scratch, in one launch: ZeRO-1, and manual optimization under
     disttrain_ddp, for COMMON's 4 epochs; each strategy of RESUMED_WITH for the first 2,
     checkpointed into <strategy>_ckpt. Each checkpoint folder is also copied, as its run
     left it, to <strategy>_ckpt_first (the resumed run adds its own checkpoints to the
     folder)."""
-    tmp = tmp_path_factory.mktemp("scratch")
     runs = [("zero1", "disttrain_zero1", COMMON), ("manual", "disttrain_ddp", ["--manual", *COMMON])]
     runs += [(f"{s}_first", s, [*FIRST_HALF, "--ckpt-dir", str(tmp / f"{s}_ckpt")]) for s in RESUMED_WITH]
     _train_runs(tmp, runs)
     for s in RESUMED_WITH:
         shutil.copytree(tmp / f"{s}_ckpt", tmp / f"{s}_ckpt_first")
     return tmp
+
+
+@pytest.fixture(scope="module")
+def _first_launches(tmp_path_factory):
+    """Lightning's DDP over gloo (the reference) and the runs from scratch: two independent
+    launches, run at once (the two processes of a launch import Lightning one after the
+    other, the second started by the first: alone, a launch leaves a core idle for that long)."""
+    with ThreadPoolExecutor(2) as pool:
+        reference = pool.submit(_gloo_reference, tmp_path_factory.mktemp("gloo"))
+        scratch = pool.submit(_from_scratch, tmp_path_factory.mktemp("scratch"))
+        return reference.result(), scratch.result()
+
+
+@pytest.fixture(scope="module")
+def gloo_reference(_first_launches):
+    return _first_launches[0]
+
+
+@pytest.fixture(scope="module")
+def from_scratch(_first_launches):
+    return _first_launches[1]
 
 
 @pytest.fixture(scope="module")
