@@ -5,7 +5,7 @@ PyTorch's own test (every rank posts its receive before its send) completes
 instead of deadlocking, large messages included (more than a socket buffer
 holds), several messages per pair keep their order, and each op's Work
 completes with the batch's. A sparse COO all-reduce sums every rank's
-nonzeros, as gloo's does. Both fail before the change: the batch at the group
+nonzeros, as gloo's does, over shared memory, TCP and both (two "hosts"). Both fail before the change: the batch at the group
 timeout, the sparse all-reduce with "needs a dense tensor"."""
 
 import pytest
@@ -39,7 +39,8 @@ def _ring_batch(rank, world, numel, per_pair):
 
 
 @pytest.mark.parametrize("world,transport,numel,per_pair",
-                         [(2, "shm", 8, 1), (3, "tcp", 8, 2), (2, "tcp", 4_000_000, 2), (3, "shm", 1_000_000, 1)])
+                         [(2, "shm", 8, 1), (3, "tcp", 8, 2), (2, "tcp", 4_000_000, 2), (3, "shm", 1_000_000, 1),
+                          (4, "mixed", 1000, 2)])
 def test_batch_receives_posted_before_sends_complete(world, transport, numel, per_pair):
     results = run_ranks(_ring_batch, world, (numel, per_pair), pg_timeout=30, **transport_env(transport))
     for rank, (out, x) in enumerate(results):
@@ -126,7 +127,7 @@ def _sparse(rank, world, dense_dims):
     return torch.equal(t.to_dense(), expected), t.is_coalesced(), empty._nnz(), errors, x.tolist()
 
 
-@pytest.mark.parametrize("world,transport,dense_dims", [(2, "shm", 0), (3, "tcp", 1), (3, "shm", 0)])
+@pytest.mark.parametrize("world,transport,dense_dims", [(2, "shm", 0), (3, "tcp", 1), (3, "shm", 0), (4, "mixed", 1)])
 def test_sparse_all_reduce_sums_every_ranks_nonzeros(world, transport, dense_dims):
     for same, coalesced, empty_nnz, errors, x in run_ranks(_sparse, world, (dense_dims,), **transport_env(transport)):
         assert same and coalesced
