@@ -8,11 +8,21 @@ not at the group timeout). Each case runs several times: the aborts this guards
 against (a thread of a backend ended by Python mid-destructor while the
 interpreter exits) are races. scripts/soak_exit.sh runs the same cases many
 times.
+
+The runs are made ahead of the tests (the module's `outcomes`), each case's in
+sequence, and each test judges its own case's runs. The cases without a pending
+op (no timing bound) run in two lanes at once: the one-host cases in one, the
+two-host cases in the other (their own network namespaces: no address or port
+shared); alone, a job leaves a core idle for a good part of its time (while its
+launcher imports torch). The pending cases, whose rank 0 must exit within a
+bound, then run one at a time, alone.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import threading
 
 import pytest
 
@@ -54,13 +64,55 @@ def hosts():
         remove_hosts()
 
 
+LIMIT = 60.0  # the group timeout is 60 s: an exit that waits for it is a hang here
+SHARED_MEMORY = "/dev/shm/disttrain-*"
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, hosts):
+    """The runs of every case selected in this module, made before its first test: the
+    cases without a pending op in two lanes (threads) at once, one-host and two-host; then
+    the pending cases one after the other, nothing else running.
+    -> ({case label: [Outcome per run] or the exception its runs raised}, shared-memory
+    segments the runs left behind: they are made before any test's own leftover check
+    (conftest) looks, so that check is made here, over all the runs)."""
+    selected = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is request.module and "case" in params:
+            if params["case"].topology == "one-host" or hosts is None:  # else the test fails, saying why
+                selected.append((params["case"], params["runs"]))
+    results: dict[str, list | BaseException] = {}
+
+    def lane(cases):
+        for case, runs in cases:
+            try:
+                results[case.label()] = [run_case(case, limit=LIMIT) for _ in range(runs * REPEATS)]
+            except BaseException as e:  # noqa: BLE001 - the case's test raises it
+                results[case.label()] = e
+
+    before = set(glob.glob(SHARED_MEMORY))
+    lanes = [[(c, r) for c, r in selected if not c.pending and c.topology == topology]
+             for topology in ("one-host", "two-hosts")]
+    threads = [threading.Thread(target=lane, args=(cases,), daemon=True) for cases in lanes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lane([(c, r) for c, r in selected if c.pending])
+    return results, sorted(set(glob.glob(SHARED_MEMORY)) - before)
+
+
 @pytest.mark.parametrize("case,runs", _cases())
-def test_exit(hosts, case, runs):
+def test_exit(hosts, outcomes, case, runs):
     if case.topology == "two-hosts" and hosts is not None:
         pytest.fail(f"two-host exit tests {hosts}")
-    limit = 60.0  # the group timeout is 60 s: an exit that waits for it is a hang here
-    for i in range(runs * REPEATS):
-        o = run_case(case, limit=limit)
+    results, leftover = outcomes
+    runs_made = results[case.label()]
+    if isinstance(runs_made, BaseException):
+        raise runs_made
+    assert len(runs_made) == runs * REPEATS
+    for i, o in enumerate(runs_made):
         tail = o.log[-3000:]
         assert not o.aborted, f"run {i + 1}: a rank aborted: {o.describe()}\n{tail}"
         assert not o.hung, f"run {i + 1}: hung at exit: {o.describe()}\n{tail}"
@@ -77,3 +129,4 @@ def test_exit(hosts, case, runs):
         if case.pending:
             # The other ranks keep the group 3 s longer: rank 0 must not wait for them.
             assert o.exit_after_teardown.get(0, 99) < 2.5, f"run {i + 1}: the pending op held the exit: {o.describe()}"
+    assert not leftover, f"the exit matrix's runs left shared-memory segments behind: {leftover}"
