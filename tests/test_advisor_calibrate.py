@@ -25,21 +25,13 @@ measurement that waited more than the run, one below 1 with one that waited less
 holds where the wait changes under one of them. Both sides use one
 thread (OMP_NUM_THREADS=1 in the run and in --predict, torch.set_num_threads(1) for --calibrate
 here): with torch's two threads on the 2 busy cores, consecutive epochs of this CNN took 2.5 to
-4.3 s (25-35x a one-thread epoch), which makes the test minutes long and no 20% bound meaningful.
-
-Each `--predict` process is started ahead, beside the trainer's start (``_Ahead``): most of such a
-process's 8-10 s is imports (torch; torch._dynamo, which the first optimizer imports, about half;
-scikit-learn for the digits), which it does then, before the run's first counted epoch, and it
-waits (blocked on a pipe, no CPU) until the run is paused for it; then it runs as it would have,
-reading the CSV and the calibration, measuring and printing. The imports come before the timed
-epochs in a process started on the spot too, so what is measured and compared is the same."""
+4.3 s (25-35x a one-thread epoch), which makes the test minutes long and no 20% bound meaningful."""
 
 import contextlib
 import csv
 import io
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -71,29 +63,6 @@ def _slow_step(self, *args, **kwargs):
 torch.optim.SGD.step = _slow_step
 """
 
-
-# Imported by a `disttrain advise --predict` process started ahead (_Ahead) while it waits for its
-# turn: what the command imports before its timed epochs (torch._dynamo: the first optimizer's).
-PRELOAD = """
-import os
-
-_ready, _go = os.environ.pop("DISTTRAIN_TEST_READY_FD", None), os.environ.pop("DISTTRAIN_TEST_GO_FD", None)
-if _ready and _go:
-    try:
-        import pandas, sklearn.datasets, torch, torch._dynamo, torch.optim  # noqa: E401,F401
-        import disttrain.cli, disttrain.advisor.cli, disttrain.advisor.calibrate  # noqa: E401,F401
-        import disttrain.data, disttrain.train_cli, disttrain.trainer  # noqa: E401,F401
-        os.write(int(_ready), b"r")
-        os.close(int(_ready))
-        _released = os.read(int(_go), 1) == b"g"  # b"": the test closed the pipe without releasing it
-        os.close(int(_go))
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        _released = False
-    if not _released:
-        os._exit(3)  # never the command itself
-"""
 
 THREADS = 1
 RUN_EPOCHS = 4   # clean epochs of the run between two predictions
@@ -127,66 +96,13 @@ def _env(slow_dir=None):
     return env
 
 
-class _Ahead:
-    """`disttrain advise --predict METRICS --json`, a process of its own, started ahead of its turn:
-    its sitecustomize (PRELOAD, and SLOWDOWN for a slowed run) imports what the command needs,
-    says so on one pipe and waits on another; run() releases it and returns its CompletedProcess."""
-
-    def __init__(self, metrics, folder, slow_dir=None):
-        site = folder / "predict-site"
-        site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text((SLOWDOWN if slow_dir else "") + PRELOAD)
-        ready_r, ready_w = os.pipe()
-        go_r, go_w = os.pipe()
-        env = dict(_env(site), DISTTRAIN_TEST_READY_FD=str(ready_w), DISTTRAIN_TEST_GO_FD=str(go_r))
-        self.args = [sys.executable, "-m", "disttrain", "advise", "--predict", str(metrics), "--json"]
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     pass_fds=(ready_w, go_r))
-        os.close(ready_w)
-        os.close(go_r)
-        self._ready, self._go = ready_r, go_w
-
-    def wait_ready(self, deadline):
-        """Returns once the process has imported what it needs (fails if it died or the deadline passed)."""
-        readable, _, _ = select.select([self._ready], [], [], max(deadline - time.monotonic(), 0))
-        said = os.read(self._ready, 1) if readable else b""
-        if said != b"r":
-            raise AssertionError(f"--predict did not get ready: {self.close()[-3000:]}")
-
-    def run(self, timeout=300) -> subprocess.CompletedProcess:
-        os.write(self._go, b"g")
-        self._close_pipes()
-        out, err = self.proc.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
-
-    def _close_pipes(self):
-        for fd in (self._ready, self._go):
-            if fd >= 0:
-                os.close(fd)
-        self._ready = self._go = -1
-
-    def close(self) -> str:
-        """Ends the process if it was never released (a failing test): its read of the closed pipe
-        ends it. Returns what it wrote on stderr then."""
-        if self.proc.returncode is not None:
-            return ""
-        self._close_pipes()
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
-
-
 def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
     """A real CPU run of the trainer (small CNN on the digits, batch 128), paused for each of
-    ``count`` calls of ``predict(metrics, ahead)`` (``ahead``: that call's `--predict` process,
-    started with the run; each returns the predicted epoch and the measurement's CPU wait share);
-    returns (prediction, measured, the run's wait share in the stretch before, after) tuples,
-    measured the median of the run's epochs just before and just after the prediction (its first
-    epoch, which warms up, any epoch that ran beside the `--predict` processes' imports, and any
-    epoch that spans a pause left out)."""
+    ``count`` calls of ``predict(metrics)`` (each returns the predicted epoch and the
+    measurement's CPU wait share); returns (prediction, measured, the run's wait share in the
+    stretch before, after) tuples, measured the
+    median of the run's epochs just before and just after the prediction (its first epoch, which
+    warms up, and any epoch that spans a pause left out)."""
     env = _env(slow_dir)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = folder / "cpu_digits" / "metrics.csv"
@@ -194,18 +110,11 @@ def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
     proc = subprocess.Popen([sys.executable, "-m", "disttrain", "train", "-e", "100000", "-b", "128", "-s", str(folder),
                              "--save-name", "cpu_digits", "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=folder.parent)
-    ahead: list = []
-    stretches, predictions = [], []
+    stretches, predictions, clean_from = [], [], 1
     waits: list = []    # (when, the run's scheduler times) at each pause
     resumed: list = []  # the same at each resume
     try:
         deadline = time.monotonic() + 600
-        # The --predict processes import beside the trainer's start; the run's epochs until they are
-        # all ready are not counted (the one under way then neither).
-        ahead = [_Ahead(metrics, folder, slow_dir) for _ in range(count)]
-        for process in ahead:
-            process.wait_ready(deadline)
-        clean_from = len(_rows(metrics)) + 1
         for i in range(count + 1):
             while len(_rows(metrics)) < clean_from + RUN_EPOCHS:
                 log.seek(0)
@@ -217,12 +126,10 @@ def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
             waits.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
             clean_from = len(rows) + 1
             if i < count:
-                predictions.append(predict(metrics, ahead[i]))
+                predictions.append(predict(metrics, slow_dir))
             proc.send_signal(signal.SIGCONT)
             resumed.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
     finally:
-        for process in ahead:
-            process.close()
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)  # the trainer's preemption: a snapshot, then exit
         try:
@@ -278,14 +185,15 @@ def _advise(*args):
     return json.loads(out.getvalue())
 
 
-def _predicted(metrics, ahead):
-    """`disttrain advise --predict` (its own process, as a user runs it; ``ahead``, released now) for
-    the run's configuration, its steps measured then (the stored timing dropped). Measured in this
-    pytest process instead, the same epochs came out 20-24% slower than in a process of their own."""
+def _predicted(metrics, slow_dir=None):
+    """`disttrain advise --predict` (its own process, as a user runs it) for the run's configuration,
+    its steps measured then (the stored timing dropped). Measured in this pytest process instead, the
+    same epochs came out 20-24% slower than in a process of their own."""
     calibration = calibrate.load("cpu")
     calibration.timings = [t for t in calibration.timings if (t["model_name"], t["batch_size"]) != ("small_cnn", 128)]
     calibrate.store(calibration)
-    out = ahead.run()
+    out = subprocess.run([sys.executable, "-m", "disttrain", "advise", "--predict", str(metrics), "--json"],
+                         capture_output=True, text=True, env=_env(slow_dir), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = json.loads(out.stdout)["configurations"]
     assert row["source"] == "calibrated" and row["gpu"] == "cpu" and row["outside_logs"] == ""
@@ -338,8 +246,8 @@ def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, tmp_path, monkey
     entry.write_text(json.dumps({**{k: v for k, v in stored.items() if k != "stored"}, "timings": []}))
     timings = []
 
-    def predicted(metrics, ahead):
-        value = _predicted(metrics, ahead)
+    def predicted(metrics, slow_dir):
+        value = _predicted(metrics, slow_dir)
         timings.extend(json.loads(entry.read_text())["timings"])  # measured now, and kept
         return value
 
