@@ -48,13 +48,24 @@ def test_recv_without_source_matches_every_sender_and_names_it(world, transport)
 
 def _mixed(rank, world):
     """Ranks 1 and 2 send 10, 11, 12 and 20, 21, 22; rank 0 posts, before
-    waiting: any, recv(src=1), recv(src=2), any, recv(src=1), any."""
+    waiting: any, recv(src=1), recv(src=2), any, recv(src=1), any.
+
+    Which sender an any-source receive takes depends on whose message has
+    arrived (as in MPI), and this order has a losing match: if the second
+    any took rank 1's last message, the recv(src=1) after it could never be
+    matched (rank 1's next message is the barrier: a clear mismatch error). So
+    rank 0 posts only once every message is in its sockets (the senders' isends
+    completed, said through the store): then the senders are taken in turn
+    (1, then 2, then 2), which every pair's order below needs."""
+    store = dist.distributed_c10d._get_default_store()
     if rank != 0:
         works = [dist.isend(torch.full((3,), 10.0 * rank + i), 0) for i in range(3)]
         for w in works:
             w.wait()
+        store.set(f"mixed_sent_{rank}", "1")
         dist.barrier()
         return None
+    store.wait([f"mixed_sent_{r}" for r in range(1, world)])
     posted = []
     for src in (None, 1, 2, None, 1, None):
         t = torch.full((3,), -1.0)
