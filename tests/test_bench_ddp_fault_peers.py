@@ -59,7 +59,9 @@ def test_fault_bench_rows_or_skipped(tmp_path):
     last = int(ours["last_step_before_kill"])
     assert last >= 6 and 0 <= int(ours["redone"]) <= last
     assert int(ours["first_step_after"]) == last + 1 - int(ours["redone"])
-    assert float(ours["resume_s"]) > 0 and float(ours["lost_s"]) > 0
+    # Both from the kill: a rank may log the step it had all but finished a moment after it
+    # (resume_s 0.6 ms in one CI run), so lost_s, which is less one step time, may dip just below 0.
+    assert float(ours["resume_s"]) >= 0 and float(ours["lost_s"]) + float(ours["step_s"]) > 0
     if _torchft_somewhere():
         theirs = rows["torchft"]
         assert int(theirs["redone"]) == 0  # the survivor keeps its state
