@@ -589,7 +589,6 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::sparse_allreduce(const at::Tens
   const uint64_t first = next_seq_;
   next_seq_ += 3;
   const auto lng = static_cast<uint8_t>(at::kLong);
-  at::Tensor out = user;
   return enqueue(c10d::OpType::_ALLREDUCE_SPARSE, first, {user}, [=, this](Deadline dl) mutable {
     const int64_t world = getSize(), sparse_dim = indices.size(0), nnz = indices.size(1);
     at::Tensor count = at::full({1}, nnz, at::kLong);
@@ -618,7 +617,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::sparse_allreduce(const at::Tens
       each_indices.push_back(all_indices[r].narrow(1, 0, n));
       each_values.push_back(all_values[r].narrow(0, 0, n));
     }
-    out.copy_(at::sparse_coo_tensor(at::cat(each_indices, 1), at::cat(each_values, 0), out.sizes()).coalesce());
+    user.copy_(at::sparse_coo_tensor(at::cat(each_indices, 1), at::cat(each_values, 0), user.sizes()).coalesce());
   });
 }
 
@@ -1025,10 +1024,9 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::endCoalescing() {
   auto batch = std::make_shared<std::vector<BatchedMessage>>(std::move(batch_));
   batch_.clear();
   std::vector<at::Tensor> received;
-  for (auto& m : *batch)
-    if (!m.send) received.push_back(m.user);
   std::vector<c10::intrusive_ptr<DisttrainWork>> members;
   for (auto& m : *batch) {
+    if (!m.send) received.push_back(m.user);
     m.work->set_batched(false);
     members.push_back(m.work);
   }
