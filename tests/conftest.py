@@ -6,10 +6,11 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 
-import glob
 import random
 
 import pytest
+
+import harness
 
 # tests/test_trainer_faults.py draws its kill points from this seed: a new one
 # each session unless set, always shown in the session header, so a failing
@@ -42,10 +43,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture(autouse=True)
 def no_leftover_shared_memory():
     """No test may leave a disttrain segment behind in /dev/shm, crash or not."""
-    before = set(glob.glob("/dev/shm/disttrain-*"))
-    yield
-    leftover = set(glob.glob("/dev/shm/disttrain-*")) - before
-    assert not leftover, f"shared-memory segments left behind: {sorted(leftover)}"
+    with harness.no_leftover_shared_memory():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,13 +16,15 @@ The function must live at module level (it is pickled by name).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import glob
 import multiprocessing as mp
 import os
 import queue
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from disttrain._processes import free_port, stop
 
@@ -33,6 +35,22 @@ from disttrain._processes import free_port, stop
 # multi-process tests' cost. Forking after importing torch is what its own
 # DataLoader workers do.
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "disttrain"]
+
+
+def shared_memory_segments() -> set[str]:
+    """The disttrain segments in /dev/shm now."""
+    return set(glob.glob("/dev/shm/disttrain-*"))
+
+
+@contextlib.contextmanager
+def no_leftover_shared_memory() -> Iterator[None]:
+    """Fails if what runs inside leaves a disttrain segment behind in /dev/shm, crash or not
+    (conftest applies it to every test; a module fixture whose launches run before any test's
+    own check applies it itself)."""
+    before = shared_memory_segments()
+    yield
+    leftover = shared_memory_segments() - before
+    assert not leftover, f"shared-memory segments left behind: {sorted(leftover)}"
 
 
 def _context() -> Any:

@@ -20,7 +20,6 @@ bound, then run one at a time, alone.
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 
@@ -28,6 +27,7 @@ import pytest
 
 import disttrain.distributed
 from exit_matrix import Case, can_make_hosts, make_hosts, remove_hosts, run_case
+from harness import shared_memory_segments
 
 # Runs per case are multiplied by this (DISTTRAIN_EXIT_REPEATS=10 for a long local check).
 REPEATS = int(os.environ.get("DISTTRAIN_EXIT_REPEATS", "1"))
@@ -65,7 +65,6 @@ def hosts():
 
 
 LIMIT = 60.0  # the group timeout is 60 s: an exit that waits for it is a hang here
-SHARED_MEMORY = "/dev/shm/disttrain-*"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def outcomes(request, hosts):
             except BaseException as e:  # noqa: BLE001 - the case's test raises it
                 results[case.label()] = e
 
-    before = set(glob.glob(SHARED_MEMORY))
+    before = shared_memory_segments()
     lanes = [[(c, r) for c, r in selected if not c.pending and c.topology == topology]
              for topology in ("one-host", "two-hosts")]
     threads = [threading.Thread(target=lane, args=(cases,), daemon=True) for cases in lanes]
@@ -100,7 +99,7 @@ def outcomes(request, hosts):
     for t in threads:
         t.join()
     lane([(c, r) for c, r in selected if c.pending])
-    return results, sorted(set(glob.glob(SHARED_MEMORY)) - before)
+    return results, sorted(shared_memory_segments() - before)
 
 
 @pytest.mark.parametrize("case,runs", _cases())

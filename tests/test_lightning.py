@@ -20,8 +20,6 @@ of fresh processes.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
 import re
@@ -37,7 +35,7 @@ import torch
 pytest.importorskip("lightning", reason="disttrain[lightning] is part of the dev install (scripts/setup.sh)")
 
 import disttrain.lightning as dl  # noqa: E402
-from harness import run_ranks  # noqa: E402
+from harness import no_leftover_shared_memory, run_ranks  # noqa: E402
 from lightning_worker import RUN_MARKER  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,16 +82,6 @@ def _train_runs(tmp, runs: list[tuple[str, str, list[str]]]) -> list[str]:
     return [parts[0][i + 1] + parts[1][i + 1] for i in range(len(runs))]
 
 
-@contextlib.contextmanager
-def _no_leftover_shared_memory():
-    """conftest's check, for a module fixture's launches: they run before the first test
-    that needs them takes its own list of segments."""
-    before = set(glob.glob("/dev/shm/disttrain-*"))
-    yield
-    leftover = set(glob.glob("/dev/shm/disttrain-*")) - before
-    assert not leftover, f"shared-memory segments left behind: {sorted(leftover)}"
-
-
 def _relative_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
@@ -129,7 +117,7 @@ def _first_launches(tmp_path_factory):
     """Lightning's DDP over gloo (the reference) and the runs from scratch: two independent
     launches, run at once (the two processes of a launch import Lightning one after the
     other, the second started by the first: alone, a launch leaves a core idle for that long)."""
-    with _no_leftover_shared_memory(), ThreadPoolExecutor(2) as pool:
+    with no_leftover_shared_memory(), ThreadPoolExecutor(2) as pool:
         reference = pool.submit(_gloo_reference, tmp_path_factory.mktemp("gloo"))
         scratch = pool.submit(_from_scratch, tmp_path_factory.mktemp("scratch"))
         return reference.result(), scratch.result()
@@ -153,7 +141,7 @@ def resumed(from_scratch):
     tmp = from_scratch
     runs = [(f"{s}_resumed", r, [*COMMON, "--ckpt-dir", str(tmp / f"{s}_ckpt"), "--resume"])
             for s, r in RESUMED_WITH.items()]
-    with _no_leftover_shared_memory():
+    with no_leftover_shared_memory():
         return tmp, dict(zip(RESUMED_WITH, _train_runs(tmp, runs)))
 
 
