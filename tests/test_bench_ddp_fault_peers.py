@@ -20,7 +20,8 @@ def _rows(path):
 def test_ddp_torch_best_peers_rows(tmp_path):
     out = tmp_path / "ddp.csv"
     assert ddp.main(["ddp", "--ranks", "2", "--models", "mlp", "--mlp-hidden", "32", "--mlp-batch", "4",
-                     "--configs", "torch/gloo,disttrain/disttrain,disttrain-bf16/disttrain,no-comm",
+                     "--configs", "torch/gloo,disttrain/disttrain,disttrain-bf16/disttrain,no-comm,"
+                     "no-comm+copy,disttrain-caller@1/disttrain",
                      "--peers", "torch-best,torch-best-bf16", "--best-bucket-mb", "1,25",
                      "--rounds", "1", "--steps", "1", "--warmup", "1", "--out", str(out)]) == 0
     rows = {r["config"]: r for r in _rows(out)}
@@ -32,6 +33,8 @@ def test_ddp_torch_best_peers_rows(tmp_path):
         assert float(row["steps_per_s"]) > 0, config
         assert row["best_torch_config"].startswith("torch"), config
     assert float(rows["disttrain/disttrain"]["vs_best_torch"]) > 0
+    for config in ("no-comm+copy", "disttrain-caller@1/disttrain"):  # the copy bound, a bucket size
+        assert float(rows[config]["x_floor"]) > 0, config
 
 
 def _torchft_somewhere() -> bool:

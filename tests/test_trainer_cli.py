@@ -155,6 +155,9 @@ def _bench_error(capsys, argv):
     (["allreduce", "--baseline", "mpich"], "--baseline 'mpich'"),
     (["ddp", "--ranks", "2,x"], "--ranks '2,x'"),
     (["ddp", "--models", "resnet19"], "unknown 'resnet19'; choose from resnet18, resnet18-tv, mlp"),
+    (["ddp", "--configs", "torch@4/gloo"], "unknown 'torch@4/gloo'"),  # a bucket size is disttrain DDP's only
+    (["ddp", "--configs", "disttrain@x/disttrain"], "unknown 'disttrain@x/disttrain'"),
+    (["fsdp", "--configs", "disttrain@4/disttrain"], "unknown 'disttrain@4/disttrain'"),
     (["fsdp", "--configs", "zero4/disttrain"], "unknown 'zero4/disttrain'"),
     (["fsdp", "--steps", "0"], "--steps 0"),
     (["mpi", "--eval-ranks", "-1"], "--eval-ranks -1"),
@@ -169,6 +172,10 @@ def _bench_error(capsys, argv):
 def test_bench_bad_option_values(capsys, argv, expected):
     line = _bench_error(capsys, argv)
     assert line.startswith(f"disttrain bench {argv[0]}: error: ") and expected in line, line
+
+
+def test_bench_ddp_bucket_size_configurations_pass():
+    assert cli._check_bench(["ddp", "--configs", "disttrain@4/disttrain,disttrain-caller@0.5/disttrain,no-comm+copy"]) is None
 
 
 def test_bench_defaults_pass():

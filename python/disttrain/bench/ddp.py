@@ -14,11 +14,17 @@ the same machine:
     disttrain-caller/...  disttrain DDP with reduce_on_caller=True: the thread that completes a
                           bucket (backward's) all-reduces it itself, no progress thread
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
+    disttrain...@MB/...   any disttrain DDP configuration with bucket_cap_mb=MB
+                          (disttrain-caller@4/disttrain: a bucket-size sweep)
     disttrain/disttrain-slot4m  disttrain DDP over a disttrain group with 4 MiB shared-memory
                           slots (shm_slot_bytes; the default is 1 MiB)
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
+    no-comm+copy          the floor plus one copy of every gradient, made as backward produces it:
+                          the least memory traffic any full-precision all-reduce adds to a rank
+                          (read its gradient, write the result). Where every core computes (one
+                          thread per rank, ranks = cores), no data-parallel step can go below it
     torch-best/gloo       with ``--peers torch-best``: torch DDP at its best settings on CPU
     torch-best/disttrain  (gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb from
                           --best-bucket-mb), over gloo and over the disttrain backend
@@ -55,6 +61,7 @@ machine has 2 cores). Rank 0 writes ``benchmarks/results/ddp.csv``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -64,12 +71,17 @@ import time
 from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
 CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
-           "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm", "comm-only")
+           "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm", "no-comm+copy",
+           "comm-only")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
 #: --peers torch-best: torch DDP at its best settings (wrapper names; each over gloo and disttrain).
 PEERS = {"torch-best": ("torch-best",), "torch-best-bf16": ("torch-best-bf16",)}
 COMM_ONLY = "comm-only"
+# The floor plus one copy of each gradient, made as backward produces it (while it is hottest in
+# cache): the least memory traffic a full-precision all-reduce adds to a rank (read its gradient,
+# write the result), with nothing else of one. On cores that all compute, no DDP step goes below it.
+FLOOR_COPY = "no-comm+copy"
 
 MODELS = ("resnet18", "resnet18-tv", "mlp")  # --models
 
@@ -153,9 +165,9 @@ class _Runner:
         import disttrain
 
         self.config = config
-        self.floor = config == FLOOR
+        self.floor = config in (FLOOR, FLOOR_COPY)
         self.comm_only = config == COMM_ONLY
-        wrapper, backend = ("disttrain", "disttrain") if config in (FLOOR, COMM_ONLY) else config.split("/")
+        wrapper, backend = ("disttrain", "disttrain") if config in (FLOOR, FLOOR_COPY, COMM_ONLY) else config.split("/")
         self.group = groups[backend]
         torch.manual_seed(0)
         model, self.x, self.y = _model_and_batch(model_name, args, rank)
@@ -170,6 +182,9 @@ class _Runner:
             if "-bf16" in wrapper:
                 self.ddp.register_comm_hook(self.group, _bf16_compress_hook)
         else:
+            wrapper, _, cap = wrapper.partition("@")  # disttrain[-caller|-bf16][@MB]: bucket_cap_mb
+            if cap:
+                kwargs["bucket_cap_mb"] = float(cap)
             compression = "bf16" if wrapper.endswith("bf16") else None
             if wrapper.endswith("caller"):
                 kwargs["reduce_on_caller"] = True
@@ -181,6 +196,13 @@ class _Runner:
         self.cpu_times: list[float] = []  # CPU time of the whole process (all its threads) per step
         self.comm_us = self.hidden_us = 0.0
         self.last_step: list = []  # the last timed step's trace events
+        if config == FLOOR_COPY:
+            # Each gradient copied once as soon as it is accumulated (the hook runs on backward's thread).
+            def copy_hook(param, copy):
+                copy.copy_(param.grad)
+
+            for p in self.model.parameters():
+                p.register_post_accumulate_grad_hook(functools.partial(copy_hook, copy=torch.empty_like(p)))
         if self.comm_only:
             # Gradients to reduce (one local backward), grouped as the reducer's buckets.
             with self.ddp.no_sync():
