@@ -56,6 +56,7 @@ def test_defaults_environment_and_overrides_in_rising_priority():
     ("socket_buffer_bytes", "99999999999", "not a whole number"),
     ("shm_slot_bytes", "", "not a whole number"),
     ("restart_attempt", "x", "not a whole number"),
+    ("shm_wait", "spin", "not one of auto, yield, sleep"),
     ("chunk_size", "4096", "unknown backend option 'chunk_size'"),
 ])
 def test_unknown_or_malformed_options_are_rejected(name, value, message):
@@ -95,6 +96,27 @@ def _nothing(rank, world):
     return rank
 
 
+def _sums_with_every_wait(rank, world):
+    """All-reduces (below, at and above one slot, several epochs) over groups whose shared-memory
+    waits sleep at once, yield first, or choose: every way of waiting moves the same data."""
+    out = {}
+    for wait in ("sleep", "yield", "auto"):
+        group = dist.new_group(backend="disttrain", pg_options={"shm_wait": wait, "shm_slot_bytes": "8192"})
+        for count in (1, 1000, 2048, 2049, 50_000):
+            t = torch.arange(count, dtype=torch.float64) + rank
+            dist.all_reduce(t, group=group)
+            out[(wait, count)] = torch.equal(t, world * torch.arange(count, dtype=torch.float64)
+                                             + world * (world - 1) / 2)
+        dist.barrier(group=group)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_shm_wait_moves_the_same_data(world):
+    for result in run_ranks(_sums_with_every_wait, world, timeout=180):
+        assert all(result.values()), result
+
+
 @pytest.mark.parametrize("env, message", [
     ({"DISTTRAIN_CHUNK_BYTES": "lots"}, "chunk_bytes='lots' is not a whole number"),
     ({"DISTTRAIN_ALLREDUCE_ALGO": "tree", "DISTTRAIN_TRANSPORT": "tcp"}, "allreduce_algorithm='tree' is not one of"),
@@ -115,6 +137,8 @@ def test_info_prints_the_effective_options():
     # The slot default depends on the group's ranks per core: both values are shown.
     cores = len(os.sched_getaffinity(0))
     assert f"shm_slot_bytes       1048576          default (4194304 when a host runs more than {cores} ranks" \
+        in out.stdout, out.stdout
+    assert f"shm_wait             auto             default (yield, or sleep when a host runs more than {cores} ranks" \
         in out.stdout, out.stdout
     assert "NCCL path     not built: torch is a CPU build" in out.stdout or torch.cuda.is_available()
     js = subprocess.run([sys.executable, "-m", "disttrain.cli", "info", "--json"], env=env, capture_output=True,

@@ -77,6 +77,16 @@ const std::vector<Setting>& settings() {
          o.shm_slot_bytes = parse_uint("shm_slot_bytes", v, 4096, size_t(1) << 30) & ~size_t(4095);
        },
        [](const CommOptions& o) { return std::to_string(o.shm_slot_bytes); }},
+      {"shm_wait", "DISTTRAIN_SHM_WAIT",
+       [](CommOptions& o, const std::string& v) {
+         if (v == "auto") o.shm_wait = ShmWait::kAuto;
+         else if (v == "yield") o.shm_wait = ShmWait::kYield;
+         else if (v == "sleep") o.shm_wait = ShmWait::kSleep;
+         else TORCH_CHECK_VALUE(false, "disttrain: setting shm_wait='", v, "' is not one of auto, yield, sleep");
+       },
+       [](const CommOptions& o) {
+         return std::string(o.shm_wait == ShmWait::kYield ? "yield" : o.shm_wait == ShmWait::kSleep ? "sleep" : "auto");
+       }},
       {"host_id", "DISTTRAIN_HOST_ID", [](CommOptions& o, const std::string& v) { o.host_id = v; },
        [](const CommOptions& o) { return o.host_id; }},
       {"restart_attempt", "TORCHELASTIC_RESTART_COUNT",

@@ -29,6 +29,7 @@ struct CommOptions {
   AllreduceAlgorithm allreduce_algorithm = AllreduceAlgorithm::kAuto;  // TCP paths only
   TcpSettings tcp;                                                      // chunk size, socket buffers, address
   size_t shm_slot_bytes = kDefaultShmSlotBytes;
+  ShmWait shm_wait = ShmWait::kAuto;
   std::string host_id;          // appended to the host identity (splits one machine into "hosts")
   int restart_attempt = 0;      // torchrun's restart count: scopes the store keys of one attempt
 

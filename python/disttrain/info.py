@@ -26,6 +26,9 @@ def collect() -> dict:
             # cores a rank may run on get larger slots (docs/settings.md).
             o["note"] = (f"{_C.OVERSUBSCRIBED_SHM_SLOT_BYTES} when a host runs more than "
                          f"{len(os.sched_getaffinity(0))} ranks (the cores a rank may use here)")
+        if o["name"] == "shm_wait" and o["value"] == "auto":
+            o["note"] = (f"yield, or sleep when a host runs more than {len(os.sched_getaffinity(0))} ranks "
+                         "(the cores a rank may use here)")
     transport = next(o["value"] for o in options if o["name"] == "transport")
     shm_ok = os.access("/dev/shm", os.W_OK)
     same_host = "tcp (loopback)" if transport == "tcp" or not shm_ok else "shared memory (/dev/shm)"

@@ -25,9 +25,9 @@ namespace disttrain::comm {
 namespace {
 
 constexpr int kSpinIterations = 2000;          // ~10-50 us of pause, with a core per rank
-// Then the waiter yields its core (to whatever else wants it: this rank's own
-// compute while DDP reduces in the background, or a peer with more ranks than
-// cores) and checks again, for up to an adaptive budget before sleeping. One
+// Then, with a core per rank (ShmWait), the waiter yields its core (to whatever
+// else wants it: this rank's own compute while DDP reduces in the background)
+// and checks again, for up to an adaptive budget before sleeping. One
 // epoch of a large all-reduce takes ~0.1-0.3 ms; a futex sleep and wake-up
 // costs about as much again per wait (measured in the timeline: 0.1-0.2 ms per
 // wait, three waits per 1 MiB epoch, ~20 ms of a 75 MB DDP step at 2 ranks).
@@ -92,7 +92,7 @@ struct ShmGroup::Control {
 };
 
 ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std::chrono::milliseconds timeout,
-                   size_t slot_bytes, bool slot_bytes_is_default)
+                   size_t slot_bytes, bool slot_bytes_is_default, ShmWait wait)
     : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(std::max<size_t>(4096, slot_bytes & ~size_t(4095))) {
   const Deadline deadline = Clock::now() + timeout;
   segments_.assign(size_, nullptr);
@@ -151,11 +151,15 @@ ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std
   have_tag = true;
 
   // With more ranks than cores, the peer a rank waits for is often not
-  // running: spinning would hold the very core it needs, so a waiter yields
-  // it a few times instead, then sleeps (measured: half the CPU time per
-  // all-reduce of the spin-then-sleep used with a core per rank).
+  // running: spinning would hold the very core it needs (measured: half the
+  // CPU time per all-reduce without it), and so does yielding, which also
+  // keeps the core from going idle, so the scheduler never moves the waiting
+  // peer onto it. A waiter there sleeps at once (ShmWait::kAuto; measured with
+  // 4 ranks on 2 cores: DDP steps 0.07-0.13x of the no-communication step
+  // faster, a 4 KB all-reduce 0.2-0.3 ms against 4-8 ms under load; docs/ddp.md).
   cpu_set_t cpus;
   oversubscribed_ = ::sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && size_ > CPU_COUNT(&cpus);
+  yield_ = wait == ShmWait::kYield || (wait == ShmWait::kAuto && !oversubscribed_);
   if (slot_bytes_is_default) {
     // Rank 0's choice for all: ranks pinned differently could judge differently.
     const std::string key = "disttrain/shm/slot_bytes";
@@ -274,15 +278,17 @@ void ShmGroup::wait_for(int q, Flag& f, uint32_t target, const char* what) {
       if (from) trace::span("comm.wait", what, from, trace::now_ns(), q);
     }
   } traced{from, what, q};
-  const auto yield_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(yield_budget_ns_);
-  do {
-    if (reached(f.epoch.load(std::memory_order_acquire), target)) {
-      yield_budget_ns_ = std::min(kYieldMaxNs, 2 * yield_budget_ns_);
-      return;
-    }
-    ::sched_yield();
-  } while (std::chrono::steady_clock::now() < yield_until);
-  yield_budget_ns_ = std::max(kYieldMinNs, yield_budget_ns_ / 2);
+  if (yield_) {
+    const auto yield_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(yield_budget_ns_);
+    do {
+      if (reached(f.epoch.load(std::memory_order_acquire), target)) {
+        yield_budget_ns_ = std::min(kYieldMaxNs, 2 * yield_budget_ns_);
+        return;
+      }
+      ::sched_yield();
+    } while (std::chrono::steady_clock::now() < yield_until);
+    yield_budget_ns_ = std::max(kYieldMinNs, yield_budget_ns_ / 2);
+  }
   while (true) {
     uint32_t seen = f.epoch.load();
     if (reached(seen, target)) return;

@@ -31,6 +31,13 @@ constexpr size_t kDefaultShmSlotBytes = 1 << 20;
 // 1.98x the no-communication step with 1 MiB slots, 1.35x with 4 MiB; docs/ddp.md).
 constexpr size_t kOversubscribedShmSlotBytes = 4 << 20;
 
+// How a rank waits for a peer past the first spinning: kYield gives its core
+// away with sched_yield for an adaptive budget before it sleeps (the peer is
+// usually a moment away); kSleep sleeps at once (futex), leaving the core idle
+// so the scheduler can move a runnable peer onto it; kAuto is kYield with a
+// core per rank and kSleep when the host's ranks outnumber its cores.
+enum class ShmWait { kAuto, kYield, kSleep };
+
 class ShmGroup {
  public:
   // Requires every rank of `tcp`'s group to be on this host and to call it.
@@ -42,7 +49,8 @@ class ShmGroup {
   // Set-up (every store wait included) ends within `timeout`, with an error
   // naming what was missing.
   ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std::chrono::milliseconds timeout,
-           size_t slot_bytes = kDefaultShmSlotBytes, bool slot_bytes_is_default = false);
+           size_t slot_bytes = kDefaultShmSlotBytes, bool slot_bytes_is_default = false,
+           ShmWait wait = ShmWait::kAuto);
   ~ShmGroup();
   ShmGroup(const ShmGroup&) = delete;
   ShmGroup& operator=(const ShmGroup&) = delete;
@@ -77,6 +85,7 @@ class ShmGroup {
   int size_;
   size_t slot_bytes_;
   bool oversubscribed_;  // more ranks on this host than cores this process may run on
+  bool yield_ = true;    // yield before sleeping (ShmWait)
   size_t segment_bytes_;
   std::vector<uint8_t*> segments_;
   uint32_t epoch_ = 0;

@@ -18,6 +18,8 @@ the same machine:
                           (disttrain-caller@4/disttrain: a bucket-size sweep)
     disttrain/disttrain-slot4m  disttrain DDP over a disttrain group with 4 MiB shared-memory
                           slots (shm_slot_bytes; the default is 1 MiB)
+    disttrain/disttrain-sleep, disttrain/disttrain-yield  (on request only) over a disttrain group whose
+                          shared-memory waits sleep at once, or yield the core first (shm_wait)
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
@@ -70,9 +72,13 @@ import time
 
 from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
-CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
-           "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm", "no-comm+copy",
-           "comm-only")
+# Backends besides gloo and the default disttrain group: disttrain groups with pg_options.
+GROUP_OPTIONS = {"disttrain-slot4m": {"shm_slot_bytes": str(4 << 20)},
+                 "disttrain-sleep": {"shm_wait": "sleep"}, "disttrain-yield": {"shm_wait": "yield"}}
+DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
+                   "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
+                   "no-comm+copy", "comm-only")
+CONFIGS = DEFAULT_CONFIGS + ("disttrain/disttrain-sleep", "disttrain/disttrain-yield")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
 #: --peers torch-best: torch DDP at its best settings (wrapper names; each over gloo and disttrain).
@@ -92,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default="2,4", help="world sizes, comma separated (default 2,4)")
     p.add_argument("--models", default="resnet18,resnet18-tv,mlp",
                    help="resnet18 (CIFAR stem), resnet18-tv (torchvision's ImageNet stem), mlp (default all)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="configurations to run (default all)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="configurations to run (default all but disttrain-sleep and disttrain-yield)")
     p.add_argument("--resnet-batch", type=int, default=8, help="per-rank batch of 32x32 images (default 8)")
     p.add_argument("--mlp-batch", type=int, default=16, help="per-rank MLP batch (default 16)")
     p.add_argument("--mlp-hidden", type=int, default=3072, help="MLP hidden size (default 3072)")
@@ -273,8 +280,9 @@ def bench_rank(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = {"disttrain": dist.group.WORLD, "gloo": dist.new_group(backend="gloo")}
     configs = all_configs(args)
-    if any(c.endswith("/disttrain-slot4m") for c in configs):
-        groups["disttrain-slot4m"] = dist.new_group(backend="disttrain", pg_options={"shm_slot_bytes": str(4 << 20)})
+    for name, options in GROUP_OPTIONS.items():
+        if any(c.endswith("/" + name) for c in configs):
+            groups[name] = dist.new_group(backend="disttrain", pg_options=options)
     rows = []
     for model_name in [m for m in args.models.split(",") if m]:
         runners = [_Runner(c, model_name, args, groups, rank) for c in configs]
