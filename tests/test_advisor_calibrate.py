@@ -4,7 +4,8 @@ speed is controlled: the same again with every optimizer step slowed by a known 
 sitecustomize in the trainer's process and in the measuring one) must follow it, which
 a fitted model that does not measure cannot (refitting on one short CPU run was off by 12x, and
 once predicted a 10x slower copy faster). The trainer and `advise --predict` run as processes of
-their own; `advise --calibrate` runs in this one (main()).
+their own (each --predict a child forked by a server that has already imported what the command
+imports: PREDICT_SERVER); `advise --calibrate` runs in this one (main()).
 
 The machine is shared (other tests, other jobs at a load of 10-25 on 2 cores): the load a few
 seconds apart differs by 2x and more, so the prediction and the measurement are interleaved. One
@@ -32,6 +33,7 @@ import csv
 import io
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -77,6 +79,50 @@ SLOWED_PREDICTIONS = 3
 # the run then waited longer for a CPU than the measurement did (run-queue wait per second 0.79-0.93
 # against 0.56-0.97, in 5 of 6 pairs at load 18), and its epochs came out longer.
 POLL_S = 0.2
+# `disttrain advise --predict`'s processes come from a server started beside the run: it imports
+# what the command imports (its dispatch, the advisor's CLI, pandas, torch, the trainer, the digits'
+# loader, torch's optimizer machinery: 6-8 s of each --predict process's 9 s at load 6, 30 Nov 2026),
+# then, for each prediction, forks a child that runs the command's main() (disttrain.cli.main, what
+# `python -m disttrain` calls) with the command's arguments, and exits with its status: a process of
+# its own, not pytest's, which measures as one started afresh does, without paying for the imports
+# during the pauses. The server's import overlaps the run's own start, and the run's epochs while
+# the server was importing are left out (they shared the CPUs with it).
+PREDICT_SERVER = r"""
+import json, os, sys, traceback
+import pandas, sklearn.datasets, torch, torch._dynamo, torch.distributed, torch.optim
+import disttrain.cli, disttrain.advisor.cli, disttrain.advisor.calibrate, disttrain.advisor.loading
+import disttrain.data, disttrain.distributed, disttrain.trainer, disttrain.train_cli
+# One thread here (no pool or helper started by the imports), so a fork copies nothing half-held.
+threads = len(os.listdir("/proc/self/task"))
+print(f"ready {threads}", flush=True)
+for line in sys.stdin:
+    argv, out, err = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                   (2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                os.dup2(os.open(path, mode, 0o600), fd)
+            sys.argv = ["disttrain", *argv]
+            code = disttrain.cli.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def _reply(server, timeout):
+    """The server's next line (its readiness, or a child's exit status); '' when it sent none in time."""
+    ready, _, _ = select.select([server.stdout], [], [], timeout)
+    return server.stdout.readline() if ready else ""
 
 
 def _rows(metrics):
@@ -98,7 +144,8 @@ def _env(slow_dir=None):
 
 def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
     """A real CPU run of the trainer (small CNN on the digits, batch 128), paused for each of
-    ``count`` calls of ``predict(metrics)`` (each returns the predicted epoch and the
+    ``count`` calls of ``predict(metrics, server, files)`` (a --predict process forked by the server,
+    its output in files.out and .err; each returns the predicted epoch and the
     measurement's CPU wait share); returns (prediction, measured, the run's wait share in the
     stretch before, after) tuples, measured the
     median of the run's epochs just before and just after the prediction (its first epoch, which
@@ -107,14 +154,23 @@ def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
     folder.mkdir(parents=True, exist_ok=True)
     metrics = folder / "cpu_digits" / "metrics.csv"
     log = open(folder / "train.log", "w+")
+    server_log = open(folder / "predict_server.log", "w+")
+    server = subprocess.Popen([sys.executable, "-c", PREDICT_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=server_log, text=True, env=env, cwd=folder.parent)
     proc = subprocess.Popen([sys.executable, "-m", "disttrain", "train", "-e", "100000", "-b", "128", "-s", str(folder),
                              "--save-name", "cpu_digits", "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=folder.parent)
-    stretches, predictions, clean_from = [], [], 1
+    stretches, predictions = [], []
     waits: list = []    # (when, the run's scheduler times) at each pause
     resumed: list = []  # the same at each resume
     try:
         deadline = time.monotonic() + 600
+        ready = _reply(server, 300)
+        server_log.seek(0)
+        assert ready.startswith("ready "), server_log.read()[-3000:]
+        assert ready.split()[1] == "1", f"the predict server runs {ready.split()[1]} threads: a fork is not safe"
+        # The run's first epoch warms up, and those that began while the server was importing are left out.
+        clean_from = len(_rows(metrics)) + 1
         for i in range(count + 1):
             while len(_rows(metrics)) < clean_from + RUN_EPOCHS:
                 log.seek(0)
@@ -126,18 +182,23 @@ def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
             waits.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
             clean_from = len(rows) + 1
             if i < count:
-                predictions.append(predict(metrics, slow_dir))
+                predictions.append(predict(metrics, server, folder / f"predict{i}"))
             proc.send_signal(signal.SIGCONT)
             resumed.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.send_signal(signal.SIGTERM)  # the trainer's preemption: a snapshot, then exit
+        server.kill()  # it holds nothing (its children have exited): no slow interpreter exit to wait for
+        server.wait()
+        server.stdin.close()
+        server.stdout.close()
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+        server_log.close()
     shares = [_wait_share(resumed[i - 1] if i else None, waits[i]) for i in range(len(waits))]
     return [(predicted, float(np.median(stretches[i] + stretches[i + 1])), shares[i], shares[i + 1])
             for i, predicted in enumerate(predictions)]
@@ -185,17 +246,19 @@ def _advise(*args):
     return json.loads(out.getvalue())
 
 
-def _predicted(metrics, slow_dir=None):
-    """`disttrain advise --predict` (its own process, as a user runs it) for the run's configuration,
-    its steps measured then (the stored timing dropped). Measured in this pytest process instead, the
-    same epochs came out 20-24% slower than in a process of their own."""
+def _predicted(metrics, server, files):
+    """`disttrain advise --predict` (its own process, forked from the server: PREDICT_SERVER) for the
+    run's configuration, its steps measured then (the stored timing dropped). Measured in this pytest
+    process instead, the same epochs came out 20-24% slower than in a process of their own."""
     calibration = calibrate.load("cpu")
     calibration.timings = [t for t in calibration.timings if (t["model_name"], t["batch_size"]) != ("small_cnn", 128)]
     calibrate.store(calibration)
-    out = subprocess.run([sys.executable, "-m", "disttrain", "advise", "--predict", str(metrics), "--json"],
-                         capture_output=True, text=True, env=_env(slow_dir), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (row,) = json.loads(out.stdout)["configurations"]
+    out, err = files.with_suffix(".out"), files.with_suffix(".err")
+    server.stdin.write(json.dumps([["advise", "--predict", str(metrics), "--json"], str(out), str(err)]) + "\n")
+    server.stdin.flush()
+    status = _reply(server, 300)
+    assert status.strip() == "0", (status, err.read_text()[-3000:] if err.exists() else "no stderr")
+    (row,) = json.loads(out.read_text())["configurations"]
     assert row["source"] == "calibrated" and row["gpu"] == "cpu" and row["outside_logs"] == ""
     assert row["epoch_time_s_low"] < row["epoch_time_s"] < row["epoch_time_s_high"]
     timing = calibrate.load("cpu").timing("small_cnn", "digits", 128, 0)
@@ -246,8 +309,8 @@ def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, tmp_path, monkey
     entry.write_text(json.dumps({**{k: v for k, v in stored.items() if k != "stored"}, "timings": []}))
     timings = []
 
-    def predicted(metrics, slow_dir):
-        value = _predicted(metrics, slow_dir)
+    def predicted(metrics, server, files):
+        value = _predicted(metrics, server, files)
         timings.extend(json.loads(entry.read_text())["timings"])  # measured now, and kept
         return value
 
