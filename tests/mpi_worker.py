@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -134,7 +135,10 @@ def _check_training_pieces(rank, world, files, result):
     all_grads = [torch.empty_like(grads) for _ in range(world)]
     dist.all_gather(all_grads, grads)
     average = mpi.GradientAverager(model)
-    average()  # gradients backward allocated: averaged in place
+    with warnings.catch_warnings(record=True) as caught:  # torch's all_reduce_coalesced warns of its deprecation
+        warnings.simplefilter("always")
+        average()  # gradients backward allocated: averaged in place
+    result["average_warnings"] = [str(w.message) for w in caught]
     averaged = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     result["average_error"] = float((averaged - torch.stack(all_grads).mean(0)).abs().max())
     average.zero_grad()  # gradients dropped; backward writes them once, in the step-memory scope

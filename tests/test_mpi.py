@@ -191,6 +191,7 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
         assert res["scatter_sizes"] == [9, 9, 8, 8, 8] and res["scatter_complete"]
         assert "4 file(s) cannot be scattered over 5 ranks" in res["scatter_error"]
         assert res["broadcast_equal"] and res["average_error"] < 1e-6 and res["average_in_place_error"] < 1e-6
+        assert res["average_warnings"] == [], res["average_warnings"]
         assert res["grads_reuse_memory"] and res["step_memory_scope_closed"]
         assert res["overlap_buckets"] >= 3 and res["overlap_error"] < 1e-6 and res["overlap_closed"], res
         assert "written again after its bucket's all-reduce started" in (res["overlap_accumulate_error"] or ""), res
