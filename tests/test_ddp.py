@@ -65,6 +65,8 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
         kwargs["bucket_cap_mb"] = 1e-6
     if variant == "caller" and wrapper != "torch":  # buckets reduced on backward's thread
         kwargs["reduce_on_caller"] = True
+    if variant == "last" and wrapper != "torch":  # the last bucket on backward's thread
+        kwargs["reduce_on_caller"] = "last"
     cls = TorchDDP if wrapper == "torch" else disttrain.DistributedDataParallel
     ddp = cls(model, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -95,7 +97,7 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
     return state
 
 
-CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "branchy", "branchy:stale", "bn"]
+CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "cnn:last", "branchy", "branchy:stale", "bn"]
 
 
 def _numerics(rank, world_size):
@@ -290,6 +292,8 @@ def _bad_arguments(rank, world_size):
         disttrain.DistributedDataParallel(torch.nn.Linear(2, 2), compression="int8")
     with pytest.raises(RuntimeError, match="no parameter"):
         disttrain.DistributedDataParallel(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="reduce_on_caller must be True, False or 'last', got 'first'"):
+        disttrain.DistributedDataParallel(torch.nn.Linear(2, 2), reduce_on_caller="first")
     return True
 
 

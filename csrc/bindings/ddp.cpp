@@ -18,19 +18,23 @@ DISTTRAIN_BINDINGS(ddp) {
       .def(py::init([](std::vector<at::Tensor> params, std::vector<std::string> names,
                        c10::intrusive_ptr<c10d::ProcessGroup> group, int64_t bucket_cap_bytes,
                        int64_t first_bucket_cap_bytes, bool find_unused_parameters, bool gradient_as_bucket_view,
-                       std::optional<at::ScalarType> wire_dtype, bool reduce_on_caller) {
+                       std::optional<at::ScalarType> wire_dtype, const std::string& reduce_on_caller) {
              ReducerOptions options;
              options.bucket_cap_bytes = bucket_cap_bytes;
              options.first_bucket_cap_bytes = first_bucket_cap_bytes;
              options.find_unused_parameters = find_unused_parameters;
              options.gradient_as_bucket_view = gradient_as_bucket_view;
              options.wire_dtype = wire_dtype;
-             options.reduce_on_caller = reduce_on_caller;
+             TORCH_CHECK_VALUE(reduce_on_caller == "none" || reduce_on_caller == "last" || reduce_on_caller == "all",
+                               "Reducer: reduce_on_caller must be none, last or all, got '", reduce_on_caller, "'");
+             options.reduce_on_caller = reduce_on_caller == "all"    ? ReducerOptions::OnCaller::kAll
+                                        : reduce_on_caller == "last" ? ReducerOptions::OnCaller::kLast
+                                                                     : ReducerOptions::OnCaller::kNone;
              return std::make_unique<Reducer>(std::move(params), std::move(names), std::move(group), options);
            }),
            py::arg("params"), py::arg("names"), py::arg("group"), py::arg("bucket_cap_bytes"),
            py::arg("first_bucket_cap_bytes"), py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
-           py::arg("wire_dtype"), py::arg("reduce_on_caller") = false)
+           py::arg("wire_dtype"), py::arg("reduce_on_caller") = "none")
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
            py::call_guard<py::gil_scoped_release>())
       .def("bucket_plan", &Reducer::bucket_plan)

@@ -267,7 +267,8 @@ void Reducer::launch_ready_buckets() {
     if (bucket.launched_in_place) {
       c10d::AllreduceCoalescedOptions opts;
       opts.reduceOp = c10d::ReduceOp::AVG;
-      opts.asyncOp = !options_.reduce_on_caller;
+      opts.asyncOp = !(options_.reduce_on_caller == ReducerOptions::OnCaller::kAll ||
+                       (options_.reduce_on_caller == ReducerOptions::OnCaller::kLast && next_launch_ == buckets_.size()));
       bucket.launch_ns = now_ns();
       bucket.work = group_->allreduce_coalesced(bucket.in_place, opts);
     } else {

@@ -33,12 +33,15 @@ struct ReducerOptions {
   // Reduced precision on the wire (kBFloat16 or kHalf); accumulation of the
   // local gradient and the result stay in the parameter's dtype.
   std::optional<c10::ScalarType> wire_dtype;
-  // The thread whose gradient completes a bucket reduces it itself, there and
-  // then (a synchronous all-reduce, run on the caller's thread by a backend
-  // that can), instead of handing it to the backend's progress thread: no
-  // hand-off, but backward waits for every other rank at every bucket.
-  // Measured slower on 2 saturated cores shared with other work (docs/ddp.md).
-  bool reduce_on_caller = false;
+  // Which buckets the thread whose gradient completes them reduces itself,
+  // there and then (a synchronous all-reduce, run on the caller's thread by a
+  // backend that can, when nothing else is in flight), instead of handing them
+  // to the backend's progress thread. kAll: no hand-off, but backward waits for
+  // every other rank at every bucket (measured slower on 2 saturated cores
+  // shared with other work: docs/ddp.md). kLast: only the last bucket, which
+  // completes as backward ends, with nothing left to overlap it with.
+  enum class OnCaller { kNone, kLast, kAll };
+  OnCaller reduce_on_caller = OnCaller::kNone;
 };
 
 // Timestamps (steady clock, ns) of the last synchronised backward.

@@ -49,12 +49,15 @@ class DistributedDataParallel(nn.Module):
             0 at the start of every forward.
         compression: ``"bf16"`` or ``"fp16"`` to all-reduce gradients in half
             precision (half the bytes on the wire); None for full precision.
-        reduce_on_caller: the thread that completes a bucket (backward's) all-reduces
-            it itself, there and then, instead of handing it to the backend's
-            progress thread (disttrain backend over shared memory): no hand-off,
-            but backward waits for the other ranks at every bucket. Off by
-            default: measured slower on a 2-core machine shared with other work
-            (docs/ddp.md, "Near the floor").
+        reduce_on_caller: which buckets the thread that completes them (backward's)
+            all-reduces itself, there and then, instead of handing them to the
+            backend's progress thread (disttrain backend over shared memory, when
+            no other collective is in flight). ``False`` (default): none;
+            ``True``: every bucket (no hand-off, but backward waits for the
+            other ranks at every bucket: measured faster on idle cores, slower
+            on cores shared with other work; docs/ddp.md, "Near the floor");
+            ``"last"``: the last bucket only, which completes as backward ends,
+            when there is nothing left to overlap it with.
 
     Example:
         >>> import disttrain, torch
@@ -68,9 +71,12 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None,
                  bucket_cap_mb: float = 25, find_unused_parameters: bool = False,
                  gradient_as_bucket_view: bool = False, broadcast_buffers: bool = True,
-                 compression: str | None = None, reduce_on_caller: bool = False):
+                 compression: str | None = None, reduce_on_caller: bool | str = False):
         super().__init__()
         compression_dtype = wire_dtype(compression, "DistributedDataParallel", "compression")
+        if reduce_on_caller not in (True, False, "last"):
+            raise ValueError(f"DistributedDataParallel: reduce_on_caller must be True, False or 'last', "
+                             f"got {reduce_on_caller!r}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"DistributedDataParallel: bucket_cap_mb must be positive, got {bucket_cap_mb}")
         process_group = default_group("DistributedDataParallel", process_group)
@@ -98,7 +104,7 @@ class DistributedDataParallel(nn.Module):
             find_unused_parameters=find_unused_parameters,
             gradient_as_bucket_view=gradient_as_bucket_view,
             wire_dtype=compression_dtype,
-            reduce_on_caller=reduce_on_caller)
+            reduce_on_caller="last" if reduce_on_caller == "last" else "all" if reduce_on_caller else "none")
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self.broadcast_buffers and self._buffers_to_sync:
