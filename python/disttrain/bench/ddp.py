@@ -23,6 +23,7 @@ the same machine:
                           slots (shm_slot_bytes; the default is 1 MiB)
     disttrain/disttrain-sleep, disttrain/disttrain-yield  (on request only) over a disttrain group whose
                           shared-memory waits sleep at once, or yield the core first (shm_wait)
+    disttrain/disttrain-slot1m, -slot2m  (on request only) 1 or 2 MiB shared-memory slots
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
@@ -77,11 +78,13 @@ from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 
 # Backends besides gloo and the default disttrain group: disttrain groups with pg_options.
 GROUP_OPTIONS = {"disttrain-slot4m": {"shm_slot_bytes": str(4 << 20)},
+                 "disttrain-slot1m": {"shm_slot_bytes": str(1 << 20)}, "disttrain-slot2m": {"shm_slot_bytes": str(2 << 20)},
                  "disttrain-sleep": {"shm_wait": "sleep"}, "disttrain-yield": {"shm_wait": "yield"}}
 DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
                    "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
                    "no-comm+copy", "comm-only")
-CONFIGS = DEFAULT_CONFIGS + ("disttrain-last/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield")
+CONFIGS = DEFAULT_CONFIGS + ("disttrain-last/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
+                              "disttrain/disttrain-slot1m", "disttrain/disttrain-slot2m")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
 #: --peers torch-best: torch DDP at its best settings (wrapper names; each over gloo and disttrain).
@@ -102,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="resnet18,resnet18-tv,mlp",
                    help="resnet18 (CIFAR stem), resnet18-tv (torchvision's ImageNet stem), mlp (default all)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="configurations to run (default all but disttrain-last, disttrain-sleep and "
-                        "disttrain-yield)")
+                   help="configurations to run (default all but the on-request ones: disttrain-last, "
+                        "disttrain-sleep, disttrain-yield, disttrain-slot1m, disttrain-slot2m)")
     p.add_argument("--resnet-batch", type=int, default=8, help="per-rank batch of 32x32 images (default 8)")
     p.add_argument("--mlp-batch", type=int, default=16, help="per-rank MLP batch (default 16)")
     p.add_argument("--mlp-hidden", type=int, default=3072, help="MLP hidden size (default 3072)")
