@@ -21,7 +21,7 @@
 // round and retries it without that member).
 #pragma once
 
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <atomic>
 #include <chrono>

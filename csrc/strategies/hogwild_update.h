@@ -15,7 +15,7 @@
 // with its own step count): the caller decides and says so to its user.
 #pragma once
 
-#include <torch/torch.h>
+#include <torch/types.h>
 
 #include <cstdint>
 
