@@ -65,8 +65,8 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
         kwargs["bucket_cap_mb"] = 1e-6
     if variant == "caller" and wrapper != "torch":  # buckets reduced on backward's thread
         kwargs["reduce_on_caller"] = True
-    if variant == "last" and wrapper != "torch":  # the last bucket on backward's thread
-        kwargs["reduce_on_caller"] = "last"
+    if variant == "handoff" and wrapper != "torch":  # every bucket on the progress thread (the default: not the last)
+        kwargs["reduce_on_caller"] = False
     cls = TorchDDP if wrapper == "torch" else disttrain.DistributedDataParallel
     ddp = cls(model, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -97,7 +97,7 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
     return state
 
 
-CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "cnn:last", "branchy", "branchy:stale", "bn"]
+CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "cnn:handoff", "branchy", "branchy:stale", "bn"]
 
 
 def _numerics(rank, world_size):

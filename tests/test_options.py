@@ -134,10 +134,8 @@ def test_info_prints_the_effective_options():
     assert "allreduce_algorithm  ring" in out.stdout
     assert "environment DISTTRAIN_ALLREDUCE_ALGO" in out.stdout
     assert "socket_buffer_bytes  262144" in out.stdout
-    # The slot default depends on the group's ranks per core: both values are shown.
+    # The wait's default depends on the group's ranks per core: both choices are shown.
     cores = len(os.sched_getaffinity(0))
-    assert f"shm_slot_bytes       1048576          default (4194304 when a host runs more than {cores} ranks" \
-        in out.stdout, out.stdout
     assert f"shm_wait             auto             default (yield, or sleep when a host runs more than {cores} ranks" \
         in out.stdout, out.stdout
     assert "NCCL path     not built: torch is a CPU build" in out.stdout or torch.cuda.is_available()

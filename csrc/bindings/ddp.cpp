@@ -34,7 +34,7 @@ DISTTRAIN_BINDINGS(ddp) {
            }),
            py::arg("params"), py::arg("names"), py::arg("group"), py::arg("bucket_cap_bytes"),
            py::arg("first_bucket_cap_bytes"), py::arg("find_unused_parameters"), py::arg("gradient_as_bucket_view"),
-           py::arg("wire_dtype"), py::arg("reduce_on_caller") = "none")
+           py::arg("wire_dtype"), py::arg("reduce_on_caller") = "last")
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
            py::call_guard<py::gil_scoped_release>())
       .def("bucket_plan", &Reducer::bucket_plan)

@@ -36,5 +36,4 @@ DISTTRAIN_BINDINGS(distributed) {
       [](const std::map<std::string, std::string>& overrides) { return describe(CommOptions::resolve(overrides)); },
       py::arg("overrides") = std::map<std::string, std::string>{});
   m.def("reduce_kernel_isa", &disttrain::comm::reduce_kernel_isa);
-  m.attr("OVERSUBSCRIBED_SHM_SLOT_BYTES") = disttrain::comm::kOversubscribedShmSlotBytes;
 }

@@ -225,7 +225,7 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
                     "but the ranks are on ", hosts, " hosts");
   if (hosts == 1) {
     shm_ = std::make_unique<ShmGroup>(store, *transport_, timeout, options_.shm_slot_bytes,
-                                      options_.is_default("shm_slot_bytes"), options_.shm_wait);
+                                      options_.shm_wait);
     return;
   }
   std::vector<int> local, leaders;
@@ -249,7 +249,7 @@ void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>
                                             options_.tcp, store);
     local_->set_group_ranks(local);
     shm_ = std::make_unique<ShmGroup>(host_store, *local_, timeout, options_.shm_slot_bytes,
-                                      options_.is_default("shm_slot_bytes"), options_.shm_wait);
+                                      options_.shm_wait);
   }
   if (local_rank == 0) {
     const int leader_rank = static_cast<int>(std::find(leaders.begin(), leaders.end(), rank) - leaders.begin());

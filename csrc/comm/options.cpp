@@ -127,10 +127,6 @@ CommOptions CommOptions::resolve(const std::map<std::string, std::string>& overr
   return o;
 }
 
-bool CommOptions::is_default(const std::string& name) const {
-  auto it = source_.find(name);
-  return it == source_.end() || it->second == "default";
-}
 
 std::vector<CommOptions::Described> CommOptions::describe() const {
   std::vector<Described> out;

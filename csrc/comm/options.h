@@ -42,8 +42,6 @@ struct CommOptions {
     std::string name, value, source, env;
   };
   std::vector<Described> describe() const;
-  // Whether setting `name` has its default value (neither environment nor options set it).
-  bool is_default(const std::string& name) const;
 
  private:
   std::map<std::string, std::string> source_;  // name -> "default", "environment" or "options"

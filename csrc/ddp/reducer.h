@@ -41,7 +41,7 @@ struct ReducerOptions {
   // shared with other work: docs/ddp.md). kLast: only the last bucket, which
   // completes as backward ends, with nothing left to overlap it with.
   enum class OnCaller { kNone, kLast, kAll };
-  OnCaller reduce_on_caller = OnCaller::kNone;
+  OnCaller reduce_on_caller = OnCaller::kLast;
 };
 
 // Timestamps (steady clock, ns) of the last synchronised backward.

@@ -66,7 +66,6 @@ def comm_options(overrides: Mapping[str, str] = {}) -> list[_OptionRow]:
 def reduce_kernel_isa() -> str:
     """Instruction set the reduction kernels dispatch to on this CPU: ``"avx512f"``, ``"avx2"`` or ``"sse2"``."""
 
-OVERSUBSCRIBED_SHM_SLOT_BYTES: int
 """The shared-memory slot size a group gets by default when a host runs more ranks than a rank's cores."""
 
 # csrc/data: the sampler engine (csrc/bindings/sampler.cpp; disttrain.sampler is its Python face).
@@ -121,7 +120,7 @@ class Reducer(metaclass=_pybind11_type):
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group: ProcessGroup,
                  bucket_cap_bytes: int, first_bucket_cap_bytes: int, find_unused_parameters: bool,
                  gradient_as_bucket_view: bool, wire_dtype: torch.dtype | None,
-                 reduce_on_caller: str = "none") -> None: ...
+                 reduce_on_caller: str = "last") -> None: ...
     def prepare_for_backward(self, outputs: Sequence[torch.Tensor]) -> None: ...
     def bucket_plan(self) -> list[list[int]]: ...
     @property

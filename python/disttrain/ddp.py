@@ -52,12 +52,12 @@ class DistributedDataParallel(nn.Module):
         reduce_on_caller: which buckets the thread that completes them (backward's)
             all-reduces itself, there and then, instead of handing them to the
             backend's progress thread (disttrain backend over shared memory, when
-            no other collective is in flight). ``False`` (default): none;
-            ``True``: every bucket (no hand-off, but backward waits for the
-            other ranks at every bucket: measured faster on idle cores, slower
-            on cores shared with other work; docs/ddp.md, "Near the floor");
-            ``"last"``: the last bucket only, which completes as backward ends,
-            when there is nothing left to overlap it with.
+            no other collective is in flight). ``"last"`` (default): the last
+            bucket only, which completes as backward ends, when there is
+            nothing left to overlap it with; ``True``: every bucket (no
+            hand-off, but backward waits for the other ranks at every bucket:
+            measured faster on idle cores, slower on cores shared with other
+            work); ``False``: none (docs/ddp.md, "Near the floor").
 
     Example:
         >>> import disttrain, torch
@@ -71,7 +71,7 @@ class DistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, process_group: dist.ProcessGroup | None = None,
                  bucket_cap_mb: float = 25, find_unused_parameters: bool = False,
                  gradient_as_bucket_view: bool = False, broadcast_buffers: bool = True,
-                 compression: str | None = None, reduce_on_caller: bool | str = False):
+                 compression: str | None = None, reduce_on_caller: bool | str = "last"):
         super().__init__()
         compression_dtype = wire_dtype(compression, "DistributedDataParallel", "compression")
         if reduce_on_caller not in (True, False, "last"):

@@ -21,11 +21,6 @@ def collect() -> dict:
     # environment; pg_options could still override them per group).
     options = [{"name": n, "value": v, "source": s, "env": e} for n, v, s, e in _C.comm_options()]
     for o in options:
-        if o["name"] == "shm_slot_bytes" and o["source"] == "default":
-            # The default depends on the group: more ranks on a host than the
-            # cores a rank may run on get larger slots (docs/settings.md).
-            o["note"] = (f"{_C.OVERSUBSCRIBED_SHM_SLOT_BYTES} when a host runs more than "
-                         f"{len(os.sched_getaffinity(0))} ranks (the cores a rank may use here)")
         if o["name"] == "shm_wait" and o["value"] == "auto":
             o["note"] = (f"yield, or sleep when a host runs more than {len(os.sched_getaffinity(0))} ranks "
                          "(the cores a rank may use here)")

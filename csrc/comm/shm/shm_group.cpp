@@ -92,7 +92,7 @@ struct ShmGroup::Control {
 };
 
 ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std::chrono::milliseconds timeout,
-                   size_t slot_bytes, bool slot_bytes_is_default, ShmWait wait)
+                   size_t slot_bytes, ShmWait wait)
     : tcp_(tcp), rank_(tcp.rank()), size_(tcp.world_size()), slot_bytes_(std::max<size_t>(4096, slot_bytes & ~size_t(4095))) {
   const Deadline deadline = Clock::now() + timeout;
   segments_.assign(size_, nullptr);
@@ -133,7 +133,6 @@ ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std
       sleep = std::min(sleep * 2, std::chrono::milliseconds(20));
     }
   };
-  auto text_of = [](const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); };
 
   // The names' tag: random, drawn by rank 0 for this group alone; it tells
   // nobody anything about the job secret.
@@ -160,18 +159,6 @@ ShmGroup::ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std
   cpu_set_t cpus;
   oversubscribed_ = ::sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && size_ > CPU_COUNT(&cpus);
   yield_ = wait == ShmWait::kYield || (wait == ShmWait::kAuto && !oversubscribed_);
-  if (slot_bytes_is_default) {
-    // Rank 0's choice for all: ranks pinned differently could judge differently.
-    const std::string key = "disttrain/shm/slot_bytes";
-    if (rank_ == 0) {
-      if (oversubscribed_) slot_bytes_ = kOversubscribedShmSlotBytes;
-      const std::string text = std::to_string(slot_bytes_);
-      store->set(key, std::vector<uint8_t>(text.begin(), text.end()));
-    } else {
-      await(key, "the slot size");
-      slot_bytes_ = std::stoull(text_of(store->get(key)));
-    }
-  }
   segment_bytes_ = sizeof(Control) + 2 * slot_bytes_;
 
   std::string mine = segment_name(tag, rank_);

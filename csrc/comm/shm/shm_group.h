@@ -23,13 +23,11 @@ namespace disttrain::comm {
 // Bytes of each of a rank's two data slots. Measured
 // (benchmarks/results/allreduce_bandwidth_*_shm.csv): 1 MiB slots keep an
 // epoch's copy-reduce-copy in cache; 256 KiB loses to the extra waits with more
-// ranks than cores, 4 MiB to cache misses.
+// ranks than cores, 4 MiB to cache misses. With more ranks than cores too,
+// now that waits there sleep (ShmWait): DDP at 3 and 4 ranks on 2 cores was
+// 0.02-0.11x of the no-communication step faster than with 4 MiB slots, which
+// had been the default there while waits yielded (docs/ddp.md).
 constexpr size_t kDefaultShmSlotBytes = 1 << 20;
-// The default instead when the host's ranks outnumber the cores a rank may run
-// on: every sync point then waits for a peer to be scheduled, and 4 MiB slots
-// have four times fewer (measured with DDP at 4 ranks on 2 cores: 1.85x and
-// 1.98x the no-communication step with 1 MiB slots, 1.35x with 4 MiB; docs/ddp.md).
-constexpr size_t kOversubscribedShmSlotBytes = 4 << 20;
 
 // How a rank waits for a peer past the first spinning: kYield gives its core
 // away with sched_yield for an adaptive budget before it sleeps (the peer is
@@ -43,14 +41,10 @@ class ShmGroup {
   // Requires every rank of `tcp`'s group to be on this host and to call it.
   // The TCP mesh stays the control path: set-up barriers go through the
   // store, and a peer that dies is noticed through its socket closing.
-  // `slot_bytes_is_default`: the slot size was not chosen by the user, so an
-  // oversubscribed host gets kOversubscribedShmSlotBytes (rank 0 decides and
-  // the others read it from the store: every rank must map the same layout).
   // Set-up (every store wait included) ends within `timeout`, with an error
   // naming what was missing.
   ShmGroup(c10::intrusive_ptr<c10d::Store> store, TcpTransport& tcp, std::chrono::milliseconds timeout,
-           size_t slot_bytes = kDefaultShmSlotBytes, bool slot_bytes_is_default = false,
-           ShmWait wait = ShmWait::kAuto);
+           size_t slot_bytes = kDefaultShmSlotBytes, ShmWait wait = ShmWait::kAuto);
   ~ShmGroup();
   ShmGroup(const ShmGroup&) = delete;
   ShmGroup& operator=(const ShmGroup&) = delete;

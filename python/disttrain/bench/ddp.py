@@ -13,9 +13,9 @@ the same machine:
     disttrain-bf16/...    the same with compression="bf16" (gradients in bf16 on the wire)
     disttrain-caller/...  disttrain DDP with reduce_on_caller=True: the thread that completes a
                           bucket (backward's) all-reduces it itself, no progress thread
-    disttrain-last/...    (on request only) reduce_on_caller="last": the last bucket (complete as
-                          backward ends) on backward's thread when nothing else is in flight,
-                          the others on the progress thread
+    disttrain-handoff/... (on request only) reduce_on_caller=False: every bucket on the progress
+                          thread, the last one too (the default, "last", reduces that one on
+                          backward's thread when nothing else is in flight)
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
     disttrain...@MB/...   any disttrain DDP configuration with bucket_cap_mb=MB
                           (disttrain-caller@4/disttrain: a bucket-size sweep)
@@ -83,7 +83,7 @@ GROUP_OPTIONS = {"disttrain-slot4m": {"shm_slot_bytes": str(4 << 20)},
 DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
                    "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
                    "no-comm+copy", "comm-only")
-CONFIGS = DEFAULT_CONFIGS + ("disttrain-last/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
+CONFIGS = DEFAULT_CONFIGS + ("disttrain-handoff/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
                               "disttrain/disttrain-slot1m", "disttrain/disttrain-slot2m")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="resnet18,resnet18-tv,mlp",
                    help="resnet18 (CIFAR stem), resnet18-tv (torchvision's ImageNet stem), mlp (default all)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="configurations to run (default all but the on-request ones: disttrain-last, "
+                   help="configurations to run (default all but the on-request ones: disttrain-handoff, "
                         "disttrain-sleep, disttrain-yield, disttrain-slot1m, disttrain-slot2m)")
     p.add_argument("--resnet-batch", type=int, default=8, help="per-rank batch of 32x32 images (default 8)")
     p.add_argument("--mlp-batch", type=int, default=16, help="per-rank MLP batch (default 16)")
@@ -202,8 +202,8 @@ class _Runner:
             compression = "bf16" if wrapper.endswith("bf16") else None
             if wrapper.endswith("caller"):
                 kwargs["reduce_on_caller"] = True
-            elif wrapper.endswith("last"):
-                kwargs["reduce_on_caller"] = "last"
+            elif wrapper.endswith("handoff"):
+                kwargs["reduce_on_caller"] = False
             self.ddp = disttrain.DistributedDataParallel(self.model, process_group=self.group,
                                                          compression=compression, **kwargs)
         self.ours = not wrapper.startswith("torch")
