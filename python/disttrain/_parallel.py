@@ -48,3 +48,15 @@ def default_group(owner: str, process_group: dist.ProcessGroup | None) -> dist.P
     group = dist.group.WORLD
     assert group is not None
     return group
+
+
+def average_coalesced(group: dist.ProcessGroup, tensors: list[torch.Tensor], async_op: bool = True) -> Any:
+    """Starts one fused AVG all-reduce of ``tensors`` on ``group``, in place; returns its Work.
+    Through the process group itself, as ``dist.all_reduce_coalesced`` does, which warns at its
+    first call that it will be deprecated (torch 2.x). A synchronous one (``async_op=False``) may
+    run on the calling thread (the disttrain backend over shared memory)."""
+    opts = dist.AllreduceCoalescedOptions()
+    opts.reduceOp = dist.ReduceOp(dist.ReduceOp.AVG)
+    if hasattr(opts, "asyncOp"):  # torch >= 2.7
+        opts.asyncOp = async_op
+    return group.allreduce_coalesced(tensors, opts)

@@ -10,7 +10,6 @@ import argparse
 import importlib
 import math
 import os
-import re
 import sys
 from typing import Any
 
@@ -76,9 +75,8 @@ def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends
         return
     known = getattr(module, dest.upper(), None)  # --configs: CONFIGS, --models: MODELS, --peers: PEERS
     if isinstance(known, (tuple, list, dict)) and isinstance(value, str):
-        def base(x: str) -> str:  # bench ddp's disttrain[-caller|-bf16]@MB/BACKEND: with bucket_cap_mb MB
-            return re.sub(r"^(disttrain[a-z0-9-]*)@\d+(\.\d+)?/", r"\1/", x) if module.__name__.endswith(".ddp") else x
-
+        # A bench may name variants of its known values (bench ddp: a bucket size, disttrain@MB/...).
+        base = getattr(module, f"base_{dest}", lambda x: x)
         unknown = [x for x in (x.strip() for x in value.split(",")) if x and base(x) not in known]
         if unknown or (dest != "peers" and not value.strip(",").strip()):
             raise _BadOption(f"{option} {value!r}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "

@@ -70,6 +70,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each configuration's last timed step as a Chrome trace and a PNG into DIR")
     p.add_argument("--rows-file", default=None, help=argparse.SUPPRESS)  # worker -> launcher
     return p
+
+
+def base_configs(config: str) -> str:
+    """The configuration a ``disttrain[-caller|-bf16|...]@MB/BACKEND`` one varies (bucket_cap_mb MB),
+    for the command line's check; any other name as it is."""
+    return re.sub(r"^(disttrain[a-z0-9-]*)@\d+(\.\d+)?/", r"\1/", config)
 
 
 def all_configs(args) -> list[str]:
@@ -229,15 +236,13 @@ class _Runner:
     def step(self) -> None:
         import contextlib
 
-        import torch.distributed as dist
         import torch.nn.functional as F
 
         from disttrain import trace
+        from disttrain._parallel import average_coalesced
 
         if self.comm_only:
-            opts = dist.AllreduceCoalescedOptions()
-            opts.reduceOp = dist.ReduceOp(dist.ReduceOp.AVG)
-            for work in [self.group.allreduce_coalesced(bucket, opts) for bucket in self.buckets]:
+            for work in [average_coalesced(self.group, bucket) for bucket in self.buckets]:
                 work.wait()
             return
         self.opt.zero_grad()

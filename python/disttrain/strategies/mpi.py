@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _C, snapshot
-from .._parallel import default_group
+from .._parallel import average_coalesced, default_group
 
 __all__ = ["scatter_files", "broadcast_parameters", "GradientAverager", "save_checkpoint", "load_checkpoint",
            "image_files", "read_image", "write_digits_folder", "pipeline", "PipelineError", "PipelineResult",
@@ -270,18 +270,7 @@ class GradientAverager:
 
     def _launch(self, b: int) -> None:
         grads = self._gradients([self.params[i] for i in self._buckets[b]])
-        self._works.append(self._average(grads, async_op=True))
-
-    def _average(self, grads: list[torch.Tensor], async_op: bool) -> Any:
-        """One fused AVG all-reduce of ``grads``; returns its Work. Through the process group
-        itself, as ``dist.all_reduce_coalesced`` does, which warns at its first call that it will
-        be deprecated (torch 2.x). A synchronous one may run on the calling thread (the disttrain
-        backend over shared memory), inside its step-memory scope."""
-        opts = dist.AllreduceCoalescedOptions()
-        opts.reduceOp = dist.ReduceOp(dist.ReduceOp.AVG)
-        if hasattr(opts, "asyncOp"):  # torch >= 2.7
-            opts.asyncOp = async_op
-        return default_group("GradientAverager", self.group).allreduce_coalesced(grads, opts)
+        self._works.append(average_coalesced(default_group("GradientAverager", self.group), grads))
 
     def zero_grad(self) -> None:
         """Drops the gradients (use it instead of ``optimizer.zero_grad()``) and opens this
@@ -312,7 +301,8 @@ class GradientAverager:
                     return
                 grads = self._gradients(self.params)
                 if self.world_size > 1:
-                    self._average(grads, async_op=False).wait()
+                    # Synchronous: on this thread where the backend can, inside its step-memory scope.
+                    average_coalesced(default_group("GradientAverager", self.group), grads, async_op=False).wait()
         finally:
             if self.overlap:
                 self._works = []
