@@ -27,34 +27,51 @@ struct Setting {
   std::function<std::string(const CommOptions&)> print;
 };
 
-const char* transport_name(TransportChoice t) {
-  return t == TransportChoice::kTcp ? "tcp" : t == TransportChoice::kShm ? "shm" : "auto";
+// The values an enumerated setting accepts, in the order its error lists them.
+template <class E>
+struct Choice {
+  const char* name;
+  E value;
+};
+
+const Choice<TransportChoice> kTransports[] = {
+    {"auto", TransportChoice::kAuto}, {"tcp", TransportChoice::kTcp}, {"shm", TransportChoice::kShm}};
+const Choice<AllreduceAlgorithm> kAlgorithms[] = {{"auto", AllreduceAlgorithm::kAuto},
+                                                  {"ring", AllreduceAlgorithm::kRing},
+                                                  {"rd", AllreduceAlgorithm::kRecursiveDoubling},
+                                                  {"recursive_doubling", AllreduceAlgorithm::kRecursiveDoubling}};
+const Choice<ShmWait> kWaits[] = {{"auto", ShmWait::kAuto}, {"yield", ShmWait::kYield}, {"sleep", ShmWait::kSleep}};
+
+template <class E, size_t N>
+E one_of(const char* setting, const std::string& v, const Choice<E> (&choices)[N]) {
+  std::string names;
+  for (const auto& c : choices) {
+    if (v == c.name) return c.value;
+    names += std::string(names.empty() ? "" : ", ") + c.name;
+  }
+  TORCH_CHECK_VALUE(false, "disttrain: setting ", setting, "='", v, "' is not one of ", names);
+  return choices[0].value;  // not reached
 }
 
-const char* algorithm_name(AllreduceAlgorithm a) {
-  return a == AllreduceAlgorithm::kRing ? "ring" : a == AllreduceAlgorithm::kRecursiveDoubling ? "rd" : "auto";
+// The first name of `value` (its canonical one).
+template <class E, size_t N>
+std::string name_of(E value, const Choice<E> (&choices)[N]) {
+  for (const auto& c : choices)
+    if (c.value == value) return c.name;
+  return "?";
 }
 
 // The one list of settings: its order is the order `disttrain info` prints.
 const std::vector<Setting>& settings() {
   static const std::vector<Setting> table = {
       {"transport", "DISTTRAIN_TRANSPORT",
-       [](CommOptions& o, const std::string& v) {
-         if (v == "auto") o.transport = TransportChoice::kAuto;
-         else if (v == "tcp") o.transport = TransportChoice::kTcp;
-         else if (v == "shm") o.transport = TransportChoice::kShm;
-         else TORCH_CHECK_VALUE(false, "disttrain: setting transport='", v, "' is not one of auto, tcp, shm");
-       },
-       [](const CommOptions& o) { return std::string(transport_name(o.transport)); }},
+       [](CommOptions& o, const std::string& v) { o.transport = one_of("transport", v, kTransports); },
+       [](const CommOptions& o) { return name_of(o.transport, kTransports); }},
       {"allreduce_algorithm", "DISTTRAIN_ALLREDUCE_ALGO",
        [](CommOptions& o, const std::string& v) {
-         if (v == "auto") o.allreduce_algorithm = AllreduceAlgorithm::kAuto;
-         else if (v == "ring") o.allreduce_algorithm = AllreduceAlgorithm::kRing;
-         else if (v == "rd" || v == "recursive_doubling") o.allreduce_algorithm = AllreduceAlgorithm::kRecursiveDoubling;
-         else TORCH_CHECK_VALUE(false, "disttrain: setting allreduce_algorithm='", v,
-                                "' is not one of auto, ring, rd (recursive_doubling)");
+         o.allreduce_algorithm = one_of("allreduce_algorithm", v, kAlgorithms);
        },
-       [](const CommOptions& o) { return std::string(algorithm_name(o.allreduce_algorithm)); }},
+       [](const CommOptions& o) { return name_of(o.allreduce_algorithm, kAlgorithms); }},
       {"chunk_bytes", "DISTTRAIN_CHUNK_BYTES",
        [](CommOptions& o, const std::string& v) {
          o.tcp.chunk_bytes = parse_uint("chunk_bytes", v, 4096, kMaxFramePayload) & ~size_t(63);
@@ -78,15 +95,8 @@ const std::vector<Setting>& settings() {
        },
        [](const CommOptions& o) { return std::to_string(o.shm_slot_bytes); }},
       {"shm_wait", "DISTTRAIN_SHM_WAIT",
-       [](CommOptions& o, const std::string& v) {
-         if (v == "auto") o.shm_wait = ShmWait::kAuto;
-         else if (v == "yield") o.shm_wait = ShmWait::kYield;
-         else if (v == "sleep") o.shm_wait = ShmWait::kSleep;
-         else TORCH_CHECK_VALUE(false, "disttrain: setting shm_wait='", v, "' is not one of auto, yield, sleep");
-       },
-       [](const CommOptions& o) {
-         return std::string(o.shm_wait == ShmWait::kYield ? "yield" : o.shm_wait == ShmWait::kSleep ? "sleep" : "auto");
-       }},
+       [](CommOptions& o, const std::string& v) { o.shm_wait = one_of("shm_wait", v, kWaits); },
+       [](const CommOptions& o) { return name_of(o.shm_wait, kWaits); }},
       {"host_id", "DISTTRAIN_HOST_ID", [](CommOptions& o, const std::string& v) { o.host_id = v; },
        [](const CommOptions& o) { return o.host_id; }},
       {"restart_attempt", "TORCHELASTIC_RESTART_COUNT",
