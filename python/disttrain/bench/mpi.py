@@ -17,12 +17,19 @@ round so that all see the same machine:
                       step before (step memory, docs/mpi.md); the same optimizer
     disttrain-mpi-overlap  the same with GradientAverager(overlap=True): buckets
                       all-reduced from gradient hooks while backward runs
+    no-comm           the floor: disttrain-mpi's step without its all-reduce (each
+                      rank trains alone). No data-parallel step can be faster, so
+                      no-comm / mpi4py is the best ratio to the recipe possible on
+                      this machine in this run (the report's "ceiling"): where
+                      compute dominates the recipe's step (ResNet-18 at batch 8
+                      on one core per rank), it lies not far above 1x
 
 Steps per second = timed steps / the slowest rank's time for them, median over
-rounds; every row is checked: after the run the models' parameters agree with
-disttrain-mpi's (relative 1e-4; 1e-3 for disttrain-mpi-overlap), else the
-benchmark fails instead of printing. The overlapped buckets sum the ranks'
-gradients in another order, and the warm-up and timed steps (SGD with momentum)
+rounds; every row but no-comm is checked: after the run the models' parameters agree with
+disttrain-mpi's (relative 1e-4; 1e-3 for disttrain-mpi-overlap and
+torch-ddp/gloo), else the benchmark fails instead of printing. The overlapped
+buckets, and gloo's ring at 4 ranks, sum the ranks' gradients in another order
+(gloo at 4 ranks was once 2.08e-4 off), and the warm-up and timed steps (SGD with momentum)
 amplify those fp32 roundings: 2.3e-4 was seen between them and the single
 all-reduce at 4 ranks (resnet18-tv), whose averaged gradients of one step agree
 within 1.2e-7; a wrong average differs by far more.
@@ -61,7 +68,7 @@ from typing import Any
 
 from disttrain.bench import arguments, format_or_dash, write_csv
 
-TRAIN_CONFIGS = ("mpi4py", "torch-ddp/gloo", "disttrain-mpi", "disttrain-mpi-overlap")
+TRAIN_CONFIGS = ("mpi4py", "torch-ddp/gloo", "disttrain-mpi", "disttrain-mpi-overlap", "no-comm")
 MPIEXEC = ("mpiexec", "--oversubscribe", "--allow-run-as-root")
 
 MODELS = ("resnet18-tv", "mlp")  # --models
@@ -132,6 +139,7 @@ def _train_rank(args) -> list[dict]:
         ddp = torch.nn.parallel.DistributedDataParallel(nets["torch-ddp/gloo"], process_group=gloo)
         average = mpi.GradientAverager(nets["disttrain-mpi"])
         overlapped = mpi.GradientAverager(nets["disttrain-mpi-overlap"], overlap=True)
+        alone = mpi.GradientAverager(nets["no-comm"])
 
         def mpi4py_step() -> None:
             net, opt = nets["mpi4py"], opts["mpi4py"]
@@ -161,8 +169,15 @@ def _train_rank(args) -> list[dict]:
             overlapped()
             opts["disttrain-mpi-overlap"].step()
 
+        def floor_step() -> None:
+            # disttrain_step less its all-reduce: the same step-memory scope, closed where it would be.
+            alone.zero_grad()
+            F.cross_entropy(nets["no-comm"](x), y).backward()
+            alone._close_scope()
+            opts["no-comm"].step()
+
         steps = {"mpi4py": mpi4py_step, "torch-ddp/gloo": ddp_step, "disttrain-mpi": disttrain_step,
-                 "disttrain-mpi-overlap": overlap_step}
+                 "disttrain-mpi-overlap": overlap_step, "no-comm": floor_step}
         for step in steps.values():
             for _ in range(args.warmup):
                 step()
@@ -178,10 +193,13 @@ def _train_rank(args) -> list[dict]:
                 rates[config].append(args.steps / float(elapsed))
         reference = torch.cat([p.detach().reshape(-1) for p in nets["disttrain-mpi"].parameters()])
         for config in TRAIN_CONFIGS:
+            if config == "no-comm":  # each rank trained on its own data alone
+                continue
             got = torch.cat([p.detach().reshape(-1) for p in nets[config].parameters()])
             error = float((got - reference).abs().max() / reference.abs().max())
-            # The overlapped buckets sum in another order, which the momentum steps amplify (the help).
-            if error > (1e-3 if config == "disttrain-mpi-overlap" else 1e-4):
+            # The overlapped buckets, and gloo's ring at more than 2 ranks, sum in another order,
+            # which the momentum steps amplify (the help).
+            if error > (1e-3 if config in ("disttrain-mpi-overlap", "torch-ddp/gloo") else 1e-4):
                 raise RuntimeError(f"bench mpi: {config} and disttrain-mpi trained {name} to different parameters "
                                    f"(max relative difference {error:.2e}); no result is printed")
         params = sum(p.numel() for p in base.parameters())
@@ -327,6 +345,13 @@ def _report(rows: list[dict], out: str) -> None:
                 if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
         print(f"{row['model']:<14} {row['world_size']:>5} {row['config']:<22} {row['steps_per_s']:>8.2f} "
               f"{row['steps_per_s'] / same['mpi4py']:>8.2f}x {row['steps_per_s'] / same['torch-ddp/gloo']:>10.2f}x")
+    for row in rows:
+        if row["kind"] == "train" and row["config"] == "no-comm":
+            same = {r["config"]: r["steps_per_s"] for r in rows
+                    if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
+            print(f"ceiling {row['model']} at {row['world_size']} ranks: no data-parallel step beats no-comm, "
+                  f"{row['steps_per_s'] / same['mpi4py']:.2f}x the recipe in this run; disttrain-mpi reaches "
+                  f"{same['disttrain-mpi'] / row['steps_per_s']:.2f} of the floor's steps/s")
     print("load average (1 min) around each job: "
           + ", ".join(sorted({f"{r['world_size']} ranks {r['kind']}: {r['load_1min']}" for r in rows})))
     evals = [r for r in rows if r["kind"] == "eval"]
