@@ -258,3 +258,42 @@ def test_two_namespace_hosts_with_a_hostfile(two_hosts, tmp_path, rendezvous):
     if rendezvous == "hostfile":  # the hostfile's first host, the port derived from Open MPI's job id
         assert results[0]["master"] == results[1]["master"] == f"{ADDRESSES[0]}:{results[0]['job_port']}"
     assert results[0]["pipeline_items"] == 12
+
+
+# --- disttrain bench mpi --------------------------------------------------------------------------
+
+def test_bench_mpi_rows_ceiling_and_parameter_check(tmp_path):
+    """A short `disttrain bench mpi`: every training configuration at 2 ranks gets a row (no-comm,
+    the floor, included), the report prints the ceiling (no-comm over the recipe) the issue's ratio
+    is bounded by, and the run ends only after every averaged configuration's parameters were
+    compared with disttrain-mpi's (a mismatch fails the benchmark: see test below). No timing is
+    asserted."""
+    from disttrain.bench import mpi as bench
+
+    out = tmp_path / "mpi.csv"
+    text = _run([sys.executable, "-m", "disttrain.cli", "bench", "mpi", "--ranks", "2", "--models", "resnet18-tv",
+                 "--rounds", "1", "--steps", "1", "--warmup", "1", "--eval-ranks", "0", "--out", str(out)],
+                timeout=300)
+    import csv
+
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["config"] for r in rows) == sorted(bench.TRAIN_CONFIGS), rows
+    assert all(float(r["steps_per_s"]) > 0 for r in rows)
+    assert "ceiling resnet18-tv at 2 ranks: no data-parallel step beats no-comm" in text, text[-3000:]
+
+
+def test_bench_mpi_fails_when_a_configuration_trains_differently(tmp_path):
+    """The parameter check can fail: a recipe whose averaged gradients come out twice too large
+    trains other parameters, and the benchmark stops without printing a result."""
+    sitecustomize = tmp_path / "sitecustomize.py"
+    # Only the recipe turns numpy arrays into tensors (torch.from_numpy) in a training rank.
+    sitecustomize.write_text("import torch\n"
+                             "_from_numpy = torch.from_numpy\n"
+                             "torch.from_numpy = lambda a: _from_numpy(a) * 2\n")
+    cmd = [sys.executable, "-m", "disttrain.cli", "bench", "mpi", "--ranks", "2", "--models", "resnet18-tv",
+           "--rounds", "1", "--steps", "1", "--warmup", "1", "--eval-ranks", "0", "--out", str(tmp_path / "x.csv")]
+    proc = subprocess.run(cmd, env=_env(PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "mpi4py and disttrain-mpi trained resnet18-tv to different parameters" in proc.stdout, proc.stdout[-3000:]
