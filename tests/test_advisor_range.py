@@ -57,12 +57,14 @@ def test_loader_workers_are_reasoned_not_learnt(advisor):
     assert _width(none) > _width(logged) and _width(eight) > _width(logged)
 
 
-def test_more_gpus_than_logged_pay_the_ring_all_reduce(advisor):
+def test_more_gpus_than_logged_pay_the_logged_all_reduce(advisor):
     four = _one(advisor, num_of_gpus=4, num_workers_data_loader=16, distribute_data=False, batch_size=128)
     eight = _one(advisor, num_of_gpus=8, num_workers_data_loader=16, distribute_data=False, batch_size=128)
     assert four["in_logs_num_of_gpus"] and not eight["in_logs_num_of_gpus"] and eight["outside_logs"] == "num_of_gpus"
-    # Ring bytes per step 2(G-1)/G: 7/4 against 3/2 of the parameters.
-    assert eight["comm_s"] / four["comm_s"] == pytest.approx((7 / 4) / (3 / 2))
+    # The exposed all-reduce per step does not grow with the GPU count (the logs' 2, 3 and 4 GPUs
+    # take the same time): 8 GPUs, each with the whole data set, pay what 4 do, with a wider interval.
+    assert eight["comm_s"] > 0 and eight["comm_s"] == pytest.approx(four["comm_s"])
+    assert eight["epoch_time_s"] == pytest.approx(eight[["load_s", "compute_s", "comm_s"]].sum(), rel=1e-9)
     assert _width(eight) > _width(four)
 
 
