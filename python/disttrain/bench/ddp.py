@@ -50,7 +50,8 @@ torchvision's layout (7x7 stride-2 stem and max-pool, as
 for the same 11.2 M gradients; the wide MLP (3072 -> 3072 -> 3072 -> 10,
 18.9 M parameters, batch 16 per rank) spends most of a step communicating.
 
-Configurations take turns step by step (rounds x steps timed steps each).
+Configurations take turns step by step (rounds x steps timed steps each), in a
+new order each turn (seeded: the same on every rank and in every run).
 Reported per configuration: training steps per second (1 / median step time,
 each step timed by its slowest rank), the step time as a multiple of the
 no-communication step's (``x floor``), the ratio to torch/gloo and to torch/disttrain, and
@@ -70,6 +71,7 @@ import argparse
 import functools
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -304,9 +306,13 @@ def bench_rank(args) -> None:
             for _ in range(args.warmup):
                 runner.step()
         # Configurations take turns step by step, so load from elsewhere on
-        # the machine falls on all of them alike.
+        # the machine falls on all of them alike, in a new order each turn (the
+        # same on every rank: a fixed seed), so that none always follows the same
+        # one (in a fixed order, two identical configurations differed by 0.03-0.07
+        # x floor, the second faster in both runs).
+        order = random.Random(model_name)
         for _ in range(args.rounds * args.steps):
-            for runner in runners:
+            for runner in order.sample(runners, len(runners)):
                 runner.timed_step()
         params = sum(p.numel() for p in runners[0].model.parameters())
         for runner in runners:
