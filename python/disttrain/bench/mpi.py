@@ -336,19 +336,23 @@ def _run_job(world: int, argv: list[str], label: str) -> list[dict]:
         return [dict(row, load_1min=load) for row in rows]
 
 
+def _same_run(rows: list[dict], row: dict) -> dict[str, float]:
+    """Steps per second of every training configuration of ``row``'s model and world size."""
+    return {r["config"]: r["steps_per_s"] for r in rows
+            if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
+
+
 def _report(rows: list[dict], out: str) -> None:
     print(f"\n{'model':<14} {'ranks':>5} {'configuration':<22} {'steps/s':>8} {'vs mpi4py':>9} {'vs ddp/gloo':>11}")
     for row in rows:
         if row["kind"] != "train":
             continue
-        same = {r["config"]: r["steps_per_s"] for r in rows
-                if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
+        same = _same_run(rows, row)
         print(f"{row['model']:<14} {row['world_size']:>5} {row['config']:<22} {row['steps_per_s']:>8.2f} "
               f"{row['steps_per_s'] / same['mpi4py']:>8.2f}x {row['steps_per_s'] / same['torch-ddp/gloo']:>10.2f}x")
     for row in rows:
         if row["kind"] == "train" and row["config"] == "no-comm":
-            same = {r["config"]: r["steps_per_s"] for r in rows
-                    if r["kind"] == "train" and r["model"] == row["model"] and r["world_size"] == row["world_size"]}
+            same = _same_run(rows, row)
             print(f"ceiling {row['model']} at {row['world_size']} ranks: no data-parallel step beats no-comm, "
                   f"{row['steps_per_s'] / same['mpi4py']:.2f}x the recipe in this run; disttrain-mpi reaches "
                   f"{same['disttrain-mpi'] / row['steps_per_s']:.2f} of the floor's steps/s")
