@@ -92,9 +92,10 @@ class Calibration:
     created: float = 0.0
     version: int = 1                 # files written before VERSION 2 lack it
 
-    def timing(self, model: str, dataset: str, batch: int, workers: int) -> dict | None:
+    def timing(self, model: str, dataset: str, batch: int, workers: int, processes: int = 1) -> dict | None:
         for t in self.timings:
-            if (t["model_name"], t["dataset"], t["batch_size"], t["workers"]) == (model, dataset, batch, workers):
+            if (t["model_name"], t["dataset"], t["batch_size"], t["workers"], t.get("processes", 1)) == \
+                    (model, dataset, batch, workers, processes):
                 return t
         return None
 
@@ -190,13 +191,17 @@ def timed_batches(model_name: str) -> int:
 
 def measure_steps(model_name: str, dataset: str, batch_size: int, workers: int = 0, device: str = "cpu",
                   min_seconds: float = 1.0, min_epochs: int = 2, max_epochs: int = 50,
-                  batches: int | None = None) -> dict:
-    """Times epochs of one configuration with the trainer's own epoch (``Trainer``, one process).
+                  batches: int | None = None, processes: int = 1) -> dict:
+    """Times epochs of one configuration with the trainer's own epoch (``Trainer``).
 
-    The data set is cut to ``batches`` full batches (default: ``timed_batches``)
-    plus the configuration's last, partial batch, all of it when it has fewer;
-    one epoch warms up, then at least ``min_epochs`` epochs and ``min_seconds``
-    are timed.
+    The data set is cut to ``batches`` full batches per rank (default:
+    ``timed_batches``) plus the configuration's last, partial batch, all of it
+    when it has fewer; one epoch warms up, then at least ``min_epochs`` epochs
+    and ``min_seconds`` are timed. With ``processes`` > 1 (CPU only) the
+    trainer runs as that many ranks, as ``disttrain train --nproc-per-node``
+    starts them (processes of their own, one thread each unless
+    ``OMP_NUM_THREADS`` says otherwise, the data set split among them, DDP
+    over the disttrain backend), and rank 0's epochs are timed.
 
     Returns:
         dict: the configuration; ``epoch_s`` (the median timed epoch of the cut
@@ -207,13 +212,80 @@ def measure_steps(model_name: str, dataset: str, batch_size: int, workers: int =
         (the loader's start and first step), ``steps`` and ``epochs`` (how many
         were timed), ``cpu_wait_share`` (the process's run-queue wait per second of
         timed epoch: near 0 on an idle machine; None where Linux's schedstat is
-        not available).
+        not available), ``processes``.
     """
     if dataset not in TRAIN_SAMPLES:
         raise AdvisorInputError(f"unknown data set '{dataset}' (known: {', '.join(TRAIN_SAMPLES)})")
+    if processes < 1 or (processes > 1 and device != "cpu"):
+        raise AdvisorInputError(f"{processes} processes on {device}: a calibration times one process on a GPU, "
+                                "one or more on the CPU")
+    args = (model_name, dataset, batch_size, workers, device, min_seconds, min_epochs, max_epochs,
+            timed_batches(model_name) if batches is None else batches)
+    if processes > 1:
+        return _measure_ranks(args, processes)
     with _one_process_group(), _trainer_side_effects_undone(device):
-        return _measure_steps(model_name, dataset, batch_size, workers, device, min_seconds, min_epochs, max_epochs,
-                              timed_batches(model_name) if batches is None else batches)
+        return _measure_steps(*args)
+
+
+# A rank of a multi-process measurement that has not finished after this long has hung (a peer died
+# before a collective): the process group's timeout, and the whole measurement's.
+_RANK_TIMEOUT_S = 300.0
+
+
+def _measure_ranks(args: tuple, processes: int) -> dict:
+    """measure_steps with ``processes`` ranks: spawned processes (one thread each unless
+    OMP_NUM_THREADS is set, as torchrun starts them) in a group of their own; rank 0's timing."""
+    import multiprocessing as mp
+
+    from .._processes import describe_exit, start_single_threaded, stop
+
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="disttrain-calibrate-") as folder:
+        procs = [context.Process(target=_rank_main, args=(rank, processes, folder, args), daemon=True)
+                 for rank in range(processes)]
+        try:
+            if "OMP_NUM_THREADS" in os.environ:
+                for p in procs:
+                    p.start()
+            else:
+                start_single_threaded(procs)
+            deadline = time.monotonic() + _RANK_TIMEOUT_S + 60
+            for p in procs:
+                p.join(timeout=max(deadline - time.monotonic(), 0.1))
+        finally:
+            stop(procs, terminate=True)
+        for rank, p in enumerate(procs):
+            if p.exitcode != 0:
+                error = Path(folder, f"rank{rank}.err")
+                why = error.read_text().strip().splitlines()[-1] if error.exists() else f"it {describe_exit(p.exitcode)}"
+                raise AdvisorInputError(f"measuring {args[0]} on {processes} processes: rank {rank} failed: {why}")
+        with open(Path(folder, "rank0.json")) as f:
+            return json.load(f)
+
+
+def _rank_main(rank: int, world: int, folder: str, args: tuple) -> None:
+    """One rank of _measure_ranks (a spawned process): its timing (rank 0) or its error into ``folder``."""
+    import datetime
+    import traceback
+
+    import torch.distributed as dist
+
+    from ..distributed import BACKEND_NAME
+
+    try:
+        dist.init_process_group(BACKEND_NAME, store=dist.FileStore(os.path.join(folder, "store"), world), rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=_RANK_TIMEOUT_S))
+        try:
+            with _trainer_side_effects_undone(args[4]):
+                timing = _measure_steps(*args)
+        finally:
+            dist.destroy_process_group()
+        if rank == 0:
+            write_atomically(Path(folder, "rank0.json"), lambda f: json.dump(timing, f), durable=False)
+    except BaseException as e:
+        with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc() + f"{type(e).__name__}: {e}\n")
+        raise SystemExit(1) from None
 
 
 @contextlib.contextmanager
@@ -284,15 +356,18 @@ def _timed_trainer_class():
 def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int, device: str, min_seconds: float,
                    min_epochs: int, max_epochs: int, batches: int) -> dict:
     import torch
+    import torch.distributed as dist
     from torch.utils.data import Subset
 
     from ..trainer import TrainerConfig
 
-    full, rest = divmod(TRAIN_SAMPLES[dataset], batch_size)
+    world = dist.get_world_size()
+    full, rest = divmod(per_rank(TRAIN_SAMPLES[dataset], world), batch_size)
     kept = min(full, max(1, batches))
     torch.manual_seed(0)
     module, train_set, val_set = _model_and_data(model_name, dataset)
-    size = kept * batch_size + rest  # the configuration's last batch, partial or not, is timed too
+    # Each rank's share: the configuration's last batch, partial or not, is timed too.
+    size = world * (kept * batch_size + rest)
     if size != len(train_set):
         train_set = Subset(train_set, [i % len(train_set) for i in range(size)])
     # As `disttrain train` builds it (its defaults: lr 0.05, momentum 0.9, weight decay 1e-4).
@@ -307,8 +382,8 @@ def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int,
         try:
             # The trainer's fit() loop (an epoch, then its evaluation, metrics.csv and snapshot in the
             # background), without resume or signals; the first epoch warms up.
-            while trainer.epoch < 1 + min_epochs or (time.perf_counter() - begin < min_seconds
-                                                      and trainer.epoch < max_epochs):
+            while _another_epoch(trainer.epoch < 1 + min_epochs or (time.perf_counter() - begin < min_seconds
+                                                                     and trainer.epoch < max_epochs), world):
                 before, start = scheduler_threads(), time.perf_counter()
                 trainer._train_epoch()
                 spent = scheduler_delta(before, scheduler_threads())
@@ -332,8 +407,25 @@ def _measure_steps(model_name: str, dataset: str, batch_size: int, workers: int,
     return {"model_name": model_name, "dataset": dataset, "batch_size": int(batch_size), "workers": int(workers),
             "epoch_s": float(np.median(epochs)), "timed_batches": int(kept), "step_s": float(values.mean()),
             "step_s_sd": float(values.std()), "first_batch_s": float(np.median(first)), "steps": len(values),
-            "epochs": len(epochs),
+            "epochs": len(epochs), "processes": int(world),
             "cpu_wait_share": float(sum(w for w, _ in waited) / sum(t for _, t in waited)) if waited else None}
+
+
+def _another_epoch(wanted: bool, world: int) -> bool:
+    """Whether any rank wants another epoch: they all run as many (each epoch holds collectives)."""
+    if world == 1:
+        return wanted
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(wanted)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def per_rank(samples: float, processes: int) -> int:
+    """A rank's samples per epoch when ``processes`` ranks split ``samples`` (the trainer's sampler: ceil)."""
+    return -(-int(samples) // max(int(processes), 1))
 
 
 def scheduler_threads(pid: int | str = "self") -> dict[str, tuple[float, float]] | None:
@@ -368,9 +460,9 @@ def scheduler_delta(before: dict | None, after: dict | None) -> tuple[float, flo
 
 
 def epoch_time(timing: dict, samples: float) -> tuple[float, float, float]:
-    """(epoch, low, high) seconds of an epoch of ``samples`` samples from a measurement: the timed
-    epoch, plus the full batches it lacked at the mean step."""
-    full = int(samples) // timing["batch_size"]
+    """(epoch, low, high) seconds of an epoch of ``samples`` samples (split among the measurement's
+    processes) from a measurement: the timed epoch, plus the full batches it lacked at the mean step."""
+    full = per_rank(samples, timing.get("processes", 1)) // timing["batch_size"]
     center = timing["epoch_s"] + max(full - timing["timed_batches"], 0) * timing["step_s"]
     steps = max(full, 1)
     spread = max(DRIFT, 1.28 * timing["step_s_sd"] / np.sqrt(steps) / max(timing["step_s"], 1e-12))
@@ -404,7 +496,8 @@ def predict(calibration: Calibration, configs: pd.DataFrame, measure: bool = Tru
 
     Each configuration needs ``model_name``, ``batch_size``; ``dataset``
     (default cifar10), ``num_workers_data_loader`` (default 0), ``num_of_gpus``
-    (1; more is refused: the calibration times one process). A configuration
+    (1: one process; more on a CPU: that many processes, the data split among them; more on a GPU
+    is refused, the calibration times one). A configuration
     the calibration lacks is measured now when ``measure`` (and added to it).
 
     Returns:
@@ -415,19 +508,21 @@ def predict(calibration: Calibration, configs: pd.DataFrame, measure: bool = Tru
         model = str(config["model_name"]).strip().lower()
         dataset = re.sub(r"[^a-z0-9]", "", str(config.get("dataset", "cifar10") or "cifar10").lower()) or "cifar10"
         gpus = config.get("num_of_gpus", 1)
-        if pd.notna(gpus) and int(gpus) > 1:
-            raise AdvisorInputError(f"{model} on {int(gpus)} processes: a calibration times one process")
+        processes = 1 if pd.isna(gpus) else int(gpus)
+        if processes > 1 and calibration.device != "cpu":
+            raise AdvisorInputError(f"{model} on {processes} GPUs: a calibration times one GPU")
         workers = config.get("num_workers_data_loader", 0)
         workers = 0 if pd.isna(workers) else int(workers)
         batch = int(config["batch_size"])
         if dataset not in TRAIN_SAMPLES:
             raise AdvisorInputError(f"unknown data set '{dataset}' (known: {', '.join(TRAIN_SAMPLES)})")
-        timing = calibration.timing(model, dataset, batch, workers)
+        timing = calibration.timing(model, dataset, batch, workers, processes)
         if timing is None:
             if not measure:
-                raise AdvisorInputError(f"the calibration lacks {model} on {dataset}, batch {batch}, {workers} workers")
+                raise AdvisorInputError(f"the calibration lacks {model} on {dataset}, batch {batch}, {workers} workers, "
+                                        f"{processes} process(es)")
             device = "cpu" if calibration.device == "cpu" else "cuda"
-            timing = measure_steps(model, dataset, batch, workers, device)
+            timing = measure_steps(model, dataset, batch, workers, device, processes=processes)
             calibration.timings.append(timing)
         center, low, high = epoch_time(timing, TRAIN_SAMPLES[dataset])
         rows.append({"epoch_time_s": center, "epoch_time_s_low": low, "epoch_time_s_high": high})
