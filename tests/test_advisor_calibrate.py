@@ -366,3 +366,11 @@ def test_predict_a_two_rank_trainer_run(calibrated, tmp_path):
     if not 0.6 < ratio < 1.6:
         ratios += [_two_rank_ratio(tmp_path / name)[0] for name in ("second", "third")]
     assert 0.6 < float(np.median(ratios)) < 1.6, ratios
+
+
+def test_a_failing_rank_is_one_line():
+    """A configuration the ranks cannot build: the measurement's error names the rank and the reason."""
+    with pytest.raises(disttrain.advisor.AdvisorInputError, match=r"on 2 processes: rank \d failed: .*no_such_model"):
+        calibrate.measure_steps("no_such_model", "digits", 32, processes=2)
+    with pytest.raises(disttrain.advisor.AdvisorInputError, match="one process on a GPU"):
+        calibrate.measure_steps("small_cnn", "digits", 32, device="cuda", processes=2)

@@ -236,6 +236,7 @@ def _measure_ranks(args: tuple, processes: int) -> dict:
     """measure_steps with ``processes`` ranks: spawned processes (one thread each unless
     OMP_NUM_THREADS is set, as torchrun starts them) in a group of their own; rank 0's timing."""
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     from .._processes import describe_exit, start_single_threaded, stop
 
@@ -249,13 +250,22 @@ def _measure_ranks(args: tuple, processes: int) -> dict:
                     p.start()
             else:
                 start_single_threaded(procs)
+            # Until all have exited, or one failed (its peers may wait for it in a collective), or the deadline.
             deadline = time.monotonic() + _RANK_TIMEOUT_S + 60
-            for p in procs:
-                p.join(timeout=max(deadline - time.monotonic(), 0.1))
+            running = list(procs)
+            while running and time.monotonic() < deadline:
+                wait([p.sentinel for p in running], timeout=max(deadline - time.monotonic(), 0.1))
+                if any(p.exitcode not in (None, 0) for p in running):
+                    break
+                running = [p for p in running if p.exitcode is None]
+            hung = bool(running) and all(p.exitcode in (None, 0) for p in procs)
         finally:
             stop(procs, terminate=True)
-        for rank, p in enumerate(procs):
-            if p.exitcode != 0:
+        if hung:
+            raise AdvisorInputError(f"measuring {args[0]} on {processes} processes: not done after "
+                                    f"{_RANK_TIMEOUT_S + 60:.0f} s")
+        for rank, p in sorted(enumerate(procs), key=lambda rp: not Path(folder, f"rank{rp[0]}.err").exists()):
+            if p.exitcode != 0:  # the rank that reported an error first, not one stopped because of it
                 error = Path(folder, f"rank{rank}.err")
                 why = error.read_text().strip().splitlines()[-1] if error.exists() else f"it {describe_exit(p.exitcode)}"
                 raise AdvisorInputError(f"measuring {args[0]} on {processes} processes: rank {rank} failed: {why}")
@@ -284,7 +294,8 @@ def _rank_main(rank: int, world: int, folder: str, args: tuple) -> None:
             write_atomically(Path(folder, "rank0.json"), lambda f: json.dump(timing, f), durable=False)
     except BaseException as e:
         with open(os.path.join(folder, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc() + f"{type(e).__name__}: {e}\n")
+            f.write(traceback.format_exc() + (str(e) if isinstance(e, AdvisorInputError) else f"{type(e).__name__}: {e}")
+                    + "\n")
         raise SystemExit(1) from None
 
 
