@@ -68,6 +68,9 @@ torch.optim.SGD.step = _slow_step
 
 THREADS = 1
 RUN_EPOCHS = 4   # clean epochs of the run between two predictions
+# The slowed run's epochs are 0.4-0.5 s, most of it the known sleep: 2 between predictions (4 around
+# each) hold its median as well, at half the wait.
+SLOWED_RUN_EPOCHS = 2
 # Predictions per run. Five were tried for the unslowed run (30 Nov 2026, five runs at load 9-13):
 # their medians (0.80, 0.72, 1.23, 0.87, 0.95 for the first run of each) were no closer to 1 than
 # those of their first three (0.80, 0.72, 1.12, 0.87, 1.08), since one trainer process's offset is
@@ -172,7 +175,7 @@ def _interleaved(folder, predict, slow_dir=None, count=PREDICTIONS):
         # The run's first epoch warms up, and those that began while the server was importing are left out.
         clean_from = len(_rows(metrics)) + 1
         for i in range(count + 1):
-            while len(_rows(metrics)) < clean_from + RUN_EPOCHS:
+            while len(_rows(metrics)) < clean_from + (SLOWED_RUN_EPOCHS if slow_dir else RUN_EPOCHS):
                 log.seek(0)
                 assert proc.poll() is None and time.monotonic() < deadline, log.read()[-3000:]
                 time.sleep(POLL_S)
