@@ -292,9 +292,10 @@ def load_epochs(paths_or_dataframe=None) -> pd.DataFrame:
 
 
 def runs_table(epochs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: its configuration and its median epoch time."""
+    """One row per run: its configuration, its median epoch time and its
+    median evaluation-pass time (``test_time_s``, NaN where not logged)."""
     config_columns = [c for c in epochs.columns if c not in
                       ("epoch", "epoch_timings", "test_timings", "test_acc", "train_loss")]
     return epochs.groupby(config_columns, sort=True, dropna=False).agg(
         epoch_time_s=("epoch_timings", "median"), epochs=("epoch", "size"),
-        best_acc=("test_acc", "max")).reset_index()
+        best_acc=("test_acc", "max"), test_time_s=("test_timings", "median")).reset_index()

@@ -57,6 +57,21 @@ those runs pull up the rates of every ResNet-18 configuration. Leaving a
 configuration out (measured): time MAPE 10.4% without the factor, 10.1% with
 it fitted but every prediction made for the reference recipe, 9.3% as built.
 
+A run on a slowed host informs no rate (``slowed_hosts``): the evaluation
+pass does the same work whatever the recipe, so a run whose evaluation pass
+took more than twice (``SLOWED_HOST_FACTOR``, fixed a priori) the share of its
+training epoch that its regime's runs usually took measures its host, not its
+configuration. Of the development runs, only the two learning-rate-0.01 runs
+are flagged (3.2 and 4.5 times the single-process runs' median share; every
+other run within 1.4 times): left in, they pulled up every ResNet-18
+single-process rate (a held-out ResNet-18 at batch 128 came out 12-28% too
+slow; without them 2-12%). They still price the intervals (their residuals are
+among the out-of-fold ones), and a recipe whose runs are all flagged gets no
+factor. Chosen on the cross-validated splits only (issue 21; the holdout was
+not looked at): time MAPE leaving a configuration out 11.7% -> 10.3%, a GPU
+family out 23.9% -> 23.2%, a model out 17.7% -> 17.7%, a run out 10.8% ->
+12.2% (the lr-0.01 twins no longer lend each other their slowness).
+
 The fit is in log space (the errors that matter are relative), weighted by
 the square root of the run's epoch count, with a Cauchy loss: a run on a slow
 or shared node (the logs hold one at 4x the time of its twin) must not bend
@@ -122,6 +137,9 @@ COVERED_INPUTS = {"num_workers_data_loader": "workers", "batch_size": "batch_siz
                   "gpu_family": "gpu", "model_name": "model"}
 # A priori uncertainty (log) of the loading term at a worker count the logs lack: a factor 2 either way.
 LOAD_UNCERTAINTY = float(np.log(2.0))
+# A run whose evaluation pass took more than this many times its regime's usual share of the
+# training epoch ran on a slowed host (slowed_hosts): fixed a priori, a factor 2.
+SLOWED_HOST_FACTOR = 2.0
 
 
 def _forward_difference(residuals, x0: np.ndarray) -> np.ndarray:
@@ -265,9 +283,11 @@ class EpochTimeModel:
     def _fit_core(self, runs: pd.DataFrame):
         families = sorted(runs["gpu_family"].unique())
         models = sorted(runs["model_name"].unique())
+        workers = logged_workers(runs)
+        # Runs on a slowed host inform no rate and no recipe factor (see slowed_hosts).
+        runs = runs[~slowed_hosts(runs)]
         recipes = self._minority_recipes(runs)
         nf, nm, nr = len(families), len(models), len(recipes)
-        workers = logged_workers(runs)
         a = self._arrays(runs, families, models, recipes, workers)
         y = runs["epoch_time_s"].to_numpy(dtype=float)
         epochs = runs["epochs"].to_numpy(dtype=float) if "epochs" in runs.columns else np.full(len(runs), 100.0)
@@ -441,6 +461,29 @@ class EpochTimeModel:
             low[other_workers] -= (LOAD_UNCERTAINTY * share)[other_workers]
             high[other_workers] += (LOAD_UNCERTAINTY * share)[other_workers]
         return low, high
+
+
+def slowed_hosts(runs: pd.DataFrame, factor: float = SLOWED_HOST_FACTOR) -> np.ndarray:
+    """Per run, whether it ran on a slowed host: its evaluation pass took more
+    than ``factor`` times the share of its training epoch that the runs of its
+    execution regime typically took (the median share, over the regime's runs
+    with both times; at least 3 of them). The evaluation pass does the same
+    work whatever the recipe, so a share several times the usual one is the
+    host, not the configuration (of the development runs, the two
+    learning-rate-0.01 ones: 3.2 and 4.5 times; every other run within 1.4
+    times). Runs without an evaluation time (``test_time_s`` missing or NaN)
+    are never flagged."""
+    flagged = np.zeros(len(runs), dtype=bool)
+    if "test_time_s" not in runs.columns or not len(runs):
+        return flagged
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.log(runs["test_time_s"].to_numpy(dtype=float) / runs["epoch_time_s"].to_numpy(dtype=float))
+    regime = runs["is_distributed"].to_numpy().astype(int)
+    for r in np.unique(regime):
+        known = (regime == r) & np.isfinite(share)
+        if known.sum() >= 3:
+            flagged[known] = share[known] > np.median(share[known]) + np.log(factor)
+    return flagged
 
 
 def logged_workers(runs: pd.DataFrame) -> dict:
