@@ -331,6 +331,12 @@ def test_an_epoch_is_split_among_the_processes():
     cal = calibrate.Calibration(device="cpu", host="h", threads=1, timings=[{**timing, "model_name": "m",
                                 "dataset": "digits", "workers": 0}])
     assert cal.timing("m", "digits", 32, 0) is not None and cal.timing("m", "digits", 32, 0, processes=2) is None
+    many = __import__("pandas").DataFrame([{"model_name": "small_cnn", "batch_size": 32, "dataset": "digits",
+                                            "num_of_gpus": calibrate.max_processes() + 1}])
+    with pytest.raises(disttrain.advisor.AdvisorInputError, match="starts at most"):
+        calibrate.predict(cal, many)  # refused before anything is started
+    with pytest.raises(disttrain.advisor.AdvisorInputError, match="on 2 hosts"):
+        calibrate.predict(cal, many.assign(num_of_gpus=4, num_of_nodes=2))
     with pytest.raises(disttrain.advisor.AdvisorInputError, match="one GPU"):
         calibrate.predict(calibrate.Calibration(device="NVIDIA H200", host="h", threads=1),
                           __import__("pandas").DataFrame([{"model_name": "small_cnn", "batch_size": 32,

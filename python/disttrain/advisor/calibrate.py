@@ -434,6 +434,12 @@ def _another_epoch(wanted: bool, world: int) -> bool:
     return bool(flag.item())
 
 
+def max_processes() -> int:
+    """The most ranks a measurement starts on this host: twice its cores, at least 4 (each rank is a
+    process with torch and the model; more would measure swapping, not training)."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
 def per_rank(samples: float, processes: int) -> int:
     """A rank's samples per epoch when ``processes`` ranks split ``samples`` (the trainer's sampler: ceil)."""
     return -(-int(samples) // max(int(processes), 1))
@@ -522,6 +528,12 @@ def predict(calibration: Calibration, configs: pd.DataFrame, measure: bool = Tru
         processes = 1 if pd.isna(gpus) else int(gpus)
         if processes > 1 and calibration.device != "cpu":
             raise AdvisorInputError(f"{model} on {processes} GPUs: a calibration times one GPU")
+        nodes = config.get("num_of_nodes", 1)
+        if pd.notna(nodes) and int(nodes) > 1:
+            raise AdvisorInputError(f"{model} on {int(nodes)} hosts: a calibration measures this host only")
+        if processes > max_processes():
+            raise AdvisorInputError(f"{model} on {processes} processes: a calibration starts at most "
+                                    f"{max_processes()} on this host ({os.cpu_count()} cores)")
         workers = config.get("num_workers_data_loader", 0)
         workers = 0 if pd.isna(workers) else int(workers)
         batch = int(config["batch_size"])

@@ -204,7 +204,7 @@ def _calibrate(args) -> int:
 
 
 _CONFIG_COLUMNS = ["model_name", "gpu", "dataset", "batch_size", "num_workers_data_loader", "num_of_gpus",
-                   "distribute_data", "is_distributed", "learning_rate", "num_of_paramters"]
+                   "num_of_nodes", "distribute_data", "is_distributed", "learning_rate", "num_of_paramters"]
 
 
 def _predict(args) -> int:
