@@ -328,6 +328,9 @@ def test_an_epoch_is_split_among_the_processes():
     assert calibrate.per_rank(1437, 2) == 719 and calibrate.per_rank(1437, 3) == 479
     assert calibrate.epoch_time({**timing, "processes": 2}, 1437)[0] == pytest.approx(1.0 + (719 // 32 - 16) * 0.1)
     assert calibrate.epoch_time(timing, 1437)[0] == pytest.approx(1.0 + (1437 // 32 - 16) * 0.1)  # one process
+    # Each group of rank processes runs at a speed of its own: a wider interval than one process's.
+    center, low, high = calibrate.epoch_time({**timing, "processes": 2}, 1437)
+    assert high / center - 1 == pytest.approx(calibrate.DRIFT_RANKS) and calibrate.DRIFT_RANKS > calibrate.DRIFT
     cal = calibrate.Calibration(device="cpu", host="h", threads=1, timings=[{**timing, "model_name": "m",
                                 "dataset": "digits", "workers": 0}])
     assert cal.timing("m", "digits", 32, 0) is not None and cal.timing("m", "digits", 32, 0, processes=2) is None
