@@ -67,6 +67,11 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
         kwargs["reduce_on_caller"] = True
     if variant == "handoff" and wrapper != "torch":  # every bucket on the progress thread (the default: not the last)
         kwargs["reduce_on_caller"] = False
+    if variant == "onebucket" and wrapper != "torch":  # no overlap: every gradient in one bucket at the end
+        kwargs = {k: v for k, v in kwargs.items() if k != "bucket_cap_mb"}
+        kwargs["overlap"] = False
+    if variant == "defaults":  # each wrapper's own defaults (disttrain: overlap="auto")
+        kwargs = {k: v for k, v in kwargs.items() if k != "bucket_cap_mb"}
     cls = TorchDDP if wrapper == "torch" else disttrain.DistributedDataParallel
     ddp = cls(model, **kwargs)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -97,7 +102,8 @@ def _train(case: str, wrapper: str, rank: int, world_size: int) -> dict:
     return state
 
 
-CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "cnn:handoff", "branchy", "branchy:stale", "bn"]
+CASES = ["cnn", "cnn:view", "cnn:accumulate", "cnn:caller", "cnn:handoff", "cnn:onebucket", "cnn:defaults",
+         "branchy", "branchy:onebucket", "branchy:stale", "bn"]
 
 
 def _numerics(rank, world_size):
@@ -294,8 +300,59 @@ def _bad_arguments(rank, world_size):
         disttrain.DistributedDataParallel(torch.nn.ReLU())
     with pytest.raises(ValueError, match="reduce_on_caller must be True, False or 'last', got 'first'"):
         disttrain.DistributedDataParallel(torch.nn.Linear(2, 2), reduce_on_caller="first")
+    with pytest.raises(ValueError, match="overlap must be True, False or 'auto', got 'yes'"):
+        disttrain.DistributedDataParallel(torch.nn.Linear(2, 2), overlap="yes")
+    with pytest.raises(ValueError, match="bucket_cap_mb must be positive, got 0"):
+        disttrain.DistributedDataParallel(torch.nn.Linear(2, 2), bucket_cap_mb=0)
     return True
 
 
 def test_bad_arguments():
     assert run_ranks(_bad_arguments, 1, backend="gloo") == [True]
+
+
+def _auto_overlap(rank, world_size):
+    """overlap="auto": one bucket at the end where the host's ranks x threads cover its cores,
+    buckets overlapping backward where cores are left; every rank agrees (any rank's busy host)."""
+    import os
+    from unittest import mock
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import disttrain
+
+    torch.set_num_threads(1)
+    model = _models()["cnn"]()
+
+    def ddp_seeing(cores, **kwargs):
+        with mock.patch.object(os, "sched_getaffinity", lambda pid: set(range(cores))):
+            return disttrain.DistributedDataParallel(model, **kwargs)
+
+    out = {}
+    busy = ddp_seeing(world_size)  # as many cores as ranks, one thread each: all computing
+    out["busy"] = (busy.overlap, len(busy.bucket_plan()))
+    idle = ddp_seeing(64, bucket_cap_mb=0.004)  # buckets chosen by the user: overlap
+    out["given_cap"] = (idle.overlap, len(idle.bucket_plan()))
+    roomy = ddp_seeing(64)
+    out["roomy"] = roomy.overlap
+    # One host busy, the other not: they must build the same buckets, so both take no overlap.
+    mixed = ddp_seeing(world_size if rank == 0 else 64)
+    out["mixed"] = (mixed.overlap, len(mixed.bucket_plan()))
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    F.cross_entropy(mixed(x), y).backward()  # a step on the agreed layout completes
+    out["grad"] = float(next(model.parameters()).grad.abs().sum())
+    out["forced"] = ddp_seeing(world_size, overlap=True).overlap
+    gloo = dist.new_group(backend="gloo")
+    out["gloo"] = ddp_seeing(world_size, process_group=gloo).overlap  # not a disttrain group
+    return out
+
+
+def test_auto_overlap_follows_the_cores_and_ranks_agree():
+    results = run_ranks(_auto_overlap, 2, timeout=120)
+    for r in results:
+        assert r["busy"] == (False, 1) and r["mixed"] == (False, 1), r
+        assert r["given_cap"][0] is True and r["given_cap"][1] > 1, r
+        assert r["roomy"] is True and r["forced"] is True and r["gloo"] is True, r
+    assert results[0]["grad"] == results[1]["grad"] > 0  # averaged: the same on both ranks

@@ -29,6 +29,7 @@ DISTTRAIN_BINDINGS(distributed) {
       .def_property_readonly("address", &DisttrainBackend::address)
       .def_property_readonly("transport", &DisttrainBackend::transport_name)
       .def_property_readonly("rejected_connections", &DisttrainBackend::rejected_connections)
+      .def_property_readonly("host_ranks", &DisttrainBackend::host_ranks)
       .def_property_readonly("caller_thread_ops", &DisttrainBackend::caller_thread_ops)
       .def_property_readonly("options", [](const DisttrainBackend& b) { return describe(b.options()); });
   m.def(

@@ -195,6 +195,9 @@ class DisttrainBackend : public c10d::Backend {
   // each host, TCP between hosts) or "tcp".
   std::string transport_name() const { return hierarchical_ ? "shm+tcp" : shm_ ? "shm" : "tcp"; }
   uint64_t rejected_connections() const { return transport_->rejected_connections(); }
+  // The group's ranks on this host that share memory with this one (the shared-memory
+  // group's size), 1 where there is none (TCP only).
+  int host_ranks() const { return shm_ ? shm_->size() : 1; }
   // Ops run on the caller's thread instead of the progress thread (the
   // small synchronous all-reduce over shared memory; see run_or_enqueue()).
   uint64_t caller_thread_ops() const { return caller_thread_ops_.load(std::memory_order_relaxed); }

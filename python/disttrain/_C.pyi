@@ -54,6 +54,9 @@ class ProcessGroupDisttrain(_C10dBackend, metaclass=_pybind11_type):
     def rejected_connections(self) -> int:
         """Connections dropped since set-up (no or wrong job secret)."""
     @property
+    def host_ranks(self) -> int:
+        """The group's ranks on this host that share memory with this one; 1 over TCP only."""
+    @property
     def caller_thread_ops(self) -> int:
         """Ops run on the caller's thread, not the progress thread (small synchronous all-reduce over shared memory)."""
     @property

@@ -9,11 +9,13 @@ the same machine:
 
     torch/gloo            torch.nn.parallel.DistributedDataParallel over gloo
     torch/disttrain       torch DDP over the disttrain backend
-    disttrain/disttrain   disttrain.DistributedDataParallel over disttrain
-    disttrain-bf16/...    the same with compression="bf16" (gradients in bf16 on the wire)
-    disttrain-caller/...  disttrain DDP with reduce_on_caller=True: the thread that completes a
-                          bucket (backward's) all-reduces it itself, no progress thread
-    disttrain-handoff/... (on request only) reduce_on_caller=False: every bucket on the progress
+    disttrain/disttrain   disttrain.DistributedDataParallel over disttrain (its defaults: with one torch
+                          thread per rank and ranks >= cores, no overlap, one bucket at the end)
+    disttrain-overlap/... overlap=True: buckets all-reduced while backward runs, whatever the cores
+    disttrain-bf16/...    disttrain/... with compression="bf16" (gradients in bf16 on the wire)
+    disttrain-caller/...  disttrain DDP with overlap=True, reduce_on_caller=True: the thread that
+                          completes a bucket (backward's) all-reduces it itself, no progress thread
+    disttrain-handoff/... (on request only) overlap=True, reduce_on_caller=False: every bucket on the progress
                           thread, the last one too (the default, "last", reduces that one on
                           backward's thread when nothing else is in flight)
     disttrain/gloo        disttrain DDP over gloo: the reducer against torch's on one backend
@@ -83,8 +85,8 @@ from disttrain.bench import format_or_dash, per_world_size_main, write_csv
 GROUP_OPTIONS = {"disttrain-slot4m": {"shm_slot_bytes": str(4 << 20)},
                  "disttrain-slot1m": {"shm_slot_bytes": str(1 << 20)}, "disttrain-slot2m": {"shm_slot_bytes": str(2 << 20)},
                  "disttrain-sleep": {"shm_wait": "sleep"}, "disttrain-yield": {"shm_wait": "yield"}}
-DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-bf16/disttrain",
-                   "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
+DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-overlap/disttrain",
+                   "disttrain-bf16/disttrain", "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
                    "no-comm+copy", "comm-only")
 CONFIGS = DEFAULT_CONFIGS + ("disttrain-handoff/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
                               "disttrain/disttrain-slot1m", "disttrain/disttrain-slot2m")
@@ -209,10 +211,12 @@ class _Runner:
             if cap:
                 kwargs["bucket_cap_mb"] = float(cap)
             compression = "bf16" if wrapper.endswith("bf16") else None
-            if wrapper.endswith("caller"):
-                kwargs["reduce_on_caller"] = True
+            if wrapper.endswith("caller"):  # each bucket as it becomes ready: several buckets
+                kwargs.update(reduce_on_caller=True, overlap=True)
             elif wrapper.endswith("handoff"):
-                kwargs["reduce_on_caller"] = False
+                kwargs.update(reduce_on_caller=False, overlap=True)
+            elif wrapper.endswith("overlap"):
+                kwargs["overlap"] = True
             self.ddp = disttrain.DistributedDataParallel(self.model, process_group=self.group,
                                                          compression=compression, **kwargs)
         self.ours = not wrapper.startswith("torch")

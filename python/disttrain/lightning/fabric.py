@@ -68,7 +68,7 @@ class DisttrainFabricDDPStrategy(_FabricBase):
         ...     fabric.backward(loss)
     """
 
-    def __init__(self, *, bucket_cap_mb: float = 25, compression: str | None = None,
+    def __init__(self, *, bucket_cap_mb: float | None = None, compression: str | None = None,
                  gradient_as_bucket_view: bool = False, find_unused_parameters: bool = False,
                  broadcast_buffers: bool = True, **kwargs: Any):
         super().__init__(**kwargs)

@@ -105,7 +105,8 @@ class DisttrainDDPStrategy(_DisttrainStrategyBase):
     or this class for options.
 
     Args:
-        bucket_cap_mb: gradient bucket size in MiB (default 25).
+        bucket_cap_mb: gradient bucket size in MiB (default: 25, or one bucket
+            where the cores are all computing; see DistributedDataParallel's overlap).
         compression: ``"bf16"`` or ``"fp16"`` to all-reduce gradients in half
             precision; None (default) for full precision.
         gradient_as_bucket_view: gradients are views into their buckets (one
@@ -126,7 +127,7 @@ class DisttrainDDPStrategy(_DisttrainStrategyBase):
 
     strategy_name = "disttrain_ddp"
 
-    def __init__(self, *, bucket_cap_mb: float = 25, compression: str | None = None,
+    def __init__(self, *, bucket_cap_mb: float | None = None, compression: str | None = None,
                  gradient_as_bucket_view: bool = False, find_unused_parameters: bool = False,
                  broadcast_buffers: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
