@@ -92,8 +92,9 @@ class DistributedDataParallel(nn.Module):
             there is no idle core for the reduction, which would only take
             turns with backward on a busy one, and one bucket reduced at
             the end on backward's thread was measured faster (wide MLP at 2
-            ranks on 2 cores: 1.11-1.15x the no-communication step against
-            1.19-1.20x; docs/ddp.md). ``True``: always overlap; ``False``:
+            ranks on 2 cores, 9 quiet runs: a median of 1.12x the
+            no-communication step against 1.19x; docs/ddp.md). ``True``:
+            always overlap; ``False``:
             never (one bucket).
 
     Example:
