@@ -1,5 +1,5 @@
-"""What the DDP and FSDP wrappers share: the default group, the tensors of a
-forward's output, the broadcast chunk size and the wire dtypes."""
+"""What the DDP and FSDP wrappers (and the trainer) share: the default group, the tensors of a
+forward's output, the broadcast chunk size, the wire dtypes and a flag agreed by every rank."""
 
 from __future__ import annotations
 
@@ -48,6 +48,20 @@ def default_group(owner: str, process_group: dist.ProcessGroup | None) -> dist.P
     group = dist.group.WORLD
     assert group is not None
     return group
+
+
+def flag_tensor(flag: bool) -> torch.Tensor:
+    """The one-element tensor any_rank all-reduces for ``flag`` (a fault injected into that
+    collective sends the same, so its signature matches the peers')."""
+    return torch.tensor([1.0 if flag else 0.0])
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank of ``group`` (default: the default group) if ``flag`` is true on any
+    (one small all-reduce): for decisions every rank must take alike."""
+    t = flag_tensor(flag)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def average_coalesced(group: dist.ProcessGroup, tensors: list[torch.Tensor], async_op: bool = True) -> Any:

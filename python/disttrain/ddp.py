@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _C, trace
-from ._parallel import BROADCAST_CHUNK_BYTES, default_group, find_tensors, wire_dtype
+from ._parallel import BROADCAST_CHUNK_BYTES, any_rank, default_group, find_tensors, wire_dtype
 
 # torch DDP's first bucket: small, so the first all-reduce starts early.
 _FIRST_BUCKET_BYTES = 1024 * 1024
@@ -37,10 +37,7 @@ def _cores_busy(group: dist.ProcessGroup, params: list[nn.Parameter]) -> bool:
         return False
     if not isinstance(backend, _C.ProcessGroupDisttrain):
         return False
-    busy = backend.host_ranks * torch.get_num_threads() >= len(os.sched_getaffinity(0))
-    flag = torch.tensor([int(busy)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+    return any_rank(backend.host_ranks * torch.get_num_threads() >= len(os.sched_getaffinity(0)), group)
 
 
 class DistributedDataParallel(nn.Module):

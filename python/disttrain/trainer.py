@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import snapshot
+from ._parallel import any_rank, flag_tensor
 from .distributed import init as init_process_group
 from .fault_injection import FaultInjector
 from .train_metrics import describe_run, write_metrics_csv
@@ -533,11 +534,9 @@ class Trainer:
     # --- helpers -----------------------------------------------------------------------------
     def _agree(self, flag: bool, fault_step: int | None = None) -> bool:
         """True on every rank if ``flag`` is true on any (one small all-reduce)."""
-        t = torch.tensor([1.0 if flag else 0.0])
         if fault_step is not None:
-            self._faults.in_collective(fault_step, lambda: dist.all_reduce(t.clone(), async_op=True))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            self._faults.in_collective(fault_step, lambda: dist.all_reduce(flag_tensor(flag), async_op=True))
+        return any_rank(flag)
 
     def _rescale_lr(self, factor: float) -> None:
         if factor == 1.0:

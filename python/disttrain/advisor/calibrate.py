@@ -434,12 +434,9 @@ def _another_epoch(wanted: bool, world: int) -> bool:
     """Whether any rank wants another epoch: they all run as many (each epoch holds collectives)."""
     if world == 1:
         return wanted
-    import torch
-    import torch.distributed as dist
+    from .._parallel import any_rank
 
-    flag = torch.tensor([int(wanted)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(wanted)
 
 
 def max_processes() -> int:
