@@ -26,15 +26,24 @@ ADVISOR_DEPENDENCIES = ("pandas", "lightgbm", "scipy")
 HINT = "pip install 'disttrain[advisor]'"
 
 
-def _python(code: str, *, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def _start(code: str, *, env=None) -> subprocess.Popen:
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=cwd or REPO, env=env, timeout=timeout)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
 
 
-def test_import_disttrain_imports_no_advisor_dependency():
-    out = _python(f"""
+def _finished(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _import_check() -> str:
+    return f"""
         import json, sys
         deps = {ADVISOR_DEPENDENCIES!r}
         seen = {{}}
@@ -46,17 +55,12 @@ def test_import_disttrain_imports_no_advisor_dependency():
         from disttrain.advisor import Advisor
         seen["Advisor"] = [m for m in deps if m in sys.modules]
         print(json.dumps(seen))
-    """)
-    assert out.returncode == 0, out.stderr
-    seen = json.loads(out.stdout)
-    assert seen["disttrain"] == [] and seen["disttrain.advisor"] == []
-    assert seen["Advisor"] == list(ADVISOR_DEPENDENCIES)  # the check can see them when they are imported
+    """
 
 
-@pytest.mark.parametrize("blocked", ["pandas", "lightgbm"])
-def test_missing_dependency_is_one_line_with_the_install_hint(blocked):
+def _blocked_check(blocked: str) -> str:
     # sys.modules[name] = None makes 'import name' fail as if it were not installed.
-    out = _python(f"""
+    return f"""
         import sys
         sys.modules[{blocked!r}] = None
         from disttrain.cli import main
@@ -66,7 +70,54 @@ def test_missing_dependency_is_one_line_with_the_install_hint(blocked):
         except ImportError as e:
             print("api:", e)
         sys.exit(code)
-    """)
+    """
+
+
+def _predict_check(rows: Path) -> str:
+    return f"""
+        import sys
+        sys.modules["lightgbm"] = None
+        from disttrain.cli import main
+        sys.exit(main(["advise", "--predict", {str(rows)!r}]))
+    """
+
+
+HELP_CHECK = """
+    import sys
+    sys.modules["pandas"] = None
+    from disttrain.cli import main
+    sys.exit(main(["advise", "--help"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    """Each check below is a fresh interpreter (what it imports is the point), most of its time
+    importing torch: all are started at once, on the machine's cores, and each test reads its own."""
+    rows = tmp_path_factory.mktemp("predict") / "metrics.csv"
+    rows.write_text("epoch,epoch_timings,model_name,gpu,batch_size\n0,10.0,resnet18,Tesla P40,128\n")
+    started = {"import": _start(_import_check()),
+               "pandas": _start(_blocked_check("pandas")), "lightgbm": _start(_blocked_check("lightgbm")),
+               "predict": _start(_predict_check(rows), env=dict(os.environ, DISTTRAIN_ADVISOR_CACHE="off")),
+               "help": _start(HELP_CHECK)}
+    yield started
+    for proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_import_disttrain_imports_no_advisor_dependency(checks):
+    out = _finished(checks["import"])
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["disttrain"] == [] and seen["disttrain.advisor"] == []
+    assert seen["Advisor"] == list(ADVISOR_DEPENDENCIES)  # the check can see them when they are imported
+
+
+@pytest.mark.parametrize("blocked", ["pandas", "lightgbm"])
+def test_missing_dependency_is_one_line_with_the_install_hint(checks, blocked):
+    out = _finished(checks[blocked])
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
@@ -77,29 +128,17 @@ def test_missing_dependency_is_one_line_with_the_install_hint(blocked):
     assert out.stdout.startswith("api: ") and HINT in out.stdout
 
 
-def test_predict_checks_the_model_dependencies_when_it_needs_the_model(tmp_path):
+def test_predict_checks_the_model_dependencies_when_it_needs_the_model(checks):
     # --predict alone imports LightGBM, SciPy and scikit-learn only for a configuration the fitted
     # model predicts (a device calibrated here is measured); then a missing one is still one line.
-    rows = tmp_path / "metrics.csv"
-    rows.write_text("epoch,epoch_timings,model_name,gpu,batch_size\n0,10.0,resnet18,Tesla P40,128\n")
-    out = _python(f"""
-        import sys
-        sys.modules["lightgbm"] = None
-        from disttrain.cli import main
-        sys.exit(main(["advise", "--predict", {str(rows)!r}]))
-    """, env=dict(os.environ, DISTTRAIN_ADVISOR_CACHE="off"))
+    out = _finished(checks["predict"])
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "lightgbm" in lines[0] and HINT in lines[0], out.stderr
 
 
-def test_help_needs_no_advisor_dependency():
-    out = _python("""
-        import sys
-        sys.modules["pandas"] = None
-        from disttrain.cli import main
-        sys.exit(main(["advise", "--help"]))
-    """)
+def test_help_needs_no_advisor_dependency(checks):
+    out = _finished(checks["help"])
     assert out.returncode == 0 and "--no-default-logs" in out.stdout, out.stderr
 
 
