@@ -356,3 +356,69 @@ def test_auto_overlap_follows_the_cores_and_ranks_agree():
         assert r["given_cap"][0] is True and r["given_cap"][1] > 1, r
         assert r["roomy"] is True and r["forced"] is True and r["gloo"] is True, r
     assert results[0]["grad"] == results[1]["grad"] > 0  # averaged: the same on both ranks
+
+
+def _no_sync_after_failed_backward(rank, world_size):
+    """A backward that raises midway (some gradients already counted) leaves no trace in the
+    reducer: the next no_sync() micro-batch accumulates locally (it raised 'received a gradient
+    twice' instead), and the synchronised one after it reduces the sum, as if the failed step
+    had never run."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import disttrain
+
+    class Boom(Exception):
+        pass
+
+    class RaiseInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, go):
+            ctx.go = go
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.go:
+                raise Boom("a NaN check in backward")
+            return grad, None
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.fail = False
+
+        def forward(self, x):  # `last` gets its gradient before the failure, `first` never does
+            return self.last(RaiseInBackward.apply(torch.relu(self.first(x)), self.fail))
+
+    gen = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)) for _ in range(3)]
+    grads = {}
+    for overlap in (False, True):
+        for failed_first in (False, True):
+            torch.manual_seed(0)
+            net = Net()
+            ddp = disttrain.DistributedDataParallel(net, overlap=overlap)
+            assert ddp.overlap is overlap
+            F.cross_entropy(ddp(batches[0][0]), batches[0][1]).backward()  # a first step: buckets rebuilt
+            net.zero_grad()
+            if failed_first:
+                net.fail = True
+                with pytest.raises(Boom):
+                    F.cross_entropy(ddp(batches[0][0]), batches[0][1]).backward()
+                net.fail = False
+                net.zero_grad()
+            with ddp.no_sync():
+                F.cross_entropy(ddp(batches[1][0]), batches[1][1]).backward()
+            F.cross_entropy(ddp(batches[2][0]), batches[2][1]).backward()
+            grads[overlap, failed_first] = [p.grad.clone() for p in net.parameters()]
+    for overlap in (False, True):
+        for clean, after_failure in zip(grads[overlap, False], grads[overlap, True]):
+            torch.testing.assert_close(after_failure, clean, rtol=0, atol=0)
+    return True
+
+
+def test_no_sync_after_a_failed_backward():
+    assert run_ranks(_no_sync_after_failed_backward, 2, timeout=120, pg_timeout=30) == [True, True]

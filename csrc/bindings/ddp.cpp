@@ -37,6 +37,8 @@ DISTTRAIN_BINDINGS(ddp) {
            py::arg("wire_dtype"), py::arg("reduce_on_caller") = "last")
       .def("prepare_for_backward", &Reducer::prepare_for_backward, py::arg("outputs"),
            py::call_guard<py::gil_scoped_release>())
+      .def("discard_unfinished_backward", &Reducer::discard_unfinished_backward,
+           py::call_guard<py::gil_scoped_release>())
       .def("bucket_plan", &Reducer::bucket_plan)
       .def_property_readonly("rebuilt", &Reducer::rebuilt)
       .def("last_trace", [](const Reducer& r) {

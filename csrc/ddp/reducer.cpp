@@ -154,6 +154,12 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   }
 }
 
+void Reducer::discard_unfinished_backward() {
+  std::lock_guard<std::mutex> lock(mu_);
+  // The final callback was queued but never ran: autograd dropped it with the exception.
+  if (callback_queued_) reset_iteration();
+}
+
 std::vector<int64_t> Reducer::locally_unused(const std::vector<at::Tensor>& outputs) const {
   std::unordered_set<const torch::autograd::Node*> seen;
   std::vector<const torch::autograd::Node*> stack;

@@ -72,6 +72,12 @@ class Reducer {
   // marked ready (with zero contribution) when backward starts.
   void prepare_for_backward(const std::vector<at::Tensor>& outputs);
 
+  // Called by a forward whose gradients are not to be synchronised (no_sync):
+  // forgets a backward that started reducing but never finished (it raised
+  // midway), so that the next backward accumulates locally instead of
+  // counting its gradients as that one's second.
+  void discard_unfinished_backward();
+
   // Bucket plan as reducer parameter indices, in launch order.
   std::vector<std::vector<int64_t>> bucket_plan() const;
   BackwardTrace last_trace() const;
