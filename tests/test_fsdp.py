@@ -383,6 +383,48 @@ def test_state_dicts_and_errors():
     assert run_ranks(_state_dict_and_errors, 2, timeout=120) == [True, True]
 
 
+def _clip_nonfinite_and_empty(rank, world_size):
+    import math
+
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    class Empty(nn.Module):  # a unit of one zero-element parameter: its shard and gradient are empty
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Parameter(torch.zeros(0))
+
+        def forward(self, x):
+            return x + self.e.sum()
+
+    out = []
+    model = disttrain.FullyShardedDataParallel(nn.Sequential(nn.Linear(2, 2), Empty()), stage=2,
+                                               auto_wrap=lambda m: isinstance(m, Empty))
+    model(torch.ones(3, 2)).sum().backward()
+    out.append(model.clip_grad_norm_(1.0, float("inf")).item())
+    for norm_type in (2.0, float("inf")):
+        model = disttrain.FullyShardedDataParallel(nn.Linear(4, 4), stage=2)
+        x = torch.ones(2, 4)
+        if rank == 1:
+            x[0, 0] = float("nan")  # the averaged gradient holds NaN in every rank
+        model(x).sum().backward()
+        out.append(math.isnan(model.clip_grad_norm_(1.0, norm_type).item()))
+    return out
+
+
+def test_clip_grad_norm_of_nan_and_empty_gradients():
+    """clip_grad_norm_ returns NaN (as torch's does) when a gradient holds NaN,
+    for the inf norm too (it returned the largest finite entry: a loop checking
+    the norm for finiteness stepped on NaN gradients), and the inf norm of a
+    unit whose shard is empty (a zero-element parameter) is a number, not a
+    'max(): Expected reduction dim' error."""
+    results = run_ranks(_clip_nonfinite_and_empty, 2, timeout=120)
+    assert results[0] == results[1]
+    assert results[0][0] > 0 and results[0][1:] == [True, True]
+
+
 def _cli(rank, world_size, argv):
     """`disttrain train ARGV` in one rank; returns what the run's summary says
     about resuming (the command itself returns only its exit status)."""

@@ -234,23 +234,31 @@ double ShardEngine::clip_grad_norm(double max_norm, double norm_type) {
   const bool inf = std::isinf(norm_type);
   TORCH_CHECK(inf || norm_type == 2.0, "clip_grad_norm_: norm_type must be 2 or inf, got ", norm_type);
   double local = 0.0;
+  // The inf norm's NaN travels as a flag: std::max and a backend's MAX may drop
+  // a NaN, and torch's clip_grad_norm_ returns NaN then (a loop that checks the
+  // norm for finiteness must see it). The sum of the 2-norm propagates NaN itself.
+  double nan_seen = 0.0;
   std::vector<at::Tensor> grads;
   for (auto& u : units_) {
     const at::Tensor& g = u->shard().grad();
     if (!g.defined()) continue;
     grads.push_back(g);
+    if (g.numel() == 0) continue;  // an empty shard (a zero-element unit): max() of nothing is an error
     if (inf) {
-      local = std::max(local, g.abs().max().item<double>());
+      const double m = g.abs().max().item<double>();
+      if (std::isnan(m)) nan_seen = 1.0;
+      else local = std::max(local, m);
     } else {
       const double n = at::linalg_vector_norm(g, 2.0, c10::nullopt, false, at::kDouble).item<double>();
       local += n * n;
     }
   }
-  std::vector<at::Tensor> total{at::full({1}, local, at::kDouble)};
+  std::vector<at::Tensor> total{inf ? at::tensor({local, nan_seen}, at::kDouble) : at::full({1}, local, at::kDouble)};
   c10d::AllreduceOptions opts;
   opts.reduceOp = inf ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM;
   group_->allreduce(total, opts)->wait();
-  const double norm = inf ? total[0].item<double>() : std::sqrt(total[0].item<double>());
+  double norm = inf ? total[0][0].item<double>() : std::sqrt(total[0][0].item<double>());
+  if (inf && total[0][1].item<double>() > 0) norm = std::numeric_limits<double>::quiet_NaN();
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1.0) {
     at::NoGradGuard no_grad;
