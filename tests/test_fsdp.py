@@ -236,6 +236,65 @@ def test_reshard_round_trip(tmp_path):
                                                                        "shard_00002.dts"]
 
 
+def _reshard_float64_and_tiny_job(rank, world_size, path, phase):
+    """Two models with Adam: float64 (root unit of 35 elements), and one weight of a single
+    element (at 3 ranks, ranks 1 and 2 hold only padding). Saves after a step or loads; returns
+    the full parameters and each rank's Adam state, as numpy."""
+    import os
+
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    out = []
+    for name in ("float64", "tiny"):
+        torch.manual_seed(0)
+        if name == "float64":
+            module = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)).double()
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.add_(1 / 3)  # digits that float32 cannot hold
+        else:
+            module = nn.Linear(1, 1, bias=False)
+        dtype = next(module.parameters()).dtype
+        model = disttrain.FullyShardedDataParallel(module, stage=3)
+        opt = disttrain.ShardedOptimizer(torch.optim.Adam, model, lr=0.1)
+        where = os.path.join(path, name)
+        if phase == "save":
+            opt.zero_grad()
+            model(torch.ones(2, module[0].in_features if name == "float64" else 1, dtype=dtype)).sum().backward()
+            opt.step()
+            model.sharded_state_dict(where, opt)
+        else:
+            model.load_sharded_state_dict(where, opt)
+        state = {k: v.numpy() for k, v in model.full_state_dict(rank0_only=False).items()}
+        adam = {k: v.numpy() for k, v in opt.state[model.flat_shards[0]].items()}
+        out.append((state, adam))
+    return out
+
+
+def test_reshard_keeps_float64_and_ranks_holding_only_padding(tmp_path):
+    """A float64 checkpoint saved at 2 ranks loads at 3 exactly (it was rounded to
+    float32 on a rank that did not read old rank 0's shard), and a model smaller than
+    the world loads with its optimizer (ranks holding only padding raised StopIteration)."""
+    import numpy as np
+    saved = run_ranks(_reshard_float64_and_tiny_job, 2, args=(str(tmp_path), "save"), timeout=120)
+    loaded = run_ranks(_reshard_float64_and_tiny_job, 3, args=(str(tmp_path), "load"), timeout=120)
+    for model in range(2):
+        for rank in range(3):
+            for k, v in saved[0][model][0].items():
+                np.testing.assert_array_equal(loaded[rank][model][0][k], v, err_msg=k)
+        assert loaded[0][model][1]["step"] == saved[0][model][1]["step"]
+    for key in ("exp_avg", "exp_avg_sq"):  # the tiny model's one element lives on rank 0
+        np.testing.assert_array_equal(loaded[0][1][1][key], saved[0][1][1][key])
+        assert loaded[1][1][1][key].tolist() == loaded[2][1][1][key].tolist() == [0.0]
+    for rank in range(3):  # float64 Adam state, exactly what the old ranks held
+        old = np.concatenate([saved[r][0][1]["exp_avg"] for r in range(2)])[:35]
+        new = np.concatenate([loaded[r][0][1]["exp_avg"] for r in range(3)])[:35]
+        np.testing.assert_array_equal(new, old)
+
+
 def _resave_job(rank, world_size, path, phase):
     """phase "crash": trains a step, saves to `path` (state A), trains another,
     re-saves to `path` with rank 1 SIGKILLed mid-shard; rank 0 returns

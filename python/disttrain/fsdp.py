@@ -548,15 +548,22 @@ class FullyShardedDataParallel(nn.Module):
         old_world = manifest["world_size"]
         needed = sorted({r for u in mine for r in _C.reshard_sources(u["total"], old_world, self.rank,
                                                                        self.world_size)})
+        if not needed and optimizer is not None:
+            # Every slice of this rank is padding (a model smaller than the world): the
+            # optimizer's param groups and scalar state still come from a saved rank.
+            needed = [0]
         saved = {r: snapshot.load(os.path.join(path, generation, _shard_file(r))) for r in needed}
-        empty = torch.empty(0)
 
-        def reshard(total: int, pieces: dict[int, torch.Tensor]) -> torch.Tensor:
+        def reshard(total: int, pieces: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+            # The placeholders for ranks not read carry the pieces' dtype: the engine takes the
+            # result's dtype from the first one (a float32 placeholder rounded float64 shards).
+            empty = torch.empty(0, dtype=dtype)
             return _C.reshard_flat([pieces.get(r, empty) for r in range(old_world)], total, self.rank,
                                    self.world_size)
 
         for i, u in enumerate(mine):
-            self._engine.unit(i).load_shard(reshard(u["total"], {r: s["shards"][i] for r, s in saved.items()}))
+            self._engine.unit(i).load_shard(reshard(u["total"], {r: s["shards"][i] for r, s in saved.items()},
+                                                    self.flat_shards[i].dtype))
         self.module.load_state_dict(manifest["buffers"])
         if optimizer is not None:
             optimizer.load_state_dict(self._reshard_optimizer_state(saved, old_world, reshard))
@@ -575,7 +582,7 @@ class FullyShardedDataParallel(nn.Module):
             entry = {}
             for key, value in first.items():
                 if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == old_numel:
-                    entry[key] = reshard(u["total"], {r: v[key] for r, v in per_rank.items()})
+                    entry[key] = reshard(u["total"], {r: v[key] for r, v in per_rank.items()}, value.dtype)
                 else:
                     entry[key] = value  # replicated (Adam's step)
             state[i] = entry
