@@ -484,6 +484,86 @@ def test_clip_grad_norm_of_nan_and_empty_gradients():
     assert results[0][0] > 0 and results[0][1:] == [True, True]
 
 
+def _after_an_unfinished_backward(rank, world_size):
+    """Per stage and disruption, the final parameters of SGD-with-momentum training in which step 1
+    first runs a disrupted backward, next to those of a run without it."""
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    class Boom(Exception):
+        pass
+
+    class RaiseInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise Boom("a NaN check in backward")
+
+    class Block(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.linear = nn.Linear(n_in, n_out)
+
+        def forward(self, x):
+            return torch.tanh(self.linear(x))
+
+    class Net(nn.Module):  # the head and block 1 get their gradients before the failure, block 0 never
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Block(3, 4), Block(4, 4))
+            self.head = nn.Linear(4, 1)
+            self.fail = False
+
+        def forward(self, x):
+            h = self.blocks[0](x)
+            return self.head(self.blocks[1](RaiseInBackward.apply(h) if self.fail else h))
+
+    out = {}
+    for stage in (1, 2, 3):
+        for disruption in (None, "raise", "input-grad"):
+            torch.manual_seed(0)
+            net = Net()
+            model = disttrain.FullyShardedDataParallel(net, stage=stage, auto_wrap={Block})
+            opt = disttrain.ShardedOptimizer(torch.optim.SGD, model, lr=0.1, momentum=0.9)
+            gen = torch.Generator().manual_seed(rank)
+            for step in range(3):
+                x = torch.randn(4, 3, generator=gen)
+                if step == 1 and disruption == "raise":
+                    net.fail = True
+                    try:
+                        model(x).sum().backward()
+                    except Boom:
+                        pass
+                    net.fail = False
+                elif step == 1 and disruption == "input-grad":  # a backward that reaches no parameter
+                    x_in = x.clone().requires_grad_(True)
+                    torch.autograd.grad(model(x_in).sum(), x_in)
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+            out[stage, disruption] = {k: v.numpy() for k, v in model.full_state_dict(rank0_only=False).items()}
+    return out
+
+
+def test_training_continues_after_an_unfinished_backward():
+    """A backward that raised midway (some units already reducing, autograd dropped the
+    final callback) or one that reached no parameter (torch.autograd.grad of the input)
+    leaves no trace: the next step trains as if it had not run, at every stage (it raised
+    'received gradients twice in one backward', or at stage 3 'setStorage: ... out of
+    bounds for storage of size 0': the unit was not gathered for the next backward)."""
+    import numpy as np
+    results = run_ranks(_after_an_unfinished_backward, 2, timeout=180)
+    for stage in (1, 2, 3):
+        for disruption in ("raise", "input-grad"):
+            for k, v in results[0][stage, None].items():
+                np.testing.assert_array_equal(results[0][stage, disruption][k], v, err_msg=f"{stage} {disruption} {k}")
+
+
 def _cli(rank, world_size, argv):
     """`disttrain train ARGV` in one rank; returns what the run's summary says
     about resuming (the command itself returns only its exit status)."""

@@ -2,6 +2,7 @@
 
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
 #include <cmath>
@@ -82,6 +83,8 @@ void ShardEngine::prefetch(int64_t index) {
 
 void ShardEngine::begin_forward() {
   std::lock_guard<std::mutex> lock(mu_);
+  // Outside any backward (a forward recomputed inside one must not touch its state).
+  if (torch::autograd::get_current_graph_task_id() == -1) discard_unfinished_backward_locked();
   this_forward_.clear();
   std::fill(ran_forward_.begin(), ran_forward_.end(), 0);
 }
@@ -93,6 +96,28 @@ void ShardEngine::end_forward(bool backward_follows) {
     order_final_ = true;
   }
   if (!backward_follows) free_all_locked();
+}
+
+void ShardEngine::discard_unfinished_backward_locked() {
+  // A backward that raised midway (autograd drops the final callback with the
+  // exception) or one that reached no parameter (torch.autograd.grad of an
+  // input: pre_backward ran, no gradient arrived, no callback was queued) left
+  // its bookkeeping; the next backward would count its gradients as that one's
+  // second, or skip the stage-3 gather of a unit marked as seen. Forget it, as
+  // if it had not run: reductions in flight are waited for and dropped.
+  bool unfinished = callback_queued_ || last_reduced_ >= 0 || deferred_ >= 0;
+  for (const auto i : c10::irange(units_.size())) {
+    unfinished = unfinished || backward_seen_[i] || reduced_[i] || units_[i]->gradients_arrived() > 0 ||
+                 units_[i]->reduction_in_flight();
+  }
+  if (!unfinished) return;
+  for (auto& u : units_) u->discard_backward();
+  callback_queued_ = false;
+  last_reduced_ = -1;
+  deferred_ = -1;
+  std::fill(backward_seen_.begin(), backward_seen_.end(), 0);
+  std::fill(reduced_.begin(), reduced_.end(), 0);
+  free_all_locked();  // stage 3: units gathered for that backward
 }
 
 void ShardEngine::free_all() {

@@ -74,6 +74,7 @@ class ShardEngine {
   void finalize_backward();              // autograd final callback
   void prefetch(int64_t index);
   void free_all_locked();
+  void discard_unfinished_backward_locked();
   int64_t neighbour_in_order(int64_t index, int step) const;
   int64_t backward_prefetch_target(int64_t index) const;
 

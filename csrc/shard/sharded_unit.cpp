@@ -226,6 +226,22 @@ void ShardedUnit::finish_reduction() {
   full_grad_.reset();
 }
 
+void ShardedUnit::discard_backward() {
+  if (reduce_work_) {
+    reduce_work_->wait();
+    reduce_work_.reset();
+    if (options_.stage != 1 || options_.wire_dtype) release_storage(reduce_input_);
+    if (options_.stage != 1 && options_.wire_dtype) release_storage(reduce_output_);
+  }
+  reduce_input_.reset();
+  reduce_output_.reset();
+  full_grad_.reset();
+  grad_.reset();
+  for (auto& g : pending_) g.reset();
+  std::fill(arrived_.begin(), arrived_.end(), 0);
+  arrived_count_ = 0;
+}
+
 at::Tensor ShardedUnit::gather_copy() const {
   at::Tensor out = at::empty({layout_.padded}, full_.options());
   at::Tensor input = shard_.variable_data();

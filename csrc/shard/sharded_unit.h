@@ -108,6 +108,10 @@ class ShardedUnit {
   bool reduction_in_flight() const { return static_cast<bool>(reduce_work_); }
   // Waits and writes (accumulates) the result into the shard's .grad.
   void finish_reduction();
+  // Forgets a backward that never finished: waits for a reduction in flight
+  // (every rank launched it) and drops its result, the flat gradient and the
+  // count of arrived gradients; the shard's .grad is left as it was.
+  void discard_backward();
 
   // A fresh, synchronously gathered copy of the full flat parameters (unpadded
   // views are cut by the caller); leaves `full` alone.
