@@ -379,6 +379,19 @@ def test_state_dict_from_another_data_set_or_setting():
         DistributedSampler(Sized(10), 2, 0, mode="stream").load_state_dict({"epoch": 1})
 
 
+def test_epoch_outside_int64_is_refused_when_set():
+    """An epoch the engine cannot take is a one-line ValueError from set_epoch or
+    load_state_dict (it was a pybind 'incompatible constructor arguments' dump at iteration)."""
+    sampler = DistributedSampler(Sized(10), 2, 0)
+    for epoch in (2**63, -2**63 - 1):
+        with pytest.raises(ValueError, match="epoch must fit in int64"):
+            sampler.set_epoch(epoch)
+        with pytest.raises(ValueError, match="epoch must fit in int64"):
+            sampler.load_state_dict({**sampler.state_dict(), "epoch": epoch})
+    sampler.set_epoch(2**63 - 1)
+    assert len(list(sampler)) == 5
+
+
 def test_loader_without_our_sampler():
     with pytest.raises(TypeError, match="DistributedSampler"):
         ResumableLoader(DataLoader(Sized(10), batch_size=2))

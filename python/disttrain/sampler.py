@@ -27,6 +27,14 @@ STATE_VERSION = 1
 # chunk's Python ints stay well under a megabyte.
 _CHUNK_SIZE = 16384
 _SEED_LIMIT = 2**64
+_EPOCH_LIMIT = 2**63  # the engine's int64
+
+
+def _check_epoch(name: str, value: Any) -> int:
+    value = _check_int(name, value)
+    if not -_EPOCH_LIMIT <= value < _EPOCH_LIMIT:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63)), got {value}")
+    return value
 
 
 def _check_int(name: str, value: Any) -> int:
@@ -196,7 +204,7 @@ class DistributedSampler(Sampler[int]):
             epoch: epoch number. Setting another epoch than the one a loaded
                 state dict was saved in discards that state's resume point.
         """
-        self.epoch = _check_int("epoch", epoch)
+        self.epoch = _check_epoch("epoch", epoch)
         if self._resume is not None and self._resume[0] != self.epoch:
             self._resume = None
 
@@ -276,7 +284,7 @@ class DistributedSampler(Sampler[int]):
             if state[key] != getattr(self, key):
                 raise ValueError(f"the state dict was saved with {key}={state[key]!r}, but this sampler has "
                                  f"{key}={getattr(self, key)!r}; the epoch's order would differ")
-        epoch = _check_int("state epoch", state["epoch"])
+        epoch = _check_epoch("state epoch", state["epoch"])
         consumed = _check_int("state consumed", state["consumed"])
         if not 0 <= consumed <= self.dataset_size:
             raise ValueError(f"state consumed={consumed} is outside [0, {self.dataset_size}]")
