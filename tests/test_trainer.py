@@ -191,3 +191,48 @@ def test_strategy_none_refuses_more_than_one_rank(tmp_path):
     # every rank refuses it by name instead of training two unsynchronised copies.
     errors = run_ranks(_strategy_none_error, world_size=2, args=(str(tmp_path),))
     assert all(e is not None and "strategy 'none'" in e and "has 2" in e for e in errors), errors
+
+
+def _fit_once(rank, world_size, folder, name, resume, seed, model_name):
+    from disttrain import Trainer, TrainerConfig, models
+
+    torch.manual_seed(seed)
+    model = models.get_model(model_name, **({"in_features": 64} if model_name == "mlp" else {}))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = TrainerConfig(epochs=1, save_location=folder, save_name=name, progress=False, resume=resume,
+                           snapshot_every_steps=10, seed=seed)
+    try:
+        summary = Trainer(model, optimizer, data.digits(True), data.digits(False), config).fit()
+    except (ValueError, RuntimeError) as e:  # ResumeError, a ValueError
+        return {"error": str(e), "type": type(e).__name__}
+    return {"summary": summary}
+
+
+def test_no_resume_starts_over_and_a_later_resume_continues_that_run(tmp_path):
+    # A second run into the same folder with resume=False (--no-resume) kept the first run's snapshots:
+    # having the higher steps they outlived keep-last-K (which deleted the new run's instead), and the
+    # next resume continued the first run, rewriting metrics.csv with its history.
+    folder = str(tmp_path)
+    snaps = tmp_path / "again" / "snapshots"
+    first = run_ranks(_fit_once, world_size=1, args=(folder, "again", True, 0, "small_cnn"))[0]["summary"]
+    assert first["epochs"] == 1
+    run_ranks(_fit_once, world_size=1, args=(folder, "again", True, 0, "small_cnn"))  # resumes, done
+    (tmp_path / "again" / "snapshots" / "step_000000999.dts").write_bytes(  # a later-numbered stale one
+        (snaps / os.path.basename(snapshot.list_snapshots(snaps)[-1])).read_bytes())
+    fresh = run_ranks(_fit_once, world_size=1, args=(folder, "again", False, 5, "small_cnn"))[0]["summary"]
+    assert fresh["resumed_from"] is None
+    assert [os.path.basename(p) for p in snapshot.list_snapshots(snaps)] == \
+        ["step_000000030.dts", "step_000000040.dts", "step_000000045.dts"]
+    later = run_ranks(_fit_once, world_size=1, args=(folder, "again", True, 5, "small_cnn"))[0]["summary"]
+    assert later["resumed_from"].endswith("step_000000045.dts")
+    assert later["best_val_loss"] == fresh["best_val_loss"]
+
+
+def test_resume_into_another_model_is_one_line(tmp_path):
+    folder = str(tmp_path)
+    run_ranks(_fit_once, world_size=1, args=(folder, "m", True, 0, "small_cnn"))
+    error = run_ranks(_fit_once, world_size=1, args=(folder, "m", True, 0, "mlp"))[0]
+    assert error["type"] == "ResumeError"
+    error = error["error"]
+    assert "\n" not in error and "cannot resume from" in error and "step_000000045.dts" in error
+    assert "another model" in error and "--no-resume" in error and "'3.weight'" in error

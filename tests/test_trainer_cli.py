@@ -183,3 +183,31 @@ def test_bench_defaults_pass():
 
     for name in BENCHMARKS:
         assert cli._check_bench([name]) is None, name
+
+
+def _train(tmp_path, *args, env=None):
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]),
+                       **(env or {}))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "DISTTRAIN_SNAPSHOT_FAULT"):
+        if var not in (env or {}):
+            environment.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "disttrain.cli", "train", "--no-progress", "-e", "1",
+                           "-s", str(tmp_path), "--save-name", "run", *args], capture_output=True, text=True,
+                          timeout=300, env=environment)
+
+
+def test_full_disk_and_another_model_are_one_line(tmp_path):
+    # A full disk was a traceback (and the other writer's twin error a second report); a run folder
+    # holding another model's snapshot was load_state_dict's page of missing and unexpected keys.
+    full = _train(tmp_path, env={"DISTTRAIN_SNAPSHOT_FAULT": "enospc:5000"})
+    assert full.returncode == 1, full.stdout + full.stderr
+    line = _one_line(full.stderr)
+    assert line.startswith("disttrain train: error: snapshot: cannot write") and "No space left" in line
+    assert "resumes" in line
+    done = _train(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    other = _train(tmp_path, "-m", "mlp")
+    assert other.returncode == 1, other.stdout + other.stderr
+    line = _one_line(other.stderr)
+    assert "cannot resume from" in line and "another model ('small_cnn')" in line and "--no-resume" in line
+    assert _train(tmp_path, "-m", "mlp", "--no-resume").returncode == 0

@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import math
@@ -413,6 +414,16 @@ def _check_decentralised(args: argparse.Namespace) -> None:
             raise ConfigError(f"{name} {value!r}: {e}; expected HOST:PORT") from None
 
 
+#: Exit status of a run that started and failed in a way a traceback would not explain better.
+RUN_ERROR_EXIT = 1
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _run_error(message: str) -> int:
+    print(f"disttrain train: error: {message}", file=sys.stderr, flush=True)
+    return RUN_ERROR_EXIT
+
+
 def _config_error(message: str) -> int:
     print(f"disttrain train: error: {message}", file=sys.stderr, flush=True)
     return CONFIG_ERROR_EXIT
@@ -454,10 +465,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import disttrain
 
+    from .trainer import ResumeError
+
     disttrain.init(backend=args.backend, timeout=args.timeout)
     try:
         for run, columns in runs:
             _train_one(run, columns)
+    except ResumeError as e:  # the run folder's snapshot is of another model: one line, not a traceback
+        return _run_error(str(e))
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        # A full disk, a quota, a folder gone read-only: the last snapshot that committed is intact.
+        what = str(e.strerror)
+        if e.filename and str(e.filename) not in what:
+            what += f": '{e.filename}'"
+        if "previous snapshot is untouched" not in what:
+            what += "; the run folder keeps its last complete snapshot"
+        return _run_error(f"{what}; the same command resumes from it once this is fixed")
     finally:
         # What still holds a group (a trainer that a reference cycle keeps alive holds its DDP,
         # which holds the group) goes now, while the interpreter is whole: a group released only

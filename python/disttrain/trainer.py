@@ -156,6 +156,31 @@ class _Preempted(Exception):
     pass
 
 
+class ResumeError(ValueError):
+    """The run folder's newest snapshot does not fit this trainer (another model or
+    optimizer); the message is one line naming the snapshot and what differs."""
+
+
+def _state_mismatch(saved: Any, current: dict[str, Any]) -> str | None:
+    """What differs between a snapshot's model state and the model's (None: it fits)."""
+    if not isinstance(saved, dict):
+        return "it holds no model state dict"
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [k for k in current if k in saved and isinstance(saved[k], torch.Tensor)
+              and isinstance(current[k], torch.Tensor) and tuple(saved[k].shape) != tuple(current[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's entries missing (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} entries the model lacks (e.g. '{unexpected[0]}')")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. '{k}': {list(saved[k].shape)} in the snapshot, "
+                     f"{list(current[k].shape)} in the model)")
+    return ", ".join(parts) or None
+
+
 def _lr_factor(scaling: str, world_size: int) -> float:
     return {"linear": float(world_size), "sqrt": math.sqrt(world_size), "none": 1.0}[scaling]
 
@@ -288,6 +313,8 @@ class Trainer:
                   f"{self.backend}, lr {self.base_lr:g} x {self.lr_scale:g} ({cfg.lr_scaling})")
         if cfg.resume:
             self._restore()
+        else:
+            self._discard_snapshots()
         tb = self._tensorboard() if cfg.tensorboard and self.rank == 0 else None
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) \
             if _in_main_thread() else None
@@ -300,16 +327,16 @@ class Trainer:
                 self._end_epoch(tb)
         except _Preempted:
             preempted = True
+        except OSError:  # a write failed (full disk, ...): the other writer's error is that one's twin
+            self._wait_writers(quiet=True)
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             if tb is not None:
                 tb.close()
         self.run_time = self._now_run_time()
-        if self._snapshotter is not None:
-            assert self._best_writer is not None  # rank 0 has both writers
-            self._snapshotter.wait()
-            self._best_writer.wait()
+        self._wait_writers()
         summary = {"epochs": self.epoch, "run_time": self.run_time, "best_val_loss": self.best_val_loss,
                    "final_test_acc": self.history["test_acc"][-1] if self.history["test_acc"] else None,
                    "final_train_loss": self.history["train_loss"][-1] if self.history["train_loss"] else None,
@@ -494,10 +521,26 @@ class Trainer:
             return
         if self.rank != 0:
             state = snapshot.load(path)
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"'{path}' is not a disttrain trainer snapshot")
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ResumeError(f"cannot resume from '{path}': not a disttrain trainer snapshot; start over with "
+                              "--no-resume (resume=False) or use another --save-name")
+        # Keys and shapes (fsdp: keys; its load checks the shapes before any collective).
+        current = {k: None for k in self.model._state_keys} if self.sharded else self.module.state_dict()
+        mismatch = _state_mismatch(state.get("model"), current)
+        if mismatch is not None:
+            made_with = state.get("configuration", {}).get("model_name") if isinstance(
+                state.get("configuration"), dict) else None
+            raise ResumeError(f"cannot resume from '{path}': it holds another model"
+                              + (f" ('{made_with}')" if made_with else "") + f" ({mismatch}); resume with the "
+                              "model it was made with, or start over with --no-resume (resume=False) "
+                              "or use another --save-name")
         if self.sharded:
-            self.model.load_full_state_dict(state["model"])
+            try:
+                self.model.load_full_state_dict(state["model"])
+            except ValueError as e:  # a shape
+                raise ResumeError(f"cannot resume from '{path}': it holds another model ({e}); resume with the "
+                                  "model it was made with, or start over with --no-resume "
+                                  "(resume=False) or use another --save-name") from None
             shards = state["optimizer"].get("sharded") if isinstance(state["optimizer"], dict) else None
             if shards is not None and len(shards) == self.world_size:
                 self.optimizer.load_state_dict(shards[self.rank])
@@ -506,7 +549,13 @@ class Trainer:
                           "the optimizer starts fresh")
         else:
             self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ResumeError(f"cannot resume from '{path}': its optimizer state does not fit this optimizer "
+                                  f"({type(self.optimizer).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+                                  "start over with --no-resume (resume=False) or use another "
+                                  "--save-name") from None
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._rescale_lr(self.lr_scale / state["lr_scale"])
@@ -530,6 +579,37 @@ class Trainer:
         self._resumed_from = path
         self._say(f"disttrain: resumed from {path} (epoch {self.epoch}, step {self.global_step}, "
                   f"{self.run_time:.1f} s run)")
+
+    def _wait_writers(self, quiet: bool = False) -> None:
+        """Waits for both of rank 0's writes; raises the first one's error (unless ``quiet``) once
+        both are done, so that a second failure of the same cause is not reported apart."""
+        first: OSError | None = None
+        for writer in (self._snapshotter, self._best_writer):
+            if writer is not None:
+                try:
+                    writer.wait()
+                except OSError as e:
+                    first = first or e
+        if first is not None and not quiet:
+            raise first
+
+    def _discard_snapshots(self) -> None:
+        """Without resume the run starts over: the snapshots of an earlier run in the folder
+        go (metrics.csv and best_model.dts are rewritten by this run anyway). Left there,
+        keep-last-K would delete this run's snapshots, the earlier run's having the higher
+        steps, and a later resume would continue the earlier run, not this one."""
+        if self.rank != 0:
+            return
+        assert self._snapshotter is not None  # rank 0's
+        old = self._snapshotter._own_snapshots(exclude="")  # step_<n>.dts only, never a user's copy
+        for path in old:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if old:
+            self._say(f"disttrain: not resuming: removed {len(old)} snapshot(s) of an earlier run from "
+                      f"{self.snapshot_dir}")
 
     # --- helpers -----------------------------------------------------------------------------
     def _agree(self, flag: bool, fault_step: int | None = None) -> bool:
