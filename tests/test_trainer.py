@@ -236,3 +236,15 @@ def test_resume_into_another_model_is_one_line(tmp_path):
     error = error["error"]
     assert "\n" not in error and "cannot resume from" in error and "step_000000045.dts" in error
     assert "another model" in error and "--no-resume" in error and "'3.weight'" in error
+
+
+@pytest.mark.parametrize("field, value", [("time_budget_hours", math.nan), ("epochs", 1.5), ("batch_size", 2.5),
+                                          ("snapshot_every_steps", -1), ("keep_snapshots", 0), ("num_workers", -1),
+                                          ("timeout_seconds", 0)])
+def test_trainer_config_refuses_bad_values(field, value):
+    # A NaN time budget never ran out (every comparison with NaN is false) and -1 snapshotted every
+    # step (n % -1 == 0); 1.5 epochs ran two.
+    from disttrain import TrainerConfig
+
+    with pytest.raises(ValueError, match=f"TrainerConfig: {field}"):
+        TrainerConfig(**{"epochs": 1, field: value})

@@ -114,6 +114,16 @@ def test_train_data_files_and_run_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     line = _train_error(capsys, ["-s", str(tmp_path / "file")])
     assert "is a file, not a folder" in line
+    # A file where the trainer makes its snapshots folder (a folder where it writes metrics.csv) was
+    # a FileExistsError (IsADirectoryError) traceback from every rank after the launch.
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "snapshots").write_text("x")
+    line = _train_error(capsys, ["-s", str(tmp_path / "runs"), "--save-name", "r"])
+    assert "snapshots' is a file" in line and "--save-name" in line
+    (tmp_path / "runs" / "r" / "snapshots").unlink()
+    (tmp_path / "runs" / "r" / "metrics.csv").mkdir()
+    line = _train_error(capsys, ["-s", str(tmp_path / "runs"), "--save-name", "r"])
+    assert "metrics.csv' is a folder" in line
 
 
 def test_train_configuration_file_entries(tmp_path, capsys):

@@ -368,6 +368,13 @@ def validate(args: argparse.Namespace) -> None:
     if not os.path.isdir(existing):
         raise ConfigError(f"-s/--save-location {args.save_location!r}: '{existing}' is a file, not a folder; the run "
                           f"folder would be '{run_dir}'")
+    for inner in ("snapshots", "metrics.csv", "best_model.dts"):  # what the trainer creates or replaces in it
+        path = os.path.join(run_dir, inner)
+        if os.path.exists(path) and os.path.isdir(path) != (inner == "snapshots"):
+            raise ConfigError(f"-s/--save-location {args.save_location!r}: '{path}' is a "
+                              f"{'folder' if os.path.isdir(path) else 'file'} in the run folder where the trainer "
+                              f"keeps its {'snapshots folder' if inner == 'snapshots' else 'file ' + inner}; "
+                              "move it away or choose another --save-name")
     try:  # what the trainer does first anyway; the only sure test that it can be done (root passes access())
         os.makedirs(run_dir, exist_ok=True)
         probe_fd, probe = tempfile.mkstemp(prefix=".disttrain-write-test-", dir=run_dir)

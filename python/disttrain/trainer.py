@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import random
 import signal
@@ -114,14 +115,27 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig: zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.epochs is None and self.time_budget_hours is None:
             raise ValueError("TrainerConfig: give epochs, time_budget_hours or both")
-        if self.epochs is not None and self.epochs < 0:
-            raise ValueError(f"TrainerConfig: epochs must be >= 0, got {self.epochs}")
-        if self.time_budget_hours is not None and self.time_budget_hours <= 0:
-            raise ValueError(f"TrainerConfig: time_budget_hours must be > 0, got {self.time_budget_hours}")
+        if self.epochs is not None and (not _whole(self.epochs) or self.epochs < 0):
+            raise ValueError(f"TrainerConfig: epochs must be a whole number >= 0, got {self.epochs!r}")
+        # NaN compares false with everything: a NaN budget would never run out.
+        if self.time_budget_hours is not None and not (math.isfinite(self.time_budget_hours)
+                                                       and self.time_budget_hours > 0):
+            raise ValueError(f"TrainerConfig: time_budget_hours must be a number > 0, got {self.time_budget_hours}")
+        for name, minimum in (("snapshot_every_steps", 0), ("keep_snapshots", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if not _whole(value) or value < minimum:
+                raise ValueError(f"TrainerConfig: {name} must be a whole number >= {minimum}, got {value!r}")
+        if not (isinstance(self.timeout_seconds, numbers.Real) and math.isfinite(self.timeout_seconds)
+                and self.timeout_seconds > 0):
+            raise ValueError(f"TrainerConfig: timeout_seconds must be a number > 0, got {self.timeout_seconds!r}")
         if self.lr_scaling not in _LR_SCALINGS:
             raise ValueError(f"TrainerConfig: lr_scaling must be one of {_LR_SCALINGS}, got '{self.lr_scaling}'")
-        if self.batch_size < 1:
-            raise ValueError(f"TrainerConfig: batch_size must be >= 1, got {self.batch_size}")
+        if not _whole(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"TrainerConfig: batch_size must be a whole number >= 1, got {self.batch_size!r}")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _sampler_class():
