@@ -564,6 +564,47 @@ def test_training_continues_after_an_unfinished_backward():
                 np.testing.assert_array_equal(results[0][stage, disruption][k], v, err_msg=f"{stage} {disruption} {k}")
 
 
+def _stage3_parameter_attributes(rank, world_size):
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    model = disttrain.FullyShardedDataParallel(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), stage=3,
+                                               auto_wrap=lambda m: isinstance(m, nn.Linear)
+                                               and m.out_features == 4)
+    errors = []
+
+    def refused(when):
+        for param in (model.module[0].weight, model.module[2].bias):  # a wrapped unit's, the root's
+            try:
+                param.sum()
+            except RuntimeError as e:
+                if "full_state_dict" not in str(e):
+                    errors.append(f"{when}: {e}")
+            else:
+                errors.append(f"{when}: no error")
+            if list(param.shape) not in ([4, 3], [1]) or param.dtype != torch.float32:
+                errors.append(f"{when}: metadata {param.shape} {param.dtype}")
+
+    refused("after construction")
+    out = model(torch.ones(2, 3))
+    out.sum().backward()
+    refused("after backward")
+    with torch.no_grad():
+        model(torch.ones(2, 3))
+    refused("after a no_grad forward")
+    return errors
+
+
+def test_stage3_parameter_attributes_outside_forward_raise():
+    """At stage 3 a module's parameter attribute read outside forward/backward
+    (a wrapped unit's or the root's) raises an error naming full_state_dict, with
+    its shape and dtype still readable; reading it crashed the process (SIGSEGV:
+    a view of freed memory)."""
+    assert run_ranks(_stage3_parameter_attributes, 2, timeout=120) == [[], []]
+
+
 def _cli(rank, world_size, argv):
     """`disttrain train ARGV` in one rank; returns what the run's summary says
     about resuming (the command itself returns only its exit status)."""

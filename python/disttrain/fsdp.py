@@ -176,6 +176,48 @@ def _backward_ignores_params(module: nn.Module) -> bool:
     return type(module) is nn.Embedding
 
 
+# What a freed parameter still answers: its metadata lives outside the freed storage.
+_PARAMETER_METADATA = frozenset({"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "size",
+                                 "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex",
+                                 "is_cuda", "is_sparse", "is_meta"})
+
+
+class _ShardedOut:
+    """Stands in a stage-3 module's parameter attribute while its unit is not
+    gathered: the parameter's storage is freed, and reading it through the
+    view crashed the process (SIGSEGV). Metadata (``shape``, ``dtype``, ...)
+    still answer; anything that would read the values raises."""
+    __slots__ = ("_name", "_view")
+
+    def __init__(self, name: str, view: torch.Tensor):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_view", view)
+
+    def _refuse(self) -> NoReturn:
+        raise RuntimeError(f"FullyShardedDataParallel (stage 3): parameter '{self._name}' is sharded outside its "
+                           "unit's forward and backward (its full values are freed); read parameters with "
+                           "model.full_state_dict()")
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _PARAMETER_METADATA:
+            return getattr(self._view, name)
+        self._refuse()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for arg in list(args) + list((kwargs or {}).values()):
+            if isinstance(arg, _ShardedOut):
+                arg._refuse()
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return (f"<parameter '{self._name}' of shape {list(self._view.shape)}, sharded by FullyShardedDataParallel "
+                "(stage 3): read it with full_state_dict()>")
+
+
 def _check_module(module: nn.Module) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"FullyShardedDataParallel: module must be an nn.Module, got {type(module).__name__}")
@@ -355,6 +397,11 @@ class FullyShardedDataParallel(nn.Module):
             with torch.no_grad():
                 self._install_views(index)
         self._engine.free_all()  # stage 3 starts sharded
+        # Stage 3: what a unit's parameter attributes hold while it is freed (no view of freed memory).
+        self._sharded_out = [[_ShardedOut(slot.name, view) for slot, view in zip(slots, self._engine.unit(i).params)]
+                             for i, slots in enumerate(self._slots)]
+        self._sharded_out_queued = False
+        self._install_sharded_out_all()
 
     # --- hooks ------------------------------------------------------------------------------------
 
@@ -362,12 +409,29 @@ class FullyShardedDataParallel(nn.Module):
         for slot, view in zip(self._slots[index], self._engine.unit(index).params):
             slot.owner.__dict__[slot.attr] = view
 
+    def _install_sharded_out(self, index: int) -> None:
+        if self.stage == 3:
+            for slot, stand_in in zip(self._slots[index], self._sharded_out[index]):
+                slot.owner.__dict__[slot.attr] = stand_in
+
+    def _install_sharded_out_all(self) -> None:
+        self._sharded_out_queued = False
+        for index in range(len(self._slots)):
+            self._install_sharded_out(index)
+
+    def _queue_sharded_out(self, grad: torch.Tensor | None = None) -> None:
+        """In backward: the attributes become stand-ins again when it ends (the engine frees every unit then)."""
+        if not self._sharded_out_queued:
+            self._sharded_out_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._install_sharded_out_all)
+
     def _pre_forward(self, index: int, module: nn.Module | None = None, args: Any = None) -> None:
         self._engine.pre_forward(index)
         self._install_views(index)
 
     def _post_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
         self._engine.post_forward(index)
+        self._install_sharded_out(index)  # stage 3: freed
         if self.stage == 3 and torch.is_grad_enabled():
             hook = functools.partial(self._pre_backward, index)
             for t in find_tensors(output):
@@ -376,15 +440,25 @@ class FullyShardedDataParallel(nn.Module):
 
     def _pre_backward(self, index: int, grad: torch.Tensor) -> None:
         self._engine.pre_backward(index)
+        self._install_views(index)  # a checkpointed unit's recomputed forward reads them
+        self._queue_sharded_out()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._engine.begin_forward()
+        self._sharded_out_queued = False  # a backward that raised dropped its callback
         if self._root_unit is not None:
             self._pre_forward(self._root_unit)
         output = self.module(*args, **kwargs)
         if self._root_unit is not None:
             self._engine.post_forward(self._root_unit)
         self._engine.end_forward(torch.is_grad_enabled())
+        if self.stage == 3:
+            if not torch.is_grad_enabled():
+                self._install_sharded_out_all()  # end_forward freed every unit
+            else:  # the root stays gathered until backward ends
+                for t in find_tensors(output):
+                    if t.requires_grad:
+                        t.register_hook(self._queue_sharded_out)
         return output
 
     # --- optimizer support ------------------------------------------------------------------------
