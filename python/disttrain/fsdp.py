@@ -201,6 +201,8 @@ class _ShardedOut:
     def __getattr__(self, name: str) -> Any:
         if name in _PARAMETER_METADATA:
             return getattr(self._view, name)
+        if name.startswith("__"):  # protocol probes (copy, pickle, hasattr) see a plain object
+            raise AttributeError(name)
         self._refuse()
 
     def __setattr__(self, name: str, value: Any) -> None:
