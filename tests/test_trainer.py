@@ -248,3 +248,34 @@ def test_trainer_config_refuses_bad_values(field, value):
 
     with pytest.raises(ValueError, match=f"TrainerConfig: {field}"):
         TrainerConfig(**{"epochs": 1, field: value})
+
+
+def _fit_lr(rank, world_size, folder, name, epochs, lr, momentum, strategy):
+    from disttrain import Trainer, TrainerConfig, models
+
+    torch.manual_seed(0)
+    model = models.small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    config = TrainerConfig(epochs=epochs, save_location=folder, save_name=name, progress=False, strategy=strategy)
+    trainer = Trainer(model, optimizer, data.digits(True), data.digits(False), config)
+    trainer.fit()
+    return {"lr": trainer.optimizer.param_groups[0]["lr"], "momentum": trainer.optimizer.param_groups[0]["momentum"]}
+
+
+def test_resume_keeps_and_records_the_snapshots_hyperparameters(tmp_path):
+    # The optimizer's load_state_dict brings back the snapshot's learning rate and momentum (as in
+    # PyTorch), but metrics.csv recorded the new command's for every epoch, the earlier ones included.
+    run_ranks(_fit_lr, world_size=1, args=(str(tmp_path), "hp", 1, 0.05, 0.9, "ddp"))
+    after = run_ranks(_fit_lr, world_size=1, args=(str(tmp_path), "hp", 2, 0.5, 0.0, "ddp"))[0]
+    assert after == {"lr": 0.05, "momentum": 0.9}
+    with open(tmp_path / "hp" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["learning_rate"], r["momentum"]) for r in rows] == [("0.05", "0.9")] * 2
+
+
+def test_fsdp_resume_on_another_world_size_keeps_the_learning_rate(tmp_path):
+    # The sharded optimizer state of 2 ranks does not fit 1: the optimizer starts fresh, with this
+    # world size's learning rate already, and was then rescaled once more (0.05 became 0.025).
+    run_ranks(_fit_lr, world_size=2, args=(str(tmp_path), "fs", 1, 0.05, 0.9, "fsdp"))
+    after = run_ranks(_fit_lr, world_size=1, args=(str(tmp_path), "fs", 2, 0.05, 0.9, "fsdp"))[0]
+    assert after["lr"] == pytest.approx(0.05)

@@ -556,12 +556,14 @@ class Trainer:
                                   "model it was made with, or start over with --no-resume "
                                   "(resume=False) or use another --save-name") from None
             shards = state["optimizer"].get("sharded") if isinstance(state["optimizer"], dict) else None
-            if shards is not None and len(shards) == self.world_size:
+            optimizer_loaded = shards is not None and len(shards) == self.world_size
+            if shards is not None and optimizer_loaded:
                 self.optimizer.load_state_dict(shards[self.rank])
             else:
                 self._say(f"disttrain: '{path}' holds no sharded optimizer state for {self.world_size} ranks; "
                           "the optimizer starts fresh")
         else:
+            optimizer_loaded = True
             self.module.load_state_dict(state["model"])
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -572,7 +574,10 @@ class Trainer:
                                   "--save-name") from None
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self._rescale_lr(self.lr_scale / state["lr_scale"])
+        # The loaded state has the snapshot's world size's learning rate; a fresh optimizer has ours already.
+        self._rescale_lr(self.lr_scale / state["lr_scale"], optimizer=optimizer_loaded)
+        if optimizer_loaded:
+            self._keep_saved_hyperparameters(state)
         self.epoch = state["epochs_run"]
         self.global_step = state["global_step"]
         self.run_time = state["run_time"]
@@ -593,6 +598,25 @@ class Trainer:
         self._resumed_from = path
         self._say(f"disttrain: resumed from {path} (epoch {self.epoch}, step {self.global_step}, "
                   f"{self.run_time:.1f} s run)")
+
+    def _keep_saved_hyperparameters(self, state: dict[str, Any]) -> None:
+        """The optimizer (and scheduler) state just loaded brought the snapshot's learning rate,
+        momentum, ... (as ``load_state_dict`` does in PyTorch): metrics.csv records those, and a
+        command that gave others hears that they do not apply to a resumed run."""
+        saved = state.get("configuration")
+        if not isinstance(saved, dict):
+            return
+        keys = ["learning_rate", "momentum", "weight_decay"]
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            keys += ["gamma", "milestones"]
+        changed = [k for k in keys if k in saved and k in self._columns and saved[k] != self._columns[k]]
+        if changed:
+            self._say("disttrain: resuming with the snapshot's " + ", ".join(
+                f"{k} {saved[k]!r}" for k in changed) + " (given now: " + ", ".join(
+                f"{self._columns[k]!r}" for k in changed) + f"; they apply to a new run: --no-resume or another "
+                "--save-name)")
+        for k in changed:
+            self._columns[k] = saved[k]
 
     def _wait_writers(self, quiet: bool = False) -> None:
         """Waits for both of rank 0's writes; raises the first one's error (unless ``quiet``) once
@@ -632,10 +656,10 @@ class Trainer:
             self._faults.in_collective(fault_step, lambda: dist.all_reduce(flag_tensor(flag), async_op=True))
         return any_rank(flag)
 
-    def _rescale_lr(self, factor: float) -> None:
+    def _rescale_lr(self, factor: float, optimizer: bool = True) -> None:
         if factor == 1.0:
             return
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups if optimizer else ():
             group["lr"] *= factor
             if "initial_lr" in group:
                 group["initial_lr"] *= factor
