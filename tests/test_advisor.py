@@ -320,3 +320,30 @@ def test_malformed_csv_and_missing_data(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTTRAIN_EPOCH_LOGS", str(tmp_path / "nowhere"))
     with pytest.raises(AdvisorInputError, match="DISTTRAIN_EPOCH_LOGS"):
         default_data_path()
+
+
+def test_api_bad_input_is_an_advisor_input_error(advisor):
+    # Each was an IndexError, ValueError, TypeError or AttributeError from inside pandas, NumPy or
+    # SciPy, or was taken: a deadline of -1 h or NaN h ("within the deadline of nan h"), a
+    # negative price (negative costs), a batch of 0.5 or a GPU count of 1e30 (a NaN prediction).
+    config = {"model_name": "resnet50", "gpu": "P40", "batch_size": 128}
+    bad = [lambda: advisor.predict(pd.DataFrame(columns=["model_name", "gpu", "batch_size"])),
+           lambda: advisor.predict(config),
+           lambda: advisor.predict(pd.DataFrame([{**config, "batch_size": 0.5}])),
+           lambda: advisor.predict(pd.DataFrame([{**config, "num_of_gpus": 1e30}])),
+           lambda: advisor.predict(pd.DataFrame([{**config, "num_workers_data_loader": -1}])),
+           lambda: advisor.accuracy_curve(config, epochs=0),
+           lambda: advisor.accuracy_curve(config, epochs=[]),
+           lambda: advisor.accuracy_curve(config, epochs=3, observed=[np.nan, 2.0]),
+           lambda: advisor.recommend("resnet50", 0.7, deadline_hours=-1),
+           lambda: advisor.recommend("resnet50", 0.7, deadline_hours=float("nan")),
+           lambda: advisor.recommend("resnet50", 0.7, prices={"P40": -1.0}),
+           lambda: advisor.recommend("resnet50", 0.7, max_epochs=0),
+           lambda: advisor.recommend("resnet50", "high")]
+    for i, call in enumerate(bad):
+        with pytest.raises(AdvisorInputError):
+            call()
+    # A GPU given twice, or by its full name, or as one string, is one family's candidates.
+    once = advisor.recommend("resnet50", 0.7, gpus=["P40"]).table
+    for gpus in (["P40", "P40"], ["P40", "Tesla P40"], "P40"):
+        pd.testing.assert_frame_equal(advisor.recommend("resnet50", 0.7, gpus=gpus).table, once)

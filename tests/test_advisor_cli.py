@@ -93,7 +93,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--model", "resnet50", "--target-acc", "0.97"), "best accuracy"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)), "'cheap' is not a positive number"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")), "cannot read price file"),
-             (("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv)), "logs.csv: 1 row(s) with a missing"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv)), "logs.csv: lacks column(s)"),
              (("--evaluate", "--max-folds", "1"), "--max-folds 1"),
              (("--serve", "--port", "99999"), "--port 99999"),  # was a traceback (OverflowError from bind)
              # These three printed argparse's whole usage, or were taken (a deadline of -1 h, --top 0).
@@ -144,3 +144,79 @@ def test_evaluate_writes_the_tables(tmp_path, capsys, monkeypatch):
     # Two folds per split (the 3 GPU families dealt into 2; the 2 models one at a time, as uncapped).
     for split, folds in (("run", 2), ("config", 2), ("gpu_family", 2), ("model", 2), ("holdout", 1)):
         assert f"split {split}: {folds} folds done" in stderr, stderr
+
+
+def test_more_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    # Each was taken, or a traceback: a header-only or unmeasurable --predict CSV printed pandas'
+    # "Empty DataFrame" or a measured epoch of -1 s; a batch of 1.5, a GPU count of 1e30 (a NaN
+    # prediction), -3 loader workers and a malformed learning rate were predicted; a price file
+    # pricing one family twice kept the last line, an infinite price gave infinite costs; a junk
+    # CSV among the --data files was reported as rows with a missing batch size.
+    metrics = ("epoch,epoch_timings,model_name,gpu,batch_size,num_of_gpus,num_workers_data_loader,learning_rate,dataset\n"
+               "0,{t},resnet18,Tesla P40,{b},{g},{w},{lr},cifar10\n")
+    ok = dict(t="30.0", b="128", g="1", w="4", lr="0.1")
+
+    def csv(name, **change):
+        path = tmp_path / f"{name}.csv"
+        path.write_text(metrics.format(**{**ok, **change}))
+        return str(path)
+    header = tmp_path / "header.csv"
+    header.write_text(metrics.splitlines()[0] + "\n")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "junk.csv").write_text("x,y\n1,2\n")
+    prices_dup = tmp_path / "prices_dup.csv"
+    prices_dup.write_text("gpu,price_per_gpu_hour\nP40,1\nTesla P40,2\n")
+    prices_inf = tmp_path / "prices_inf.csv"
+    prices_inf.write_text("gpu,price_per_gpu_hour\nP40,inf\n")
+    cases = [(("--predict", str(header)), "no rows"),
+             (("--predict", csv("neg", t="-1")), "epoch_timings '-1' is not a positive number"),
+             (("--predict", csv("inf", t="inf")), "epoch_timings 'inf' is not a positive number"),
+             (("--predict", csv("half", b="1.5")), "batch_size 1.5: give a whole number"),
+             (("--predict", csv("many", g="1e30")), "num_of_gpus 1e+30: give a whole number"),
+             (("--predict", csv("workers", w="-3")), "num_workers_data_loader -3: give a whole number"),
+             (("--predict", csv("lr", lr="fast")), "learning_rate 'fast' is not a positive number"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(prices_dup)), "already priced on line 2"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(prices_inf)), "'inf' is not a positive number"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--data", str(junk)),
+              "junk.csv: lacks column(s) epoch_timings, model_name, gpu, batch_size (have: x, y)")]
+    for args, words in cases:
+        code, stdout, stderr = advise_here(capsys, *args)
+        assert code == 2 and _one_line(stderr) and words in stderr, (args, code, stdout, stderr)
+    # A good CSV still predicts; a GPU named twice is one candidate, not two equal rows.
+    code, stdout, stderr = advise_here(capsys, "--predict", csv("good"), "--json")
+    assert code == 0 and json.loads(stdout)["configurations"][0]["measured_s"] == 30.0, stderr
+    code, stdout, stderr = advise_here(capsys, "--model", "resnet50", "--target-acc", "0.7", "--gpus", "P40",
+                                       "Tesla P40", "--json")
+    rows = json.loads(stdout)["configurations"]
+    assert code == 0 and len(rows) == len({(r["num_of_gpus"], r["batch_size"], r["distribute_data"]) for r in rows})
+
+
+def test_a_damaged_calibration_file_is_ignored(tmp_path, capsys):
+    # A calibration JSON whose top level loads but whose timings are junk was a traceback
+    # (TypeError, KeyError) in --predict; it is now ignored, as a file that is not JSON was.
+    from disttrain.advisor import calibrate
+
+    path = calibrate._path("cpu")
+    kept = path.read_bytes() if path.exists() else None
+    run = tmp_path / "metrics.csv"
+    run.write_text("epoch,epoch_timings,model_name,num_of_paramters,gpu,batch_size,dataset\n0,0.5,small_cnn,6090,cpu,128,digits\n")
+    head = '{"device": "cpu", "host": "h", "threads": 1, "version": %d, "timings": ' % calibrate.VERSION
+    timing = ('{"model_name": "small_cnn", "dataset": "digits", "batch_size": 128, "workers": 0, "epoch_s": %s, '
+              '"timed_batches": 11, "step_s": 0.04, "step_s_sd": 0.01}')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for junk in ('"junk"}', 'null}', '[1, 2]}', '[{"model_name": "small_cnn"}]}', '{"a": 1}}',
+                     "[" + timing % "-7" + "]}", "[" + timing % '"x"' + "]}"):
+            path.write_text(head + junk)
+            assert calibrate.load("cpu") is None, junk
+            # No calibration: the fitted model, which has no CPU runs: one line, status 2.
+            code, stdout, stderr = advise_here(capsys, "--predict", str(run))
+            assert code == 2 and _one_line(stderr) and "no epoch logs for GPU CPU" in stderr, (junk, stderr)
+        path.write_text(head + "[" + timing % "0.5" + "]}")
+        assert calibrate.load("cpu").timings[0]["epoch_s"] == 0.5
+    finally:
+        if kept is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(kept)

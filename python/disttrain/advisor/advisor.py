@@ -99,6 +99,10 @@ class Advisor:
             ``in_logs_model``; ``outside_logs`` names those outside). Outside,
             the time is the physical terms alone, with a wider interval.
         """
+        if not isinstance(configs, pd.DataFrame):
+            raise AdvisorInputError(f"configs: give a data frame, one row per configuration (not {type(configs).__name__})")
+        if configs.empty:
+            raise AdvisorInputError("configs: no rows: nothing to predict")
         normalized = self.normalize(configs)
         # A GPU family without logs is predicted from its data-sheet speed, flagged (see
         # time_model); the CPU has no data sheet on that scale: its runs, or a calibration.
@@ -127,6 +131,10 @@ class Advisor:
             frame.loc[0, "milestones"] = "60,80"
         # The ignore: np.isscalar narrows `epochs` to numpy's scalar union, complex included, which int() does not take
         grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)  # type: ignore[arg-type]
+        if grid.size == 0 or grid.ndim != 1 or not np.all(np.isfinite(grid.astype(float))) or grid.min() < 1:
+            raise AdvisorInputError(f"epochs {epochs!r}: give a number of epochs (at least 1) or epochs from 1 on")
+        if observed is not None and not np.all(np.isfinite(np.asarray(observed, dtype=float))):
+            raise AdvisorInputError("observed accuracies must be finite numbers")
         if np.isnan(frame.loc[0, "num_epochs"]):
             frame.loc[0, "num_epochs"] = grid.max() + 1
         return self.curve_model.predict_curve(frame.iloc[0], grid, observed=observed)

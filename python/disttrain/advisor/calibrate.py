@@ -147,7 +147,33 @@ def load(device: str) -> Calibration | None:
             calibration = Calibration(**json.load(f))
     except (OSError, ValueError, TypeError):
         return None
-    return calibration if calibration.version == VERSION else None
+    if calibration.version != VERSION or not isinstance(calibration.timings, list) \
+            or not all(_valid_timing(t) for t in calibration.timings):
+        return None  # a foreign or damaged file (it crashed --predict): measured again, as if absent
+    return calibration
+
+
+# A stored measurement's keys and, for the numbers, their kind.
+_TIMING_KEYS = {"model_name": str, "dataset": str, "batch_size": int, "workers": int, "epoch_s": float,
+                "timed_batches": int, "step_s": float, "step_s_sd": float}
+
+
+def _valid_timing(timing) -> bool:
+    """Whether a stored measurement has what epoch_time and Calibration.timing read, with sane values."""
+    if not isinstance(timing, dict):
+        return False
+    for key, kind in _TIMING_KEYS.items():
+        value = timing.get(key)
+        if kind is str:
+            if not isinstance(value, str):
+                return False
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) \
+                or (kind is int and value != int(value)):
+            return False
+    processes = timing.get("processes", 1)
+    return (timing["batch_size"] >= 1 and timing["workers"] >= 0 and timing["epoch_s"] > 0
+            and timing["timed_batches"] >= 0 and timing["step_s"] >= 0 and timing["step_s_sd"] >= 0
+            and not isinstance(processes, bool) and isinstance(processes, int) and processes >= 1)
 
 
 def store(calibration: Calibration) -> Path | None:

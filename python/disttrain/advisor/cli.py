@@ -221,8 +221,19 @@ def _predict(args) -> int:
         missing = [c for c in ("model_name", "gpu", "batch_size") if c not in frame.columns]
         if missing:
             raise AdvisorInputError(f"{path}: lacks column(s) {', '.join(missing)}")
+        if frame.empty:
+            raise AdvisorInputError(f"{path}: no rows (a header alone): nothing to predict")
         columns = [c for c in _CONFIG_COLUMNS if c in frame.columns]
         measured = "epoch_timings" in frame.columns
+        if measured:
+            # An empty cell is an epoch not measured; a value is an epoch's seconds (a NaN, infinite,
+            # zero or negative one was shown as the measured median, or moved it).
+            timings = pd.to_numeric(frame["epoch_timings"], errors="coerce")
+            bad = frame["epoch_timings"].notna() & ~((timings > 0) & np.isfinite(timings))
+            if bad.any():
+                raise AdvisorInputError(f"{path}: epoch_timings '{frame.loc[bad, 'epoch_timings'].iloc[0]}' is not a "
+                                        f"positive number of seconds ({int(bad.sum())} row(s))")
+            frame = frame.assign(epoch_timings=timings)
         grouped = frame.assign(_measured=frame["epoch_timings"] if measured else np.nan).groupby(
             columns, dropna=False, sort=False)["_measured"].median().reset_index()
         frames.append(grouped.rename(columns={"_measured": "measured_s"}))

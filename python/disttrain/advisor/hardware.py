@@ -82,12 +82,13 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
 
     Raises:
         AdvisorInputError: missing file, missing columns, a non-positive or
-            non-numeric price, or a GPU name that matches no known family.
+            non-numeric price, or a GPU name that matches no known family
+            or a family priced twice.
     """
     from .errors import AdvisorInputError
 
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not the header
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise AdvisorInputError(f"cannot read price file '{path}': {e.strerror}") from None
@@ -96,7 +97,8 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
     if not rows or not {"gpu", "price_per_gpu_hour"} <= set(rows[0].keys()):
         raise AdvisorInputError(
             f"price file '{path}' needs a header 'gpu,price_per_gpu_hour' and at least one row")
-    prices = {}
+    prices: dict[str, float] = {}
+    lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         family = gpu_family(row["gpu"] or "")
         if family is None:
@@ -106,8 +108,13 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
             price = float(row["price_per_gpu_hour"])
         except (TypeError, ValueError):
             price = float("nan")
-        if not price > 0:
+        if not 0 < price < float("inf"):
             raise AdvisorInputError(
                 f"price file '{path}' line {line}: price '{row['price_per_gpu_hour']}' is not a positive number")
+        if family in prices:  # 'P40' and 'Tesla P40' are one family: the later line silently won
+            raise AdvisorInputError(
+                f"price file '{path}' line {line}: GPU '{row['gpu']}' is family {family}, already priced on line "
+                f"{lines[family]}")
         prices[family] = price
+        lines[family] = line
     return prices

@@ -49,6 +49,9 @@ OPTIONAL_DEFAULTS = {
 # The data set of the logs: the one whose accuracy the advisor learns and recommends for.
 REFERENCE_DATASET = "cifar10"
 
+# The largest batch size, GPU count or loader worker count a configuration may name.
+_MAX_COUNT = 2**31 - 1
+
 RUN_KEYS = ["model_name", "gpu", "num_of_gpus", "batch_size", "learning_rate",
             "distribute_data", "num_workers_data_loader", "num_epochs", "milestones", "config_id"]
 
@@ -158,8 +161,24 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     if bad.any():
         where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
         raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive batch_size or num_of_gpus")
-    df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
     df["num_workers_data_loader"] = df["num_workers_data_loader"].fillna(OPTIONAL_DEFAULTS["num_workers_data_loader"])
+    # Counts are whole numbers a process can hold (a GPU count of 1e30 overflowed to a negative
+    # int: a NaN prediction); a learning rate or parameter count given is a positive number
+    # (a malformed one was read as the default, or predicted infinite).
+    for column, low in (("batch_size", 1), ("num_of_gpus", 1), ("num_workers_data_loader", 0)):
+        values = df[column]
+        bad = ~((values >= low) & (values <= _MAX_COUNT) & (values == np.floor(values)))
+        if bad.any():
+            where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
+            raise AdvisorInputError(f"{where}: {column} {df.loc[bad, column].iloc[0]:g}: give a whole number from "
+                                    f"{low} to {_MAX_COUNT}")
+    for column in ("learning_rate", "num_of_paramters"):
+        given = frame[column].notna() if column in frame.columns else pd.Series(False, index=df.index)
+        bad = given.to_numpy() & ~((df[column] > 0) & np.isfinite(df[column])).to_numpy()
+        if bad.any():
+            where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
+            raise AdvisorInputError(f"{where}: {column} '{frame.loc[bad, column].iloc[0]}' is not a positive number")
+    df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
     df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
     df["gpu_family"] = df["gpu"].map(gpu_family)
     if df["gpu_family"].isna().any():
@@ -242,7 +261,17 @@ def load_raw(paths_or_dataframe=None) -> pd.DataFrame:
         if "source" not in frame.columns:
             frame["source"] = "data frame"
         return tidy(frame)
-    return tidy(pd.concat([_read_one(f) for f in csv_files(paths_or_dataframe)], ignore_index=True, sort=False))
+    frames = []
+    for path in csv_files(paths_or_dataframe):
+        frame = _read_one(path)
+        # Checked per file: concatenated, a file without them read as rows of empty cells, and
+        # the error named a missing batch size rather than the columns the file lacks.
+        missing = [c for c in REQUIRED if c not in frame.columns]
+        if missing:
+            raise AdvisorInputError(f"{path}: lacks column(s) {', '.join(missing)} "
+                                    f"(have: {', '.join(map(str, frame.columns.drop('source')[:12]))})")
+        frames.append(frame)
+    return tidy(pd.concat(frames, ignore_index=True, sort=False))
 
 
 def csv_files(paths=None) -> list[Path]:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .curve_model import epochs_to_target, predict_curves
 from .errors import AdvisorInputError
-from .hardware import GPU_TFLOPS, NO_DATA_SHEET
+from .hardware import GPU_TFLOPS, NO_DATA_SHEET, gpu_family
 
 # The logs' recipe: SGD, lr 0.1, step decay at epochs 60 and 80.
 RECIPE = {"learning_rate": 0.1, "milestones": "60,80"}
@@ -60,10 +60,27 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
     """See Advisor.recommend."""
     if model_name not in advisor.known_models:
         raise AdvisorInputError(f"unknown model '{model_name}' (known: {', '.join(sorted(advisor.known_models))})")
+    try:
+        target_acc = float(target_acc)
+    except (TypeError, ValueError):
+        raise AdvisorInputError(f"target accuracy {target_acc!r} is not a number") from None
     if not 0 < target_acc <= advisor.max_acc:
         raise AdvisorInputError(f"target accuracy {target_acc} is outside (0, {advisor.max_acc:.4f}], "
                                 f"the best accuracy in the training logs")
-    families = list(gpus) if gpus else sorted(set(prices) & set(advisor.known_families))
+    # The web page and the API took these unchecked: a deadline of -1 h or NaN h ranked nothing
+    # ("no configuration reaches ... within the deadline of nan h"), a negative price a negative cost.
+    if deadline_hours is not None and not deadline_hours > 0:
+        raise AdvisorInputError(f"deadline of {deadline_hours} h: give a positive number of hours")
+    if max_epochs < 1:
+        raise AdvisorInputError(f"max_epochs {max_epochs}: give at least 1")
+    for family, price in prices.items():
+        if not 0 < price < np.inf:
+            raise AdvisorInputError(f"price {price} for GPU '{family}' is not a positive number")
+    if isinstance(gpus, str):
+        gpus = [gpus]
+    # A GPU named twice (or by a family and a full name of it) is one candidate, not two equal rows.
+    families = (list(dict.fromkeys(gpu_family(g) or g for g in gpus)) if gpus
+                else sorted(set(prices) & set(advisor.known_families)))
     for family in families:
         # A family without logs is priced from its data-sheet speed, flagged in the table (CPU has none).
         if family not in advisor.known_families and (family in NO_DATA_SHEET or family not in GPU_TFLOPS):
