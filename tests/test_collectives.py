@@ -354,3 +354,68 @@ def test_caller_thread_all_reduce_matches_the_queued_path(world):
     failures = [f"rank {r}: {f}" for r, fs in enumerate(results) for f in fs]
     assert not failures, "\n".join(failures[:40])
 
+
+
+def _overlapping_outputs_and_bool_xor(rank, world):
+    """An output tensor whose elements share memory is refused in the caller's thread
+    with a ValueError, and the group goes on; a broadcast root may send from one."""
+    out = {}
+
+    def refused(name, fn):
+        try:
+            fn()
+        except ValueError as e:
+            out[name] = "share memory" in str(e)
+        else:
+            out[name] = False
+
+    shared = lambda: torch.tensor([float(rank + 1)]).expand(4)  # noqa: E731
+    refused("all_reduce", lambda: dist.all_reduce(shared()))
+    refused("all_reduce async", lambda: dist.all_reduce(shared(), async_op=True).wait())
+    refused("all_gather_into_tensor", lambda: dist.all_gather_into_tensor(
+        torch.zeros(1).expand(4 * world), torch.ones(4)))
+    refused("recv", lambda: dist.recv(torch.zeros(1).expand(3), (rank + 1) % world))
+    t = torch.ones(3)
+    dist.all_reduce(t)  # the group still works
+    out["after"] = torch.equal(t, torch.full((3,), float(world)))
+    src = torch.tensor([7.0]).expand(4) if rank == 0 else torch.zeros(4)
+    dist.broadcast(src, 0)
+    out["broadcast from a shared-memory root"] = torch.equal(src, torch.full((4,), 7.0))
+    gloo = dist.new_group(backend="gloo")
+    for n in (0, 5, 100_003):
+        b = (torch.arange(n) % (rank + 2) == 0)
+        mine, ref = b.clone(), b.clone()
+        dist.all_reduce(mine, op=dist.ReduceOp.BXOR)
+        dist.all_reduce(ref, op=dist.ReduceOp.BXOR, group=gloo)
+        out[f"bool BXOR n={n}"] = torch.equal(mine, ref)
+    return out
+
+
+@pytest.mark.parametrize("world,transport", [(2, "shm"), (3, "tcp")])
+def test_overlapping_output_is_refused_and_bool_bxor(world, transport):
+    for result in run_ranks(_overlapping_outputs_and_bool_xor, world, **transport_env(transport)):
+        assert all(result.values()), result
+
+
+def _nan_min_max(rank, world):
+    """MIN/MAX with a NaN on one rank: NaN on every rank (torch.maximum's rule), at every
+    size (each algorithm: recursive doubling with a fold at 3 ranks, ring, two-phase shm)."""
+    bad = []
+    for n in (6, 20_000, 400_000):
+        for op in ("MAX", "MIN"):
+            for who in range(world):
+                for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                    t = (torch.arange(n) % 7).to(dtype)
+                    if rank == who:
+                        t[3] = float("nan")
+                        t[n - 1] = float("nan")
+                    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+                    if not (t[3].isnan() and t[n - 1].isnan() and not t[:3].isnan().any()):
+                        bad.append((n, op, who, str(dtype), t[3].item(), t[n - 1].item()))
+    return bad
+
+
+@pytest.mark.parametrize("world,transport", [(2, "shm"), (3, "shm"), (3, "tcp")])
+def test_min_max_propagate_nan_on_every_rank(world, transport):
+    results = run_ranks(_nan_min_max, world, **transport_env(transport))
+    assert not any(results), results

@@ -1,6 +1,7 @@
 #include "comm/backend.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -45,6 +46,15 @@ void check_cpu(const at::Tensor& t, const char* op) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "disttrain: ", op, " got a tensor on ", t.device(),
                     "; the disttrain backend handles CPU tensors (use NCCL for CUDA)");
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, "disttrain: ", op, " needs a dense tensor, got ", t.layout());
+}
+
+// A tensor that receives a result must not have elements that share memory (an
+// expand()ed or as_strided view): copying the result into it failed after the
+// transfer, on the progress thread, and that failed the whole group.
+void check_writable(const at::Tensor& t, const char* op, const char* what) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "disttrain: ", op, ": ", what,
+                    " has elements that share memory (an expand()ed view?) and cannot receive a result; ",
+                    "pass a tensor of its own (.clone())");
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* what) {
@@ -539,6 +549,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   at::Tensor user = single(tensors, "all_reduce");
   if (user.layout() == at::kSparse) return sparse_allreduce(user, to_redop(opts.reduceOp));
   check_cpu(user, "all_reduce");
+  check_writable(user, "all_reduce", "the tensor");
   RedOp op = to_redop(opts.reduceOp);
   reduce_kernel(user.scalar_type(), op);  // unsupported (dtype, op) fails here, in the caller
   if (op == RedOp::kAvg) {
@@ -625,6 +636,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
                                                                      const c10d::AllreduceCoalescedOptions& opts) {
   TORCH_CHECK_VALUE(!tensors.empty(), "disttrain: all_reduce_coalesced got no tensors");
   for (auto& t : tensors) check_like(t, t, "all_reduce_coalesced", "tensor");
+  for (auto& t : tensors) check_writable(t, "all_reduce_coalesced", "a tensor");
   for (auto& t : tensors) {
     TORCH_CHECK_VALUE(t.scalar_type() == tensors[0].scalar_type(),
                       "disttrain: all_reduce_coalesced needs one dtype, got ", tensors[0].scalar_type(), " and ",
@@ -680,6 +692,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce(std::vector<at::Tensor>&
   OpSignature sig = signature(OpKind::kReduce, user, op, user.numel(), root);
   bool is_root = getRank() == root;
   // Only the root's tensor receives the result; the others work on a copy.
+  if (is_root) check_writable(user, "reduce", "the root's tensor");
   at::Tensor buf = is_root ? user.contiguous() : user.clone(at::MemoryFormat::Contiguous);
   int world = getSize();
   return enqueue(c10d::OpType::REDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
@@ -698,11 +711,13 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::broadcast(std::vector<at::Tenso
   int root = static_cast<int>(opts.rootRank);
   TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: broadcast root ", root, " outside [0, ", getSize(),
                     ")");
+  const bool is_root = getRank() == root;
+  if (!is_root) check_writable(user, "broadcast", "the tensor");
   OpSignature sig = signature(OpKind::kBroadcast, user, RedOp::kNone, user.numel(), root);
   at::Tensor buf = user.contiguous();
   return enqueue(c10d::OpType::BROADCAST, sig.seq, {user}, [=, this](Deadline dl) mutable {
     run_broadcast(sig, buf.data_ptr(), buf.nbytes(), root, dl);
-    copy_back(user, buf);
+    if (!is_root) copy_back(user, buf);  // the root's tensor is read only
   });
 }
 
@@ -710,6 +725,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::_allgather_base(at::Tensor& out
                                                                  const c10d::AllgatherOptions&) {
   check_cpu(input, "all_gather_into_tensor");
   check_cpu(output, "all_gather_into_tensor");
+  check_writable(output, "all_gather_into_tensor", "the output");
   TORCH_CHECK_VALUE(output.scalar_type() == input.scalar_type() && output.numel() == input.numel() * getSize(),
                     "disttrain: all_gather_into_tensor: output must have ", getSize(), " x ", input.numel(),
                     " elements of ", input.scalar_type(), ", got ", output.numel(), " of ", output.scalar_type());
@@ -731,6 +747,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allgather(std::vector<std::vect
   TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(getSize()),
                     "disttrain: all_gather needs a list of ", getSize(), " output tensors");
   for (auto& o : outputs[0]) check_like(o, input, "all_gather", "an output tensor");
+  for (auto& o : outputs[0]) check_writable(o, "all_gather", "an output tensor");
   OpSignature sig = signature(OpKind::kAllgather, input, RedOp::kNone, input.numel());
   at::Tensor in = input.contiguous();
   std::vector<at::Tensor> outs = outputs[0];
@@ -787,6 +804,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::gather(std::vector<std::vector<
     TORCH_CHECK_VALUE(outputs.size() == 1 && outputs[0].size() == static_cast<size_t>(getSize()),
                       "disttrain: gather needs a list of ", getSize(), " output tensors on the root");
     for (auto& o : outputs[0]) check_like(o, input, "gather", "an output tensor");
+    for (auto& o : outputs[0]) check_writable(o, "gather", "an output tensor");
     outs = outputs[0];
   } else {
     TORCH_CHECK_VALUE(outputs.empty() || outputs[0].empty(), "disttrain: gather takes output tensors on the root only");
@@ -806,6 +824,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::scatter(std::vector<at::Tensor>
                                                          const c10d::ScatterOptions& opts) {
   at::Tensor output = single(outputs, "scatter");
   check_cpu(output, "scatter");
+  check_writable(output, "scatter", "the output");
   int root = static_cast<int>(opts.rootRank);
   TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: scatter root ", root, " outside [0, ", getSize(), ")");
   bool is_root = getRank() == root;
@@ -829,6 +848,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::_reduce_scatter_base(at::Tensor
                                                                       const c10d::ReduceScatterOptions& opts) {
   check_cpu(input, "reduce_scatter_tensor");
   check_cpu(output, "reduce_scatter_tensor");
+  check_writable(output, "reduce_scatter", "the output");
   TORCH_CHECK_VALUE(input.scalar_type() == output.scalar_type() && input.numel() == output.numel() * getSize(),
                     "disttrain: reduce_scatter_tensor: input must have ", getSize(), " x ", output.numel(),
                     " elements of ", output.scalar_type(), ", got ", input.numel(), " of ", input.scalar_type());
@@ -872,6 +892,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::alltoall_base(at::Tensor& outpu
                                                                const c10d::AllToAllOptions&) {
   check_cpu(input, "all_to_all_single");
   check_cpu(output, "all_to_all_single");
+  check_writable(output, "all_to_all_single", "the output");
   TORCH_CHECK_VALUE(input.scalar_type() == output.scalar_type(), "disttrain: all_to_all_single: input is ",
                     input.scalar_type(), " but output is ", output.scalar_type());
   const int world = getSize();
@@ -923,6 +944,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::alltoall(std::vector<at::Tensor
   for (auto& t : inputs) check_like(t, t, "all_to_all", "an input tensor");
   for (auto& t : outputs) {
     check_cpu(t, "all_to_all");
+    check_writable(t, "all_to_all", "an output tensor");
     TORCH_CHECK_VALUE(t.scalar_type() == inputs[0].scalar_type(), "disttrain: all_to_all: mixed dtypes ",
                       t.scalar_type(), " and ", inputs[0].scalar_type());
   }
@@ -978,6 +1000,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::recvAnysource(std::vector<at::T
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::receive(std::vector<at::Tensor>& tensors, int src, int tag) {
   at::Tensor user = single(tensors, "recv");
   check_cpu(user, "recv");
+  check_writable(user, "recv", "the tensor");
   // The sequence number is the pair's, counted on the progress thread when
   // the receive runs: every receive runs there, in issue order, so a receive
   // from any source posted before receives from a given rank takes its number

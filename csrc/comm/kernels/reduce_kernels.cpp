@@ -12,8 +12,12 @@ namespace {
 
 struct Sum { template <typename T> static T apply(T a, T b) { return a + b; } };
 struct Prod { template <typename T> static T apply(T a, T b) { return a * b; } };
-struct Min { template <typename T> static T apply(T a, T b) { return b < a ? b : a; } };
-struct Max { template <typename T> static T apply(T a, T b) { return a < b ? b : a; } };
+// MIN/MAX propagate NaN, as torch.minimum/maximum do: a NaN on any rank gives NaN on
+// every rank, whatever the order the algorithm combines the ranks in (`b != b` holds for
+// a NaN b only; a NaN a stays because no comparison with it holds). Comparisons alone
+// kept whichever operand came first, so the ranks of one all-reduce could disagree.
+struct Min { template <typename T> static T apply(T a, T b) { return (b < a || b != b) ? b : a; } };
+struct Max { template <typename T> static T apply(T a, T b) { return (a < b || b != b) ? b : a; } };
 struct Band { template <typename T> static T apply(T a, T b) { return a & b; } };
 struct Bor { template <typename T> static T apply(T a, T b) { return a | b; } };
 struct Bxor { template <typename T> static T apply(T a, T b) { return a ^ b; } };
@@ -67,12 +71,16 @@ DEFINE_BIT_KERNELS(i16, int16_t)
 DEFINE_BIT_KERNELS(i32, int32_t)
 DEFINE_BIT_KERNELS(i64, int64_t)
 
-// bool: SUM/MAX/BOR are logical or; PRODUCT/MIN/BAND logical and.
+// bool: SUM/MAX/BOR are logical or; PRODUCT/MIN/BAND logical and; BXOR exclusive or.
 void or_bool(void* dst, const void* a, const void* b, size_t n) {
   bor_u8(dst, a, b, n);
 }
 void and_bool(void* dst, const void* a, const void* b, size_t n) {
   band_u8(dst, a, b, n);
+}
+// BXOR: exclusive or (torch's bools are the bytes 0 and 1, so the byte xor is one too), as gloo.
+void xor_bool(void* dst, const void* a, const void* b, size_t n) {
+  bxor_u8(dst, a, b, n);
 }
 
 #define ARITH_CASE(SCALAR, TAG)                  \
@@ -123,6 +131,7 @@ ReduceFn reduce_kernel(c10::ScalarType dtype, RedOp op) {
         case RedOp::kProduct:
         case RedOp::kMin:
         case RedOp::kBand: return and_bool;
+        case RedOp::kBxor: return xor_bool;
         default: break;
       }
       break;
