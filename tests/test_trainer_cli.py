@@ -221,3 +221,36 @@ def test_full_disk_and_another_model_are_one_line(tmp_path):
     line = _one_line(other.stderr)
     assert "cannot resume from" in line and "another model ('small_cnn')" in line and "--no-resume" in line
     assert _train(tmp_path, "-m", "mlp", "--no-resume").returncode == 0
+
+
+def test_sigterm_to_the_launching_command_reaches_the_ranks(tmp_path):
+    # `disttrain train --nproc-per-node N` died of a SIGTERM at once (a scheduler's or `docker stop`'s,
+    # sent to it alone), leaving torchrun and the ranks training on as orphans: no preemption snapshot.
+    import signal
+    import time
+
+    from disttrain import snapshot
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "DISTTRAIN_SNAPSHOT_FAULT"):
+        env.pop(var, None)
+    proc = subprocess.Popen([sys.executable, "-m", "disttrain.cli", "train", "--no-progress", "-e", "1000",
+                             "--nproc-per-node", "1", "--max-restarts", "0", "-s", str(tmp_path), "--save-name", "r"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    snapshots = tmp_path / "r" / "snapshots"
+    try:
+        deadline = time.monotonic() + 120
+        while not snapshot.list_snapshots(snapshots) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert snapshot.list_snapshots(snapshots), "no epoch finished"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "preempted, snapshot saved" in out
+    # Nothing trains on: the newest snapshot stays the newest.
+    newest = snapshot.list_snapshots(snapshots)[-1]
+    time.sleep(2)
+    assert snapshot.list_snapshots(snapshots)[-1] == newest

@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,7 +148,35 @@ def _launch(argv: list[str], args: argparse.Namespace) -> int:
            f"--max-restarts={args.max_restarts}", "-m", "disttrain.cli", "train",
            *_strip(argv, ("--nproc-per-node", "--max-restarts"))]
     print("disttrain: launching " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+
+    # A preemption (SIGTERM from a scheduler, `docker stop`, `timeout`) signals this process, and
+    # perhaps only it: passed on to the launcher, which passes it to the ranks, so they save a
+    # snapshot and exit (143) instead of training on as orphans of a launcher that died at once.
+    # Ctrl-C reaches the launcher and the ranks from the terminal itself: wait for them.
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if forwarded and code != 0:  # torchrun ends a run it was signalled to stop with 1 (and a traceback)
+        return 128 + forwarded[0]
+    return 128 - code if code < 0 else code
 
 
 def _configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tuple[argparse.Namespace, dict]]:
