@@ -30,3 +30,14 @@ def test_digits_do_not_import_sklearn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_cifar10_batch_that_is_not_a_pickle_names_the_file(tmp_path):
+    import pytest
+
+    from disttrain import data
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(b"\x80\x02garbage")  # a pickle's start, then nothing that unpickles
+    with pytest.raises(ValueError, match="data_batch_1' is not a CIFAR-10 python-pickle batch"):
+        data.CIFAR10(str(tmp_path), train=True)

@@ -58,7 +58,8 @@ def test_bench_bad_value_is_one_line():
 def _fake_cifar(folder, names=None):
     os.makedirs(folder)
     for name in names or [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        open(os.path.join(folder, name), "wb").close()
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"\x80\x02")  # a pickle's first bytes: validation reads no more
 
 
 def _train_error(capsys, argv):
@@ -111,6 +112,12 @@ def test_train_data_files_and_run_folder(tmp_path, capsys):
     (tmp_path / "empty" / "cat").mkdir()
     line = _train_error(capsys, ["--dataset", "imagefolder", "-d", str(tmp_path / "empty"), "-s", str(tmp_path)])
     assert "no images" in line
+    # Not pickles (an HTML page saved under the name): each rank failed in pickle.load after the launch.
+    os.makedirs(tmp_path / "html")
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / "html" / name).write_text("<html>Not Found</html>")
+    line = _train_error(capsys, ["--dataset", "cifar10", "-d", str(tmp_path / "html"), "-s", str(tmp_path)])
+    assert "data_batch_1' is not a CIFAR-10 python-pickle batch" in line
     (tmp_path / "file").write_text("x")
     line = _train_error(capsys, ["-s", str(tmp_path / "file")])
     assert "is a file, not a folder" in line

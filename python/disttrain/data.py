@@ -87,10 +87,16 @@ class CIFAR10(Dataset):
                                     "cifar-10-python.tar.gz there (disttrain downloads nothing)")
         images, labels = [], []
         for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.long))
+            path = os.path.join(folder, name)
+            try:
+                with open(path, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+                labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.long))
+            except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError,
+                    RuntimeError) as e:
+                raise ValueError(f"CIFAR-10: '{path}' is not a CIFAR-10 python-pickle batch ({type(e).__name__}: "
+                                 f"{e}); expected the files of cifar-10-python.tar.gz") from None
         self.images = torch.cat(images)
         self.labels = torch.cat(labels)
         self._mean = torch.tensor(_CIFAR_MEAN).view(3, 1, 1)

@@ -309,6 +309,11 @@ def _check_data(dataset: str, root: Any) -> None:
             raise ConfigError(f"-d/--data '{root}': CIFAR-10 file(s) {', '.join(missing)} not found in '{batches}'; "
                               "expected the python-pickle batches of cifar-10-python.tar.gz (data_batch_1..5, "
                               "test_batch)")
+        for name in names:  # a pickle starts with its protocol opcode (0x80); catches an HTML page, text, ...
+            with open(os.path.join(batches, name), "rb") as f:
+                if f.read(1) != b"\x80":
+                    raise ConfigError(f"-d/--data '{root}': '{os.path.join(batches, name)}' is not a CIFAR-10 "
+                                      "python-pickle batch; expected the files of cifar-10-python.tar.gz")
         return
     # imagefolder: class folders, in train/ (and test/ or val/) when there is such a split, with images.
     base = os.path.join(folder, "train") if os.path.isdir(os.path.join(folder, "train")) else folder
