@@ -220,3 +220,36 @@ def test_a_damaged_calibration_file_is_ignored(tmp_path, capsys):
             path.unlink(missing_ok=True)
         else:
             path.write_bytes(kept)
+
+
+def test_a_calibrated_device_checks_its_configurations(tmp_path, capsys):
+    # A configuration of a device calibrated here skipped the fitted model's checks: a batch of
+    # 0, -5 or 'abc' was a traceback from the measurement, 128.5 or 1.5 GPUs were read as 128 or 1.
+    from disttrain.advisor import calibrate
+
+    path = calibrate._path("cpu")
+    kept = path.read_bytes() if path.exists() else None
+    timing = {"model_name": "small_cnn", "dataset": "digits", "batch_size": 128, "workers": 0, "processes": 1,
+              "epoch_s": 0.5, "timed_batches": 11, "step_s": 0.04, "step_s_sd": 0.01}
+    header = "epoch,epoch_timings,model_name,gpu,batch_size,num_of_gpus,num_workers_data_loader,num_of_nodes,dataset\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": "cpu", "host": "h", "threads": 1, "version": calibrate.VERSION,
+                                    "timings": [timing]}))
+        cases = [("0,1,0,1", "batch_size 0:"), ("-5,1,0,1", "batch_size -5:"), ("abc,1,0,1", "batch_size abc:"),
+                 ("128.5,1,0,1", "batch_size 128.5:"), ("128,1.5,0,1", "num_of_gpus 1.5:"),
+                 ("128,1,0.5,1", "num_workers_data_loader 0.5:"), ("128,1,0,x", "num_of_nodes x:")]
+        for i, (values, words) in enumerate(cases):
+            run = tmp_path / f"run{i}.csv"
+            run.write_text(header + f"0,0.6,small_cnn,cpu,{values},digits\n")
+            code, stdout, stderr = advise_here(capsys, "--predict", str(run))
+            assert code == 2 and _one_line(stderr) and words in stderr, (values, code, stdout, stderr)
+        run = tmp_path / "good.csv"
+        run.write_text(header + "0,0.6,small_cnn,cpu,128,1,0,1,digits\n")
+        code, stdout, stderr = advise_here(capsys, "--predict", str(run), "--json")
+        assert code == 0 and json.loads(stdout)["configurations"][0]["epoch_time_s"] == 0.5, stderr
+    finally:
+        if kept is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(kept)

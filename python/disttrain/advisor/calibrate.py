@@ -545,6 +545,20 @@ def calibrate(device: str | None = None, reference=REFERENCE, speed_scale=None) 
     return calibration
 
 
+def _count(config, column: str, low: int, default: int | None) -> int:
+    """A configuration's whole-number column (an empty cell: ``default``): a batch of 0 or 'abc' was a
+    traceback from the measurement, one of 128.5 or 1.5 processes was read as 128 or 1."""
+    from .loading import _MAX_COUNT
+
+    value = config.get(column, default)
+    if default is not None and pd.isna(value):
+        return default
+    number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    if not (low <= number <= _MAX_COUNT and number == np.floor(number)):
+        raise AdvisorInputError(f"{column} {value}: give a whole number from {low} to {_MAX_COUNT}")
+    return int(number)
+
+
 def predict(calibration: Calibration, configs: pd.DataFrame, measure: bool = True) -> pd.DataFrame:
     """Epoch times of configurations on the calibrated device, one row each.
 
@@ -560,20 +574,20 @@ def predict(calibration: Calibration, configs: pd.DataFrame, measure: bool = Tru
     rows = []
     for _, config in configs.iterrows():
         model = str(config["model_name"]).strip().lower()
-        dataset = re.sub(r"[^a-z0-9]", "", str(config.get("dataset", "cifar10") or "cifar10").lower()) or "cifar10"
-        gpus = config.get("num_of_gpus", 1)
-        processes = 1 if pd.isna(gpus) else int(gpus)
+        named = config.get("dataset", "cifar10")
+        named = "cifar10" if pd.isna(named) else str(named)  # an empty cell is CIFAR-10, as loading reads it
+        dataset = re.sub(r"[^a-z0-9]", "", named.lower()) or "cifar10"
+        processes = _count(config, "num_of_gpus", 1, 1)
         if processes > 1 and calibration.device != "cpu":
             raise AdvisorInputError(f"{model} on {processes} GPUs: a calibration times one GPU")
-        nodes = config.get("num_of_nodes", 1)
-        if pd.notna(nodes) and int(nodes) > 1:
-            raise AdvisorInputError(f"{model} on {int(nodes)} hosts: a calibration measures this host only")
+        nodes = _count(config, "num_of_nodes", 1, 1)
+        if nodes > 1:
+            raise AdvisorInputError(f"{model} on {nodes} hosts: a calibration measures this host only")
         if processes > max_processes():
             raise AdvisorInputError(f"{model} on {processes} processes: a calibration starts at most "
                                     f"{max_processes()} on this host ({os.cpu_count()} cores)")
-        workers = config.get("num_workers_data_loader", 0)
-        workers = 0 if pd.isna(workers) else int(workers)
-        batch = int(config["batch_size"])
+        workers = _count(config, "num_workers_data_loader", 0, 0)
+        batch = _count(config, "batch_size", 1, None)
         if dataset not in TRAIN_SAMPLES:
             raise AdvisorInputError(f"unknown data set '{dataset}' (known: {', '.join(TRAIN_SAMPLES)})")
         timing = calibration.timing(model, dataset, batch, workers, processes)
