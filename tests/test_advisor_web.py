@@ -67,3 +67,23 @@ def test_empty_form_and_bad_input(base_url):
     assert "<form" in dom and 'id="ranking"' not in dom
     bad = dump_dom(base_url + "?model=resnet50&target_acc=2")
     assert 'id="error"' in bad and "target accuracy" in bad
+
+
+def test_query_edge_cases_are_one_error_line(base_url):
+    # Read with urllib (no browser): what the server sends. A full GPU name in the field was split
+    # at its space ('Tesla P40' -> unknown GPU 'Tesla'); a deadline of -1 or NaN hours ranked nothing
+    # ("within the deadline of nan h") instead of saying it is not a number of hours.
+    import urllib.parse
+    import urllib.request
+
+    def page(**query):
+        with urllib.request.urlopen(base_url + "?" + urllib.parse.urlencode(query), timeout=120) as r:
+            return r.read().decode()
+    for gpus in ("Tesla P40", "P40 V100-SXM2", "P40, Tesla V100-SXM2-16GB"):
+        body = page(model="resnet50", target_acc="0.7", gpus=gpus)
+        assert 'id="ranking"' in body and 'id="error"' not in body, gpus
+    for deadline in ("-1", "nan", "0"):
+        body = page(model="resnet50", target_acc="0.7", deadline_hours=deadline)
+        assert 'id="error"' in body and "positive number of hours" in body, deadline
+    body = page(model='"><script>alert(1)</script>', target_acc="0.7", gpus="<b>")
+    assert "<script>" not in body and "<b>" not in body and "unknown GPU &#x27;&lt;b&gt;&#x27;" in body

@@ -43,7 +43,12 @@ def _result(advisor, query: dict) -> str:
         target = float(query.get("target_acc", [""])[0])
     except ValueError:
         raise AdvisorInputError("target accuracy must be a number such as 0.75") from None
-    gpus = [g for g in query.get("gpus", [""])[0].replace(" ", ",").split(",") if g]
+    # Commas, or spaces between families ('P40 V100-SXM2'); a full name keeps its spaces ('Tesla P40'
+    # was split into 'Tesla' and 'P40', an unknown GPU).
+    gpus = []
+    for part in query.get("gpus", [""])[0].split(","):
+        words = part.split()
+        gpus += words if words and all(gpu_family(w) for w in words) else ([part.strip()] if part.strip() else [])
     families = []
     for name in gpus:
         family = gpu_family(name)
