@@ -419,3 +419,22 @@ def _nan_min_max(rank, world):
 def test_min_max_propagate_nan_on_every_rank(world, transport):
     results = run_ranks(_nan_min_max, world, **transport_env(transport))
     assert not any(results), results
+
+
+def _all_to_all_single_in_place(rank, world):
+    """all_to_all_single(t, t): every rank's blocks arrive, none overwritten before it was sent."""
+    bad = []
+    for n in (5, 70_000):
+        t = torch.arange(n * world, dtype=torch.float32) + 10_000 * rank
+        dist.all_to_all_single(t, t)
+        want = torch.cat([torch.arange(n * world, dtype=torch.float32)[rank * n:(rank + 1) * n] + 10_000 * s
+                          for s in range(world)])
+        if not torch.equal(t, want):
+            bad.append(f"n={n}")
+    return bad
+
+
+@pytest.mark.parametrize("world,transport", [(2, "shm"), (3, "tcp")])
+def test_all_to_all_single_in_place(world, transport):
+    results = run_ranks(_all_to_all_single_in_place, world, **transport_env(transport))
+    assert not any(results), results

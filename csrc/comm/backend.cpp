@@ -924,7 +924,11 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::alltoall_base(at::Tensor& outpu
   auto [send_off, send_bytes] = plan(input, input_split_sizes, "input");
   auto [recv_off, recv_bytes] = plan(output, output_split_sizes, "output");
   OpSignature sig = signature(OpKind::kAlltoall, input, RedOp::kNone, 0);
-  at::Tensor in = input.contiguous();
+  // In place (all_to_all_single(t, t), or an output overlapping the input): send from a
+  // copy, since the blocks received overwrite blocks not yet sent (the result was silently wrong).
+  at::Tensor in = at::get_overlap_status(input, output) == at::MemOverlapStatus::No
+                      ? input.contiguous()
+                      : input.clone(at::MemoryFormat::Contiguous);
   at::Tensor user = output;
   at::Tensor out = output.contiguous();
   size_t elem = input.element_size();
