@@ -218,7 +218,13 @@ def build_model(name: str, num_classes: int, shape: tuple[int, int, int]) -> Any
     channels, height, width = shape
     if name.lower() == "mlp":
         return models.get_model("mlp", num_classes=num_classes, in_features=channels * height * width)
+    if name.lower() in _VIT_PATCH:  # a position embedding per patch: built for the data set's image size
+        return models.get_model(name, num_classes=num_classes, in_channels=channels, image_size=height)
     return models.get_model(name, num_classes=num_classes, in_channels=channels)
+
+
+#: Vision transformers of disttrain.models and their patch sizes: the image side must be a multiple.
+_VIT_PATCH = {"vit_base_patch32_224": 32, "vit_small": 2}
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
@@ -349,6 +355,12 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"-m/--model {args.model!r}: unknown model; choose from {', '.join(MODELS)}")
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset {args.dataset!r}: unknown data set; choose from {', '.join(DATASETS)}")
+    patch = _VIT_PATCH.get(args.model.lower())
+    side = {"digits": 8, "cifar10": 32}.get(args.dataset, args.image_size)
+    if patch is not None and _is_int(side) and side % patch:
+        raise ConfigError(f"-m/--model {args.model!r}: cuts images into {patch}x{patch} patches, and --dataset "
+                          f"{args.dataset} has {side}x{side} images; choose an image size that is a multiple of "
+                          f"{patch} (--dataset imagefolder --image-size) or another model")
     _need_int("-b/--batch-size", args.batch_size, 1)
     if args.epochs is not None:
         _need_int("-e/--epochs", args.epochs, 0)
