@@ -45,7 +45,7 @@ def _result(advisor, query: dict) -> str:
         raise AdvisorInputError("target accuracy must be a number such as 0.75") from None
     # Commas, or spaces between families ('P40 V100-SXM2'); a full name keeps its spaces ('Tesla P40'
     # was split into 'Tesla' and 'P40', an unknown GPU).
-    gpus = []
+    gpus: list[str] = []
     for part in query.get("gpus", [""])[0].split(","):
         words = part.split()
         gpus += words if words and all(gpu_family(w) for w in words) else ([part.strip()] if part.strip() else [])
