@@ -129,3 +129,90 @@ def test_exit(hosts, outcomes, case, runs):
             # The other ranks keep the group 3 s longer: rank 0 must not wait for them.
             assert o.exit_after_teardown.get(0, 99) < 2.5, f"run {i + 1}: the pending op held the exit: {o.describe()}"
     assert not leftover, f"the exit matrix's runs left shared-memory segments behind: {leftover}"
+
+
+# --- disttrain.launch: a job past its timeout, or interrupted, leaves no rank behind -------------
+
+def _record_pid_then_hang(folder):
+    import time
+
+    import torch.distributed as dist
+
+    with open(os.path.join(folder, f"pid_{dist.get_rank()}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def _launched_pids(folder):
+    return [int(open(os.path.join(folder, name)).read()) for name in os.listdir(folder) if name.startswith("pid_")]
+
+
+def _gone(pids, within=10.0):
+    import time
+
+    from disttrain._processes import pid_alive
+
+    deadline = time.monotonic() + within
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if pid_alive(p)]
+
+
+def test_launch_timeout_stops_every_rank(tmp_path):
+    """Was subprocess.TimeoutExpired naming torchrun's command line, with both ranks left
+    running (orphans, in sessions of their own, sleeping on in a deleted folder)."""
+    import disttrain
+
+    with pytest.raises(disttrain.LaunchError, match=r"ran past timeout=20s; its ranks were stopped"):
+        disttrain.launch(_record_pid_then_hang, nproc=2, args=(str(tmp_path),), timeout=20, quiet=True)
+    pids = _launched_pids(tmp_path)
+    assert len(pids) == 2, "the ranks never started within the timeout"
+    assert not _gone(pids), "ranks outlived disttrain.launch's timeout"
+
+
+def test_launch_interrupted_stops_every_rank(tmp_path):
+    """Ctrl-C in a notebook (SIGINT to the kernel alone) left the ranks running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import disttrain, sys, test_exit\n"
+              "disttrain.launch(test_exit._record_pid_then_hang, nproc=2, args=(sys.argv[1],), timeout=300)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                                  os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while len(_launched_pids(tmp_path)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        pids = _launched_pids(tmp_path)
+        assert len(pids) == 2, f"the ranks never started: {proc.poll()}"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in out, out[-2000:]
+    assert not _gone(pids), "ranks outlived the interrupted disttrain.launch"
+
+
+def _unpicklable_result():
+    import threading
+
+    return threading.Lock()
+
+
+def test_launch_unpicklable_result_and_bad_nproc():
+    """A return value pickle cannot write was 'EOFError: Ran out of input' (a truncated
+    result file); nproc=2.5 started torchrun, whose traceback was followed by a TypeError."""
+    import disttrain
+
+    with pytest.raises(disttrain.LaunchError, match=r"rank \d's return value \(lock\) cannot be pickled"):
+        disttrain.launch(_unpicklable_result, nproc=2, timeout=300, quiet=True)
+    for bad in (0, -1, 2.5, "2", True):
+        with pytest.raises(ValueError, match="nproc must be a whole number >= 1"):
+            disttrain.launch(_unpicklable_result, nproc=bad)

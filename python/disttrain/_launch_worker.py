@@ -6,10 +6,28 @@ import sys
 import traceback
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this rank when the elastic launcher dies (it starts each rank in a
+    session of its own: a launcher killed outright would leave the ranks running)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(workdir: str) -> int:
+    _die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     try:
         with open(os.path.join(workdir, "payload.pkl"), "rb") as f:
+            parent_path = pickle.load(f)
+            sys.path[:] = parent_path + [p for p in sys.path if p not in parent_path]
             fn, args, backend = pickle.load(f)
         import torch.distributed as dist
 
@@ -21,8 +39,14 @@ def main(workdir: str) -> int:
         outcome = (True, value)
     except BaseException:  # report everything to the launching process
         outcome = (False, traceback.format_exc())
+    try:
+        data = pickle.dumps(outcome)
+    except Exception as e:  # the return value cannot travel back
+        outcome = (False, f"rank {rank}'s return value ({type(outcome[1]).__name__}) cannot be pickled: "
+                          f"{type(e).__name__}: {e}")
+        data = pickle.dumps(outcome)
     with open(os.path.join(workdir, f"result_{rank}.pkl"), "wb") as f:
-        pickle.dump(outcome, f)
+        f.write(data)
     return 0 if outcome[0] else 1
 
 

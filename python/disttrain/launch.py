@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,8 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
         nproc: number of ranks (processes) on this machine.
         args: positional arguments passed to ``fn`` in every rank.
         backend: process-group backend (``"disttrain"``, ``"gloo"``).
-        timeout: seconds before the whole job is stopped.
+        timeout: seconds before the whole job is stopped (its ranks ended, then
+            :class:`LaunchError`).
         env: extra environment variables for the ranks.
         quiet: do not echo the ranks' output.
 
@@ -38,7 +40,8 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
         A list with one return value per rank, indexed by rank.
 
     Raises:
-        LaunchError: a rank raised; the message holds its traceback.
+        LaunchError: a rank raised (the message holds its traceback), ended
+            without a result, or the job ran past ``timeout``.
 
     Example:
         >>> def total():
@@ -50,10 +53,14 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
     """
     import cloudpickle
 
-    if nproc < 1:
-        raise ValueError(f"launch: nproc must be >= 1, got {nproc}")
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"launch: nproc must be a whole number >= 1, got {nproc!r}")
     with tempfile.TemporaryDirectory(prefix="disttrain-launch-") as workdir:
         with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
+            # This process's import path first (as multiprocessing's spawn does): a function of a
+            # module found through a sys.path entry added here (a notebook's, pytest's) is pickled by
+            # reference, and the ranks must find that module too.
+            pickle.dump([os.path.abspath(p) if p else os.getcwd() for p in sys.path], f)
             cloudpickle.dump((fn, tuple(args), backend), f)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "disttrain._launch_worker", workdir]
@@ -62,10 +69,21 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
         # The ranks must import this very package, wherever it was imported from.
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, child_env.get("PYTHONPATH")]))
-        proc = subprocess.run(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout)
-        output = "\n".join(line for line in proc.stdout.splitlines()
+        proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        timed_out = False
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            stdout = _stop(proc)
+        except BaseException:  # Ctrl-C (a notebook's interrupt reaches this process only), ...
+            _stop(proc)
+            raise
+        output = "\n".join(line for line in stdout.splitlines()
                            if "OMP_NUM_THREADS" not in line and not line.strip().startswith(("W1", "*****")))
+        if timed_out:
+            raise LaunchError(f"launch: the job ran past timeout={timeout:g}s; its ranks were stopped"
+                              + (f"\n--- output ---\n{output}" if output.strip() else ""))
         if not quiet and output.strip():
             print(output)
         results: list[Any] = []
@@ -73,14 +91,38 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
         for rank in range(nproc):
             path = os.path.join(workdir, f"result_{rank}.pkl")
             if not os.path.exists(path):
-                failures.append(f"rank {rank} produced no result (exit code {proc.returncode})")
+                failures.append(f"rank {rank} produced no result: it exited or was killed before returning "
+                                f"(launcher exit code {proc.returncode}; the launcher's report says how)")
                 results.append(None)
                 continue
-            with open(path, "rb") as f:
-                ok, value = pickle.load(f)
+            try:
+                with open(path, "rb") as f:
+                    ok, value = pickle.load(f)
+            except Exception as e:  # the rank died while writing it
+                failures.append(f"rank {rank} left an unreadable result ({type(e).__name__}: {e}; "
+                                f"exit code {proc.returncode})")
+                results.append(None)
+                continue
             if not ok:
                 failures.append(f"rank {rank} failed:\n{value}")
             results.append(value if ok else None)
         if failures:
             raise LaunchError("\n".join(failures) + (f"\n--- output ---\n{output}" if quiet else ""))
         return results
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    """Ends the elastic launcher and its ranks (each in a session of its own, so
+    only the launcher can reach them): SIGTERM, which it forwards to the ranks and
+    waits for, then SIGKILL. Returns what it printed."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # the ranks then die with their parent (PR_SET_PDEATHSIG, set in _launch_worker)
+        stdout, _ = proc.communicate()
+    except BaseException:  # a second Ctrl-C
+        proc.kill()
+        proc.wait()
+        raise
+    return stdout or ""
