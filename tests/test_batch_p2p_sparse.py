@@ -134,3 +134,20 @@ def test_sparse_all_reduce_sums_every_ranks_nonzeros(world, transport, dense_dim
         assert empty_nnz == 0
         assert errors and "SUM only" in errors[0]
         assert x == [float(world)] * 2
+
+
+def _sparse_sizes_differ(rank, world):
+    """Rank r's tensor has r + 5 elements: every rank raises an error naming the sizes
+    (it summed into tensors of each rank's own size, silently)."""
+    t = torch.sparse_coo_tensor(torch.tensor([[rank + 4]]), torch.tensor([1.0]), (5 + rank,))
+    try:
+        dist.all_reduce(t)
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("world,transport", [(2, "shm"), (3, "tcp")])
+def test_sparse_all_reduce_of_different_sizes_is_an_error(world, transport):
+    for message in run_ranks(_sparse_sizes_differ, world, **transport_env(transport)):
+        assert message is not None and "every rank needs the same size" in message, message

@@ -602,10 +602,28 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::sparse_allreduce(const at::Tens
   const auto lng = static_cast<uint8_t>(at::kLong);
   return enqueue(c10d::OpType::_ALLREDUCE_SPARSE, first, {user}, [=, this](Deadline dl) mutable {
     const int64_t world = getSize(), sparse_dim = indices.size(0), nnz = indices.size(1);
-    at::Tensor count = at::full({1}, nnz, at::kLong);
-    at::Tensor counts = at::empty({world}, at::kLong);
-    run_allgather(OpSignature{first, OpKind::kAllgather, lng, RedOp::kNone, 1, 0}, count.data_ptr(),
-                  counts.data_ptr(), sizeof(int64_t), dl);
+    // The counts carry each rank's shape as well: ranks whose tensors differ in size
+    // summed into tensors of their own sizes, silently (an index past another
+    // rank's size made an invalid sparse tensor there). A different number of
+    // dimensions is the usual size mismatch of this first all-gather.
+    const std::vector<int64_t> shape = user.sizes().vec();
+    const int64_t meta = 1 + static_cast<int64_t>(shape.size());
+    at::Tensor count = at::empty({meta}, at::kLong);
+    count[0] = nnz;
+    for (size_t d = 0; d < shape.size(); ++d) count[static_cast<int64_t>(d) + 1] = shape[d];
+    at::Tensor gathered = at::empty({world, meta}, at::kLong);
+    run_allgather(OpSignature{first, OpKind::kAllgather, lng, RedOp::kNone, static_cast<uint64_t>(meta), 0},
+                  count.data_ptr(), gathered.data_ptr(), meta * sizeof(int64_t), dl);
+    auto size_of = [&](int64_t r) {
+      const int64_t* row = gathered.data_ptr<int64_t>() + r * meta;
+      return std::vector<int64_t>(row + 1, row + meta);
+    };
+    for (int64_t r = 1; r < world; ++r) {  // the same message on every rank
+      TORCH_CHECK_VALUE(size_of(r) == size_of(0), "disttrain: sparse all_reduce (sequence number ", first,
+                        "): rank 0 has a tensor of size ", c10::IntArrayRef(size_of(0)), ", rank ", r, " of size ",
+                        c10::IntArrayRef(size_of(r)), "; every rank needs the same size");
+    }
+    const at::Tensor counts = gathered.select(1, 0).contiguous();
     const int64_t most = std::max<int64_t>(1, counts.max().item<int64_t>());  // never an empty message
     std::vector<int64_t> value_shape = values.sizes().vec();
     value_shape[0] = most;
