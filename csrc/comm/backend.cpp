@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 
@@ -406,8 +407,12 @@ std::exception_ptr DisttrainBackend::run_guarded(Body&& body) {
     // One failed transport fails the group: siblings shut down too, so that
     // every rank waiting on any of them notices now, not at its timeout.
     // (After a teardown they are shut down already: nothing is recorded.)
+    // The reason is recorded without the "disttrain: " that the reports add
+    // (an error raised inside the op, a check's ValueError, read "disttrain: disttrain: ...").
+    std::string why = e.what_without_backtrace();
+    if (why.rfind("disttrain: ", 0) == 0) why.erase(0, std::strlen("disttrain: "));
     for (auto* t : {transport_.get(), local_.get(), leaders_.get()})
-      if (t) t->abort_quietly(e.what_without_backtrace());
+      if (t) t->abort_quietly(why);
     return std::current_exception();
   } catch (...) {
     return std::current_exception();
