@@ -152,3 +152,30 @@ def test_info_rejects_a_malformed_setting_in_one_line():
     assert out.returncode == 2
     assert "transport='infiniband' is not one of auto, tcp, shm" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _settings_differ(rank, world, name, values):
+    """A group whose ranks were given different values of a setting they must share:
+    every rank raises the same ValueError naming the setting, within the timeout."""
+    import datetime
+    import time
+    start = time.monotonic()
+    try:
+        group = dist.new_group(backend="disttrain", pg_options={name: values[rank % len(values)]},
+                               timeout=datetime.timedelta(seconds=20))
+        dist.all_reduce(torch.ones(4), group=group)
+        message = None
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        message = f"{type(e).__name__}: {e}"
+    return message, time.monotonic() - start
+
+
+@pytest.mark.parametrize("name,values", [("transport", ["tcp", "shm"]), ("shm_slot_bytes", ["4096", "1048576"]),
+                                         ("allreduce_algorithm", ["ring", "rd"])])
+def test_settings_the_ranks_must_share_are_compared_at_group_creation(name, values):
+    transport = "tcp" if name == "allreduce_algorithm" else "auto"  # where the setting matters
+    results = run_ranks(_settings_differ, 3, (name, values), env={"DISTTRAIN_TRANSPORT": transport}, timeout=120)
+    want = f"rank 0 has {name}={values[0]}, rank 1 has {name}={values[1]}"
+    for message, seconds in results:
+        assert message is not None and "ValueError" in message and want in message, message
+        assert seconds < 10, seconds

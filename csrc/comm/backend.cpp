@@ -210,10 +210,53 @@ DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store,
       timeout_(timeout),
       sent_to_(size, 0),
       received_from_(size, 0) {
+  check_settings_agree(store);
   setup_shared_memory(store, timeout);
   worker_ = std::thread([this, state = state_] {
     run_thread_body("progress", [&] { progress_loop(this, state); });
   });
+}
+
+// The settings every rank of a group must share. A difference failed later and
+// obscurely: transport=tcp beside shm as a store timeout in new_group on one rank
+// and "rank 1 reset its connection" in the first op on the other; shm_slot_bytes
+// as "refusing rank 0's segment ... (not made by a rank of this job)";
+// allreduce_algorithm as "collective mismatch ... rank 0 is at step 0, rank 1 at step 1".
+// Every rank publishes its values, reads every rank's and raises the same error.
+void DisttrainBackend::check_settings_agree(const c10::intrusive_ptr<c10d::Store>& store) {
+  if (getSize() == 1) return;
+  static const char* const kShared[] = {"transport", "allreduce_algorithm", "shm_slot_bytes"};
+  std::vector<std::pair<std::string, std::string>> mine;
+  for (const auto& d : options_.describe()) {
+    // (the slot size matters to shared memory only, the algorithm to TCP only)
+    if (d.name == "shm_slot_bytes" && options_.transport == TransportChoice::kTcp) continue;
+    if (d.name == "allreduce_algorithm" && options_.transport == TransportChoice::kShm) continue;
+    for (const char* k : kShared)
+      if (d.name == k) mine.emplace_back(d.name, d.value);
+  }
+  std::string text;
+  for (const auto& [name, value] : mine) text += name + "=" + value + "\n";
+  store->set("disttrain/settings/" + std::to_string(getRank()), std::vector<uint8_t>(text.begin(), text.end()));
+  std::vector<std::string> each(getSize());
+  for (int q = 0; q < getSize(); ++q) {
+    auto bytes = store->get("disttrain/settings/" + std::to_string(q));
+    each[q] = std::string(bytes.begin(), bytes.end());
+  }
+  auto value_in = [](const std::string& all, const std::string& name) {
+    const std::string key = name + "=";
+    size_t at = all.find(key);
+    if (at == std::string::npos) return std::string("?");
+    at += key.size();
+    return all.substr(at, all.find('\n', at) - at);
+  };
+  for (int q = 1; q < getSize(); ++q) {  // against rank 0: the same message on every rank
+    for (const auto& [name, unused] : mine) {
+      const std::string first = value_in(each[0], name), theirs = value_in(each[q], name);
+      TORCH_CHECK_VALUE(first == theirs, "disttrain: the ranks of a group need the same ", name, ": rank 0 has ",
+                        name, "=", first, ", rank ", q, " has ", name, "=", theirs,
+                        " (set it alike on every rank: pg_options or the environment)");
+    }
+  }
 }
 
 void DisttrainBackend::setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store,

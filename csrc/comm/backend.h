@@ -258,6 +258,7 @@ class DisttrainBackend : public c10d::Backend {
   void run_reduce_scatter(const OpSignature& sig, const void* in, void* out, size_t count, c10::ScalarType dtype,
                           Deadline dl);
 
+  void check_settings_agree(const c10::intrusive_ptr<c10d::Store>& store);
   void setup_shared_memory(const c10::intrusive_ptr<c10d::Store>& store, std::chrono::milliseconds timeout);
 
   CommOptions options_;
