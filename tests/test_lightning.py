@@ -317,6 +317,42 @@ def test_checkpoint_io_loads_lightning_torch_save_checkpoints(tmp_path):
         dl.SnapshotCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
 
 
+def test_load_from_checkpoint_reads_a_snapshot_checkpoint(tmp_path):
+    """LightningModule.load_from_checkpoint on a checkpoint the disttrain strategies wrote
+    was torch.load's 'Weights only load failed ... Unsupported operand 68' (the snapshot's magic)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(L.LightningModule):
+        def __init__(self, width: int = 3, lr: float = 0.1):
+            super().__init__()
+            self.save_hyperparameters()
+            self.layer = torch.nn.Linear(4, width)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    globals()["Tiny"] = Tiny  # load_from_checkpoint instantiates the class
+    Tiny.__qualname__ = "Tiny"
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        plugins=[dl.SnapshotCheckpointIO(async_write=False)])
+    model = Tiny(width=5, lr=0.05)
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    assert dl.is_snapshot(tmp_path / "m.ckpt")
+    loaded = Tiny.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert loaded.hparams.width == 5 and loaded.hparams.lr == 0.05
+    assert torch.equal(loaded.layer.weight, model.layer.weight)
+    assert dl.load_checkpoint(str(tmp_path / "m.ckpt"))["hyper_parameters"]["width"] == 5
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {"width": 5, "lr": 0.05},
+                "pytorch-lightning_version": L.__version__}, tmp_path / "t.ckpt")
+    assert torch.equal(Tiny.load_from_checkpoint(tmp_path / "t.ckpt").layer.weight, model.layer.weight)
+
+
 def test_checkpoint_io_reports_a_failed_background_write(tmp_path):
     io = dl.SnapshotCheckpointIO()
     (tmp_path / "dir.ckpt").mkdir()

@@ -31,13 +31,14 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from lightning.fabric.strategies import STRATEGY_REGISTRY as _FABRIC_REGISTRY
 from lightning.pytorch.strategies import StrategyRegistry as _TRAINER_REGISTRY
 
-from ._checkpoint_io import SnapshotCheckpointIO, is_snapshot
+from ._checkpoint_io import SnapshotCheckpointIO, _patch_load_from_checkpoint, is_snapshot, load_checkpoint
 from .decentralised import DisttrainDecentralisedStrategy
 from .fabric import DisttrainFabricDDPStrategy, DisttrainFabricZeroStrategy
 from .strategies import DisttrainDDPStrategy, DisttrainZeroStrategy
 
 __all__ = ["DisttrainDDPStrategy", "DisttrainZeroStrategy", "DisttrainDecentralisedStrategy", "DisttrainFabricDDPStrategy",
-           "DisttrainFabricZeroStrategy", "SnapshotCheckpointIO", "is_snapshot", "STRATEGY_NAMES"]
+           "DisttrainFabricZeroStrategy", "SnapshotCheckpointIO", "is_snapshot", "load_checkpoint",
+           "STRATEGY_NAMES"]
 
 #: The names ``import disttrain.lightning`` registers (Trainer and Fabric).
 STRATEGY_NAMES = ("disttrain_ddp", "disttrain_zero1", "disttrain_zero2", "disttrain_zero3", "disttrain_decentralised")
@@ -47,3 +48,4 @@ DisttrainZeroStrategy.register_strategies(_TRAINER_REGISTRY)
 DisttrainDecentralisedStrategy.register_strategies(_TRAINER_REGISTRY)
 DisttrainFabricDDPStrategy.register_strategies(_FABRIC_REGISTRY)
 DisttrainFabricZeroStrategy.register_strategies(_FABRIC_REGISTRY)
+_patch_load_from_checkpoint()

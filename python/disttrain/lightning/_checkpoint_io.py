@@ -89,6 +89,42 @@ def _map(value: Any, map_location: Any) -> Any:
     return value
 
 
+def load_checkpoint(path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    """Any checkpoint the disttrain strategies write (a snapshot file, a sharded
+    checkpoint's folder, consolidated) or Lightning's own ``torch.save`` format.
+    ``import disttrain.lightning`` makes ``LightningModule.load_from_checkpoint``
+    read them through this."""
+    from lightning.fabric.utilities.cloud_io import _load
+
+    if isinstance(path, (str, os.PathLike)):
+        where = os.fspath(path)
+        if is_snapshot(where):
+            return _map(restore(snapshot.load(where), weights_only is not True, where), map_location)
+        from ..fsdp import MANIFEST, read_sharded_checkpoint
+
+        if os.path.isdir(where) and os.path.isfile(os.path.join(where, MANIFEST)):
+            state_dict, extra = read_sharded_checkpoint(where)
+            checkpoint = restore(extra or {}, weights_only is not True, where)
+            return _map({**checkpoint, "state_dict": state_dict}, map_location)
+    return _load(path, map_location=map_location, weights_only=weights_only)
+
+
+def _patch_load_from_checkpoint() -> None:
+    """``LightningModule.load_from_checkpoint`` (and the DataModule's) read the file
+    with ``torch.load``, which fails on a snapshot with an unpickling error
+    ("Unsupported operand 68"): route them through :func:`load_checkpoint`."""
+    from lightning.pytorch.core import saving
+
+    if getattr(saving.pl_load, "_disttrain", False):
+        return
+
+    def pl_load(path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        return load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    pl_load._disttrain = True  # type: ignore[attr-defined]
+    saving.pl_load = pl_load
+
+
 class SnapshotCheckpointIO(CheckpointIO):
     """Saves Lightning (Trainer or Fabric) checkpoints as disttrain snapshots:
     one file, a CRC-32C per tensor and for the file, written to a temporary
