@@ -216,3 +216,21 @@ def test_launch_unpicklable_result_and_bad_nproc():
     for bad in (0, -1, 2.5, "2", True):
         with pytest.raises(ValueError, match="nproc must be a whole number >= 1"):
             disttrain.launch(_unpicklable_result, nproc=bad)
+
+
+def _sum_then_destroy():
+    import torch
+    import torch.distributed as dist
+
+    t = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(t)
+    dist.destroy_process_group()  # as a training script ends
+    return t.item()
+
+
+def test_launch_function_that_destroys_the_group_itself():
+    """Was 'rank N failed: AssertionError: Process group cannot be None' on every rank, the
+    results lost: the rank side destroyed the group again after fn had."""
+    import disttrain
+
+    assert disttrain.launch(_sum_then_destroy, nproc=2, timeout=300, quiet=True) == [3.0, 3.0]

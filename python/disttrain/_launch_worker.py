@@ -35,7 +35,8 @@ def main(workdir: str) -> int:
 
         disttrain.init(backend=backend)
         value = fn(*args)
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may end as a script does, destroying the group itself
+            dist.destroy_process_group()
         outcome = (True, value)
     except BaseException:  # report everything to the launching process
         outcome = (False, traceback.format_exc())
