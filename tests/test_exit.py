@@ -213,7 +213,7 @@ def test_launch_unpicklable_result_and_bad_nproc():
 
     with pytest.raises(disttrain.LaunchError, match=r"rank \d's return value \(lock\) cannot be pickled"):
         disttrain.launch(_unpicklable_result, nproc=2, timeout=300, quiet=True)
-    for bad in (0, -1, 2.5, "2", True):
+    for bad in (0, -1, 2.5, "2", True, None):
         with pytest.raises(ValueError, match="nproc must be a whole number >= 1"):
             disttrain.launch(_unpicklable_result, nproc=bad)
 

@@ -8,6 +8,7 @@ in a notebook work), starts ``nproc`` ranks through PyTorch's elastic launcher
 
 from __future__ import annotations
 
+import operator
 import os
 import pickle
 import signal
@@ -53,8 +54,13 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
     """
     import cloudpickle
 
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+    try:
+        count = None if isinstance(nproc, bool) else operator.index(nproc)  # int, numpy's integers
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise ValueError(f"launch: nproc must be a whole number >= 1, got {nproc!r}")
+    nproc = count
     with tempfile.TemporaryDirectory(prefix="disttrain-launch-") as workdir:
         with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
             # This process's import path first (as multiprocessing's spawn does): a function of a
