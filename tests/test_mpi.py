@@ -120,6 +120,22 @@ def test_missing_rendezvous_is_a_clear_error(monkeypatch):
         dd.init()
 
 
+
+def test_mpi4py_of_another_mpi_is_a_clear_error():
+    """mpi4py built against another MPI than the launcher's sees a job of its own (here: started
+    without mpiexec, a singleton of one process) while the launcher's variables say rank 1 of 2: its
+    broadcast returned None to rank 1 (a TypeError) and left rank 0 waiting out the timeout."""
+    pytest.importorskip("mpi4py")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "PBS_", "MASTER_", "DISTTRAIN_HOSTFILE"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK="0",
+               OMPI_COMM_WORLD_LOCAL_SIZE="1")
+    code = "import disttrain.distributed as dd\ntry:\n    dd.init()\nexcept RuntimeError as e:\n    print('error:', e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "error: disttrain.init: rank 1 of 2" in out.stdout, (out.stdout, out.stderr[-3000:])
+    assert "mpi4py, which would exchange one, sees rank 0 of 1" in out.stdout, out.stdout
+
 # --- training under mpiexec ---------------------------------------------------------------------
 
 def _losses(output):

@@ -294,11 +294,20 @@ def _reachable_address(candidates: list[tuple[str, str]], mine: list[tuple[str, 
     return routable[0] if routable else "127.0.0.1"
 
 
-def _exchange_rendezvous(rank: int, need_addr: bool, need_port: bool) -> tuple[str | None, int | None]:
+def _exchange_rendezvous(job: dict[str, Any], need_addr: bool, need_port: bool) -> tuple[str | None, int | None]:
     """Rank 0 picks a free port and lists its addresses; mpi4py broadcasts them."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    rank = job["rank"]
+    if (comm.Get_rank(), comm.Get_size()) != (rank, job["world_size"]):
+        # mpi4py built against another MPI than the launcher's sees a job of its own (often one
+        # process): its broadcast would hand rank 0's offer to nobody, and rank 0 would wait out the timeout.
+        raise RuntimeError(
+            f"disttrain.init: rank {rank} of {job['world_size']} ({job['launcher']}) has no rendezvous address "
+            f"(MASTER_ADDR/MASTER_PORT not set), and mpi4py, which would exchange one, sees rank "
+            f"{comm.Get_rank()} of {comm.Get_size()}: it is built against another MPI than the one that "
+            f"started this job; set MASTER_ADDR and MASTER_PORT, or rebuild mpi4py against this MPI")
     offer = None
     if rank == 0:
         port = free_port("")  # the store listens on every interface
@@ -347,7 +356,7 @@ def _rendezvous_from_launcher(job: dict[str, Any]) -> None:
             f"address: {missing} not set, no hostfile ({', '.join(_HOSTFILE_VARIABLES)}) or Slurm node list, "
             f"and mpi4py is not installed to exchange one; set MASTER_ADDR and MASTER_PORT, "
             f"or pip install 'disttrain[mpi]'")
-    address, port = _exchange_rendezvous(job["rank"], need_addr, need_port)
+    address, port = _exchange_rendezvous(job, need_addr, need_port)
     if address is not None:
         env["MASTER_ADDR"] = address
     if port is not None:
