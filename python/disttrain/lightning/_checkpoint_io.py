@@ -122,7 +122,7 @@ def _patch_load_from_checkpoint() -> None:
         return load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     pl_load._disttrain = True  # type: ignore[attr-defined]
-    saving.pl_load = pl_load
+    saving.pl_load = pl_load  # type: ignore[assignment]
 
 
 class SnapshotCheckpointIO(CheckpointIO):
