@@ -171,3 +171,21 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
         text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
         raise RankFailure(f"{len(failures)} of {world_size} ranks failed:\n{text}")
     return [outcome[r][1] for r in range(world_size)]
+
+
+def on_backward(x: Any, callback: Callable[[], None]) -> Any:
+    """``x`` unchanged; when backward reaches it, ``callback()`` runs before the gradient goes on: a
+    marker that records when backward gets there, or a failure raised midway through a backward."""
+    import torch
+
+    class _Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            callback()
+            return grad
+
+    return _Identity.apply(x)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import run_ranks
+from harness import on_backward, run_ranks
 
 STEPS = 4
 # Small buckets so that every model is split into several and rebuilt.
@@ -171,15 +171,6 @@ def _overlap_and_features(rank, world_size):
     # it, which is after every parameter's gradient except the first layer's.
     events = []
 
-    class Marker(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            events.append(("input_grad",))
-            return grad
 
     layers = [nn.Linear(32, 32) for _ in range(6)] + [nn.Linear(32, 4)]
     model = nn.Sequential(*layers)
@@ -188,7 +179,7 @@ def _overlap_and_features(rank, world_size):
     for _ in range(2):  # the second iteration uses the rebuilt plan
         events.clear()
         x = torch.randn(8, 32, requires_grad=True)
-        ddp(Marker.apply(x)).sum().backward()
+        ddp(on_backward(x, lambda: events.append(("input_grad",)))).sum().backward()
         kinds = [e[0] for e in events]
         assert "input_grad" in kinds and "allreduce" in kinds, kinds
         first_allreduce, input_grad = kinds.index("allreduce"), kinds.index("input_grad")
@@ -372,17 +363,8 @@ def _no_sync_after_failed_backward(rank, world_size):
     class Boom(Exception):
         pass
 
-    class RaiseInBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, go):
-            ctx.go = go
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            if ctx.go:
-                raise Boom("a NaN check in backward")
-            return grad, None
+    def boom():
+        raise Boom("a NaN check in backward")
 
     class Net(nn.Module):
         def __init__(self):
@@ -391,7 +373,8 @@ def _no_sync_after_failed_backward(rank, world_size):
             self.fail = False
 
         def forward(self, x):  # `last` gets its gradient before the failure, `first` never does
-            return self.last(RaiseInBackward.apply(torch.relu(self.first(x)), self.fail))
+            h = torch.relu(self.first(x))
+            return self.last(on_backward(h, boom) if self.fail else h)
 
     gen = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(4, 8, generator=gen), torch.randint(0, 4, (4,), generator=gen)) for _ in range(3)]
