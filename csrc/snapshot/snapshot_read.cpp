@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <limits>
 
 #include "snapshot/crc32c.h"
 #include "snapshot/snapshot_io.h"
@@ -98,7 +99,13 @@ std::vector<TensorEntry> decode_table(const std::string& path, const std::string
     take(&e.offset, 8);
     take(&e.nbytes, 8);
     take(&e.crc, 4);
-    if (e.nbytes != numel * c10::elementSize(e.dtype)) corrupt(path, e.name, "byte length does not match its shape");
+    // The byte length must not wrap (a shape of 2 x (2^62 + 3) float32 is 24 bytes modulo 2^64) and must
+    // fit torch's signed sizes, or at::empty throws below instead of this naming the corruption.
+    uint64_t bytes = 0;
+    if (__builtin_mul_overflow(numel, c10::elementSize(e.dtype), &bytes) ||
+        bytes > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      corrupt(path, e.name, "shape overflows");
+    if (e.nbytes != bytes) corrupt(path, e.name, "byte length does not match its shape");
     if (e.offset < h.data_offset || e.offset > data_end || e.nbytes > data_end - e.offset)
       corrupt(path, e.name, "offset outside the data section");
     entries.push_back(std::move(e));
