@@ -548,15 +548,15 @@ def calibrate(device: str | None = None, reference=REFERENCE, speed_scale=None) 
 def _count(config, column: str, low: int, default: int | None) -> int:
     """A configuration's whole-number column (an empty cell: ``default``): a batch of 0 or 'abc' was a
     traceback from the measurement, one of 128.5 or 1.5 processes was read as 128 or 1."""
-    from .loading import _MAX_COUNT
+    from .loading import count_error, whole_counts
 
     value = config.get(column, default)
     if default is not None and pd.isna(value):
         return default
-    number = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
-    if not (low <= number <= _MAX_COUNT and number == np.floor(number)):
-        raise AdvisorInputError(f"{column} {value}: give a whole number from {low} to {_MAX_COUNT}")
-    return int(number)
+    number = pd.to_numeric(pd.Series([value]), errors="coerce")
+    if not whole_counts(number, low).iloc[0]:
+        raise AdvisorInputError(count_error(column, value, low))
+    return int(number.iloc[0])
 
 
 def predict(calibration: Calibration, configs: pd.DataFrame, measure: bool = True) -> pd.DataFrame:

@@ -52,6 +52,16 @@ REFERENCE_DATASET = "cifar10"
 # The largest batch size, GPU count or loader worker count a configuration may name.
 _MAX_COUNT = 2**31 - 1
 
+
+def whole_counts(values: pd.Series, low: int) -> pd.Series:
+    """Which ``values`` are counts a configuration may name: whole numbers from ``low`` to
+    _MAX_COUNT (NaN is not)."""
+    return (values >= low) & (values <= _MAX_COUNT) & (values == np.floor(values))
+
+
+def count_error(column: str, value, low: int) -> str:
+    return f"{column} {value}: give a whole number from {low} to {_MAX_COUNT}"
+
 RUN_KEYS = ["model_name", "gpu", "num_of_gpus", "batch_size", "learning_rate",
             "distribute_data", "num_workers_data_loader", "num_epochs", "milestones", "config_id"]
 
@@ -167,11 +177,10 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     # (a malformed one was read as the default, or predicted infinite).
     for column, low in (("batch_size", 1), ("num_of_gpus", 1), ("num_workers_data_loader", 0)):
         values = df[column]
-        bad = ~((values >= low) & (values <= _MAX_COUNT) & (values == np.floor(values)))
+        bad = ~whole_counts(values, low)
         if bad.any():
             where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
-            raise AdvisorInputError(f"{where}: {column} {df.loc[bad, column].iloc[0]:g}: give a whole number from "
-                                    f"{low} to {_MAX_COUNT}")
+            raise AdvisorInputError(f"{where}: {count_error(column, format(df.loc[bad, column].iloc[0], 'g'), low)}")
     for column in ("learning_rate", "num_of_paramters"):
         given = frame[column].notna() if column in frame.columns else pd.Series(False, index=df.index)
         bad = given.to_numpy() & ~((df[column] > 0) & np.isfinite(df[column])).to_numpy()
