@@ -252,6 +252,34 @@ def test_cli_rejects_bad_decentralised_options(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
+def test_config_rejects_attempts_below_one_and_an_infinite_outer_lr():
+    """max_attempts 0 used to be accepted and silently disabled every round (training went on
+    alone, never averaging); an infinite outer_lr made every parameter inf at the first round."""
+    for kwargs, message in [(dict(max_attempts=0), "max_attempts"), (dict(max_attempts=-1), "max_attempts"),
+                            (dict(max_attempts=1.5), "max_attempts"), (dict(outer_lr=float("inf")), "outer_lr")]:
+        with pytest.raises(ValueError, match=message):
+            dec.DecentralisedConfig(**kwargs).validate()
+
+
+def test_close_without_start_and_start_twice():
+    """close() of a peer that was never started used to hang forever (socketserver's shutdown()
+    waits for a serve_forever() that never ran), e.g. `with Peer(...)` left by an exception before
+    start(); a second start() said only 'threads can only be started once'."""
+    m = _model()
+    peer = dec.Peer(m, torch.optim.SGD(m.parameters(), lr=0.1), secret=b"s")
+    closer = threading.Thread(target=peer.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "close() without start() hangs"
+    with pytest.raises(dec.DecentralisedError, match="closed"):
+        peer.start()
+    m = _model()
+    with dec.Peer(m, torch.optim.SGD(m.parameters(), lr=0.1), secret=b"s") as peer:
+        peer.start()
+        with pytest.raises(dec.DecentralisedError, match="already started"):
+            peer.start()
+
+
 def test_four_peers_on_a_slow_network_converge(tmp_path):
     """Four `disttrain train --strategy decentralised` peers in network namespaces joined by a
     wire with 50 ms one-way delay and 10 Mbit/s per link: each reaches 85% test accuracy on

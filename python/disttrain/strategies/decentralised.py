@@ -109,7 +109,10 @@ class DecentralisedConfig:
         if self.peer_timeout <= 2 * self.heartbeat_interval:
             raise ValueError(f"peer_timeout ({self.peer_timeout} s) must exceed two heartbeat intervals "
                              f"({self.heartbeat_interval} s each)")
-        if not (self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be a whole number of at least 1, got {self.max_attempts!r} "
+                             "(0 would skip every round: training alone, never averaging)")
+        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0 and 0 <= self.outer_momentum < 1):
             raise ValueError(f"outer_lr must be positive and outer_momentum in [0, 1), got {self.outer_lr}, "
                              f"{self.outer_momentum}")
 
@@ -282,7 +285,11 @@ class Peer:
             self._server = Server((host, port), Handler)
         except OSError as e:
             raise DecentralisedError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-        self._averager = _C.GroupAverager(_token(raw, b"data"), 0)
+        try:
+            self._averager = _C.GroupAverager(_token(raw, b"data"), 0)
+        except BaseException:
+            self._server.server_close()
+            raise
         self.port = self._server.server_address[1]
         self._threads = [threading.Thread(target=self._server.serve_forever, name="dt-peer-control", daemon=True)]
         self._pool = futures.ThreadPoolExecutor(8, thread_name_prefix="dt-peer-heartbeat")
@@ -297,6 +304,10 @@ class Peer:
         """Starts listening, meets the initial peers and downloads the current
         state from the oldest of them; with no reachable initial peer this peer
         is the first and its model is the initial state."""
+        if self._closing.is_set():
+            raise DecentralisedError("start(): the peer is closed; make a new Peer")
+        if self._threads[0].ident is not None:
+            raise DecentralisedError("start(): the peer was already started")
         for t in self._threads:
             t.start()
         deadline = time.monotonic() + join_timeout
@@ -407,7 +418,8 @@ class Peer:
         self._closing.set()
         with self._mm:
             self._mm.notify_all()
-        self._server.shutdown()
+        if self._threads[0].ident is not None:  # shutdown() waits for a serve_forever() that never ran
+            self._server.shutdown()
         self._server.server_close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._averager.close()
