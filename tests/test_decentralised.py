@@ -280,6 +280,77 @@ def test_close_without_start_and_start_twice():
             peer.start()
 
 
+@pytest.mark.parametrize("mode", ["diloco", "target_batch"])
+def test_batchnorm_buffers_are_averaged(mode):
+    """A committed round left every peer with its own BatchNorm running statistics (only the
+    parameters were averaged), so peers whose parameters were equal evaluated differently. Now the
+    floating buffers are averaged too: every peer's whole state_dict is the same after a round, the
+    parameters are the exact mean of the peers' (outer lr 1, no momentum) and so are the running
+    statistics. A parameter with requires_grad=False stays where it was (hivemind mode gave it a zero
+    gradient, so the optimizer's weight decay moved it)."""
+    n = 2
+
+    def model():
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        m[0].bias.requires_grad_(False)
+        return m
+
+    if mode == "diloco":
+        config = lambda: dec.DecentralisedConfig(local_steps=2, outer_lr=1.0, outer_momentum=0.0,
+                                                 matchmaking_window=5.0)
+    else:
+        config = lambda: dec.DecentralisedConfig(local_steps=None, target_batch_size=n * 8 * 2,
+                                                 matchmaking_window=5.0)
+    peers = []
+    for i in range(n):
+        m = model()
+        p = dec.Peer(m, torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.1), secret=b"s",
+                     config=config(), initial_peers=[peers[0].address] if peers else None)
+        p.start()
+        peers.append(p)
+    try:
+        for p in peers:
+            p.wait_for_peers(n - 1, timeout=30)
+        before = {}
+        run_round = dec.Peer.run_round
+
+        def recording(self):
+            before[self.peer_id] = {k: v.clone() for k, v in self.model.state_dict().items()}
+            return run_round(self)
+
+        shards = _shards(n, 2)
+
+        def run(i):
+            for s, (x, y) in enumerate(shards[i]):
+                peers[i].train_step(x * (i + 1), y, F.cross_entropy)  # different statistics per peer
+            while peers[i].stats.rounds < 1 and not peers[i].run_round():
+                pass
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dec.Peer, "run_round", recording)
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert [p.stats.rounds for p in peers] == [1] * n
+        states = [p.model.state_dict() for p in peers]
+        pre = [before[p.peer_id] for p in peers]
+        assert not torch.equal(pre[0]["1.running_mean"], pre[1]["1.running_mean"])  # the peers' data differ
+        for key in ("1.running_mean", "1.running_var") + (("1.weight", "3.weight") if mode == "diloco" else ()):
+            mean = torch.stack([b[key] for b in pre]).mean(0)
+            for state in states:
+                torch.testing.assert_close(state[key], mean, rtol=1e-6, atol=1e-6), key
+        for key in states[0]:
+            if states[0][key].is_floating_point():
+                assert all(torch.equal(states[0][key], s[key]) for s in states[1:]), key
+        assert all(torch.equal(s["0.bias"], model()[0].bias) for s in states)
+    finally:
+        for p in peers:
+            p.close()
+
+
 def test_four_peers_on_a_slow_network_converge(tmp_path):
     """Four `disttrain train --strategy decentralised` peers in network namespaces joined by a
     wire with 50 ms one-way delay and 10 Mbit/s per link: each reaches 85% test accuracy on

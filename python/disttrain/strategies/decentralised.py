@@ -249,6 +249,9 @@ class Peer:
         raw = secret.encode() if isinstance(secret, str) else bytes(secret)
         self._control_key = _token(raw, b"control")
         self.model, self.optimizer, self.params = model, optimizer, params
+        # Floating buffers (BatchNorm's running statistics) travel after the parameters' part of a
+        # round's vector and are set to the group's mean, so equal peers evaluate alike.
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()]
         self.host = host
         self.initial_peers = parse_peers(initial_peers)
         self.peer_id = peer_id or f"{time.time_ns():020d}-{host}:{os.getpid()}-{secrets.token_hex(2)}"
@@ -460,13 +463,19 @@ class Peer:
             time.sleep(self.config.heartbeat_interval / 2)
 
     def _round_vector(self) -> torch.Tensor:
+        """The parameters' part (hivemind: the mean gradient; DiLoCo: the delta since the round
+        began), then the floating buffers' values."""
         if self.config.target_batch_size is not None:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            return torch.nn.utils.parameters_to_vector(grads).div_(max(self._samples_in_round, 1))
-        current = torch.nn.utils.parameters_to_vector(self.params).detach()
-        return (self._anchor - current).contiguous()
+            vec = torch.nn.utils.parameters_to_vector(grads).div_(max(self._samples_in_round, 1))
+        else:
+            vec = self._anchor - torch.nn.utils.parameters_to_vector(self.params).detach()
+        if self.buffers:
+            vec = torch.cat([vec, *(b.detach().reshape(-1).to(torch.float32) for b in self.buffers)])
+        return vec.contiguous()
 
     def _apply(self, averaged: torch.Tensor) -> None:
+        averaged, buffers = averaged[:self._anchor.numel()], averaged[self._anchor.numel():]
         if not bool(averaged.any()):
             self.stats.zero_updates += 1
             log.warning("round %d: the averaged update is exactly zero: no peer's parameters moved (learning "
@@ -476,7 +485,8 @@ class Peer:
                 offset = 0
                 for p in self.params:
                     n = p.numel()
-                    p.grad = averaged[offset:offset + n].view_as(p).clone()
+                    if p.requires_grad:  # a frozen one keeps grad None, so the optimizer skips it (weight decay)
+                        p.grad = averaged[offset:offset + n].view_as(p).clone()
                     offset += n
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -495,6 +505,10 @@ class Peer:
                 for p in self.params:  # copied in place: the optimizer holds these tensors
                     p.copy_(self._anchor[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
+            offset = 0
+            for b in self.buffers:
+                b.copy_(buffers[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
         with self._lock:
             self.round += 1
             self._steps_in_round = 0
