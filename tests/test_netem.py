@@ -117,3 +117,16 @@ def test_needs_root(monkeypatch):
     with pytest.raises(PermissionError, match="needs root"):
         with netem.Network(n=2):
             pass
+
+
+@pytest.mark.parametrize("kwargs", [dict(delay_ms=float("nan")), dict(delay_ms=float("inf")),
+                                    dict(rate_mbit=float("nan")), dict(rate_mbit=float("inf")),
+                                    dict(queue_ms=float("nan")), dict(loss=float("nan")),
+                                    dict(subnet="10.77"), dict(subnet="10.77.0.1"), dict(subnet="10.300.0"),
+                                    dict(n=2.5)])
+def test_bad_arguments_are_one_line_errors(kwargs):
+    """A NaN delay used to pass the check and make the wire spin at full CPU (poll(0) forever, no
+    packet ever due); an infinite one crashed it (OverflowError in poll); a two-octet subnet made
+    every packet an 'unknown destination', dropped silently."""
+    with pytest.raises(ValueError, match="netem: "):
+        netem.Network(**{"n": 2, **kwargs})

@@ -35,6 +35,7 @@ import fcntl
 import heapq
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -117,11 +118,18 @@ class Network:
 
     def __init__(self, n: int, delay_ms: float = 0.0, rate_mbit: float | None = None, loss: float = 0.0,
                  queue_ms: float = 100.0, subnet: str = "10.77.0", seed: int = 0) -> None:
-        if n < 1 or n > 250:
-            raise ValueError(f"netem: n={n} hosts; expected 1 to 250")
-        if delay_ms < 0 or (rate_mbit is not None and rate_mbit <= 0) or not 0 <= loss < 1 or queue_ms <= 0:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > 250:
+            raise ValueError(f"netem: n={n} hosts; expected a whole number from 1 to 250")
+        # Finite numbers only: a NaN delay made the wire spin (no packet ever due), an infinite one crashed it.
+        if not (math.isfinite(delay_ms) and delay_ms >= 0) or not 0 <= loss < 1 \
+                or not (math.isfinite(queue_ms) and queue_ms > 0) \
+                or (rate_mbit is not None and not (math.isfinite(rate_mbit) and rate_mbit > 0)):
             raise ValueError(f"netem: delay_ms={delay_ms}, rate_mbit={rate_mbit}, loss={loss}, queue_ms={queue_ms}; "
-                             "expected delay_ms >= 0, rate_mbit > 0 or None, 0 <= loss < 1, queue_ms > 0")
+                             "expected finite delay_ms >= 0, rate_mbit > 0 or None, 0 <= loss < 1, queue_ms > 0")
+        octets = subnet.split(".")
+        if len(octets) != 3 or not all(o.isdigit() and int(o) < 256 for o in octets):
+            raise ValueError(f"netem: subnet={subnet!r}; expected the first three octets of an IPv4 /24, "
+                             "like '10.77.0'")
         self.n, self.delay_ms, self.rate_mbit, self.loss, self.queue_ms, self.seed = \
             n, delay_ms, rate_mbit, loss, queue_ms, seed
         tag = f"{PREFIX}{os.getpid()}x{next(_counter)}"
