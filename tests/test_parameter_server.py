@@ -171,3 +171,43 @@ def test_wait_policy_bound_and_progress_under_random_arrivals(s):
         core.gradient(w, version, torch.zeros(1), last, wants=not last)
     assert core.finished and core.applied == len(workers) * steps_each
     assert max(st for (_, _, st, _) in core.log) <= s
+
+
+def _linear_loaders(dtype=torch.float32, n=96):
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(n, 64, generator=g).to(dtype), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=96)
+
+
+def test_frozen_parameters_stay_as_they_are():
+    """A parameter with requires_grad=False is not the servers' to train: with
+    AdamW's weight decay it used to be decayed on the server (it had a zero gradient)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    trained = model[2].weight.detach().clone()
+    train, _ = _linear_loaders()
+    out, stats = ps.launch_ps_and_workers(3, 1, train, model=model, mode="async", log_interval=-1, timeout=30,
+                                          optimizer=lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5))
+    assert stats.updates == 96 // 16
+    assert torch.equal(out[0].weight, frozen) and not out[0].weight.requires_grad
+    assert not torch.equal(out[2].weight, trained)
+
+
+def test_bfloat16_model():
+    """bfloat16 parameters used to fail every server at start-up (numpy has no bfloat16)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10).to(torch.bfloat16)
+    train, test = _linear_loaders(torch.bfloat16)
+    out, stats = ps.launch_ps_and_workers(2, 2, train, test, model=model, mode="sync", log_interval=-1, timeout=30,
+                                          optimizer=lambda p: torch.optim.SGD(p, lr=0.1), eval_every=3)
+    assert out.weight.dtype == torch.bfloat16 and stats.updates == 2 * 96 // 16
+    assert not torch.equal(out.weight, model.weight)
+    assert stats.final_accuracy is not None and len(stats.accuracy_history) == 1 + 12 // 3
+
+
+def test_a_model_off_the_cpu_is_a_value_error():
+    train, test = _loaders()
+    with pytest.raises(ValueError, match="on the CPU.*meta"):
+        ps.launch_ps_and_workers(2, 1, train, test, model=torch.nn.Linear(64, 10, device="meta"))

@@ -44,8 +44,8 @@ counter). ``ssp`` with ``policy="wait"`` is refused with several servers: the
 servers' independent waits can close a cycle (seen in testing), and a refused
 setting is better than a job that stops at the timeout.
 
-The parameters are the model's floating-point parameters (one dtype);
-buffers (BatchNorm statistics) are not synchronised: the returned model takes
+The parameters are the model's trainable parameters (requires_grad=True, one
+floating-point dtype; a frozen one keeps its value); buffers (BatchNorm statistics) are not synchronised: the returned model takes
 them from the first worker.
 """
 
@@ -178,9 +178,25 @@ def _slices(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the servers own: those that require a gradient (a frozen
+    one keeps its value on every rank and in the returned model)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _numpy(t: torch.Tensor) -> Any:
+    """``t`` as a numpy array for the result queue; a dtype numpy lacks
+    (bfloat16, float8) goes as float32, which holds it exactly."""
+    t = t.detach().cpu().clone()
+    try:
+        return t.numpy()
+    except TypeError:
+        return t.float().numpy()
+
+
 def _flat_parameters(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Makes every parameter (and its gradient) a view of one flat tensor."""
-    params = [p for p in model.parameters()]
+    """Makes every trainable parameter (and its gradient) a view of one flat tensor."""
+    params = _trainable(model)
     n = sum(p.numel() for p in params)
     flat = torch.empty(n, dtype=params[0].dtype)
     grad = torch.zeros(n, dtype=params[0].dtype)
@@ -368,7 +384,7 @@ def _serve(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> di
     optimizer = cfg["optimizer"]([param])
     kill_after = cfg["kill_after"].get(rank)
     eval_every = cfg["eval_every"]
-    snapshots: list[tuple[float, int, Any]] = [(0.0, 0, param.detach().clone().numpy())]
+    snapshots: list[tuple[float, int, Any]] = [(0.0, 0, _numpy(param))]
     dtype = flat.dtype
     inbox = {w: _Message(hi - lo, dtype) for w in workers}
     outbox = {w: _Message(hi - lo, dtype) for w in workers}
@@ -388,7 +404,7 @@ def _serve(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> di
         param.grad = None
         updates = core.version + 1
         if eval_every and updates % eval_every == 0:
-            snapshots.append((time.time() - t0, updates, param.detach().clone().numpy()))
+            snapshots.append((time.time() - t0, updates, _numpy(param)))
         if kill_after is not None and updates >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -477,8 +493,8 @@ def _serve(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> di
             pass
     end = time.time() - t0
     if not eval_every or core.version % eval_every:
-        snapshots.append((end, core.version, param.detach().clone().numpy()))
-    return {"role": "server", "slice": param.detach().clone().numpy(), "updates": core.version,
+        snapshots.append((end, core.version, _numpy(param)))
+    return {"role": "server", "slice": _numpy(param), "updates": core.version,
             "applied": core.applied, "dropped": core.dropped, "log": core.log, "snapshots": snapshots,
             "end": end, "dead": dead}
 
@@ -584,7 +600,7 @@ def _work(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> dic
     out: dict[str, Any] = {"role": "worker", "losses": losses, "epoch_ends": epoch_ends, "steps": steps,
                            "samples": samples}
     if index == 0:
-        out["buffers"] = {k: v.clone().numpy() for k, v in model.named_buffers()}
+        out["buffers"] = {k: _numpy(v) for k, v in model.named_buffers()}
     return out
 
 
@@ -800,10 +816,13 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
         model = models.small_cnn()
     elif not isinstance(model, nn.Module):
         model = model()
-    params = list(model.parameters())
+    off_cpu = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()] if t.device.type != "cpu"})
+    if off_cpu:
+        raise ValueError(f"the model must be on the CPU (the ranks train on the CPU), found tensors on {off_cpu}")
+    params = _trainable(model)
     if not params or len({p.dtype for p in params}) != 1 or not params[0].is_floating_point():
-        raise ValueError("the model's parameters must exist and share one floating-point dtype, got "
-                         f"{sorted({str(p.dtype) for p in params})}")
+        raise ValueError("the model's trainable parameters (requires_grad=True) must exist and share one "
+                         f"floating-point dtype, got {sorted({str(p.dtype) for p in params})}")
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     num_workers = world_size - num_servers
     if flat.numel() < num_servers:
@@ -857,7 +876,7 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
         probe = _with_parameters(model, final)
         for snaps in zip(*[s["snapshots"] for s in servers]):
             probe_flat = torch.cat([torch.from_numpy(v) for _, _, v in snaps])
-            torch.nn.utils.vector_to_parameters(probe_flat, probe.parameters())
+            torch.nn.utils.vector_to_parameters(probe_flat.to(params[0].dtype), _trainable(probe))
             history.append((max(t for t, _, _ in snaps), snaps[0][1], evaluate(probe, test_dataloader)))
         final_accuracy = evaluate(result_model, test_dataloader)
     workers = {r: v for r, v in done.items() if r >= num_servers}
@@ -889,5 +908,6 @@ def _with_parameters(model: nn.Module, flat: torch.Tensor) -> nn.Module:
     import copy
 
     out = copy.deepcopy(model)
-    torch.nn.utils.vector_to_parameters(flat.to(next(out.parameters()).dtype), out.parameters())
+    params = _trainable(out)
+    torch.nn.utils.vector_to_parameters(flat.to(params[0].dtype), params)
     return out
