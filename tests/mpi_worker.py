@@ -100,6 +100,14 @@ def _check_pipeline(rank, world, every_file, result):
     except mpi.PipelineError as e:
         result["stage_error"] = str(e)
 
+    # Ranks that disagree on the stage count, queue_depth or transfer: one clear error on every rank,
+    # not a hang (rank 0's single credit against the others' batches of 4 deadlocked).
+    try:
+        mpi.pipeline(stages, files, queue_depth=1 if rank == 0 else 8)
+        result["disagreeing_ranks"] = None
+    except ValueError as e:
+        result["disagreeing_ranks"] = str(e)
+
     # More stages than ranks: a clear error, before any communication.
     try:
         mpi.pipeline(stages + [("extra", lambda t: t)] * (world - len(stages) + 1), files)

@@ -215,6 +215,10 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
         assert res["bad_transfer"] == "pipeline: transfer must be one of broadcast, sendrecv, got 'carrier pigeon'"
         assert res["stage_error"] == ("pipeline stage 2 ('normalise') on rank 2 raised on item 7: "
                                       "ValueError: corrupt image"), (rank, res["stage_error"])
+        assert res["disagreeing_ranks"] == (
+            "pipeline: every rank must call it with the same number of stages, queue_depth and transfer; got "
+            "rank 0: 4 stages, queue_depth=1, transfer='sendrecv'; "
+            + "; ".join(f"rank {r}: 4 stages, queue_depth=8, transfer='sendrecv'" for r in range(1, 5))), res
         assert res["too_many_stages"] == ("pipeline: 6 stages need at least 6 ranks (one per stage, the last "
                                           "replicated over the rest), the job has 5")
     assert results[0]["in_order"] and results[0]["in_order_broadcast"]

@@ -815,6 +815,16 @@ def pipeline(stages: Sequence[Callable[[Any], Any] | tuple[str, Callable[[Any], 
         raise ValueError(f"pipeline: queue_depth must be a whole number >= 1, got {queue_depth!r}")
     if transfer not in _TRANSFERS:
         raise ValueError(f"pipeline: transfer must be one of {', '.join(_TRANSFERS)}, got {transfer!r}")
+    # The ranks must agree on what shapes the channels (stage count: the groups and edges;
+    # queue_depth: the credits; transfer: broadcast or recv), or they wait on each other forever.
+    setup = (len(named), queue_depth, transfer)
+    setups: list[Any] = [None] * world
+    dist.all_gather_object(setups, setup)
+    if any(s != setup for s in setups):
+        described = "; ".join(f"rank {r}: {s[0]} stages, queue_depth={s[1]}, transfer={s[2]!r}"
+                              for r, s in enumerate(setups))
+        raise ValueError(f"pipeline: every rank must call it with the same number of stages, queue_depth and "
+                         f"transfer; got {described}")
     stage_count = len(named)
     groups = _edge_groups(stage_count, world)
     stage = min(rank, stage_count - 1)
