@@ -178,6 +178,9 @@ def test_a_failing_process_is_named(dataset_kwargs, message):
     ({"log_interval": 0}, "log_interval must be"),
     ({"threads": 2}, "threads > 1 needs start_method='spawn'"),
     ({"start_method": "forkserver"}, "start_method='forkserver'"),
+    ({"threads": 1.5}, "threads must be an integer >= 1, got 1.5"),
+    ({"timeout": 0}, "timeout must be a positive number of seconds or None, got 0"),
+    ({"timeout": -1.0}, "timeout must be a positive number of seconds or None, got -1.0"),
 ])
 def test_bad_arguments(kwargs, message):
     model = models.mlp(hidden=8)
@@ -202,3 +205,20 @@ def test_chart_losses(tmp_path):
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="no configurations"):
         hogwild.chart_losses({})
+
+
+def test_timeout_bounds_a_single_process_run_too():
+    """One process trains in the caller: the timeout used to be ignored there."""
+    class Slow(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            import time
+            time.sleep(0.05)
+            return torch.rand(64), i % 10
+
+    model = models.mlp(hidden=8)
+    with pytest.raises(hogwild.HogwildProcessError, match=r"did not finish within 0.5 s"):
+        hogwild.train_model(model, DataLoader(Slow(), batch_size=4), 1, 5, torch.optim.SGD(model.parameters(), lr=0.1),
+                            log_interval=-1, timeout=0.5)

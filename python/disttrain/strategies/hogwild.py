@@ -67,6 +67,10 @@ class HogwildProcessError(RuntimeError):
     """A Hogwild process raised an exception or died; the message names it."""
 
 
+class _Deadline(Exception):
+    """The one-process run (in the caller) passed its ``timeout``."""
+
+
 class TrainingLosses(list):
     """The training losses of every step of every process, in the order the
     steps ended (a ``list`` of floats), with the run's figures as attributes.
@@ -319,6 +323,8 @@ def _process_main(process: int, job: dict[str, Any], results: Any, start: Any) -
                 for group, grad, state in zip(groups, grads, states):
                     _step(kind, group, grad, state)
                 losses.append(loss.item())
+                if job.get("deadline") is not None and time.monotonic() > job["deadline"]:
+                    raise _Deadline(f"hogwild: the training process did not finish within {job['timeout']} s")
                 times.append(time.perf_counter() - t0 - paused)
                 samples += len(target)
                 if log_interval > 0 and step % log_interval == 0:
@@ -331,6 +337,8 @@ def _process_main(process: int, job: dict[str, Any], results: Any, start: Any) -
         results.put(("done", process, {"process": process, "steps": len(losses), "samples": samples,
                                        "losses": losses, "times": times,
                                        "seconds": time.perf_counter() - t0 - paused}))
+    except _Deadline as e:
+        results.put(("error", process, str(e)))
     except BaseException:  # every failure reaches the parent, named
         results.put(("error", process, traceback.format_exc()))
 
@@ -395,9 +403,10 @@ def _wait_all(procs: list[Any], results: Any, timeout: float | None, start: Any,
     return [done[i] for i in range(n)]
 
 
-def _run_in_this_process(job: dict[str, Any], on_epoch: Callable[[int, float], None] | None) -> dict[str, Any]:
+def _run_in_this_process(job: dict[str, Any], on_epoch: Callable[[int, float], None] | None,
+                         timeout: float | None = None) -> dict[str, Any]:
     """One process: the same loop in the caller; its thread count and RNG state
-    are restored afterwards."""
+    are restored afterwards; ``timeout`` is checked after every step."""
     results: queue.Queue = queue.Queue()
     start = threading.Event()
     start.set()
@@ -405,12 +414,15 @@ def _run_in_this_process(job: dict[str, Any], on_epoch: Callable[[int, float], N
     epoch_end = None if on_epoch is None else (lambda process, epoch, trained: on_epoch(epoch, trained))
     with torch.random.fork_rng(devices=[]):
         try:
-            _process_main(0, dict(job, epoch_end=epoch_end), results, start)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            _process_main(0, dict(job, epoch_end=epoch_end, deadline=deadline, timeout=timeout), results, start)
         finally:
             torch.set_num_threads(threads)
     while True:
         msg = results.get_nowait()
         if msg[0] == "error":
+            if msg[2].startswith("hogwild: the training process did not finish"):
+                raise HogwildProcessError(msg[2])
             raise HogwildProcessError(f"hogwild: the training process raised:\n{msg[2]}")
         if msg[0] == "done":
             return msg[2]
@@ -522,12 +534,15 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
         raise ValueError(f"hogwild: data={data!r}; choose from {', '.join(DATA_MODES)}")
     if optimizer_state not in STATE_MODES:
         raise ValueError(f"hogwild: optimizer_state={optimizer_state!r}; choose from {', '.join(STATE_MODES)}")
-    if not isinstance(log_interval, int) or log_interval == 0 or log_interval < -1:
+    if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval == 0 or log_interval < -1:
         raise ValueError(f"hogwild: log_interval must be a positive integer or -1 (no logs), got {log_interval!r}")
     if start_method not in START_METHODS:
         raise ValueError(f"hogwild: start_method={start_method!r}; choose from {', '.join(START_METHODS)}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"hogwild: threads must be >= 1, got {threads}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"hogwild: threads must be an integer >= 1, got {threads!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"hogwild: timeout must be a positive number of seconds or None, got {timeout!r}")
     if threads is not None and threads > 1 and start_method == "fork" and num_processes > 1:
         raise ValueError("hogwild: threads > 1 needs start_method='spawn': a forked process that runs torch on "
                          "several threads after its parent did can hang in the OpenMP runtime")
@@ -554,7 +569,7 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
 
     callback = on_epoch if test_dataloader is not None else None
     if num_processes == 1:
-        reports = [_run_in_this_process(job, callback)]
+        reports = [_run_in_this_process(job, callback, timeout)]
     else:
         reports = _run_processes(job, start_method, timeout, callback)
     out = TrainingLosses()
