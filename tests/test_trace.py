@@ -83,3 +83,48 @@ def test_environment_variable(tmp_path):
     path = str(tmp_path / "env.json")
     buckets = run_ranks(_traced_steps, 2, args=(path, True), env={"DISTTRAIN_TRACE": path}, timeout=120)
     _check(path, buckets[0])
+
+
+def _traced_without_world_size(rank, world_size, path):
+    # A process group set up with explicit rank and world_size (mp.spawn style): no WORLD_SIZE variable.
+    os.environ.pop("WORLD_SIZE")
+    return _traced_steps(rank, world_size, path, True)
+
+
+def test_environment_variable_with_a_group_but_no_world_size_variable(tmp_path):
+    # Each rank used to take itself for the only one and write the file directly: the last writer won.
+    path = str(tmp_path / "env.json")
+    buckets = run_ranks(_traced_without_world_size, 2, args=(path,), env={"DISTTRAIN_TRACE": path}, timeout=120)
+    _check(path, buckets[0])
+
+
+def test_a_path_that_cannot_be_written_fails_before_recording(tmp_path, monkeypatch):
+    import pytest
+
+    from disttrain import trace
+
+    (tmp_path / "a_file").write_text("")
+    path = str(tmp_path / "a_file" / "trace.json")
+    ran = []
+    # Before: the block ran (the training) and leaving it raised FileExistsError: File exists.
+    with pytest.raises(OSError, match=r"^disttrain.trace: cannot write the trace '.*a_file/trace.json': "
+                                      r"'.*a_file' is a file, not a folder$"):
+        with trace.record(path):
+            ran.append(True)
+    assert not ran and not trace.enabled()
+    with pytest.raises(OSError, match="cannot write the trace '.*': it is a folder"):
+        with trace.record(str(tmp_path)):
+            ran.append(True)
+    assert not ran
+    monkeypatch.setenv(trace.ENV, path)
+    monkeypatch.setattr(trace, "_from_env_started", False)
+    with pytest.raises(OSError, match=r"cannot write the trace DISTTRAIN_TRACE='.*a_file/trace.json'"):
+        trace.start_from_environment()
+    assert not trace.enabled()
+    # A folder that does not exist yet is created; a block that raises still writes and re-raises its error.
+    path = str(tmp_path / "new" / "deeper" / "trace.json")
+    with pytest.raises(KeyError, match="the block's own"):
+        with trace.record(path):
+            raise KeyError("the block's own")
+    with open(path) as f:
+        assert json.load(f)["traceEvents"]

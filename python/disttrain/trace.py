@@ -43,6 +43,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Iterator
 
 from . import _C
@@ -87,6 +88,36 @@ def _rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    """The job's size: the process group's (a group set up with explicit ``world_size`` and no
+    ``WORLD_SIZE`` variable counts), else ``WORLD_SIZE``, else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_writable(path: str, origin: str) -> None:
+    """Creates ``path``'s folder and checks it can hold the file, before anything is recorded:
+    a trace that cannot be written fails at once, not after the training it was to show."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        above = folder
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise NotADirectoryError(f"'{above}' is a file, not a folder")
+        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(path):
+            raise IsADirectoryError("it is a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"folder '{folder}' is not writable")
+    except OSError as e:
+        reason = f"{e.strerror} ('{e.filename}')" if e.strerror and e.filename else str(e)
+        raise OSError(f"disttrain.trace: cannot write the trace {origin}'{path}': {reason}") from None
 
 
 def collect(rank: int | None = None) -> list[TraceEvent]:
@@ -150,11 +181,17 @@ def write(path: str, events: list[TraceEvent], world_size: int = 1, rank: int = 
     while not all(os.path.exists(p) for p in parts) and time.monotonic() < deadline:
         time.sleep(0.05)
     merged: list[TraceEvent] = []
-    for p in parts:
+    missing = []
+    for r, p in enumerate(parts):
         if os.path.exists(p):
             with open(p) as f:
                 merged += json.load(f)["traceEvents"]
             os.remove(p)
+        else:
+            missing.append(r)
+    if missing:
+        warnings.warn(f"disttrain.trace: no part from rank(s) {missing} after {timeout_s:g} s; '{path}' holds "
+                      f"the other ranks only", RuntimeWarning, stacklevel=2)
     _dump(path, merged)
 
 
@@ -170,13 +207,25 @@ def record(path: str) -> Iterator[None]:
     rank enters the block; rank 0 writes the merged file when all have left it."""
     import torch.distributed as dist
 
+    _check_writable(path, "")
     start()
     try:
         yield
-    finally:
+    except BaseException:
+        # The block's error is the one to see: a failed write only warns.
         stop()
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        write(path, collect(), world, _rank())
+        try:
+            _write_block(path, dist)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"disttrain.trace: the trace '{path}' was not written: {e}", RuntimeWarning, stacklevel=3)
+        raise
+    stop()
+    _write_block(path, dist)
+
+
+def _write_block(path: str, dist: Any) -> None:
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    write(path, collect(), world, _rank())
 
 
 _from_env_started = False
@@ -189,8 +238,9 @@ def start_from_environment() -> None:
     path = os.environ.get(ENV)
     if not path or _from_env_started:
         return
+    _check_writable(path, f"{ENV}=")
     _from_env_started = True
-    rank, world = _rank(), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = _rank(), _world_size()
     start()
 
     def finish() -> None:
