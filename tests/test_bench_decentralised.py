@@ -35,3 +35,18 @@ def test_ddp_on_the_emulated_network(tmp_path):
     curve = [r for r in csv.DictReader(open(tmp_path / "dec_curves.csv")) if r["system"] == "ddp"]
     sent = [int(r["bytes_per_host"]) for r in curve]
     assert len(curve) >= 2 and sent == sorted(sent) and sent[-1] <= int(ddp["bytes_per_host_total"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--peers", "300"], "--peers 300"),                       # more hosts than netem's /24 holds
+    (["--peers", "60"], "--batch-size"),                       # a shard of 23 samples: no step of 32
+    (["--peers", "1"], "--no-churn"),                          # the churn scenario kills the only host
+])
+def test_impossible_options_are_one_line_errors(options, message):
+    """--peers 300 used to pass the command line's check and end in netem's ValueError traceback;
+    --peers 60 (shards smaller than one batch) set up 60 namespaces for runs of 0 steps, which then
+    'reported no progress'."""
+    res = subprocess.run([sys.executable, "-m", "disttrain", "bench", "decentralised", *options],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+        res.stdout + res.stderr

@@ -66,6 +66,23 @@ DDP_PORT = 29531
 DEFAULT_BENCH_PYTHON = "/opt/disttrain-bench-venv/bin/python"
 
 
+def check_args(args: argparse.Namespace, backends: list[str]) -> None:
+    """The command line's check before anything starts (ValueError, one line): what the emulated
+    network and the data set allow."""
+    from disttrain import data
+
+    if not 1 <= args.peers <= 250:
+        raise ValueError(f"--peers {args.peers}: expected 1 to 250 hosts (the emulated network's /24)")
+    if args.churn and args.peers < 2:
+        raise ValueError(f"--peers {args.peers}: the churn scenario kills one host and watches the others; "
+                         "give at least 2 hosts or --no-churn")
+    shard = len(data.digits(True, seed=args.seed)) // args.peers
+    if shard < args.batch_size:
+        raise ValueError(f"--peers {args.peers} with --batch-size {args.batch_size}: each host's shard of the "
+                         f"digits training split is {shard} samples, less than one batch; use fewer hosts or "
+                         "a smaller --batch-size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench decentralised", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -545,6 +562,11 @@ def _bench(args: argparse.Namespace) -> int:
     if unknown or "ddp" not in systems:
         print(f"disttrain bench decentralised: --systems {args.systems}: choose from {', '.join(SYSTEMS)}; "
               "ddp is required (its final accuracy is the target)", file=sys.stderr)
+        return 2
+    try:  # also when run as `python -m disttrain.bench.decentralised`, without the command line's check
+        check_args(args, [])
+    except ValueError as e:
+        print(f"disttrain bench decentralised: error: {e}", file=sys.stderr)
         return 2
     train_size = len(data.digits(True, seed=args.seed))
     max_steps = args.epochs * ((train_size // args.peers) // args.batch_size)
