@@ -351,6 +351,20 @@ def test_batchnorm_buffers_are_averaged(mode):
             p.close()
 
 
+def test_unreachable_initial_peers_are_a_warning(caplog):
+    """Initial peers given and none of them answering (a typo, a peer not up) used to start the
+    peer alone without a word; now a warning names them."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: refused
+        m = _model()
+        with caplog.at_level("WARNING", logger="disttrain.decentralised"):
+            with dec.Peer(m, torch.optim.SGD(m.parameters(), lr=0.1), secret=b"s", initial_peers=address) as peer:
+                peer.start()
+                assert peer.live_peers() == []
+    assert any("none of the initial peers" in r.getMessage() and address in r.getMessage() for r in caplog.records)
+
+
 def test_four_peers_on_a_slow_network_converge(tmp_path):
     """Four `disttrain train --strategy decentralised` peers in network namespaces joined by a
     wire with 50 ms one-way delay and 10 Mbit/s per link: each reaches 85% test accuracy on

@@ -322,6 +322,10 @@ class Peer:
                 self._heartbeat_once()
                 if not self._members:
                     time.sleep(self.config.heartbeat_interval)
+            if not self._members:
+                log.warning("none of the initial peers (%s) answered within %.0f s: this peer starts alone, as the "
+                            "first; it keeps calling them and joins their group when one answers",
+                            ", ".join(f"{h}:{p}" for h, p in self.initial_peers), max(15.0, self.config.peer_timeout))
         older = [m for m in self._members.values() if m.peer_id < self.peer_id]
         if older:
             self._download(deadline)
