@@ -222,3 +222,19 @@ def test_timeout_bounds_a_single_process_run_too():
     with pytest.raises(hogwild.HogwildProcessError, match=r"did not finish within 0.5 s"):
         hogwild.train_model(model, DataLoader(Slow(), batch_size=4), 1, 5, torch.optim.SGD(model.parameters(), lr=0.1),
                             log_interval=-1, timeout=0.5)
+
+
+def test_a_loss_fn_without_reduction_is_evaluated():
+    """A loss_fn(output, target) without a reduction argument trains; the
+    evaluation after the first epoch used to fail on it with a TypeError."""
+    def loss_fn(output, target):
+        return F.nll_loss(F.log_softmax(output, 1), target)
+
+    torch.manual_seed(0)
+    model = models.mlp(hidden=8)
+    test = DataLoader(TensorDataset(*(t[:100] for t in data.digits(train=False).tensors)), batch_size=32)
+    losses = hogwild.train_model(model, _digits_loader(n=64), 2, 1, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 log_interval=-1, loss_fn=loss_fn, test_dataloader=test)
+    x, y = test.dataset.tensors
+    with torch.no_grad():
+        assert losses.test_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)

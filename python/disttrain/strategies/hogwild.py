@@ -36,6 +36,7 @@ float32 or float64 parameters, on the CPU.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import multiprocessing as mp
 import os
@@ -447,10 +448,29 @@ def _run_processes(job: dict[str, Any], start_method: str, timeout: float | None
         stop(procs, grace=10, terminate=True)
 
 
+def _summed(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` as the evaluation calls it (``reduction="sum"``): a loss
+    without a ``reduction`` argument is taken as a batch mean and multiplied
+    by the batch size."""
+    try:
+        takes = any(p.name == "reduction" or p.kind is p.VAR_KEYWORD
+                    for p in inspect.signature(loss_fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin): assume torch's convention
+        takes = True
+    if takes:
+        return loss_fn
+
+    def summed(output: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return loss_fn(output, target) * len(target)
+
+    return summed
+
+
 def evaluate(model: nn.Module, test_dataloader: Iterable[Any],
              loss_fn: Callable[..., torch.Tensor] = F.cross_entropy) -> tuple[float, float]:
-    """Mean loss and top-1 accuracy of ``model`` on ``test_dataloader``."""
-    loss, accuracy, samples = _common.evaluate(model, test_dataloader, loss_fn)
+    """Mean loss and top-1 accuracy of ``model`` on ``test_dataloader``
+    (``loss_fn`` without a ``reduction`` argument: taken as a batch mean)."""
+    loss, accuracy, samples = _common.evaluate(model, test_dataloader, _summed(loss_fn))
     if samples == 0:
         raise ValueError("hogwild: the test loader is empty")
     return loss, accuracy
@@ -492,7 +512,8 @@ def train_model(model: nn.Module, train_dataloader: DataLoader, num_processes: i
         data: ``"split"`` (each sample once per epoch across processes) or
             ``"full"`` (every process reads every sample: the classic recipe).
         optimizer_state: ``"shared"`` or ``"per_process"`` (see the module docs).
-        loss_fn: ``loss_fn(output, target)``; default cross-entropy on logits.
+        loss_fn: ``loss_fn(output, target)``, a batch mean (the evaluation passes
+            ``reduction="sum"`` when it takes one); default cross-entropy on logits.
         threads: torch threads per process. Default: 1 with ``"fork"`` (a forked
             process must not start OpenMP threads after its parent has: GNU
             OpenMP hangs; one process, trained in the caller, may be given more),
