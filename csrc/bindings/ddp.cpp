@@ -39,6 +39,20 @@ DISTTRAIN_BINDINGS(ddp) {
            py::call_guard<py::gil_scoped_release>())
       .def("discard_unfinished_backward", &Reducer::discard_unfinished_backward,
            py::call_guard<py::gil_scoped_release>())
+      .def(
+          "set_fused_sgd",
+          [](Reducer& r, const std::vector<std::tuple<double, double, double, double, bool, bool>>& settings,
+             const std::vector<std::optional<at::Tensor>>& buffers, const std::vector<bool>& fresh) {
+            std::vector<disttrain::ddp::SgdSettings> s;
+            for (const auto& [lr, momentum, dampening, weight_decay, nesterov, maximize] : settings)
+              s.push_back({lr, momentum, dampening, weight_decay, nesterov, maximize});
+            std::vector<at::Tensor> b;
+            for (const auto& t : buffers) b.push_back(t.value_or(at::Tensor()));
+            py::gil_scoped_release release;
+            r.set_fused_sgd(std::move(s), std::move(b), fresh);
+          },
+          py::arg("settings"), py::arg("buffers"), py::arg("fresh"))
+      .def_property_readonly("fused_steps", &Reducer::fused_steps)
       .def("bucket_plan", &Reducer::bucket_plan)
       .def_property_readonly("rebuilt", &Reducer::rebuilt)
       .def("last_trace", [](const Reducer& r) {

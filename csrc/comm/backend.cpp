@@ -747,6 +747,38 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_coalesced(std::vector
   });
 }
 
+c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_avg_consumed(std::vector<at::Tensor>& tensors,
+                                                                        BlockConsumer consume, bool async_op) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "disttrain: all_reduce (consumed) got no tensors");
+  for (auto& t : tensors) {
+    check_cpu(t, "all_reduce (consumed)");
+    TORCH_CHECK_VALUE(t.is_contiguous() && t.scalar_type() == tensors[0].scalar_type() &&
+                          fused_avg(RedOp::kAvg, t.scalar_type()),
+                      "disttrain: all_reduce (consumed) needs contiguous float32 or float64 tensors of one dtype");
+  }
+  TORCH_CHECK_VALUE(consume, "disttrain: all_reduce (consumed) got no consumer");
+  std::vector<at::Tensor> users = tensors;
+  if (shm_ && !hierarchical_) {
+    int64_t count = 0;
+    for (const auto& t : tensors) count += t.numel();
+    OpSignature sig = signature(OpKind::kAllreduce, tensors[0], RedOp::kAvg, count);
+    const c10::ScalarType dtype = tensors[0].scalar_type();
+    return run_or_enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
+      std::vector<MemoryPiece> pieces;
+      for (auto& t : users) pieces.push_back({static_cast<uint8_t*>(t.data_ptr()), t.nbytes()});
+      shm_allreduce(*shm_, sig, pieces, count, dtype, /*divide=*/true, dl, consume);
+    }, /*on_caller=*/!async_op);
+  }
+  at::Tensor flat = flat_cat(tensors);
+  OpSignature sig = signature(OpKind::kAllreduce, flat, RedOp::kAvg, flat.numel());
+  const int world = getSize();
+  return enqueue(c10d::OpType::ALLREDUCE_COALESCED, sig.seq, users, [=, this](Deadline dl) mutable {
+    run_allreduce(sig, flat.data_ptr(), flat.numel(), flat.scalar_type(), dl);
+    divide_by(flat, world);
+    consume(0, static_cast<const uint8_t*>(flat.data_ptr()), flat.nbytes());
+  });
+}
+
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce(std::vector<at::Tensor>& tensors,
                                                         const c10d::ReduceOptions& opts) {
   at::Tensor user = single(tensors, "reduce");

@@ -139,6 +139,15 @@ class DisttrainBackend : public c10d::Backend {
                                                   const c10d::AllreduceOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allreduce_coalesced(std::vector<at::Tensor>& tensors,
                                                      const c10d::AllreduceCoalescedOptions& opts) override;
+  // An AVG all-reduce of `tensors` (contiguous float32 or float64 of one
+  // dtype, the concatenation of an all_reduce_coalesced) whose result is
+  // handed to `consume` (see shm_allreduce) instead of written back: over
+  // shared memory block by block as it is reduced, otherwise the whole
+  // result at once. The tensors then hold unspecified values. On the wire it
+  // is the all_reduce_coalesced AVG of the same tensors (the other ranks may
+  // call either). `async_op` false: run on the caller's thread when it can.
+  c10::intrusive_ptr<c10d::Work> allreduce_avg_consumed(std::vector<at::Tensor>& tensors, BlockConsumer consume,
+                                                        bool async_op);
   c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors, const c10d::ReduceOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                            std::vector<at::Tensor>& inputs,

@@ -9,17 +9,75 @@
 #include <sstream>
 #include <unordered_set>
 
+#include "comm/backend.h"
 #include "ddp/bucket_plan.h"
 #include "trace/timeline.h"
 
 namespace disttrain::ddp {
 namespace {
 
-bool backend_reduces_in_place(const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
+comm::DisttrainBackend* disttrain_backend(const c10::intrusive_ptr<c10d::ProcessGroup>& group) {
   try {
-    return group->getBackend(c10::DeviceType::CPU)->getBackendName() == "disttrain";
+    return dynamic_cast<comm::DisttrainBackend*>(group->getBackend(c10::DeviceType::CPU).get());
   } catch (const std::exception&) {
-    return false;  // no CPU backend in this group
+    return nullptr;  // no CPU backend in this group
+  }
+}
+
+// torch.optim.SGD's update of n elements (its single-tensor loop, element by
+// element: the same operations in the same order), with the branches hoisted.
+template <class T, bool kDecay, bool kMomentum, bool kNesterov>
+void sgd_loop(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fresh) {
+  const T neg_lr = static_cast<T>(-s.lr), decay = static_cast<T>(s.weight_decay), mom = static_cast<T>(s.momentum),
+          keep = static_cast<T>(1.0 - s.dampening);
+  const T sign = s.maximize ? T(-1) : T(1);
+  for (size_t i = 0; i < n; ++i) {
+    T d = sign * g[i];
+    if constexpr (kDecay) d = d + decay * p[i];
+    if constexpr (kMomentum) {
+      const T b = fresh ? d : buf[i] * mom + keep * d;
+      buf[i] = b;
+      if constexpr (kNesterov) {
+        d = d + mom * b;
+      } else {
+        d = b;
+      }
+    }
+    p[i] = p[i] + neg_lr * d;
+  }
+}
+
+template <class T>
+void sgd_update(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fresh) {
+  const bool decay = s.weight_decay != 0, momentum = s.momentum != 0;
+  if (!momentum) {
+    decay ? sgd_loop<T, true, false, false>(p, buf, g, n, s, fresh) : sgd_loop<T, false, false, false>(p, buf, g, n, s, fresh);
+  } else if (s.nesterov) {
+    decay ? sgd_loop<T, true, true, true>(p, buf, g, n, s, fresh) : sgd_loop<T, false, true, true>(p, buf, g, n, s, fresh);
+  } else {
+    decay ? sgd_loop<T, true, true, false>(p, buf, g, n, s, fresh) : sgd_loop<T, false, true, false>(p, buf, g, n, s, fresh);
+  }
+}
+
+// The update of `bytes` bytes of one parameter from `grad`, `at` bytes into it.
+struct SgdTarget {
+  size_t offset, bytes;  // in the bucket's reduced buffer
+  uint8_t* param;
+  uint8_t* buf;  // null without momentum
+  SgdSettings settings;
+  bool fresh;
+};
+
+void sgd_bytes(const SgdTarget& t, c10::ScalarType dtype, size_t at, const uint8_t* grad, size_t bytes) {
+  if (dtype == at::kFloat) {
+    const size_t i = at / sizeof(float);
+    sgd_update(reinterpret_cast<float*>(t.param) + i, t.buf ? reinterpret_cast<float*>(t.buf) + i : nullptr,
+               reinterpret_cast<const float*>(grad), bytes / sizeof(float), t.settings, t.fresh);
+  } else {
+    TORCH_INTERNAL_ASSERT(dtype == at::kDouble, "fused SGD on ", dtype);
+    const size_t i = at / sizeof(double);
+    sgd_update(reinterpret_cast<double*>(t.param) + i, t.buf ? reinterpret_cast<double*>(t.buf) + i : nullptr,
+               reinterpret_cast<const double*>(grad), bytes / sizeof(double), t.settings, t.fresh);
   }
 }
 
@@ -69,8 +127,8 @@ Reducer::Reducer(std::vector<at::Tensor> params, std::vector<std::string> names,
                 p.device(), " but '", names_[0], "' is on ", params_[0].device(), "; keep the module on one device");
   }
 
-  reduce_in_place_ = !options_.wire_dtype && !options_.gradient_as_bucket_view && params_[0].device().is_cpu() &&
-                     backend_reduces_in_place(group_);
+  disttrain_ = params_[0].device().is_cpu() ? disttrain_backend(group_) : nullptr;
+  reduce_in_place_ = !options_.wire_dtype && !options_.gradient_as_bucket_view && disttrain_;
   std::vector<TensorSlot> slots;
   for (const auto& p : params_) slots.push_back({p.numel() * static_cast<int64_t>(p.element_size()), p.scalar_type()});
   // Forward runs layers in registration order, so backward tends to produce
@@ -276,7 +334,11 @@ void Reducer::launch_ready_buckets() {
       opts.asyncOp = !(options_.reduce_on_caller == ReducerOptions::OnCaller::kAll ||
                        (options_.reduce_on_caller == ReducerOptions::OnCaller::kLast && next_launch_ == buckets_.size()));
       bucket.launch_ns = now_ns();
-      bucket.work = group_->allreduce_coalesced(bucket.in_place, opts);
+      // The fused step takes the reduced gradients as they come (the same all-reduce on the wire).
+      bucket.consumed = !sgd_.empty() && disttrain_;
+      bucket.work = bucket.consumed
+                        ? disttrain_->allreduce_avg_consumed(bucket.in_place, sgd_consumer(bucket), opts.asyncOp)
+                        : group_->allreduce_coalesced(bucket.in_place, opts);
     } else {
       // Some gradient could not be reduced in place: stage them all.
       for (const auto slot : c10::irange(bucket.in_place.size())) {
@@ -350,8 +412,16 @@ void Reducer::finalize_backward() {
       // finalize blocked on this bucket (more than the call itself takes)
       if (waited - wait_from > 2000) trace::span("ddp", "wait", wait_from, waited, static_cast<int64_t>(b));
       for (const auto slot : c10::irange(bucket.params.size())) {
-        if (options_.find_unused_parameters && !used_[bucket.params[slot]]) {
+        const int64_t index = bucket.params[slot];
+        if (options_.find_unused_parameters && !used_[index]) {
           deferred.emplace_back(b, slot);
+        } else if (!sgd_.empty()) {
+          // The fused step: applied by the all-reduce, or now from the written-back gradient.
+          if (!bucket.consumed) {
+            write_back(bucket, slot);
+            apply_sgd(index, params_[index].grad());
+          }
+          params_[index].mutable_grad().reset();
         } else {
           write_back(bucket, slot);
         }
@@ -365,6 +435,10 @@ void Reducer::finalize_backward() {
         // A parameter no rank used keeps its .grad untouched, as in torch DDP.
         if (used_anywhere[buckets_[b].params[slot]]) write_back(buckets_[b], slot);
       }
+    }
+    if (!sgd_.empty()) {
+      ++fused_steps_;
+      std::fill(sgd_fresh_.begin(), sgd_fresh_.end(), 0);
     }
     if (!rebuilt_) rebuild_from_arrival_order();
   } catch (...) {
@@ -453,7 +527,83 @@ void Reducer::reset_iteration() {
     bucket.direct_grad.reset();
     for (auto& g : bucket.in_place) g.reset();
     bucket.launched_in_place = false;
+    bucket.consumed = false;
   }
+}
+
+void Reducer::set_fused_sgd(std::vector<SgdSettings> settings, std::vector<at::Tensor> buffers,
+                            std::vector<bool> fresh) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TORCH_CHECK(!callback_queued_, "DistributedDataParallel: the fused optimizer cannot change during a backward");
+  if (settings.empty()) {
+    sgd_.clear();
+    sgd_buffers_.clear();
+    sgd_fresh_.clear();
+    return;
+  }
+  TORCH_CHECK_VALUE(settings.size() == params_.size() && buffers.size() == params_.size() &&
+                        fresh.size() == params_.size(),
+                    "Reducer: fused SGD needs settings, buffers and fresh flags for each of the ", params_.size(),
+                    " parameters");
+  TORCH_CHECK_VALUE(!options_.find_unused_parameters && !options_.gradient_as_bucket_view && !options_.wire_dtype,
+                    "DistributedDataParallel: a fused optimizer does not work with find_unused_parameters, "
+                    "gradient_as_bucket_view or compression");
+  for (const auto i : c10::irange(params_.size())) {
+    const auto& p = params_[i];
+    TORCH_CHECK_VALUE(p.device().is_cpu() && p.is_contiguous() &&
+                          (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble),
+                      "DistributedDataParallel: a fused optimizer needs contiguous float32 or float64 CPU "
+                      "parameters; '", names_[i], "' is ", p.scalar_type(), " on ", p.device());
+    const bool momentum = settings[i].momentum != 0;
+    TORCH_CHECK_VALUE(momentum == buffers[i].defined(), "Reducer: parameter '", names_[i],
+                      momentum ? "' has momentum but no buffer" : "' has a buffer but no momentum");
+    if (momentum) {
+      TORCH_CHECK_VALUE(buffers[i].is_contiguous() && buffers[i].sizes() == p.sizes() &&
+                            buffers[i].scalar_type() == p.scalar_type() && buffers[i].device() == p.device(),
+                        "DistributedDataParallel: the momentum buffer of '", names_[i],
+                        "' must be a contiguous tensor shaped like it, of its dtype and device");
+    }
+  }
+  sgd_ = std::move(settings);
+  sgd_buffers_ = std::move(buffers);
+  sgd_fresh_.assign(fresh.begin(), fresh.end());
+}
+
+int64_t Reducer::fused_steps() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return fused_steps_;
+}
+
+std::function<void(size_t, const uint8_t*, size_t)> Reducer::sgd_consumer(const Bucket& bucket) const {
+  auto targets = std::make_shared<std::vector<SgdTarget>>();
+  size_t offset = 0;
+  for (const int64_t i : bucket.params) {
+    const auto& p = params_[i];
+    const size_t bytes = p.nbytes();
+    auto* buf = sgd_buffers_[i].defined() ? static_cast<uint8_t*>(sgd_buffers_[i].data_ptr()) : nullptr;
+    targets->push_back({offset, bytes, static_cast<uint8_t*>(p.data_ptr()), buf, sgd_[i], sgd_fresh_[i] != 0});
+    offset += bytes;
+  }
+  const c10::ScalarType dtype = params_[bucket.params.front()].scalar_type();
+  return [targets, dtype](size_t at, const uint8_t* reduced, size_t bytes) {
+    // The parameters that [at, at + bytes) covers, from the first that ends after `at`.
+    auto t = std::upper_bound(targets->begin(), targets->end(), at,
+                              [](size_t x, const SgdTarget& e) { return x < e.offset + e.bytes; });
+    for (; t != targets->end() && t->offset < at + bytes; ++t) {
+      const size_t lo = std::max(at, t->offset), hi = std::min(at + bytes, t->offset + t->bytes);
+      sgd_bytes(*t, dtype, lo - t->offset, reduced + (lo - at), hi - lo);
+    }
+  };
+}
+
+void Reducer::apply_sgd(int64_t index, const at::Tensor& grad) const {
+  const auto& p = params_[index];
+  if (!grad.defined()) return;  // no rank produced one (torch's step skips it too)
+  const at::Tensor g = grad.contiguous();
+  auto* buf = sgd_buffers_[index].defined() ? static_cast<uint8_t*>(sgd_buffers_[index].data_ptr()) : nullptr;
+  const SgdTarget target{0, p.nbytes(), static_cast<uint8_t*>(p.data_ptr()), buf, sgd_[index],
+                         sgd_fresh_[index] != 0};
+  sgd_bytes(target, p.scalar_type(), 0, static_cast<const uint8_t*>(g.data_ptr()), p.nbytes());
 }
 
 std::vector<std::vector<int64_t>> Reducer::bucket_plan() const {

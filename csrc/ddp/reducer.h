@@ -15,11 +15,16 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
+
+namespace disttrain::comm {
+class DisttrainBackend;
+}
 
 namespace disttrain::ddp {
 
@@ -42,6 +47,12 @@ struct ReducerOptions {
   // completes as backward ends, with nothing left to overlap it with.
   enum class OnCaller { kNone, kLast, kAll };
   OnCaller reduce_on_caller = OnCaller::kLast;
+};
+
+// torch.optim.SGD's settings for one parameter (its param group's).
+struct SgdSettings {
+  double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false;
 };
 
 // Timestamps (steady clock, ns) of the last synchronised backward.
@@ -78,6 +89,19 @@ class Reducer {
   // counting its gradients as that one's second.
   void discard_unfinished_backward();
 
+  // Fuses torch.optim.SGD's step into the synchronised backwards from now on:
+  // each parameter is updated as its averaged gradient comes back (over
+  // shared memory, block by block as it is reduced, while it is in cache),
+  // and its .grad is then reset (undefined): the gradient is consumed, never
+  // written back. Per parameter, in the reducer's order: its settings, its
+  // momentum buffer (undefined without momentum; contiguous, like the
+  // parameter) and whether that buffer is fresh (the first step copies the
+  // gradient into it, as torch's does). Empty `settings`: no fusion.
+  // Not with find_unused_parameters, gradient_as_bucket_view or compression.
+  void set_fused_sgd(std::vector<SgdSettings> settings, std::vector<at::Tensor> buffers, std::vector<bool> fresh);
+  // Synchronised backwards that applied the fused step.
+  int64_t fused_steps() const;
+
   // Bucket plan as reducer parameter indices, in launch order.
   std::vector<std::vector<int64_t>> bucket_plan() const;
   BackwardTrace last_trace() const;
@@ -96,6 +120,7 @@ class Reducer {
     // gradients themselves, per slot (undefined until ready, or when staged).
     std::vector<at::Tensor> in_place;
     bool launched_in_place = false;
+    bool consumed = false;  // its all-reduce applied the fused step (no write-back)
     size_t pending = 0;
     c10::intrusive_ptr<c10d::Work> work;
     uint64_t seq = 0;  // the collective's sequence number, to match the backend's trace
@@ -117,6 +142,9 @@ class Reducer {
   void finalize_backward();               // engine final callback
   void record_timeline() const;           // trace_ into the timeline (trace/timeline.h)
   void write_back(Bucket& bucket, size_t slot);  // the reduced gradient into param.grad
+  // The fused step's consumer of a bucket's reduced bytes (holds mu_).
+  std::function<void(size_t, const uint8_t*, size_t)> sgd_consumer(const Bucket& bucket) const;
+  void apply_sgd(int64_t index, const at::Tensor& grad) const;  // the fused step from a written-back gradient
   void rebuild_from_arrival_order();
   void reset_iteration();
   std::vector<int64_t> locally_unused(const std::vector<at::Tensor>& outputs) const;
@@ -130,6 +158,12 @@ class Reducer {
   // AVG (disttrain's does, over shared memory): gradients then skip the
   // bucket copy in and the copy out.
   bool reduce_in_place_ = false;
+  // The group's backend when it is disttrain's (it hands reduced bytes to the fused step).
+  comm::DisttrainBackend* disttrain_ = nullptr;
+  std::vector<SgdSettings> sgd_;       // empty: no fused step
+  std::vector<at::Tensor> sgd_buffers_;
+  std::vector<char> sgd_fresh_;
+  int64_t fused_steps_ = 0;
 
   using GradAccumulator = decltype(torch::autograd::impl::grad_accumulator(std::declval<at::Tensor>()));
   std::vector<GradAccumulator> accumulators_;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from typing import Any, Iterator
 
 import torch
@@ -128,6 +129,9 @@ class DistributedDataParallel(nn.Module):
         self.require_backward_grad_sync = True
 
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._fused: torch.optim.SGD | None = None
         if not named:
             raise RuntimeError("DistributedDataParallel: the module has no parameter that requires grad")
         all_params = list(module.parameters())
@@ -170,7 +174,118 @@ class DistributedDataParallel(nn.Module):
         (searched for unused parameters when ``find_unused_parameters``)."""
         # The outputs also mark where backward starts in a trace (disttrain.trace).
         wanted = self.find_unused_parameters or _C.trace_enabled()
+        if self._fused is not None:
+            self._push_fused_settings()
         self._reducer.prepare_for_backward(find_tensors(output) if wanted else [])
+
+    def fuse_optimizer(self, optimizer: torch.optim.SGD | None) -> None:
+        """Applies ``optimizer``'s step inside each synchronised backward: every
+        parameter is updated as its averaged gradient comes back from the
+        all-reduce (over shared memory, block by block while the block is still
+        in cache), which saves the gradients' write-back and the step's own pass
+        over them. The result equals ``optimizer.step()`` after a plain backward.
+
+        ``optimizer`` must be a :class:`torch.optim.SGD` over exactly this
+        module's parameters that require grad (any param groups, momentum,
+        dampening, weight decay, Nesterov, maximize); its settings are read at
+        every synchronised forward, so learning-rate schedulers work, and its
+        momentum buffers stay in ``optimizer.state`` (``state_dict()`` as
+        usual). Call it on every rank.
+
+        What changes: the gradients are consumed (``.grad`` is None after a
+        synchronised backward, so clip or inspect gradients inside the loss, or
+        do not fuse), and ``optimizer.step()`` becomes a check that a
+        synchronised backward ran since the last step (it raises otherwise).
+        Backwards under :meth:`no_sync` accumulate as usual; the next
+        synchronised one steps on the sum. With ``overlap`` on, a backward that
+        raises midway may already have updated the parameters of the buckets
+        it had reduced. ``None``: back to plain gradients and ``step()``.
+        Not with ``find_unused_parameters``, ``gradient_as_bucket_view`` or
+        ``compression``; parameters must be contiguous float32 or float64 on
+        the CPU.
+
+        Example:
+            >>> opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            >>> ddp.fuse_optimizer(opt)
+            >>> loss_fn(ddp(x), y).backward()   # parameters updated here
+            >>> opt.step(); opt.zero_grad()     # unchanged loop: step() only checks
+        """
+        if optimizer is None:
+            if self._fused is not None:
+                self._reducer.set_fused_sgd([], [], [])
+                self._fused.__dict__.pop("step", None)
+                self._fused = None
+            return
+        if type(optimizer) is not torch.optim.SGD:
+            raise TypeError(f"DistributedDataParallel.fuse_optimizer: only torch.optim.SGD can be fused, "
+                            f"got {type(optimizer).__name__}")
+        if self.find_unused_parameters or self.gradient_as_bucket_view or self.compression:
+            raise ValueError("DistributedDataParallel.fuse_optimizer: not with find_unused_parameters, "
+                             "gradient_as_bucket_view or compression")
+        if self._fused is not None and self._fused is not optimizer:
+            raise RuntimeError("DistributedDataParallel.fuse_optimizer: another optimizer is fused; "
+                               "call fuse_optimizer(None) first")
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        mine = {id(p) for p in self._params}
+        if len({id(p) for p in held}) != len(held) or {id(p) for p in held} != mine:
+            raise ValueError("DistributedDataParallel.fuse_optimizer: the optimizer must hold each of the "
+                             "module's parameters that require grad exactly once, and nothing else")
+        for group in optimizer.param_groups:
+            if group.get("differentiable"):
+                raise ValueError("DistributedDataParallel.fuse_optimizer: not with differentiable=True")
+        bad = next((n for n, p in zip(self._names, self._params)
+                    if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64)
+                    or not p.is_contiguous()), None)
+        if bad is not None:
+            raise ValueError(f"DistributedDataParallel.fuse_optimizer: parameters must be contiguous float32 or "
+                             f"float64 on the CPU; '{bad}' is not")
+        self._fused = optimizer
+        self._fresh_buffers: set[int] = set()
+        self._fresh_at = self._stepped_at = self._reducer.fused_steps
+        ddp = self
+
+        def step(opt: torch.optim.SGD, closure: Any = None) -> None:
+            if closure is not None:
+                raise ValueError("DistributedDataParallel.fuse_optimizer: a fused optimizer's step() takes no "
+                                 "closure (the step is applied by the backward)")
+            done = ddp._reducer.fused_steps
+            if done == ddp._stepped_at:
+                raise RuntimeError("DistributedDataParallel: optimizer.step() found no synchronised backward "
+                                   "since the last step; with a fused optimizer (fuse_optimizer) the backward "
+                                   "applies the step, and step() only checks that one ran")
+            ddp._stepped_at = done
+            opt._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
+
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+        self._push_fused_settings()
+
+    def _push_fused_settings(self) -> None:
+        """The fused optimizer's current settings and momentum buffers, to the reducer."""
+        optimizer = self._fused
+        assert optimizer is not None
+        if self._reducer.fused_steps != self._fresh_at:  # a step filled the buffers made fresh before it
+            self._fresh_buffers.clear()
+            self._fresh_at = self._reducer.fused_steps
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        settings, buffers, fresh = [], [], []
+        for p in self._params:
+            group = group_of.get(id(p))
+            if group is None:
+                raise RuntimeError("DistributedDataParallel: the fused optimizer no longer holds every "
+                                   "parameter; call fuse_optimizer(None) before changing its groups")
+            momentum = float(group["momentum"])
+            settings.append((float(group["lr"]), momentum, float(group["dampening"]), float(group["weight_decay"]),
+                             bool(group["nesterov"]), bool(group.get("maximize", False))))
+            buf = None
+            if momentum != 0:
+                state = optimizer.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:  # torch's first step copies the gradient into a new buffer
+                    buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    self._fresh_buffers.add(id(buf))
+            buffers.append(buf)
+            fresh.append(buf is not None and id(buf) in self._fresh_buffers)
+        self._reducer.set_fused_sgd(settings, buffers, fresh)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

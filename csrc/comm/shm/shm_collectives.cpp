@@ -50,9 +50,11 @@ void divide_block(T* x, size_t n, int d) {
 // per source. With `copy_to`, each finished block is also copied there while
 // it is still in cache. dst may alias srcs[0].
 // With `divide_by` > 0 (float32 or float64 only), each finished block is
-// divided by it (AVG) while in cache.
+// divided by it (AVG) while in cache. With `consume`, each finished block is
+// then handed to it (at byte offset `consume_at` + the block's).
 void reduce_blocked(ReduceFn fn, uint8_t* dst, c10::ArrayRef<const uint8_t*> srcs, size_t count, size_t elem,
-                    uint8_t* copy_to = nullptr, c10::ScalarType dtype = c10::ScalarType::Undefined, int divide_by = 0) {
+                    uint8_t* copy_to = nullptr, c10::ScalarType dtype = c10::ScalarType::Undefined, int divide_by = 0,
+                    const BlockConsumer* consume = nullptr, size_t consume_at = 0) {
   const size_t block = std::max<size_t>(1, kReduceBlockBytes / elem);
   for (size_t at = 0; at < count; at += block) {
     const size_t n = std::min(block, count - at), off = at * elem;
@@ -66,6 +68,7 @@ void reduce_blocked(ReduceFn fn, uint8_t* dst, c10::ArrayRef<const uint8_t*> src
         divide_block(reinterpret_cast<double*>(dst + off), n, divide_by);
       }
     }
+    if (consume) (*consume)(consume_at + off, dst + off, n * elem);
     if (copy_to) std::memcpy(copy_to + off, dst + off, n * elem);
   }
 }
@@ -119,7 +122,7 @@ class Scattered {
 }  // namespace
 
 void shm_allreduce(ShmGroup& g, const OpSignature& sig, c10::ArrayRef<MemoryPiece> pieces, size_t count,
-                   c10::ScalarType dtype, bool divide, Deadline deadline) {
+                   c10::ScalarType dtype, bool divide, Deadline deadline, const BlockConsumer& consume) {
   const ReduceFn fn = reduce_kernel(dtype, sig.redop);
   const size_t elem = c10::elementSize(dtype);
   const int p = g.size(), r = g.rank(), divide_by = divide ? p : 0;
@@ -141,8 +144,8 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, c10::ArrayRef<MemoryPiec
         scratch.resize(n * elem);
         out = scratch.data();
       }
-      reduce_blocked(fn, out, slots, n, elem, nullptr, dtype, divide_by);
-      if (out == scratch.data()) user.scatter(base, n * elem, out);
+      reduce_blocked(fn, out, slots, n, elem, nullptr, dtype, divide_by, consume ? &consume : nullptr, base);
+      if (out == scratch.data() && !consume) user.scatter(base, n * elem, out);
     } else {
       // Only the slices the others reduce go through the slot on the way in;
       // this rank's own slice is reduced where it is, then shared, unless it
@@ -160,11 +163,14 @@ void shm_allreduce(ShmGroup& g, const OpSignature& sig, c10::ArrayRef<MemoryPiec
       slots[0] = dst;
       for (int q = 0, k = 1; q < p; ++q)
         if (q != r) slots[k++] = g.peer(q) + s.offset * elem;
-      reduce_blocked(fn, dst, slots, s.length, elem, own ? in_slot : nullptr, dtype, divide_by);
+      reduce_blocked(fn, dst, slots, s.length, elem, own ? in_slot : nullptr, dtype, divide_by,
+                     consume ? &consume : nullptr, base + s.offset * elem);
       g.mark_reduced();
       for (int q = 0; q < p; ++q) {
         Slice t = slice(n, p, q);
-        if (q != r || !own)
+        if (consume) {  // this rank's slice was handed over as it was reduced
+          if (q != r) consume(base + t.offset * elem, g.reduced(q) + t.offset * elem, t.length * elem);
+        } else if (q != r || !own)
           user.scatter(base + t.offset * elem, t.length * elem, (q == r ? mine : g.reduced(q)) + t.offset * elem);
       }
     }

@@ -8,6 +8,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "comm/shm/shm_group.h"
@@ -31,6 +32,13 @@ struct MemoryPiece {
 // they are (the tensors of an all_reduce_coalesced: no flattened copy). With
 // `divide`, every element ends divided by the world size (AVG) inside the
 // reduction; it requires float32 or float64, and every rank must pass the same.
+//
+// With `consume`, the result is handed over instead of written back: every
+// byte range of the reduced buffer is passed once, as consume(offset into the
+// virtual buffer, the reduced bytes, their length), each while it is still in
+// cache where that can be; the pieces then hold unspecified values. The
+// ranks need not agree on it (the same bytes travel either way).
+using BlockConsumer = std::function<void(size_t offset, const uint8_t* reduced, size_t bytes)>;
 void shm_allreduce(ShmGroup& g, const OpSignature& sig, c10::ArrayRef<MemoryPiece> pieces, size_t count,
-                   c10::ScalarType dtype, bool divide, Deadline deadline);
+                   c10::ScalarType dtype, bool divide, Deadline deadline, const BlockConsumer& consume = {});
 }  // namespace disttrain::comm
