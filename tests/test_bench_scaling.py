@@ -147,3 +147,33 @@ def test_cluster_study_on_two_namespace_nodes(tmp_path):
                                                                                 ("2x1", "2", "2", "ok")]
     assert len(scaling.read_metrics(str(runs / "disttrain_2x1"))) == 1
     assert (runs / "disttrain_2x1" / "study.node1.log").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--two-hosts", "nope"], "--two-hosts 'nope': expected NODESxRANKS"),  # was a ValueError traceback
+    (["--two-hosts", "2x0"], "--two-hosts '2x0': expected NODESxRANKS"),    # was a row of 0 ranks per node
+    (["--two-hosts", "1x2"], "--two-hosts 1x2: two nodes only"),
+    (["--slow-link", "abc"], "--slow-link 'abc': expected DELAY_MS,RATE_MBIT"),  # was found after the one-host rows
+    (["--slow-link", "1,0"], "--slow-link '1,0'"),
+    (["-m", "resnet9000"], "-m/--model 'resnet9000': unknown model; choose from resnet18"),  # was every row failed
+    (["--dataset", "cifar10"], "--dataset cifar10 needs its data folder"),
+    (["--runs", "/proc/disttrain-runs"], "--runs '/proc/disttrain-runs': cannot write in '/proc'"),
+    (["--master-port", "70000"], "--master-port 70000"),
+])
+def test_bad_study_options_are_one_line_before_anything_runs(monkeypatch, tmp_path, capsys, argv, expected):
+    import disttrain.bench
+    from disttrain import cli
+
+    def started(argv):  # a value the check lets through must not start the study here
+        raise AssertionError(f"the study started: {argv}")
+
+    monkeypatch.setattr(disttrain.bench, "main", started)
+
+    runs = [] if "--runs" in argv else ["--runs", str(tmp_path / "runs")]
+    assert cli.main(["bench", "scaling", "--ranks", "1", "--epochs", "1", "--out", str(tmp_path / "s.csv"),
+                     *runs, *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1, captured.err
+    assert lines[0].startswith("disttrain bench scaling: error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing started, no folder made

@@ -179,3 +179,54 @@ def test_settings_the_ranks_must_share_are_compared_at_group_creation(name, valu
     for message, seconds in results:
         assert message is not None and "ValueError" in message and want in message, message
         assert seconds < 10, seconds
+
+
+# --- disttrain bench: option values checked before a benchmark starts a rank ---------------------
+
+@pytest.mark.parametrize("argv,expected", [
+    # a world size no machine here can hold: torchrun would start 10 million processes
+    (["allreduce", "--nproc", "10000000"], "--nproc 10000000: more ranks than this machine can hold"),
+    (["ddp", "--ranks", "2,10000000"], "--ranks 10000000: more ranks than this machine can hold"),
+    (["strategies", "--processes", "10000000"], "--processes 10000000: more ranks"),
+    (["mpi", "--eval-ranks", "10000000"], "--eval-ranks 10000000: more ranks"),
+    # outputs where nothing can be written (root passes access() on /proc: only a real file tells)
+    (["allreduce", "--out", "/proc/disttrain.csv"], "--out '/proc/disttrain.csv': '/proc' is not a writable folder"),
+    (["snapshot", "--peers-csv", "/proc/p.csv"], "--peers-csv '/proc/p.csv': '/proc' is not a writable folder"),
+    (["snapshot", "--kill-csv", "/proc/k.csv"], "--kill-csv '/proc/k.csv'"),
+    (["ddp", "--trace", "/proc/disttrain-trace"], "--trace '/proc/disttrain-trace'"),
+    (["ddp", "--trace", os.path.abspath(__file__)], "is a file; expected a folder"),
+    (["fault", "--keep", "/proc/disttrain-keep"], "--keep '/proc/disttrain-keep'"),
+    # fractions that were silently meaningless (resume after 25 of 5 batches, a kill that never comes)
+    (["resume", "--resume-at", "5"], "--resume-at 5: expected a fraction in (0, 1]"),
+    (["snapshot", "--kill-at", "0.5", "2"], "--kill-at 2: expected a fraction in (0, 1]"),
+    # values each benchmark checked only later, inside its ranks, or not at all
+    (["ddp", "--peers", "torch-best", "--best-bucket-mb", "-1"], "--best-bucket-mb '-1': expected bucket sizes"),
+    (["ddp", "--best-bucket-mb", "nan"], "--best-bucket-mb 'nan'"),
+    (["ddp", "--best-backends", "nccl2"], "--best-backends 'nccl2': unknown 'nccl2'"),
+    (["mpi", "--transfer", "carrier-pigeon"], "--transfer 'carrier-pigeon': give broadcast, sendrecv or both"),
+    (["fault", "--steps", "10", "--kill-at", "500"], "--kill-at 500: must be at least 2 below --steps 10"),
+])
+def test_bench_bad_values_are_one_line_and_exit_2(monkeypatch, capsys, argv, expected):
+    import disttrain.bench
+    from disttrain import cli
+
+    def started(argv):  # a value the check lets through must not start the benchmark here
+        raise AssertionError(f"the benchmark started: {argv}")
+
+    monkeypatch.setattr(disttrain.bench, "main", started)
+    assert cli.main(["bench", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1, captured.err
+    assert lines[0].startswith(f"disttrain bench {argv[0]}: error: ") and expected in lines[0], lines[0]
+
+
+def test_bench_good_values_pass(tmp_path):
+    from disttrain import cli
+
+    for argv in (["allreduce", "--nproc", "3", "--out", str(tmp_path / "new" / "a.csv")],
+                 ["ddp", "--trace", str(tmp_path / "trace"), "--best-bucket-mb", "0.5,25", "--best-backends", "gloo"],
+                 ["resume", "--resume-at", "1"], ["snapshot", "--kill-at", "0.1", "1"],
+                 ["mpi", "--transfer", "broadcast"], ["fault", "--steps", "10", "--kill-at", "7"]):
+        assert cli._check_bench(argv) is None, argv
+    assert not (tmp_path / "new").exists() and not (tmp_path / "trace").exists()  # the checks make nothing

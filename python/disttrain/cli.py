@@ -11,6 +11,7 @@ import importlib
 import math
 import os
 import sys
+import tempfile
 from typing import Any
 
 COMMANDS = {
@@ -38,22 +39,57 @@ class _BadOption(ValueError):
 _COUNT_LISTS = {"ranks", "processes"}        # comma-separated whole numbers >= 1
 _NUMBER_LISTS = {"sizes", "stream_sizes"}    # comma-separated counts, 1e6 notation allowed, >= 1
 _ZERO_OK = {"warmup", "iters", "eval_ranks", "seed", "mlp_depth", "workers", "kill_mb", "node_rank"}  # whole numbers >= 0; other ints >= 1
-_OUTPUT_FILES = {"out", "csv"}               # files written: an existing folder or one that can be created
+_OUTPUT_FILES = {"out", "csv", "peers_csv", "kill_csv"}  # files written: in an existing folder or one that can be made
+_OUTPUT_FOLDERS = {"trace", "keep"}          # folders written: existing or one that can be made
 _FOLDERS = {"dir"}                           # existing folders
+_RANK_COUNTS = {"nproc", "ranks", "processes"}  # processes a benchmark starts on this host
+_FRACTIONS = {"resume_at", "kill_at"}        # fractions of an epoch or a checkpoint, in (0, 1]
+# Private memory a rank takes at least once it has imported torch (measured: about 145 MiB): more
+# ranks than the machine's memory holds at that size can only thrash and be killed, never run.
+_RANK_MEMORY = 128 << 20
+
+
+def _max_ranks() -> tuple[int, int]:
+    """(the most ranks this host's memory can hold, that memory in bytes)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 31, 0
+    return max(1, memory // _RANK_MEMORY), memory
+
+
+def check_ranks(option: str, ranks: int) -> None:
+    """Raises ValueError (a benchmark's ``check_args`` may call it) when ``ranks``
+    processes on this host cannot fit in its memory."""
+    limit, memory = _max_ranks()
+    if ranks > limit:
+        raise _BadOption(f"{option} {ranks}: more ranks than this machine can hold ({memory / 2**30:.1f} GiB of "
+                         f"memory, at least {_RANK_MEMORY >> 20} MiB a rank: at most {limit})")
 
 
 def _option(action: argparse.Action) -> str:
     return "/".join(action.option_strings) or action.dest
 
 
-def _check_output(option: str, path: str) -> None:
-    if os.path.isdir(path):
+def _check_output(option: str, path: str, folder: bool = False) -> None:
+    if os.path.isdir(path) and not folder:
         raise _BadOption(f"{option} '{path}' is a folder; expected a file to write")
-    parent = os.path.abspath(os.path.dirname(path) or ".")
+    if os.path.exists(path) and folder and not os.path.isdir(path):
+        raise _BadOption(f"{option} '{path}' is a file; expected a folder to write in")
+    parent = os.path.abspath(path if folder else os.path.dirname(path) or ".")
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise _BadOption(f"{option} '{path}': '{parent}' is not a writable folder; expected a file in one")
+    writable = os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+    if writable:  # a file made there is the only sure test: root passes access() on a read-only mount or /proc
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".disttrain-write-test-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError:
+            writable = False
+    if not writable:
+        raise _BadOption(f"{option} '{path}': '{parent}' is not a writable folder; expected "
+                         f"{'a folder that is or can be made' if folder else 'a file in one'}")
 
 
 def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends: list[str]) -> None:
@@ -72,6 +108,8 @@ def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends
         whole = all(n.is_integer() for n in numbers) and (dest in _NUMBER_LISTS or all(x.isdigit() for x in items))
         if not numbers or not whole or any(n < 1 or not math.isfinite(n) for n in numbers):
             raise _BadOption(f"{option} {value!r}: expected whole numbers >= 1, comma separated (e.g. 2,4)")
+        if dest in _RANK_COUNTS:
+            check_ranks(option, int(max(numbers)))
         return
     known = getattr(module, dest.upper(), None)  # --configs: CONFIGS, --models: MODELS, --peers: PEERS
     if isinstance(known, (tuple, list, dict)) and isinstance(value, str):
@@ -93,8 +131,8 @@ def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends
         return
     if dest == "baseline" and value not in backends:
         raise _BadOption(f"{option} {value!r}: not available here; choose from {', '.join(backends)}")
-    if dest in _OUTPUT_FILES:
-        _check_output(option, str(value))
+    if dest in _OUTPUT_FILES or dest in _OUTPUT_FOLDERS:
+        _check_output(option, str(value), folder=dest in _OUTPUT_FOLDERS)
     if dest in _FOLDERS and not os.path.isdir(value):
         raise _BadOption(f"{option} '{value}': no such folder; expected an existing folder")
     if isinstance(value, bool):
@@ -103,8 +141,13 @@ def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends
         minimum = 2 if dest == "factor" else 0 if dest in _ZERO_OK else 1
         if value < minimum:
             raise _BadOption(f"{option} {value}: expected a whole number >= {minimum}")
+        if dest in _RANK_COUNTS:
+            check_ranks(option, value)
     elif isinstance(value, float):
-        if dest == "target":
+        if dest in _FRACTIONS:
+            if not 0 < value <= 1:
+                raise _BadOption(f"{option} {value:g}: expected a fraction in (0, 1]")
+        elif dest == "target":
             if not 0 < value <= 1:
                 raise _BadOption(f"{option} {value:g}: expected an accuracy in (0, 1]")
         elif dest == "momentum":
@@ -140,6 +183,12 @@ def _check_bench(argv: list[str]) -> str | None:
         for action in parser._actions:
             if action.help != argparse.SUPPRESS and action.dest != "help":
                 _check_bench_value(module, action.dest, _option(action), getattr(args, action.dest, None), backends)
+        check = getattr(module, "check_args", None)  # what only the benchmark knows (one option against another)
+        if check is not None:
+            try:
+                check(args, backends)
+            except ValueError as e:
+                raise _BadOption(str(e)) from None
     except _BadOption as e:
         return f"disttrain bench {argv[0]}: error: {e}"
     return None

@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace, backends: list[str]) -> None:
+    """The command line's check before a rank starts (ValueError, one line): the torch-best settings."""
+    import math
+
+    caps = [c.strip() for c in args.best_bucket_mb.split(",") if c.strip()]
+    try:
+        good = bool(caps) and all(math.isfinite(float(c)) and float(c) > 0 for c in caps)
+    except ValueError:
+        good = False
+    if not good:
+        raise ValueError(f"--best-bucket-mb {args.best_bucket_mb!r}: expected bucket sizes in MB > 0, comma separated "
+                         "(e.g. 25 or 5,25,100)")
+    chosen = [b.strip() for b in args.best_backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in backends]
+    if unknown or not chosen:
+        raise ValueError(f"--best-backends {args.best_backends!r}: unknown "
+                         f"{', '.join(map(repr, unknown)) or 'empty list'}; choose from {', '.join(backends)}")
+
+
 def base_configs(config: str) -> str:
     """The configuration a ``disttrain[-caller|-bf16|...]@MB/BACKEND`` one varies (bucket_cap_mb MB),
     for the command line's check; any other name as it is."""

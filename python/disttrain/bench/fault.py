@@ -74,6 +74,12 @@ PEERS = ("torchft",)
 SYSTEMS = ("disttrain",) + PEERS
 
 
+def check_args(args: argparse.Namespace, backends: list[str]) -> None:
+    """The command line's check before a run starts (ValueError, one line)."""
+    if args.kill_at >= args.steps - 2:
+        raise ValueError(f"--kill-at {args.kill_at}: must be at least 2 below --steps {args.steps}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench fault", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -74,6 +74,17 @@ MPIEXEC = ("mpiexec", "--oversubscribe", "--allow-run-as-root")
 MODELS = ("resnet18-tv", "mlp")  # --models
 
 
+def check_args(args: argparse.Namespace, backends: list[str]) -> None:
+    """The command line's check before a job starts (ValueError, one line): the transfers, and the
+    pipeline's ranks on this host."""
+    from disttrain.cli import check_ranks
+
+    transfers = [t.strip() for t in args.transfer.split(",") if t.strip()]
+    if not transfers or any(t not in ("broadcast", "sendrecv") for t in transfers):
+        raise ValueError(f"--transfer {args.transfer!r}: give broadcast, sendrecv or both, comma separated")
+    check_ranks("--eval-ranks", args.eval_ranks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="disttrain bench mpi", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -157,13 +157,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _two_host_layouts(spec: str) -> list[tuple[int, int]]:
+    """``--two-hosts`` as (nodes, ranks per node) pairs; ValueError naming the bad entry."""
+    layouts = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(x.strip().isdigit() and int(x) >= 1 for x in parts):
+            raise ValueError(f"--two-hosts {spec!r}: expected NODESxRANKS with whole numbers >= 1, comma separated "
+                             "(e.g. 2x2,2x4), or \"\" for none")
+        layouts.append((int(parts[0]), int(parts[1])))
+    return layouts
+
+
+def _slow_link(spec: str) -> tuple[float, float]:
+    """``--slow-link DELAY_MS,RATE_MBIT``; ValueError unless a delay >= 0 and a rate > 0."""
+    try:
+        delay_ms, rate_mbit = (float(x) for x in spec.split(","))
+    except ValueError:
+        delay_ms = rate_mbit = math.nan
+    if not (math.isfinite(delay_ms) and math.isfinite(rate_mbit) and delay_ms >= 0 and rate_mbit > 0):
+        raise ValueError(f"--slow-link {spec!r}: expected DELAY_MS,RATE_MBIT with a delay >= 0 and a rate > 0 "
+                         "(e.g. 1,100)")
+    return delay_ms, rate_mbit
+
+
+def check_args(args: argparse.Namespace, backends: list[str]) -> None:
+    """What ``disttrain bench scaling`` checks before a configuration starts (ValueError, one line):
+    the layouts, the emulated link, and every option it hands to ``disttrain train`` (model, data
+    set and folder, ...), which would otherwise fail each row in turn, minutes into the study."""
+    from disttrain.cli import check_ranks
+    from disttrain.train_cli import ConfigError, _checked_runs
+
+    for nodes, per_node in _two_host_layouts(args.two_hosts):
+        if args.nnodes in (None, 1) and nodes != 2:
+            raise ValueError(f"--two-hosts {args.two_hosts}: two nodes only (NODES must be 2) on network namespaces; "
+                             "more with --nnodes on a cluster")
+        if args.nnodes in (None, 1):  # both namespace nodes run on this host
+            check_ranks(f"--two-hosts {nodes}x{per_node} =", nodes * per_node)
+    if args.slow_link:
+        _slow_link(args.slow_link)
+    if args.master_port is not None and not 1 <= args.master_port <= 65534:
+        raise ValueError(f"--master-port {args.master_port}: expected 1 to 65534 (the rows use the next port too)")
+    if args.node_rank is not None and args.nnodes is not None and not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node-rank {args.node_rank}: expected 0 to {args.nnodes - 1}")
+    existing = os.path.abspath(args.runs)  # RUNS, or the folder it would be made in
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:  # a file written there is the only sure test (root passes access())
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(20, "not a folder")
+        probe_fd, probe = tempfile.mkstemp(prefix=".disttrain-write-test-", dir=existing)
+        os.close(probe_fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--runs '{args.runs}': cannot write in '{existing}' ({e.strerror}); "
+                         "expected a writable folder") from None
+    with tempfile.TemporaryDirectory() as scratch:  # train's own check, its run folder made in scratch, not in RUNS
+        argv = _train_argv(args, Config(SERIAL, 1, 1, False))[3:]
+        argv[argv.index("-s") + 1] = scratch
+        try:
+            _checked_runs(argv)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+
 def configs(args: argparse.Namespace) -> list[Config]:
     """Every configuration, in run order: for each rank layout, both
     implementations one after the other (alternating which goes first)."""
     layouts = [(1, int(r), False) for r in args.ranks.split(",") if r.strip()]
     nnodes = getattr(args, "nnodes", None) or 1
-    for spec in (s.strip() for s in args.two_hosts.split(",") if s.strip()):
-        nodes, per_node = (int(x) for x in spec.lower().split("x"))
+    try:
+        two_hosts = _two_host_layouts(args.two_hosts)
+    except ValueError as e:
+        raise SystemExit(f"disttrain bench scaling: {e}") from None
+    for nodes, per_node in two_hosts:
+        spec = f"{nodes}x{per_node}"
         if nnodes > 1 and not 2 <= nodes <= nnodes:
             raise SystemExit(f"disttrain bench scaling: --two-hosts {spec}: 2 to {nnodes} nodes on this cluster")
         if nnodes == 1 and nodes != 2:
@@ -273,9 +341,9 @@ class _SlowHosts:
     def __init__(self, spec: str):
         from disttrain import netem
         try:
-            delay_ms, rate_mbit = (float(x) for x in spec.split(","))
-        except ValueError:
-            raise SystemExit(f"disttrain bench scaling: --slow-link {spec!r}: expected DELAY_MS,RATE_MBIT") from None
+            delay_ms, rate_mbit = _slow_link(spec)
+        except ValueError as e:
+            raise SystemExit(f"disttrain bench scaling: {e}") from None
         self.network = netem.Network(2, delay_ms=delay_ms, rate_mbit=rate_mbit)
         self.network.__enter__()
         self.addresses = tuple(h.address for h in self.network.hosts)
