@@ -38,6 +38,8 @@ def digits(train: bool = True, test_fraction: float = 0.2, seed: int = 0) -> Ten
 
     The train/test split is fixed by ``seed`` so every rank sees the same split.
     """
+    if not 0 <= test_fraction <= 1:
+        raise ValueError(f"digits: test_fraction {test_fraction!r}: expected a fraction from 0 to 1")
     pixels, targets = _digits_arrays()
     images = torch.tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(targets, dtype=torch.long)
@@ -92,7 +94,13 @@ class CIFAR10(Dataset):
                 with open(path, "rb") as f:
                     batch = pickle.load(f, encoding="bytes")
                 images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-                labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.long))
+                labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.long).reshape(-1))
+                # A short label list would pair every later batch's images with another image's label.
+                if len(labels[-1]) != len(images[-1]):
+                    raise ValueError(f"{len(images[-1])} images but {len(labels[-1])} labels")
+                if len(labels[-1]) and not 0 <= int(labels[-1].min()) <= int(labels[-1].max()) < len(CIFAR10_CLASSES):
+                    raise ValueError(f"labels {int(labels[-1].min())} to {int(labels[-1].max())}, expected 0 to "
+                                     f"{len(CIFAR10_CLASSES) - 1}")
             except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError,
                     RuntimeError) as e:
                 raise ValueError(f"CIFAR-10: '{path}' is not a CIFAR-10 python-pickle batch ({type(e).__name__}: "
@@ -119,9 +127,11 @@ class ImageFolder(Dataset):
     """Images in one folder per class (``root/<class>/<image>``), read with PIL,
     converted to RGB, resized to ``image_size`` and scaled to [0, 1].
 
-    Class indices follow the sorted folder names. If ``root`` has ``train/`` and
-    ``test/`` (or ``val/``) subfolders they are the split; otherwise a fixed
-    fraction of each class (chosen by ``seed``) is the test set.
+    Class indices follow the sorted folder names of the training split, for the
+    test split too. If ``root`` has ``train/`` and ``test/`` (or ``val/``)
+    subfolders they are the split; otherwise (class folders in ``root``, or in
+    ``train/`` alone) a fixed fraction of each class (chosen by ``seed``) is the
+    test set.
 
     Args:
         root: the folder.
@@ -139,20 +149,37 @@ class ImageFolder(Dataset):
         import os
 
         root = os.path.expanduser(root)
-        split = "train" if train else next((s for s in ("test", "val") if os.path.isdir(os.path.join(root, s))),
-                                           None)
-        use_subfolders = os.path.isdir(os.path.join(root, "train")) and split is not None
-        base = os.path.join(root, split) if use_subfolders and split is not None else root
+        held_out = next((s for s in ("test", "val") if os.path.isdir(os.path.join(root, s))), None)
+        # train/ and test/ (or val/): the split. train/ alone: its class folders, split by fraction as a
+        # root's would be (not root itself, whose one "class" would be train/).
+        train_base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+        use_subfolders = train_base != root and held_out is not None
+        base = os.path.join(root, held_out) if use_subfolders and not train and held_out is not None else train_base
         if not os.path.isdir(base):
             raise FileNotFoundError(f"ImageFolder: '{base}' is not a folder")
-        self.classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+
+        def class_folders(folder: str) -> list[str]:
+            return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+        # Class indices are the training split's, for the test split too: a test/ without one of
+        # train/'s classes must not shift every later class's index.
+        self.classes = class_folders(train_base)
         if not self.classes:
-            raise FileNotFoundError(f"ImageFolder: no class folders in '{base}'")
+            raise FileNotFoundError(f"ImageFolder: no class folders in '{train_base}'")
+        if base != train_base:
+            extra = sorted(set(class_folders(base)) - set(self.classes))
+            if extra:
+                raise ValueError(f"ImageFolder: class folder(s) {', '.join(extra)} of '{base}' are not in "
+                                 f"'{train_base}'; the two splits need the same classes")
         self.samples: list[tuple[str, int]] = []
         generator = torch.Generator().manual_seed(seed)
+        found = 0  # images before the split by fraction
         for label, name in enumerate(self.classes):
             folder = os.path.join(base, name)
+            if not os.path.isdir(folder):  # a class the test split does not have
+                continue
             files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found += len(files)
             if not use_subfolders:
                 order = torch.randperm(len(files), generator=generator).tolist()
                 n_test = int(len(files) * test_fraction)
@@ -160,7 +187,9 @@ class ImageFolder(Dataset):
                 files = [files[i] for i in sorted(chosen)]
             self.samples += [(os.path.join(folder, f), label) for f in files]
         if not self.samples:
-            raise FileNotFoundError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}'")
+            held = (f"; the test split is {test_fraction:g} of each class's images, rounded down: none here "
+                    "(add images, or train/ and test/ folders)" if found and not use_subfolders and not train else "")
+            raise FileNotFoundError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under '{base}'{held}")
         self.image_size = image_size
 
     def __len__(self) -> int:
