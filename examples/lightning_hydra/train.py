@@ -117,6 +117,34 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
+# The types of the template's settings: an override of another type (trainer.max_epochs=abc) is one
+# line here, before any process starts, not a TypeError deep inside Lightning in every process.
+_INT, _FLOAT, _STR, _DICT = "a whole number", "a number", "a string", "a mapping"
+SETTINGS = {"seed": _INT, "data.name": _STR, "data.batch_size": _INT, "data.val_fraction": _FLOAT,
+            "data.num_workers": _INT, "model.name": _STR, "model.kwargs": _DICT, "model.resize": _INT,
+            "model.lr": _FLOAT, "model.weight_decay": _FLOAT, "trainer.max_epochs": _INT, "trainer.num_nodes": _INT,
+            "trainer.log_every_n_steps": _INT, "trainer.gradient_clip_val": _FLOAT}
+NULLABLE = {"data.root", "model.resize", "trainer.gradient_clip_val"}
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Settings of the wrong type, as ``key=value (expected ...)``."""
+    problems = []
+    for key, kind in SETTINGS.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is None and key in NULLABLE:
+            continue
+        ok = {_INT: isinstance(value, int) and not isinstance(value, bool),
+              _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+              _STR: isinstance(value, str), _DICT: isinstance(value, DictConfig)}[kind]
+        if not ok:
+            problems.append(f"{key}={value!r} (expected {kind}{' or null' if key in NULLABLE else ''})")
+    root = OmegaConf.select(cfg, "data.root")
+    if root is not None and not isinstance(root, str):
+        problems.append(f"data.root={root!r} (expected a path or null)")
+    return problems
+
+
 def strategy_from(config) -> object:
     if isinstance(config, str):
         return config
@@ -125,6 +153,9 @@ def strategy_from(config) -> object:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> dict:
+    problems = config_problems(cfg)
+    if problems:
+        raise SystemExit(f"train.py: bad setting(s): {'; '.join(problems)}")
     L.seed_everything(cfg.seed, workers=True)
     out = cfg.output_dir
     datamodule = DataModule(cfg.data.name, cfg.data.root, cfg.data.batch_size, cfg.data.val_fraction,
