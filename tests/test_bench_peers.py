@@ -62,3 +62,23 @@ def test_resume_order_exact_and_torchdata_rows_or_skipped(tmp_path, capsys):
     rows = {r["loader"]: r for r in _rows(out)}
     assert rows["disttrain"]["order"] == "exact" and rows["disttrain-stream"]["order"] == "exact"
     assert "torchdata" in rows or "# peer torchdata skipped:" in printed
+
+
+def test_results_file_is_replaced_atomically(tmp_path, monkeypatch):
+    from disttrain.bench import write_csv
+
+    path = str(tmp_path / "results" / "bench.csv")
+    write_csv([{"size": 1, "us": 2.0}, {"size": 2, "us": 3.0}], path)
+    before = open(path).read()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert before.splitlines()[0] == "size,us" and os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+    def interrupted(self, rows):  # the run stopped while the new results were being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_csv([{"size": 4, "us": 5.0}], path)
+    assert open(path).read() == before  # was truncated to nothing but the header
+    assert os.listdir(tmp_path / "results") == ["bench.csv"]  # no temporary left behind

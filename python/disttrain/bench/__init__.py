@@ -63,12 +63,19 @@ def rerun_in_bench_venv(module: str, argv: list[str], missing: list[str]) -> Non
 
 
 def write_csv(rows: list[dict], path: str, fields: list[str] | None = None) -> None:
-    """Writes a benchmark's rows (one dict each) to ``path``, creating its folder."""
+    """Writes a benchmark's rows (one dict each) to ``path``, creating its folder. Atomically: an
+    interrupted write (Ctrl-C, a full disk, a row that does not format) leaves the previous results
+    file whole, never a truncated one."""
+    from disttrain._atomic import umask, write_atomically
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+
+    def fill(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=fields or (list(rows[0]) if rows else []), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+    write_atomically(path, fill, mode=0o666 & ~umask(), durable=False)
     print(f"# wrote {path}")
 
 
