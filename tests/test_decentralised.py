@@ -365,6 +365,37 @@ def test_unreachable_initial_peers_are_a_warning(caplog):
     assert any("none of the initial peers" in r.getMessage() and address in r.getMessage() for r in caplog.records)
 
 
+def test_a_peer_left_out_for_nan_is_told(caplog):
+    """A peer whose parameters became NaN was rejected and left out of all later rounds by the
+    others, and itself learnt nothing of it: no warning, no rejection, it trained on alone. Now
+    the leader's reply says so, the peer warns once and Peer.left_out is True."""
+    config = lambda: dec.DecentralisedConfig(local_steps=2, matchmaking_window=2.0, round_timeout=5.0)
+    peers = _start_peers(2, config)
+    try:
+        def run(i):
+            g = torch.Generator().manual_seed(i)
+            for s in range(8):
+                x = torch.randn(8, 10, generator=g)
+                if i == 1 and s == 3:
+                    with torch.no_grad():
+                        peers[1].params[0].fill_(float("nan"))
+                peers[i].train_step(x, x[:, :3].argmax(1), F.cross_entropy)
+
+        with caplog.at_level("WARNING", logger="disttrain.decentralised"):
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert any("non-finite" in r for r in peers[0].rejections)
+        assert peers[1].left_out and not peers[0].left_out
+        told = [r for r in caplog.records if "left out of all rounds" in r.getMessage()]
+        assert len(told) == 1, [r.getMessage() for r in caplog.records]
+    finally:
+        for p in peers:
+            p.close()
+
+
 def test_four_peers_on_a_slow_network_converge(tmp_path):
     """Four `disttrain train --strategy decentralised` peers in network namespaces joined by a
     wire with 50 ms one-way delay and 10 Mbit/s per link: each reaches 85% test accuracy on

@@ -259,6 +259,7 @@ class Peer:
         self.round = 0
         self.stats = PeerStats()
         self.rejections: list[str] = []
+        self.left_out = False  # the leader leaves this peer out of all rounds (another peer rejected its message)
         self._anchor = torch.nn.utils.parameters_to_vector(params).detach().clone()
         self._outer_momentum = torch.zeros_like(self._anchor)
         self._steps_in_round = 0
@@ -383,6 +384,11 @@ class Peer:
                 return False
             reply = self._ask_leader({"kind": "join", "round": self.round, "weight": weight})
             if reply is None or reply.get("kind") == "retry":
+                if reply is not None and reply.get("banned") and not self.left_out:
+                    self.left_out = True
+                    log.warning("this peer is left out of all rounds: another peer rejected a message of its "
+                                "(non-finite values after a divergence, a wrong shape or dtype?); it trains alone "
+                                "from now on (see the other peers' logs for the reason)")
                 if reply is not None and reply.get("alone"):
                     break
                 continue
@@ -736,7 +742,7 @@ class Peer:
                 return self._await_verdict(r, int(message["attempt"]), pid, bool(message["ok"]),
                                            list(message.get("bad", [])), list(message.get("gone", [])))
             if pid in self._banned:
-                return {"kind": "retry", "alone": True}
+                return {"kind": "retry", "alone": True, "banned": True}
             if info.get("lineage") != self.lineage or r < self.round or r in self._committed:
                 return {"kind": "resync"}
             attempt = self._open_attempt(r)
