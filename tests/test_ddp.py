@@ -508,6 +508,28 @@ def _fused_optimizer(rank, world_size):
     ddp(torch.randn(3, 4)).sum().backward()
     assert ddp.module.weight.grad is not None
     opt.step()
+    # A backward that raises midway (one bucket, never launched) updates nothing, and the next steps go on.
+    class Boom(Exception):
+        pass
+
+    def boom():
+        raise Boom("a NaN check in backward")
+
+    torch.manual_seed(0)
+    first, last = nn.Linear(4, 8), nn.Linear(8, 2)
+    ddp = disttrain.DistributedDataParallel(nn.ModuleList([first, last]), overlap=False)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ddp.fuse_optimizer(opt)
+    before = [p.detach().clone() for p in ddp.parameters()]
+    with pytest.raises(Boom):
+        ddp.prepare_for_backward(None)
+        last(on_backward(torch.relu(first(torch.randn(3, 4))), boom)).sum().backward()
+    assert all(torch.equal(a, p) for a, p in zip(before, ddp.parameters()))
+    for _ in range(2):
+        ddp.prepare_for_backward(None)
+        last(torch.relu(first(torch.randn(3, 4)))).sum().backward()
+        opt.step()
+    assert not any(torch.equal(a, p) for a, p in zip(before, ddp.parameters()))
     with pytest.raises(ValueError, match="not with find_unused_parameters"):
         disttrain.DistributedDataParallel(nn.Linear(4, 2), find_unused_parameters=True).fuse_optimizer(
             torch.optim.SGD([torch.zeros(1)], lr=0.1))

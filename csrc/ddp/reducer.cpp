@@ -533,8 +533,9 @@ void Reducer::reset_iteration() {
 
 void Reducer::set_fused_sgd(std::vector<SgdSettings> settings, std::vector<at::Tensor> buffers,
                             std::vector<bool> fresh) {
+  // Called by a forward (no bucket of this rank is in flight then: the last backward waited for
+  // all of them, or raised before launching the rest, which prepare_for_backward forgets).
   std::lock_guard<std::mutex> lock(mu_);
-  TORCH_CHECK(!callback_queued_, "DistributedDataParallel: the fused optimizer cannot change during a backward");
   if (settings.empty()) {
     sgd_.clear();
     sgd_buffers_.clear();

@@ -197,9 +197,10 @@ class DistributedDataParallel(nn.Module):
         do not fuse), and ``optimizer.step()`` becomes a check that a
         synchronised backward ran since the last step (it raises otherwise).
         Backwards under :meth:`no_sync` accumulate as usual; the next
-        synchronised one steps on the sum. With ``overlap`` on, a backward that
-        raises midway may already have updated the parameters of the buckets
-        it had reduced. ``None``: back to plain gradients and ``step()``.
+        synchronised one steps on the sum. A backward that raises midway may
+        already have updated the parameters of the buckets it had reduced
+        (with one bucket, none before every gradient has arrived). ``None``:
+        back to plain gradients and ``step()``.
         Not with ``find_unused_parameters``, ``gradient_as_bucket_view`` or
         ``compression``; parameters must be contiguous float32 or float64 on
         the CPU.
