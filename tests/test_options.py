@@ -230,3 +230,14 @@ def test_bench_good_values_pass(tmp_path):
                  ["mpi", "--transfer", "broadcast"], ["fault", "--steps", "10", "--kill-at", "7"]):
         assert cli._check_bench(argv) is None, argv
     assert not (tmp_path / "new").exists() and not (tmp_path / "trace").exists()  # the checks make nothing
+
+
+def test_bench_without_a_name_is_an_error_on_stderr(capsys):
+    from disttrain import cli
+
+    assert cli.main(["bench"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: disttrain bench {allreduce,")
+    assert cli.main(["bench", "--help"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("usage: disttrain bench {allreduce,")

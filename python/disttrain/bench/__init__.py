@@ -127,7 +127,9 @@ def per_world_size_main(name: str, argv: list[str] | None, build_parser, bench_r
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: disttrain bench {" + ",".join(BENCHMARKS) + "} [options]")
+        # asked for: the usage on stdout, exit 0; no benchmark named: an error, on stderr, exit 2
+        usage = "usage: disttrain bench {" + ",".join(BENCHMARKS) + "} [options]"
+        print(usage, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name = argv[0]
     if name not in BENCHMARKS:
