@@ -207,6 +207,14 @@ def test_bfloat16_model():
     assert stats.final_accuracy is not None and len(stats.accuracy_history) == 1 + 12 // 3
 
 
+def test_an_empty_test_loader_is_a_value_error():
+    """It used to train, then report a final accuracy of 0.0."""
+    train, _ = _loaders()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    with pytest.raises(ValueError, match="test_dataloader has no samples"):
+        ps.launch_ps_and_workers(2, 1, train, empty)
+
+
 def test_a_model_off_the_cpu_is_a_value_error():
     train, test = _loaders()
     with pytest.raises(ValueError, match="on the CPU.*meta"):

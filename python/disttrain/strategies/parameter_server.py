@@ -807,6 +807,14 @@ def launch_ps_and_workers(world_size: int, epochs_per_worker: int, train_dataloa
     for r in kill_after:
         if bad_int(r) or not 0 <= r < world_size:
             raise ValueError(f"kill_after names rank {r!r}; ranks are 0 .. {world_size - 1}")
+    if isinstance(test_dataloader, torch.utils.data.DataLoader):
+        try:
+            empty = len(cast(Sized, test_dataloader.dataset)) == 0
+        except TypeError:  # an iterable data set: no length to check
+            empty = False
+        if empty:
+            raise ValueError("test_dataloader has no samples (its accuracy would read 0); pass None to skip the "
+                             "evaluation")
     batch_size = train_dataloader.batch_size
     if batch_size is None:
         raise ValueError("train_dataloader must batch by batch_size (a batch_sampler is not supported)")
