@@ -49,7 +49,7 @@ Writes ``OUT`` (the table), ``OUT_curves.csv`` (losses per epoch),
 ``OUT_offload.csv`` and the plots ``OUT_losses``, ``OUT_efficiency`` and
 ``OUT_offload`` as PNG and SVG, beside the CSV.
 
-    disttrain bench scaling --time-budget 45 --slow-link 1,100   # the published study
+    disttrain bench scaling --time-budget 60 --slow-link 1,100   # the published study
     disttrain bench scaling --ranks 1,2 --two-hosts "" --epochs 2 --out /tmp/s.csv
 """
 
