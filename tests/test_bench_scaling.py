@@ -177,3 +177,26 @@ def test_bad_study_options_are_one_line_before_anything_runs(monkeypatch, tmp_pa
     assert captured.out == "" and len(lines) == 1, captured.err
     assert lines[0].startswith("disttrain bench scaling: error: ") and expected in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()  # nothing started, no folder made
+
+
+def test_study_progress_files_survive_an_interrupted_write(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    args = argparse.Namespace(runs=str(tmp_path / "runs"), fresh=False, time_budget=None, epochs=1, model="mlp",
+                              dataset="digits", data=None, batch_size=8, learning_rate=0.05, lr_scaling="linear",
+                              seed=0, slow_link="")
+    real_dump = json.dump
+
+    def interrupted(value, f, **kwargs):  # half the file written, then the run is stopped
+        f.write(json.dumps(value)[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scaling._prepare(args)
+    monkeypatch.setattr(json, "dump", real_dump)
+    scaling._prepare(args)  # was a JSONDecodeError traceback on the torn study.json
+    with open(tmp_path / "runs" / "study.json") as f:
+        assert json.load(f)["model"] == "mlp"
+    assert os.listdir(tmp_path / "runs") == ["study.json"]

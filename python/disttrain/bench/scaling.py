@@ -919,6 +919,14 @@ def report_offload(rows: list[dict]) -> None:
 
 # --- the study --------------------------------------------------------------------------------------
 
+def _write_json(path: str, value: Any) -> None:
+    """The study's progress files, replaced atomically: an interruption while one is written (the
+    case resuming is for) leaves the previous one, never a torn file the next run cannot read."""
+    from disttrain._atomic import umask, write_atomically
+
+    write_atomically(path, lambda f: json.dump(value, f), mode=0o666 & ~umask(), durable=False)
+
+
 def _prepare(args: argparse.Namespace) -> None:
     """The study folder: fresh, or the same study as the one already there."""
     key_path = os.path.join(args.runs, "study.json")
@@ -934,8 +942,7 @@ def _prepare(args: argparse.Namespace) -> None:
             raise SystemExit(f"disttrain bench scaling: '{args.runs}' holds a study with other settings "
                              f"{changed} (old, new); --fresh starts over, or give another --runs")
     else:
-        with open(key_path, "w") as f:
-            json.dump(key, f)
+        _write_json(key_path, key)
 
 
 def _rounds_done(run_dir: str) -> dict[str, Any]:
@@ -1014,10 +1021,10 @@ def run_study(args: argparse.Namespace) -> tuple[list[dict], list[dict]] | None:
                     print(f"# {cfg.name}: {failures[cfg.name]}", flush=True)
                     continue
                 bounds = list(done.get("epochs_by_round", []))[:r - 1] + [len(read_metrics(run_dir))]
-                with open(os.path.join(run_dir, "study.json"), "w") as f:
-                    json.dump({"round": r, "rounds": rounds, "finished": r == rounds, "impl": cfg.impl,
-                               "config": cfg.label, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "epochs_by_round": bounds, "argv": _train_argv(args, cfg, r / rounds)}, f)
+                _write_json(os.path.join(run_dir, "study.json"),
+                            {"round": r, "rounds": rounds, "finished": r == rounds, "impl": cfg.impl,
+                             "config": cfg.label, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "epochs_by_round": bounds, "argv": _train_argv(args, cfg, r / rounds)})
         if cluster is not None:
             cluster.finish()
     finally:
