@@ -16,6 +16,7 @@ and ``metrics.json`` with the test metrics of the best checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import hydra
@@ -110,6 +111,22 @@ class Classifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # The cosine schedule lasts trainer.max_epochs of this run. A run resumed with more epochs
+        # restored the checkpoint's T_max and lr and trained the epochs past it at lr 0 (cosine's
+        # minimum); the schedule is stretched here, after the restore (any checkpoint format).
+        length = max(1, self.trainer.max_epochs or 1)
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            if not isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR) or schedule.T_max == length:
+                continue
+            schedule.T_max = length
+            t, low = schedule.last_epoch, schedule.eta_min
+            lrs = [low + (base - low) * (1 + math.cos(math.pi * t / length)) / 2 for base in schedule.base_lrs]
+            for group, lr in zip(schedule.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            schedule._last_lr = lrs
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
