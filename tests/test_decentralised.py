@@ -396,6 +396,28 @@ def test_a_peer_left_out_for_nan_is_told(caplog):
             p.close()
 
 
+def test_a_state_of_another_model_is_a_clear_error():
+    """Joining peers that train another model (or resuming another model's peer.dtsnap) ended in
+    load_state_dict's multi-line RuntimeError; now a one-line DecentralisedError says so."""
+    first_model = _model()
+    first = dec.Peer(first_model, torch.optim.SGD(first_model.parameters(), lr=0.1), secret=b"s")
+    first.start()
+    try:
+        other = nn.Linear(4, 2)
+        peer = dec.Peer(other, torch.optim.SGD(other.parameters(), lr=0.1), secret=b"s", initial_peers=first.address)
+        try:
+            with pytest.raises(dec.DecentralisedError, match="does not fit this model") as e:
+                peer.start(join_timeout=20)
+            assert "\n" not in str(e.value)
+        finally:
+            peer.close()
+        with dec.Peer(other, torch.optim.SGD(other.parameters(), lr=0.1), secret=b"s") as alone:
+            with pytest.raises(dec.DecentralisedError, match="does not fit this model"):
+                alone.restore(first.state())
+    finally:
+        first.close()
+
+
 def test_four_peers_on_a_slow_network_converge(tmp_path):
     """Four `disttrain train --strategy decentralised` peers in network namespaces joined by a
     wire with 50 ms one-way delay and 10 Mbit/s per link: each reaches 85% test accuracy on

@@ -535,8 +535,16 @@ class Peer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Loads a state from :meth:`state` (e.g. a snapshot from an earlier run)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["outer_momentum"].shape != self._outer_momentum.shape:
+                raise ValueError(f"outer momentum of {state['outer_momentum'].numel()} values, "
+                                 f"{self._outer_momentum.numel()} parameters here")
+        except (RuntimeError, ValueError, KeyError) as e:  # load_state_dict's message spans many lines
+            detail = " ".join(str(e).split())
+            raise DecentralisedError(f"the state (round {state.get('round', '?')}) does not fit this model or "
+                                     f"optimizer; do all peers train the same model? ({detail[:300]})") from None
         with self._lock:
             self._outer_momentum = state["outer_momentum"].clone()
             self._anchor = torch.nn.utils.parameters_to_vector(self.params).detach().clone()
@@ -898,7 +906,11 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
             print(f"disttrain peer {peer.address}: waiting for {args.wait_for_peers} other peers", flush=True)
             peer.wait_for_peers(args.wait_for_peers, timeout=args.timeout)
         if not args.no_resume and os.path.exists(own) and peer.round == 0 and not peer.live_peers():
-            peer.restore(snapshot.load(own))
+            try:
+                peer.restore(snapshot.load(own))
+            except DecentralisedError:
+                raise DecentralisedError(f"{own} is the snapshot of another model or optimizer (this run folder's "
+                                         "earlier run); use --no-resume or another --save-name") from None
             log.info("resumed round %d from %s", peer.round, own)
         print(f"disttrain peer {peer.address} ({peer.peer_id}) started; {len(peer.live_peers())} other peers",
               flush=True)
