@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "comm/backend.h"
+#include "comm/kernels/reduce_kernels.h"
 #include "ddp/bucket_plan.h"
 #include "trace/timeline.h"
 
@@ -27,7 +28,8 @@ comm::DisttrainBackend* disttrain_backend(const c10::intrusive_ptr<c10d::Process
 // torch.optim.SGD's update of n elements (its single-tensor loop, element by
 // element: the same operations in the same order), with the branches hoisted.
 template <class T, bool kDecay, bool kMomentum, bool kNesterov>
-void sgd_loop(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fresh) {
+__attribute__((always_inline)) inline void sgd_loop(T* __restrict p, T* __restrict buf, const T* __restrict g, size_t n, const SgdSettings& s,
+                     bool fresh) {
   const T neg_lr = static_cast<T>(-s.lr), decay = static_cast<T>(s.weight_decay), mom = static_cast<T>(s.momentum),
           keep = static_cast<T>(1.0 - s.dampening);
   const T sign = s.maximize ? T(-1) : T(1);
@@ -48,7 +50,7 @@ void sgd_loop(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fre
 }
 
 template <class T>
-void sgd_update(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fresh) {
+__attribute__((always_inline)) inline void sgd_update(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fresh) {
   const bool decay = s.weight_decay != 0, momentum = s.momentum != 0;
   if (!momentum) {
     decay ? sgd_loop<T, true, false, false>(p, buf, g, n, s, fresh) : sgd_loop<T, false, false, false>(p, buf, g, n, s, fresh);
@@ -57,6 +59,16 @@ void sgd_update(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool f
   } else {
     decay ? sgd_loop<T, true, true, false>(p, buf, g, n, s, fresh) : sgd_loop<T, false, true, false>(p, buf, g, n, s, fresh);
   }
+}
+
+// One copy per ISA, as the reduction kernels (comm/kernels/reduce_kernels.h).
+DISTTRAIN_KERNEL_TARGETS void sgd_f32(float* p, float* buf, const float* g, size_t n, const SgdSettings& s,
+                                      bool fresh) {
+  sgd_update(p, buf, g, n, s, fresh);
+}
+DISTTRAIN_KERNEL_TARGETS void sgd_f64(double* p, double* buf, const double* g, size_t n, const SgdSettings& s,
+                                      bool fresh) {
+  sgd_update(p, buf, g, n, s, fresh);
 }
 
 // The update of `bytes` bytes of one parameter from `grad`, `at` bytes into it.
@@ -71,12 +83,12 @@ struct SgdTarget {
 void sgd_bytes(const SgdTarget& t, c10::ScalarType dtype, size_t at, const uint8_t* grad, size_t bytes) {
   if (dtype == at::kFloat) {
     const size_t i = at / sizeof(float);
-    sgd_update(reinterpret_cast<float*>(t.param) + i, t.buf ? reinterpret_cast<float*>(t.buf) + i : nullptr,
+    sgd_f32(reinterpret_cast<float*>(t.param) + i, t.buf ? reinterpret_cast<float*>(t.buf) + i : nullptr,
                reinterpret_cast<const float*>(grad), bytes / sizeof(float), t.settings, t.fresh);
   } else {
     TORCH_INTERNAL_ASSERT(dtype == at::kDouble, "fused SGD on ", dtype);
     const size_t i = at / sizeof(double);
-    sgd_update(reinterpret_cast<double*>(t.param) + i, t.buf ? reinterpret_cast<double*>(t.buf) + i : nullptr,
+    sgd_f64(reinterpret_cast<double*>(t.param) + i, t.buf ? reinterpret_cast<double*>(t.buf) + i : nullptr,
                reinterpret_cast<const double*>(grad), bytes / sizeof(double), t.settings, t.fresh);
   }
 }

@@ -27,9 +27,6 @@ template <> struct Compute<c10::Half> { using type = float; };
 template <> struct Compute<c10::BFloat16> { using type = float; };
 template <> struct Compute<int8_t> { using type = int8_t; };
 
-// Plain loops that GCC vectorises; target_clones gives one copy per ISA and a
-// runtime dispatcher, so a shipped build never assumes more than SSE2.
-#define DISTTRAIN_KERNEL_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
 
 template <typename T, typename Op>
 inline void reduce_loop(T* __restrict dst, const T* a, const T* __restrict b, size_t n) {

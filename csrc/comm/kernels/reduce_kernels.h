@@ -6,6 +6,10 @@
 
 #include "comm/op_signature.h"
 
+// Plain loops that GCC vectorises; target_clones gives one copy per ISA and a
+// runtime dispatcher, so a shipped build never assumes more than SSE2.
+#define DISTTRAIN_KERNEL_TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
+
 namespace disttrain::comm {
 
 using ReduceFn = void (*)(void* dst, const void* a, const void* b, size_t n);
