@@ -219,3 +219,13 @@ def test_a_model_off_the_cpu_is_a_value_error():
     train, test = _loaders()
     with pytest.raises(ValueError, match="on the CPU.*meta"):
         ps.launch_ps_and_workers(2, 1, train, test, model=torch.nn.Linear(64, 10, device="meta"))
+
+
+def test_batches_with_more_than_input_and_target():
+    """(input, target, index) batches, as Hogwild and the evaluation take them,
+    used to fail every worker with 'too many values to unpack'."""
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.rand(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g), torch.arange(64))
+    _, stats = ps.launch_ps_and_workers(2, 1, DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=64),
+                                        model=torch.nn.Linear(64, 10), log_interval=-1, timeout=30)
+    assert stats.updates == 4 and stats.samples == 64 and stats.final_accuracy is not None

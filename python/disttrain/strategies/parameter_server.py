@@ -560,7 +560,8 @@ def _work(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> dic
             receive(s, _FIN)
         return {"role": "worker", "losses": losses, "epoch_ends": [0.0] * cfg["epochs"], "steps": 0, "samples": 0}
     pending_sends: list[tuple[Any, int]] = []
-    x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)))
+    x, y = _common.split_batch(next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                                                     collate_fn=collate))))
     loss_fn(model(x), y).backward()  # warm-up, untimed (first-call costs); the gradient is zeroed below
     t0 = start()
     pull()
@@ -568,7 +569,8 @@ def _work(rank: int, cfg: dict, groups: dict, start: Callable[[], float]) -> dic
         indices = worker_indices(len(dataset), num_workers, index, epoch, cfg["seed"], shuffle)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices,
                                              collate_fn=collate, drop_last=drop_last)
-        for x, y in loader:
+        for batch in loader:
+            x, y = _common.split_batch(batch)  # (input, target, ...) as the evaluation takes it
             for work, s in pending_sends:
                 wait(work, s, "pushing a gradient")
             pending_sends.clear()
