@@ -233,6 +233,16 @@ def test_pipeline_and_training_pieces_at_5_ranks(tmp_path):
     assert all(1 <= s["queue_max"] <= 2 for s in stats[1:])  # queue_depth=2 bounds every queue
 
 
+def test_mpi_evaluate_with_too_few_ranks_is_one_line():
+    # Before: each rank loaded the checkpoint, then raised pipeline's ValueError with a traceback.
+    proc = subprocess.run([*MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "examples", "mpi_evaluate.py"),
+                           "--run", "/nonexistent"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "the 4-stage pipeline needs at least 4 ranks, the job has 2" in proc.stdout, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-2000:]
+
+
 # --- two hosts: network namespaces and a hostfile -------------------------------------------------
 
 HOSTS = NamespaceHosts(namespaces=("dt-mpi0", "dt-mpi1"), veths=("dt-mveth0", "dt-mveth1"),
