@@ -206,7 +206,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
     """Builds a model by name (``resnet18`` ... ``resnet101``, ``small_cnn``, ``mlp``,
     ``vit_base_patch32_224``, ``vit_small``)."""
     try:
-        factory = MODELS[name.lower()]
-    except KeyError:
+        factory = MODELS[name.lower() if isinstance(name, str) else name]
+    except (KeyError, TypeError):  # TypeError: a name that is not hashable
         raise ValueError(f"unknown model '{name}'; choose from {', '.join(MODELS)}") from None
     return factory(**kwargs)
