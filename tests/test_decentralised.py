@@ -252,6 +252,23 @@ def test_cli_rejects_bad_decentralised_options(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
+def test_cli_run_errors_are_one_line(tmp_path, capsys):
+    """A peer that cannot start (its --listen port taken) exits 1 with one line, not a traceback."""
+    import socket
+
+    from disttrain.train_cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["--strategy", "decentralised", "--listen", f"127.0.0.1:{port}", "-e", "1", "-s", str(tmp_path),
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "cannot listen" in err and str(port) in err, err
+
+
 def test_config_rejects_attempts_below_one_and_an_infinite_outer_lr():
     """max_attempts 0 used to be accepted and silently disabled every round (training went on
     alone, never averaging); an infinite outer_lr made every parameter inf at the first round."""

@@ -508,10 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.strategy == "decentralised":
         from .strategies import decentralised
 
-        for run, columns in runs:
-            decentralised.run_from_args(run, *_model_and_data(run),
-                                        {"model_name": run.model, "dataset": run.dataset, "config_index": "",
-                                         **columns})
+        try:
+            for run, columns in runs:
+                decentralised.run_from_args(run, *_model_and_data(run),
+                                            {"model_name": run.model, "dataset": run.dataset, "config_index": "",
+                                             **columns})
+        except decentralised.DecentralisedError as e:  # a busy --listen port, another model's snapshot: one line
+            return _run_error(str(e))
         return 0
 
     import torch.distributed as dist
