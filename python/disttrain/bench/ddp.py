@@ -13,6 +13,9 @@ the same machine:
                           thread per rank and ranks >= cores, no overlap, one bucket at the end)
     disttrain-overlap/... overlap=True: buckets all-reduced while backward runs, whatever the cores
     disttrain-bf16/...    disttrain/... with compression="bf16" (gradients in bf16 on the wire)
+    disttrain-fused/...   (on request only) disttrain/... with the SGD step fused into backward
+                          (ddp.fuse_optimizer(opt): each parameter updated as its averaged gradient
+                          comes back; optimizer.step() then only checks)
     disttrain-caller/...  disttrain DDP with overlap=True, reduce_on_caller=True: the thread that
                           completes a bucket (backward's) all-reduces it itself, no progress thread
     disttrain-handoff/... (on request only) overlap=True, reduce_on_caller=False: every bucket on the progress
@@ -88,7 +91,7 @@ GROUP_OPTIONS = {"disttrain-slot4m": {"shm_slot_bytes": str(4 << 20)},
 DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-overlap/disttrain",
                    "disttrain-bf16/disttrain", "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
                    "no-comm+copy", "comm-only")
-CONFIGS = DEFAULT_CONFIGS + ("disttrain-handoff/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
+CONFIGS = DEFAULT_CONFIGS + ("disttrain-fused/disttrain", "disttrain-handoff/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
                               "disttrain/disttrain-slot1m", "disttrain/disttrain-slot2m")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="resnet18,resnet18-tv,mlp",
                    help="resnet18 (CIFAR stem), resnet18-tv (torchvision's ImageNet stem), mlp (default all)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                   help="configurations to run (default all but the on-request ones: disttrain-handoff, "
+                   help="configurations to run (default all but the on-request ones: disttrain-fused, disttrain-handoff, "
                         "disttrain-sleep, disttrain-yield, disttrain-slot1m, disttrain-slot2m)")
     p.add_argument("--resnet-batch", type=int, default=8, help="per-rank batch of 32x32 images (default 8)")
     p.add_argument("--mlp-batch", type=int, default=16, help="per-rank MLP batch (default 16)")
@@ -240,6 +243,8 @@ class _Runner:
                                                          compression=compression, **kwargs)
         self.ours = not wrapper.startswith("torch")
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        if wrapper.endswith("fused"):
+            self.ddp.fuse_optimizer(self.opt)
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # CPU time of the whole process (all its threads) per step
         self.comm_us = self.hidden_us = 0.0
