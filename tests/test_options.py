@@ -205,6 +205,7 @@ def test_settings_the_ranks_must_share_are_compared_at_group_creation(name, valu
     (["ddp", "--best-backends", "nccl2"], "--best-backends 'nccl2': unknown 'nccl2'"),
     (["mpi", "--transfer", "carrier-pigeon"], "--transfer 'carrier-pigeon': give broadcast, sendrecv or both"),
     (["fault", "--steps", "10", "--kill-at", "500"], "--kill-at 500: must be at least 2 below --steps 10"),
+    (["decentralised", "--delay-ms", "-1"], "--delay-ms -1: expected a number >= 0"),  # 0 is valid: no delay
 ])
 def test_bench_bad_values_are_one_line_and_exit_2(monkeypatch, capsys, argv, expected):
     import disttrain.bench
@@ -227,7 +228,8 @@ def test_bench_good_values_pass(tmp_path):
     for argv in (["allreduce", "--nproc", "3", "--out", str(tmp_path / "new" / "a.csv")],
                  ["ddp", "--trace", str(tmp_path / "trace"), "--best-bucket-mb", "0.5,25", "--best-backends", "gloo"],
                  ["resume", "--resume-at", "1"], ["snapshot", "--kill-at", "0.1", "1"],
-                 ["mpi", "--transfer", "broadcast"], ["fault", "--steps", "10", "--kill-at", "7"]):
+                 ["mpi", "--transfer", "broadcast"], ["fault", "--steps", "10", "--kill-at", "7"],
+                 ["decentralised", "--delay-ms", "0"], ["snapshot", "--min-free-gb", "0"]):
         assert cli._check_bench(argv) is None, argv
     assert not (tmp_path / "new").exists() and not (tmp_path / "trace").exists()  # the checks make nothing
 

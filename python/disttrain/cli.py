@@ -39,6 +39,7 @@ class _BadOption(ValueError):
 _COUNT_LISTS = {"ranks", "processes"}        # comma-separated whole numbers >= 1
 _NUMBER_LISTS = {"sizes", "stream_sizes"}    # comma-separated counts, 1e6 notation allowed, >= 1
 _ZERO_OK = {"warmup", "iters", "eval_ranks", "seed", "mlp_depth", "workers", "kill_mb", "node_rank"}  # whole numbers >= 0; other ints >= 1
+_ZERO_OK_FLOATS = {"delay_ms", "min_free_gb"}  # numbers >= 0 (no delay, no free-space floor); other floats > 0
 _OUTPUT_FILES = {"out", "csv", "peers_csv", "kill_csv"}  # files written: in an existing folder or one that can be made
 _OUTPUT_FOLDERS = {"trace", "keep"}          # folders written: existing or one that can be made
 _FOLDERS = {"dir"}                           # existing folders
@@ -153,6 +154,9 @@ def _check_bench_value(module: Any, dest: str, option: str, value: Any, backends
         elif dest == "momentum":
             if not 0 <= value < 1:
                 raise _BadOption(f"{option} {value:g}: expected 0 <= momentum < 1")
+        elif dest in _ZERO_OK_FLOATS:
+            if not math.isfinite(value) or value < 0:
+                raise _BadOption(f"{option} {value:g}: expected a number >= 0")
         elif not math.isfinite(value) or value <= 0:
             raise _BadOption(f"{option} {value:g}: expected a number > 0")
 
