@@ -36,6 +36,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, world = disttrain.init()
     if world < 4:  # read, resize, normalise, predict: one rank each
+        dist.barrier()  # every rank connected: none is cut off mid-setup by another's exit
+        dist.destroy_process_group()
         p.exit(2, f"mpi_evaluate.py: the 4-stage pipeline needs at least 4 ranks, the job has {world} "
                   f"(mpiexec -n 4 or more)\n")
     data = args.data or os.path.join(args.run, "digits_png")
