@@ -164,6 +164,7 @@ class Reducer {
   std::vector<at::Tensor> sgd_buffers_;
   std::vector<char> sgd_fresh_;
   int64_t fused_steps_ = 0;
+  std::vector<at::Tensor> consumed_grads_;  // the fused step's gradients, kept until the next forward
 
   using GradAccumulator = decltype(torch::autograd::impl::grad_accumulator(std::declval<at::Tensor>()));
   std::vector<GradAccumulator> accumulators_;
