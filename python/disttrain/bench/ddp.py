@@ -32,6 +32,10 @@ the same machine:
     no-comm               the floor: the same step with disttrain DDP under no_sync() (no
                           communication at all); every configuration's step is reported as a
                           multiple of it (`x floor`)
+    no-comm+fused-sgd     (on request only) the floor with torch's fused CPU SGD (SGD(fused=True),
+                          torch >= 2.4): the quickest no-communication step torch offers
+    disttrain-torchfused/...  (on request only) disttrain/... with torch's fused CPU SGD: the
+                          quickest step a user gets without fuse_optimizer
     no-comm+copy          the floor plus one copy of every gradient, made as backward produces it:
                           the least memory traffic any full-precision all-reduce adds to a rank
                           (read its gradient, write the result). Where every core computes (one
@@ -91,7 +95,8 @@ GROUP_OPTIONS = {"disttrain-slot4m": {"shm_slot_bytes": str(4 << 20)},
 DEFAULT_CONFIGS = ("torch/gloo", "torch/disttrain", "disttrain/disttrain", "disttrain-overlap/disttrain",
                    "disttrain-bf16/disttrain", "disttrain-caller/disttrain", "disttrain/gloo", "disttrain/disttrain-slot4m", "no-comm",
                    "no-comm+copy", "comm-only")
-CONFIGS = DEFAULT_CONFIGS + ("disttrain-fused/disttrain", "disttrain-handoff/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
+CONFIGS = DEFAULT_CONFIGS + ("disttrain-fused/disttrain", "disttrain-torchfused/disttrain", "no-comm+fused-sgd",
+                              "disttrain-handoff/disttrain", "disttrain/disttrain-sleep", "disttrain/disttrain-yield",
                               "disttrain/disttrain-slot1m", "disttrain/disttrain-slot2m")
 # The floor: disttrain DDP's step under no_sync(), the same compute without communication.
 FLOOR = "no-comm"
@@ -102,6 +107,8 @@ COMM_ONLY = "comm-only"
 # cache): the least memory traffic a full-precision all-reduce adds to a rank (read its gradient,
 # write the result), with nothing else of one. On cores that all compute, no DDP step goes below it.
 FLOOR_COPY = "no-comm+copy"
+# The floor with torch's fused CPU SGD (one pass over each parameter's state).
+FLOOR_FUSED_SGD = "no-comm+fused-sgd"
 
 MODELS = ("resnet18", "resnet18-tv", "mlp")  # --models
 
@@ -212,9 +219,9 @@ class _Runner:
         import disttrain
 
         self.config = config
-        self.floor = config in (FLOOR, FLOOR_COPY)
+        self.floor = config in (FLOOR, FLOOR_COPY, FLOOR_FUSED_SGD)
         self.comm_only = config == COMM_ONLY
-        wrapper, backend = ("disttrain", "disttrain") if config in (FLOOR, FLOOR_COPY, COMM_ONLY) else config.split("/")
+        wrapper, backend = ("disttrain", "disttrain") if self.floor or self.comm_only else config.split("/")
         self.group = groups[backend]
         torch.manual_seed(0)
         model, self.x, self.y = _model_and_batch(model_name, args, rank)
@@ -242,8 +249,10 @@ class _Runner:
             self.ddp = disttrain.DistributedDataParallel(self.model, process_group=self.group,
                                                          compression=compression, **kwargs)
         self.ours = not wrapper.startswith("torch")
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        if wrapper.endswith("fused"):
+        torch_fused = config == FLOOR_FUSED_SGD or wrapper.endswith("torchfused")
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, **(
+            {"fused": True} if torch_fused else {}))
+        if wrapper.endswith("-fused"):
             self.ddp.fuse_optimizer(self.opt)
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # CPU time of the whole process (all its threads) per step
