@@ -536,6 +536,60 @@ def _fused_optimizer(rank, world_size):
     return True
 
 
+def _fused_optimizer_lifecycle(rank, world_size):
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    def train(refuse: str | None, fused: bool = True):
+        torch.manual_seed(3)
+        ddp = disttrain.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # made before fusing
+        if fused:
+            ddp.fuse_optimizer(opt)
+        if refuse == "twice":
+            ddp(torch.ones(2, 4))  # a forward without backward makes the zero buffers for the next step
+            ddp.fuse_optimizer(opt)
+        elif refuse == "unfuse":
+            ddp(torch.ones(2, 4))
+            ddp.fuse_optimizer(None)
+            assert not any("momentum_buffer" in st for st in opt.state.values()), "fuse_optimizer(None) left unfilled momentum buffers in opt.state"
+        data = torch.Generator().manual_seed(rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no scheduler warning about the call order
+            for _ in range(3):
+                opt.zero_grad()
+                ddp(torch.randn(5, 4, generator=data)).square().sum().backward()
+                opt.step()
+                schedule.step()
+        return [p.detach().clone() for p in ddp.parameters()] + [opt.state[p]["momentum_buffer"]
+                                                                  for p in ddp.parameters()], ddp, opt
+
+    plain = train(None, fused=False)[0]
+    for refuse in (None, "twice", "unfuse"):
+        got = train(refuse)[0]
+        for a, b in zip(got, plain):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{refuse}: {m}")
+    # A parameter added to the optimizer after fusing would never be stepped: one line instead.
+    _, ddp, opt = train(None)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(RuntimeError, match="exactly once, and nothing else"):
+        ddp(torch.ones(2, 4))
+    return True
+
+
+def test_fused_optimizer_lifecycle():
+    """fuse_optimizer under a scheduler made before it (no call-order warning), fused twice, or
+    unfused after a forward without backward: the same parameters and momentum buffers as torch's
+    step (dampening shows a zero buffer left where torch starts from the gradient); a parameter
+    added after fusing raises instead of silently never being stepped."""
+    assert run_ranks(_fused_optimizer_lifecycle, 2, timeout=120) == [True, True]
+
+
 @pytest.mark.parametrize("world_size,backend", [(2, "disttrain"), (3, "disttrain"), (2, "gloo")])
 def test_fused_optimizer_matches_torch_sgd(world_size, backend):
     """DDP.fuse_optimizer: the SGD step applied as the all-reduce hands back each reduced block

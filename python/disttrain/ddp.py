@@ -214,7 +214,11 @@ class DistributedDataParallel(nn.Module):
         if optimizer is None:
             if self._fused is not None:
                 self._reducer.set_fused_sgd([], [], [])
-                self._fused.__dict__.pop("step", None)
+                self._forget_fresh_buffers()
+                if self._step_before is None:
+                    self._fused.__dict__.pop("step", None)
+                else:  # what was there before fusing (an LR scheduler's wrapper, say)
+                    self._fused.step = self._step_before  # type: ignore[method-assign]
                 self._fused = None
             return
         if type(optimizer) is not torch.optim.SGD:
@@ -240,9 +244,14 @@ class DistributedDataParallel(nn.Module):
         if bad is not None:
             raise ValueError(f"DistributedDataParallel.fuse_optimizer: parameters must be contiguous float32 or "
                              f"float64 on the CPU; '{bad}' is not")
+        if self._fused is optimizer:  # fused again: its unfilled buffers stay fresh, its step stays checked
+            self._push_fused_settings()
+            return
         self._fused = optimizer
-        self._fresh_buffers: set[int] = set()
+        # Momentum buffers this wrapper created (zeros, by id) that no fused step has filled yet.
+        self._fresh_buffers: dict[int, torch.Tensor] = {}
         self._fresh_at = self._stepped_at = self._reducer.fused_steps
+        self._step_before = optimizer.__dict__.get("step")
         ddp = self
 
         def step(opt: torch.optim.SGD, closure: Any = None) -> None:
@@ -257,8 +266,28 @@ class DistributedDataParallel(nn.Module):
             ddp._stepped_at = done
             opt._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
 
+        if self._step_before is not None and hasattr(self._step_before, "_wrapped_by_lr_sched"):
+            # An LR scheduler made before fusing checks for its wrapper at its first step; this step sets
+            # what that wrapper would (_opt_called), so the scheduler's order check still holds.
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        # A bound method, as torch's own: a scheduler made after fusing wraps step.__func__.
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         self._push_fused_settings()
+
+    def _forget_fresh_buffers(self) -> None:
+        """Drops from the fused optimizer's state the zero momentum buffers made for a step that never
+        ran, so that its own step (or a re-fuse) starts them from the gradient, as torch's first step."""
+        optimizer = self._fused
+        assert optimizer is not None
+        if self._reducer.fused_steps == self._fresh_at:
+            for p in self._params:
+                state = optimizer.state.get(p)
+                buf = state.get("momentum_buffer") if state is not None else None
+                if buf is not None and self._fresh_buffers.get(id(buf)) is buf:
+                    del state["momentum_buffer"]
+                    if not state:
+                        del optimizer.state[p]
+        self._fresh_buffers.clear()
 
     def _push_fused_settings(self) -> None:
         """The fused optimizer's current settings and momentum buffers, to the reducer."""
@@ -268,6 +297,12 @@ class DistributedDataParallel(nn.Module):
             self._fresh_buffers.clear()
             self._fresh_at = self._reducer.fused_steps
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        if len(group_of) != len(self._params) or sum(len(g["params"]) for g in optimizer.param_groups) != len(
+                self._params):
+            raise RuntimeError("DistributedDataParallel: the fused optimizer must hold each of the module's "
+                               "parameters that require grad exactly once, and nothing else (a fused step "
+                               "never updates another parameter); call fuse_optimizer(None) before changing "
+                               "its groups")
         settings, buffers, fresh = [], [], []
         for p in self._params:
             group = group_of.get(id(p))
@@ -283,9 +318,9 @@ class DistributedDataParallel(nn.Module):
                 buf = state.get("momentum_buffer")
                 if buf is None:  # torch's first step copies the gradient into a new buffer
                     buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    self._fresh_buffers.add(id(buf))
+                    self._fresh_buffers[id(buf)] = buf
             buffers.append(buf)
-            fresh.append(buf is not None and id(buf) in self._fresh_buffers)
+            fresh.append(buf is not None and self._fresh_buffers.get(id(buf)) is buf)
         self._reducer.set_fused_sgd(settings, buffers, fresh)
 
     @contextlib.contextmanager
