@@ -277,6 +277,34 @@ def test_hydra_decentralised_experiment_two_peers(tmp_path):
         assert summary and int(summary[1]) >= 5 and float(summary[2]) > 1.5, outputs[i][-2000:]
 
 
+def test_hydra_override_of_the_wrong_type_is_one_line(tmp_path):
+    """trainer.max_epochs=abc: one line and exit 1 before any process starts (was a TypeError deep in
+    Lightning's scheduler setup, in each process)."""
+    out = tmp_path / "run"
+    proc = _run([sys.executable, HYDRA_EXAMPLE, "experiment=digits_ddp", f"hydra.run.dir={out}",
+                 "trainer.max_epochs=abc"], tmp_path, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip() == ("train.py: bad setting(s): trainer.max_epochs='abc' (expected a whole number)"), \
+        proc.stderr[-3000:]
+    assert not (out / "checkpoints").exists()
+
+
+def test_hydra_resume_with_more_epochs_equals_a_fresh_run(tmp_path):
+    """Run again in the same folder with a larger trainer.max_epochs: the cosine schedule is stretched
+    to the new length (it kept the checkpoint's T_max and trained the epochs past it at lr 0), so
+    1 + 1 resumed epochs end where a fresh 2-epoch run does. One process (Lightning's DDP: the
+    DistributedSampler's shuffle is the same for an epoch resumed or not), a tiny MLP."""
+    common = [sys.executable, HYDRA_EXAMPLE, "experiment=digits_ddp", "trainer.devices=1", "trainer.strategy=ddp",
+              "model.kwargs.hidden=16", "trainer.enable_progress_bar=false"]
+    metrics = {}
+    for name, epochs in [("fresh", [2]), ("resumed", [1, 2])]:
+        for n in epochs:
+            _run([*common, f"hydra.run.dir={tmp_path / name}", f"trainer.max_epochs={n}"], tmp_path)
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    for key in ("best_val_acc", "test/loss", "test/acc"):
+        assert metrics["resumed"][key] == pytest.approx(metrics["fresh"][key], rel=1e-5), (key, metrics)
+
+
 # --- in-process ---------------------------------------------------------------------------------
 
 class _Custom:
