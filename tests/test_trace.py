@@ -128,3 +128,35 @@ def test_a_path_that_cannot_be_written_fails_before_recording(tmp_path, monkeypa
             raise KeyError("the block's own")
     with open(path) as f:
         assert json.load(f)["traceEvents"]
+
+
+def _traced_after_a_crashed_run(rank, world_size, path):
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from disttrain import trace
+
+    with trace.record(path):
+        with trace.span("fresh"):
+            dist.all_reduce(torch.ones(4))
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 reaches the merge first, while rank 1's part is not written yet
+    return True
+
+
+def test_a_part_left_by_a_crashed_run_is_not_merged(tmp_path):
+    # An earlier run died after rank 1 wrote its part and before rank 0 merged it. Rank 0 used to
+    # take that stale part for rank 1's new one (merged it, removed it), and rank 1's real part was
+    # left behind; each rank now removes its own old part when it starts recording.
+    path = str(tmp_path / "trace.json")
+    stale = [{"name": "stale", "cat": "python", "ph": "X", "ts": 0, "dur": 1, "pid": 1, "tid": 0}]
+    with open(path + ".rank1.part", "w") as f:
+        json.dump({"traceEvents": stale}, f)
+    run_ranks(_traced_after_a_crashed_run, 2, args=(path,), timeout=120)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    assert "stale" not in {e["name"] for e in events}
+    assert {e["pid"] for e in events if e["name"] == "fresh"} == {0, 1}
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]

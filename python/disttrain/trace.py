@@ -25,6 +25,8 @@ Two ways to turn it on:
         ...
 
 Each rank writes its part next to ``path``; rank 0 merges them into ``path``.
+A rank removes its own part left by an earlier run (one that died before the
+merge) when it starts recording, so rank 0 never merges a stale part.
 Times are the steady clock of the host (one clock for all its processes);
 parts from several hosts are merged as they are, not aligned.
 
@@ -165,6 +167,13 @@ def _part_path(path: str, rank: int) -> str:
     return f"{path}.rank{rank}.part"
 
 
+def _remove_own_old_part(path: str, rank: int) -> None:
+    """Removes a part this rank left at ``path`` in an earlier run that died before rank 0 merged
+    it: rank 0 would take it for this run's (merge it, remove it) and this run's part would be left."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(_part_path(path, rank))
+
+
 def write(path: str, events: list[TraceEvent], world_size: int = 1, rank: int = 0, timeout_s: float = 60.0) -> None:
     """Writes this rank's ``events``; rank 0 waits (up to ``timeout_s``) for the
     other ranks' parts and merges them all into ``path``. With one rank, writes ``path``."""
@@ -208,6 +217,7 @@ def record(path: str) -> Iterator[None]:
     import torch.distributed as dist
 
     _check_writable(path, "")
+    _remove_own_old_part(path, _rank())
     start()
     try:
         yield
@@ -241,6 +251,7 @@ def start_from_environment() -> None:
     _check_writable(path, f"{ENV}=")
     _from_env_started = True
     rank, world = _rank(), _world_size()
+    _remove_own_old_part(path, rank)
     start()
 
     def finish() -> None:
