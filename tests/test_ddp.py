@@ -579,6 +579,49 @@ def _fused_optimizer_lifecycle(rank, world_size):
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
     with pytest.raises(RuntimeError, match="exactly once, and nothing else"):
         ddp(torch.ones(2, 4))
+
+    # A backward that raises with buckets in flight (rank 1 comes to them late): their steps finish
+    # before the next forward runs, not behind it while it reads the parameters.
+    import time
+
+    import torch.distributed as dist
+
+    class Boom(Exception):
+        pass
+
+    def boom():
+        raise Boom("a NaN check in backward")
+
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = nn.Linear(64, 64), nn.Linear(64, 64)
+            self.fail = False
+
+        def forward(self, x):
+            h = self.first(x)
+            return self.last(on_backward(h, boom) if self.fail else h)
+
+    torch.manual_seed(0)
+    ddp = disttrain.DistributedDataParallel(Halves(), overlap=True, bucket_cap_mb=0.001)  # a bucket each
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ddp.fuse_optimizer(opt)
+    ddp.module.fail = True
+    if rank == 1:
+        time.sleep(1.0)
+    with pytest.raises(Boom):
+        ddp(torch.randn(3, 64)).sum().backward()  # 'last' is stepped (its bucket launched), 'first' not
+    ddp.module.fail = False
+    with torch.no_grad():
+        ddp(torch.randn(3, 64))
+    seen = [p.detach().clone() for p in ddp.parameters()]
+    dist.barrier()  # rank 1 is past its backward: every reduction is done
+    assert all(torch.equal(a, p) for a, p in zip(seen, ddp.parameters())), \
+        "a step of the raised backward changed the parameters after the next forward"
+    for _ in range(2):
+        opt.zero_grad()
+        ddp(torch.randn(3, 64)).sum().backward()
+        opt.step()
     return True
 
 
@@ -586,7 +629,8 @@ def test_fused_optimizer_lifecycle():
     """fuse_optimizer under a scheduler made before it (no call-order warning), fused twice, or
     unfused after a forward without backward: the same parameters and momentum buffers as torch's
     step (dampening shows a zero buffer left where torch starts from the gradient); a parameter
-    added after fusing raises instead of silently never being stepped."""
+    added after fusing raises instead of silently never being stepped; the buckets a raised
+    backward left in flight finish their steps before the next forward."""
     assert run_ranks(_fused_optimizer_lifecycle, 2, timeout=120) == [True, True]
 
 

@@ -2,6 +2,7 @@
 
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
 
 #include <algorithm>
@@ -210,6 +211,7 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
   consumed_grads_.clear();
   // A forward whose backward never ran (evaluation with grad enabled) left
   // the hooks armed with nothing counted: start over.
+  if (callback_queued_) wait_launched();  // a backward that raised with buckets in flight
   reset_iteration();
   armed_ = true;
   if (options_.find_unused_parameters) unused_ = locally_unused(outputs);
@@ -226,10 +228,29 @@ void Reducer::prepare_for_backward(const std::vector<at::Tensor>& outputs) {
 }
 
 void Reducer::discard_unfinished_backward() {
+  // Not from inside a backward (a forward recomputed by checkpointing): that backward is still running.
+  if (torch::autograd::get_current_graph_task_id() != -1) return;
   std::lock_guard<std::mutex> lock(mu_);
   consumed_grads_.clear();
   // The final callback was queued but never ran: autograd dropped it with the exception.
-  if (callback_queued_) reset_iteration();
+  if (callback_queued_) {
+    wait_launched();
+    reset_iteration();
+  }
+}
+
+void Reducer::wait_launched() {
+  // Buckets the raised backward had launched may still be in flight, writing the gradients they
+  // reduce in place, or, with a fused optimizer, updating parameters and momentum buffers. They
+  // finish before the next forward reads the parameters (or anything frees those buffers).
+  for (auto& bucket : buckets_) {
+    if (!bucket.work) continue;
+    try {
+      bucket.work->wait();
+    } catch (const std::exception&) {
+      // That backward already raised; its reduction's own error is not this forward's.
+    }
+  }
 }
 
 std::vector<int64_t> Reducer::locally_unused(const std::vector<at::Tensor>& outputs) const {
@@ -554,6 +575,7 @@ void Reducer::set_fused_sgd(std::vector<SgdSettings> settings, std::vector<at::T
   // Called by a forward (no bucket of this rank is in flight then: the last backward waited for
   // all of them, or raised before launching the rest, which prepare_for_backward forgets).
   std::lock_guard<std::mutex> lock(mu_);
+  if (callback_queued_ && torch::autograd::get_current_graph_task_id() == -1) wait_launched();
   if (settings.empty()) {
     consumed_grads_.clear();
     sgd_.clear();
@@ -596,8 +618,12 @@ int64_t Reducer::fused_steps() const {
 
 std::function<void(size_t, const uint8_t*, size_t)> Reducer::sgd_consumer(const Bucket& bucket) const {
   auto targets = std::make_shared<std::vector<SgdTarget>>();
+  // The momentum buffers stay alive while the all-reduce may still write them (a backward that
+  // raised leaves it in flight, and the optimizer's state may drop them meanwhile).
+  auto keep = std::make_shared<std::vector<at::Tensor>>();
   size_t offset = 0;
   for (const int64_t i : bucket.params) {
+    if (sgd_buffers_[i].defined()) keep->push_back(sgd_buffers_[i]);
     const auto& p = params_[i];
     const size_t bytes = p.nbytes();
     auto* buf = sgd_buffers_[i].defined() ? static_cast<uint8_t*>(sgd_buffers_[i].data_ptr()) : nullptr;
@@ -605,7 +631,7 @@ std::function<void(size_t, const uint8_t*, size_t)> Reducer::sgd_consumer(const 
     offset += bytes;
   }
   const c10::ScalarType dtype = params_[bucket.params.front()].scalar_type();
-  return [targets, dtype](size_t at, const uint8_t* reduced, size_t bytes) {
+  return [targets, keep, dtype](size_t at, const uint8_t* reduced, size_t bytes) {
     // The parameters that [at, at + bytes) covers, from the first that ends after `at`.
     auto t = std::upper_bound(targets->begin(), targets->end(), at,
                               [](size_t x, const SgdTarget& e) { return x < e.offset + e.bytes; });

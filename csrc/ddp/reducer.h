@@ -147,6 +147,7 @@ class Reducer {
   void apply_sgd(int64_t index, const at::Tensor& grad) const;  // the fused step from a written-back gradient
   void rebuild_from_arrival_order();
   void reset_iteration();
+  void wait_launched();  // waits for the buckets a raised backward left in flight (holds mu_)
   std::vector<int64_t> locally_unused(const std::vector<at::Tensor>& outputs) const;
 
   std::vector<at::Tensor> params_;

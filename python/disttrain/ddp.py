@@ -158,8 +158,9 @@ class DistributedDataParallel(nn.Module):
         if self.broadcast_buffers and self._buffers_to_sync:
             with torch.no_grad():
                 _C.broadcast_coalesced(self.process_group, self._buffers_to_sync, BROADCAST_CHUNK_BYTES, 0)
-        if torch.is_grad_enabled() and not self.require_backward_grad_sync:
-            # A synchronised backward that raised midway must not claim this one's gradients.
+        if (torch.is_grad_enabled() and not self.require_backward_grad_sync) or self._fused is not None:
+            # A synchronised backward that raised midway must not claim this one's gradients; with a
+            # fused optimizer, the steps of the buckets it left in flight finish before this forward.
             self._reducer.discard_unfinished_backward()
         output = self.module(*inputs, **kwargs)
         if torch.is_grad_enabled() and self.require_backward_grad_sync:
