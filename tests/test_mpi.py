@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -42,10 +44,42 @@ def _env(**extra):
 def _run(cmd, timeout=120, **env):
     if cmd[0] == "mpiexec" and shutil.which("mpiexec") is None:
         pytest.fail("mpiexec not found: scripts/setup.sh installs Debian's openmpi-bin")
-    proc = subprocess.run(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}"
-    return proc.stdout
+    # A session of its own: on a timeout everything in it goes, the ranks too (Open MPI puts each rank
+    # in a process group of its own, in mpiexec's session; killing mpiexec alone left them running).
+    proc = subprocess.Popen(cmd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s; its session was killed:\n{out[-4000:]}")
+    finally:
+        if proc.poll() is None:  # an interrupt (Ctrl-C) while waiting
+            _kill_session(proc.pid)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    members.append(int(name))
+            except OSError:  # gone meanwhile
+                pass
+    return members
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL to every process of session ``sid`` (the leader's group and each rank's own group)."""
+    for pid in _session_members(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _results(out_dir, world):
@@ -327,3 +361,30 @@ def test_bench_mpi_fails_when_a_configuration_trains_differently(tmp_path):
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "mpi4py and disttrain-mpi trained resnet18-tv to different parameters" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_a_timed_out_run_leaves_no_rank_behind():
+    # _run's timeout used to kill mpiexec only: the ranks (each in a process group of its own) ran on.
+    sleeper = "import os, time; print('rank pid', os.getpid(), flush=True); time.sleep(120)"
+    with pytest.raises((pytest.fail.Exception, subprocess.TimeoutExpired)) as caught:
+        _run([*MPIEXEC, "-n", "2", sys.executable, "-c", sleeper], timeout=15)
+    output = caught.value.output if isinstance(caught.value, subprocess.TimeoutExpired) else str(caught.value)
+    if isinstance(output, bytes):
+        output = output.decode()
+    pids = [int(p) for p in re.findall(r"rank pid (\d+)", output or "")]
+    assert len(pids) == 2, output
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if alive(pid)]
+    for pid in left:  # not to leave them to the rest of the run
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"ranks {left} outlived the timeout"
