@@ -580,6 +580,13 @@ def _fused_optimizer_lifecycle(rank, world_size):
     with pytest.raises(RuntimeError, match="exactly once, and nothing else"):
         ddp(torch.ones(2, 4))
 
+    # The lr set between backward and step() (a warm-up loop's habit) came too late for the fused step.
+    _, ddp, opt = train(None)
+    ddp(torch.ones(2, 4)).sum().backward()
+    opt.param_groups[0]["lr"] = 0.01
+    with pytest.warns(UserWarning, match="changed between the synchronised forward and step"):
+        opt.step()
+
     # A backward that raises with buckets in flight (rank 1 comes to them late): their steps finish
     # before the next forward runs, not behind it while it reads the parameters.
     import time

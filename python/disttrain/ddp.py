@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import types
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -39,6 +40,12 @@ def _cores_busy(group: dist.ProcessGroup, params: list[nn.Parameter]) -> bool:
     if not isinstance(backend, _C.ProcessGroupDisttrain):
         return False
     return any_rank(backend.host_ranks * torch.get_num_threads() >= len(os.sched_getaffinity(0)), group)
+
+
+def _sgd_settings(group: dict[str, Any]) -> tuple[float, float, float, float, bool, bool]:
+    """A torch.optim.SGD param group's settings, as the fused step takes them."""
+    return (float(group["lr"]), float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+            bool(group["nesterov"]), bool(group.get("maximize", False)))
 
 
 class DistributedDataParallel(nn.Module):
@@ -265,6 +272,11 @@ class DistributedDataParallel(nn.Module):
                                    "since the last step; with a fused optimizer (fuse_optimizer) the backward "
                                    "applies the step, and step() only checks that one ran")
             ddp._stepped_at = done
+            if any(_sgd_settings(group) != used for group, used in ddp._pushed):
+                warnings.warn("DistributedDataParallel: the fused optimizer's settings (lr, momentum, dampening, "
+                              "weight_decay, nesterov, maximize) changed between the synchronised forward and "
+                              "step(); the step the backward applied used those read at the forward. Change "
+                              "them before the forward (or after step(), as LR schedulers do)", stacklevel=2)
             opt._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler checks for
 
         if self._step_before is not None and hasattr(self._step_before, "_wrapped_by_lr_sched"):
@@ -310,9 +322,8 @@ class DistributedDataParallel(nn.Module):
             if group is None:
                 raise RuntimeError("DistributedDataParallel: the fused optimizer no longer holds every "
                                    "parameter; call fuse_optimizer(None) before changing its groups")
-            momentum = float(group["momentum"])
-            settings.append((float(group["lr"]), momentum, float(group["dampening"]), float(group["weight_decay"]),
-                             bool(group["nesterov"]), bool(group.get("maximize", False))))
+            settings.append(_sgd_settings(group))
+            momentum = settings[-1][1]
             buf = None
             if momentum != 0:
                 state = optimizer.state[p]
@@ -323,6 +334,7 @@ class DistributedDataParallel(nn.Module):
             buffers.append(buf)
             fresh.append(buf is not None and self._fresh_buffers.get(id(buf)) is buf)
         self._reducer.set_fused_sgd(settings, buffers, fresh)
+        self._pushed = [(group, _sgd_settings(group)) for group in optimizer.param_groups]
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
