@@ -580,6 +580,17 @@ def _fused_optimizer_lifecycle(rank, world_size):
     with pytest.raises(RuntimeError, match="exactly once, and nothing else"):
         ddp(torch.ones(2, 4))
 
+    # A forward without backward (evaluation with grad enabled) makes zero buffers for the next step:
+    # not in a checkpoint, where a resumed torch step would take them for filled ones.
+    ddp = disttrain.DistributedDataParallel(nn.Linear(4, 2))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    ddp.fuse_optimizer(opt)
+    ddp(torch.ones(2, 4))
+    assert not opt.state_dict()["state"], "a checkpoint holds the momentum buffers of a step not yet made"
+    ddp(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert len(opt.state_dict()["state"]) == 2
+
     # The lr set between backward and step() (a warm-up loop's habit) came too late for the fused step.
     _, ddp, opt = train(None)
     ddp(torch.ones(2, 4)).sum().backward()

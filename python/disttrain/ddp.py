@@ -223,6 +223,7 @@ class DistributedDataParallel(nn.Module):
             if self._fused is not None:
                 self._reducer.set_fused_sgd([], [], [])
                 self._forget_fresh_buffers()
+                self._state_dict_hook.remove()
                 if self._step_before is None:
                     self._fused.__dict__.pop("step", None)
                 else:  # what was there before fusing (an LR scheduler's wrapper, say)
@@ -285,6 +286,22 @@ class DistributedDataParallel(nn.Module):
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         # A bound method, as torch's own: a scheduler made after fusing wraps step.__func__.
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+
+        def without_unfilled(opt: torch.optim.SGD, state_dict: dict[str, Any]) -> None:
+            # The zero buffers made for a step that has not run yet are not torch's state: its own
+            # step (after a resume) would start them from the gradient.
+            if ddp._fused is not opt or ddp._reducer.fused_steps != ddp._fresh_at:
+                return
+            for key, state in list(state_dict["state"].items()):
+                buf = state.get("momentum_buffer")
+                if buf is not None and ddp._fresh_buffers.get(id(buf)) is buf:
+                    rest = {k: v for k, v in state.items() if k != "momentum_buffer"}  # not the live dict
+                    if rest:
+                        state_dict["state"][key] = rest
+                    else:
+                        del state_dict["state"][key]
+
+        self._state_dict_hook = optimizer.register_state_dict_post_hook(without_unfilled)
         self._push_fused_settings()
 
     def _forget_fresh_buffers(self) -> None:
