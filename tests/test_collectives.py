@@ -438,3 +438,43 @@ def _all_to_all_single_in_place(rank, world):
 def test_all_to_all_single_in_place(world, transport):
     results = run_ranks(_all_to_all_single_in_place, world, **transport_env(transport))
     assert not any(results), results
+
+
+def _inference_tensors(rank, world):
+    """Collectives on tensors made under torch.inference_mode() (Lightning's metrics, sync_dist):
+    the results gloo gives, not 'Inplace update to inference tensor outside InferenceMode'."""
+    bad = []
+    for n in (3, 70_000):
+        for op in ("SUM", "AVG"):
+            for dtype in (torch.float32, torch.int64):
+                if op == "AVG" and dtype == torch.int64 and n > 3:
+                    continue
+                with torch.inference_mode():
+                    t = torch.full((n,), rank + 1, dtype=dtype)
+                    strided = torch.full((n, 2), rank + 1, dtype=torch.float32)[:, 0]  # copied back
+                try:
+                    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+                    dist.all_reduce(strided)
+                except RuntimeError as e:
+                    bad.append(f"{op} {dtype} n={n}: {e}")
+                    continue
+                total = world * (world + 1) // 2
+                want = total / world if op == "AVG" else total
+                if dtype == torch.int64 and op == "AVG":
+                    want = total // world
+                if not (torch.all(t == want) and torch.all(strided == total)):
+                    bad.append(f"{op} {dtype} n={n}: {t[:3].tolist()} {strided[:3].tolist()}")
+    with torch.inference_mode():
+        out = torch.empty(world * 2)
+        b = torch.full((2,), float(rank))
+    dist.all_gather_into_tensor(out, torch.full((2,), float(rank)))
+    dist.broadcast(b, 0)
+    if not (torch.equal(out, torch.arange(world).repeat_interleave(2).float()) and torch.all(b == 0)):
+        bad.append(f"all_gather/broadcast: {out.tolist()} {b.tolist()}")
+    return bad
+
+
+@pytest.mark.parametrize("world,transport", [(1, "tcp"), (2, "shm"), (3, "tcp")])
+def test_inference_tensors(world, transport):
+    results = run_ranks(_inference_tensors, world, **transport_env(transport))
+    assert not any(results), results

@@ -440,6 +440,11 @@ void DisttrainBackend::teardown(const std::string& why) {
 
 template <class Body>
 std::exception_ptr DisttrainBackend::run_guarded(Body&& body) {
+  // The op writes into the user's tensors as raw memory does (gloo's way): beneath autograd, so
+  // tensors made under torch.inference_mode() (Lightning's sync_dist) can be reduced in place.
+  // Through autograd, an in-place ATen op on one (AVG's divide, a copy back) raised "Inplace
+  // update to inference tensor outside InferenceMode" and, failing the op, aborted the group.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   try {
     transport_->check_alive();
     body(Clock::now() + timeout_);
