@@ -421,8 +421,9 @@ FUSED_CASES = [
 
 
 def _fused_train(sgd, ddp_kwargs, dtype, fused: bool, rank: int):
-    """STEPS steps of an MLP with disttrain DDP, the SGD step fused into backward or not
-    (torch's optimizer.step()); returns the parameters, momentum buffers and grads."""
+    """STEPS steps of an MLP with disttrain DDP and the SGD step fused into backward, or (the
+    reference) with torch's DDP and torch's optimizer.step(); returns the parameters, momentum
+    buffers and whether the grads were None after each backward."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -434,7 +435,11 @@ def _fused_train(sgd, ddp_kwargs, dtype, fused: bool, rank: int):
     # reduction is split among the ranks (the small buckets of BUCKET_MB are reduced whole by each).
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 64), nn.ReLU(),
                           nn.Linear(64, 10)).to(getattr(torch, dtype))
-    ddp = disttrain.DistributedDataParallel(model, **ddp_kwargs)
+    if fused:
+        ddp = disttrain.DistributedDataParallel(model, **ddp_kwargs)
+    else:
+        from torch.nn.parallel import DistributedDataParallel as TorchDDP
+        ddp = TorchDDP(model)
     params = list(ddp.parameters())
     if sgd == "groups+schedule":  # two groups with their own settings, and the lr changing every step
         opt = torch.optim.SGD([{"params": params[:2], "lr": 0.3, "momentum": 0.9},
