@@ -173,6 +173,14 @@ def run_ranks(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
     return [outcome[r][1] for r in range(world_size)]
 
 
+class Boom(Exception):
+    """A failure raised midway through a backward (``on_backward(x, boom)``)."""
+
+
+def boom() -> None:
+    raise Boom("a NaN check in backward")
+
+
 def on_backward(x: Any, callback: Callable[[], None]) -> Any:
     """``x`` unchanged; when backward reaches it, ``callback()`` runs before the gradient goes on: a
     marker that records when backward gets there, or a failure raised midway through a backward."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import on_backward, run_ranks
+from harness import Boom, boom, on_backward, run_ranks
 
 STEPS = 4
 # Small buckets so that every model is split into several and rebuilt.
@@ -360,12 +360,6 @@ def _no_sync_after_failed_backward(rank, world_size):
 
     import disttrain
 
-    class Boom(Exception):
-        pass
-
-    def boom():
-        raise Boom("a NaN check in backward")
-
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -514,12 +508,6 @@ def _fused_optimizer(rank, world_size):
     assert ddp.module.weight.grad is not None
     opt.step()
     # A backward that raises midway (one bucket, never launched) updates nothing, and the next steps go on.
-    class Boom(Exception):
-        pass
-
-    def boom():
-        raise Boom("a NaN check in backward")
-
     torch.manual_seed(0)
     first, last = nn.Linear(4, 8), nn.Linear(8, 2)
     ddp = disttrain.DistributedDataParallel(nn.ModuleList([first, last]), overlap=False)
@@ -608,12 +596,6 @@ def _fused_optimizer_lifecycle(rank, world_size):
     import time
 
     import torch.distributed as dist
-
-    class Boom(Exception):
-        pass
-
-    def boom():
-        raise Boom("a NaN check in backward")
 
     class Halves(nn.Module):
         def __init__(self):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import on_backward, run_ranks
+from harness import Boom, boom, on_backward, run_ranks
 
 STEPS = 3
 RTOL, ATOL = 1e-5, 1e-6
@@ -491,12 +491,6 @@ def _after_an_unfinished_backward(rank, world_size):
     from torch import nn
 
     import disttrain
-
-    class Boom(Exception):
-        pass
-
-    def boom():
-        raise Boom("a NaN check in backward")
 
     class Block(nn.Module):
         def __init__(self, n_in, n_out):

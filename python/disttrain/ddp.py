@@ -139,6 +139,14 @@ class DistributedDataParallel(nn.Module):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._fused: torch.optim.SGD | None = None
+        # The fused optimizer's bookkeeping (fuse_optimizer): buffers made and not yet filled, the
+        # reducer's step count when they were made and at the last step(), the step() it replaced,
+        # its state_dict hook, and the settings pushed at the last synchronised forward.
+        self._fresh_buffers: dict[int, torch.Tensor] = {}
+        self._fresh_at = self._stepped_at = 0
+        self._step_before: Any = None
+        self._state_dict_hook: Any = None
+        self._pushed: list[tuple[dict[str, Any], tuple]] = []
         if not named:
             raise RuntimeError("DistributedDataParallel: the module has no parameter that requires grad")
         all_params = list(module.parameters())
@@ -258,7 +266,7 @@ class DistributedDataParallel(nn.Module):
             return
         self._fused = optimizer
         # Momentum buffers this wrapper created (zeros, by id) that no fused step has filled yet.
-        self._fresh_buffers: dict[int, torch.Tensor] = {}
+        self._fresh_buffers = {}
         self._fresh_at = self._stepped_at = self._reducer.fused_steps
         self._step_before = optimizer.__dict__.get("step")
         ddp = self
@@ -287,7 +295,7 @@ class DistributedDataParallel(nn.Module):
         # A bound method, as torch's own: a scheduler made after fusing wraps step.__func__.
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
 
-        def without_unfilled(opt: torch.optim.SGD, state_dict: dict[str, Any]) -> None:
+        def without_unfilled(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
             # The zero buffers made for a step that has not run yet are not torch's state: its own
             # step (after a resume) would start them from the gradient.
             if ddp._fused is not opt or ddp._reducer.fused_steps != ddp._fresh_at:
@@ -313,7 +321,7 @@ class DistributedDataParallel(nn.Module):
             for p in self._params:
                 state = optimizer.state.get(p)
                 buf = state.get("momentum_buffer") if state is not None else None
-                if buf is not None and self._fresh_buffers.get(id(buf)) is buf:
+                if state is not None and buf is not None and self._fresh_buffers.get(id(buf)) is buf:
                     del state["momentum_buffer"]
                     if not state:
                         del optimizer.state[p]
