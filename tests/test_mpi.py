@@ -367,7 +367,7 @@ def test_a_timed_out_run_leaves_no_rank_behind():
     # _run's timeout used to kill mpiexec only: the ranks (each in a process group of its own) ran on.
     sleeper = "import os, time; print('rank pid', os.getpid(), flush=True); time.sleep(120)"
     with pytest.raises((pytest.fail.Exception, subprocess.TimeoutExpired)) as caught:
-        _run([*MPIEXEC, "-n", "2", sys.executable, "-c", sleeper], timeout=15)
+        _run([*MPIEXEC, "-n", "2", sys.executable, "-c", sleeper], timeout=8)
     output = caught.value.output if isinstance(caught.value, subprocess.TimeoutExpired) else str(caught.value)
     if isinstance(output, bytes):
         output = output.decode()

@@ -307,7 +307,9 @@ class Peer:
     def start(self, join_timeout: float = 60.0) -> None:
         """Starts listening, meets the initial peers and downloads the current
         state from the oldest of them; with no reachable initial peer this peer
-        is the first and its model is the initial state."""
+        is the first and its model is the initial state. ``join_timeout``
+        bounds the whole join (the wait for an initial peer to answer, 15 s or
+        the peer timeout, included)."""
         if self._closing.is_set():
             raise DecentralisedError("start(): the peer is closed; make a new Peer")
         if self._threads[0].ident is not None:
@@ -317,8 +319,10 @@ class Peer:
         deadline = time.monotonic() + join_timeout
         if self.initial_peers:
             # The initial peers were named to be joined: wait for one of them to answer (they may
-            # still be starting) up to 15 s, or peer_timeout if longer; none means this peer is the first.
-            first_wait = time.monotonic() + max(15.0, self.config.peer_timeout)
+            # still be starting) up to 15 s, or peer_timeout if longer, and never past join_timeout;
+            # none means this peer is the first.
+            waited = min(max(15.0, self.config.peer_timeout), join_timeout)
+            first_wait = time.monotonic() + waited
             while not self._members and time.monotonic() < first_wait:
                 self._heartbeat_once()
                 if not self._members:
@@ -326,7 +330,7 @@ class Peer:
             if not self._members:
                 log.warning("none of the initial peers (%s) answered within %.0f s: this peer starts alone, as the "
                             "first; it keeps calling them and joins their group when one answers",
-                            ", ".join(f"{h}:{p}" for h, p in self.initial_peers), max(15.0, self.config.peer_timeout))
+                            ", ".join(f"{h}:{p}" for h, p in self.initial_peers), waited)
         older = [m for m in self._members.values() if m.peer_id < self.peer_id]
         if older:
             self._download(deadline)
