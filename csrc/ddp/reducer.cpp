@@ -11,8 +11,8 @@
 #include <unordered_set>
 
 #include "comm/backend.h"
-#include "comm/kernels/reduce_kernels.h"
 #include "ddp/bucket_plan.h"
+#include "optim/sgd_kernel.h"
 #include "trace/timeline.h"
 
 namespace disttrain::ddp {
@@ -26,52 +26,6 @@ comm::DisttrainBackend* disttrain_backend(const c10::intrusive_ptr<c10d::Process
   }
 }
 
-// torch.optim.SGD's update of n elements (its single-tensor loop, element by
-// element: the same operations in the same order), with the branches hoisted.
-template <class T, bool kDecay, bool kMomentum, bool kNesterov>
-__attribute__((always_inline)) inline void sgd_loop(T* __restrict p, T* __restrict buf, const T* __restrict g, size_t n, const SgdSettings& s,
-                     bool fresh) {
-  const T neg_lr = static_cast<T>(-s.lr), decay = static_cast<T>(s.weight_decay), mom = static_cast<T>(s.momentum),
-          keep = static_cast<T>(1.0 - s.dampening);
-  const T sign = s.maximize ? T(-1) : T(1);
-  for (size_t i = 0; i < n; ++i) {
-    T d = sign * g[i];
-    if constexpr (kDecay) d = d + decay * p[i];
-    if constexpr (kMomentum) {
-      const T b = fresh ? d : buf[i] * mom + keep * d;
-      buf[i] = b;
-      if constexpr (kNesterov) {
-        d = d + mom * b;
-      } else {
-        d = b;
-      }
-    }
-    p[i] = p[i] + neg_lr * d;
-  }
-}
-
-template <class T>
-__attribute__((always_inline)) inline void sgd_update(T* p, T* buf, const T* g, size_t n, const SgdSettings& s, bool fresh) {
-  const bool decay = s.weight_decay != 0, momentum = s.momentum != 0;
-  if (!momentum) {
-    decay ? sgd_loop<T, true, false, false>(p, buf, g, n, s, fresh) : sgd_loop<T, false, false, false>(p, buf, g, n, s, fresh);
-  } else if (s.nesterov) {
-    decay ? sgd_loop<T, true, true, true>(p, buf, g, n, s, fresh) : sgd_loop<T, false, true, true>(p, buf, g, n, s, fresh);
-  } else {
-    decay ? sgd_loop<T, true, true, false>(p, buf, g, n, s, fresh) : sgd_loop<T, false, true, false>(p, buf, g, n, s, fresh);
-  }
-}
-
-// One copy per ISA, as the reduction kernels (comm/kernels/reduce_kernels.h).
-DISTTRAIN_KERNEL_TARGETS void sgd_f32(float* p, float* buf, const float* g, size_t n, const SgdSettings& s,
-                                      bool fresh) {
-  sgd_update(p, buf, g, n, s, fresh);
-}
-DISTTRAIN_KERNEL_TARGETS void sgd_f64(double* p, double* buf, const double* g, size_t n, const SgdSettings& s,
-                                      bool fresh) {
-  sgd_update(p, buf, g, n, s, fresh);
-}
-
 // The update of `bytes` bytes of one parameter from `grad`, `at` bytes into it.
 struct SgdTarget {
   size_t offset, bytes;  // in the bucket's reduced buffer
@@ -81,16 +35,22 @@ struct SgdTarget {
   bool fresh;
 };
 
+SgdTarget target_of(const at::Tensor& param, const at::Tensor& buf, const SgdSettings& settings, bool fresh,
+                    size_t offset) {
+  return {offset, param.nbytes(), static_cast<uint8_t*>(param.data_ptr()),
+          buf.defined() ? static_cast<uint8_t*>(buf.data_ptr()) : nullptr, settings, fresh};
+}
+
 void sgd_bytes(const SgdTarget& t, c10::ScalarType dtype, size_t at, const uint8_t* grad, size_t bytes) {
   if (dtype == at::kFloat) {
     const size_t i = at / sizeof(float);
-    sgd_f32(reinterpret_cast<float*>(t.param) + i, t.buf ? reinterpret_cast<float*>(t.buf) + i : nullptr,
-               reinterpret_cast<const float*>(grad), bytes / sizeof(float), t.settings, t.fresh);
+    optim::sgd_step(reinterpret_cast<float*>(t.param) + i, t.buf ? reinterpret_cast<float*>(t.buf) + i : nullptr,
+                    reinterpret_cast<const float*>(grad), bytes / sizeof(float), t.settings, t.fresh);
   } else {
     TORCH_INTERNAL_ASSERT(dtype == at::kDouble, "fused SGD on ", dtype);
     const size_t i = at / sizeof(double);
-    sgd_f64(reinterpret_cast<double*>(t.param) + i, t.buf ? reinterpret_cast<double*>(t.buf) + i : nullptr,
-               reinterpret_cast<const double*>(grad), bytes / sizeof(double), t.settings, t.fresh);
+    optim::sgd_step(reinterpret_cast<double*>(t.param) + i, t.buf ? reinterpret_cast<double*>(t.buf) + i : nullptr,
+                    reinterpret_cast<const double*>(grad), bytes / sizeof(double), t.settings, t.fresh);
   }
 }
 
@@ -624,11 +584,8 @@ std::function<void(size_t, const uint8_t*, size_t)> Reducer::sgd_consumer(const 
   size_t offset = 0;
   for (const int64_t i : bucket.params) {
     if (sgd_buffers_[i].defined()) keep->push_back(sgd_buffers_[i]);
-    const auto& p = params_[i];
-    const size_t bytes = p.nbytes();
-    auto* buf = sgd_buffers_[i].defined() ? static_cast<uint8_t*>(sgd_buffers_[i].data_ptr()) : nullptr;
-    targets->push_back({offset, bytes, static_cast<uint8_t*>(p.data_ptr()), buf, sgd_[i], sgd_fresh_[i] != 0});
-    offset += bytes;
+    targets->push_back(target_of(params_[i], sgd_buffers_[i], sgd_[i], sgd_fresh_[i] != 0, offset));
+    offset += targets->back().bytes;
   }
   const c10::ScalarType dtype = params_[bucket.params.front()].scalar_type();
   return [targets, keep, dtype](size_t at, const uint8_t* reduced, size_t bytes) {
@@ -646,10 +603,8 @@ void Reducer::apply_sgd(int64_t index, const at::Tensor& grad) const {
   const auto& p = params_[index];
   if (!grad.defined()) return;  // no rank produced one (torch's step skips it too)
   const at::Tensor g = grad.contiguous();
-  auto* buf = sgd_buffers_[index].defined() ? static_cast<uint8_t*>(sgd_buffers_[index].data_ptr()) : nullptr;
-  const SgdTarget target{0, p.nbytes(), static_cast<uint8_t*>(p.data_ptr()), buf, sgd_[index],
-                         sgd_fresh_[index] != 0};
-  sgd_bytes(target, p.scalar_type(), 0, static_cast<const uint8_t*>(g.data_ptr()), p.nbytes());
+  sgd_bytes(target_of(p, sgd_buffers_[index], sgd_[index], sgd_fresh_[index] != 0, 0), p.scalar_type(), 0,
+            static_cast<const uint8_t*>(g.data_ptr()), p.nbytes());
 }
 
 std::vector<std::vector<int64_t>> Reducer::bucket_plan() const {

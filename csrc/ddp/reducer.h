@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "optim/sgd_kernel.h"
+
 namespace disttrain::comm {
 class DisttrainBackend;
 }
@@ -50,10 +52,7 @@ struct ReducerOptions {
 };
 
 // torch.optim.SGD's settings for one parameter (its param group's).
-struct SgdSettings {
-  double lr = 0, momentum = 0, dampening = 0, weight_decay = 0;
-  bool nesterov = false, maximize = false;
-};
+using SgdSettings = optim::SgdSettings;
 
 // Timestamps (steady clock, ns) of the last synchronised backward.
 struct BackwardTrace {

@@ -36,25 +36,6 @@ int64_t next_step(const torch::Tensor& step) {
 }
 
 template <typename T>
-void sgd_kernel(T* p, T* g, T* buf, int64_t n, const SgdSettings& s, bool first, bool zero_grad) {
-  const T wd = static_cast<T>(s.weight_decay), mom = static_cast<T>(s.momentum);
-  const T keep = static_cast<T>(1.0 - s.dampening), neg_lr = static_cast<T>(-s.lr);
-  const T sign = s.maximize ? T(-1) : T(1);
-  for (int64_t i = 0; i < n; ++i) {
-    T d = sign * g[i];
-    if (zero_grad) g[i] = T(0);
-    const T pi = p[i];
-    if (wd != T(0)) d = d + wd * pi;
-    if (buf != nullptr) {
-      const T b = first ? d : buf[i] * mom + keep * d;
-      buf[i] = b;
-      d = s.nesterov ? d + mom * b : b;
-    }
-    p[i] = pi + neg_lr * d;
-  }
-}
-
-template <typename T>
 void adam_kernel(T* p, T* g, T* m, T* v, int64_t n, const AdamSettings& s, int64_t step, bool zero_grad) {
   const T w1 = static_cast<T>(1.0 - s.beta1), b2 = static_cast<T>(s.beta2), w2 = static_cast<T>(1.0 - s.beta2);
   const double bc1 = 1.0 - std::pow(s.beta1, static_cast<double>(step));
@@ -91,9 +72,8 @@ int64_t sgd_update(const torch::Tensor& param, const torch::Tensor& grad, const 
   const int64_t n = param.numel();
   const int64_t s = next_step(step);
   AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "hogwild_sgd", [&] {
-    sgd_kernel<scalar_t>(param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                         use_momentum ? momentum_buffer.data_ptr<scalar_t>() : nullptr, n, settings, s == 1,
-                         zero_grad);
+    optim::sgd_step(param.data_ptr<scalar_t>(), use_momentum ? momentum_buffer.data_ptr<scalar_t>() : nullptr,
+                    grad.data_ptr<scalar_t>(), static_cast<size_t>(n), settings, s == 1, zero_grad);
   });
   return s;
 }

@@ -19,16 +19,11 @@
 
 #include <cstdint>
 
+#include "optim/sgd_kernel.h"
+
 namespace disttrain::strategies {
 
-struct SgdSettings {
-  double lr = 0.01;
-  double momentum = 0.0;
-  double dampening = 0.0;
-  double weight_decay = 0.0;
-  bool nesterov = false;
-  bool maximize = false;
-};
+using SgdSettings = optim::SgdSettings;
 
 struct AdamSettings {
   double lr = 1e-3;
