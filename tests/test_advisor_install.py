@@ -58,36 +58,30 @@ def _import_check() -> str:
     """
 
 
-def _blocked_check(blocked: str) -> str:
-    # sys.modules[name] = None makes 'import name' fail as if it were not installed.
+def _blocked_check(blocked: str, commands: dict) -> str:
+    """One interpreter with ``blocked`` missing: each command's exit status, stdout and stderr (JSON),
+    then what importing the API raised. sys.modules[name] = None makes 'import name' fail as if it were
+    not installed. The commands run in turn (each interpreter is mostly torch's import: fewer, quicker);
+    the process's own stderr must stay empty."""
     return f"""
-        import sys
+        import contextlib, io, json, sys
         sys.modules[{blocked!r}] = None
         from disttrain.cli import main
-        code = main(["advise", "--model", "resnet50", "--target-acc", "0.8"])
+        results = {{}}
+        for name, argv in {commands!r}.items():
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as e:
+                    code = e.code
+            results[name] = [code, out.getvalue(), err.getvalue()]
         try:
             from disttrain.advisor import Advisor
         except ImportError as e:
-            print("api:", e)
-        sys.exit(code)
+            results["api"] = str(e)
+        print(json.dumps(results))
     """
-
-
-def _predict_check(rows: Path) -> str:
-    return f"""
-        import sys
-        sys.modules["lightgbm"] = None
-        from disttrain.cli import main
-        sys.exit(main(["advise", "--predict", {str(rows)!r}]))
-    """
-
-
-HELP_CHECK = """
-    import sys
-    sys.modules["pandas"] = None
-    from disttrain.cli import main
-    sys.exit(main(["advise", "--help"]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +90,23 @@ def checks(tmp_path_factory):
     importing torch: all are started at once, on the machine's cores, and each test reads its own."""
     rows = tmp_path_factory.mktemp("predict") / "metrics.csv"
     rows.write_text("epoch,epoch_timings,model_name,gpu,batch_size\n0,10.0,resnet18,Tesla P40,128\n")
+    advise = ["advise", "--model", "resnet50", "--target-acc", "0.8"]
     started = {"import": _start(_import_check()),
-               "pandas": _start(_blocked_check("pandas")), "lightgbm": _start(_blocked_check("lightgbm")),
-               "predict": _start(_predict_check(rows), env=dict(os.environ, DISTTRAIN_ADVISOR_CACHE="off")),
-               "help": _start(HELP_CHECK)}
+               "pandas": _start(_blocked_check("pandas", {"advise": advise, "help": ["advise", "--help"]})),
+               "lightgbm": _start(_blocked_check("lightgbm", {"advise": advise, "predict": ["advise", "--predict", str(rows)]}),
+                                  env=dict(os.environ, DISTTRAIN_ADVISOR_CACHE="off"))}
     yield started
     for proc in started.values():
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def _commands(checks, blocked) -> dict:
+    """The results of a blocked check's commands (each [status, stdout, stderr]) and 'api'."""
+    out = _finished(checks[blocked])
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    return json.loads(out.stdout)
 
 
 def test_import_disttrain_imports_no_advisor_dependency(checks):
@@ -117,29 +119,30 @@ def test_import_disttrain_imports_no_advisor_dependency(checks):
 
 @pytest.mark.parametrize("blocked", ["pandas", "lightgbm"])
 def test_missing_dependency_is_one_line_with_the_install_hint(checks, blocked):
-    out = _finished(checks[blocked])
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("disttrain advise: "), out.stderr
+    results = _commands(checks, blocked)
+    code, stdout, stderr = results["advise"]
+    assert code == 2, (stdout, stderr)
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("disttrain advise: "), stderr
     assert blocked in lines[0] and HINT in lines[0]
     others = [d for d in ADVISOR_DEPENDENCIES if d != blocked]
     assert not any(d in lines[0] for d in others)  # names what is missing, not everything
-    assert out.stdout.startswith("api: ") and HINT in out.stdout
+    assert HINT in results["api"]
 
 
 def test_predict_checks_the_model_dependencies_when_it_needs_the_model(checks):
     # --predict alone imports LightGBM, SciPy and scikit-learn only for a configuration the fitted
     # model predicts (a device calibrated here is measured); then a missing one is still one line.
-    out = _finished(checks["predict"])
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "lightgbm" in lines[0] and HINT in lines[0], out.stderr
+    code, stdout, stderr = _commands(checks, "lightgbm")["predict"]
+    assert code == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "lightgbm" in lines[0] and HINT in lines[0], stderr
 
 
 def test_help_needs_no_advisor_dependency(checks):
-    out = _finished(checks["help"])
-    assert out.returncode == 0 and "--no-default-logs" in out.stdout, out.stderr
+    code, stdout, stderr = _commands(checks, "pandas")["help"]
+    assert code == 0 and "--no-default-logs" in stdout, stderr
 
 
 def test_version_has_one_source():

@@ -163,8 +163,8 @@ def test_launch_timeout_stops_every_rank(tmp_path):
     running (orphans, in sessions of their own, sleeping on in a deleted folder)."""
     import disttrain
 
-    with pytest.raises(disttrain.LaunchError, match=r"ran past timeout=20s; its ranks were stopped"):
-        disttrain.launch(_record_pid_then_hang, nproc=2, args=(str(tmp_path),), timeout=20, quiet=True)
+    with pytest.raises(disttrain.LaunchError, match=r"ran past timeout=12s; its ranks were stopped"):
+        disttrain.launch(_record_pid_then_hang, nproc=2, args=(str(tmp_path),), timeout=12, quiet=True)
     pids = _launched_pids(tmp_path)
     assert len(pids) == 2, "the ranks never started within the timeout"
     assert not _gone(pids), "ranks outlived disttrain.launch's timeout"

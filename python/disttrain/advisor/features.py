@@ -32,9 +32,11 @@ def model_depth(model_name: pd.Series) -> np.ndarray:
     step runs through, not with parameters: resnet34 and resnet50 both have 16
     blocks and pay about the same per step, though resnet50 has half again
     as many convolutions. An unknown depth n counts as n/3 blocks."""
-    digits = model_name.astype(str).str.extract(r"(\d+)")[0].astype(float).fillna(50.0)
-    blocks = digits.map(lambda n: RESNET_BLOCKS.get(int(n), n / 3))
-    return blocks.to_numpy(dtype=float) * 50 / 16
+    # Per distinct name (a frame of epoch rows repeats a few names thousands of times).
+    names, where = np.unique(model_name.astype(str).to_numpy(), return_inverse=True)
+    digits = pd.Series(names).str.extract(r"(\d+)")[0].astype(float).fillna(50.0)
+    blocks = digits.map(lambda n: RESNET_BLOCKS.get(int(n), n / 3)).to_numpy(dtype=float)
+    return blocks[where.reshape(-1)] * 50 / 16
 
 
 def derive(configs: pd.DataFrame) -> pd.DataFrame:
