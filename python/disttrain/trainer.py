@@ -17,6 +17,8 @@ Run folder ``SAVE_LOCATION/SAVE_NAME/``::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import math
 import numbers
@@ -25,6 +27,7 @@ import random
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Sized
 from typing import TYPE_CHECKING, Any, Callable, cast
 
@@ -558,20 +561,14 @@ class Trainer:
             shards = state["optimizer"].get("sharded") if isinstance(state["optimizer"], dict) else None
             optimizer_loaded = shards is not None and len(shards) == self.world_size
             if shards is not None and optimizer_loaded:
-                self.optimizer.load_state_dict(shards[self.rank])
+                self._load_optimizer_state(path, state, shards[self.rank])
             else:
                 self._say(f"disttrain: '{path}' holds no sharded optimizer state for {self.world_size} ranks; "
                           "the optimizer starts fresh")
         else:
             optimizer_loaded = True
             self.module.load_state_dict(state["model"])
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ResumeError(f"cannot resume from '{path}': its optimizer state does not fit this optimizer "
-                                  f"({type(self.optimizer).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
-                                  "start over with --no-resume (resume=False) or use another "
-                                  "--save-name") from None
+            self._load_optimizer_state(path, state, state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         # The loaded state has the snapshot's world size's learning rate; a fresh optimizer has ours already.
@@ -598,6 +595,25 @@ class Trainer:
         self._resumed_from = path
         self._say(f"disttrain: resumed from {path} (epoch {self.epoch}, step {self.global_step}, "
                   f"{self.run_time:.1f} s run)")
+
+    def _load_optimizer_state(self, path: str, state: dict[str, Any], optimizer_state: Any) -> None:
+        """Loads the snapshot's optimizer state, or raises a one-line ResumeError: another optimizer
+        class's state would load (torch checks only the parameter counts) and fail at the first
+        step with a bare KeyError ('step', 'betas', ...)."""
+        mine = type(self.optimizer).__name__
+        saved = state.get("configuration")
+        saved = saved.get("optimizer") if isinstance(saved, dict) else None
+        if isinstance(saved, str) and saved != self._columns.get("optimizer", mine):
+            raise ResumeError(f"cannot resume from '{path}': its optimizer state is {saved}'s, this optimizer is "
+                              f"{mine}; resume with the optimizer it was made with, or start over with --no-resume "
+                              "(resume=False) or use another --save-name")
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ResumeError(f"cannot resume from '{path}': its optimizer state does not fit this optimizer "
+                              f"({mine}: {str(e).splitlines()[0] if str(e) else e!r}); "
+                              "start over with --no-resume (resume=False) or use another "
+                              "--save-name") from None
 
     def _keep_saved_hyperparameters(self, state: dict[str, Any]) -> None:
         """The optimizer (and scheduler) state just loaded brought the snapshot's learning rate,
@@ -718,13 +734,38 @@ def _rebuild_over_shards(optimizer: torch.optim.Optimizer, model: FullyShardedDa
         raise ValueError("Trainer: with strategy 'fsdp' the optimizer must have one parameter group and no state yet "
                          "(it is rebuilt over the shards)")
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    initial_lr = group.pop("initial_lr", None)
-    sharded = ShardedOptimizer(type(optimizer), model, **group)
-    if initial_lr is not None:
-        sharded.param_groups[0]["initial_lr"] = initial_lr
+    # The constructor gets the settings it takes; the group then gets every one as it was: a group
+    # also holds keys no constructor argument names (a scheduler's initial_lr, AdamW's
+    # decoupled_weight_decay, which AdamW.__init__ refuses).
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    sharded = ShardedOptimizer(type(optimizer), model,
+                               **{k: v for k, v in group.items() if takes_any or k in accepted})
+    sharded.param_groups[0].update(group)
     if scheduler is not None:
         scheduler.optimizer = sharded
+        _mark_step_for_scheduler(sharded)
     return sharded
+
+
+def _mark_step_for_scheduler(optimizer: torch.optim.Optimizer) -> None:
+    """What a scheduler's constructor does to its optimizer's ``step`` (torch's
+    ``patch_track_step_called``): without it the scheduler's first step warns that
+    ``optimizer.step()`` was overridden after the scheduler was made."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    optimizer_ref = weakref.ref(optimizer)
+    step = type(optimizer).step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = optimizer_ref()
+        assert opt is not None  # the wrapper is the optimizer's own attribute
+        opt._opt_called = True  # type: ignore[attr-defined]
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
 
 
 def _seed_everything(seed: int) -> None:
