@@ -295,6 +295,79 @@ def test_reshard_keeps_float64_and_ranks_holding_only_padding(tmp_path):
         np.testing.assert_array_equal(new, old)
 
 
+def _optimizer_groups_job(rank, world_size, path, phase):
+    """Adam over the shards in other layouts than ShardedOptimizer's: one group per unit in
+    reverse order, and one group without the first unit. Saves after two steps or loads;
+    returns each unit's gathered exp_avg per layout (None: the unit is not optimised)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    import disttrain
+
+    def layout(name, shards):
+        if name == "reversed":  # per-unit learning rates, the last unit first
+            return [{"params": [p], "lr": 0.01 * (i + 1)} for i, p in reversed(list(enumerate(shards)))]
+        return [{"params": shards[1:]}]
+
+    out = {}
+    for name in ("reversed", "partial"):
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2), nn.ReLU(), nn.Linear(2, 3))
+        model = disttrain.FullyShardedDataParallel(module, stage=2, auto_wrap={nn.Linear})
+        shards = list(model.parameters())
+        opt = torch.optim.Adam(layout(name, shards), lr=0.01)
+        where = os.path.join(path, name)
+        if phase == "save":
+            gen = torch.Generator().manual_seed(rank)
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(3, 4, generator=gen)).square().sum().backward()
+                opt.step()
+            model.sharded_state_dict(where, opt)
+        else:
+            model.load_sharded_state_dict(where, opt)
+            if name == "reversed":  # the same shards in another order: refused, not mixed up
+                other = torch.optim.Adam([{"params": [p]} for p in shards], lr=0.01)
+                try:
+                    model.load_sharded_state_dict(where, other)
+                except ValueError as e:
+                    assert "order" in str(e), e
+                else:
+                    raise AssertionError("an optimizer over the shards in another order was loaded")
+        units = []
+        for i, p in enumerate(shards):
+            if p not in opt.state:
+                units.append(None)
+                continue
+            state = opt.state[p]["exp_avg"]
+            assert state.shape == p.shape, (name, i, state.shape, p.shape)
+            parts = [torch.empty_like(state) for _ in range(world_size)]
+            dist.all_gather(parts, state)
+            units.append(torch.cat(parts)[:model._engine.unit(i).total_numel].numpy())
+        out[name] = units
+    return out
+
+
+def test_reshard_maps_optimizer_state_to_units_by_parameter(tmp_path):
+    """A plain optimizer over the shards in its own order (per-unit groups reversed, a unit left
+    out): its state was resharded by position, as if its i-th parameter were unit i, so another
+    world size got one unit's state with another unit's sizes (a size error in step, or silently
+    misplaced values where the sizes agree). Now each saved state goes with its own unit."""
+    import numpy as np
+    saved = run_ranks(_optimizer_groups_job, 2, args=(str(tmp_path), "save"), timeout=120)[0]
+    loaded = run_ranks(_optimizer_groups_job, 3, args=(str(tmp_path), "load"), timeout=120)[0]
+    assert [u is None for u in saved["partial"]] == [True, False, False]
+    for name in saved:
+        for old, new in zip(saved[name], loaded[name]):
+            if old is None:
+                assert new is None
+            else:
+                np.testing.assert_array_equal(new, old)
+
+
 def _resave_job(rank, world_size, path, phase):
     """phase "crash": trains a step, saves to `path` (state A), trains another,
     re-saves to `path` with rank 1 SIGKILLed mid-shard; rank 0 returns

@@ -575,6 +575,7 @@ class FullyShardedDataParallel(nn.Module):
         with :func:`read_sharded_checkpoint`."""
         from . import snapshot
         path = os.fspath(path)
+        optimizer_units = self._optimizer_units(optimizer) if optimizer is not None else None
         # Rank 0 picks a generation no file in the folder uses (one past any
         # there, also a crashed save's); an all-reduce hands it to every rank.
         # (on the shards' device: an NCCL group reduces only CUDA tensors)
@@ -590,7 +591,8 @@ class FullyShardedDataParallel(nn.Module):
         generation = _generation_dir(int(number[0]))
         state = {"format": _SHARDED_FORMAT, "rank": self.rank, "world_size": self.world_size,
                  "shards": [p.detach() for p in self.flat_shards],
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None}
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "optimizer_units": optimizer_units}
         snapshot.save(os.path.join(path, generation, _shard_file(self.rank)), state)
         dist.barrier(group=self.process_group)
         if self.rank == 0:
@@ -614,6 +616,7 @@ class FullyShardedDataParallel(nn.Module):
         The wrapping (units) must be the same. Collective."""
         from . import snapshot
         path = os.fspath(path)
+        optimizer_units = self._optimizer_units(optimizer) if optimizer is not None else None
         manifest, generation = _read_manifest(path)
         mine = self._unit_infos()
         if [u["names"] for u in manifest["units"]] != [u["names"] for u in mine] or \
@@ -629,6 +632,14 @@ class FullyShardedDataParallel(nn.Module):
             # optimizer's param groups and scalar state still come from a saved rank.
             needed = [0]
         saved = {r: snapshot.load(os.path.join(path, generation, _shard_file(r))) for r in needed}
+        if optimizer_units is not None:
+            # Which unit each saved optimizer parameter was (a checkpoint from before this was
+            # recorded: taken to be this optimizer's, which torch's load then checks by count).
+            saved_units = next(iter(saved.values())).get("optimizer_units", optimizer_units)
+            if saved_units != optimizer_units:
+                raise ValueError(f"sharded checkpoint '{path}': its optimizer held the units' shards in the order "
+                                 f"{saved_units}, this optimizer holds {optimizer_units}; build the optimizer over "
+                                 "the same shards in the same order (param groups included)")
 
         def reshard(total: int, pieces: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
             # The placeholders for ranks not read carry the pieces' dtype: the engine takes the
@@ -642,14 +653,31 @@ class FullyShardedDataParallel(nn.Module):
                                                     self.flat_shards[i].dtype))
         self.module.load_state_dict(manifest["buffers"])
         if optimizer is not None:
-            optimizer.load_state_dict(self._reshard_optimizer_state(saved, old_world, reshard))
+            assert optimizer_units is not None
+            optimizer.load_state_dict(self._reshard_optimizer_state(saved, old_world, reshard, optimizer_units))
         self.gather_updated_parameters()
         dist.barrier(group=self.process_group)
 
-    def _reshard_optimizer_state(self, saved: dict[int, Any], old_world: int, reshard) -> dict[str, Any]:
+    def _optimizer_units(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """For each parameter of ``optimizer``, in its state dict's numbering (group by
+        group), the unit whose shard it is."""
+        unit_of = {id(p): i for i, p in enumerate(self.flat_shards)}
+        units = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in unit_of:
+                    raise ValueError("FullyShardedDataParallel: the optimizer holds a parameter that is not one of "
+                                     "this model's shards (build it over model.parameters())")
+                units.append(unit_of[id(p)])
+        return units
+
+    def _reshard_optimizer_state(self, saved: dict[int, Any], old_world: int, reshard,
+                                 optimizer_units: list[int]) -> dict[str, Any]:
         any_saved = next(iter(saved.values()))["optimizer"]
+        infos = self._unit_infos()
         state = {}
-        for i, u in enumerate(self._unit_infos()):
+        for i, unit in enumerate(optimizer_units):  # i: the optimizer's numbering of its parameters
+            u = infos[unit]
             old_numel = (u["total"] + old_world - 1) // old_world
             per_rank = {r: s["optimizer"]["state"].get(i) for r, s in saved.items()}
             if any(v is None for v in per_rank.values()):
