@@ -368,6 +368,64 @@ def test_reshard_maps_optimizer_state_to_units_by_parameter(tmp_path):
                 np.testing.assert_array_equal(new, old)
 
 
+def _unreadable_shard_job(rank, world_size, path, damage):
+    """Saves a checkpoint, damages rank 1's shard file (truncated or deleted), loads it on
+    every rank catching the error; returns (error type, message, parameters unchanged, the
+    group still usable afterwards)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    import disttrain
+
+    torch.manual_seed(0)
+    model = disttrain.FullyShardedDataParallel(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)), stage=3,
+                                               auto_wrap={nn.Linear})
+    opt = disttrain.ShardedOptimizer(torch.optim.Adam, model, lr=0.1)
+    model.sharded_state_dict(path, opt)
+    opt.zero_grad()
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()  # the model moves on from the checkpoint
+    before = model.full_state_dict(rank0_only=False)
+    dist.barrier()
+    if rank == 0:
+        shard = os.path.join(path, "gen_000000001", "shard_00001.dts")
+        if damage == "truncated":
+            with open(shard, "r+b") as f:
+                f.truncate(os.path.getsize(shard) - 10)
+        else:
+            os.unlink(shard)
+    dist.barrier()
+    try:
+        model.load_sharded_state_dict(path, opt)
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    else:
+        error = None
+    after = model.full_state_dict(rank0_only=False)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    flag = torch.ones(1)
+    dist.all_reduce(flag)
+    return error, unchanged, flag.item() == world_size
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_shard_file_one_rank_cannot_read_fails_the_load_on_every_rank(tmp_path, damage):
+    """At 2 ranks only rank 1 reads shard 1: it raised, while rank 0 loaded its own slice and went
+    on into the load's collectives (an error about rank 1's closed connection, a hang over gloo,
+    a mismatch if rank 1 carried on). Now the ranks agree before anything is loaded: rank 1 raises
+    its one-line error, rank 0 one naming rank 1, neither model is changed, the group is usable."""
+    results = run_ranks(_unreadable_shard_job, 2, args=(str(tmp_path / "ckpt"), damage), timeout=120)
+    (kind0, message0), unchanged0, usable0 = results[0]
+    (kind1, message1), unchanged1, usable1 = results[1]
+    assert "shard_00001.dts" in message1 and "\n" not in message1, message1
+    assert kind1 == ("CorruptSnapshotError" if damage == "truncated" else "FileNotFoundError")
+    assert "rank 1" in message0 and "ckpt" in message0 and "\n" not in message0, message0
+    assert unchanged0 and unchanged1 and usable0 and usable1
+
+
 def _resave_job(rank, world_size, path, phase):
     """phase "crash": trains a step, saves to `path` (state A), trains another,
     re-saves to `path` with rank 1 SIGKILLed mid-shard; rank 0 returns

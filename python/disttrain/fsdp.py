@@ -631,15 +631,32 @@ class FullyShardedDataParallel(nn.Module):
             # Every slice of this rank is padding (a model smaller than the world): the
             # optimizer's param groups and scalar state still come from a saved rank.
             needed = [0]
-        saved = {r: snapshot.load(os.path.join(path, generation, _shard_file(r))) for r in needed}
-        if optimizer_units is not None:
-            # Which unit each saved optimizer parameter was (a checkpoint from before this was
-            # recorded: taken to be this optimizer's, which torch's load then checks by count).
-            saved_units = next(iter(saved.values())).get("optimizer_units", optimizer_units)
-            if saved_units != optimizer_units:
-                raise ValueError(f"sharded checkpoint '{path}': its optimizer held the units' shards in the order "
-                                 f"{saved_units}, this optimizer holds {optimizer_units}; build the optimizer over "
-                                 "the same shards in the same order (param groups included)")
+        # Each rank reads only the shard files it needs: one that fails here must fail the load on
+        # every rank, before any rank changes its model or enters the load's collectives.
+        error: Exception | None = None
+        try:
+            saved = {r: snapshot.load(os.path.join(path, generation, _shard_file(r))) for r in needed}
+            if optimizer_units is not None:
+                # Which unit each saved optimizer parameter was (a checkpoint from before this was
+                # recorded: taken to be this optimizer's, which torch's load then checks by count).
+                saved_units = next(iter(saved.values())).get("optimizer_units", optimizer_units)
+                if saved_units != optimizer_units:
+                    raise ValueError(f"sharded checkpoint '{path}': its optimizer held the units' shards in the "
+                                     f"order {saved_units}, this optimizer holds {optimizer_units}; build the "
+                                     "optimizer over the same shards in the same order (param groups included)")
+        except Exception as e:
+            error = e
+        failed = torch.zeros(self.world_size, dtype=torch.int64,
+                             device=self.flat_shards[0].device if self.flat_shards else torch.device("cpu"))
+        failed[self.rank] = int(error is not None)
+        dist.all_reduce(failed, group=self.process_group)
+        if error is not None:
+            raise error
+        if failed.any():
+            ranks = failed.nonzero().flatten().tolist()
+            who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            raise RuntimeError(f"sharded checkpoint '{path}' could not be loaded: {who} could not read the shard "
+                               "files it needs (its own error says why); nothing was loaded")
 
         def reshard(total: int, pieces: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
             # The placeholders for ranks not read carry the pieces' dtype: the engine takes the
