@@ -332,3 +332,31 @@ def test_resume_with_another_optimizer_is_one_line(tmp_path, strategy):
     for kind, error in run_ranks(_fit_with, world_size=2, args=(str(tmp_path), "AdamW", strategy)):
         assert kind == "ResumeError" and "\n" not in error, error
         assert "cannot resume from" in error and "SGD" in error and "AdamW" in error and "--no-resume" in error
+
+
+def _fsdp_uneven_validation(rank, world_size, folder, strategy):
+    from torch.utils.data import Subset
+
+    from disttrain import Trainer, TrainerConfig, models
+
+    torch.manual_seed(0)
+    model = models.small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = TrainerConfig(epochs=1, batch_size=4, save_location=folder, save_name=strategy, progress=False,
+                           strategy=strategy, zero_stage=3, timeout_seconds=60)
+    # 17 validation samples, 8 a batch: rank 0 gets 9 (two batches), rank 1 gets 8 (one).
+    trainer = Trainer(model, optimizer, Subset(data.digits(True), range(40)), Subset(data.digits(False), range(17)),
+                      config)
+    summary = trainer.fit()
+    return summary["best_val_loss"], trainer.history["test_acc"][-1]
+
+
+def test_fsdp_stage3_validation_with_uneven_batches_per_rank(tmp_path):
+    # A stage-3 forward is collective (it gathers each unit): the rank with one validation batch more
+    # ran one forward more than the others, a collective mismatch at the end of every first epoch (a
+    # crash a restart repeats). Every rank now runs as many forwards; the extra ones do not count.
+    sharded = run_ranks(_fsdp_uneven_validation, world_size=2, args=(str(tmp_path), "fsdp"), timeout=120,
+                        pg_timeout=60)
+    reference = run_ranks(_fsdp_uneven_validation, world_size=2, args=(str(tmp_path), "ddp"), timeout=120)
+    assert sharded[0] == sharded[1]
+    assert sharded[0][0] == pytest.approx(reference[0][0], rel=1e-5) and sharded[0][1] == reference[0][1]

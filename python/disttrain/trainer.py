@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from . import snapshot
 from ._parallel import any_rank, flag_tensor
@@ -463,16 +463,27 @@ class Trainer:
             dist.broadcast(buffer, 0)
         self.module.eval()
         forward = self.model if self.sharded else self.module  # fsdp gathers parameters in its hooks
-        loader = DataLoader(self.val_set, batch_size=self.config.batch_size * 2,
+        val_batch = self.config.batch_size * 2
+        loader = DataLoader(self.val_set, batch_size=val_batch,
                             sampler=_ShardSampler(len(cast(Sized, self.val_set)), self.rank, self.world_size),
                             num_workers=self.config.num_workers)
         sums = torch.zeros(3, dtype=torch.float64)
+        batches = 0
         for inputs, labels in loader:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             output = forward(inputs)
             sums[0] += self.loss_fn(output, labels).item() * len(labels)
             sums[1] += int((output.argmax(1) == labels).sum())
             sums[2] += len(labels)
+            batches += 1
+        if self.sharded:
+            # The sharded forward is collective (stage 3 gathers each unit): every rank runs as many
+            # as rank 0, which holds the most samples; the extra ones (one sample each) do not count.
+            most = math.ceil(math.ceil(len(cast(Sized, self.val_set)) / self.world_size) / val_batch)
+            if batches < most:
+                filler = default_collate([self.val_set[0]])[0].to(self.device)
+                for _ in range(most - batches):
+                    forward(filler)
         dist.all_reduce(sums)
         self.module.train()
         return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
