@@ -360,3 +360,14 @@ def test_fsdp_stage3_validation_with_uneven_batches_per_rank(tmp_path):
     reference = run_ranks(_fsdp_uneven_validation, world_size=2, args=(str(tmp_path), "ddp"), timeout=120)
     assert sharded[0] == sharded[1]
     assert sharded[0][0] == pytest.approx(reference[0][0], rel=1e-5) and sharded[0][1] == reference[0][1]
+
+
+def test_ddp_resumes_an_fsdp_snapshot_with_a_fresh_optimizer(tmp_path):
+    # The fsdp snapshot's optimizer state is every rank's shard state: a ddp resume fed it to the
+    # optimizer and refused the run with "(SGD: 'param_groups')". Now the model and progress load and
+    # the optimizer starts fresh, as an fsdp resume does with another world size's shard states.
+    run_ranks(_fit_lr, world_size=2, args=(str(tmp_path), "swap", 1, 0.05, 0.9, "fsdp"))
+    after = run_ranks(_fit_lr, world_size=2, args=(str(tmp_path), "swap", 2, 0.05, 0.9, "ddp"))[0]
+    assert after["lr"] == pytest.approx(0.1)
+    with open(tmp_path / "swap" / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2

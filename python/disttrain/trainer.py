@@ -577,9 +577,15 @@ class Trainer:
                 self._say(f"disttrain: '{path}' holds no sharded optimizer state for {self.world_size} ranks; "
                           "the optimizer starts fresh")
         else:
-            optimizer_loaded = True
             self.module.load_state_dict(state["model"])
-            self._load_optimizer_state(path, state, state["optimizer"])
+            # An fsdp run's snapshot holds every rank's shard state: the optimizer starts fresh,
+            # as an fsdp resume does with another world size's shard states.
+            optimizer_loaded = not (isinstance(state["optimizer"], dict) and "sharded" in state["optimizer"])
+            if optimizer_loaded:
+                self._load_optimizer_state(path, state, state["optimizer"])
+            else:
+                self._say(f"disttrain: '{path}' holds the sharded optimizer state of strategy 'fsdp'; "
+                          "the optimizer starts fresh")
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         # The loaded state has the snapshot's world size's learning rate; a fresh optimizer has ours already.
