@@ -552,8 +552,13 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ResumeError(f"cannot resume from '{path}': not a disttrain trainer snapshot; start over with "
                               "--no-resume (resume=False) or use another --save-name")
-        # Keys and shapes (fsdp: keys; its load checks the shapes before any collective).
-        current = {k: None for k in self.model._state_keys} if self.sharded else self.module.state_dict()
+        # Keys and shapes (fsdp: the parameters' keys, whose shapes its load checks before any
+        # collective, and the buffers, which the wrapped module still holds, with their shapes).
+        if self.sharded:
+            current: dict[str, Any] = {k: None for k in self.model._state_keys}
+            current.update(self.module.state_dict())
+        else:
+            current = self.module.state_dict()
         mismatch = _state_mismatch(state.get("model"), current)
         if mismatch is not None:
             made_with = state.get("configuration", {}).get("model_name") if isinstance(
