@@ -426,6 +426,41 @@ def test_a_shard_file_one_rank_cannot_read_fails_the_load_on_every_rank(tmp_path
     assert unchanged0 and unchanged1 and usable0 and usable1
 
 
+def _buffer_size_job(rank, world_size, path, size):
+    """Saves (size 5) or loads (another size) a checkpoint of a model with a buffer of that size;
+    returns the load's error (type, message) and whether the parameters stayed as they were."""
+    import torch
+    from torch import nn
+
+    import disttrain
+
+    torch.manual_seed(size)
+    module = nn.Linear(3, 2)
+    module.register_buffer("table", torch.zeros(size))
+    model = disttrain.FullyShardedDataParallel(module, stage=2)
+    if size == 5:
+        model.sharded_state_dict(path)
+        return None
+    before = model.full_state_dict(rank0_only=False)
+    try:
+        model.load_sharded_state_dict(path)
+    except Exception as e:
+        error = (type(e).__name__, str(e))
+    else:
+        error = None
+    after = model.full_state_dict(rank0_only=False)
+    return error, all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sharded_load_into_a_model_whose_buffer_differs_is_refused_before_loading(tmp_path):
+    """Only the units (parameters) were compared: a buffer of another size loaded the parameters,
+    then failed in load_state_dict with torch's multi-line size-mismatch error."""
+    run_ranks(_buffer_size_job, 2, args=(str(tmp_path / "ckpt"), 5), timeout=120)
+    for (kind, message), unchanged in run_ranks(_buffer_size_job, 2, args=(str(tmp_path / "ckpt"), 7), timeout=120):
+        assert kind == "ValueError" and "\n" not in message and "'table'" in message and "another model" in message
+        assert unchanged
+
+
 def _resave_job(rank, world_size, path, phase):
     """phase "crash": trains a step, saves to `path` (state A), trains another,
     re-saves to `path` with rank 1 SIGKILLed mid-shard; rank 0 returns

@@ -622,6 +622,18 @@ class FullyShardedDataParallel(nn.Module):
         if [u["names"] for u in manifest["units"]] != [u["names"] for u in mine] or \
                 [u["shapes"] for u in manifest["units"]] != [u["shapes"] for u in mine]:
             raise ValueError(f"sharded checkpoint '{path}' was saved with other units (auto_wrap) or another model")
+        buffers = self._non_param_state()
+        saved_buffers = manifest["buffers"]
+        differ = [k for k in set(buffers) | set(saved_buffers) if k not in buffers or k not in saved_buffers
+                  or (isinstance(buffers[k], torch.Tensor) and isinstance(saved_buffers[k], torch.Tensor)
+                      and buffers[k].shape != saved_buffers[k].shape)]
+        if differ:
+            k = sorted(differ)[0]
+            what = (f"{list(saved_buffers[k].shape)} in the checkpoint, {list(buffers[k].shape)} in the model"
+                    if k in buffers and k in saved_buffers else
+                    "only in the model" if k in buffers else "only in the checkpoint")
+            raise ValueError(f"sharded checkpoint '{path}' was saved with another model: its buffers differ "
+                             f"({len(differ)}, e.g. '{k}': {what})")
         if optimizer is not None and not manifest["has_optimizer"]:
             raise ValueError(f"sharded checkpoint '{path}' holds no optimizer state")
         old_world = manifest["world_size"]
