@@ -478,3 +478,56 @@ def _inference_tensors(rank, world):
 def test_inference_tensors(world, transport):
     results = run_ranks(_inference_tensors, world, **transport_env(transport))
     assert not any(results), results
+
+
+def _complex_reductions(rank, world):
+    """Complex tensors under SUM and AVG in reduce, reduce_scatter_tensor and reduce_scatter (which
+    torch hands to the backend as complex, unlike all_reduce): the values gloo gives, the result in
+    the tensor passed in (a transposed one included); other ops a ValueError, and the group goes on."""
+    gloo = dist.new_group(backend="gloo")
+    bad = []
+
+    def data(n):
+        k = torch.arange(n * world, dtype=torch.float64)
+        return torch.complex(k + rank, (rank + 1) * k - 3).to(torch.complex64)
+
+    for n in (3, 40_000):
+        for op in ("SUM", "AVG"):
+            rop = getattr(dist.ReduceOp, op)
+            for name in ("reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce transposed"):
+                got, want = [], []
+                for group, res in ((None, got), (gloo, want)):
+                    if name == "reduce":
+                        t = data(n)[:n].clone()
+                        dist.reduce(t, world - 1, op=rop, group=group)
+                    elif name == "reduce transposed":
+                        t = data(n)[:n - n % 3].clone().reshape(3, -1).t()
+                        dist.reduce(t, world - 1, op=rop, group=group)
+                        t = t.contiguous()
+                    elif name == "reduce_scatter_tensor":
+                        t = torch.zeros(n, dtype=torch.complex64)
+                        dist.reduce_scatter_tensor(t, data(n), op=rop, group=group)
+                    else:
+                        t = torch.zeros(n, dtype=torch.complex64)
+                        dist.reduce_scatter(t, list(data(n).chunk(world)), op=rop, group=group)
+                    res.append(t)
+                if name in ("reduce", "reduce transposed") and rank != world - 1:
+                    continue  # only the root's tensor holds the result
+                if not torch.allclose(got[0], want[0], rtol=1e-6, atol=1e-6):
+                    bad.append(f"{name} {op} n={n}: {got[0][:3].tolist()} != gloo {want[0][:3].tolist()}")
+    try:
+        dist.reduce(torch.ones(2, dtype=torch.complex64), 0, op=dist.ReduceOp.MAX)
+        bad.append("complex MAX reduce accepted")
+    except ValueError:
+        pass
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    if not torch.equal(t, torch.full((3,), float(world))):
+        bad.append(f"after: {t.tolist()}")
+    return bad
+
+
+@pytest.mark.parametrize("world,transport", [(2, "shm"), (3, "tcp")])
+def test_complex_sum_and_avg_in_reduce_and_reduce_scatter(world, transport):
+    results = run_ranks(_complex_reductions, world, **transport_env(transport))
+    assert not any(results), results

@@ -81,6 +81,17 @@ void divide_by(at::Tensor& t, int world) {
   }
 }
 
+// A complex tensor under SUM or AVG is reduced as its real and imaginary parts
+// (what torch's all_reduce does in Python, and gloo for reduce and
+// reduce_scatter): the float view of the same memory, twice the elements.
+// Other ops on complex tensors stay unsupported (the kernel lookup says so).
+// (A conjugate view never gets here: torch's dispatcher hands the backend a
+// resolved copy; resolve_conj is a no-op otherwise.)
+at::Tensor real_view(const at::Tensor& t, RedOp op) {
+  if (!t.defined() || !t.is_complex() || (op != RedOp::kSum && op != RedOp::kAvg)) return t;
+  return at::view_as_real(t.resolve_conj());
+}
+
 void copy_back(at::Tensor& user, const at::Tensor& buffer) {
   if (!user.is_same(buffer)) user.copy_(buffer.view(user.sizes()));
 }
@@ -599,11 +610,12 @@ OpSignature DisttrainBackend::signature(OpKind op, const at::Tensor& t, RedOp re
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tensor>& tensors,
                                                            const c10d::AllreduceOptions& opts) {
-  at::Tensor user = single(tensors, "all_reduce");
-  if (user.layout() == at::kSparse) return sparse_allreduce(user, to_redop(opts.reduceOp));
-  check_cpu(user, "all_reduce");
-  check_writable(user, "all_reduce", "the tensor");
+  at::Tensor given = single(tensors, "all_reduce");
+  if (given.layout() == at::kSparse) return sparse_allreduce(given, to_redop(opts.reduceOp));
+  check_cpu(given, "all_reduce");
+  check_writable(given, "all_reduce", "the tensor");
   RedOp op = to_redop(opts.reduceOp);
+  at::Tensor user = real_view(given, op);
   reduce_kernel(user.scalar_type(), op);  // unsupported (dtype, op) fails here, in the caller
   if (op == RedOp::kAvg) {
     TORCH_CHECK_VALUE(user.scalar_type() != at::kBool, "disttrain: AVG is not defined for bool tensors");
@@ -621,7 +633,7 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce(std::vector<at::Tenso
   // Same task, so the same bits. Asynchronous ones (DDP's buckets, async_op=True)
   // stay on the progress thread, overlapping the caller's work.
   const bool on_caller = !opts.asyncOp && shm_ && !hierarchical_ && buf.nbytes() <= shm_->slot_bytes();
-  return run_or_enqueue(c10d::OpType::ALLREDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+  return run_or_enqueue(c10d::OpType::ALLREDUCE, sig.seq, {given}, [=, this](Deadline dl) mutable {
     if (fuse_avg) {
       const MemoryPiece whole{static_cast<uint8_t*>(buf.data_ptr()), buf.nbytes()};
       shm_allreduce(*shm_, sig, c10::ArrayRef<MemoryPiece>(whole), buf.numel(), buf.scalar_type(), true, dl);
@@ -786,19 +798,20 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::allreduce_avg_consumed(std::vec
 
 c10::intrusive_ptr<c10d::Work> DisttrainBackend::reduce(std::vector<at::Tensor>& tensors,
                                                         const c10d::ReduceOptions& opts) {
-  at::Tensor user = single(tensors, "reduce");
-  check_cpu(user, "reduce");
+  at::Tensor given = single(tensors, "reduce");
+  check_cpu(given, "reduce");
   RedOp op = to_redop(opts.reduceOp);
-  reduce_kernel(user.scalar_type(), op);
   int root = static_cast<int>(opts.rootRank);
   TORCH_CHECK_VALUE(root >= 0 && root < getSize(), "disttrain: reduce root ", root, " outside [0, ", getSize(), ")");
+  at::Tensor user = real_view(given, op);
+  reduce_kernel(user.scalar_type(), op);
   OpSignature sig = signature(OpKind::kReduce, user, op, user.numel(), root);
   bool is_root = getRank() == root;
   // Only the root's tensor receives the result; the others work on a copy.
   if (is_root) check_writable(user, "reduce", "the root's tensor");
   at::Tensor buf = is_root ? user.contiguous() : user.clone(at::MemoryFormat::Contiguous);
   int world = getSize();
-  return enqueue(c10d::OpType::REDUCE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+  return enqueue(c10d::OpType::REDUCE, sig.seq, {given}, [=, this](Deadline dl) mutable {
     run_allreduce(sig, buf.data_ptr(), buf.numel(), buf.scalar_type(), dl);
     if (is_root) {
       if (op == RedOp::kAvg) divide_by(buf, world);
@@ -956,13 +969,13 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::_reduce_scatter_base(at::Tensor
                     "disttrain: reduce_scatter_tensor: input must have ", getSize(), " x ", output.numel(),
                     " elements of ", output.scalar_type(), ", got ", input.numel(), " of ", input.scalar_type());
   RedOp op = to_redop(opts.reduceOp);
-  reduce_kernel(output.scalar_type(), op);
-  OpSignature sig = signature(OpKind::kReduceScatter, output, op, output.numel());
-  at::Tensor in = input.contiguous();
-  at::Tensor user = output;
-  at::Tensor out = output.contiguous();
+  at::Tensor user = real_view(output, op);
+  reduce_kernel(user.scalar_type(), op);
+  OpSignature sig = signature(OpKind::kReduceScatter, user, op, user.numel());
+  at::Tensor in = real_view(input, op).contiguous();
+  at::Tensor out = user.contiguous();
   int world = getSize();
-  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, sig.seq, {user}, [=, this](Deadline dl) mutable {
+  return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, sig.seq, {output}, [=, this](Deadline dl) mutable {
     run_reduce_scatter(sig, in.data_ptr(), out.data_ptr(), out.numel(), out.scalar_type(), dl);
     if (op == RedOp::kAvg) divide_by(out, world);
     copy_back(user, out);
