@@ -531,3 +531,27 @@ def _complex_reductions(rank, world):
 def test_complex_sum_and_avg_in_reduce_and_reduce_scatter(world, transport):
     results = run_ranks(_complex_reductions, world, **transport_env(transport))
     assert not any(results), results
+
+
+def _reduce_scatter_output_inside_the_input(rank, world):
+    """reduce_scatter_tensor(out, inp) with out a view of inp: its own chunk (in place), another
+    rank's chunk, a window across two chunks. The sum of the inputs as they were, whichever; an
+    output elsewhere in the input was written while the input was still being sent (2 ranks, TCP:
+    [7, 10] for [2, 4])."""
+    bad = []
+    for n in (2, 50_000):
+        want = ((torch.arange(world * n, dtype=torch.float64) + 1) * world)[rank * n:(rank + 1) * n].float()
+        for name, start in (("own chunk", rank * n), ("next rank's chunk", ((rank + 1) % world) * n),
+                            ("across two chunks", (rank * n + n // 2) % ((world - 1) * n))):
+            inp = torch.arange(world * n, dtype=torch.float32) + 1
+            out = inp[start:start + n]
+            dist.reduce_scatter_tensor(out, inp)
+            if not torch.equal(out, want):
+                bad.append(f"{name} n={n}: {out[:3].tolist()} != {want[:3].tolist()}")
+    return bad
+
+
+@pytest.mark.parametrize("world,transport", [(2, "tcp"), (2, "shm"), (3, "tcp")])
+def test_reduce_scatter_into_a_view_of_its_input(world, transport):
+    results = run_ranks(_reduce_scatter_output_inside_the_input, world, **transport_env(transport))
+    assert not any(results), results

@@ -972,7 +972,14 @@ c10::intrusive_ptr<c10d::Work> DisttrainBackend::_reduce_scatter_base(at::Tensor
   at::Tensor user = real_view(output, op);
   reduce_kernel(user.scalar_type(), op);
   OpSignature sig = signature(OpKind::kReduceScatter, user, op, user.numel());
-  at::Tensor in = real_view(input, op).contiguous();
+  // An output overlapping the input anywhere but in its own chunk (the in-place form,
+  // reduce_scatter_tensor(inp[r*n:(r+1)*n], inp)) is written while the input is still
+  // being sent: reduce from a copy then (the result was silently wrong).
+  const bool own_chunk = input.is_contiguous() && output.is_contiguous() &&
+                         output.data_ptr() == static_cast<const char*>(input.data_ptr()) + getRank() * output.nbytes();
+  at::Tensor in = at::get_overlap_status(input, output) == at::MemOverlapStatus::No || own_chunk
+                      ? real_view(input, op).contiguous()
+                      : real_view(input, op).clone(at::MemoryFormat::Contiguous);
   at::Tensor out = user.contiguous();
   int world = getSize();
   return enqueue(c10d::OpType::_REDUCE_SCATTER_BASE, sig.seq, {output}, [=, this](Deadline dl) mutable {
