@@ -461,6 +461,59 @@ def test_sharded_load_into_a_model_whose_buffer_differs_is_refused_before_loadin
         assert unchanged
 
 
+def _unit_output_unused_job(rank, world_size):
+    """A unit that runs forward but whose output does not reach the loss (kept aside, as a
+    side output), at stage 3 with prefetch: SGD against torch DDP; returns the largest
+    difference per backward_prefetch mode."""
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as TorchDDP
+
+    import disttrain
+
+    class SideOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.side, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.b(torch.tanh(self.a(x))))
+            self.side_output = self.side(h)  # runs forward, gets no gradient
+            return self.head(h)
+
+    out = {}
+    for mode in ("post", "pre"):
+        torch.manual_seed(0)
+        plain = SideOutput()
+        ref = TorchDDP(plain, find_unused_parameters=True)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        torch.manual_seed(0)
+        model = disttrain.FullyShardedDataParallel(SideOutput(), stage=3, auto_wrap={nn.Linear},
+                                                   backward_prefetch=mode)
+        opt = disttrain.ShardedOptimizer(torch.optim.SGD, model, lr=0.1)
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x = torch.randn(3, 4, generator=gen)
+            ref_opt.zero_grad()
+            ref(x).sum().backward()
+            ref_opt.step()
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        full = model.full_state_dict(rank0_only=False)
+        out[mode] = max((full[k] - v).abs().max().item() for k, v in plain.state_dict().items())
+    return out
+
+
+def test_stage3_unit_whose_output_reaches_no_loss():
+    """Backward prefetched the unit before the head in forward order (the side output's unit),
+    which got no gradient; the end of backward reduced it (zeros) and freed it with its gather
+    still in flight: an INTERNAL ASSERT ("freeing a unit whose gather is in flight"). Now the
+    gather is waited for first, and training equals DDP's."""
+    for result in run_ranks(_unit_output_unused_job, 2, timeout=120):
+        assert result["post"] < 1e-6 and result["pre"] < 1e-6, result
+
+
 def _resave_job(rank, world_size, path, phase):
     """phase "crash": trains a step, saves to `path` (state A), trains another,
     re-saves to `path` with rank 1 SIGKILLed mid-shard; rank 0 returns

@@ -202,7 +202,13 @@ void ShardEngine::reduce_unit(int64_t index, bool in_backward) {
   reduced_[index] = 1;
   if (last_reduced_ >= 0) units_[last_reduced_]->finish_reduction();
   // Every parameter's accumulator has run: no later backward node reads them.
-  if (options_.stage == 3 && index != root_) u.free_full();
+  // A unit reduced at the end of backward without having had its backward (it
+  // ran forward, its output reached no loss) may have been prefetched for it:
+  // every rank launched that gather, so it is waited for, then freed.
+  if (options_.stage == 3 && index != root_) {
+    if (u.gather_in_flight()) u.wait_gather();
+    u.free_full();
+  }
   // lean_backward: the gradients become the flat gradient with the parameters
   // freed and before the next unit's gather allocates its own.
   u.flatten_pending();
