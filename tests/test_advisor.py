@@ -347,3 +347,36 @@ def test_api_bad_input_is_an_advisor_input_error(advisor):
     once = advisor.recommend("resnet50", 0.7, gpus=["P40"]).table
     for gpus in (["P40", "P40"], ["P40", "Tesla P40"], "P40"):
         pd.testing.assert_frame_equal(advisor.recommend("resnet50", 0.7, gpus=gpus).table, once)
+
+
+def test_odd_api_arguments_are_one_line_errors(advisor, tmp_path):
+    # Each was a traceback from inside Python, pandas, NumPy, SciPy or LightGBM, or silently taken.
+    config = {"model_name": "resnet18", "gpu": "P40", "batch_size": 128}
+    bad = [lambda: advisor.accuracy_curve(config, float("nan")),           # ValueError: float NaN to integer
+           lambda: advisor.accuracy_curve(config, float("inf")),           # OverflowError
+           lambda: advisor.accuracy_curve(config, 5, observed=0.4),        # TypeError: no len()
+           lambda: advisor.accuracy_curve(config, 5, observed=["a"]),      # ValueError: string to float
+           lambda: advisor.accuracy_curve(config, 5, observed=[[0.3, 0.4]]),  # ValueError inside SciPy
+           lambda: advisor.accuracy_curve(config, 5, observed=[30, 50]),   # percent: a curve at 0.95, taken
+           lambda: advisor.accuracy_curve(config, 5, observed=[-0.5, -0.2]),
+           lambda: advisor.accuracy_curve(None, 5),                        # TypeError: not iterable
+           lambda: advisor.recommend("resnet18", 0.7, deadline_hours="2h"),  # TypeError: '>' str and int
+           lambda: advisor.recommend("resnet18", 0.7, prices={"P40": "cheap"}),
+           lambda: advisor.recommend("resnet18", 0.7, prices={"P40": None}),
+           lambda: advisor.recommend("resnet18", 0.7, max_epochs="ten"),
+           lambda: Advisor.fit(tmp_path / "logs", coverage=1.5)]            # ValueError: quantiles
+    k = np.arange(6)
+    (tmp_path / "logs").mkdir()
+    for run, batch in enumerate((32, 128, 512)):  # test_acc is optional in a trainer CSV
+        pd.DataFrame({"epoch": k, "epoch_timings": 10.0 + k, "model_name": "resnet18", "gpu": "P40",
+                      "batch_size": batch}).to_csv(tmp_path / "logs" / f"run{run}.csv", index=False)
+    bad.append(lambda: Advisor.fit(tmp_path / "logs"))  # ValueError from LightGBM: 'non empty'
+    for i, call in enumerate(bad):
+        with pytest.raises(AdvisorInputError):
+            call()
+    # A parameter count given as a whole number (as the trainer writes it) was a pandas TypeError
+    # ("Invalid value '[]' for dtype 'int64'"); it is the same curve as a float one.
+    pd.testing.assert_frame_equal(advisor.accuracy_curve({**config, "num_of_paramters": 11173962}, 5),
+                                  advisor.accuracy_curve({**config, "num_of_paramters": 11173962.0}, 5))
+    # Numbers given as strings stay accepted where they were (a target '0.7' was, and is).
+    assert not advisor.recommend("resnet18", 0.7, deadline_hours="2", max_epochs="50").table.empty

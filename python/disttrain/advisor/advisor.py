@@ -59,6 +59,8 @@ class Advisor:
         Returns:
             a fitted Advisor.
         """
+        if not 0 < coverage < 1:
+            raise AdvisorInputError(f"coverage {coverage}: give a fraction between 0 and 1, such as 0.8")
         if cache and not isinstance(paths_or_dataframe, pd.DataFrame):
             from .cache import cached_fit
 
@@ -73,6 +75,10 @@ class Advisor:
         if not reference.any():
             raise AdvisorInputError(f"no run on {REFERENCE_DATASET} among the training data: the accuracy model "
                                     f"learns from those (leave out --no-default-logs to include the shipped logs)")
+        # test_acc is optional in a file: without any, LightGBM's row model failed ('non empty').
+        if not raw.loc[reference, "test_acc"].notna().any():
+            raise AdvisorInputError(f"no test_acc among the {REFERENCE_DATASET} runs of the training data: need at "
+                                    f"least 3 runs with test_acc to fit learning curves")
         curve_model = LearningCurveModel(coverage).fit(epochs[epochs["dataset"] == REFERENCE_DATASET],
                                                        rows=RawColumnsBaseline(time=False).fit(raw[reference]))
         return cls(EpochTimeModel(coverage).fit(runs), curve_model, runs)
@@ -126,15 +132,33 @@ class Advisor:
         Returns:
             DataFrame with ``epoch``, ``accuracy``, ``accuracy_low``, ``accuracy_high``.
         """
-        frame = self.normalize(pd.DataFrame([dict(config)]))
+        try:
+            config = dict(config)
+        except (TypeError, ValueError):
+            raise AdvisorInputError(f"config: give a dict or Series of configuration columns "
+                                    f"(not {type(config).__name__})") from None
+        frame = self.normalize(pd.DataFrame([config]))
         if frame.loc[0, "milestones"] == "":
             frame.loc[0, "milestones"] = "60,80"
-        # The ignore: np.isscalar narrows `epochs` to numpy's scalar union, complex included, which int() does not take
-        grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)  # type: ignore[arg-type]
-        if grid.size == 0 or grid.ndim != 1 or not np.all(np.isfinite(grid.astype(float))) or grid.min() < 1:
-            raise AdvisorInputError(f"epochs {epochs!r}: give a number of epochs (at least 1) or epochs from 1 on")
-        if observed is not None and not np.all(np.isfinite(np.asarray(observed, dtype=float))):
-            raise AdvisorInputError("observed accuracies must be finite numbers")
+        wrong = AdvisorInputError(f"epochs {epochs!r}: give a number of epochs (at least 1) or epochs from 1 on")
+        try:
+            # The ignore: np.isscalar narrows `epochs` to numpy's scalar union, complex included, which int() does not take
+            grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)  # type: ignore[arg-type]
+            finite = np.isfinite(grid.astype(float))
+        except (TypeError, ValueError, OverflowError):  # NaN, infinite or not a number
+            raise wrong from None
+        if grid.size == 0 or grid.ndim != 1 or not np.all(finite) or grid.min() < 1:
+            raise wrong
+        if observed is not None:
+            # Fractions, as test_acc is: a 1-D sequence in [0, 1] (percentages gave a curve near 0.95,
+            # a scalar or a 2-D list a TypeError or a ValueError from inside SciPy).
+            try:
+                values = np.asarray(observed, dtype=float)
+            except (TypeError, ValueError):
+                values = None
+            if values is None or values.ndim != 1 or not np.all((values >= 0) & (values <= 1)):
+                raise AdvisorInputError("observed: give the job's test accuracies so far, a list of fractions "
+                                        "from 0 to 1 (such as 0.42), one per epoch")
         if np.isnan(frame.loc[0, "num_epochs"]):
             frame.loc[0, "num_epochs"] = grid.max() + 1
         return self.curve_model.predict_curve(frame.iloc[0], grid, observed=observed)

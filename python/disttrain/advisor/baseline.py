@@ -65,6 +65,8 @@ class RawColumnsBaseline:
         unknown = ~out["gpu"].astype(str).isin(self.categories_["gpu"])
         out.loc[unknown, "gpu"] = out.loc[unknown, "gpu_family"].map(self.gpu_names_).fillna(out.loc[unknown, "gpu"])
         missing = out["num_of_paramters"].isna()
+        if not missing.any():  # assigning [] to no rows of an int64 column is a TypeError in pandas
+            return out
         keys = zip(out.loc[missing, "model_name"], out.loc[missing, "is_distributed"].astype(bool))
         out.loc[missing, "num_of_paramters"] = [self.param_counts_.get(k, np.nan) for k in keys]
         return out

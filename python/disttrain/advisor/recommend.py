@@ -64,6 +64,15 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
         target_acc = float(target_acc)
     except (TypeError, ValueError):
         raise AdvisorInputError(f"target accuracy {target_acc!r} is not a number") from None
+    # Numbers given as strings ('2') are taken, as a target '0.7' is; anything else is one line (a
+    # deadline '2h', a price None or a max_epochs 'ten' were TypeErrors from a comparison).
+    try:
+        deadline_hours = None if deadline_hours is None else float(deadline_hours)
+        prices = {family: float(price) for family, price in prices.items()}
+        max_epochs = int(max_epochs)
+    except (TypeError, ValueError, OverflowError):
+        raise AdvisorInputError(f"deadline_hours {deadline_hours!r}, max_epochs {max_epochs!r} and every price "
+                                f"must be numbers (prices: {prices!r})") from None
     if not 0 < target_acc <= advisor.max_acc:
         raise AdvisorInputError(f"target accuracy {target_acc} is outside (0, {advisor.max_acc:.4f}], "
                                 f"the best accuracy in the training logs")
