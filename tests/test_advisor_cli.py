@@ -253,3 +253,27 @@ def test_a_calibrated_device_checks_its_configurations(tmp_path, capsys):
             path.unlink(missing_ok=True)
         else:
             path.write_bytes(kept)
+
+
+def test_calibrate_names_an_unusable_cache_folder(tmp_path, capsys, monkeypatch):
+    # A $DISTTRAIN_ADVISOR_CACHE that is a file, or a folder others can write, was reported as
+    # "the advisor's cache is off" after the measurement, and --predict then asked for --calibrate.
+    from disttrain.advisor import calibrate
+
+    measured = calibrate.Calibration(device="cpu", host="h", threads=1, timings=[])
+    monkeypatch.setattr(calibrate, "calibrate", lambda *args, **kwargs: measured)
+    monkeypatch.setattr(advise_cli, "_speed_scale", lambda args: None)
+    (tmp_path / "a_file").write_text("")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    for folder in (tmp_path / "a_file", shared):
+        monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(folder))
+        code, stdout, stderr = advise_here(capsys, "--calibrate", "--device", "cpu")
+        assert code == 0 and "not stored" in stdout and "is off" not in stdout and str(folder) in stdout, stdout
+    monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", "off")
+    code, stdout, stderr = advise_here(capsys, "--calibrate", "--device", "cpu")
+    assert code == 0 and "cache is off" in stdout, stdout
+    monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(tmp_path / "mine"))
+    code, stdout, stderr = advise_here(capsys, "--calibrate", "--device", "cpu")
+    assert code == 0 and f"stored: {tmp_path / 'mine'}" in stdout, stdout

@@ -199,7 +199,17 @@ def _calibrate(args) -> int:
     if result.equivalent_tflops is not None:
         print(f"on the logs' speed scale (ResNet-18, batch {calibrate.REFERENCE[2][2]}): about {result.equivalent_tflops:.2f} FP32 TFLOPS "
               f"(P40 11.8, V100-SXM2 15.7)")
-    print(f"stored: {path}" if path else "not stored: the advisor's cache is off ($DISTTRAIN_ADVISOR_CACHE)")
+    if path:
+        print(f"stored: {path}")
+    else:
+        from .cache import cache_dir
+
+        folder = cache_dir()
+        # A folder that exists but cannot be used (a file, another user's, writable by others, read-only)
+        # was reported as 'the cache is off', and --predict then asked for --calibrate again.
+        print("not stored: the advisor's cache is off ($DISTTRAIN_ADVISOR_CACHE)" if folder is None else
+              f"not stored: the cache folder '{folder}' is not usable (it must be a folder this user owns, can "
+              f"write and nobody else can write; see $DISTTRAIN_ADVISOR_CACHE): --predict will not find this calibration")
     return 0
 
 
