@@ -380,3 +380,19 @@ def test_odd_api_arguments_are_one_line_errors(advisor, tmp_path):
                                   advisor.accuracy_curve({**config, "num_of_paramters": 11173962.0}, 5))
     # Numbers given as strings stay accepted where they were (a target '0.7' was, and is).
     assert not advisor.recommend("resnet18", 0.7, deadline_hours="2", max_epochs="50").table.empty
+
+
+def test_accuracy_that_is_not_a_fraction_is_refused(tmp_path):
+    # A run whose test_acc was logged in percent, negative or junk was taken: one ResNet-18 run in
+    # percent beside the shipped logs moved ResNet-50's recommendation (34 epochs instead of 61).
+    source = sorted((default_data_path() / "runs").glob("resnet18*.csv"))[0]
+    for name, change in (("percent", lambda a: a * 100), ("negative", lambda a: -a), ("junk", lambda a: "abc")):
+        frame = pd.read_csv(source)
+        frame["test_acc"] = change(frame["test_acc"])
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        with pytest.raises(AdvisorInputError, match="test_acc .* not a fraction from 0 to 1"):
+            load_epochs(tmp_path / f"{name}.csv")
+    frame = pd.read_csv(source)
+    frame.loc[3, "test_acc"] = np.nan  # an empty cell is an epoch without an evaluation, as before
+    frame.to_csv(tmp_path / "gap.csv", index=False)
+    assert load_epochs(tmp_path / "gap.csv")["test_acc"].isna().sum() == 1

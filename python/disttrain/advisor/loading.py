@@ -240,12 +240,21 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     df = normalize_configs(frame)
     if "epoch" not in df.columns:
         df["epoch"] = df.groupby("source").cumcount() if "source" in df.columns else np.arange(len(df))
+    given_acc = df["test_acc"].notna()
+    raw_acc = df["test_acc"]
     for column in ["epoch_timings", "test_acc", "epoch"]:
         df[column] = pd.to_numeric(df[column], errors="coerce")
     bad = ~(df["epoch_timings"] > 0) | df["epoch"].isna()
     if bad.any():
         where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
         raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive epoch_timings or epoch")
+    # Accuracy is a fraction: a run logged in percent (85.3) or with junk ('abc', read as empty) was
+    # taken, and moved every model's curves and recommendations.
+    bad = given_acc & ~((df["test_acc"] >= 0) & (df["test_acc"] <= 1))
+    if bad.any():
+        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
+        raise AdvisorInputError(f"{where}: test_acc '{raw_acc[bad].iloc[0]}' is not a fraction from 0 to 1 "
+                                f"({int(bad.sum())} row(s))")
     if "source" in df.columns:
         df["num_epochs"] = df["num_epochs"].fillna(df.groupby("source")["epoch"].transform("max") + 1)
     df["num_epochs"] = df["num_epochs"].fillna(df["epoch"].max() + 1)
