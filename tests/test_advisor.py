@@ -396,3 +396,12 @@ def test_accuracy_that_is_not_a_fraction_is_refused(tmp_path):
     frame.loc[3, "test_acc"] = np.nan  # an empty cell is an epoch without an evaluation, as before
     frame.to_csv(tmp_path / "gap.csv", index=False)
     assert load_epochs(tmp_path / "gap.csv")["test_acc"].isna().sum() == 1
+
+
+def test_an_infinite_epoch_time_is_refused(tmp_path):
+    # 'inf' in a training file's epoch_timings was taken (--predict refuses it in the CSV it reads).
+    frame = pd.read_csv(sorted((default_data_path() / "runs").glob("resnet18*.csv"))[0])
+    frame.loc[2, "epoch_timings"] = np.inf
+    frame.to_csv(tmp_path / "inf.csv", index=False)
+    with pytest.raises(AdvisorInputError, match="infinite"):
+        load_epochs(tmp_path / "inf.csv")

@@ -244,10 +244,12 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     raw_acc = df["test_acc"]
     for column in ["epoch_timings", "test_acc", "epoch"]:
         df[column] = pd.to_numeric(df[column], errors="coerce")
-    bad = ~(df["epoch_timings"] > 0) | df["epoch"].isna()
+    # An infinite epoch ('inf' in a file) was taken as a measurement, as --predict does not.
+    bad = ~((df["epoch_timings"] > 0) & np.isfinite(df["epoch_timings"])) | df["epoch"].isna()
     if bad.any():
         where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
-        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive epoch_timings or epoch")
+        raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing, non-positive or infinite "
+                                f"epoch_timings, or no epoch")
     # Accuracy is a fraction: a run logged in percent (85.3) or with junk ('abc', read as empty) was
     # taken, and moved every model's curves and recommendations.
     bad = given_acc & ~((df["test_acc"] >= 0) & (df["test_acc"] <= 1))
