@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import disttrain
 from disttrain.advisor import cli as advise_cli
@@ -277,3 +278,23 @@ def test_calibrate_names_an_unusable_cache_folder(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(tmp_path / "mine"))
     code, stdout, stderr = advise_here(capsys, "--calibrate", "--device", "cpu")
     assert code == 0 and f"stored: {tmp_path / 'mine'}" in stdout, stdout
+
+
+def test_evaluate_json_has_no_nan(tmp_path, capsys, monkeypatch):
+    # --evaluate --json printed the baseline's interval columns (no intervals: NaN) as bare NaN,
+    # which is not JSON (json.loads in strict parsers, jq, JavaScript refuse it); -inf passed too.
+    from disttrain.advisor import evaluation
+
+    summary = pd.DataFrame([{"split": "run", "method": "baseline", "time_mape_pct": 9.5,
+                             "time_interval_coverage_pct": float("nan"), "regret_median_pct": float("inf"),
+                             "regret_mean_pct": float("-inf")}])
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: {"summary": summary, "random_split": {
+        "time_mae_s": 0.76, "accuracy_mae": float("nan")}})
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = advise_here(capsys, "--evaluate", "--max-folds", "2", "--json")
+    assert code == 0, stderr
+    out = json.loads(stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
+    row = out["summary"][0]
+    assert row["time_mape_pct"] == 9.5 and row["time_interval_coverage_pct"] is None
+    assert row["regret_median_pct"] is None and row["regret_mean_pct"] is None
+    assert out["random_split_baseline"] == {"time_mae_s": 0.76, "accuracy_mae": None}

@@ -127,6 +127,17 @@ def _fold_progress(split: str, done: int, folds: int) -> None:
         print(f"  split {split}: {folds} folds done", file=sys.stderr, flush=True)
 
 
+def _finite_or_none(value):
+    """``value`` with every NaN or infinite number (in dicts and lists, NumPy's included) as None."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _evaluate(args) -> int:
     from .evaluation import SPLITS, evaluate
 
@@ -141,8 +152,10 @@ def _evaluate(args) -> int:
     results_csv.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(results_csv, index=False)
     if args.json:
-        print(json.dumps({"summary": summary.replace([np.inf], None).to_dict(orient="records"),
-                          "random_split_baseline": result["random_split"]}, indent=1, default=float))
+        # The baseline has no intervals (NaN columns): NaN and infinities are null, never bare NaN (not JSON).
+        print(json.dumps(_finite_or_none({"summary": summary.to_dict(orient="records"),
+                                          "random_split_baseline": result["random_split"]}),
+                         indent=1, default=float, allow_nan=False))
         return 0
     rs = result["random_split"]
     print(f"baseline on a random row split (its original evaluation): time MAE {rs['time_mae_s']:.2f} s, "
