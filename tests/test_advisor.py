@@ -405,3 +405,10 @@ def test_an_infinite_epoch_time_is_refused(tmp_path):
     frame.to_csv(tmp_path / "inf.csv", index=False)
     with pytest.raises(AdvisorInputError, match="infinite"):
         load_epochs(tmp_path / "inf.csv")
+
+
+def test_an_empty_candidate_grid_is_named(advisor):
+    # An empty gpu_counts or batch_sizes said "configuration lacks column(s) model_name, gpu, batch_size".
+    for grid in ({"gpu_counts": ()}, {"batch_sizes": []}):
+        with pytest.raises(AdvisorInputError, match="need at least one value each"):
+            advisor.recommend("resnet18", 0.7, **grid)

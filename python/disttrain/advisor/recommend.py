@@ -98,7 +98,11 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
             raise AdvisorInputError(f"no price for GPU '{family}': add it to the price file")
     if not families:
         raise AdvisorInputError("no GPU type has both epoch logs and a price")
-    configs = advisor.normalize(candidates(model_name, families, gpu_counts, batch_sizes, max_epochs))
+    grid = candidates(model_name, families, gpu_counts, batch_sizes, max_epochs)
+    if grid.empty:  # was "configuration lacks column(s) model_name, gpu, batch_size (have: )"
+        raise AdvisorInputError(f"no candidates: gpu_counts {tuple(gpu_counts)!r} and batch_sizes "
+                                f"{tuple(batch_sizes)!r} need at least one value each")
+    configs = advisor.normalize(grid)
     times = advisor.predict(configs)
     epochs = np.arange(1, max_epochs + 1)
     center, low, high, reached = predict_curves(advisor.curve_model, configs, epochs, target=target_acc)
