@@ -298,3 +298,33 @@ def test_evaluate_json_has_no_nan(tmp_path, capsys, monkeypatch):
     assert row["time_mape_pct"] == 9.5 and row["time_interval_coverage_pct"] is None
     assert row["regret_median_pct"] is None and row["regret_mean_pct"] is None
     assert out["random_split_baseline"] == {"time_mae_s": 0.76, "accuracy_mae": None}
+
+
+def test_concurrent_predictions_keep_each_others_measurements(tmp_path, capsys, monkeypatch):
+    # Two --predict processes that each measured a new configuration at the same time each stored
+    # the file they had loaded plus their own measurement: the first one's was lost (seen with
+    # batch 16 and 64 run side by side). A measurement stored meanwhile is now kept.
+    from disttrain.advisor import calibrate
+
+    monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(tmp_path / "cache"))
+
+    def timing(batch):
+        return {"model_name": "small_cnn", "dataset": "digits", "batch_size": batch, "workers": 0, "processes": 1,
+                "epoch_s": 0.5, "timed_batches": 11, "step_s": 0.04, "step_s_sd": 0.01}
+
+    stored = calibrate.Calibration(device="cpu", host="h", threads=1, timings=[timing(128)], created=5.0,
+                                   version=calibrate.VERSION)
+    assert calibrate.store(stored) is not None
+
+    def measure_while_another_stores(model, dataset, batch, workers, device, processes=1):
+        other = calibrate.load("cpu")  # the other process, which loaded the file and measured batch 16
+        other.timings.append(timing(16))
+        calibrate.store(other)
+        return timing(batch)
+
+    monkeypatch.setattr(calibrate, "measure_steps", measure_while_another_stores)
+    run = tmp_path / "metrics.csv"
+    run.write_text("epoch,epoch_timings,model_name,num_of_paramters,gpu,batch_size,dataset\n0,0.5,small_cnn,6090,cpu,64,digits\n")
+    code, stdout, stderr = advise_here(capsys, "--predict", str(run))
+    assert code == 0, stderr
+    assert sorted(t["batch_size"] for t in calibrate.load("cpu").timings) == [16, 64, 128]
