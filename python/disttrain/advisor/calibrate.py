@@ -190,6 +190,20 @@ def store(calibration: Calibration) -> Path | None:
     return path
 
 
+def store_added(calibration: Calibration) -> Path | None:
+    """Stores ``calibration`` after this process added measurements to it, keeping those another
+    process stored meanwhile under the same calibration (two --predict runs measuring at once each
+    held an older copy of the file, and the last to store lost the other's); a --calibrate since
+    then starts afresh."""
+    latest = load(calibration.device)
+    if latest is not None and latest.created == calibration.created:
+        for t in latest.timings:
+            if calibration.timing(t["model_name"], t["dataset"], t["batch_size"], t["workers"],
+                                  t.get("processes", 1)) is None:
+                calibration.timings.append(t)
+    return store(calibration)
+
+
 def _model_and_data(model_name: str, dataset: str):
     """The trainer's model, training set and a validation set for a configuration (CIFAR-10: random
     tensors of its shape; the validation set is a few batches, evaluated between epochs as the trainer

@@ -277,16 +277,7 @@ def _predict(args) -> int:
             calibrate.predict(calibration, configs[rows]).to_numpy()
         out.loc[rows, "source"] = "calibrated"
         if len(calibration.timings) > before:
-            # Another --predict may have stored its own new measurements while this one measured
-            # (seconds): they are kept, not overwritten by this process's older copy of the file
-            # (the same calibration only: a --calibrate since then starts afresh).
-            latest = calibrate.load(gpu)
-            if latest is not None and latest.created == calibration.created:
-                for timing in latest.timings:
-                    if calibration.timing(timing["model_name"], timing["dataset"], timing["batch_size"],
-                                          timing["workers"], timing.get("processes", 1)) is None:
-                        calibration.timings.append(timing)
-            calibrate.store(calibration)
+            calibrate.store_added(calibration)
     if (~mine).any():
         from ._deps import missing_dependencies, missing_message
 
