@@ -57,6 +57,20 @@ def test_same_files_hit_changed_files_miss(logs, fits, tmp_path):
     configs = pd.DataFrame([{"model_name": "resnet50", "gpu": "P100", "batch_size": 32}])
     pd.testing.assert_frame_equal(first.predict(configs), again.predict(configs), check_exact=True)
     assert advisor_cache.cached_fit(logs, coverage=0.9)[1] is False  # another coverage: another fit
+    # The same files in another folder (a fresh install's shipped logs, a copied runs folder): the same fit.
+    elsewhere = tmp_path / "elsewhere" / "logs"
+    shutil.copytree(logs, elsewhere)
+    assert advisor_cache.cached_fit(elsewhere)[1] is True
+    # The same bytes cut into files differently: another fit (rows are grouped by file).
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    first_two = sorted(logs.glob("*.csv"))[:2]
+    (merged / "a.csv").write_bytes(first_two[0].read_bytes() + first_two[1].read_bytes())
+    split = tmp_path / "split"
+    split.mkdir()
+    for i, csv in enumerate(first_two):
+        shutil.copy(csv, split / f"{i}.csv")
+    assert advisor_cache.fit_key([merged / "a.csv"], 0.8) != advisor_cache.fit_key(sorted(split.glob("*.csv")), 0.8)
     # One byte changed in one file: a new key, a new fit.
     victim = sorted(logs.glob("*.csv"))[0]
     victim.write_bytes(victim.read_bytes().replace(b"resnet18", b"resnet18 ", 1))

@@ -6,8 +6,10 @@ call. A fit is a pure function of its training files, the coverage, the
 advisor's code and the versions of the libraries it runs on, so its result is
 kept under a key hashed from exactly these:
 
-- every training CSV: its resolved path and its bytes (a changed, added or
-  removed file is a new key; the same files elsewhere are a new key too);
+- every training CSV's bytes, in reading order (a changed, added or removed
+  file is a new key). Not their paths: a fit depends on what the files hold,
+  and the same files elsewhere (the logs a fresh install ships, a copied runs
+  folder) are the same fit;
 - the coverage;
 - the source of every module of ``disttrain.advisor`` and the versions of
   Python, NumPy, pandas, SciPy, scikit-learn and LightGBM.
@@ -69,12 +71,13 @@ def _code_fingerprint() -> bytes:
 
 
 def fit_key(files: list[Path], coverage: float) -> str:
-    """The cache key of a fit on ``files`` (resolved CSV paths, in reading order)."""
+    """The cache key of a fit on ``files`` (CSV paths, in reading order): their bytes, not
+    their paths (each file's length delimits it, so where one file ends is part of the key)."""
     h = hashlib.sha256(_code_fingerprint())
     h.update(repr(float(coverage)).encode())
     for path in files:
         data = path.read_bytes()
-        h.update(f"\0{path}\0{len(data)}\0".encode())
+        h.update(f"\0{len(data)}\0".encode())
         h.update(data)
     return h.hexdigest()
 

@@ -118,6 +118,7 @@ import pandas as pd
 from scipy.optimize import least_squares
 from sklearn.model_selection import GroupKFold
 
+from ._threads import one_blas_thread
 from .features import derive
 
 _RATES = ["load", "compute", "launch", "comm"]
@@ -335,27 +336,41 @@ class EpochTimeModel:
         if self.boost and folds >= 2:
             corrected = self._fit_correction(runs, residual, groups, folds)
         self.log_low_, self.log_high_ = self._bounds(corrected)
-        # Intervals for a GPU family or model the runs do not hold: residuals of
-        # leaving each family (model) out in turn, inside the training runs.
-        self.novel_bounds_ = {}
-        for column in ("gpu_family", "model_name"):
-            values = runs[column].to_numpy()
-            if len(np.unique(values)) >= 2:
-                leave_one_out = ((np.nonzero(values != v)[0], np.nonzero(values == v)[0]) for v in np.unique(values))
-                self.novel_bounds_[column] = self._bounds(self._out_of_fold_residual(runs, leave_one_out))
-        # Out of range: the logged span of batch size and GPU count, and the residuals of
-        # predicting beyond it inside the training runs (fit without the extreme, predict it).
+        # The wider intervals of inputs outside the runs (a GPU family or model they do not
+        # hold, a batch size or GPU count beyond their span) cost 11 more structural fits, and
+        # most predictions need none of them: each is made on first use (step_bounds).
         self.ranges_ = {c: (float(runs[c].min()), float(runs[c].max())) for c in ("batch_size", "num_of_gpus")}
-        self.extrapolation_bounds_ = {}
-        for column, edges in (("batch_size", ("max", "min")), ("num_of_gpus", ("max",))):
-            values = runs[column].to_numpy(dtype=float)
-            splits = [(np.nonzero(values != v)[0], np.nonzero(values == v)[0])
-                      for v in {getattr(np, e)(values) for e in edges} if len(np.unique(values[values != v])) >= 2]
-            if splits:
-                self.extrapolation_bounds_[column] = self._bounds(self._out_of_fold_residual(runs, splits))
+        self.runs_ = runs
+        self.step_bounds_: dict = {}
         rates = self.core_[0][: _REGIMES * len(_RATES)].reshape(_REGIMES, len(_RATES))
         self.rates_ = {regime: dict(zip(_RATES, np.exp(np.minimum(row, 50)))) for regime, row in zip(("single", "distributed"), rates)}
         return self
+
+    def step_bounds(self, column: str) -> tuple | None:
+        """The interval (log space) of a prediction whose ``column`` lies outside the training
+        runs, or None where the runs cannot size one. A GPU family or model they lack: the
+        residuals of leaving each family (model) out in turn, inside the runs. A batch size or GPU
+        count beyond their span: the residuals of predicting beyond it inside the runs (fitted
+        without the extreme value, predicted on it). Computed once, on first use."""
+        if column not in self.step_bounds_:
+            self.step_bounds_[column] = self._step_bounds(column)
+        return self.step_bounds_[column]
+
+    @one_blas_thread  # as in the fit: the same residuals, without OpenBLAS's threads waiting on busy cores
+    def _step_bounds(self, column: str) -> tuple | None:
+        runs = self.runs_
+        if column in ("gpu_family", "model_name"):
+            values = runs[column].to_numpy()
+            splits = [(np.nonzero(values != v)[0], np.nonzero(values == v)[0]) for v in np.unique(values)]
+            if len(splits) < 2:
+                splits = []
+        else:
+            edges = ("max", "min") if column == "batch_size" else ("max",)
+            values = runs[column].to_numpy(dtype=float)
+            splits = [(np.nonzero(values != v)[0], np.nonzero(values == v)[0])
+                      for v in sorted({getattr(np, e)(values) for e in edges})
+                      if len(np.unique(values[values != v])) >= 2]
+        return self._bounds(self._out_of_fold_residual(runs, splits)) if splits else None
 
     def _out_of_fold_residual(self, runs: pd.DataFrame, splits) -> np.ndarray:
         """Log residuals of the structural model fitted on each split's train
@@ -399,7 +414,7 @@ class EpochTimeModel:
         inside = {"num_workers_data_loader": np.array([w in workers.get(r, ()) for r, w in zip(regime, count)], dtype=bool),
                   "gpu_family": d["gpu_family"].isin(families).to_numpy(),
                   "model_name": d["model_name"].isin(models).to_numpy()}
-        for column, (lo, hi) in getattr(self, "ranges_", {}).items():
+        for column, (lo, hi) in self.ranges_.items():
             value = d[column].to_numpy(dtype=float)
             inside[column] = (value >= lo) & (value <= hi)
         return pd.DataFrame({f"in_logs_{COVERED_INPUTS[c]}": inside[c] for c in COVERED_INPUTS}, index=configs.index)
@@ -449,9 +464,11 @@ class EpochTimeModel:
         flags = self.in_logs(configs)
         low = np.full(len(configs), self.log_low_)
         high = np.full(len(configs), self.log_high_)
-        steps = {**self.novel_bounds_, **getattr(self, "extrapolation_bounds_", {})}
-        for column, bounds in steps.items():
+        for column in ("gpu_family", "model_name", "batch_size", "num_of_gpus"):
             new = ~flags[f"in_logs_{COVERED_INPUTS[column]}"].to_numpy()
+            bounds = self.step_bounds(column) if new.any() else None
+            if bounds is None:
+                continue
             low[new] = np.minimum(low[new], bounds[0])
             high[new] = np.maximum(high[new], bounds[1])
         other_workers = ~flags["in_logs_workers"].to_numpy()
