@@ -275,3 +275,22 @@ def test_vision_transformers_fit_the_data_sets_images(tmp_path, capsys):
     _fake_cifar(str(tmp_path / "cifar"))
     train_cli._checked_runs(["-s", str(tmp_path), "-m", "vit_small", "--dataset", "cifar10", "-d",
                              str(tmp_path / "cifar")])
+
+
+def test_strategy_none_with_more_ranks_is_refused_before_launch(tmp_path, capsys, monkeypatch):
+    # --strategy none --nproc-per-node 2 passed the checks, launched 2 ranks that each raised the
+    # Trainer's ValueError as a traceback, and torchrun restarted the job 3 times; under a launcher
+    # of one's own each rank printed that traceback. Now one line, exit 2, nothing launched.
+    line = _train_error(capsys, ["-s", str(tmp_path), "--strategy", "none", "--nproc-per-node", "2"])
+    assert "--strategy none" in line and "2 ranks" in line, line
+    for name in ("RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    line = _train_error(capsys, ["-s", str(tmp_path), "--strategy", "none"])
+    assert "--strategy none" in line and "3 ranks" in line, line
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train_cli._checked_runs(["-s", str(tmp_path), "--strategy", "none"])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    train_cli._checked_runs(["-s", str(tmp_path), "--strategy", "none", "--nproc-per-node", "1"])

@@ -390,6 +390,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {args.strategy!r}: choose from {', '.join(STRATEGIES)}")
     _check_decentralised(args)
+    if args.strategy == "none":
+        ranks = _job_ranks(args)
+        if ranks > 1:
+            raise ConfigError(f"--strategy none: trains the model unwrapped on one rank, and the job has {ranks} ranks; "
+                              "start one process (no --nproc-per-node) or choose --strategy ddp")
     if args.zero_stage is not None and args.strategy != "fsdp":
         raise ConfigError(f"--zero-stage {args.zero_stage}: applies to --strategy fsdp only (the strategy is "
                           f"{args.strategy})")
@@ -429,6 +434,19 @@ def validate(args: argparse.Namespace) -> None:
     except OSError as e:
         raise ConfigError(f"-s/--save-location {args.save_location!r}: cannot write the run folder '{run_dir}' "
                           f"({e.strerror}); expected a writable folder") from None
+
+
+def _job_ranks(args: argparse.Namespace) -> int:
+    """The ranks this command's job will have: the launcher's world size under one, else --nproc-per-node."""
+    from .distributed import launch_environment
+
+    try:
+        env = launch_environment()
+    except ValueError:  # malformed launcher variables: disttrain.init names them
+        env = None
+    if env is not None:
+        return int(env["world_size"])
+    return args.nproc_per_node if _is_int(args.nproc_per_node) else 1
 
 
 def _check_decentralised(args: argparse.Namespace) -> None:
