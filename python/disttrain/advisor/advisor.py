@@ -13,7 +13,7 @@ from .baseline import RawColumnsBaseline
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
 from .hardware import DEFAULT_PRICES, NO_DATA_SHEET
-from .loading import REFERENCE_DATASET, load_epochs, load_raw, normalize_configs, runs_table
+from .loading import REFERENCE_DATASET, fold_ranks, load_raw, normalize_configs, runs_table
 from .recommend import Recommendation, rank
 from .time_model import EpochTimeModel
 
@@ -66,7 +66,7 @@ class Advisor:
 
             return cached_fit(paths_or_dataframe, coverage)[0]
         raw = load_raw(paths_or_dataframe)
-        epochs = load_epochs(raw)
+        epochs = fold_ranks(raw)
         runs = runs_table(epochs)
         # Every run teaches the time model (its data set's size is a feature); accuracy curves
         # are learnt on the logs' data set only (CIFAR-10): a run of the trainer on its digits

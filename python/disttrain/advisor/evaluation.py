@@ -32,7 +32,7 @@ from .baseline import RawColumnsBaseline, random_split_scores
 from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, target_crossings
 from .hardware import DEFAULT_PRICES
 from .holdout import holdout_configs
-from .loading import load_epochs, load_raw, runs_table
+from .loading import fold_ranks, load_raw, runs_table
 from .time_model import EpochTimeModel
 
 SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name",
@@ -187,7 +187,7 @@ def evaluate(paths_or_dataframe=None, splits=tuple(SPLITS), progress=None, max_f
         (the baseline's original evaluation) and ``predictions`` (split -> out-of-fold rows).
     """
     raw = load_raw(paths_or_dataframe)
-    epochs = load_epochs(raw)
+    epochs = fold_ranks(raw)
     run_fits = LearningCurveModel().fit_runs(epochs)
     held = epochs["config_id"].isin(holdout_configs())
     development = (epochs[~held], raw[~raw["config_id"].isin(holdout_configs())])

@@ -330,7 +330,11 @@ def load_epochs(paths_or_dataframe=None) -> pd.DataFrame:
         >>> epochs.groupby("run_id").size().min()
         30
     """
-    raw = load_raw(paths_or_dataframe)
+    return fold_ranks(load_raw(paths_or_dataframe))
+
+
+def fold_ranks(raw: pd.DataFrame) -> pd.DataFrame:
+    """:func:`load_epochs` of rows :func:`load_raw` has already read and tidied."""
     config_columns = ["run_id", "config_id", "model_name", "gpu", "gpu_family", "params", "num_of_gpus",
                       "batch_size", "learning_rate", "distribute_data", "is_distributed",
                       "num_workers_data_loader", "num_epochs", "milestones", "dataset"]
