@@ -47,6 +47,17 @@ def no_leftover_shared_memory():
         yield
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_environment():
+    """A test, or a library it runs in-process (Lightning's launcher sets WORLD_SIZE), must not
+    hand its environment variables to the next test: the environment is put back after each."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def advisor_fit_cache(tmp_path_factory):
     """The advisor's fit cache (disttrain.advisor.cache) in a folder of this session: the

@@ -195,9 +195,17 @@ def test_bench_ddp_bucket_size_configurations_pass():
     assert cli._check_bench(["ddp", "--configs", "disttrain@4/disttrain,disttrain-caller@0.5/disttrain,no-comm+copy"]) is None
 
 
-def test_bench_defaults_pass():
+@pytest.mark.parametrize("launcher", [False, True])
+def test_bench_defaults_pass(monkeypatch, launcher):
+    """Also from a shell that a launcher's variables leaked into: the benchmarks start their
+    rows under their own torchrun (bench scaling's serial row refused --strategy none there)."""
     from disttrain.bench import BENCHMARKS
 
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    if launcher:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
     for name in BENCHMARKS:
         assert cli._check_bench([name]) is None, name
 

@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 _CONFIG_KEYS = {  # configuration-file key -> option; keys of ../shared/data/epoch-logs/configurations.json included
@@ -344,7 +345,7 @@ def _backends() -> list[str]:
     return names
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
     """Checks one run's options (from the command line or a configuration
     entry) before anything starts; raises :class:`ConfigError` naming the bad
     value and what would be accepted."""
@@ -391,7 +392,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--strategy {args.strategy!r}: choose from {', '.join(STRATEGIES)}")
     _check_decentralised(args)
     if args.strategy == "none":
-        ranks = _job_ranks(args)
+        ranks = _job_ranks(args, environ)
         if ranks > 1:
             raise ConfigError(f"--strategy none: trains the model unwrapped on one rank, and the job has {ranks} ranks; "
                               "start one process (no --nproc-per-node) or choose --strategy ddp")
@@ -436,12 +437,13 @@ def validate(args: argparse.Namespace) -> None:
                           f"({e.strerror}); expected a writable folder") from None
 
 
-def _job_ranks(args: argparse.Namespace) -> int:
-    """The ranks this command's job will have: the launcher's world size under one, else --nproc-per-node."""
+def _job_ranks(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """The ranks this command's job will have: the launcher's world size under one (read from
+    ``environ``, default this process's), else --nproc-per-node."""
     from .distributed import launch_environment
 
     try:
-        env = launch_environment()
+        env = launch_environment(environ)
     except ValueError:  # malformed launcher variables: disttrain.init names them
         env = None
     if env is not None:
@@ -500,13 +502,17 @@ def _config_error(message: str) -> int:
     return CONFIG_ERROR_EXIT
 
 
-def _checked_runs(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[argparse.Namespace, dict]]]:
+def _checked_runs(argv: list[str], environ: Mapping[str, str] | None = None
+                  ) -> tuple[argparse.Namespace, list[tuple[argparse.Namespace, dict]]]:
+    """The parsed command and its runs, each validated; ``environ``: the launcher variables the
+    runs will see (default this process's; a caller that starts them under its own torchrun
+    passes those)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     runs = _configurations(args, parser)
     for i, (run, columns) in enumerate(runs):
         try:
-            validate(run)
+            validate(run, environ)
         except ConfigError as e:
             if args.configuration_file is None:
                 raise

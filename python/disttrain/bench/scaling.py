@@ -215,8 +215,8 @@ def check_args(args: argparse.Namespace, backends: list[str]) -> None:
     with tempfile.TemporaryDirectory() as scratch:  # train's own check, its run folder made in scratch, not in RUNS
         argv = _train_argv(args, Config(SERIAL, 1, 1, False))[3:]
         argv[argv.index("-s") + 1] = scratch
-        try:
-            _checked_runs(argv)
+        try:  # as the serial row's one rank sees it under its torchrun, whatever launched this process
+            _checked_runs(argv, environ={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         except ConfigError as e:
             raise ValueError(str(e)) from None
 
