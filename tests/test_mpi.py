@@ -152,6 +152,11 @@ def test_missing_rendezvous_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="rank 1 of 2 .MPICH/PMI. has no rendezvous address: MASTER_ADDR "
                                            "and MASTER_PORT not set"):
         dd.init()
+    # The failed init left no half job behind: RANK and WORLD_SIZE=2 stayed in os.environ, and the
+    # next code in the process (a later test: bench scaling's check) took itself for rank 1 of 2.
+    left = {name: os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                                "MASTER_PORT") if name in os.environ}
+    assert not left, left
 
 
 

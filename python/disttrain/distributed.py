@@ -415,18 +415,6 @@ def init(
         rank, world_size = 0, 1
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"disttrain.init: rank {rank} is not in [0, {world_size})")
-    if job is not None and job["launcher"] != "torchrun":
-        _export_torchrun_variables(job, rank, world_size)
-        if init_method is None and world_size > 1:
-            _rendezvous_from_launcher(job)
-    if init_method is None:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError(
-                    "disttrain.init: MASTER_PORT is not set; launch with torchrun or set MASTER_ADDR/MASTER_PORT")
-            os.environ["MASTER_PORT"] = str(free_port())
-        init_method = "env://"
     if isinstance(timeout, (int, float)):
         timeout = datetime.timedelta(seconds=timeout)
     kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
@@ -434,8 +422,32 @@ def init(
         if backend != BACKEND_NAME:
             raise ValueError(f"disttrain.init: options apply to the {BACKEND_NAME!r} backend, not {backend!r}")
         kwargs["pg_options"] = options if isinstance(options, BackendOptions) else BackendOptions(**options)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+    # The variables set here for this job stay only if the group starts: a failed init leaves the
+    # environment as it was (a notebook's next try, or the next code in the process, sees no half job).
+    unset = [name for name in _INIT_SETS if name not in os.environ]
+    try:
+        if job is not None and job["launcher"] != "torchrun":
+            _export_torchrun_variables(job, rank, world_size)
+            if init_method is None and world_size > 1:
+                _rendezvous_from_launcher(job)
+        if init_method is None:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                if world_size > 1:
+                    raise RuntimeError("disttrain.init: MASTER_PORT is not set; launch with torchrun or set "
+                                       "MASTER_ADDR/MASTER_PORT")
+                os.environ["MASTER_PORT"] = str(free_port())
+            init_method = "env://"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+    except BaseException:
+        for name in unset:
+            os.environ.pop(name, None)
+        raise
     return rank, world_size
+
+
+#: what init may set in os.environ: torchrun's variables for an MPI or Slurm job, the rendezvous
+_INIT_SETS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _export_torchrun_variables(job: dict[str, Any], rank: int, world_size: int) -> None:
