@@ -555,3 +555,34 @@ def _reduce_scatter_output_inside_the_input(rank, world):
 def test_reduce_scatter_into_a_view_of_its_input(world, transport):
     results = run_ranks(_reduce_scatter_output_inside_the_input, world, **transport_env(transport))
     assert not any(results), results
+
+
+def _callback_issues_an_op_and_waits(rank, world):
+    """A future's callback that issues another collective and waits for it (what
+    PowerSGD's DDP hook does), nested twice (gloo, with its two worker threads,
+    manages one level), then an ordinary op on the same group."""
+    a = torch.full((4,), float(rank + 1))
+    b = torch.full((3,), float(rank + 2))
+    c = torch.full((2,), float(rank + 3))
+
+    def second(fut):
+        got = dist.all_reduce(c, async_op=True).get_future().wait()[0]
+        return fut.value()[0].sum() + got.sum()
+
+    def first(fut):
+        inner = dist.all_reduce(b, async_op=True).get_future()
+        return inner.then(second).wait() + fut.value()[0].sum()
+
+    total = dist.all_reduce(a, async_op=True).get_future().then(first).wait()
+    after = torch.ones(5)
+    dist.all_reduce(after)
+    return total.item(), after.sum().item()
+
+
+@pytest.mark.parametrize("world,transport", [(2, "shm"), (3, "tcp")])
+def test_future_callback_that_issues_an_op_and_waits(world, transport):
+    results = run_ranks(_callback_issues_an_op_and_waits, world, timeout=90, pg_timeout=20,
+                        **transport_env(transport))
+    ranks_sum = lambda k: sum(r + k for r in range(world))  # noqa: E731
+    want = 4 * ranks_sum(1) + 3 * ranks_sum(2) + 2 * ranks_sum(3)
+    assert results == [(want, 5.0 * world)] * world, results

@@ -442,6 +442,21 @@ void DisttrainBackend::teardown(const std::string& why) {
   for (auto& w : left) {
     w->complete(backend_error("disttrain: " + why + " before " + w->describe() + " ran"));
   }
+  // The completion threads finish what the progress thread handed them (a
+  // callback waiting for an op that was queued has its error by now), then end.
+  std::vector<std::thread> completers;
+  {
+    std::lock_guard<std::mutex> lock(st->mu);
+    st->completers_stop = true;
+    completers.swap(st->completers);
+  }
+  st->completion_cv.notify_all();
+  for (auto& t : completers) join_or_detach(t);
+  {
+    std::lock_guard<std::mutex> lock(st->mu);
+    for (auto& w : st->finished) finished.push_back(std::move(w));
+    st->finished.clear();
+  }
   // Sockets and acceptor threads go now, even if references to the group
   // outlive it (destroy_process_group with the group still held elsewhere).
   for (auto* t : {leaders_.get(), local_.get(), transport_.get()})
@@ -519,17 +534,45 @@ void DisttrainBackend::progress_loop(DisttrainBackend* self, std::shared_ptr<Pro
       st->running_ran = true;
       return;
     }
+    // Completed (its future's callbacks run) on a completion thread: a
+    // callback that issues an op and waits for it (PowerSGD's hook) would
+    // otherwise wait for this very thread, a deadlock no timeout ended.
+    post_completion(st, std::move(st->running), error);  // this thread keeps no reference
+  }
+}
+
+void DisttrainBackend::post_completion(const std::shared_ptr<ProgressState>& st,
+                                       c10::intrusive_ptr<DisttrainWork> work, std::exception_ptr error) {
+  // Called with st->mu held.
+  st->to_complete.emplace_back(std::move(work), error);
+  if (st->to_complete.size() > st->idle_completers) {
+    st->completers.emplace_back([st] { run_thread_body("completion", [&] { completion_loop(st); }); });
+  } else {
+    st->completion_cv.notify_one();
+  }
+}
+
+void DisttrainBackend::completion_loop(std::shared_ptr<ProgressState> st) {
+  trace::name_this_thread("disttrain completion");
+  std::unique_lock<std::mutex> lock(st->mu);
+  while (true) {
+    ++st->idle_completers;
+    st->completion_cv.wait(lock, [&] { return st->completers_stop || !st->to_complete.empty(); });
+    --st->idle_completers;
+    if (st->to_complete.empty()) return;  // stopping, nothing left
+    auto [work, error] = std::move(st->to_complete.front());
+    st->to_complete.pop_front();
     lock.unlock();
     // Runs the future's callbacks. One of them may release the backend's
-    // last reference, destroying it here: from then on `self` is gone, and
-    // only `st` (ours) is touched; `stop` is set by then.
+    // last reference, destroying it here: from then on only `st` (ours) is
+    // touched.
     work->complete(error);
     lock.lock();
     // The finished op may hold the last references to tensors Python owns;
-    // releasing them here would need the GIL, which a progress thread must
-    // never take (it is fatal during interpreter shutdown). A caller's wait(),
-    // the next caller of enqueue(), or the teardown releases them.
-    st->finished.push_back(std::move(st->running));  // this thread keeps no reference
+    // releasing them here would need the GIL, which this thread must never
+    // take (it is fatal during interpreter shutdown). A caller's wait(), the
+    // next caller of enqueue(), or the teardown releases them.
+    st->finished.push_back(std::move(work));
   }
 }
 

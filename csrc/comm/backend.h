@@ -22,6 +22,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "comm/options.h"
@@ -113,6 +114,18 @@ struct ProgressState {
   bool caller_running = false;
   bool stop = false;
   std::string stop_reason;
+  // Ops the progress thread has run, to be completed (their futures' callbacks
+  // run) on a completion thread, never on the progress thread: a callback may
+  // issue another op and wait for it (PowerSGD's hook does), which needs the
+  // progress thread free to run it. A callback may also wait for a later op's
+  // future, so a completion that finds every completion thread busy starts
+  // another one (threads stay until teardown; as many as callbacks ever
+  // blocked at once, plus one).
+  std::deque<std::pair<c10::intrusive_ptr<DisttrainWork>, std::exception_ptr>> to_complete;
+  std::condition_variable completion_cv;
+  std::vector<std::thread> completers;
+  size_t idle_completers = 0;
+  bool completers_stop = false;
 };
 
 class DisttrainBackend : public c10d::Backend {
@@ -254,6 +267,10 @@ class DisttrainBackend : public c10d::Backend {
   // The progress thread: takes `state` by value (it outlives the backend if
   // the backend is destroyed on this thread) and touches `self` only to run ops.
   static void progress_loop(DisttrainBackend* self, std::shared_ptr<ProgressState> state);
+  // Hands a finished op to a completion thread (st.mu held), starting one if all are busy.
+  static void post_completion(const std::shared_ptr<ProgressState>& st, c10::intrusive_ptr<DisttrainWork> work,
+                              std::exception_ptr error);
+  static void completion_loop(std::shared_ptr<ProgressState> st);
   std::exception_ptr run_op(DisttrainWork& work);
   // Stops the progress thread, fails what is left (on the calling thread),
   // closes the sockets. Idempotent; `why` is said to whoever waits.
