@@ -40,16 +40,18 @@ def advise_here(capsys, *args):
 
 
 def test_ranked_table_and_json(capsys):
-    out = advise("--model", "resnet50", "--target-acc", "0.75", "--gpus", "P40", "Tesla V100-SXM2-16GB", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    # In this process (the command's real process prints JSON in test_advisor_install.py's fresh venv).
+    code, stdout, stderr = advise_here(capsys, "--model", "resnet50", "--target-acc", "0.75", "--gpus", "P40",
+                                       "Tesla V100-SXM2-16GB", "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
     rows = result["configurations"]
     assert rows and {r["gpu"] for r in rows} <= {"P40", "V100-SXM2"}
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(a["cost"] <= b["cost"] for a, b in zip(rows, rows[1:]))
     # Units for every number; no infinity: an unbounded end is null, and whether the target is
     # reached with 80% confidence is said outright (and agrees with that end being bounded).
-    assert "Infinity" not in out.stdout
+    assert "Infinity" not in stdout
     assert result["units"]["cost"] == "USD" and result["units"]["epoch_time_s"] == "s" and result["units"]["hours"] == "h"
     assert all(isinstance(r["reached_80pct"], bool) and 0 <= r["p_reach"] <= 1 for r in rows)
     assert all(r["reached_80pct"] == (r["epochs_high"] is not None) == (r["cost_high"] is not None) for r in rows)
