@@ -49,8 +49,9 @@ def no_leftover_shared_memory():
 
 @pytest.fixture(autouse=True)
 def no_leaked_environment():
-    """A test, or a library it runs in-process (Lightning's launcher sets WORLD_SIZE), must not
-    hand its environment variables to the next test: the environment is put back after each."""
+    """A test, or the library code it runs in-process, must not hand its environment variables to
+    the next test (a failed disttrain.init once left RANK and WORLD_SIZE=2 behind, and later tests
+    took themselves for a rank of that job): the environment is put back after each."""
     saved = dict(os.environ)
     yield
     if dict(os.environ) != saved:

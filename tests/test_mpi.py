@@ -159,6 +159,32 @@ def test_missing_rendezvous_is_a_clear_error(monkeypatch):
     assert not left, left
 
 
+def test_a_failed_init_puts_back_the_rendezvous_it_replaced(monkeypatch):
+    """An empty MASTER_ADDR counts as unset: init replaces it (here 127.0.0.1, every rank on this
+    host). When the group then fails to start, the environment is as it was, the empty value too."""
+    for name in list(os.environ):
+        if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "PBS_", "MASTER_", "DISTTRAIN_HOSTFILE")) \
+                or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MASTER_ADDR", "")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    monkeypatch.setenv("OMPI_MCA_ess_base_jobid", "3875471361")
+
+    def refused(*args, **kwargs):
+        assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["RANK"] == "1"  # set for the group
+        raise RuntimeError("the group did not start")
+
+    monkeypatch.setattr(dd.dist, "init_process_group", refused)
+    with pytest.raises(RuntimeError, match="the group did not start"):
+        dd.init()
+    assert os.environ["MASTER_ADDR"] == ""
+    assert not {name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+                if name in os.environ}
+
+
 
 def test_mpi4py_of_another_mpi_is_a_clear_error():
     """mpi4py built against another MPI than the launcher's sees a job of its own (here: started

@@ -424,7 +424,7 @@ def init(
         kwargs["pg_options"] = options if isinstance(options, BackendOptions) else BackendOptions(**options)
     # The variables set here for this job stay only if the group starts: a failed init leaves the
     # environment as it was (a notebook's next try, or the next code in the process, sees no half job).
-    unset = [name for name in _INIT_SETS if name not in os.environ]
+    before = {name: os.environ.get(name) for name in _INIT_SETS}
     try:
         if job is not None and job["launcher"] != "torchrun":
             _export_torchrun_variables(job, rank, world_size)
@@ -440,8 +440,11 @@ def init(
             init_method = "env://"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
     except BaseException:
-        for name in unset:
-            os.environ.pop(name, None)
+        for name, value in before.items():  # an empty MASTER_ADDR counts as unset and is replaced: put back too
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         raise
     return rank, world_size
 
