@@ -141,11 +141,16 @@ def test_one_host_job_needs_no_hostfile_nor_mpi4py(monkeypatch):
     assert int(os.environ["MASTER_PORT"]) == dd._derived_port({"OMPI_MCA_ess_base_jobid": "3875471361"})[0]
 
 
-def test_missing_rendezvous_is_a_clear_error(monkeypatch):
+def _no_launcher(monkeypatch):
+    """No launcher's variables, no rendezvous, no hostfile in this process's environment (for the test)."""
     for name in list(os.environ):
         if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "PBS_", "MASTER_", "DISTTRAIN_HOSTFILE")) \
                 or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             monkeypatch.delenv(name)
+
+
+def test_missing_rendezvous_is_a_clear_error(monkeypatch):
+    _no_launcher(monkeypatch)
     monkeypatch.setenv("PMI_RANK", "1")
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setattr(dd, "_mpi4py_importable", lambda: False)
@@ -162,10 +167,7 @@ def test_missing_rendezvous_is_a_clear_error(monkeypatch):
 def test_a_failed_init_puts_back_the_rendezvous_it_replaced(monkeypatch):
     """An empty MASTER_ADDR counts as unset: init replaces it (here 127.0.0.1, every rank on this
     host). When the group then fails to start, the environment is as it was, the empty value too."""
-    for name in list(os.environ):
-        if name.startswith(("OMPI_", "PMI_", "PMIX_", "SLURM_", "PBS_", "MASTER_", "DISTTRAIN_HOSTFILE")) \
-                or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-            monkeypatch.delenv(name)
+    _no_launcher(monkeypatch)
     monkeypatch.setenv("MASTER_ADDR", "")
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
