@@ -70,6 +70,37 @@ def test_mismatched_shapes_raise_the_same_error_everywhere(transport):
     assert "numel=100" in a and "numel=200" in a
 
 
+def _root_mismatch(rank, world, op):
+    """Rank 1 names itself the root, the others rank 0."""
+    root = 1 if rank == 1 else 0
+    t = torch.full((1000,), float(rank))
+    start = time.monotonic()
+    try:
+        if op == "broadcast":
+            dist.broadcast(t, src=root)
+        elif op == "gather":
+            dist.gather(t, [torch.empty(1000) for _ in range(world)] if rank == root else None, dst=root)
+        else:
+            dist.scatter(t, [torch.full((1000,), 7.0) for _ in range(world)] if rank == root else None, src=root)
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "value": t[0].item()}
+
+
+@SAME_HOST
+@pytest.mark.parametrize("op", ["broadcast", "gather", "scatter"])
+def test_root_mismatch_raises_on_every_rank_in_the_op(transport, op):
+    """Over TCP a broadcast or scatter whose ranks named different roots returned wrong data on
+    some ranks, and a gather hung until the group timeout: every rank now raises the mismatch in
+    that op, naming both roots."""
+    results = run_ranks(_root_mismatch, 3, args=(op,), pg_timeout=30, **env(transport))
+    for r, res in enumerate(results):
+        assert res["error"] is not None, f"rank {r} returned {res} from a {op} with mismatched roots"
+        assert "collective mismatch" in res["error"] and "root=0" in res["error"] and "root=1" in res["error"], res
+        assert res["seconds"] < 10, f"rank {r} raised only at the timeout: {res}"
+    assert len({res["error"] for res in results}) == 1, results
+
+
 def _skips_collective(rank, world):
     try:
         if rank != 1:

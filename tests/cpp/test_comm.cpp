@@ -102,16 +102,70 @@ INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
                                             ::testing::Values(AllreduceAlgorithm::kRing,
                                                               AllreduceAlgorithm::kRecursiveDoubling)));
 
+// A rooted op's signature names its root (aux), as the backend's do.
+OpSignature rooted(OpKind op, uint64_t count, int root) {
+  OpSignature sig = sig_for(op, count, RedOp::kNone, c10::kByte);
+  sig.aux = root;
+  return sig;
+}
+
 TEST(Collectives, BroadcastTreeAndChainFromEveryRoot) {
-  for (size_t bytes : {size_t(5), size_t(1 << 20)}) {
-    for (int root = 0; root < 3; ++root) {
-      auto errors = run_ranks(3, [&](TcpTransport& t) {
-        std::vector<uint8_t> data(bytes, t.rank() == root ? 0xAB : 0);
-        broadcast(t, sig_for(OpKind::kBroadcast, bytes, RedOp::kNone, c10::kByte), data.data(), bytes, root, soon());
-        for (auto v : data)
-          if (v != 0xAB) throw std::runtime_error("broadcast lost data");
-      });
-      expect_no_errors(errors);
+  for (int world : {3, 4}) {
+    for (size_t bytes : {size_t(5), size_t(1 << 20)}) {
+      for (int root = 0; root < world; ++root) {
+        auto errors = run_ranks(world, [&](TcpTransport& t) {
+          std::vector<uint8_t> data(bytes, t.rank() == root ? 0xAB : 0);
+          broadcast(t, rooted(OpKind::kBroadcast, bytes, root), data.data(), bytes, root, soon());
+          for (auto v : data)
+            if (v != 0xAB) throw std::runtime_error("broadcast lost data");
+        });
+        expect_no_errors(errors);
+      }
+    }
+  }
+}
+
+TEST(Collectives, GatherAndScatterFromEveryRoot) {
+  const int world = 3;
+  const size_t bytes = 1000;
+  for (int root = 0; root < world; ++root) {
+    auto errors = run_ranks(world, [&](TcpTransport& t) {
+      std::vector<uint8_t> in(bytes, static_cast<uint8_t>(t.rank() + 1)), all(bytes * world), out(bytes);
+      gather(t, rooted(OpKind::kGather, bytes, root), in.data(), all.data(), bytes, root, soon());
+      if (t.rank() == root)
+        for (size_t i = 0; i < all.size(); ++i)
+          if (all[i] != i / bytes + 1) throw std::runtime_error("gather block " + std::to_string(i / bytes));
+      for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint8_t>(10 + i / bytes);
+      scatter(t, rooted(OpKind::kScatter, bytes, root), all.data(), out.data(), bytes, root, soon());
+      for (auto v : out)
+        if (v != 10 + t.rank()) throw std::runtime_error("scatter block");
+    });
+    expect_no_errors(errors);
+  }
+}
+
+// Ranks that name different roots: before the root check, a broadcast or scatter
+// returned wrong data on some ranks and a gather hung to the timeout. Every rank
+// must raise the mismatch in that op, within the op (not at the deadline).
+TEST(Collectives, RootMismatchRaisesOnEveryRankInTheOp) {
+  for (int world : {2, 3}) {
+    for (size_t bytes : {size_t(5), size_t(1 << 20)}) {
+      for (OpKind op : {OpKind::kBroadcast, OpKind::kGather, OpKind::kScatter}) {
+        auto start = Clock::now();
+        auto errors = run_ranks(world, [&](TcpTransport& t) {
+          const int root = t.rank() % 2;
+          std::vector<uint8_t> one(bytes, 1), all(bytes * world, 1);
+          OpSignature sig = rooted(op, bytes, root);
+          if (op == OpKind::kBroadcast) broadcast(t, sig, one.data(), bytes, root, soon());
+          if (op == OpKind::kGather) gather(t, sig, one.data(), all.data(), bytes, root, soon());
+          if (op == OpKind::kScatter) scatter(t, sig, all.data(), one.data(), bytes, root, soon());
+        });
+        for (int r = 0; r < world; ++r) {
+          EXPECT_NE(errors[r].find("collective mismatch"), std::string::npos)
+              << describe(rooted(op, bytes, 0)) << " world " << world << " rank " << r << ": '" << errors[r] << "'";
+        }
+        EXPECT_LT(Clock::now() - start, 10s) << "the mismatch waited for the deadline";
+      }
     }
   }
 }

@@ -17,7 +17,9 @@ void gather(TcpTransport& t, const OpSignature& sig, const void* in, void* out, 
   } else {
     sends.push_back({root, in, bytes, sig.count});
   }
-  if (p > 1) t.exchange(FrameKind::kCollective, sig, 0, sends, recvs, deadline);
+  if (p == 1) return;
+  add_root_check(t, sig, &sends, &recvs);
+  t.exchange(FrameKind::kCollective, sig, 0, sends, recvs, deadline);
 }
 
 }  // namespace disttrain::comm

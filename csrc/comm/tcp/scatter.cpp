@@ -17,7 +17,9 @@ void scatter(TcpTransport& t, const OpSignature& sig, const void* in, void* out,
   } else {
     recvs.push_back({root, out, bytes, sig.count});
   }
-  if (p > 1) t.exchange(FrameKind::kCollective, sig, 0, sends, recvs, deadline);
+  if (p == 1) return;
+  add_root_check(t, sig, &sends, &recvs);
+  t.exchange(FrameKind::kCollective, sig, 0, sends, recvs, deadline);
 }
 
 }  // namespace disttrain::comm

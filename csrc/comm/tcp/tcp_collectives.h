@@ -26,6 +26,17 @@ void ring_allreduce(TcpTransport& t, const OpSignature& sig, void* data, size_t 
 void recursive_doubling_allreduce(TcpTransport& t, const OpSignature& sig, void* data, size_t count,
                                   size_t elem_size, ReduceFn reduce, Deadline deadline);
 
+// The rooted ops below check that every rank names the same root: an empty
+// frame to and from every other rank (root_check.cpp). On a disagreement every
+// rank raises the collective mismatch, in that op. The frames are put ahead of
+// an exchange's messages (null: not in this exchange): the sends in a rank's
+// first exchange of the op, so that they go ahead of any data to a peer; the
+// receives in its first exchange that receives data (ahead of a peer's data,
+// which follows that peer's frame), or, on a rank that receives none, its
+// last one (a broadcast's root is not held up by the check before it has sent).
+void add_root_check(TcpTransport& t, const OpSignature& sig, std::vector<SendSpec>* sends,
+                    std::vector<RecvSpec>* recvs);
+
 // data holds bytes on every rank; root's content ends up everywhere.
 void broadcast(TcpTransport& t, const OpSignature& sig, void* data, size_t bytes, int root, Deadline deadline);
 

@@ -662,12 +662,12 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
     std::fill(send_to.begin(), send_to.end(), 0);
     for (auto& r : rs) {
       if (r.done || recv_from[r.spec.peer]) continue;
-      do_recv(r, kind, r.spec.sig ? *r.spec.sig : sig, step);
+      do_recv(r, kind, r.spec.sig ? *r.spec.sig : sig, r.spec.step ? *r.spec.step : step);
       if (!r.done) recv_from[r.spec.peer] = 1;
     }
     for (auto& s : ss) {
       if (s.done || send_to[s.spec.peer]) continue;
-      do_send(s, kind, s.spec.sig ? *s.spec.sig : sig, step);
+      do_send(s, kind, s.spec.sig ? *s.spec.sig : sig, s.spec.step ? *s.spec.step : step);
       if (!s.done) send_to[s.spec.peer] = 1;
     }
     std::fill(recv_from.begin(), recv_from.end(), 0);

@@ -32,6 +32,9 @@ struct SendSpec {
   // When set, this message's own signature (a batch of point-to-point
   // messages, each with its pair's sequence number and tag); else the exchange's.
   const OpSignature* sig = nullptr;
+  // When set, this message's step; else the exchange's (the root check of a
+  // rooted op rides in each rank's first exchange, whatever its step).
+  const uint32_t* step = nullptr;
 };
 
 struct RecvSpec {
@@ -44,6 +47,7 @@ struct RecvSpec {
   size_t elem_size = 1;
   size_t* progress = nullptr;  // updated with the bytes of dst that are final
   const OpSignature* sig = nullptr;  // as SendSpec::sig
+  const uint32_t* step = nullptr;    // as SendSpec::step
 };
 
 // How long a connection during set-up may take to present its hello, in all
