@@ -155,9 +155,9 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     # prediction), -3 loader workers and a malformed learning rate were predicted; a price file
     # pricing one family twice kept the last line, an infinite price gave infinite costs; a junk
     # CSV among the --data files was reported as rows with a missing batch size.
-    metrics = ("epoch,epoch_timings,model_name,gpu,batch_size,num_of_gpus,num_workers_data_loader,learning_rate,dataset\n"
-               "0,{t},resnet18,Tesla P40,{b},{g},{w},{lr},cifar10\n")
-    ok = dict(t="30.0", b="128", g="1", w="4", lr="0.1")
+    metrics = ("epoch,epoch_timings,model_name,gpu,batch_size,num_of_gpus,num_workers_data_loader,learning_rate,dataset,"
+               "is_distributed\n0,{t},resnet18,{gpu},{b},{g},{w},{lr},cifar10,{d}\n")
+    ok = dict(t="30.0", b="128", g="1", w="4", lr="0.1", gpu="Tesla P40", d="False")
 
     def csv(name, **change):
         path = tmp_path / f"{name}.csv"
@@ -179,6 +179,10 @@ def test_more_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--predict", csv("many", g="1e30")), "num_of_gpus 1e+30: give a whole number"),
              (("--predict", csv("workers", w="-3")), "num_workers_data_loader -3: give a whole number"),
              (("--predict", csv("lr", lr="fast")), "learning_rate 'fast' is not a positive number"),
+             # Read as false, and on a device calibrated here (the CPU) not checked at all.
+             (("--predict", csv("dist", d="maybe")), "is_distributed 'maybe' is not true or false"),
+             (("--predict", csv("cpu_lr", lr="fast", gpu="cpu")), "learning_rate 'fast' is not a positive number"),
+             (("--predict", csv("cpu_dist", d="maybe", gpu="cpu")), "is_distributed 'maybe' is not true or false"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(prices_dup)), "already priced on line 2"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(prices_inf)), "'inf' is not a positive number"),
              (("--model", "resnet50", "--target-acc", "0.7", "--data", str(junk)),

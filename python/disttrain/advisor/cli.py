@@ -236,7 +236,7 @@ def _predict(args) -> int:
     import pandas as pd
 
     from . import calibrate
-    from .loading import _read_one, csv_files
+    from .loading import _read_one, check_values, csv_files
 
     frames = []
     for path in csv_files(args.predict):
@@ -261,6 +261,7 @@ def _predict(args) -> int:
             columns, dropna=False, sort=False)["_measured"].median().reset_index()
         frames.append(grouped.rename(columns={"_measured": "measured_s"}))
     configs = pd.concat(frames, ignore_index=True)
+    check_values(configs)  # the calibrated rows too, which use neither the learning rate nor the flags
     out = configs.copy()
     out["source"] = "logs"
     for column in ("epoch_time_s", "epoch_time_s_low", "epoch_time_s_high"):

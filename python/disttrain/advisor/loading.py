@@ -136,9 +136,39 @@ def _read_one(path: Path) -> pd.DataFrame:
     return frame
 
 
+_TRUE = ("true", "1", "1.0", "yes")
+_FALSE = ("false", "0", "0.0", "no", "nan", "none", "")  # as does an empty cell
+
+
 def _to_bool(series: pd.Series) -> pd.Series:
     text = series.astype(str).str.strip().str.lower()
-    return text.isin(["true", "1", "1.0", "yes"])
+    return text.isin(_TRUE)
+
+
+def check_values(frame: pd.DataFrame) -> None:
+    """The optional configuration columns that are given make sense, whether or not a prediction
+    uses them (a calibrated device's prediction uses neither the learning rate nor the
+    distributed flags): a learning rate or parameter count is a positive number; is_distributed
+    and distribute_data are true or false ('maybe' read as false).
+
+    Raises:
+        AdvisorInputError: naming the column, the value and the source (its ``source`` column).
+    """
+    def where(bad):
+        return frame.loc[bad, "source"].iloc[0] if "source" in frame.columns else "configuration"
+
+    for column in ("learning_rate", "num_of_paramters"):
+        if column in frame.columns:
+            value = pd.to_numeric(frame[column], errors="coerce")
+            bad = (frame[column].notna() & ~((value > 0) & np.isfinite(value))).to_numpy()
+            if bad.any():
+                raise AdvisorInputError(f"{where(bad)}: {column} '{frame.loc[bad, column].iloc[0]}' is not a positive number")
+    for column in ("is_distributed", "distribute_data"):
+        if column in frame.columns:
+            text = frame[column].astype(str).str.strip().str.lower()
+            bad = (frame[column].notna() & ~text.isin(_TRUE + _FALSE)).to_numpy()
+            if bad.any():
+                raise AdvisorInputError(f"{where(bad)}: {column} '{frame.loc[bad, column].iloc[0]}' is not true or false")
 
 
 def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
@@ -155,6 +185,7 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise AdvisorInputError(f"configuration lacks column(s) {', '.join(missing)} "
                                 f"(have: {', '.join(map(str, frame.columns[:12]))})")
+    check_values(frame)
     df = frame.copy()
     for column, default in OPTIONAL_DEFAULTS.items():
         if column not in df.columns:
@@ -174,19 +205,13 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     df["num_workers_data_loader"] = df["num_workers_data_loader"].fillna(OPTIONAL_DEFAULTS["num_workers_data_loader"])
     # Counts are whole numbers a process can hold (a GPU count of 1e30 overflowed to a negative
     # int: a NaN prediction); a learning rate or parameter count given is a positive number
-    # (a malformed one was read as the default, or predicted infinite).
+    # (check_values: a malformed one was read as the default, or predicted infinite).
     for column, low in (("batch_size", 1), ("num_of_gpus", 1), ("num_workers_data_loader", 0)):
         values = df[column]
         bad = ~whole_counts(values, low)
         if bad.any():
             where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
             raise AdvisorInputError(f"{where}: {count_error(column, format(df.loc[bad, column].iloc[0], 'g'), low)}")
-    for column in ("learning_rate", "num_of_paramters"):
-        given = frame[column].notna() if column in frame.columns else pd.Series(False, index=df.index)
-        bad = given.to_numpy() & ~((df[column] > 0) & np.isfinite(df[column])).to_numpy()
-        if bad.any():
-            where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
-            raise AdvisorInputError(f"{where}: {column} '{frame.loc[bad, column].iloc[0]}' is not a positive number")
     df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
     df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
     df["gpu_family"] = df["gpu"].map(gpu_family)
