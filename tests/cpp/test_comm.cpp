@@ -216,6 +216,23 @@ TEST(Collectives, SilentPeerTimesOutNamingIt) {
   EXPECT_NE(errors[0].find("rank(s) 1"), std::string::npos) << errors[0];
 }
 
+// A rooted op waits on a silent rank for two messages (its root-check frame and its data): the
+// timeout names it once ("rank(s) 2, 2" before).
+TEST(Collectives, SilentPeerOfAGatherIsNamedOnce) {
+  auto errors = run_ranks(3, [](TcpTransport& t) {
+    if (t.rank() == 2) {
+      std::this_thread::sleep_for(1500ms);
+      return;
+    }
+    std::vector<uint8_t> in(8, 1), all(24);
+    // The root times out first (rank 1 waits only for rank 2's root-check frame).
+    auto deadline = Clock::now() + (t.rank() == 0 ? 300ms : 1000ms);
+    gather(t, rooted(OpKind::kGather, 8, 0), in.data(), all.data(), 8, 0, deadline);
+  });
+  EXPECT_NE(errors[0].find("rank 0 waited"), std::string::npos) << errors[0];
+  EXPECT_NE(errors[0].find("for rank(s) 2, which"), std::string::npos) << errors[0];
+}
+
 TEST(Collectives, SimultaneousLargeSendsDoNotDeadlock) {
   // Every rank sends to the next before receiving from the previous one, far
   // beyond the socket buffers: a pair (2 ranks) and a cycle (3 ranks).

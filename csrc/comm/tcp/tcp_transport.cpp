@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <set>
 #include <sstream>
 
 #include "comm/tcp/socket_util.h"
@@ -708,12 +709,16 @@ void TcpTransport::exchange(FrameKind kind, const OpSignature& sig, uint32_t ste
     if (rc < 0 && errno == EINTR) continue;
     if (aborted_) abort(abort_reason());  // torn down (or failed on a sibling) while we waited
     if (rc == 0 && Clock::now() >= deadline) {
+      // Each peer once, though several messages from (or to) it may be pending (a rooted op's
+      // root-check frame and its data).
+      std::set<int> peers_waited;
+      for (auto& r : rs)
+        if (!r.done) peers_waited.insert(group_rank(r.spec.peer));
+      for (auto& s : ss)
+        if (!s.done) peers_waited.insert(group_rank(s.spec.peer));
       std::ostringstream waiting;
       bool first = true;
-      for (auto& r : rs)
-        if (!r.done) waiting << (first ? "" : ", ") << group_rank(r.spec.peer), first = false;
-      for (auto& s : ss)
-        if (!s.done) waiting << (first ? "" : ", ") << group_rank(s.spec.peer), first = false;
+      for (int p : peers_waited) waiting << (first ? "" : ", ") << p, first = false;
       std::string reason = recorded_abort_reason();
       if (!reason.empty()) abort(reason);
       abort("timeout: rank " + std::to_string(group_rank(rank_)) + " waited more than the group timeout in " + describe(sig) +
