@@ -145,6 +145,12 @@ def _to_bool(series: pd.Series) -> pd.Series:
     return text.isin(_TRUE)
 
 
+def _where(frame: pd.DataFrame, bad, default: str = "configuration") -> str:
+    """Where the first ``bad`` row came from, for an error message: its ``source`` (the file it
+    was read from), else ``default``."""
+    return frame.loc[bad, "source"].iloc[0] if "source" in frame.columns else default
+
+
 def check_values(frame: pd.DataFrame) -> None:
     """The optional configuration columns that are given make sense, whether or not a prediction
     uses them (a calibrated device's prediction uses neither the learning rate nor the
@@ -154,21 +160,18 @@ def check_values(frame: pd.DataFrame) -> None:
     Raises:
         AdvisorInputError: naming the column, the value and the source (its ``source`` column).
     """
-    def where(bad):
-        return frame.loc[bad, "source"].iloc[0] if "source" in frame.columns else "configuration"
-
     for column in ("learning_rate", "num_of_paramters"):
         if column in frame.columns:
             value = pd.to_numeric(frame[column], errors="coerce")
             bad = (frame[column].notna() & ~((value > 0) & np.isfinite(value))).to_numpy()
             if bad.any():
-                raise AdvisorInputError(f"{where(bad)}: {column} '{frame.loc[bad, column].iloc[0]}' is not a positive number")
+                raise AdvisorInputError(f"{_where(frame, bad)}: {column} '{frame.loc[bad, column].iloc[0]}' is not a positive number")
     for column in ("is_distributed", "distribute_data"):
         if column in frame.columns:
             text = frame[column].astype(str).str.strip().str.lower()
             bad = (frame[column].notna() & ~text.isin(_TRUE + _FALSE)).to_numpy()
             if bad.any():
-                raise AdvisorInputError(f"{where(bad)}: {column} '{frame.loc[bad, column].iloc[0]}' is not true or false")
+                raise AdvisorInputError(f"{_where(frame, bad)}: {column} '{frame.loc[bad, column].iloc[0]}' is not true or false")
 
 
 def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
@@ -200,7 +203,7 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     df.loc[empty_gpus, "num_of_gpus"] = OPTIONAL_DEFAULTS["num_of_gpus"]
     bad = ~(df["batch_size"] > 0) | ~(df["num_of_gpus"] >= 1)
     if bad.any():
-        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
+        where = _where(df, bad)
         raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing or non-positive batch_size or num_of_gpus")
     df["num_workers_data_loader"] = df["num_workers_data_loader"].fillna(OPTIONAL_DEFAULTS["num_workers_data_loader"])
     # Counts are whole numbers a process can hold (a GPU count of 1e30 overflowed to a negative
@@ -210,7 +213,7 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
         values = df[column]
         bad = ~whole_counts(values, low)
         if bad.any():
-            where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "configuration"
+            where = _where(df, bad)
             raise AdvisorInputError(f"{where}: {count_error(column, format(df.loc[bad, column].iloc[0], 'g'), low)}")
     df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
     df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
@@ -238,7 +241,7 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     df["dataset"] = dataset.str.replace(r"[^a-z0-9]", "", regex=True).replace("", OPTIONAL_DEFAULTS["dataset"])
     unknown_data = ~df["dataset"].isin(list(TRAIN_SAMPLES))
     if unknown_data.any():
-        where = df.loc[unknown_data, "source"].iloc[0] if "source" in df.columns else "configuration"
+        where = _where(df, unknown_data)
         raise AdvisorInputError(f"{where}: unknown data set '{df.loc[unknown_data, 'dataset'].iloc[0]}' "
                                 f"(known: {', '.join(TRAIN_SAMPLES)}): the time model needs its number of training samples")
     recipe = (df["model_name"] + "|" + df["num_of_gpus"].astype(str) + "|" + df["batch_size"].astype(str)
@@ -272,14 +275,14 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     # An infinite epoch ('inf' in a file) was taken as a measurement, as --predict does not.
     bad = ~((df["epoch_timings"] > 0) & np.isfinite(df["epoch_timings"])) | df["epoch"].isna()
     if bad.any():
-        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
+        where = _where(df, bad, "data frame")
         raise AdvisorInputError(f"{where}: {int(bad.sum())} row(s) with a missing, non-positive or infinite "
                                 f"epoch_timings, or no epoch")
     # Accuracy is a fraction: a run logged in percent (85.3) or with junk ('abc', read as empty) was
     # taken, and moved every model's curves and recommendations.
     bad = given_acc & ~((df["test_acc"] >= 0) & (df["test_acc"] <= 1))
     if bad.any():
-        where = df.loc[bad, "source"].iloc[0] if "source" in df.columns else "data frame"
+        where = _where(df, bad, "data frame")
         raise AdvisorInputError(f"{where}: test_acc '{raw_acc[bad].iloc[0]}' is not a fraction from 0 to 1 "
                                 f"({int(bad.sum())} row(s))")
     if "source" in df.columns:
