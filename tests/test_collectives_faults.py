@@ -2,6 +2,7 @@
 a stray connection, in nothing at all."""
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -99,6 +100,31 @@ def test_root_mismatch_raises_on_every_rank_in_the_op(transport, op):
         assert "collective mismatch" in res["error"] and "root=0" in res["error"] and "root=1" in res["error"], res
         assert res["seconds"] < 10, f"rank {r} raised only at the timeout: {res}"
     assert len({res["error"] for res in results}) == 1, results
+
+
+def _split_disagreement(rank, world):
+    """Rank 0 expects 3 elements from rank 1, which sends it 2 (and expects from rank 0 the 3 it
+    sends): only the pair's split sizes disagree."""
+    out = torch.empty(5 if rank == 0 else 6)
+    start = time.monotonic()
+    try:
+        dist.all_to_all_single(out, torch.arange(5.0), output_split_sizes=[2, 3] if rank == 0 else [3, 3],
+                               input_split_sizes=[2, 3])
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "out": out.tolist()}
+
+
+@SAME_HOST
+def test_all_to_all_split_disagreement_raises_on_both_ranks_of_the_pair(transport):
+    """Rank 1 received what it expected and returned (its output looked right), and raised only at
+    its next op; rank 0 raised. Now both raise in the op, naming both counts of the pair."""
+    results = run_ranks(_split_disagreement, 2, pg_timeout=30, **env(transport))
+    for r, res in enumerate(results):
+        assert res["error"] is not None, f"rank {r} returned {res} from an all_to_all its peer disagreed with"
+        assert "collective mismatch" in res["error"] and "all_to_all" in res["error"], res
+        assert re.search(r"numel(_back)?=2\b", res["error"]) and re.search(r"numel(_back)?=3\b", res["error"]), res
+        assert res["seconds"] < 10, f"rank {r} raised only at the timeout: {res}"
 
 
 def _skips_collective(rank, world):

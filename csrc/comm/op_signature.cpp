@@ -50,6 +50,8 @@ std::string describe(const OpSignature& sig) {
       sig.op == OpKind::kScatter)
     out << ", root=" << sig.aux;
   if (sig.op == OpKind::kSend) out << ", tag=" << sig.aux;
+  // One pair's message of an all_to_all: numel to the receiver, numel_back the other way.
+  if (sig.op == OpKind::kAlltoall && (sig.count != 0 || sig.aux != 0)) out << ", numel_back=" << sig.aux;
   out << ")";
   return out.str();
 }

@@ -17,10 +17,19 @@ void alltoall(TcpTransport& t, const OpSignature& sig, const void* in, const std
   if (send_bytes[r] > 0) std::memmove(dst + recv_offset[r], src + send_offset[r], send_bytes[r]);
   std::vector<SendSpec> sends(1);
   std::vector<RecvSpec> recvs(1);
+  // Each message also carries (aux) the count its sender expects back from the receiver, and
+  // each receive expects there the count this rank sends that peer: when a pair's ranks disagree
+  // on their split sizes, both raise the mismatch in this op. The count alone told only the rank
+  // that received the wrong amount; the other returned, and raised at its next op.
+  OpSignature send_sig = sig, recv_sig = sig;
   for (int s = 1; s < p; ++s) {
     int to = (r + s) % p, from = (r - s + p) % p;
+    send_sig.aux = static_cast<int64_t>(recv_bytes[to] / elem_size);
+    recv_sig.aux = static_cast<int64_t>(send_bytes[from] / elem_size);
     sends[0] = SendSpec{to, src + send_offset[to], send_bytes[to], send_bytes[to] / elem_size};
+    sends[0].sig = &send_sig;
     recvs[0] = RecvSpec{from, dst + recv_offset[from], recv_bytes[from], recv_bytes[from] / elem_size};
+    recvs[0].sig = &recv_sig;
     t.exchange(FrameKind::kCollective, sig, static_cast<uint32_t>(s), sends, recvs, deadline);
   }
 }
