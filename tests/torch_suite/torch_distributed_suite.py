@@ -67,8 +67,9 @@ class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):
         context.set_forkserver_preload([__name__])
         environ = dict(os.environ)
 
-        def process(target, name, args, kwargs):
-            return context.Process(target=_in_environment, name=name, args=(environ, target, *args), kwargs=kwargs)
+        def process(target, name, args=(), kwargs=None):  # called as torch's runner calls a Process class
+            return context.Process(target=_in_environment, name=name, args=(environ, target, *args),
+                                   kwargs=kwargs or {})
 
         self._start_processes(process)
 
