@@ -307,11 +307,10 @@ class EpochTimeModel:
         nf, nm, nr = len(families), len(models), len(recipes)
         a = self._arrays(runs, families, models, recipes, workers)
         y = runs["epoch_time_s"].to_numpy(dtype=float)
-        weight = np.ones(len(runs))  # every run alike (see the docstring)
         n_rates = _REGIMES * len(_RATES)
 
         def residuals(thetas):  # one residual vector per row of thetas
-            fit = weight * np.log(self._physical(thetas, a, nf, nm, nr) / y)
+            fit = np.log(self._physical(thetas, a, nf, nm, nr) / y)  # every run alike (see the docstring)
             return np.concatenate([fit, self.penalty * thetas[:, n_rates:]], axis=1)
 
         n = n_rates + nf * (3 + _REGIMES) + nm * (2 + _REGIMES) + nr
