@@ -21,6 +21,7 @@ bound, then run one at a time, alone.
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -234,3 +235,85 @@ def test_launch_function_that_destroys_the_group_itself():
     import disttrain
 
     assert disttrain.launch(_sum_then_destroy, nproc=2, timeout=300, quiet=True) == [3.0, 3.0]
+
+
+def _fail_on_rank_1_while_rank_0_waits():
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        if os.environ.get("LAUNCH_TEST_KILL"):
+            os.kill(os.getpid(), 9)
+        raise ValueError("rank 1's own error")
+    dist.all_reduce(torch.ones(1))  # never joined: waits for the group timeout unless stopped
+    return "unreachable"
+
+
+def test_launch_failing_rank_stops_the_others_and_names_each_end():
+    """One rank raising, or killed, while the other waits in a collective: the launch ends at
+    once (not at the group timeout), the error naming what happened to each rank."""
+    import time
+
+    import disttrain
+
+    for kill, first in ((False, r"rank 1 failed:\n.*ValueError: rank 1's own error"),
+                        (True, r"rank 1 produced no result: it was killed by SIGKILL before returning")):
+        start = time.monotonic()
+        with pytest.raises(disttrain.LaunchError) as info:
+            disttrain.launch(_fail_on_rank_1_while_rank_0_waits, nproc=2, timeout=120, quiet=True,
+                             env={"LAUNCH_TEST_KILL": "1"} if kill else None)
+        message = str(info.value)
+        assert time.monotonic() - start < 60, "the launch waited for the stuck rank"
+        assert re.search(first, message, re.S), message
+        # Rank 0 either saw its peer go (the backend's error) or was stopped here.
+        assert re.search(r"rank 0 (failed:\n.*DistBackendError|produced no result: it was killed by SIGTERM "
+                         r"before returning \(stopped after another rank failed\))", message, re.S), message
+
+
+def _launch_environment():
+    import os
+
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+             "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "OMP_NUM_THREADS", "LAUNCH_TEST_EXTRA")
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_launch_gives_each_rank_torchruns_environment_and_leaves_the_callers(monkeypatch):
+    """What scripts and libraries read to see they run under torchrun (Lightning looks for
+    TORCHELASTIC_RUN_ID): the same names, one job id, nothing left in this process; three
+    ranks, an odd size."""
+    import disttrain
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    envs = disttrain.launch(_launch_environment, nproc=3, timeout=120, quiet=True, env={"LAUNCH_TEST_EXTRA": "x"})
+    assert dict(os.environ) == before
+    assert [(e["RANK"], e["LOCAL_RANK"], e["ROLE_RANK"]) for e in envs] == [(str(r),) * 3 for r in range(3)]
+    for e in envs:
+        assert (e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"], e["GROUP_RANK"], e["MASTER_ADDR"]) == ("3", "3", "0", "127.0.0.1")
+        assert (e["TORCHELASTIC_RESTART_COUNT"], e["OMP_NUM_THREADS"], e["LAUNCH_TEST_EXTRA"]) == ("0", "1", "x")
+    assert len({e["TORCHELASTIC_RUN_ID"] for e in envs}) == 1 and envs[0]["TORCHELASTIC_RUN_ID"]
+
+
+def test_bench_launch_times_each_method_and_checks_its_results(tmp_path, capsys):
+    """`disttrain bench launch` at one rank (the cheapest job): a row per method, torchrun's the
+    reference; each job's results are checked by the benchmark (a wrong sum raises)."""
+    import csv
+
+    from disttrain.bench import launch as bench_launch
+
+    out = tmp_path / "launch.csv"
+    assert bench_launch.main(["launch", "--nproc", "1", "--repeats", "1", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["disttrain.launch", "torchrun", "mp.spawn"]
+    for r in rows:
+        assert r["nproc"] == "1" and float(r["median_s"]) > 0
+        assert float(r["time_vs_torchrun"]) == pytest.approx(float(r["median_s"]) / float(rows[1]["median_s"]), rel=0.01)
+    for bad in (["--nproc", "0"], ["--nproc", "2,x"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit) as e:
+            bench_launch.main(["launch", *bad, "--out", str(out)])
+        assert e.value.code == 2
+    assert "must be >= 1" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Rank side of :func:`disttrain.launch`; started by torch.distributed.run."""
+"""Rank side of :func:`disttrain.launch`, which starts it with torchrun's environment."""
 
 import os
 import pickle
@@ -7,8 +7,8 @@ import traceback
 
 
 def _die_with_parent() -> None:
-    """SIGKILL this rank when the elastic launcher dies (it starts each rank in a
-    session of its own: a launcher killed outright would leave the ranks running)."""
+    """SIGKILL this rank when the launching process dies (each rank runs in a session
+    of its own: a launcher killed outright would leave the ranks running)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -21,9 +21,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def _output_to(path: str) -> None:
+    """This rank's stdout and stderr (the file descriptors: C++ and child processes too) to ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(workdir: str) -> int:
     _die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
+    _output_to(os.path.join(workdir, f"output_{rank}.log"))
     try:
         with open(os.path.join(workdir, "payload.pkl"), "rb") as f:
             parent_path = pickle.load(f)

@@ -1,9 +1,20 @@
 """Run a function on several ranks from a notebook or a script.
 
 ``launch(fn, nproc=2)`` pickles ``fn`` (with cloudpickle, so functions defined
-in a notebook work), starts ``nproc`` ranks through PyTorch's elastic launcher
-(the engine behind torchrun), initialises the process group in each, calls
-``fn(*args)`` and returns every rank's return value.
+in a notebook work), starts ``nproc`` ranks on this machine, initialises the
+process group in each, calls ``fn(*args)`` and returns every rank's return value.
+
+The ranks are started by torchrun's own process layer
+(``torch.distributed.elastic.multiprocessing``), with the environment torchrun
+gives its workers (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``/``MASTER_PORT``, ``TORCHELASTIC_*``), and their rendezvous
+store (a ``TCPStore``, as torchrun's agent hosts it) lives in this process. What
+is left out is torchrun's launcher process: one more interpreter that imports
+torch before any rank starts, then runs an elastic rendezvous, for restarts and
+several nodes, which a launch from a notebook does not use (``disttrain train``
+keeps torchrun for those). A 2-rank launch of a function that returns at once
+took 7 s through it, 3.3 s this way (2 cores; ``disttrain bench launch``,
+docs/launch.md).
 """
 
 from __future__ import annotations
@@ -15,8 +26,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import uuid
 from typing import Any, Callable, Sequence
-
 
 class LaunchError(RuntimeError):
     """A rank failed; the message holds its traceback."""
@@ -61,6 +74,8 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
     if count is None or count < 1:
         raise ValueError(f"launch: nproc must be a whole number >= 1, got {nproc!r}")
     nproc = count
+    import torch.distributed as dist
+
     with tempfile.TemporaryDirectory(prefix="disttrain-launch-") as workdir:
         with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
             # This process's import path first (as multiprocessing's spawn does): a function of a
@@ -68,25 +83,19 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
             # reference, and the ranks must find that module too.
             pickle.dump([os.path.abspath(p) if p else os.getcwd() for p in sys.path], f)
             cloudpickle.dump((fn, tuple(args), backend), f)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "disttrain._launch_worker", workdir]
-        child_env = dict(os.environ, **(env or {}))
-        child_env.setdefault("OMP_NUM_THREADS", "1")
-        # The ranks must import this very package, wherever it was imported from.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, child_env.get("PYTHONPATH")]))
-        proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        timed_out = False
+        # The rendezvous store, as torchrun's agent hosts it: bound to a free port by the OS here
+        # (no port chosen, then lost to another job, before a rank binds it), every rank a client.
+        store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
         try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            stdout = _stop(proc)
-        except BaseException:  # Ctrl-C (a notebook's interrupt reaches this process only), ...
-            _stop(proc)
-            raise
-        output = "\n".join(line for line in stdout.splitlines()
-                           if "OMP_NUM_THREADS" not in line and not line.strip().startswith(("W1", "*****")))
+            ranks = _start_ranks(workdir, nproc, store.port, env)
+            try:
+                timed_out, stopped = _wait(ranks, timeout)
+            except BaseException:  # Ctrl-C (a notebook's interrupt reaches this process only), ...
+                _stop(ranks)
+                raise
+        finally:
+            del store
+        output = _output(workdir, nproc)
         if timed_out:
             raise LaunchError(f"launch: the job ran past timeout={timeout:g}s; its ranks were stopped"
                               + (f"\n--- output ---\n{output}" if output.strip() else ""))
@@ -94,11 +103,11 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
             print(output)
         results: list[Any] = []
         failures: list[str] = []
-        for rank in range(nproc):
+        for rank, proc in enumerate(ranks):
             path = os.path.join(workdir, f"result_{rank}.pkl")
             if not os.path.exists(path):
-                failures.append(f"rank {rank} produced no result: it exited or was killed before returning "
-                                f"(launcher exit code {proc.returncode}; the launcher's report says how)")
+                failures.append(f"rank {rank} produced no result: it {_ended(proc.returncode)} before returning"
+                                + (" (stopped after another rank failed)" if rank in stopped else ""))
                 results.append(None)
                 continue
             try:
@@ -106,29 +115,118 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
                     ok, value = pickle.load(f)
             except Exception as e:  # the rank died while writing it
                 failures.append(f"rank {rank} left an unreadable result ({type(e).__name__}: {e}; "
-                                f"exit code {proc.returncode})")
+                                f"it {_ended(proc.returncode)})")
                 results.append(None)
                 continue
             if not ok:
                 failures.append(f"rank {rank} failed:\n{value}")
             results.append(value if ok else None)
         if failures:
-            raise LaunchError("\n".join(failures) + (f"\n--- output ---\n{output}" if quiet else ""))
+            raise LaunchError("\n".join(failures) + (f"\n--- output ---\n{output}" if quiet and output else ""))
         return results
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    """Ends the elastic launcher and its ranks (each in a session of its own, so
-    only the launcher can reach them): SIGTERM, which it forwards to the ranks and
-    waits for, then SIGKILL. Returns what it printed."""
-    proc.send_signal(signal.SIGTERM)
+def _start_ranks(workdir: str, nproc: int, port: int, env: dict[str, str] | None) -> list[subprocess.Popen]:
+    """The ranks, each ``python -m disttrain._launch_worker`` started by torchrun's own process
+    layer (torch.distributed.elastic.multiprocessing), in a session of its own (a terminal's Ctrl-C
+    reaches this process, which stops them); each writes its stdout and stderr to
+    ``workdir``/output_<rank>.log itself (files opened here would stay open in this process)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, start_processes
+
+    base = dict(os.environ, **(env or {}))
+    base.setdefault("OMP_NUM_THREADS", "1")
+    # The ranks must import this very package, wherever it was imported from.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, base.get("PYTHONPATH")]))
+    base["PYTHONUNBUFFERED"] = "1"  # a rank killed mid-job has written what it printed
+    run_id = uuid.uuid4().hex
+    # torchrun's names and values for a one-node job (what its agent gives each worker).
+    envs = {rank: dict(base, RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank),
+                       ROLE_NAME="default", WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE="1",
+                       ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RUN_ID=run_id,
+                       TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
+            for rank in range(nproc)}
+    # It registers handlers for SIGINT, SIGTERM, SIGHUP and SIGQUIT in this process (torchrun's
+    # agent is a process of its own): a notebook's or a script's are put back.
+    signals = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in signals} if main_thread else {}
     try:
-        stdout, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # the ranks then die with their parent (PR_SET_PDEATHSIG, set in _launch_worker)
-        stdout, _ = proc.communicate()
-    except BaseException:  # a second Ctrl-C
-        proc.kill()
-        proc.wait()
-        raise
-    return stdout or ""
+        context = start_processes(name="disttrain-launch", entrypoint=sys.executable,
+                                  args={rank: ("-m", "disttrain._launch_worker", workdir) for rank in range(nproc)},
+                                  envs=envs, logs_specs=DefaultLogsSpecs(log_dir=os.path.join(workdir, "logs"),
+                                                                         redirects=Std.NONE, tee=Std.NONE))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return [context.subprocess_handlers[rank].proc for rank in range(nproc)]  # type: ignore[attr-defined]
+
+
+def _output(workdir: str, nproc: int) -> str:
+    """What the ranks printed, each line led by its rank."""
+    lines = []
+    for rank in range(nproc):
+        try:
+            with open(os.path.join(workdir, f"output_{rank}.log"), errors="replace") as f:
+                lines += [f"[rank {rank}] {line}" for line in f.read().splitlines()]
+        except FileNotFoundError:  # it ended before it started writing
+            pass
+    return "\n".join(lines)
+
+
+def _wait(ranks: list[subprocess.Popen], timeout: float) -> tuple[bool, list[int]]:
+    """Waits for every rank; once one fails, the others are stopped (as torchrun does: a rank
+    still in a collective with it would wait for the group timeout). -> (whether the job ran past
+    ``timeout``, the ranks stopped here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in ranks]
+        if all(c is not None for c in codes):
+            return False, []
+        if any(c not in (None, 0) for c in codes):
+            return False, _stop(ranks)
+        if time.monotonic() > deadline:
+            return True, _stop(ranks)
+        try:  # sleeps until the first unfinished rank ends, at most 0.1 s: no busy wait
+            next(p for p in ranks if p.returncode is None).wait(0.1)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _stop(ranks: list[subprocess.Popen], grace: float = 10.0) -> list[int]:
+    """Ends the ranks still running: SIGTERM to each one's session, SIGKILL to those still there
+    after ``grace`` seconds (or at a second Ctrl-C). -> the ranks it stopped."""
+    stopped = [rank for rank, p in enumerate(ranks) if p.poll() is None]
+    running = [ranks[rank] for rank in stopped]
+    for p in running:
+        _signal(p, signal.SIGTERM)
+    try:
+        deadline = time.monotonic() + grace
+        for p in running:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for p in running:
+            if p.poll() is None:
+                _signal(p, signal.SIGKILL)
+                p.wait()
+    return stopped
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the rank and anything it started
+    except ProcessLookupError:
+        pass
+
+
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "decentralised": "disttrain.bench.decentralised",
     "resume": "disttrain.bench.resume",
     "fault": "disttrain.bench.fault",
+    "launch": "disttrain.bench.launch",
 }
 
 
