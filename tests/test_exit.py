@@ -145,7 +145,12 @@ def _record_pid_then_hang(folder):
 
 
 def _launched_pids(folder):
-    return [int(open(os.path.join(folder, name)).read()) for name in os.listdir(folder) if name.startswith("pid_")]
+    pids = []
+    for name in os.listdir(folder):
+        if name.startswith("pid_"):
+            with open(os.path.join(folder, name)) as f:
+                pids.append(int(f.read()))
+    return pids
 
 
 def _gone(pids, within=10.0):
