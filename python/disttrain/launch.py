@@ -31,6 +31,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+
 class LaunchError(RuntimeError):
     """A rank failed; the message holds its traceback."""
 
@@ -65,8 +66,6 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
         >>> disttrain.launch(total, nproc=2)
         [3.0, 3.0]
     """
-    import cloudpickle
-
     try:
         count = None if isinstance(nproc, bool) else operator.index(nproc)  # int, numpy's integers
     except TypeError:
@@ -77,12 +76,7 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory(prefix="disttrain-launch-") as workdir:
-        with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
-            # This process's import path first (as multiprocessing's spawn does): a function of a
-            # module found through a sys.path entry added here (a notebook's, pytest's) is pickled by
-            # reference, and the ranks must find that module too.
-            pickle.dump([os.path.abspath(p) if p else os.getcwd() for p in sys.path], f)
-            cloudpickle.dump((fn, tuple(args), backend), f)
+        write_payload(workdir, fn, args, backend)
         # The rendezvous store, as torchrun's agent hosts it: bound to a free port by the OS here
         # (no port chosen, then lost to another job, before a rank binds it), every rank a client.
         store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
@@ -101,29 +95,58 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
                               + (f"\n--- output ---\n{output}" if output.strip() else ""))
         if not quiet and output.strip():
             print(output)
-        results: list[Any] = []
-        failures: list[str] = []
-        for rank, proc in enumerate(ranks):
-            path = os.path.join(workdir, f"result_{rank}.pkl")
-            if not os.path.exists(path):
-                failures.append(f"rank {rank} produced no result: it {_ended(proc.returncode)} before returning"
-                                + (" (stopped after another rank failed)" if rank in stopped else ""))
-                results.append(None)
-                continue
-            try:
-                with open(path, "rb") as f:
-                    ok, value = pickle.load(f)
-            except Exception as e:  # the rank died while writing it
-                failures.append(f"rank {rank} left an unreadable result ({type(e).__name__}: {e}; "
-                                f"it {_ended(proc.returncode)})")
-                results.append(None)
-                continue
-            if not ok:
-                failures.append(f"rank {rank} failed:\n{value}")
-            results.append(value if ok else None)
+        results, failures = collect_results(workdir, [p.returncode for p in ranks], stopped)
         if failures:
             raise LaunchError("\n".join(failures) + (f"\n--- output ---\n{output}" if quiet and output else ""))
         return results
+
+
+def write_payload(workdir: str, fn: Callable[..., Any], args: Sequence[Any], backend: str) -> None:
+    """What every rank runs (disttrain._launch_worker reads it): this process's import path, then
+    ``(fn, args, backend)`` pickled with cloudpickle."""
+    import cloudpickle
+
+    with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
+        # This process's import path first (as multiprocessing's spawn does): a function of a
+        # module found through a sys.path entry added here (a notebook's, pytest's) is pickled by
+        # reference, and the ranks must find that module too.
+        pickle.dump([os.path.abspath(p) if p else os.getcwd() for p in sys.path], f)
+        cloudpickle.dump((fn, tuple(args), backend), f)
+
+
+def rank_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with ``env`` for the ranks: one thread unless set, and this very
+    package importable, wherever it was imported from."""
+    base = dict(os.environ, **(env or {}))
+    base.setdefault("OMP_NUM_THREADS", "1")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, base.get("PYTHONPATH")]))
+    return base
+
+
+def collect_results(workdir: str, exit_codes: list[int | None], stopped: list[int]) -> tuple[list[Any], list[str]]:
+    """Each rank's return value (None where it has none) and a line per rank that failed, naming
+    how it ended (``exit_codes``; ``stopped``: the ranks stopped after another failed)."""
+    results: list[Any] = []
+    failures: list[str] = []
+    for rank, code in enumerate(exit_codes):
+        path = os.path.join(workdir, f"result_{rank}.pkl")
+        if not os.path.exists(path):
+            failures.append(f"rank {rank} produced no result: it {_ended(code)} before returning"
+                            + (" (stopped after another rank failed)" if rank in stopped else ""))
+            results.append(None)
+            continue
+        try:
+            with open(path, "rb") as f:
+                ok, value = pickle.load(f)
+        except Exception as e:  # the rank died while writing it
+            failures.append(f"rank {rank} left an unreadable result ({type(e).__name__}: {e}; it {_ended(code)})")
+            results.append(None)
+            continue
+        if not ok:
+            failures.append(f"rank {rank} failed:\n{value}")
+        results.append(value if ok else None)
+    return results, failures
 
 
 def _start_ranks(workdir: str, nproc: int, port: int, env: dict[str, str] | None) -> list[subprocess.Popen]:
@@ -133,11 +156,7 @@ def _start_ranks(workdir: str, nproc: int, port: int, env: dict[str, str] | None
     ``workdir``/output_<rank>.log itself (files opened here would stay open in this process)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, start_processes
 
-    base = dict(os.environ, **(env or {}))
-    base.setdefault("OMP_NUM_THREADS", "1")
-    # The ranks must import this very package, wherever it was imported from.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    base["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, base.get("PYTHONPATH")]))
+    base = rank_environment(env)
     base["PYTHONUNBUFFERED"] = "1"  # a rank killed mid-job has written what it printed
     run_id = uuid.uuid4().hex
     # torchrun's names and values for a one-node job (what its agent gives each worker).

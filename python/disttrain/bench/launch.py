@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import statistics
 import subprocess
 import sys
@@ -39,36 +38,35 @@ def _all_reduce_once() -> float:
 
 def _torchrun_job(fn: Callable[[], Any], nproc: int) -> list[Any]:
     """``fn`` on ``nproc`` ranks through torchrun: the payload and rank side of disttrain.launch."""
-    import cloudpickle
+    from disttrain.launch import collect_results, rank_environment, write_payload
 
     with tempfile.TemporaryDirectory(prefix="disttrain-bench-launch-") as workdir:
-        with open(os.path.join(workdir, "payload.pkl"), "wb") as f:
-            pickle.dump([os.path.abspath(p) if p else os.getcwd() for p in sys.path], f)
-            cloudpickle.dump((fn, (), "disttrain"), f)
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                        "-m", "disttrain._launch_worker", workdir], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        results = []
-        for rank in range(nproc):
-            with open(os.path.join(workdir, f"result_{rank}.pkl"), "rb") as f:
-                ok, value = pickle.load(f)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed under torchrun:\n{value}")
-            results.append(value)
+        write_payload(workdir, fn, (), "disttrain")
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc-per-node={nproc}", "-m", "disttrain._launch_worker", workdir],
+                              env=rank_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results, failures = collect_results(workdir, [proc.returncode] * nproc, [])
+        if failures:
+            raise RuntimeError("under torchrun:\n" + "\n".join(failures))
         return results
 
 
+def _expected(nproc: int) -> float:
+    return nproc * (nproc + 1) / 2
+
+
 def _spawned_rank(rank: int, nproc: int, port: int) -> None:
+    """A rank of the mp.spawn job: mp.spawn brings no value back, so the rank checks its own sum
+    (an exception here fails the job)."""
     import torch.distributed as dist
 
     import disttrain  # noqa: F401  (registers the backend)
 
     dist.init_process_group("disttrain", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc)
-    _all_reduce_once()
+    value = _all_reduce_once()
     dist.destroy_process_group()
+    if value != _expected(nproc):
+        raise RuntimeError(f"mp.spawn at {nproc} ranks: rank {rank} returned {value}")
 
 
 def _spawn_job(nproc: int) -> None:
@@ -84,15 +82,15 @@ def _time(method: str, nproc: int) -> float:
     import disttrain
 
     start = time.perf_counter()
+    if method == "mp.spawn":
+        _spawn_job(nproc)  # its ranks check their sums
+        return time.perf_counter() - start
     if method == "disttrain.launch":
         results = disttrain.launch(_all_reduce_once, nproc=nproc, quiet=True, timeout=300)
-    elif method == "torchrun":
-        results = _torchrun_job(_all_reduce_once, nproc)
     else:
-        _spawn_job(nproc)
-        results = [nproc * (nproc + 1) / 2] * nproc
+        results = _torchrun_job(_all_reduce_once, nproc)
     seconds = time.perf_counter() - start
-    if results != [nproc * (nproc + 1) / 2] * nproc:
+    if results != [_expected(nproc)] * nproc:
         raise RuntimeError(f"{method} at {nproc} ranks returned {results}")
     return seconds
 
