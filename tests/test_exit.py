@@ -228,18 +228,62 @@ def _sum_then_destroy():
     import torch
     import torch.distributed as dist
 
+    print("a line quiet=True keeps to itself")
     t = torch.ones(1) * (dist.get_rank() + 1)
     dist.all_reduce(t)
     dist.destroy_process_group()  # as a training script ends
     return t.item()
 
 
-def test_launch_function_that_destroys_the_group_itself():
+def test_launch_function_that_destroys_the_group_itself(capsys):
     """Was 'rank N failed: AssertionError: Process group cannot be None' on every rank, the
     results lost: the rank side destroyed the group again after fn had."""
     import disttrain
 
     assert disttrain.launch(_sum_then_destroy, nproc=2, timeout=300, quiet=True) == [3.0, 3.0]
+    assert capsys.readouterr().out == ""  # quiet: what the ranks printed is not shown
+
+
+def _print_then_wait_for(marker):
+    import os
+    import sys
+    import time
+
+    import torch.distributed as dist
+
+    print("ready\r", flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(marker):  # made by the launching process once it has shown both ranks' line
+        assert time.monotonic() < deadline, "the launching process did not show the line while the rank ran"
+        time.sleep(0.05)
+    sys.stdout.write("last words, no newline")
+    return dist.get_rank()
+
+
+def test_launch_shows_the_ranks_output_while_they_run(tmp_path, monkeypatch):
+    """The ranks' output came back only when the job had ended: a notebook showed nothing of a
+    long training until then. Each rank here waits until this process has shown its first line."""
+    import io
+    import sys
+
+    import disttrain
+
+    marker = tmp_path / "seen"
+
+    class Watch(io.StringIO):
+        def write(self, text):
+            n = super().write(text)
+            if all(f"[rank {r}] ready\n" in self.getvalue() for r in (0, 1)):
+                marker.touch()
+            return n
+
+    shown = Watch()
+    monkeypatch.setattr(sys, "stdout", shown)
+    assert disttrain.launch(_print_then_wait_for, nproc=2, args=(str(marker),), timeout=120) == [0, 1]
+    lines = shown.getvalue().splitlines()
+    for rank in (0, 1):  # in order, the carriage return dropped, the unfinished last line shown too
+        assert [line for line in lines if line.startswith(f"[rank {rank}]")] == \
+            [f"[rank {rank}] ready", f"[rank {rank}] last words, no newline"], lines
 
 
 def _fail_on_rank_1_while_rank_0_waits():

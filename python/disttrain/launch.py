@@ -77,27 +77,27 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
 
     with tempfile.TemporaryDirectory(prefix="disttrain-launch-") as workdir:
         write_payload(workdir, fn, args, backend)
+        output = _RankOutput(workdir, nproc, echo=not quiet)
         # The rendezvous store, as torchrun's agent hosts it: bound to a free port by the OS here
         # (no port chosen, then lost to another job, before a rank binds it), every rank a client.
         store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
         try:
             ranks = _start_ranks(workdir, nproc, store.port, env)
             try:
-                timed_out, stopped = _wait(ranks, timeout)
+                timed_out, stopped = _wait(ranks, timeout, output.poll)
             except BaseException:  # Ctrl-C (a notebook's interrupt reaches this process only), ...
                 _stop(ranks)
                 raise
         finally:
             del store
-        output = _output(workdir, nproc)
+            output.close()  # the lines not shown yet, the last one even without its newline
+        # Shown as they came unless quiet; then only in the error, if there is one.
+        shown_in_error = f"\n--- output ---\n{output.text()}" if quiet and output.text() else ""
         if timed_out:
-            raise LaunchError(f"launch: the job ran past timeout={timeout:g}s; its ranks were stopped"
-                              + (f"\n--- output ---\n{output}" if output.strip() else ""))
-        if not quiet and output.strip():
-            print(output)
+            raise LaunchError(f"launch: the job ran past timeout={timeout:g}s; its ranks were stopped{shown_in_error}")
         results, failures = collect_results(workdir, [p.returncode for p in ranks], stopped)
         if failures:
-            raise LaunchError("\n".join(failures) + (f"\n--- output ---\n{output}" if quiet and output else ""))
+            raise LaunchError("\n".join(failures) + shown_in_error)
         return results
 
 
@@ -182,24 +182,54 @@ def _start_ranks(workdir: str, nproc: int, port: int, env: dict[str, str] | None
     return [context.subprocess_handlers[rank].proc for rank in range(nproc)]  # type: ignore[attr-defined]
 
 
-def _output(workdir: str, nproc: int) -> str:
-    """What the ranks printed, each line led by its rank."""
-    lines = []
-    for rank in range(nproc):
+class _RankOutput:
+    """The ranks' output files (each rank writes its own, _launch_worker._output_to), read as
+    they grow: each complete line, led by ``[rank N]``, printed here as it comes (``echo``) and
+    kept for an error message. Read on the launch's own poll (_wait), at most 0.1 s late."""
+
+    def __init__(self, workdir: str, nproc: int, echo: bool):
+        self.paths = [os.path.join(workdir, f"output_{rank}.log") for rank in range(nproc)]
+        self.files: list[Any] = [None] * nproc
+        self.partial = [b""] * nproc  # each rank's line so far, its newline not written yet
+        self.lines: list[str] = []
+        self.echo = echo
+
+    def poll(self, final: bool = False) -> None:
+        for rank, path in enumerate(self.paths):
+            if self.files[rank] is None:
+                try:
+                    self.files[rank] = open(path, "rb")
+                except FileNotFoundError:  # not started writing yet (or it never will)
+                    continue
+            *complete, self.partial[rank] = (self.partial[rank] + self.files[rank].read()).split(b"\n")
+            if final and self.partial[rank]:
+                complete.append(self.partial[rank])
+                self.partial[rank] = b""
+            for line in complete:
+                text = f"[rank {rank}] {line.decode(errors='replace').rstrip(chr(13))}"
+                self.lines.append(text)
+                if self.echo:
+                    print(text, flush=True)
+
+    def close(self) -> None:
         try:
-            with open(os.path.join(workdir, f"output_{rank}.log"), errors="replace") as f:
-                lines += [f"[rank {rank}] {line}" for line in f.read().splitlines()]
-        except FileNotFoundError:  # it ended before it started writing
-            pass
-    return "\n".join(lines)
+            self.poll(final=True)
+        finally:
+            for f in self.files:
+                if f is not None:
+                    f.close()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
-def _wait(ranks: list[subprocess.Popen], timeout: float) -> tuple[bool, list[int]]:
-    """Waits for every rank; once one fails, the others are stopped (as torchrun does: a rank
-    still in a collective with it would wait for the group timeout). -> (whether the job ran past
-    ``timeout``, the ranks stopped here)."""
+def _wait(ranks: list[subprocess.Popen], timeout: float, tick: Callable[[], None] = lambda: None) -> tuple[bool, list[int]]:
+    """Waits for every rank, calling ``tick`` (the output's poll) at least every 0.1 s; once one
+    fails, the others are stopped (as torchrun does: a rank still in a collective with it would
+    wait for the group timeout). -> (whether the job ran past ``timeout``, the ranks stopped here)."""
     deadline = time.monotonic() + timeout
     while True:
+        tick()
         codes = [p.poll() for p in ranks]
         if all(c is not None for c in codes):
             return False, []
