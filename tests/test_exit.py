@@ -25,6 +25,7 @@ import re
 import threading
 
 import pytest
+from torch.distributed import init_process_group
 
 import disttrain.distributed
 from exit_matrix import Case, can_make_hosts, make_hosts, remove_hosts, run_case
@@ -322,6 +323,34 @@ def test_launch_failing_rank_stops_the_others_and_names_each_end():
         # Rank 0 either saw its peer go (the backend's error) or was stopped here.
         assert re.search(r"rank 0 (failed:\n.*DistBackendError|produced no result: it was killed by SIGTERM "
                          r"before returning \(stopped after another rank failed\))", message, re.S), message
+
+
+def _init_as_a_torchrun_script_does():
+    import torch
+    import torch.distributed as dist
+
+    seen = []
+    # As scripts written for torchrun or mp.spawn begin: this module's `from torch.distributed import
+    # init_process_group`, then the module's attribute; each group destroyed and made again.
+    for init in (lambda: init_process_group(backend="disttrain", init_method="env://"),
+                 lambda: dist.init_process_group("gloo"), lambda: dist.init_process_group("disttrain")):
+        init()
+        t = torch.ones(1) * (dist.get_rank() + 1)
+        dist.all_reduce(t)
+        seen.append((dist.get_backend(), t.item()))
+        dist.destroy_process_group()
+    return seen
+
+
+def test_launch_runs_a_function_that_makes_its_own_group():
+    """A function written for torchrun calls init_process_group itself: it raised 'trying to
+    initialize the default process group twice!'. Its call now replaces the group launch made
+    (a disttrain group made again on the same store: the new one read the old one's keys,
+    'cannot open rank 0's segment'); then gloo, then disttrain once more."""
+    import disttrain
+
+    expected = [("disttrain", 3.0), ("gloo", 3.0), ("disttrain", 3.0)]
+    assert disttrain.launch(_init_as_a_torchrun_script_does, nproc=2, timeout=120, quiet=True) == [expected] * 2
 
 
 def _launch_environment():

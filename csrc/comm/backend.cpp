@@ -202,16 +202,26 @@ std::string DisttrainWork::describe() const {
 }
 
 namespace {
-// Under torchrun the store may outlive a failed attempt: every key of ours
-// carries the attempt number, so a restarted group never reads the dead one's.
-c10::intrusive_ptr<c10d::Store> per_attempt(const c10::intrusive_ptr<c10d::Store>& store, int attempt) {
-  return c10::make_intrusive<c10d::PrefixStore>("attempt" + std::to_string(attempt), store);
+// Every key of ours is scoped to one group: the store outlives it.
+// - Under torchrun the store outlives a failed attempt: the keys carry the
+//   attempt number, so a restarted group never reads the dead one's.
+// - Within one attempt, a group destroyed and made again under the same name
+//   (init_process_group after destroy_process_group: torch names the default
+//   group anew from 0) found the old group's keys: a peer's segment tag of a
+//   segment long unlinked ("cannot open rank 0's segment"), or a count of
+//   mapped segments already complete. Each rank counts the groups it has made
+//   on this store (its own key); the ranks of a group make them in the same
+//   order, so they agree on the count without a word.
+c10::intrusive_ptr<c10d::Store> per_group(const c10::intrusive_ptr<c10d::Store>& store, int attempt, int rank) {
+  auto attempt_store = c10::make_intrusive<c10d::PrefixStore>("attempt" + std::to_string(attempt), store);
+  const int64_t made = attempt_store->add("disttrain/groups_made/" + std::to_string(rank), 1);
+  return c10::make_intrusive<c10d::PrefixStore>("group" + std::to_string(made), attempt_store);
 }
 }  // namespace
 
 DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                    std::chrono::milliseconds timeout, CommOptions options)
-    : DisttrainBackend(per_attempt(store, options.restart_attempt), rank, size, timeout, std::move(options), 0) {}
+    : DisttrainBackend(per_group(store, options.restart_attempt, rank), rank, size, timeout, std::move(options), 0) {}
 
 DisttrainBackend::DisttrainBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                    std::chrono::milliseconds timeout, CommOptions options, int)

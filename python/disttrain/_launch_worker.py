@@ -1,5 +1,6 @@
 """Rank side of :func:`disttrain.launch`, which starts it with torchrun's environment."""
 
+import functools
 import os
 import pickle
 import sys
@@ -31,21 +32,50 @@ def _output_to(path: str) -> None:
     os.close(fd)
 
 
+# The default group this rank made for fn, while fn runs (None otherwise).
+_made = None
+
+
+def _let_fn_init_its_own_group(dist) -> None:
+    """A function written for torchrun or torch.multiprocessing.spawn starts with
+    ``dist.init_process_group(...)``, which raised 'trying to initialize the default process
+    group twice!' here. Such a call, while ``fn`` runs, first destroys the group this rank made
+    for it (if it is still the default one), then makes the one ``fn`` asks for, with its own
+    arguments (backend, timeout, options), from the same torchrun environment. Installed before
+    fn's module is imported, so ``from torch.distributed import init_process_group`` gets it too."""
+    original = dist.init_process_group
+
+    @functools.wraps(original)
+    def init_process_group(*args, **kwargs):
+        if _made is not None and dist.is_initialized() and dist.group.WORLD is _made:
+            dist.destroy_process_group()
+        return original(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
+    dist.distributed_c10d.init_process_group = init_process_group
+
+
 def main(workdir: str) -> int:
+    global _made
     _die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     _output_to(os.path.join(workdir, f"output_{rank}.log"))
     try:
+        import torch.distributed as dist
+
+        _let_fn_init_its_own_group(dist)
         with open(os.path.join(workdir, "payload.pkl"), "rb") as f:
             parent_path = pickle.load(f)
             sys.path[:] = parent_path + [p for p in sys.path if p not in parent_path]
             fn, args, backend = pickle.load(f)
-        import torch.distributed as dist
-
         import disttrain
 
         disttrain.init(backend=backend)
-        value = fn(*args)
+        _made = dist.group.WORLD
+        try:
+            value = fn(*args)
+        finally:
+            _made = None
         if dist.is_initialized():  # fn may end as a script does, destroying the group itself
             dist.destroy_process_group()
         outcome = (True, value)

@@ -91,8 +91,8 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
         finally:
             del store
             output.close()  # the lines not shown yet, the last one even without its newline
-        # Shown as they came unless quiet; then only in the error, if there is one.
-        shown_in_error = f"\n--- output ---\n{output.text()}" if quiet and output.text() else ""
+        # Shown as they came unless quiet; then kept for the error, if there is one.
+        shown_in_error = f"\n--- output ---\n{output.text()}" if output.lines else ""
         if timed_out:
             raise LaunchError(f"launch: the job ran past timeout={timeout:g}s; its ranks were stopped{shown_in_error}")
         results, failures = collect_results(workdir, [p.returncode for p in ranks], stopped)
@@ -184,8 +184,8 @@ def _start_ranks(workdir: str, nproc: int, port: int, env: dict[str, str] | None
 
 class _RankOutput:
     """The ranks' output files (each rank writes its own, _launch_worker._output_to), read as
-    they grow: each complete line, led by ``[rank N]``, printed here as it comes (``echo``) and
-    kept for an error message. Read on the launch's own poll (_wait), at most 0.1 s late."""
+    they grow: each complete line, led by ``[rank N]``, printed here as it comes (``echo``), or
+    else kept for an error message. Read on the launch's own poll (_wait), at most 0.1 s late."""
 
     def __init__(self, workdir: str, nproc: int, echo: bool):
         self.paths = [os.path.join(workdir, f"output_{rank}.log") for rank in range(nproc)]
@@ -207,9 +207,10 @@ class _RankOutput:
                 self.partial[rank] = b""
             for line in complete:
                 text = f"[rank {rank}] {line.decode(errors='replace').rstrip(chr(13))}"
-                self.lines.append(text)
                 if self.echo:
                     print(text, flush=True)
+                else:  # kept for the error message; shown, it is not kept (a long job's output)
+                    self.lines.append(text)
 
     def close(self) -> None:
         try:

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -25,17 +26,24 @@ using Backend = c10::intrusive_ptr<DisttrainBackend>;
 // A group long timeout: a test that waits for it has failed.
 constexpr auto kGroupTimeout = 60000ms;
 
-std::vector<Backend> make_group(int world, const std::string& transport = "auto") {
-  auto store = c10::make_intrusive<c10d::HashStore>();
+std::vector<Backend> make_group(int world, const std::string& transport = "auto",
+                                c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::HashStore>()) {
   std::vector<Backend> backends(world);
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
-      backends[r] = c10::make_intrusive<DisttrainBackend>(store, r, world, kGroupTimeout,
-                                                          CommOptions::resolve({{"transport", transport}}));
+      try {
+        backends[r] = c10::make_intrusive<DisttrainBackend>(store, r, world, kGroupTimeout,
+                                                            CommOptions::resolve({{"transport", transport}}));
+      } catch (const c10::Error& e) {  // a failed set-up fails the test, not the whole binary
+        ADD_FAILURE() << "rank " << r << ": " << e.what_without_backtrace();
+      }
     });
   }
   for (auto& t : threads) t.join();
+  for (const auto& b : backends) {
+    if (!b) throw std::runtime_error("the group could not be made");
+  }
   return backends;
 }
 
@@ -144,6 +152,29 @@ TEST_P(Teardown, AnyOrderAndAPeerAlreadyGone) {
     // Either it noticed rank 2 gone, or it waited for the idle rank until the teardown.
     std::string e = error_of(orphan);
     EXPECT_TRUE(e.find("rank 2") != std::string::npos || e.find("destroyed") != std::string::npos) << e;
+  }
+}
+
+// init_process_group after destroy_process_group: torch names the new default
+// group as it named the old one, on the same store. The new group read the old
+// one's keys (a segment tag whose segments were unlinked: "cannot open rank 0's
+// segment"; a count of mapped segments already complete).
+TEST_P(Teardown, AGroupMadeAgainOnTheSameStoreReadsNoneOfTheOldOnesKeys) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  for (int round = 0; round < 3; ++round) {
+    auto group = make_group(3, GetParam(), store);
+    std::vector<at::Tensor> values(3);
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (int r = 0; r < 3; ++r) {
+      values[r] = at::full({1000}, static_cast<float>(r + 1 + round));
+      works.push_back(allreduce(*group[r], values[r]));
+    }
+    for (int r = 0; r < 3; ++r) {
+      EXPECT_EQ(error_of(works[r]), "") << "round " << round << ", rank " << r;
+      EXPECT_TRUE(values[r].eq(6.0f + 3 * round).all().item<bool>()) << "round " << round << ", rank " << r;
+    }
+    for (auto& b : group) b->shutdown();
+    group.clear();
   }
 }
 
