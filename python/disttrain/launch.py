@@ -42,14 +42,17 @@ def launch(fn: Callable[..., Any], nproc: int = 2, args: Sequence[Any] = (), *, 
 
     Args:
         fn: any picklable-by-cloudpickle callable; inside it, ``torch.distributed``
-            is initialised (``dist.get_rank()``, collectives, DDP all work).
+            is initialised (``dist.get_rank()``, collectives, DDP all work). A
+            function written for torchrun may call ``dist.init_process_group``
+            itself: its group replaces the one made for it.
         nproc: number of ranks (processes) on this machine.
         args: positional arguments passed to ``fn`` in every rank.
         backend: process-group backend (``"disttrain"``, ``"gloo"``).
         timeout: seconds before the whole job is stopped (its ranks ended, then
             :class:`LaunchError`).
         env: extra environment variables for the ranks.
-        quiet: do not echo the ranks' output.
+        quiet: do not show the ranks' output (shown as it comes otherwise,
+            each line led by ``[rank N]``); it is kept for the error message.
 
     Returns:
         A list with one return value per rank, indexed by rank.
