@@ -44,10 +44,19 @@ def test_ddp_over_disttrain_matches_gloo(world):
         assert worst < 1e-5, f"parameters differ from gloo's by {worst:.2e} (relative)"
 
 
+# The reference gloo groups, held until the rank ends (os._exit: never released). torch's
+# ProcessGroupGloo destructor joins its worker threads unguarded: when the last reference went
+# on one of them (a hook's future callback, run there, holding PowerSGD's state and so the
+# group), the join was a self-join, and the rank died of std::terminate ("Resource deadlock
+# avoided"; once in CI, 3 Dec 2026, under load).
+_GLOO_GROUPS: list = []
+
+
 def _train_with_hook(rank, world, hook_name, steps):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     gloo = dist.new_group(backend="gloo")
+    _GLOO_GROUPS.append(gloo)
     finals = {}
     for name, group in (("disttrain", None), ("gloo", gloo)):
         torch.manual_seed(0)
