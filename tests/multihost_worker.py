@@ -55,8 +55,12 @@ def main(out_dir: str, mode: str) -> None:
     except Exception as e:  # noqa: BLE001 - reported to the test
         result["error"] = str(e)
         result["op_seconds"] = time.monotonic() - op_start
-    with open(os.path.join(out_dir, f"rank_{rank}.json"), "w") as f:
+    # Written whole, then renamed into place: the test polls for these files and must never read
+    # one half written (a JSONDecodeError once, in a fresh-clone run under load).
+    path = os.path.join(out_dir, f"rank_{rank}.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f)
+    os.rename(path + ".tmp", path)
     if "error" not in result or result["error"] is None:
         dist.destroy_process_group()
 
