@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 import disttrain  # noqa: F401  (registers the backend)
+from disttrain._atomic import write_atomically
 
 # --hold keeps the subgroup here, as a trainer object would: it then outlives
 # destroy_process_group() and goes only with the interpreter.
@@ -34,10 +35,7 @@ HELD: list = []
 
 
 def _write(out_dir: str, name: str, payload: dict) -> None:
-    tmp = os.path.join(out_dir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, os.path.join(out_dir, name))
+    write_atomically(os.path.join(out_dir, name), lambda f: json.dump(payload, f), durable=False)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import disttrain
+from disttrain._atomic import write_atomically
 
 
 def main(out_dir: str, mode: str) -> None:
@@ -57,10 +58,7 @@ def main(out_dir: str, mode: str) -> None:
         result["op_seconds"] = time.monotonic() - op_start
     # Written whole, then renamed into place: the test polls for these files and must never read
     # one half written (a JSONDecodeError once, in a fresh-clone run under load).
-    path = os.path.join(out_dir, f"rank_{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.rename(path + ".tmp", path)
+    write_atomically(os.path.join(out_dir, f"rank_{rank}.json"), lambda f: json.dump(result, f), durable=False)
     if "error" not in result or result["error"] is None:
         dist.destroy_process_group()
 

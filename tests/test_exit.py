@@ -140,18 +140,18 @@ def _record_pid_then_hang(folder):
 
     import torch.distributed as dist
 
+    from disttrain._atomic import write_atomically
+
     # Written whole, then renamed into place: a reader never sees a pid file still empty.
-    path = os.path.join(folder, f"pid_{dist.get_rank()}")
-    with open(path + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.rename(path + ".tmp", path)
+    write_atomically(os.path.join(folder, f"pid_{dist.get_rank()}"), lambda f: f.write(str(os.getpid())),
+                     durable=False)
     time.sleep(600)
 
 
 def _launched_pids(folder):
     pids = []
     for name in os.listdir(folder):
-        if name.startswith("pid_") and not name.endswith(".tmp"):
+        if name.startswith("pid_"):  # write_atomically's temporary files begin with "."
             with open(os.path.join(folder, name)) as f:
                 pids.append(int(f.read()))
     return pids

@@ -227,7 +227,7 @@ class _RankOutput:
         return "\n".join(self.lines)
 
 
-def _wait(ranks: list[subprocess.Popen], timeout: float, tick: Callable[[], None] = lambda: None) -> tuple[bool, list[int]]:
+def _wait(ranks: list[subprocess.Popen], timeout: float, tick: Callable[[], None]) -> tuple[bool, list[int]]:
     """Waits for every rank, calling ``tick`` (the output's poll) at least every 0.1 s; once one
     fails, the others are stopped (as torchrun does: a rank still in a collective with it would
     wait for the group timeout). -> (whether the job ran past ``timeout``, the ranks stopped here)."""
