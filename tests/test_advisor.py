@@ -119,6 +119,25 @@ def test_sharding_shortens_the_epoch(advisor):
     assert pred["epoch_time_s"].iloc[1] < pred["epoch_time_s"].iloc[0]
 
 
+def test_a_configuration_on_any_gpu_gets_its_own_curve_parameters(advisor):
+    # The curve's parameters are fitted once per distinct configuration (a recommendation's
+    # candidates on every GPU type share them): the same as each configuration fitted alone.
+    from disttrain.advisor.curve_model import curve
+
+    rows = [{"model_name": "resnet50", "gpu": gpu, "num_of_gpus": n, "batch_size": b}
+            for gpu in ("P40", "V100-PCIE", "P100") for n, b in ((1, 128), (2, 32), (1, 128))]
+    configs = advisor.normalize(pd.DataFrame(rows))
+    together = advisor.curve_model.predict_params(configs)
+    alone = np.vstack([advisor.curve_model.predict_params(configs.iloc[[i]]) for i in range(len(configs))])
+    np.testing.assert_array_equal(together, alone)
+    assert not np.array_equal(together[0], together[1])  # another configuration, other parameters
+    # Many curves at once (one row of parameters each) are each curve alone.
+    epochs = np.arange(1, 91, dtype=float)
+    for milestone in (60.0, np.inf):
+        np.testing.assert_array_equal(curve(together, epochs, milestone),
+                                      np.vstack([curve(t, epochs, milestone) for t in together]))
+
+
 def test_accuracy_curve_rises_and_conditioning_narrows(held_out, held_out_rows):
     # cfg13 on a P40 (ResNet-18, batch 128, one GPU): a run the held-out advisor never saw.
     config = {"model_name": "resnet18", "gpu": "P40", "num_of_gpus": 1, "batch_size": 128}

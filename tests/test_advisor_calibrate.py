@@ -380,15 +380,16 @@ def test_an_epoch_is_split_among_the_processes():
                                                            "dataset": "digits", "num_of_gpus": 2}]))
 
 
-def _two_rank_ratio(folder):
-    """A short 2-rank `disttrain train` run, then `--predict` on its metrics.csv (its timing measured
-    anew): (predicted / measured epoch, the row, the timing)."""
+def _two_rank_ratio(folder, made=False):
+    """A short 2-rank `disttrain train` run (``made``: the one already in ``folder``), then `--predict`
+    on its metrics.csv (its timing measured anew): (predicted / measured epoch, the row, the timing)."""
     calibration = calibrate.load("cpu")
     calibration.timings = [t for t in calibration.timings if t.get("processes", 1) == 1]
     calibrate.store(calibration)
-    subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
-                    "-s", str(folder), "--save-name", "two", "--no-progress"], env=_env(), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder.parent, timeout=300)
+    if not made:
+        subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
+                        "-s", str(folder), "--save-name", "two", "--no-progress"], env=_env(), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder.parent, timeout=300)
     metrics = folder / "two" / "metrics.csv"
     measured = float(np.median(_rows(metrics)[1:]))  # the first epoch warms up
     (row,) = _advise("--predict", str(metrics), "--json")["configurations"]
@@ -398,14 +399,14 @@ def _two_rank_ratio(folder):
     return row["epoch_time_s"] / measured, row, timing
 
 
-def test_predict_a_two_rank_trainer_run(calibrated, tmp_path):
+def test_predict_a_two_rank_trainer_run(calibrated, two_rank_cpu_run, tmp_path):
     """The README's main job is 2 ranks: `disttrain advise --predict` on its metrics.csv measures the
     configuration with 2 processes (as `--nproc-per-node 2` starts them) and predicts a rank's
     epoch. The bound is loose (a short run and one measurement; with 2 ranks on the 2 cores any other
     load makes both wait, 0.5 of their time at load 2-3); when it is missed, two more runs are made
     and the median of the three must hold it. A prediction of the whole data set on one rank, not a
     rank's half, is about 2x and fails."""
-    ratio, row, timing = _two_rank_ratio(tmp_path / "first")
+    ratio, row, timing = _two_rank_ratio(two_rank_cpu_run, made=True)  # the session's run (conftest)
     assert row["source"] == "calibrated" and row["num_of_gpus"] == 2
     assert timing is not None and timing["processes"] == 2 and timing["epochs"] >= 2  # measured now, and kept
     ratios = [ratio]

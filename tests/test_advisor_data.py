@@ -101,3 +101,18 @@ def test_command_line_errors_about_the_logs_are_one_line(tmp_path, monkeypatch, 
     assert captured.out == "" and len(lines) == 2
     assert lines[0] == "disttrain advise: no epoch logs: --no-default-logs needs --data PATH [PATH ...]"
     assert lines[1].startswith("disttrain advise: DISTTRAIN_EPOCH_LOGS=") and "no such file" in lines[1]
+
+
+def test_a_file_rewritten_in_place_is_read_again(tmp_path):
+    # load_raw keeps what it parsed, by the file's bytes: a file rewritten between two loads (same
+    # size, within one tick of the file system's clock) must give its new rows, and a copy of the
+    # rows handed out must not change what the next load gives.
+    path = _trainer_csv(tmp_path / "run.csv")
+    first = load_raw([path])
+    first["epoch_timings"] = -1.0  # the caller's copy
+    assert (load_raw([path])["epoch_timings"] == 10.0).all()
+    path.write_text(path.read_text().replace("10.0", "20.0"))
+    assert (load_raw([path])["epoch_timings"] == 20.0).all()
+    same = tmp_path / "copy.csv"
+    same.write_bytes(path.read_bytes())  # the same bytes elsewhere: each row names its own file
+    assert _sources(load_raw([path, same])) == {str(path.resolve()), str(same.resolve())}

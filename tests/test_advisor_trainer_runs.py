@@ -1,50 +1,35 @@
 """The user's own runs as training data (issue 21): the metrics.csv that `disttrain train`
-writes, here from a real run on this machine's CPU (the embedded digits data set, 2 epochs),
-is accepted by `disttrain advise --data runs/`, and the advisor refits on it."""
+writes, here from a real run on this machine's CPU (the README's main job: 2 ranks, the embedded
+digits data set, 4 epochs; conftest's ``two_rank_cpu_run``, which the advisor's calibration test
+predicts too), is accepted by `disttrain advise --data runs/`, and the advisor refits on it."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import disttrain
 from disttrain.advisor import Advisor, AdvisorInputError, data_sources, load_epochs
 from disttrain.advisor import cli as advise_cli
 
-PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
-    return env
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A runs/ folder holding one real `disttrain train` run (CPU, digits, batch 128, 2 epochs)."""
-    folder = tmp_path_factory.mktemp("user") / "runs"
-    out = subprocess.run([sys.executable, "-m", "disttrain", "train", "-e", "2", "-b", "128", "-s", str(folder),
-                          "--save-name", "cpu_digits", "--no-progress"],
-                         capture_output=True, text=True, env=_env(), cwd=folder.parent, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return folder
+def runs(two_rank_cpu_run):
+    """A runs/ folder holding one real `disttrain train` run (CPU, digits, 2 ranks, batch 32, 4 epochs)."""
+    return two_rank_cpu_run
 
 
 @pytest.fixture(scope="module")
 def metrics(runs):
-    return pd.read_csv(runs / "cpu_digits" / "metrics.csv")
+    return pd.read_csv(runs / "two" / "metrics.csv")
 
 
 def test_the_trainers_csv_is_read_as_one_cpu_run(runs, metrics):
     assert list(metrics["gpu"].unique()) == ["cpu"] and list(metrics["dataset"].unique()) == ["digits"]
+    assert list(metrics["num_of_gpus"].unique()) == [2]  # rank 0 writes the job's file
     epochs = load_epochs(runs)
-    assert epochs["run_id"].nunique() == 1 and len(epochs) == 2
+    assert epochs["run_id"].nunique() == 1 and len(epochs) == 4
+    assert set(epochs["num_of_gpus"]) == {2} and set(epochs["is_distributed"]) == {True}
     assert set(epochs["gpu_family"]) == {"CPU"} and set(epochs["dataset"]) == {"digits"}
     np.testing.assert_array_equal(epochs["epoch_timings"], metrics["epoch_timings"])
     np.testing.assert_array_equal(epochs["test_acc"], metrics["test_acc"])

@@ -85,11 +85,15 @@ def first_milestone(milestones, num_epochs) -> float:
 
 
 def curve(theta: np.ndarray, epochs: np.ndarray, milestone: float) -> np.ndarray:
-    """Accuracy after ``epochs`` (1-based) for parameters ``theta`` (see PARAMS)."""
+    """Accuracy after ``epochs`` (1-based) for parameters ``theta`` (see PARAMS); for a 2-D
+    ``theta`` (one row of parameters per curve), one row of accuracies per curve."""
+    theta = np.asarray(theta, dtype=float)
+    if theta.ndim == 2:
+        theta = theta.T[:, :, None]  # each parameter a column, broadcast against the epochs
     a_inf, a_1 = _sigmoid(theta[0]), _sigmoid(theta[1])
     rate = np.exp(theta[2])
     before = a_inf - (a_inf - a_1) / (1 + rate * (np.minimum(epochs, milestone) - 1))
-    jump = theta[3] if np.isfinite(theta[3]) else 0.0
+    jump = np.where(np.isfinite(theta[3]), theta[3], 0.0)
     return np.where(epochs > milestone, np.clip(before + jump, 0.0, 1.0), before)
 
 
@@ -224,9 +228,16 @@ class LearningCurveModel:
         epochs = np.arange(1, _HORIZON + 1, dtype=float)
         grid = X.loc[np.repeat(X.index.to_numpy(), _HORIZON)].assign(epoch=np.tile(epochs, len(X)))
         trajectories = models["trajectory"].predict(grid).reshape(len(X), _HORIZON)
+        # The parameters depend on the configuration's features alone, not its GPU: the candidates of a
+        # recommendation (every GPU type) and the runs of one configuration share a fit. Each distinct
+        # (prior, trajectory) is fitted once, so the result is the same, bit for bit.
         out = np.empty_like(prior)
+        fitted: dict = {}
         for i, (center, trajectory) in enumerate(zip(prior, trajectories)):
-            out[i] = fit_run(epochs, trajectory, np.inf, prior=center, prior_scale=prior_scale)
+            key = center.tobytes() + trajectory.tobytes()
+            if key not in fitted:
+                fitted[key] = fit_run(epochs, trajectory, np.inf, prior=center, prior_scale=prior_scale)
+            out[i] = fitted[key]
             out[i, 3] = center[3]
         return out
 
@@ -385,7 +396,7 @@ class LearningCurveModel:
             # The residual model corrects the predicted curve; a curve refitted
             # to observed epochs follows the job itself and is not shifted.
             shift = self.correction(frame, center[None, :], [epochs])
-        curves = np.array([curve(d, epochs, milestone) for d in draws]) + shift
+        curves = curve(draws, epochs, milestone) + shift
         tail = (1 - self.coverage) / 2
         return pd.DataFrame({
             "epoch": epochs.astype(int),
@@ -420,7 +431,7 @@ def predict_curves(model: LearningCurveModel, configs: pd.DataFrame, epochs, tar
     shifts = model.correction(configs, centers, [epochs] * len(configs)).reshape(len(configs), len(epochs))
     for (_, config), center, shift in zip(configs.iterrows(), centers, shifts):
         milestone = first_milestone(config.get("milestones", ""), config.get("num_epochs", np.inf))
-        draws = np.array([curve(d, epochs, milestone) for d in center + model.errors_]) + shift
+        draws = curve(center + model.errors_, epochs, milestone) + shift
         out[0].append(np.clip(curve(center, epochs, milestone) + shift, 0.0, 1.0))
         out[1].append(np.clip(np.quantile(draws, tail, axis=0), 0.0, 1.0))
         out[2].append(np.clip(np.quantile(draws, 1 - tail, axis=0), 0.0, 1.0))
