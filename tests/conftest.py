@@ -90,3 +90,14 @@ def two_rank_cpu_run(tmp_path_factory):
                          env=env, cwd=folder.parent, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return folder
+
+
+@pytest.fixture(scope="session")
+def fresh_install(tmp_path_factory):
+    """tests/fresh_install.py's job (a fresh venv, pip install '<repo>[advisor]', `disttrain advise`
+    from outside the repository), started in the background once for the session."""
+    import fresh_install as job
+
+    started = job.Job(tmp_path_factory.mktemp("fresh-install"), os.path.dirname(HERE))
+    yield started
+    started.stop()

@@ -1,9 +1,9 @@
 """``disttrain advise`` as a user runs it: output, JSON, exit codes, no tracebacks.
 
-Each test runs the command once as a real process (``python -m disttrain advise``: the
-dispatch, the exit status, nothing but one line on stderr); further cases of the same test run
-``main()`` in this process, which is the same code after the dispatch, without paying for
-another interpreter and torch import each. The fit itself comes from the session's fit cache
+One case runs as a real process (``python -m disttrain advise``: the dispatch, the exit status,
+nothing but one line on stderr), started with the module and read at its end; the others run
+``main()`` in this process, which is the same code after the dispatch, without paying for another
+interpreter and torch import each. The fit itself comes from the session's fit cache
 (tests/conftest.py), so it is made once.
 """
 
@@ -24,10 +24,33 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 
 
-def advise(*args, cwd=None):
+@pytest.fixture(scope="module", autouse=True)
+def started_with_the_module(request):
+    """Real processes that the tests to run read later, started at this module's start: they use
+    one core while this module's tests, run in this process, use the other. test_advisor_install.py's
+    fresh install (conftest's ``fresh_install``), and this module's unknown-model process."""
+    names = {item.name for item in request.session.items}
+    if "test_fresh_venv_install_advises_outside_the_repository" in names:
+        request.getfixturevalue("fresh_install")
+    if "test_a_real_process_exits_2_with_one_line" in names:
+        request.getfixturevalue("unknown_model_process")
+
+
+@pytest.fixture(scope="module")
+def unknown_model_process():
+    """``disttrain advise --model vgg11 ...`` as a real process, started when the module starts and
+    read by the test at its end (the interpreter's start and torch's import, seconds of one core,
+    overlap this module's other tests)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
-    return subprocess.run([sys.executable, "-m", "disttrain", "advise", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, env=env, timeout=300)
+    proc = subprocess.Popen([sys.executable, "-m", "disttrain", "advise", *UNKNOWN_MODEL[0]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+UNKNOWN_MODEL = (("--model", "vgg11", "--target-acc", "0.7"), "unknown model 'vgg11'")
 
 
 def advise_here(capsys, *args):
@@ -91,7 +114,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     bad_csv = tmp_path / "logs.csv"
     bad_csv.write_text("a,b\n1,2\n")
     # Each case with a word its one line must hold, so a case that fails for another reason fails the test.
-    cases = [(("--model", "vgg11", "--target-acc", "0.7"), "unknown model 'vgg11'"),
+    cases = [UNKNOWN_MODEL,
              (("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"), "unknown GPU 'H100'"),
              (("--model", "resnet50", "--target-acc", "0.97"), "best accuracy"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)), "'cheap' is not a positive number"),
@@ -103,11 +126,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--model", "resnet50", "--target-acc", "abc"), "invalid float value: 'abc'"),
              (("--model", "resnet50", "--target-acc", "0.7", "--deadline-hours", "-1"), "--deadline-hours -1.0"),
              (("--model", "resnet50", "--target-acc", "0.7", "--top", "0"), "--top 0")]
-    # The first case as a real process: its exit status and its whole stderr.
-    (args, words), *rest = cases
-    out = advise(*args)
-    assert out.returncode == 2 and _one_line(out.stderr) and words in out.stderr, (args, out.stdout, out.stderr)
-    for args, words in rest:
+    # The first case also runs as a real process (test_a_real_process_exits_2_with_one_line, at the end).
+    for args, words in cases:
         code, stdout, stderr = advise_here(capsys, *args)
         assert code == 2 and _one_line(stderr) and words in stderr, (args, code, stdout, stderr)
 
@@ -334,3 +354,11 @@ def test_concurrent_predictions_keep_each_others_measurements(tmp_path, capsys, 
     code, stdout, stderr = advise_here(capsys, "--predict", str(run))
     assert code == 0, stderr
     assert sorted(t["batch_size"] for t in calibrate.load("cpu").timings) == [16, 64, 128]
+
+
+def test_a_real_process_exits_2_with_one_line(unknown_model_process):
+    # The first bad-input case as a real process (started with the module): its exit status and its
+    # whole stderr, nothing printed by the interpreter or the imports.
+    stdout, stderr = unknown_model_process.communicate(timeout=300)
+    args, words = UNKNOWN_MODEL
+    assert unknown_model_process.returncode == 2 and _one_line(stderr) and words in stderr, (args, stdout, stderr)

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 import tomllib
 from pathlib import Path
 
@@ -178,60 +177,20 @@ def test_installed_metadata_version_and_advisor_extra():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # a cold build of the extension on 2 cores takes several minutes; warm, it is incremental
-def test_fresh_venv_install_advises_outside_the_repository(tmp_path):
+def test_fresh_venv_install_advises_outside_the_repository(fresh_install):
     """pip install '<repo>[advisor]' into a new virtual environment, then run
     ``disttrain advise`` from a folder outside the repository, without
     DISTTRAIN_EPOCH_LOGS: the shipped logs are found in the installed package.
-
-    The venv sees the system's site-packages, so torch (huge) and the other
-    dependencies are not downloaded: pip runs with --no-index (it can never
-    fetch anything, least of all a bare 'torch') and --no-build-isolation (the
-    build uses the installed torch and scikit-build-core). The build reuses
-    build/<wheel tag> in the repository, so it is incremental, and builds the
-    wheel's one compiled target, _C: that folder may be configured with the C++
-    unit tests (scripts/setup.sh), which the wheel does not hold and which took
-    as long again to compile whenever csrc/ had changed (30 Nov 2026: 4.4 min
-    for the whole build, the tests' objects compiling beside the bindings).
-    The venv is made without pip (no ensurepip: seconds, and no bundled old
-    setuptools); the system's pip, which it sees, installs into it.
-    """
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DISTTRAIN_EPOCH_LOGS", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("PIP_")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    venv = tmp_path / "venv"
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    timings = {}
-
-    def step(name, argv, timeout):
-        start = time.monotonic()
-        out = subprocess.run(argv, capture_output=True, text=True, cwd=work, env=env, timeout=timeout)
-        timings[name] = round(time.monotonic() - start, 1)
-        assert out.returncode == 0, f"{name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-        return out
-
-    # --without-pip: Python 3.11's ensurepip would also bundle an old setuptools (65.x) that shadows the
-    # system's, and torch requires setuptools>=77 (with --no-index pip could not upgrade it).
-    step("venv", [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], 300)
-    step("pip install", [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-build-isolation",
-                         "--config-settings=build.targets=_C", f"{REPO}[advisor]"], 1200)
-    where = step("check", [str(venv / "bin" / "python"), "-c", textwrap.dedent("""
-        import importlib.metadata as md, json, disttrain
-        from disttrain.advisor.loading import SHIPPED_LOGS
-        print(json.dumps({"file": disttrain.__file__, "logs": str(SHIPPED_LOGS),
-                          "csvs": len(list(SHIPPED_LOGS.glob("runs/*.csv"))),
-                          "license": (SHIPPED_LOGS / "LICENSE").is_file(),
-                          "version": md.version("disttrain"), "__version__": disttrain.__version__}))
-    """)], 300)
-    info = json.loads(where.stdout)
+    The install runs in the background (tests/fresh_install.py, conftest's
+    ``fresh_install``), from test_advisor_cli.py's start when this test is to run."""
+    found = fresh_install.result(timeout=1400)
+    venv, info = found["venv"], found["info"]
     assert Path(info["file"]).resolve().is_relative_to(venv.resolve()), info  # the venv's copy, not the system's
     assert Path(info["logs"]).resolve().is_relative_to(venv.resolve()) and info["csvs"] == 126 and info["license"]
     assert info["version"] == info["__version__"] == disttrain.__version__
     # --json: a real process's stdout is the JSON document alone (nothing else printed there);
     # the table's layout is checked in test_advisor_cli.py, in-process.
-    out = step("advise", [str(venv / "bin" / "disttrain"), "advise", "--model", "resnet50", "--target-acc", "0.8",
-                          "--json"], 600)
-    result = json.loads(out.stdout)
-    assert result["configurations"] and result["units"]["cost"] == "USD", out.stdout[:2000]
+    result = json.loads(found["advise"])
+    assert result["configurations"] and result["units"]["cost"] == "USD", found["advise"][:2000]
     assert result["message"].startswith("cheapest:") and result["configurations"][0]["rank"] == 1
-    print(f"fresh venv install timings (s): {timings}")
+    print(f"fresh venv install timings (s): {fresh_install.timings}")
