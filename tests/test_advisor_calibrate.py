@@ -1,11 +1,11 @@
 """`disttrain advise --calibrate` (issue 21): measured on this machine, then a prediction for a
 real `disttrain train` run on this machine lands within 20% of its measured epoch time. The run's
-speed is controlled: the same again with every optimizer step slowed by a known 30 ms (a
-sitecustomize in the trainer's process, the same patch in the measuring one) must follow it, which
+speed is controlled: the same again with every optimizer step slowed by a known 30 ms (the same
+patch in the trainer's process and in the measuring one) must follow it, which
 a fitted model that does not measure cannot (refitting on one short CPU run was off by 12x, and
 once predicted a 10x slower copy faster). The trainer and `advise --predict` run as processes of
-their own (each --predict a child forked by a server that has already imported what the command
-imports: PREDICT_SERVER); `advise --calibrate` runs in this one (main()).
+their own (each the command's main() in a child forked by a server that has already imported what
+the commands import: PREDICT_SERVER); `advise --calibrate` runs in this one (main()).
 
 The machine is shared (other tests, other jobs at a load of 10-25 on 2 cores): the load a few
 seconds apart differs by 2x and more, so the prediction and the measurement are interleaved. One
@@ -88,9 +88,10 @@ POLL_S = 0.2
 # `python -m disttrain` calls) with the command's arguments, and exits with its status: a process of
 # its own, not pytest's, which measures as one started afresh does, without paying for the imports
 # during the pauses. One server serves the module (its import, 4-8 s, paid once): the slowed test's
-# slowdown is applied in each child it forks for that test (``setup``), as the sitecustomize applies it
-# in the trainer's process. The server's import overlaps the first run's own start, and the run's
-# epochs while the server was importing are left out (they shared the CPUs with it).
+# slowdown is applied in each child it forks for that test (``setup``). The trainer's run is such a child
+# too, forked in the background (the server answers with its pid and goes on; the test pauses, resumes
+# and ends it by its pid): `disttrain train`'s main() in a process of its own, started without the
+# seconds of its imports (each run's start had cost them, twice a module, and more on a retry).
 PREDICT_SERVER = r"""
 import json, os, sys, traceback
 import pandas, sklearn.datasets, torch, torch._dynamo, torch.distributed, torch.optim
@@ -99,8 +100,10 @@ import disttrain.data, disttrain.distributed, disttrain.trainer, disttrain.train
 # One thread here (no pool or helper started by the imports), so a fork copies nothing half-held.
 threads = len(os.listdir("/proc/self/task"))
 print(f"ready {threads}", flush=True)
+background = set()  # runs forked in the background: reaped once they have exited
 for line in sys.stdin:
-    argv, out, err, setup, cache = json.loads(line)
+    argv, out, err, setup, cache, behind = json.loads(line)
+    background -= {p for p in background if os.waitpid(p, os.WNOHANG)[0]}
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -109,7 +112,7 @@ for line in sys.stdin:
                                    (2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
                 os.dup2(os.open(path, mode, 0o600), fd)
             os.environ["DISTTRAIN_ADVISOR_CACHE"] = cache  # the test's, when it set one of its own
-            exec(setup, {})  # the slowed test's slowdown, in the measuring process only
+            exec(setup, {})  # the slowed test's slowdown, in its run and its measuring processes
             sys.argv = ["disttrain", *argv]
             code = disttrain.cli.main(argv)
         except SystemExit as e:
@@ -120,6 +123,10 @@ for line in sys.stdin:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    if behind:
+        background.add(pid)
+        print(pid, flush=True)
+        continue
     _, status = os.waitpid(pid, 0)
     print(os.waitstatus_to_exitcode(status), flush=True)
 """
@@ -150,15 +157,16 @@ class PredictServer:
         assert ready.split()[1] == "1", f"the predict server runs {ready.split()[1]} threads: a fork is not safe"
         self.ready = True
 
-    def run(self, argv, out, err):
-        """The command's exit status, from a child forked for it (its output in ``out`` and ``err``)."""
+    def run(self, argv, out, err, background=False):
+        """The command's exit status, from a child forked for it (its output in ``out`` and ``err``);
+        with ``background``, the child's pid, at once (it runs on; the server reaps it once it exits)."""
         cache = os.environ["DISTTRAIN_ADVISOR_CACHE"]  # conftest's, or the test's own (monkeypatch)
-        self.proc.stdin.write(json.dumps([argv, str(out), str(err), self.setup, cache]) + "\n")
+        self.proc.stdin.write(json.dumps([argv, str(out), str(err), self.setup, cache, background]) + "\n")
         self.proc.stdin.flush()
         return _reply(self.proc, 300)
 
     def close(self):
-        self.proc.kill()  # it holds nothing (its children have exited): no slow interpreter exit to wait for
+        self.proc.kill()  # it holds nothing (its children have ended): no slow interpreter exit to wait for
         self.proc.wait()
         self.proc.stdin.close()
         self.proc.stdout.close()
@@ -173,61 +181,75 @@ def _rows(metrics):
         return []
 
 
-def _env(slow_dir=None):
-    """A process of its own: this package, one thread, and the slowdown when given."""
+def _env():
+    """A process of its own: this package, one thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    paths = ([str(slow_dir)] if slow_dir else []) + [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]
+    paths = [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["OMP_NUM_THREADS"] = str(THREADS)
     return env
 
 
-def _interleaved(folder, predict, server, slow_dir=None, count=PREDICTIONS):
-    """A real CPU run of the trainer (small CNN on the digits, batch 128), paused for each of
+def _running(pid):
+    """Whether process ``pid`` runs (or is paused); False once it has exited (gone, or a zombie
+    that the server has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _end(pid, timeout):
+    """Waits up to ``timeout`` s for ``pid`` to exit; True when it did."""
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _running(pid)
+
+
+def _interleaved(folder, predict, server, slowed=False, count=PREDICTIONS):
+    """A real CPU run of the trainer (small CNN on the digits, batch 128; a child of ``server``,
+    its slowdown applied when ``slowed``), paused for each of
     ``count`` calls of ``predict(metrics, server, files)`` (a --predict process forked by ``server``,
     its output in files.out and .err; each returns the predicted epoch and the
     measurement's CPU wait share); returns (prediction, measured, the run's wait share in the
     stretch before, after) tuples, measured the
     median of the run's epochs just before and just after the prediction (its first epoch, which
     warms up, and any epoch that spans a pause left out)."""
-    env = _env(slow_dir)
     folder.mkdir(parents=True, exist_ok=True)
     metrics = folder / "cpu_digits" / "metrics.csv"
-    log = open(folder / "train.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "disttrain", "train", "-e", "100000", "-b", "128", "-s", str(folder),
-                             "--save-name", "cpu_digits", "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=folder.parent)
+    log = folder / "train.err"
+    server.wait_ready()
+    pid = int(server.run(["train", "-e", "100000", "-b", "128", "-s", str(folder), "--save-name", "cpu_digits",
+                          "--no-progress"], folder / "train.out", log, background=True))
     stretches, predictions = [], []
     waits: list = []    # (when, the run's scheduler times) at each pause
     resumed: list = []  # the same at each resume
     try:
         deadline = time.monotonic() + 600
-        server.wait_ready()
-        # The run's first epoch warms up, and those that began while the server was importing are left out.
-        clean_from = len(_rows(metrics)) + 1
+        clean_from = 1  # the run's first epoch warms up
         for i in range(count + 1):
-            while len(_rows(metrics)) < clean_from + (SLOWED_RUN_EPOCHS if slow_dir else RUN_EPOCHS):
-                log.seek(0)
-                assert proc.poll() is None and time.monotonic() < deadline, log.read()[-3000:]
+            while len(_rows(metrics)) < clean_from + (SLOWED_RUN_EPOCHS if slowed else RUN_EPOCHS):
+                assert _running(pid) and time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else ""
                 time.sleep(POLL_S)
-            proc.send_signal(signal.SIGSTOP)
+            os.kill(pid, signal.SIGSTOP)
             rows = _rows(metrics)  # read while paused: epoch len(rows) is the one the pause falls in
             stretches.append(rows[clean_from:])
-            waits.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
+            waits.append((time.monotonic(), calibrate.scheduler_threads(pid)))
             clean_from = len(rows) + 1
             if i < count:
                 predictions.append(predict(metrics, server, folder / f"predict{i}"))
-            proc.send_signal(signal.SIGCONT)
-            resumed.append((time.monotonic(), calibrate.scheduler_threads(proc.pid)))
+            os.kill(pid, signal.SIGCONT)
+            resumed.append((time.monotonic(), calibrate.scheduler_threads(pid)))
     finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)  # the trainer's preemption: a snapshot, then exit
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)  # the trainer's preemption: a snapshot, then exit
+        if not _end(pid, 120):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _end(pid, 30)
     shares = [_wait_share(resumed[i - 1] if i else None, waits[i]) for i in range(len(waits))]
     return [(predicted, float(np.median(stretches[i] + stretches[i + 1])), shares[i], shares[i + 1])
             for i, predicted in enumerate(predictions)]
@@ -243,14 +265,14 @@ def _median_ratio(pairs):
     return float(np.median([p[0] / m for p, m, *_ in pairs]))
 
 
-def _interleaved_twice(folder, predict, server, slow_dir=None, bound=0.2, count=PREDICTIONS):
+def _interleaved_twice(folder, predict, server, slowed=False, bound=0.2, count=PREDICTIONS):
     """_interleaved's pairs; when their median ratio misses ``bound``, a second run's pairs are
     added (once) and the median is taken over all of them. Single ratios stray on this shared 2-core
     machine (0.40 and 1.87 seen beside 1.0s); a prediction that is really off still fails."""
-    pairs = _interleaved(folder / "first", predict, server, slow_dir, count)
+    pairs = _interleaved(folder / "first", predict, server, slowed, count)
     if abs(_median_ratio(pairs) - 1) >= bound:
         print(f"first stretch's median ratio {_median_ratio(pairs):.3f}: a second stretch")
-        pairs += _interleaved(folder / "second", predict, server, slow_dir, count)
+        pairs += _interleaved(folder / "second", predict, server, slowed, count)
     return pairs
 
 
@@ -332,9 +354,6 @@ def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, server, tmp_path
     0.36 s more (several times a quiet one-thread epoch). This calibration lacks the
     configuration, so each --predict measures it then."""
     stored = calibrated
-    slow_dir = tmp_path / "slow"
-    slow_dir.mkdir()
-    (slow_dir / "sitecustomize.py").write_text(SLOWDOWN)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(cache))
@@ -349,7 +368,7 @@ def test_a_run_slowed_by_a_known_amount_is_followed(calibrated, server, tmp_path
 
     server.setup = SLOWDOWN  # in each measuring process
     try:
-        pairs = _interleaved_twice(tmp_path / "runs", predicted, server, slow_dir, count=SLOWED_PREDICTIONS)
+        pairs = _interleaved_twice(tmp_path / "runs", predicted, server, slowed=True, count=SLOWED_PREDICTIONS)
     finally:
         server.setup = ""
     assert len(timings) == len(pairs) and all(t["step_s"] > SLOW_STEP_S for t in timings)  # sees the slower step
