@@ -121,16 +121,27 @@ def test_sharding_shortens_the_epoch(advisor):
 
 def test_a_configuration_on_any_gpu_gets_its_own_curve_parameters(advisor):
     # The curve's parameters are fitted once per distinct configuration (a recommendation's
-    # candidates on every GPU type share them): the same as each configuration fitted alone.
+    # candidates on every GPU type share them; fit_run keeps the process's fits): the same as each
+    # configuration fitted alone, afresh.
+    from disttrain.advisor import curve_model
     from disttrain.advisor.curve_model import curve
 
     rows = [{"model_name": "resnet50", "gpu": gpu, "num_of_gpus": n, "batch_size": b}
             for gpu in ("P40", "V100-PCIE", "P100") for n, b in ((1, 128), (2, 32), (1, 128))]
     configs = advisor.normalize(pd.DataFrame(rows))
     together = advisor.curve_model.predict_params(configs)
-    alone = np.vstack([advisor.curve_model.predict_params(configs.iloc[[i]]) for i in range(len(configs))])
-    np.testing.assert_array_equal(together, alone)
+    alone = []
+    for i in range(len(configs)):
+        curve_model._FITTED.clear()
+        alone.append(advisor.curve_model.predict_params(configs.iloc[[i]]))
+    np.testing.assert_array_equal(together, np.vstack(alone))
     assert not np.array_equal(together[0], together[1])  # another configuration, other parameters
+    # A kept fit is handed out as a copy: what a caller does to it changes no later fit.
+    acc = np.linspace(0.3, 0.8, 20)
+    first = curve_model.fit_run(np.arange(1.0, 21.0), acc, np.inf)
+    first[:] = 0.0
+    np.testing.assert_array_equal(curve_model.fit_run(np.arange(1.0, 21.0), acc, np.inf),
+                                  curve_model._fit_run(np.arange(1.0, 21.0), acc, np.inf, None, None))
     # Many curves at once (one row of parameters each) are each curve alone.
     epochs = np.arange(1, 91, dtype=float)
     for milestone in (60.0, np.inf):

@@ -97,8 +97,31 @@ def curve(theta: np.ndarray, epochs: np.ndarray, milestone: float) -> np.ndarray
     return np.where(epochs > milestone, np.clip(before + jump, 0.0, 1.0), before)
 
 
+# Fits made in this process, by everything they depend on: a fit is a pure function of its inputs,
+# and the same ones come again (each run's curve in every fit on logs that hold it, a recommendation's
+# candidates on every GPU type, the web page's repeated queries). The result is the same, bit for bit.
+_FITTED: dict = {}
+_FITTED_MAX = 50_000
+
+
+def _fit_key(*values) -> tuple:
+    return tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).shape, np.asarray(v).tobytes())
+                 for v in values)
+
+
 def fit_run(epochs: np.ndarray, acc: np.ndarray, milestone: float, prior=None, prior_scale=None) -> np.ndarray:
     """Least-squares fit of one run's curve; with ``prior`` (mean, scale) a MAP fit."""
+    key = _fit_key(epochs, acc, float(milestone), prior, prior_scale)
+    theta = _FITTED.get(key)
+    if theta is None:
+        theta = _fit_run(epochs, acc, milestone, prior, prior_scale)
+        if len(_FITTED) >= _FITTED_MAX:
+            _FITTED.clear()
+        _FITTED[key] = theta
+    return theta.copy()
+
+
+def _fit_run(epochs: np.ndarray, acc: np.ndarray, milestone: float, prior, prior_scale) -> np.ndarray:
     before = epochs <= milestone
     start = np.array([_logit(np.max(acc[before]) if before.any() else np.max(acc)),
                       _logit(acc[0]), 0.0, 0.0]) if prior is None else np.array(prior, dtype=float)
@@ -229,15 +252,10 @@ class LearningCurveModel:
         grid = X.loc[np.repeat(X.index.to_numpy(), _HORIZON)].assign(epoch=np.tile(epochs, len(X)))
         trajectories = models["trajectory"].predict(grid).reshape(len(X), _HORIZON)
         # The parameters depend on the configuration's features alone, not its GPU: the candidates of a
-        # recommendation (every GPU type) and the runs of one configuration share a fit. Each distinct
-        # (prior, trajectory) is fitted once, so the result is the same, bit for bit.
+        # recommendation (every GPU type) and the runs of one configuration share a fit (fit_run's).
         out = np.empty_like(prior)
-        fitted: dict = {}
         for i, (center, trajectory) in enumerate(zip(prior, trajectories)):
-            key = center.tobytes() + trajectory.tobytes()
-            if key not in fitted:
-                fitted[key] = fit_run(epochs, trajectory, np.inf, prior=center, prior_scale=prior_scale)
-            out[i] = fitted[key]
+            out[i] = fit_run(epochs, trajectory, np.inf, prior=center, prior_scale=prior_scale)
             out[i, 3] = center[3]
         return out
 
