@@ -72,23 +72,12 @@ def advisor_fit_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def two_rank_cpu_run(tmp_path_factory):
-    """A real 2-rank `disttrain train` run on this machine's CPU (the README's main job: the digits,
-    4 epochs, batch 32, one thread a rank), made once for the session: the advisor's tests read its
-    metrics.csv as a user's run (--data) and predict it (--predict). Returns the folder of runs
+    """A real 2-rank `disttrain train` run on this machine's CPU (harness.train_two_ranks: the
+    README's main job), made once for the session: the advisor's tests read its metrics.csv as a
+    user's run (--data) and predict it (--predict). Returns the folder of runs
     (``<folder>/two/metrics.csv``)."""
-    import subprocess
-
-    import disttrain
-
     folder = tmp_path_factory.mktemp("two-rank-run") / "runs"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
-                          "-s", str(folder), "--save-name", "two", "--no-progress"], capture_output=True, text=True,
-                         env=env, cwd=folder.parent, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    harness.train_two_ranks(folder)
     return folder
 
 

@@ -197,3 +197,22 @@ def on_backward(x: Any, callback: Callable[[], None]) -> Any:
             return grad
 
     return _Identity.apply(x)
+
+
+def train_two_ranks(folder) -> None:
+    """The README's main job as a real process: `disttrain train --nproc-per-node 2` on the digits
+    (4 epochs, batch 32, one thread a rank), its run in ``<folder>/two`` (metrics.csv there). The
+    advisor's tests read it as a user's run and predict it (conftest's ``two_rank_cpu_run``)."""
+    import subprocess
+    import sys
+
+    import disttrain
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
+                          "-s", str(folder), "--save-name", "two", "--no-progress"], capture_output=True, text=True,
+                         env=env, cwd=os.path.dirname(os.path.abspath(folder)), timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

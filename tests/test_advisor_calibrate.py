@@ -44,6 +44,7 @@ import pytest
 import torch
 
 import disttrain
+from harness import train_two_ranks
 from disttrain.advisor import calibrate
 from disttrain.advisor import cli as advise_cli
 
@@ -399,16 +400,12 @@ def test_an_epoch_is_split_among_the_processes():
                                                            "dataset": "digits", "num_of_gpus": 2}]))
 
 
-def _two_rank_ratio(folder, made=False):
-    """A short 2-rank `disttrain train` run (``made``: the one already in ``folder``), then `--predict`
-    on its metrics.csv (its timing measured anew): (predicted / measured epoch, the row, the timing)."""
+def _two_rank_ratio(folder):
+    """`--predict` on the metrics.csv of a 2-rank `disttrain train` run in ``folder``
+    (harness.train_two_ranks; its timing measured anew): (predicted / measured epoch, the row, the timing)."""
     calibration = calibrate.load("cpu")
     calibration.timings = [t for t in calibration.timings if t.get("processes", 1) == 1]
     calibrate.store(calibration)
-    if not made:
-        subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
-                        "-s", str(folder), "--save-name", "two", "--no-progress"], env=_env(), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder.parent, timeout=300)
     metrics = folder / "two" / "metrics.csv"
     measured = float(np.median(_rows(metrics)[1:]))  # the first epoch warms up
     (row,) = _advise("--predict", str(metrics), "--json")["configurations"]
@@ -425,12 +422,14 @@ def test_predict_a_two_rank_trainer_run(calibrated, two_rank_cpu_run, tmp_path):
     load makes both wait, 0.5 of their time at load 2-3); when it is missed, two more runs are made
     and the median of the three must hold it. A prediction of the whole data set on one rank, not a
     rank's half, is about 2x and fails."""
-    ratio, row, timing = _two_rank_ratio(two_rank_cpu_run, made=True)  # the session's run (conftest)
+    ratio, row, timing = _two_rank_ratio(two_rank_cpu_run)  # the session's run (conftest)
     assert row["source"] == "calibrated" and row["num_of_gpus"] == 2
     assert timing is not None and timing["processes"] == 2 and timing["epochs"] >= 2  # measured now, and kept
     ratios = [ratio]
     if not 0.6 < ratio < 1.6:
-        ratios += [_two_rank_ratio(tmp_path / name)[0] for name in ("second", "third")]
+        for name in ("second", "third"):
+            train_two_ranks(tmp_path / name)
+            ratios.append(_two_rank_ratio(tmp_path / name)[0])
     assert 0.6 < float(np.median(ratios)) < 1.6, ratios
 
 

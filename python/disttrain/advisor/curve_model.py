@@ -105,8 +105,8 @@ _FITTED_MAX = 50_000
 
 
 def _fit_key(*values) -> tuple:
-    return tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).shape, np.asarray(v).tobytes())
-                 for v in values)
+    arrays = [None if v is None else np.asarray(v) for v in values]
+    return tuple(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrays)
 
 
 def fit_run(epochs: np.ndarray, acc: np.ndarray, milestone: float, prior=None, prior_scale=None) -> np.ndarray:
