@@ -87,6 +87,18 @@ def fresh_install(tmp_path_factory):
     from outside the repository), started in the background once for the session."""
     import fresh_install as job
 
-    started = job.Job(tmp_path_factory.mktemp("fresh-install"), os.path.dirname(HERE))
+    started = job.start(tmp_path_factory.mktemp("fresh-install"), os.path.dirname(HERE))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def advisor_import_checks(tmp_path_factory):
+    """test_advisor_wheel.py's import checks (fresh interpreters, one after another), started in
+    the background once for the session: test_advisor.py starts them at its start when they are to
+    run (advisor_import_checks.start)."""
+    import advisor_import_checks as checks
+
+    started = checks.start(tmp_path_factory.mktemp("import-checks"))
     yield started
     started.stop()

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import background
 from disttrain.advisor import Advisor, AdvisorInputError, load_epochs
 from disttrain.advisor.loading import default_data_path
 
@@ -20,6 +21,14 @@ HELD_OUT = {13, 23, 25, 30}
 
 def _config_of(csv: Path) -> int:
     return int(csv.stem.rsplit("_", 1)[1])  # MODEL_GPU[_RANK_BACKEND]_CONFIG.csv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def started_with_the_module(request):
+    """test_advisor_wheel.py's import checks (conftest's ``advisor_import_checks``), started at this
+    module's start when they are to run: fresh interpreters, one at a time on the core that this
+    module's tests, run in this process, leave idle."""
+    background.start_if_read(request, "advisor_import_checks")
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 import torch
 
+import background
 import disttrain
 from harness import train_two_ranks
 from disttrain.advisor import calibrate
@@ -88,7 +89,7 @@ POLL_S = 0.2
 # then, for each prediction, forks a child that runs the command's main() (disttrain.cli.main, what
 # `python -m disttrain` calls) with the command's arguments, and exits with its status: a process of
 # its own, not pytest's, which measures as one started afresh does, without paying for the imports
-# during the pauses. One server serves the module (its import, 4-8 s, paid once): the slowed test's
+# during the pauses. One server serves the module (its import, 4-8 s, paid once, beside the calibration): the slowed test's
 # slowdown is applied in each child it forks for that test (``setup``). The trainer's run is such a child
 # too, forked in the background (the server answers with its pid and goes on; the test pauses, resumes
 # and ends it by its pid): `disttrain train`'s main() in a process of its own, started without the
@@ -324,16 +325,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def calibrated(one_thread):
-    return _advise("--calibrate", "--device", "cpu", "--json")
-
-
-@pytest.fixture(scope="module")
-def server(calibrated, tmp_path_factory):
-    """The module's PREDICT_SERVER, started after the calibration (which it would slow)."""
+def server(tmp_path_factory):
+    """The module's PREDICT_SERVER, started before the calibration (``calibrated``): its imports
+    overlap the calibration's measurements, which run on one core. That they slow it a little checks
+    nothing less: no test compares the calibration's own timings with a run (each measures the
+    configuration it predicts anew, from a --predict process of its own)."""
+    background.wait_all()  # the machine is these tests' own from here (background.py)
     started = PredictServer(tmp_path_factory.mktemp("predict-server"))
     yield started
     started.close()
+
+
+@pytest.fixture(scope="module")
+def calibrated(one_thread, server):
+    calibration = _advise("--calibrate", "--device", "cpu", "--json")
+    server.wait_ready()  # its imports done before any timed test
+    return calibration
 
 
 def test_calibrate_then_predict_a_trainer_run(calibrated, server, tmp_path):

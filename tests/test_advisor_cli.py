@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import background
 import disttrain
 from disttrain.advisor import cli as advise_cli
 
@@ -27,13 +28,10 @@ PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 @pytest.fixture(scope="module", autouse=True)
 def started_with_the_module(request):
     """Real processes that the tests to run read later, started at this module's start: they use
-    one core while this module's tests, run in this process, use the other. test_advisor_install.py's
+    one core while this module's tests, run in this process, use the other. test_advisor_wheel.py's
     fresh install (conftest's ``fresh_install``), and this module's unknown-model process."""
-    names = {item.name for item in request.session.items}
-    if "test_fresh_venv_install_advises_outside_the_repository" in names:
-        request.getfixturevalue("fresh_install")
-    if "test_a_real_process_exits_2_with_one_line" in names:
-        request.getfixturevalue("unknown_model_process")
+    for fixture in ("fresh_install", "unknown_model_process"):
+        background.start_if_read(request, fixture)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,7 @@ def advise_here(capsys, *args):
 
 
 def test_ranked_table_and_json(capsys):
-    # In this process (the command's real process prints JSON in test_advisor_install.py's fresh venv).
+    # In this process (the command's real process prints JSON in test_advisor_wheel.py's fresh venv).
     code, stdout, stderr = advise_here(capsys, "--model", "resnet50", "--target-acc", "0.75", "--gpus", "P40",
                                        "Tesla V100-SXM2-16GB", "--json")
     assert code == 0, stderr

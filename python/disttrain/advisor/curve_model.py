@@ -47,6 +47,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ._threads import one_blas_thread
 from .baseline import RawColumnsBaseline
 from .features import derive
 
@@ -259,6 +260,7 @@ class LearningCurveModel:
             out[i, 3] = center[3]
         return out
 
+    @one_blas_thread  # as in Advisor.fit, for a fit called alone too (the example above)
     def fit(self, epochs: pd.DataFrame, run_fits: pd.DataFrame | None = None,
             rows: RawColumnsBaseline | None = None) -> "LearningCurveModel":
         """Fits per-run curves on an epochs table (loading.load_epochs) and the

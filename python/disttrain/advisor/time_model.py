@@ -329,6 +329,7 @@ class EpochTimeModel:
         value = self._physical(theta, a, len(families), len(models), len(recipes), terms=terms)
         return value if terms else np.log(value)
 
+    @one_blas_thread  # as in Advisor.fit, for a fit called alone too (the example above)
     def fit(self, runs: pd.DataFrame) -> "EpochTimeModel":
         """Fits on a runs table (loading.runs_table): one row per run with ``epoch_time_s``.
 

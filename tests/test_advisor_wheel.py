@@ -2,15 +2,15 @@
 an extra that ``import disttrain`` does not touch, a missing one is one line
 with the install hint, the version has one source, and a fresh
 ``pip install '.[advisor]'`` runs ``disttrain advise`` from anywhere, on the
-epoch logs shipped in the package."""
+epoch logs shipped in the package.
+
+Its checks are processes run in the background from earlier modules' starts (the import checks from
+test_advisor.py's, the fresh install from test_advisor_cli.py's); this module's name puts it after the
+advisor's other modules, whose in-process tests leave those processes a core."""
 
 import importlib.metadata
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -18,98 +18,28 @@ import pytest
 
 import disttrain
 
+from advisor_import_checks import ADVISOR_DEPENDENCIES
+
 REPO = Path(__file__).resolve().parents[1]
-# Subprocesses run the same disttrain as this test: installed, or the checkout's python/.
-PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
-ADVISOR_DEPENDENCIES = ("pandas", "lightgbm", "scipy")
 HINT = "pip install 'disttrain[advisor]'"
 
 
-def _start(code: str, *, env=None) -> subprocess.Popen:
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-
-
-def _finished(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def _import_check() -> str:
-    return f"""
-        import json, sys
-        deps = {ADVISOR_DEPENDENCIES!r}
-        seen = {{}}
-        import disttrain
-        seen["disttrain"] = [m for m in deps if m in sys.modules]
-        import disttrain.cli, disttrain.advisor
-        from disttrain.advisor import AdvisorInputError
-        seen["disttrain.advisor"] = [m for m in deps if m in sys.modules]
-        from disttrain.advisor import Advisor
-        seen["Advisor"] = [m for m in deps if m in sys.modules]
-        print(json.dumps(seen))
-    """
-
-
-def _blocked_check(blocked: str, commands: dict) -> str:
-    """One interpreter with ``blocked`` missing: each command's exit status, stdout and stderr (JSON),
-    then what importing the API raised. sys.modules[name] = None makes 'import name' fail as if it were
-    not installed. The commands run in turn (each interpreter is mostly torch's import: fewer, quicker);
-    the process's own stderr must stay empty."""
-    return f"""
-        import contextlib, io, json, sys
-        sys.modules[{blocked!r}] = None
-        from disttrain.cli import main
-        results = {{}}
-        for name, argv in {commands!r}.items():
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    code = main(argv)
-                except SystemExit as e:
-                    code = e.code
-            results[name] = [code, out.getvalue(), err.getvalue()]
-        try:
-            from disttrain.advisor import Advisor
-        except ImportError as e:
-            results["api"] = str(e)
-        print(json.dumps(results))
-    """
-
-
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory):
-    """Each check below is a fresh interpreter (what it imports is the point), most of its time
-    importing torch: all are started at once, on the machine's cores, and each test reads its own."""
-    rows = tmp_path_factory.mktemp("predict") / "metrics.csv"
-    rows.write_text("epoch,epoch_timings,model_name,gpu,batch_size\n0,10.0,resnet18,Tesla P40,128\n")
-    advise = ["advise", "--model", "resnet50", "--target-acc", "0.8"]
-    started = {"import": _start(_import_check()),
-               "pandas": _start(_blocked_check("pandas", {"advise": advise, "help": ["advise", "--help"]})),
-               "lightgbm": _start(_blocked_check("lightgbm", {"advise": advise, "predict": ["advise", "--predict", str(rows)]}),
-                                  env=dict(os.environ, DISTTRAIN_ADVISOR_CACHE="off"))}
-    yield started
-    for proc in started.values():
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+def checks(advisor_import_checks):
+    """Each check is a fresh interpreter (tests/advisor_import_checks.py), run in the background from
+    test_advisor.py's start (conftest's ``advisor_import_checks``): each test reads its own."""
+    return advisor_import_checks.result(timeout=900)
 
 
 def _commands(checks, blocked) -> dict:
     """The results of a blocked check's commands (each [status, stdout, stderr]) and 'api'."""
-    out = _finished(checks[blocked])
+    out = checks[blocked]
     assert out.returncode == 0 and out.stderr == "", out.stderr
     return json.loads(out.stdout)
 
 
 def test_import_disttrain_imports_no_advisor_dependency(checks):
-    out = _finished(checks["import"])
+    out = checks["import"]
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert seen["disttrain"] == [] and seen["disttrain.advisor"] == []
