@@ -12,11 +12,9 @@ import textwrap
 from pathlib import Path
 
 import background
-import disttrain
+from harness import package_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
-# The checks run the same disttrain as the tests: installed, or the checkout's python/.
-PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 ADVISOR_DEPENDENCIES = ("pandas", "lightgbm", "scipy")
 
 
@@ -64,8 +62,7 @@ def _blocked_check(blocked: str, commands: dict) -> str:
 
 def start(folder: Path) -> background.Job:
     # The environment now (the session's fit cache), not a later test's (a monkeypatched one).
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=package_pythonpath())  # the same disttrain as the tests
     rows = folder / "metrics.csv"
     rows.write_text("epoch,epoch_timings,model_name,gpu,batch_size\n0,10.0,resnet18,Tesla P40,128\n")
     advise = ["advise", "--model", "resnet50", "--target-acc", "0.8"]

@@ -69,10 +69,14 @@ class Job:
             raise StepFailed(f"{name} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
         return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
+    def wait(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` s for the job to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def result(self, timeout: float):
         """What ``body`` returned (waiting up to ``timeout`` s for it); raises what it raised."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self.wait(timeout):
             raise StepFailed(f"{self.name} is not done after {timeout} s (steps done: {self.timings})")
         if self._failed is not None:
             raise self._failed
@@ -91,10 +95,11 @@ def wait_all(timeout: float = 1500) -> None:
     """Waits until every job started so far has ended (a timed test's machine is then its own)."""
     deadline = time.monotonic() + timeout
     for job in list(_STARTED):
-        job._thread.join(max(deadline - time.monotonic(), 0.0))
+        job.wait(max(deadline - time.monotonic(), 0.0))
 
 
 def start_if_read(request, fixture: str) -> None:
-    """Starts the session fixture ``fixture`` (a Job) now when a test to run in this session reads it."""
+    """Sets up ``fixture`` now (it starts background work: a Job, a process) when a test to run in this
+    session uses it."""
     if any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue(fixture)

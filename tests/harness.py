@@ -199,6 +199,15 @@ def on_backward(x: Any, callback: Callable[[], None]) -> Any:
     return _Identity.apply(x)
 
 
+def package_pythonpath() -> str:
+    """PYTHONPATH for a subprocess that must import the same disttrain as the tests (installed, or
+    the checkout's python/): the package's parent folder first, then this process's PYTHONPATH."""
+    import disttrain
+
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
+    return os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+
+
 def train_two_ranks(folder) -> None:
     """The README's main job as a real process: `disttrain train --nproc-per-node 2` on the digits
     (4 epochs, batch 32, one thread a rank), its run in ``<folder>/two`` (metrics.csv there). The
@@ -206,11 +215,8 @@ def train_two_ranks(folder) -> None:
     import subprocess
     import sys
 
-    import disttrain
-
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = package_pythonpath()
     env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
                           "-s", str(folder), "--save-name", "two", "--no-progress"], capture_output=True, text=True,

@@ -45,11 +45,10 @@ import torch
 
 import background
 import disttrain
-from harness import train_two_ranks
+from harness import package_pythonpath, train_two_ranks
 from disttrain.advisor import calibrate
 from disttrain.advisor import cli as advise_cli
 
-PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 SLOW_STEP_S = 0.03
 SLOWDOWN = f"""
 import time
@@ -186,8 +185,7 @@ def _rows(metrics):
 def _env():
     """A process of its own: this package, one thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    paths = [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env["PYTHONPATH"] = package_pythonpath()
     env["OMP_NUM_THREADS"] = str(THREADS)
     return env
 

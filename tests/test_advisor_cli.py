@@ -17,12 +17,10 @@ import pandas as pd
 import pytest
 
 import background
-import disttrain
+from harness import package_pythonpath
 from disttrain.advisor import cli as advise_cli
 
 REPO = Path(__file__).resolve().parents[1]
-# The command runs the same disttrain as this test: installed, or the checkout's python/.
-PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,7 +37,7 @@ def unknown_model_process():
     """``disttrain advise --model vgg11 ...`` as a real process, started when the module starts and
     read by the test at its end (the interpreter's start and torch's import, seconds of one core,
     overlap this module's other tests)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=package_pythonpath())  # the same disttrain as this test
     proc = subprocess.Popen([sys.executable, "-m", "disttrain", "advise", *UNKNOWN_MODEL[0]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     yield proc

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import disttrain
 from disttrain.advisor import results_page
+from harness import package_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 CSV = REPO / results_page.CSV_PATH
 PAGE = REPO / results_page.PAGE_PATH
-# Subprocesses run the same disttrain as this test: installed, or the checkout's python/.
-PACKAGE_PARENT = str(Path(disttrain.__file__).resolve().parents[1])
 
 
 def test_committed_page_equals_the_generated_one():
@@ -62,7 +60,7 @@ def test_sign_test():
 
 
 def test_command_runs_from_the_repository_root():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=package_pythonpath())  # the same disttrain as this test
     out = subprocess.run([sys.executable, "-m", "disttrain.advisor.results_page", "--check"], cwd=REPO,
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr

@@ -8,10 +8,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import disttrain
+from harness import package_pythonpath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
@@ -79,7 +78,7 @@ def test_there_are_notebooks():
 def test_notebook_executes(path, tmp_path, monkeypatch):
     # The kernel imports the same disttrain as this test (installed, or the checkout's python/),
     # runs in a scratch folder, and is not mistaken for a rank of some job.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("PYTHONPATH", package_pythonpath())
     # The advisor notebook's quick path: its evaluation runs at most 2 folds per split (every cell still runs).
     monkeypatch.setenv("DISTTRAIN_ADVISOR_MAX_FOLDS", "2")
     # The decentralised notebook plots the committed results of `disttrain bench decentralised`.
