@@ -161,6 +161,16 @@ def _features(configs: pd.DataFrame) -> pd.DataFrame:
     }, index=configs.index)
 
 
+def _row_by_row(regression, X: pd.DataFrame) -> np.ndarray:
+    """A fitted StandardScaler + Ridge pipeline's predictions, each row's computed alone: the
+    same value for a configuration whatever else is predicted beside it. (The pipeline's own
+    predict is a matrix product, whose BLAS kernel and rounding depend on the number of rows: on
+    an AVX-512 host a row came out 1e-16 apart alone and in a batch, and its curve fit 1e-8 apart.)"""
+    scaled = regression[:-1].transform(X)
+    ridge = regression[-1]
+    return (np.asarray(scaled, dtype=float) * ridge.coef_).sum(axis=1) + ridge.intercept_
+
+
 def _booster(settings: dict):
     return lgb.LGBMRegressor(**settings, verbose=-1, n_jobs=1)
 
@@ -246,7 +256,7 @@ class LearningCurveModel:
     @staticmethod
     def _predict_params(models: dict, configs: pd.DataFrame, prior_scale: np.ndarray) -> np.ndarray:
         X = _features(configs)
-        columns = [np.full(len(X), m) if isinstance(m, float) else m.predict(X)
+        columns = [np.full(len(X), m) if isinstance(m, float) else _row_by_row(m, X)
                    for name, m in models.items() if name in PARAMS]
         prior = np.column_stack(columns)
         epochs = np.arange(1, _HORIZON + 1, dtype=float)
