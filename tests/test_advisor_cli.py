@@ -97,6 +97,10 @@ def test_user_prices_and_deadline(tmp_path, capsys):
     # as the real processes of the other tests show for 0 and 2), the reason on stdout.
     code, stdout, stderr = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--deadline-hours", "0.001")
     assert code == 1 and "deadline" in stdout and not stderr.strip()
+    # An infinite deadline is none (it was refused as not a positive number).
+    code, unbounded, stderr = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--deadline-hours", "inf")
+    assert code == 0, stderr
+    assert unbounded == advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7")[1]
 
 
 def _one_line(stderr: str) -> bool:
@@ -121,6 +125,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              # These three printed argparse's whole usage, or were taken (a deadline of -1 h, --top 0).
              (("--model", "resnet50", "--target-acc", "abc"), "invalid float value: 'abc'"),
              (("--model", "resnet50", "--target-acc", "0.7", "--deadline-hours", "-1"), "--deadline-hours -1.0"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--deadline-hours", "nan"), "--deadline-hours nan"),
              (("--model", "resnet50", "--target-acc", "0.7", "--top", "0"), "--top 0")]
     # The first case also runs as a real process (test_a_real_process_exits_2_with_one_line, at the end).
     for args, words in cases:

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-acc", type=float, help="test accuracy to reach, e.g. 0.75")
     p.add_argument("--gpus", nargs="+", help="GPU families to consider (default: all with logs and a price)")
     p.add_argument("--prices", help="CSV with columns gpu,price_per_gpu_hour")
-    p.add_argument("--deadline-hours", type=float)
+    p.add_argument("--deadline-hours", type=float, metavar="H",
+                   help="keep the configurations that finish within H hours (default, or inf: no deadline)")
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table to print")
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="epoch-log or trainer CSVs, or folders of them, added to the default logs "
@@ -90,8 +91,8 @@ def _recommend(args) -> int:
 
     if not args.model or args.target_acc is None:
         raise AdvisorInputError("give --model and --target-acc (or --evaluate, --serve)")
-    if args.deadline_hours is not None and not 0 < args.deadline_hours < float("inf"):
-        raise AdvisorInputError(f"--deadline-hours {args.deadline_hours}: give a positive number of hours")
+    if args.deadline_hours is not None and not 0 < args.deadline_hours <= float("inf"):
+        raise AdvisorInputError(f"--deadline-hours {args.deadline_hours}: give a positive number of hours (inf: none)")
     if args.top < 1:
         raise AdvisorInputError(f"--top {args.top}: give at least 1 row")
     prices = read_prices(args.prices) if args.prices else dict(DEFAULT_PRICES)
