@@ -47,15 +47,14 @@ from typing import Callable
 
 import torch
 
-import disttrain
 from disttrain import snapshot
+from harness import package_pythonpath
 
 EPOCHS, SNAPSHOT_EVERY, NPROC = 2, 5, 2
 STEPS = 46  # digits: 1437 training images / 2 ranks / batch 32 = 23 steps per epoch
 PG_TIMEOUT = 10.0  # seconds: the process-group timeout of every run (SIGSTOP exceeds it)
 LAUNCH_LIMIT = 300.0  # seconds: a launch still running past this is a hang
 FAULTS = ("kill-random", "kill-snapshot", "kill-collective", "sigstop", "full-disk", "corrupt-newest")
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
 _RESUMED = re.compile(r"resumed from \S+ \(epoch (\d+), step (\d+)")
 
 
@@ -68,7 +67,7 @@ def train_command(save_location: str, name: str, max_restarts: int = 3, timeout:
 
 
 def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]),
+    return dict(os.environ, PYTHONPATH=package_pythonpath(),
                 **(extra or {}))
 
 

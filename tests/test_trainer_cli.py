@@ -10,14 +10,13 @@ import sys
 
 import pytest
 
-import disttrain
 from disttrain import cli, train_cli
+from harness import package_pythonpath
 
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(disttrain.__file__)))
 
 
 def _run(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=package_pythonpath())
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "disttrain.cli", *args], capture_output=True, text=True,
@@ -211,7 +210,7 @@ def test_bench_defaults_pass(monkeypatch, launcher):
 
 
 def _train(tmp_path, *args, env=None):
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]),
+    environment = dict(os.environ, PYTHONPATH=package_pythonpath(),
                        **(env or {}))
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "DISTTRAIN_SNAPSHOT_FAULT"):
         if var not in (env or {}):
@@ -246,7 +245,7 @@ def test_sigterm_to_the_launching_command_reaches_the_ranks(tmp_path):
 
     from disttrain import snapshot
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([PACKAGE_PARENT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=package_pythonpath())
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "DISTTRAIN_SNAPSHOT_FAULT"):
         env.pop(var, None)
     proc = subprocess.Popen([sys.executable, "-m", "disttrain.cli", "train", "--no-progress", "-e", "1000",
