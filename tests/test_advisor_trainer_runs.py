@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from disttrain.advisor import Advisor, AdvisorInputError, data_sources, load_epochs
 from disttrain.advisor import cli as advise_cli
@@ -22,6 +23,22 @@ def runs(two_rank_cpu_run):
 @pytest.fixture(scope="module")
 def metrics(runs):
     return pd.read_csv(runs / "two" / "metrics.csv")
+
+
+def _follows(pred, metrics, runs, name, config):
+    """The CPU has no data sheet: its speed is set by its own runs, not shrunk towards a nominal
+    figure. Shrunk, a one-process run's own configuration was predicted 10 s against 0.1 s
+    measured, inside the logs' range and with an interval that missed it. Predicted here: the
+    run's configuration within a third of its measured epoch, inside the logs, and a copy of the run
+    made 10 times slower predicted 7-14 times slower."""
+    measured = float(np.median(metrics["epoch_timings"].to_numpy()[1:]))  # the first epoch warms up
+    assert pred["outside_logs"] == "" and pred["epoch_time_s_low"] < pred["epoch_time_s"] < pred["epoch_time_s_high"]
+    assert 0.75 < pred["epoch_time_s"] / measured < 1.33, (pred["epoch_time_s"], measured)
+    slower = runs.parent / f"{name}-slower"
+    (slower / name).mkdir(parents=True, exist_ok=True)
+    metrics.assign(epoch_timings=metrics["epoch_timings"] * 10).to_csv(slower / name / "metrics.csv", index=False)
+    tenfold = Advisor.fit(data_sources([slower]), cache=True).predict(config).iloc[0]["epoch_time_s"]
+    assert 7 < tenfold / pred["epoch_time_s"] < 14, (tenfold, pred["epoch_time_s"])
 
 
 def test_the_trainers_csv_is_read_as_one_cpu_run(runs, metrics):
@@ -43,12 +60,7 @@ def test_the_advisor_refits_on_the_run(runs, metrics):
         shipped.predict(config)  # the run is what teaches it this machine
     assert "CPU" in mine.known_families
     pred = mine.predict(config).iloc[0]
-    # How far one 2-epoch run moves the CPU family's speed is not asserted: the corrections are
-    # shrunk towards the nominal start, and in the fresh-clone suite the prediction was 2.2-2.6 s
-    # against 0.15-0.18 s measured, and a copy of the run made 10 times slower was even predicted
-    # faster once (1.4 s): the fit of one short run is not reliable (issue 21's --calibrate).
-    assert np.isfinite(pred["epoch_time_s"]) and pred["epoch_time_s"] > 0
-    assert pred["epoch_time_s_low"] < pred["epoch_time_s"] < pred["epoch_time_s_high"]
+    _follows(pred, metrics, runs, "two", config)
     # Accuracy is learnt on CIFAR-10 runs only: the digits run leaves the curves as they were,
     # and its model is not one the advisor recommends for.
     cifar = {"model_name": "resnet50", "gpu": "V100-PCIE", "num_of_gpus": 2, "batch_size": 128}
@@ -64,3 +76,25 @@ def test_advise_accepts_the_runs_folder(runs, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert json.loads(captured.out)["configurations"]
+
+
+def test_a_one_process_run_sets_the_cpus_speed(tmp_path, capsys, monkeypatch):
+    """The same for `disttrain train` on one process (batch 32, no loader workers, the logs'
+    single-process regime), the case that was 100 times off. Run as the command runs it without
+    --nproc-per-node: its main() in the calling process (here pytest's; the rendezvous variables it
+    sets are removed afterwards, and a process group it made is gone when it returns)."""
+    from disttrain import cli
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    runs = tmp_path / "runs"
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["train", "-e", "4", "-b", "32", "-s", str(runs), "--save-name", "one", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err[-2000:]
+    metrics = pd.read_csv(runs / "one" / "metrics.csv")
+    assert list(metrics["num_of_gpus"].unique()) == [1] and not metrics["is_distributed"].any()
+    config = metrics.iloc[[0]].drop(columns=[metrics.columns[0]])
+    _follows(Advisor.fit(data_sources([runs]), cache=True).predict(config).iloc[0], metrics, runs, "one", config)

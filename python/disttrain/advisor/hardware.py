@@ -25,8 +25,8 @@ GPU_TFLOPS = {
     "A10G": 31.2,
     "A100": 19.5,
     # `disttrain train` on CPU writes gpu = "cpu". A nominal figure (a few cores' FP32 peak),
-    # only a starting point on the speed axis: the family's learned speed correction fits the
-    # user's own runs, as it does for every family.
+    # only a starting point on the speed axis: the family's speed correction, not shrunk towards
+    # it (NO_DATA_SHEET), fits the user's own runs.
     "CPU": 1.0,
 }
 

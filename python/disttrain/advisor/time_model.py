@@ -42,7 +42,12 @@ sheet, each GPU family gets a learned speed correction (shared, and per
 regime), and each model a learned correction of its compute and launch rates;
 all corrections are penalised towards zero (ridge-like shrinkage), so a
 family or model seen in few configurations borrows from the others, and an
-unseen one falls back on its data-sheet speed, parameter count and depth.
+unseen one falls back on its data-sheet speed, parameter count and depth. A
+family without a data sheet (hardware.NO_DATA_SHEET: the trainer's CPU runs)
+has no speed to borrow: its speed correction is all but unshrunk, set by its
+own runs (shrunk, a one-process CPU run of 0.1 s per epoch was predicted at
+10 s), and a cross-validation fold that holds out its only runs prices no
+interval with them (the advisor refuses that prediction).
 For a configuration not in the logs, the model thus combines what the same
 model and GPU did in other configurations (other batch sizes, GPU counts) with
 how batch size and GPU count act on the other models.
@@ -136,12 +141,18 @@ from sklearn.model_selection import GroupKFold
 
 from ._threads import one_blas_thread
 from .features import derive
+from .hardware import NO_DATA_SHEET
 
 _RATES = ["load", "compute", "launch", "comm"]
 _REGIMES = 2  # 0: one process, 1: distributed (DDP)
 # Penalties on the corrections (a correction of 1 in log space costs as much
 # as a 1/penalty relative error on one 100-epoch run).
 _PENALTY = 0.2
+# The factor on that penalty for the speed correction of a family without a data sheet
+# (hardware.NO_DATA_SHEET: the trainer's CPU runs): its nominal TFLOPS place it nowhere, so its own
+# runs set its speed. Fixed a priori (not 0, which leaves a family whose runs are all slowed-host
+# flagged without any pull); the logs' families keep the full penalty.
+_NO_DATA_SHEET_PENALTY = 0.01
 _START = np.log([2.0, 20.0, 5.0, 0.1])
 # The LightGBM correction of the structural model's log residual: small trees,
 # strong regularisation (about 50 training runs). Fixed a priori, not tuned on
@@ -309,11 +320,16 @@ class EpochTimeModel:
         y = runs["epoch_time_s"].to_numpy(dtype=float)
         n_rates = _REGIMES * len(_RATES)
 
+        n = n_rates + nf * (3 + _REGIMES) + nm * (2 + _REGIMES) + nr
+        # The shrinkage of every correction; a family without a data sheet (CPU) has no speed to
+        # shrink towards, so its speed correction is all but free: its own runs set it.
+        penalty = np.full(n - n_rates, self.penalty)
+        penalty[[i for i, f in enumerate(families) if f in NO_DATA_SHEET]] *= _NO_DATA_SHEET_PENALTY
+
         def residuals(thetas):  # one residual vector per row of thetas
             fit = np.log(self._physical(thetas, a, nf, nm, nr) / y)  # every run alike (see the docstring)
-            return np.concatenate([fit, self.penalty * thetas[:, n_rates:]], axis=1)
+            return np.concatenate([fit, penalty * thetas[:, n_rates:]], axis=1)
 
-        n = n_rates + nf * (3 + _REGIMES) + nm * (2 + _REGIMES) + nr
         theta0 = np.zeros(n)
         theta0[:n_rates] = np.tile(_START, _REGIMES)
         # A trial step may overflow a rate; least_squares rejects such steps.
@@ -392,9 +408,14 @@ class EpochTimeModel:
         rows and predicted on its test rows (NaN where no split tests a row)."""
         log_y = np.log(runs["epoch_time_s"].to_numpy(dtype=float))
         residual = np.full(len(runs), np.nan)
+        family = runs["gpu_family"].to_numpy()
         for train, test in splits:
             core = self._fit_core(runs.iloc[train])
             residual[test] = log_y[test] - self._predict_core(core, runs.iloc[test])
+            # A family without a data sheet that the training rows lack is a prediction the advisor
+            # refuses (Advisor.predict: no epoch logs for it), so it prices no interval.
+            unseen = np.isin(family[test], NO_DATA_SHEET) & ~np.isin(family[test], family[train])
+            residual[np.asarray(test)[unseen]] = np.nan
         return residual
 
     def _bounds(self, log_residuals: np.ndarray) -> tuple:
