@@ -97,4 +97,14 @@ def test_a_one_process_run_sets_the_cpus_speed(tmp_path, capsys, monkeypatch):
     metrics = pd.read_csv(runs / "one" / "metrics.csv")
     assert list(metrics["num_of_gpus"].unique()) == [1] and not metrics["is_distributed"].any()
     config = metrics.iloc[[0]].drop(columns=[metrics.columns[0]])
-    _follows(Advisor.fit(data_sources([runs]), cache=True).predict(config).iloc[0], metrics, runs, "one", config)
+    mine = Advisor.fit(data_sources([runs]), cache=True)
+    _follows(mine.predict(config).iloc[0], metrics, runs, "one", config)
+    # The logs' DDP regime does not carry over to the CPU: 2 ranks, which no CPU run here had, are
+    # refused (they were predicted at 9.7 s against 0.043 s), and a recommendation with the CPU
+    # priced has it on one process only.
+    with pytest.raises(AdvisorInputError, match="no epoch logs for GPU CPU on several processes"):
+        mine.predict(config.assign(num_of_gpus=2, is_distributed=True))
+    table = mine.recommend("resnet18", 0.7, prices={"CPU": 0.05, "P40": 1.0}).table
+    assert set(table.loc[table["gpu"] == "CPU", "num_of_gpus"]) == {1} and set(table.loc[table["gpu"] == "P40", "num_of_gpus"]) == {1, 2, 3, 4}
+    with pytest.raises(AdvisorInputError, match="no candidates: CPU has no runs"):
+        mine.recommend("resnet18", 0.7, prices={"CPU": 0.05}, gpus=["CPU"], gpu_counts=(2, 3))

@@ -117,7 +117,25 @@ class Advisor:
             raise AdvisorInputError(f"no epoch logs for GPU {', '.join(sorted(unknown & set(NO_DATA_SHEET)))}: add "
                                     f"runs on it with --data, or measure it with --calibrate "
                                     f"(known: {', '.join(sorted(self.known_families))})")
+        unlogged = self.regime_unlogged(normalized)
+        if unlogged.any():
+            row = normalized[unlogged].iloc[0]
+            kind = "several processes (distributed)" if row["is_distributed"] else "one process"
+            raise AdvisorInputError(f"no epoch logs for GPU {row['gpu_family']} on {kind}: add such a run with "
+                                    f"--data, or measure it with --calibrate")
         return self.time_model.predict(normalized).set_index(configs.index)
+
+    def regime_unlogged(self, normalized: pd.DataFrame) -> np.ndarray:
+        """Per configuration (normalized), whether it is on a family without a data sheet (the CPU)
+        in an execution regime (one process, or distributed) that none of that family's runs was
+        in. The logs' regimes do not carry over to it: their DDP runs (16 loader workers, their
+        cluster) take 5-7x their one-process twins, and fitted on a one-process CPU run of 0.09 s
+        per epoch, a 2-rank run of 0.043 s came out at 9.7 s. Such a prediction is refused, and a
+        recommendation leaves such candidates out."""
+        runs = self.time_model.runs_
+        logged = set(zip(runs["gpu_family"], runs["is_distributed"].astype(bool)))
+        return np.array([family in NO_DATA_SHEET and (family, bool(regime)) not in logged
+                         for family, regime in zip(normalized["gpu_family"], normalized["is_distributed"])], dtype=bool)
 
     @one_blas_thread
     def accuracy_curve(self, config, epochs=100, observed=None) -> pd.DataFrame:

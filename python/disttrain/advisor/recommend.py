@@ -103,6 +103,11 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
         raise AdvisorInputError(f"no candidates: gpu_counts {tuple(gpu_counts)!r} and batch_sizes "
                                 f"{tuple(batch_sizes)!r} need at least one value each")
     configs = advisor.normalize(grid)
+    unlogged = advisor.regime_unlogged(configs)  # the CPU: only in the regimes its runs were in
+    if unlogged.all():
+        raise AdvisorInputError(f"no candidates: {', '.join(sorted(set(configs['gpu_family'])))} has no runs with "
+                                f"gpu_counts {tuple(gpu_counts)!r} (one process, or several): add such runs with --data")
+    configs = configs[~unlogged].reset_index(drop=True)
     times = advisor.predict(configs)
     epochs = np.arange(1, max_epochs + 1)
     center, low, high, reached = predict_curves(advisor.curve_model, configs, epochs, target=target_acc)
