@@ -116,3 +116,17 @@ def test_a_file_rewritten_in_place_is_read_again(tmp_path):
     same = tmp_path / "copy.csv"
     same.write_bytes(path.read_bytes())  # the same bytes elsewhere: each row names its own file
     assert _sources(load_raw([path, same])) == {str(path.resolve()), str(same.resolve())}
+
+
+def test_device_names_read_as_families():
+    """The logs' board names fold into their chip's family; a name outside the table is a family
+    of its own, without a data sheet (test_advisor_trainer_runs.py: its runs teach it); a Quadro
+    P4000 or P1000 is not a P40 or a P100 (their patterns matched inside those names)."""
+    from disttrain.advisor.hardware import device_family, gpu_family, has_data_sheet
+
+    assert [gpu_family(n) for n in ("Tesla P40", "Tesla P100-PCIE-16GB", "Tesla V100-SXM2-32GB-LS", "cpu")] == [
+        "P40", "P100", "V100-SXM2", "CPU"]
+    assert gpu_family("Quadro P4000") is None and gpu_family("Quadro P1000") is None
+    assert device_family(" NVIDIA H200 ") == "NVIDIA H200" and device_family("Quadro P4000") == "Quadro P4000"
+    assert device_family("") is None and device_family(float("nan")) is None
+    assert has_data_sheet("A100") and not has_data_sheet("CPU") and not has_data_sheet("NVIDIA H200")

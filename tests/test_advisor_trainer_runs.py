@@ -108,3 +108,26 @@ def test_a_one_process_run_sets_the_cpus_speed(tmp_path, capsys, monkeypatch):
     assert set(table.loc[table["gpu"] == "CPU", "num_of_gpus"]) == {1} and set(table.loc[table["gpu"] == "P40", "num_of_gpus"]) == {1, 2, 3, 4}
     with pytest.raises(AdvisorInputError, match="no candidates: CPU has no runs"):
         mine.recommend("resnet18", 0.7, prices={"CPU": 0.05}, gpus=["CPU"], gpu_counts=(2, 3))
+
+
+def test_a_run_on_a_gpu_outside_the_table_teaches_it(runs, metrics, tmp_path):
+    """`disttrain train` on a GPU writes the device's name (torch.cuda.get_device_name), and a GPU
+    newer than the table was refused as an unknown GPU. No GPU runs here: the real run's file,
+    its device renamed. The name is a family of its own, without a data sheet, set by its runs as
+    the CPU is; a configuration on a GPU that neither the table nor the runs hold is one line."""
+    renamed = tmp_path / "runs"
+    (renamed / "two").mkdir(parents=True)
+    metrics.assign(gpu="NVIDIA H200").to_csv(renamed / "two" / "metrics.csv", index=False)
+    config = metrics.iloc[[0]].drop(columns=[metrics.columns[0]]).assign(gpu="NVIDIA H200")
+    with pytest.raises(AdvisorInputError, match="no epoch logs for GPU NVIDIA H200: add runs on it with --data"):
+        Advisor.fit(cache=True).predict(config)
+    mine = Advisor.fit(data_sources([renamed]), cache=True)
+    assert "NVIDIA H200" in mine.known_families
+    pred = mine.predict(config).iloc[0]
+    measured = float(np.median(metrics["epoch_timings"].to_numpy()[1:]))
+    assert pred["outside_logs"] == "" and 0.75 < pred["epoch_time_s"] / measured < 1.33, (pred["epoch_time_s"], measured)
+    with pytest.raises(AdvisorInputError, match="no epoch logs for GPU NVIDIA A6000"):
+        mine.predict(config.assign(gpu="NVIDIA A6000"))
+    empty = metrics.iloc[[0]].drop(columns=[metrics.columns[0]]).assign(gpu=" ")
+    with pytest.raises(AdvisorInputError, match="gpu is missing or not a name"):
+        mine.predict(empty)

@@ -12,7 +12,7 @@ from ._threads import one_blas_thread
 from .baseline import RawColumnsBaseline
 from .curve_model import LearningCurveModel
 from .errors import AdvisorInputError
-from .hardware import DEFAULT_PRICES, NO_DATA_SHEET
+from .hardware import DEFAULT_PRICES, GPU_TFLOPS, has_data_sheet
 from .loading import REFERENCE_DATASET, fold_ranks, load_raw, normalize_configs, runs_table
 from .recommend import Recommendation, rank
 from .time_model import EpochTimeModel
@@ -111,12 +111,13 @@ class Advisor:
             raise AdvisorInputError("configs: no rows: nothing to predict")
         normalized = self.normalize(configs)
         # A GPU family without logs is predicted from its data-sheet speed, flagged (see
-        # time_model); the CPU has no data sheet on that scale: its runs, or a calibration.
-        unknown = set(normalized["gpu_family"]) - self.known_families
-        if unknown & set(NO_DATA_SHEET):
-            raise AdvisorInputError(f"no epoch logs for GPU {', '.join(sorted(unknown & set(NO_DATA_SHEET)))}: add "
-                                    f"runs on it with --data, or measure it with --calibrate "
-                                    f"(known: {', '.join(sorted(self.known_families))})")
+        # time_model); the CPU, or a GPU outside the table, has no data sheet on that scale: its
+        # runs, or a calibration.
+        unknown = sorted(f for f in set(normalized["gpu_family"]) - self.known_families if not has_data_sheet(f))
+        if unknown:
+            raise AdvisorInputError(f"no epoch logs for GPU {', '.join(unknown)}: add runs on it with --data, or "
+                                    f"measure it with --calibrate (known: {', '.join(sorted(self.known_families))}; "
+                                    f"from data sheets: {', '.join(f for f in GPU_TFLOPS if has_data_sheet(f))})")
         unlogged = self.regime_unlogged(normalized)
         if unlogged.any():
             row = normalized[unlogged].iloc[0]
@@ -126,7 +127,7 @@ class Advisor:
         return self.time_model.predict(normalized).set_index(configs.index)
 
     def regime_unlogged(self, normalized: pd.DataFrame) -> np.ndarray:
-        """Per configuration (normalized), whether it is on a family without a data sheet (the CPU)
+        """Per configuration (normalized), whether it is on a family without a data sheet (the CPU, a GPU outside the table)
         in an execution regime (one process, or distributed) that none of that family's runs was
         in. The logs' regimes do not carry over to it: their DDP runs (16 loader workers, their
         cluster) take 5-7x their one-process twins, and fitted on a one-process CPU run of 0.09 s
@@ -134,7 +135,7 @@ class Advisor:
         recommendation leaves such candidates out."""
         runs = self.time_model.runs_
         logged = set(zip(runs["gpu_family"], runs["is_distributed"].astype(bool)))
-        return np.array([family in NO_DATA_SHEET and (family, bool(regime)) not in logged
+        return np.array([not has_data_sheet(family) and (family, bool(regime)) not in logged
                          for family, regime in zip(normalized["gpu_family"], normalized["is_distributed"])], dtype=bool)
 
     @one_blas_thread

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .hardware import GPU_TFLOPS
+from .hardware import GPU_TFLOPS, NOMINAL_TFLOPS
 
 CIFAR10_TRAIN_SAMPLES = 50_000
 # Training samples per epoch of each data set a run may name (``dataset``): CIFAR-10's
@@ -53,5 +53,5 @@ def derive(configs: pd.DataFrame) -> pd.DataFrame:
     out["steps_per_epoch"] = np.ceil(out["samples_per_gpu"] / batch)
     out["global_batch"] = batch * gpus
     out["depth"] = model_depth(out["model_name"])
-    out["tflops"] = out["gpu_family"].map(GPU_TFLOPS).astype(float)
+    out["tflops"] = out["gpu_family"].map(GPU_TFLOPS).astype(float).fillna(NOMINAL_TFLOPS)  # outside the table: nominal
     return out

@@ -31,8 +31,10 @@ GPU_TFLOPS = {
 }
 
 # Families whose figure above is nominal, not a data sheet: predicted only from their own runs
-# (or a calibration), never from the speed axis alone.
+# (or a calibration), never from the speed axis alone. So is any device outside the table
+# (device_family), at NOMINAL_TFLOPS.
 NO_DATA_SHEET = ("CPU",)
+NOMINAL_TFLOPS = 1.0
 
 # Illustrative on-demand cloud prices in USD per GPU-hour; override with --prices.
 DEFAULT_PRICES = {
@@ -45,8 +47,8 @@ DEFAULT_PRICES = {
 _PATTERNS = [
     (r"V100.*SXM", "V100-SXM2"),
     (r"V100", "V100-PCIE"),
-    (r"P100", "P100"),
-    (r"P40", "P40"),
+    (r"P100\b", "P100"),  # not a Quadro P1000
+    (r"P40\b", "P40"),  # not a Quadro P4000
     (r"A100", "A100"),
     (r"A10G", "A10G"),
     (r"\bT4\b", "T4"),
@@ -69,6 +71,29 @@ def gpu_family(name: str) -> str | None:
         if re.search(pattern, text):
             return family
     return None
+
+
+def device_family(name) -> str | None:
+    """The family of a run's or a configuration's device: a known GPU's family (gpu_family), else
+    the name itself, stripped: a device outside the table (an H200 the logs predate, a renamed
+    board), which has no data sheet here and is predicted from its own runs only (has_data_sheet).
+    None for a missing or empty name.
+
+    Example::
+
+        >>> device_family("Tesla P40"), device_family(" NVIDIA H200 ")
+        ('P40', 'NVIDIA H200')
+    """
+    family = gpu_family(name)
+    if family is None and isinstance(name, str) and name.strip():
+        return name.strip()
+    return family
+
+
+def has_data_sheet(family: str) -> bool:
+    """Whether ``family`` has a data-sheet speed (GPU_TFLOPS, not nominal) that places it on the
+    time model's speed axis without runs of its own."""
+    return family in GPU_TFLOPS and family not in NO_DATA_SHEET
 
 
 def read_prices(path: str | os.PathLike) -> dict[str, float]:

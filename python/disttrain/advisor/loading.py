@@ -18,7 +18,7 @@ import pandas as pd
 
 from .errors import AdvisorInputError
 from .features import TRAIN_SAMPLES
-from .hardware import gpu_family
+from .hardware import device_family
 
 ENV_VAR = "DISTTRAIN_EPOCH_LOGS"
 REQUIRED = ["epoch_timings", "model_name", "gpu", "batch_size"]
@@ -232,10 +232,13 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
             raise AdvisorInputError(f"{where}: {count_error(column, format(df.loc[bad, column].iloc[0], 'g'), low)}")
     df["learning_rate"] = df["learning_rate"].fillna(OPTIONAL_DEFAULTS["learning_rate"])
     df["model_name"] = df["model_name"].astype(str).str.strip().str.lower()
-    df["gpu_family"] = df["gpu"].map(gpu_family)
+    # A device outside the table is a family of its own, without a data sheet: its runs teach it
+    # (the trainer's runs on an H200 were refused as an unknown GPU); a configuration on it without
+    # such runs is refused when predicted (Advisor.predict).
+    df["gpu_family"] = df["gpu"].map(device_family)
     if df["gpu_family"].isna().any():
-        unknown = df.loc[df["gpu_family"].isna(), "gpu"].iloc[0]
-        raise AdvisorInputError(f"unknown GPU '{unknown}' (known families: P40, P100, V100-PCIE, V100-SXM2, ...)")
+        where = _where(df, df["gpu_family"].isna())
+        raise AdvisorInputError(f"{where}: a row whose gpu is missing or not a name (a GPU's, or cpu)")
     df["num_of_gpus"] = df["num_of_gpus"].astype(int)
     dist = _to_bool(df["is_distributed"]) if "is_distributed" in df.columns else pd.Series(False, index=df.index)
     df["is_distributed"] = dist | (df["num_of_gpus"] > 1)

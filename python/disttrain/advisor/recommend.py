@@ -18,7 +18,7 @@ import pandas as pd
 
 from .curve_model import epochs_to_target, predict_curves
 from .errors import AdvisorInputError
-from .hardware import GPU_TFLOPS, NO_DATA_SHEET, gpu_family
+from .hardware import gpu_family, has_data_sheet
 
 # The logs' recipe: SGD, lr 0.1, step decay at epochs 60 and 80.
 RECIPE = {"learning_rate": 0.1, "milestones": "60,80"}
@@ -92,7 +92,7 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
                 else sorted(set(prices) & set(advisor.known_families)))
     for family in families:
         # A family without logs is priced from its data-sheet speed, flagged in the table (CPU has none).
-        if family not in advisor.known_families and (family in NO_DATA_SHEET or family not in GPU_TFLOPS):
+        if family not in advisor.known_families and not has_data_sheet(family):
             raise AdvisorInputError(f"no epoch logs for GPU '{family}' (known: {', '.join(sorted(advisor.known_families))})")
         if family not in prices:
             raise AdvisorInputError(f"no price for GPU '{family}': add it to the price file")

@@ -43,7 +43,7 @@ regime), and each model a learned correction of its compute and launch rates;
 all corrections are penalised towards zero (ridge-like shrinkage), so a
 family or model seen in few configurations borrows from the others, and an
 unseen one falls back on its data-sheet speed, parameter count and depth. A
-family without a data sheet (hardware.NO_DATA_SHEET: the trainer's CPU runs)
+family without a data sheet (hardware.has_data_sheet: the trainer's CPU runs, a GPU outside the table)
 has no speed to borrow: its speed correction is all but unshrunk, set by its
 own runs (shrunk, a one-process CPU run of 0.1 s per epoch was predicted at
 10 s), and a cross-validation fold that holds out its only runs prices no
@@ -141,7 +141,7 @@ from sklearn.model_selection import GroupKFold
 
 from ._threads import one_blas_thread
 from .features import derive
-from .hardware import NO_DATA_SHEET
+from .hardware import has_data_sheet
 
 _RATES = ["load", "compute", "launch", "comm"]
 _REGIMES = 2  # 0: one process, 1: distributed (DDP)
@@ -149,7 +149,7 @@ _REGIMES = 2  # 0: one process, 1: distributed (DDP)
 # as a 1/penalty relative error on one 100-epoch run).
 _PENALTY = 0.2
 # The factor on that penalty for the speed correction of a family without a data sheet
-# (hardware.NO_DATA_SHEET: the trainer's CPU runs): its nominal TFLOPS place it nowhere, so its own
+# (hardware.has_data_sheet: the trainer's CPU runs, a GPU outside the table): its nominal TFLOPS place it nowhere, so its own
 # runs set its speed. Fixed a priori (not 0, which leaves a family whose runs are all slowed-host
 # flagged without any pull); the logs' families keep the full penalty.
 _NO_DATA_SHEET_PENALTY = 0.01
@@ -324,7 +324,7 @@ class EpochTimeModel:
         # The shrinkage of every correction; a family without a data sheet (CPU) has no speed to
         # shrink towards, so its speed correction is all but free: its own runs set it.
         penalty = np.full(n - n_rates, self.penalty)
-        penalty[[i for i, f in enumerate(families) if f in NO_DATA_SHEET]] *= _NO_DATA_SHEET_PENALTY
+        penalty[[i for i, f in enumerate(families) if not has_data_sheet(f)]] *= _NO_DATA_SHEET_PENALTY
 
         def residuals(thetas):  # one residual vector per row of thetas
             fit = np.log(self._physical(thetas, a, nf, nm, nr) / y)  # every run alike (see the docstring)
@@ -414,7 +414,7 @@ class EpochTimeModel:
             residual[test] = log_y[test] - self._predict_core(core, runs.iloc[test])
             # A family without a data sheet that the training rows lack is a prediction the advisor
             # refuses (Advisor.predict: no epoch logs for it), so it prices no interval.
-            unseen = np.isin(family[test], NO_DATA_SHEET) & ~np.isin(family[test], family[train])
+            unseen = ~np.isin(family[test], family[train]) & ~np.array([has_data_sheet(f) for f in family[test]], dtype=bool)
             residual[np.asarray(test)[unseen]] = np.nan
         return residual
 
