@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     bad_csv.write_text("a,b\n1,2\n")
     # Each case with a word its one line must hold, so a case that fails for another reason fails the test.
     cases = [UNKNOWN_MODEL,
-             (("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"), "unknown GPU 'H100'"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"), "no epoch logs for GPU 'H100'"),
              (("--model", "resnet50", "--target-acc", "0.97"), "best accuracy"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)), "'cheap' is not a positive number"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")), "cannot read price file"),

@@ -131,3 +131,20 @@ def test_a_run_on_a_gpu_outside_the_table_teaches_it(runs, metrics, tmp_path):
     empty = metrics.iloc[[0]].drop(columns=[metrics.columns[0]]).assign(gpu=" ")
     with pytest.raises(AdvisorInputError, match="gpu is missing or not a name"):
         mine.predict(empty)
+
+
+def test_a_gpu_outside_the_table_is_priced_and_recommended(runs, metrics, tmp_path, capsys):
+    """With runs on it and a price, such a GPU is a candidate of `disttrain advise` (the price file
+    and --gpus refused its name as an unknown GPU); without runs, asked for, it is one line."""
+    renamed = tmp_path / "runs"
+    (renamed / "two").mkdir(parents=True)
+    metrics.assign(gpu="NVIDIA H200").to_csv(renamed / "two" / "metrics.csv", index=False)
+    prices = tmp_path / "prices.csv"
+    prices.write_text("gpu,price_per_gpu_hour\nNVIDIA H200,4.0\nP40,1.0\n")
+    args = ["--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices), "--json", "--top", "100"]
+    assert advise_cli.main(args + ["--data", str(renamed)]) == 0
+    rows = json.loads(capsys.readouterr().out)["configurations"]
+    # Its runs are 2-rank ones: 2 to 4 of it are candidates, one alone is not (no one-process run).
+    assert {r["num_of_gpus"] for r in rows if r["gpu"] == "NVIDIA H200"} == {2, 3, 4}
+    assert advise_cli.main(args + ["--gpus", "NVIDIA H200"]) == 2
+    assert "no epoch logs for GPU 'NVIDIA H200'" in capsys.readouterr().err

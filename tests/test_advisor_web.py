@@ -86,4 +86,6 @@ def test_query_edge_cases_are_one_error_line(base_url):
         body = page(model="resnet50", target_acc="0.7", deadline_hours=deadline)
         assert 'id="error"' in body and "positive number of hours" in body, deadline
     body = page(model='"><script>alert(1)</script>', target_acc="0.7", gpus="<b>")
-    assert "<script>" not in body and "<b>" not in body and "unknown GPU &#x27;&lt;b&gt;&#x27;" in body
+    assert "<script>" not in body and "<b>" not in body and "unknown model &#x27;&quot;&gt;&lt;script&gt;" in body
+    body = page(model="resnet50", target_acc="0.7", gpus="<b>")
+    assert "<b>" not in body and "no epoch logs for GPU &#x27;&lt;b&gt;&#x27;" in body

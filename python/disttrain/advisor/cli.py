@@ -86,7 +86,7 @@ def _sources(args) -> list:
 
 def _recommend(args) -> int:
     from .advisor import Advisor
-    from .hardware import DEFAULT_PRICES, gpu_family, read_prices
+    from .hardware import DEFAULT_PRICES, device_family, read_prices
     from .recommend import display_table
 
     if not args.model or args.target_acc is None:
@@ -100,9 +100,9 @@ def _recommend(args) -> int:
     if args.gpus:
         gpus = []
         for name in args.gpus:
-            family = gpu_family(name)
+            family = device_family(name)  # one outside the table too: recommend says what it lacks
             if family is None:
-                raise AdvisorInputError(f"unknown GPU '{name}' (known families: {', '.join(sorted(DEFAULT_PRICES))})")
+                raise AdvisorInputError(f"--gpus '{name}': give a GPU's name")
             gpus.append(family)
     advisor = Advisor.fit(_sources(args), cache=not args.no_cache)
     rec = advisor.recommend(args.model.lower(), args.target_acc, prices=prices, gpus=gpus,

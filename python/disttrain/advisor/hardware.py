@@ -100,15 +100,15 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
     """Reads a price table: a CSV with columns ``gpu`` and ``price_per_gpu_hour``.
 
     Args:
-        path: CSV file; ``gpu`` may be a family ('V100-SXM2') or a full name.
+        path: CSV file; ``gpu`` may be a family ('V100-SXM2'), a full name, or a device outside
+            the table (device_family: priced, it is a candidate once runs on it are given).
 
     Returns:
         dict family -> price in currency units per GPU-hour.
 
     Raises:
         AdvisorInputError: missing file, missing columns, a non-positive or
-            non-numeric price, or a GPU name that matches no known family
-            or a family priced twice.
+            non-numeric price, a row without a GPU name, or a family priced twice.
     """
     from .errors import AdvisorInputError
 
@@ -125,10 +125,9 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
     prices: dict[str, float] = {}
     lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
-        family = gpu_family(row["gpu"] or "")
+        family = device_family(row["gpu"] or "")
         if family is None:
-            raise AdvisorInputError(
-                f"price file '{path}' line {line}: unknown GPU '{row['gpu']}' (known: {', '.join(GPU_TFLOPS)})")
+            raise AdvisorInputError(f"price file '{path}' line {line}: no GPU name")
         try:
             price = float(row["price_per_gpu_hour"])
         except (TypeError, ValueError):

@@ -197,7 +197,7 @@ def normalize_configs(frame: pd.DataFrame) -> pd.DataFrame:
     configuration, GPU type excluded).
 
     Raises:
-        AdvisorInputError: a required column is missing, or an unknown GPU or model.
+        AdvisorInputError: a required column is missing, a row without a GPU name, or an unknown model.
     """
     missing = [c for c in ("model_name", "gpu", "batch_size") if c not in frame.columns]
     if missing:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .curve_model import epochs_to_target, predict_curves
 from .errors import AdvisorInputError
-from .hardware import gpu_family, has_data_sheet
+from .hardware import device_family, has_data_sheet
 
 # The logs' recipe: SGD, lr 0.1, step decay at epochs 60 and 80.
 RECIPE = {"learning_rate": 0.1, "milestones": "60,80"}
@@ -88,7 +88,7 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
     if isinstance(gpus, str):
         gpus = [gpus]
     # A GPU named twice (or by a family and a full name of it) is one candidate, not two equal rows.
-    families = (list(dict.fromkeys(gpu_family(g) or g for g in gpus)) if gpus
+    families = (list(dict.fromkeys(device_family(g) or g for g in gpus)) if gpus
                 else sorted(set(prices) & set(advisor.known_families)))
     for family in families:
         # A family without logs is priced from its data-sheet speed, flagged in the table (CPU has none).

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 from .errors import AdvisorInputError
-from .hardware import DEFAULT_PRICES, gpu_family
+from .hardware import DEFAULT_PRICES, device_family, gpu_family
 from .recommend import display_table
 from .svg_plot import accuracy_vs_hours_svg
 
@@ -49,12 +49,7 @@ def _result(advisor, query: dict) -> str:
     for part in query.get("gpus", [""])[0].split(","):
         words = part.split()
         gpus += words if words and all(gpu_family(w) for w in words) else ([part.strip()] if part.strip() else [])
-    families = []
-    for name in gpus:
-        family = gpu_family(name)
-        if family is None:
-            raise AdvisorInputError(f"unknown GPU '{name}'")
-        families.append(family)
+    families = [device_family(name) for name in gpus]  # one outside the table too: recommend says what it lacks
     deadline_text = query.get("deadline_hours", [""])[0].strip()
     try:
         deadline = float(deadline_text) if deadline_text else None
