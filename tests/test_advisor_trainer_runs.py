@@ -148,3 +148,22 @@ def test_a_gpu_outside_the_table_is_priced_and_recommended(runs, metrics, tmp_pa
     assert {r["num_of_gpus"] for r in rows if r["gpu"] == "NVIDIA H200"} == {2, 3, 4}
     assert advise_cli.main(args + ["--gpus", "NVIDIA H200"]) == 2
     assert "no epoch logs for GPU 'NVIDIA H200'" in capsys.readouterr().err
+
+
+def test_what_the_advisor_refuses_is_not_scored():
+    """time_model.refused, the one rule behind Advisor.predict's refusal, the cross-validation's
+    skipped rows and the intervals' residuals: a device without a data sheet in a regime its
+    training runs lack. With a user's CPU runs in `--evaluate`, leaving the CPU out was scored at
+    the nominal 1 TFLOPS (the GPU-family split's time MAPE 144% in a quick run, 32% without it)."""
+    from disttrain.advisor.evaluation import interval_scores, time_scores
+    from disttrain.advisor.time_model import refused
+
+    train = pd.DataFrame({"gpu_family": ["P40", "CPU", "NVIDIA H200"], "is_distributed": [False, False, True]})
+    configs = pd.DataFrame({"gpu_family": ["P40", "A100", "CPU", "CPU", "NVIDIA H200", "NVIDIA H200", "NVIDIA A6000"],
+                            "is_distributed": [True, True, False, True, True, False, False]})
+    assert refused(train, configs).tolist() == [False, False, False, True, False, True, True]
+    pred = pd.DataFrame({"run_id": ["a", "a", "b"], "epoch_timings": [10.0, 10.0, 1.0],
+                         "time_pred": [11.0, 11.0, np.nan], "time_low": [9.0, 9.0, np.nan], "time_high": [12.0, 12.0, np.nan]})
+    scores = time_scores(pred, "time_pred")
+    assert scores["time_runs"] == 1 and scores["time_mape_pct"] == pytest.approx(10.0)
+    assert interval_scores(pred)["time_interval_run_coverage_pct"] == 100.0

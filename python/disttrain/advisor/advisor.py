@@ -15,7 +15,7 @@ from .errors import AdvisorInputError
 from .hardware import DEFAULT_PRICES, GPU_TFLOPS, has_data_sheet
 from .loading import REFERENCE_DATASET, fold_ranks, load_raw, normalize_configs, runs_table
 from .recommend import Recommendation, rank
-from .time_model import EpochTimeModel
+from .time_model import EpochTimeModel, refused
 
 
 class Advisor:
@@ -127,16 +127,10 @@ class Advisor:
         return self.time_model.predict(normalized).set_index(configs.index)
 
     def regime_unlogged(self, normalized: pd.DataFrame) -> np.ndarray:
-        """Per configuration (normalized), whether it is on a family without a data sheet (the CPU, a GPU outside the table)
-        in an execution regime (one process, or distributed) that none of that family's runs was
-        in. The logs' regimes do not carry over to it: their DDP runs (16 loader workers, their
-        cluster) take 5-7x their one-process twins, and fitted on a one-process CPU run of 0.09 s
-        per epoch, a 2-rank run of 0.043 s came out at 9.7 s. Such a prediction is refused, and a
+        """Per configuration (normalized), whether predict refuses it for want of runs on its
+        device without a data sheet in its execution regime (time_model.refused); a
         recommendation leaves such candidates out."""
-        runs = self.time_model.runs_
-        logged = set(zip(runs["gpu_family"], runs["is_distributed"].astype(bool)))
-        return np.array([not has_data_sheet(family) and (family, bool(regime)) not in logged
-                         for family, regime in zip(normalized["gpu_family"], normalized["is_distributed"])], dtype=bool)
+        return refused(self.time_model.runs_, normalized)
 
     @one_blas_thread
     def accuracy_curve(self, config, epochs=100, observed=None) -> pd.DataFrame:

@@ -33,7 +33,7 @@ from .curve_model import TARGETS, LearningCurveModel, epochs_to_target, target_c
 from .hardware import DEFAULT_PRICES
 from .holdout import holdout_configs
 from .loading import fold_ranks, load_raw, runs_table
-from .time_model import EpochTimeModel
+from .time_model import EpochTimeModel, refused
 
 SPLITS = {"run": "run_id", "config": "config_id", "gpu_family": "gpu_family", "model": "model_name",
           "holdout": "config_id"}
@@ -84,8 +84,12 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
                                                                run_fits[run_fits["run_id"].isin(train_ids)],
                                                                rows=baseline)
         times = time_model.predict(test_runs).set_index(test_runs["run_id"])
+        # A prediction the advisor refuses (time_model.refused: a device without a data sheet in a
+        # regime its training runs lack) is not scored, for either method.
+        refused_ids = set(test_runs["run_id"][refused(runs.iloc[train], test_runs)])
+        times.loc[times.index.isin(refused_ids), ["epoch_time_s", "epoch_time_s_low", "epoch_time_s_high"]] = np.nan
         test_raw = raw[raw["run_id"].isin(set(test_runs["run_id"]))].copy()
-        test_raw["time_base"] = baseline.predict_time(test_raw)
+        test_raw["time_base"] = np.where(test_raw["run_id"].isin(refused_ids), np.nan, baseline.predict_time(test_raw))
         test_raw["acc_base"] = baseline.predict_accuracy(test_raw)
         base = test_raw.groupby(["run_id", "epoch"])[["time_base", "acc_base"]].mean()
         rows = epochs[epochs["run_id"].isin(set(test_runs["run_id"]))].copy()
@@ -107,7 +111,9 @@ def out_of_fold(epochs: pd.DataFrame, raw: pd.DataFrame, split: str, run_fits: p
 
 def time_scores(pred: pd.DataFrame, column: str) -> dict:
     """Errors over every epoch row, and per run (its median epoch time against
-    the mean prediction for its rows): the worst run's relative error."""
+    the mean prediction for its rows): the worst run's relative error. Rows
+    without a prediction (refused: see out_of_fold) are not scored."""
+    pred = pred[pred[column].notna()]
     error = pred[column] - pred["epoch_timings"]
     runs = pred.groupby("run_id").agg(true=("epoch_timings", "median"), guess=(column, "mean"))
     return {"time_mae_s": error.abs().mean(), "time_rmse_s": float(np.sqrt((error ** 2).mean())),
@@ -118,7 +124,9 @@ def time_scores(pred: pd.DataFrame, column: str) -> dict:
 
 def interval_scores(pred: pd.DataFrame) -> dict:
     """How often the advisor's 80% time intervals hold the truth: every epoch
-    row, and every run's median epoch time (a run's interval is one interval)."""
+    row, and every run's median epoch time (a run's interval is one interval);
+    rows without a prediction (refused) are not scored."""
+    pred = pred[pred["time_low"].notna()]
     inside = (pred["epoch_timings"] >= pred["time_low"]) & (pred["epoch_timings"] <= pred["time_high"])
     runs = pred.groupby("run_id").agg(true=("epoch_timings", "median"), low=("time_low", "first"),
                                       high=("time_high", "first"))
