@@ -372,10 +372,25 @@ class EpochTimeModel:
         # most predictions need none of them: each is made on first use (step_bounds).
         self.ranges_ = {c: (float(runs[c].min()), float(runs[c].max())) for c in ("batch_size", "num_of_gpus")}
         self.runs_ = runs
+        self.slowed_recipes_ = self._slowed_recipes(runs)
         self.step_bounds_: dict = {}
         rates = self.core_[0][: _REGIMES * len(_RATES)].reshape(_REGIMES, len(_RATES))
         self.rates_ = {regime: dict(zip(_RATES, np.exp(np.minimum(row, 50)))) for regime, row in zip(("single", "distributed"), rates)}
         return self
+
+    def _slowed_recipes(self, runs: pd.DataFrame) -> dict:
+        """Per recipe all of whose runs ran on a slowed host (slowed_hosts), the largest factor by
+        which such a run took longer than the model predicts for it: their environment is all the
+        logs say of that recipe, so a new configuration of it may meet it too (log_bounds)."""
+        flagged = slowed_hosts(runs)
+        recipes = _recipe(runs).to_numpy()
+        out = {}
+        for recipe in np.unique(recipes):
+            mine = recipes == recipe
+            if flagged[mine].all():
+                excess = np.log(runs["epoch_time_s"].to_numpy(dtype=float)[mine]) - self._predict_core(self.core_, runs[mine])
+                out[float(recipe)] = float(max(excess.max(), 0.0))
+        return out
 
     def step_bounds(self, column: str) -> tuple | None:
         """The interval (log space) of a prediction whose ``column`` lies outside the training
@@ -492,7 +507,10 @@ class EpochTimeModel:
         GPU family (model) is new, to the extrapolation residuals' where the
         batch size or GPU count is beyond the logged ones, and by the loading
         term's a-priori uncertainty (its share of the epoch) where the worker
-        count is one the regime's logs lack."""
+        count is one the regime's logs lack. A configuration of a recipe whose
+        every logged run ran on a slowed host (its point prediction, like the
+        rates, that of a normal host) has its upper end raised by the largest
+        factor such a run took beyond its prediction."""
         d = derive(configs)
         flags = self.in_logs(configs)
         low = np.full(len(configs), self.log_low_)
@@ -510,6 +528,8 @@ class EpochTimeModel:
             share = terms["load_s"] / (terms["load_s"] + terms["compute_s"] + terms["comm_s"])
             low[other_workers] -= (LOAD_UNCERTAINTY * share)[other_workers]
             high[other_workers] += (LOAD_UNCERTAINTY * share)[other_workers]
+        if self.slowed_recipes_:
+            high += _recipe(configs).map(self.slowed_recipes_).fillna(0.0).to_numpy(dtype=float)
         return low, high
 
 
