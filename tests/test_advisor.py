@@ -340,6 +340,14 @@ def test_save_load_round_trip(advisor, tmp_path):
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
     with pytest.raises(AdvisorInputError):
         Advisor.load(tmp_path / "junk.pkl")
+    # One saved by an earlier layout (without the attributes added since) is one line, not an
+    # AttributeError at its first prediction.
+    import copy
+    old = copy.copy(again)
+    del old.format
+    old.save(tmp_path / "old.pkl")
+    with pytest.raises(AdvisorInputError, match="saved by another version of disttrain"):
+        Advisor.load(tmp_path / "old.pkl")
 
 
 def test_trainer_csvs_become_training_data(tmp_path):

@@ -31,7 +31,12 @@ class Advisor:
         >>> advisor.recommend("resnet50", target_acc=0.75).table.head(3)
     """
 
+    # The layout of a fitted advisor's attributes: a saved one of another layout cannot predict
+    # (an attribute its code added or renamed since is missing). Raised when that layout changes.
+    FORMAT = 2
+
     def __init__(self, time_model: EpochTimeModel, curve_model: LearningCurveModel, runs: pd.DataFrame):
+        self.format = self.FORMAT
         self.time_model = time_model
         self.curve_model = curve_model
         self.runs = runs
@@ -215,4 +220,8 @@ class Advisor:
             raise AdvisorInputError(f"cannot load advisor from '{path}': {e}") from None
         if not isinstance(advisor, Advisor):
             raise AdvisorInputError(f"'{path}' does not hold an Advisor")
+        if getattr(advisor, "format", None) != Advisor.FORMAT:
+            raise AdvisorInputError(f"'{path}' holds an advisor saved by another version of disttrain (format "
+                                    f"{getattr(advisor, 'format', 1)}, this one reads {Advisor.FORMAT}): fit it again "
+                                    f"(Advisor.fit) and save it")
         return advisor
