@@ -25,18 +25,29 @@ def metrics(runs):
     return pd.read_csv(runs / "two" / "metrics.csv")
 
 
+def _copy_of_run(metrics, folder, name, **columns):
+    """A folder of runs holding a real run's file (``metrics``) with ``columns`` replaced, as
+    ``<folder>/<name>/metrics.csv``; returns the folder."""
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    metrics.assign(**columns).to_csv(folder / name / "metrics.csv", index=False)
+    return folder
+
+
+def _near_its_run(pred, metrics):
+    """The prediction of a run's own configuration: inside the logs, within a third of its epoch."""
+    measured = float(np.median(metrics["epoch_timings"].to_numpy()[1:]))  # the first epoch warms up
+    assert pred["outside_logs"] == "" and 0.75 < pred["epoch_time_s"] / measured < 1.33, (pred["epoch_time_s"], measured)
+
+
 def _follows(pred, metrics, runs, name, config):
     """The CPU has no data sheet: its speed is set by its own runs, not shrunk towards a nominal
     figure. Shrunk, a one-process run's own configuration was predicted 10 s against 0.1 s
     measured, inside the logs' range and with an interval that missed it. Predicted here: the
     run's configuration within a third of its measured epoch, inside the logs, and a copy of the run
     made 10 times slower predicted 7-14 times slower."""
-    measured = float(np.median(metrics["epoch_timings"].to_numpy()[1:]))  # the first epoch warms up
-    assert pred["outside_logs"] == "" and pred["epoch_time_s_low"] < pred["epoch_time_s"] < pred["epoch_time_s_high"]
-    assert 0.75 < pred["epoch_time_s"] / measured < 1.33, (pred["epoch_time_s"], measured)
-    slower = runs.parent / f"{name}-slower"
-    (slower / name).mkdir(parents=True, exist_ok=True)
-    metrics.assign(epoch_timings=metrics["epoch_timings"] * 10).to_csv(slower / name / "metrics.csv", index=False)
+    assert pred["epoch_time_s_low"] < pred["epoch_time_s"] < pred["epoch_time_s_high"]
+    _near_its_run(pred, metrics)
+    slower = _copy_of_run(metrics, runs.parent / f"{name}-slower", name, epoch_timings=metrics["epoch_timings"] * 10)
     tenfold = Advisor.fit(data_sources([slower]), cache=True).predict(config).iloc[0]["epoch_time_s"]
     assert 7 < tenfold / pred["epoch_time_s"] < 14, (tenfold, pred["epoch_time_s"])
 
@@ -115,17 +126,13 @@ def test_a_run_on_a_gpu_outside_the_table_teaches_it(runs, metrics, tmp_path):
     newer than the table was refused as an unknown GPU. No GPU runs here: the real run's file,
     its device renamed. The name is a family of its own, without a data sheet, set by its runs as
     the CPU is; a configuration on a GPU that neither the table nor the runs hold is one line."""
-    renamed = tmp_path / "runs"
-    (renamed / "two").mkdir(parents=True)
-    metrics.assign(gpu="NVIDIA H200").to_csv(renamed / "two" / "metrics.csv", index=False)
+    renamed = _copy_of_run(metrics, tmp_path / "runs", "two", gpu="NVIDIA H200")
     config = metrics.iloc[[0]].drop(columns=[metrics.columns[0]]).assign(gpu="NVIDIA H200")
     with pytest.raises(AdvisorInputError, match="no epoch logs for GPU NVIDIA H200: add runs on it with --data"):
         Advisor.fit(cache=True).predict(config)
     mine = Advisor.fit(data_sources([renamed]), cache=True)
     assert "NVIDIA H200" in mine.known_families
-    pred = mine.predict(config).iloc[0]
-    measured = float(np.median(metrics["epoch_timings"].to_numpy()[1:]))
-    assert pred["outside_logs"] == "" and 0.75 < pred["epoch_time_s"] / measured < 1.33, (pred["epoch_time_s"], measured)
+    _near_its_run(mine.predict(config).iloc[0], metrics)
     with pytest.raises(AdvisorInputError, match="no epoch logs for GPU NVIDIA A6000"):
         mine.predict(config.assign(gpu="NVIDIA A6000"))
     empty = metrics.iloc[[0]].drop(columns=[metrics.columns[0]]).assign(gpu=" ")
@@ -136,9 +143,7 @@ def test_a_run_on_a_gpu_outside_the_table_teaches_it(runs, metrics, tmp_path):
 def test_a_gpu_outside_the_table_is_priced_and_recommended(runs, metrics, tmp_path, capsys):
     """With runs on it and a price, such a GPU is a candidate of `disttrain advise` (the price file
     and --gpus refused its name as an unknown GPU); without runs, asked for, it is one line."""
-    renamed = tmp_path / "runs"
-    (renamed / "two").mkdir(parents=True)
-    metrics.assign(gpu="NVIDIA H200").to_csv(renamed / "two" / "metrics.csv", index=False)
+    renamed = _copy_of_run(metrics, tmp_path / "runs", "two", gpu="NVIDIA H200")
     prices = tmp_path / "prices.csv"
     prices.write_text("gpu,price_per_gpu_hour\nNVIDIA H200,4.0\nP40,1.0\n")
     args = ["--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices), "--json", "--top", "100"]

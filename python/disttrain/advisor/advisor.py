@@ -118,13 +118,13 @@ class Advisor:
         # A GPU family without logs is predicted from its data-sheet speed, flagged (see
         # time_model); the CPU, or a GPU outside the table, has no data sheet on that scale: its
         # runs, or a calibration.
-        unknown = sorted(f for f in set(normalized["gpu_family"]) - self.known_families if not has_data_sheet(f))
+        unlogged = self.regime_unlogged(normalized)
+        unknown = sorted(set(normalized.loc[unlogged, "gpu_family"]) - self.known_families)
         if unknown:
             raise AdvisorInputError(f"no epoch logs for GPU {', '.join(unknown)}: add runs on it with --data, or "
                                     f"measure it with --calibrate (known: {', '.join(sorted(self.known_families))}; "
                                     f"from data sheets: {', '.join(f for f in GPU_TFLOPS if has_data_sheet(f))})")
-        unlogged = self.regime_unlogged(normalized)
-        if unlogged.any():
+        if unlogged.any():  # a device its runs teach, in the other regime
             row = normalized[unlogged].iloc[0]
             kind = "several processes (distributed)" if row["is_distributed"] else "one process"
             raise AdvisorInputError(f"no epoch logs for GPU {row['gpu_family']} on {kind}: add such a run with "
