@@ -208,6 +208,15 @@ def package_pythonpath() -> str:
     return os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
 
 
+def package_env(threads: int = 1) -> dict[str, str]:
+    """The environment of a process of its own running this package: no rank variables of a
+    surrounding job, package_pythonpath(), ``threads`` OpenMP threads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = package_pythonpath()
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def train_two_ranks(folder) -> None:
     """The README's main job as a real process: `disttrain train --nproc-per-node 2` on the digits
     (4 epochs, batch 32, one thread a rank), its run in ``<folder>/two`` (metrics.csv there). The
@@ -215,10 +224,7 @@ def train_two_ranks(folder) -> None:
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = package_pythonpath()
-    env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run([sys.executable, "-m", "disttrain", "train", "--nproc-per-node", "2", "-e", "4", "-b", "32",
                           "-s", str(folder), "--save-name", "two", "--no-progress"], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.abspath(folder)), timeout=300)
+                         env=package_env(), cwd=os.path.dirname(os.path.abspath(folder)), timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -45,7 +45,7 @@ import torch
 
 import background
 import disttrain
-from harness import package_pythonpath, train_two_ranks
+from harness import package_env, train_two_ranks
 from disttrain.advisor import calibrate
 from disttrain.advisor import cli as advise_cli
 
@@ -145,7 +145,7 @@ class PredictServer:
     def __init__(self, folder):
         self.log = open(folder / "predict_server.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-c", PREDICT_SERVER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=_env(), cwd=folder)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=package_env(THREADS), cwd=folder)
         self.ready = False
         self.setup = ""  # Python run in each forked child before the command (the slowed test's slowdown)
 
@@ -180,14 +180,6 @@ def _rows(metrics):
             return [float(row["epoch_timings"]) for row in csv.DictReader(f)]
     except FileNotFoundError:
         return []
-
-
-def _env():
-    """A process of its own: this package, one thread."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = package_pythonpath()
-    env["OMP_NUM_THREADS"] = str(THREADS)
-    return env
 
 
 def _running(pid):
