@@ -3,6 +3,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace disttrain::shard {
 
@@ -33,6 +34,8 @@ std::vector<ReshardPiece> reshard_plan(int64_t total, int old_world, int new_ran
   TORCH_CHECK(old_world >= 1 && new_world >= 1, "reshard: world sizes must be positive, got ", old_world, " and ",
               new_world);
   TORCH_CHECK(new_rank >= 0 && new_rank < new_world, "reshard: rank ", new_rank, " outside world size ", new_world);
+  TORCH_CHECK(total >= 0 && total <= std::numeric_limits<int64_t>::max() - new_world - old_world,
+              "reshard: total size ", total, " out of range");
   const int64_t old_shard = (total + old_world - 1) / old_world;
   const int64_t new_shard = (total + new_world - 1) / new_world;
   const int64_t begin = std::min(total, new_rank * new_shard);
@@ -57,13 +60,17 @@ at::Tensor reshard(const std::vector<at::Tensor>& old_shards, int64_t total, int
       break;
     }
   }
-  at::Tensor out = at::zeros({(total + new_world - 1) / new_world}, options);
+  // Every piece is checked before the output is allocated: a total that the shards do not
+  // hold (a hostile or corrupt manifest) is refused without a buffer of that size.
   for (const auto& p : pieces) {
     const at::Tensor& src = old_shards[p.old_rank];
     TORCH_CHECK(src.defined(), "reshard: the shard of old rank ", p.old_rank, " is needed but missing");
     TORCH_CHECK(src.dim() == 1 && src.numel() >= p.old_offset + p.numel, "reshard: old rank ", p.old_rank,
                 "'s shard has ", src.numel(), " elements, expected at least ", p.old_offset + p.numel);
-    out.narrow(0, p.new_offset, p.numel).copy_(src.narrow(0, p.old_offset, p.numel));
+  }
+  at::Tensor out = at::zeros({(total + new_world - 1) / new_world}, options);
+  for (const auto& p : pieces) {
+    out.narrow(0, p.new_offset, p.numel).copy_(old_shards[p.old_rank].narrow(0, p.old_offset, p.numel));
   }
   return out;
 }

@@ -768,15 +768,19 @@ def _read_manifest(path: str) -> tuple[dict[str, Any], str]:
     return manifest, generation
 
 
+_MAX_NUMEL = 1 << 62  # a manifest's sizes and their products must fit a tensor's int64 sizes
+
+
 def _check_layout(manifest: dict[str, Any], manifest_path: str) -> None:
     """Refuses, by name, a manifest whose layout fields the loaders could not index: its
     checksums pass, but a buggy or hostile writer may still have written it (found by
-    fuzz/python/fsdp_manifest_fuzzer.py: a KeyError, a TypeError, a loop over any world size)."""
+    fuzz/python/fsdp_manifest_fuzzer.py: a KeyError, a TypeError, a loop over any world size,
+    a size beyond int64)."""
     def refuse(why: str) -> NoReturn:
         raise ValueError(f"'{manifest_path}' is not a valid sharded checkpoint manifest: {why}")
 
-    def whole(value: Any, low: int) -> bool:
-        return type(value) is int and value >= low
+    def whole(value: Any, low: int) -> bool:  # and within a tensor's int64 sizes
+        return type(value) is int and low <= value <= _MAX_NUMEL
 
     world: Any = manifest.get("world_size")
     units = manifest.get("units")
@@ -791,7 +795,8 @@ def _check_layout(manifest: dict[str, Any], manifest_path: str) -> None:
         if not (isinstance(unit, dict) and whole(unit.get("total"), 0) and isinstance(unit_names, list)
                 and isinstance(shapes, list) and len(unit_names) == len(shapes)
                 and all(isinstance(n, str) for n in unit_names)
-                and all(isinstance(s, list) and all(whole(d, 0) for d in s) for s in shapes)):
+                and all(isinstance(s, list) and all(whole(d, 0) for d in s)
+                        and math.prod(max(d, 1) for d in s) <= _MAX_NUMEL for s in shapes)):
             refuse(f"unit {i} is not (total, names, shapes)")
         if sum(math.prod(s) for s in shapes) > unit["total"]:
             refuse(f"unit {i}'s parameters need more than its {unit['total']} elements")

@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "shard/flat_layout.h"
@@ -113,4 +115,17 @@ TEST(Reshard, RejectsBadInput) {
   EXPECT_THROW(reshard_plan(10, 2, -1, 2), c10::Error);
   std::vector<at::Tensor> short_shards{at::zeros({5}), at::zeros({2})};  // rank 1 should hold 5
   EXPECT_THROW(reshard(short_shards, 10, 0, 1), c10::Error);
+  EXPECT_THROW(reshard_plan(-1, 1, 0, 1), c10::Error);
+  EXPECT_THROW(reshard_plan(std::numeric_limits<int64_t>::max(), 1, 0, 1), c10::Error);
+}
+
+TEST(Reshard, RefusesATotalItsShardsDoNotHoldBeforeAllocating) {
+  // a corrupt manifest's 2^40 elements (4 TiB of floats): refused by the shard's size, not by the allocator
+  std::vector<at::Tensor> one{at::zeros({29})};
+  try {
+    reshard(one, int64_t{1} << 40, 0, 1);
+    ADD_FAILURE() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("shard has 29 elements"), std::string::npos) << e.what();
+  }
 }
