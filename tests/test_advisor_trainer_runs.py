@@ -121,6 +121,25 @@ def test_a_one_process_run_sets_the_cpus_speed(tmp_path, capsys, monkeypatch):
         mine.recommend("resnet18", 0.7, prices={"CPU": 0.05}, gpus=["CPU"], gpu_counts=(2, 3))
 
 
+def test_a_run_with_a_slow_evaluation_pass_for_its_data_is_not_a_slowed_host(runs, metrics, tmp_path):
+    """A one-process CPU run with 2 loader workers: on the small digits set, starting the workers
+    makes the evaluation pass about 0.4 of the training epoch, 5 times the CIFAR-10 runs' share.
+    Compared with those, it was set aside as a slowed host, the CPU fell back on its nominal speed
+    and its own configuration was predicted 32 times too slow. Runs are compared within their
+    regime, data set and worker count."""
+    from disttrain.advisor.loading import runs_table
+    from disttrain.advisor.time_model import slowed_hosts
+
+    one = metrics.assign(num_of_gpus=1, is_distributed=False, num_workers_data_loader=2,
+                         test_timings=metrics["epoch_timings"] * 0.4)
+    folder = _copy_of_run(one, tmp_path / "runs", "w2")
+    table = runs_table(load_epochs(data_sources([folder])))
+    assert not slowed_hosts(table)[table["gpu_family"].eq("CPU").to_numpy()].any()
+    assert slowed_hosts(table).sum() == 3  # the logs' own: the lr-0.01 runs
+    config = one.iloc[[0]].drop(columns=[one.columns[0]])
+    _near_its_run(Advisor.fit(data_sources([folder]), cache=True).predict(config).iloc[0], one)
+
+
 def test_a_run_on_a_gpu_outside_the_table_teaches_it(runs, metrics, tmp_path):
     """`disttrain train` on a GPU writes the device's name (torch.cuda.get_device_name), and a GPU
     newer than the table was refused as an unknown GPU. No GPU runs here: the real run's file,

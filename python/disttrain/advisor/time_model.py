@@ -549,22 +549,27 @@ def refused(train_runs: pd.DataFrame, configs: pd.DataFrame) -> np.ndarray:
 
 def slowed_hosts(runs: pd.DataFrame, factor: float = SLOWED_HOST_FACTOR) -> np.ndarray:
     """Per run, whether it ran on a slowed host: its evaluation pass took more
-    than ``factor`` times the share of its training epoch that the runs of its
-    execution regime typically took (the median share, over the regime's runs
-    with both times; at least 3 of them). The evaluation pass does the same
-    work whatever the recipe, so a share several times the usual one is the
-    host, not the configuration (of the development runs, the two
-    learning-rate-0.01 ones: 3.2 and 4.5 times; every other run within 1.4
-    times). Runs without an evaluation time (``test_time_s`` missing or NaN)
-    are never flagged."""
+    than ``factor`` times the share of its training epoch that comparable runs
+    typically took (the median share over the runs with both times of the same
+    execution regime, data set and loader-worker count; at least 3 of them).
+    The evaluation pass does the same work whatever the recipe, so a share
+    several times the usual one is the host, not the configuration (of the
+    development runs, the two learning-rate-0.01 ones: 3.2 and 4.5 times;
+    every other run within 1.4 times). The data set (its test set's size
+    against its training set's) and the workers (started for each pass: on a
+    small data set that start dominates) set the share, so runs that differ in
+    them are not compared; in the logs they coincide with the regime. Runs
+    without an evaluation time (``test_time_s`` missing or NaN) are never
+    flagged."""
     flagged = np.zeros(len(runs), dtype=bool)
     if "test_time_s" not in runs.columns or not len(runs):
         return flagged
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.log(runs["test_time_s"].to_numpy(dtype=float) / runs["epoch_time_s"].to_numpy(dtype=float))
-    regime = runs["is_distributed"].to_numpy().astype(int)
-    for r in np.unique(regime):
-        known = (regime == r) & np.isfinite(share)
+    columns = [c for c in ("is_distributed", "dataset", "num_workers_data_loader") if c in runs.columns]
+    group = runs.groupby(columns, sort=False, dropna=False).ngroup().to_numpy()
+    for g in np.unique(group):
+        known = (group == g) & np.isfinite(share)
         if known.sum() >= 3:
             flagged[known] = share[known] > np.median(share[known]) + np.log(factor)
     return flagged
