@@ -395,7 +395,10 @@ def test_api_bad_input_is_an_advisor_input_error(advisor):
            lambda: advisor.recommend("resnet50", 0.7, deadline_hours=float("nan")),
            lambda: advisor.recommend("resnet50", 0.7, prices={"P40": -1.0}),
            lambda: advisor.recommend("resnet50", 0.7, max_epochs=0),
-           lambda: advisor.recommend("resnet50", "high")]
+           lambda: advisor.recommend("resnet50", "high"),
+           # Taken: 2.5 epochs gave the curve at epochs 1 and 2, no prices at all the default ones.
+           lambda: advisor.accuracy_curve(config, epochs=2.5),
+           lambda: advisor.recommend("resnet50", 0.7, prices={})]
     for i, call in enumerate(bad):
         with pytest.raises(AdvisorInputError):
             call()

@@ -113,6 +113,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     malformed.write_text("gpu,price_per_gpu_hour\nP40,cheap\n")
     bad_csv = tmp_path / "logs.csv"
     bad_csv.write_text("a,b\n1,2\n")
+    ragged, huge, typo = tmp_path / "ragged.csv", tmp_path / "huge.csv", tmp_path / "typo.csv"
+    ragged.write_text("gpu,price_per_gpu_hour\nP100,2\nP40,1,5\n")
+    huge.write_text("gpu,price_per_gpu_hour\nP40,1e308\n")
+    typo.write_text("gpu,price_per_gpu_hour\nP4O,1\n")
     # Each case with a word its one line must hold, so a case that fails for another reason fails the test.
     cases = [UNKNOWN_MODEL,
              (("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"), "no epoch logs for GPU 'H100'"),
@@ -126,7 +130,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--model", "resnet50", "--target-acc", "abc"), "invalid float value: 'abc'"),
              (("--model", "resnet50", "--target-acc", "0.7", "--deadline-hours", "-1"), "--deadline-hours -1.0"),
              (("--model", "resnet50", "--target-acc", "0.7", "--deadline-hours", "nan"), "--deadline-hours nan"),
-             (("--model", "resnet50", "--target-acc", "0.7", "--top", "0"), "--top 0")]
+             (("--model", "resnet50", "--target-acc", "0.7", "--top", "0"), "--top 0"),
+             # Two modes, or an option of another mode, were taken with one of them silently ignored
+             # (--serve --calibrate served and never calibrated; --port 99999 ranked, exit 0).
+             (("--serve", "--calibrate"), "--serve and --calibrate: give one of"),
+             (("--predict", "x.csv", "--model", "resnet50"), "--predict and --model/--target-acc: give one of"),
+             (("--evaluate", "--prices", str(malformed)), "--prices belongs to --model/--target-acc, not to --evaluate"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--port", "99999"), "--port belongs to --serve"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--max-folds", "1"), "--max-folds belongs to --evaluate"),
+             (("--device", "cpu"), "--device belongs to --calibrate, not to a recommendation"),
+             # A price file's extra field ('P40,1,5': which is the price?) was dropped; a price of 1e308
+             # made every cost inf; a file pricing only a typo did not name it.
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(ragged)), "line 3: more fields than the header's"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(huge)), "'1e308' is not a positive number up to 1e+12"),
+             (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(typo)), "no GPU type has both epoch logs and a price ('P4O' is priced but has no runs and no data sheet")]
     # The first case also runs as a real process (test_a_real_process_exits_2_with_one_line, at the end).
     for args, words in cases:
         code, stdout, stderr = advise_here(capsys, *args)
@@ -305,6 +322,37 @@ def test_calibrate_names_an_unusable_cache_folder(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("DISTTRAIN_ADVISOR_CACHE", str(tmp_path / "mine"))
     code, stdout, stderr = advise_here(capsys, "--calibrate", "--device", "cpu")
     assert code == 0 and f"stored: {tmp_path / 'mine'}" in stdout, stdout
+
+
+def test_a_priced_type_that_is_not_ranked_is_named(tmp_path, capsys):
+    # A typo ('P1OO': a device of its own, without runs) and a data-sheet family without runs (A100,
+    # ranked only when named in --gpus) were dropped from the ranking in silence.
+    prices = tmp_path / "prices.csv"
+    prices.write_text("gpu,price_per_gpu_hour\nP40,1\nP1OO,0.01\nA100,2\n")
+    code, stdout, stderr = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices))
+    assert code == 0 and "cheapest: " in stdout, stderr
+    assert stderr.splitlines() == [
+        "disttrain advise: note: 'P1OO' is priced but has no runs and no data sheet (a typo? give its runs with --data): not ranked",
+        "disttrain advise: note: 'A100' is priced but has no runs: name it in gpus (--gpus A100) to rank it from its data sheet"]
+    code, stdout, _ = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices), "--json")
+    assert code == 0 and [n.split("'")[1] for n in json.loads(stdout)["notes"]] == ["P1OO", "A100"]
+
+
+def test_evaluate_that_cannot_write_its_csv_prints_the_tables_then_one_line(tmp_path, capsys, monkeypatch):
+    # A file where benchmarks/ should be (or a read-only folder, a full disk) was a traceback after
+    # the whole evaluation, its tables never printed.
+    from disttrain.advisor import evaluation
+
+    summary = pd.read_csv(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "advisor_evaluation.csv")
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: {"summary": summary, "random_split": {
+        "time_mae_s": 0.76, "accuracy_mae": 0.02}})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks").write_text("not a folder")
+    for json_out, printed in (((), "time per epoch (out of fold"), (("--json",), '"time_mape_pct"')):
+        code, stdout, stderr = advise_here(capsys, "--evaluate", "--max-folds", "2", *json_out)
+        assert code == 1 and printed in stdout, (stdout, stderr)
+        assert stderr.splitlines()[-1].startswith("disttrain advise: benchmarks/results/advisor_evaluation_quick.csv "
+                                                   "not written: Not a directory"), stderr
 
 
 def test_evaluate_json_has_no_nan(tmp_path, capsys, monkeypatch):

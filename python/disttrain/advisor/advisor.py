@@ -163,6 +163,8 @@ class Advisor:
             # The ignore: np.isscalar narrows `epochs` to numpy's scalar union, complex included, which int() does not take
             grid = np.arange(1, int(epochs) + 1) if np.isscalar(epochs) else np.asarray(epochs)  # type: ignore[arg-type]
             finite = np.isfinite(grid.astype(float))
+            if np.isscalar(epochs) and float(epochs) != int(epochs):  # type: ignore[arg-type]
+                raise ValueError  # 2.5 epochs was the curve at 1 and 2
         except (TypeError, ValueError, OverflowError):  # NaN, infinite or not a number
             raise wrong from None
         if grid.size == 0 or grid.ndim != 1 or not np.all(finite) or grid.min() < 1:
@@ -200,7 +202,7 @@ class Advisor:
             Recommendation: ``table`` (ranked, with intervals) and ``message``;
             ``out_of_reach`` is True when no candidate gets there (in time).
         """
-        return rank(self, model_name, target_acc, dict(prices or DEFAULT_PRICES), gpus=gpus,
+        return rank(self, model_name, target_acc, dict(DEFAULT_PRICES if prices is None else prices), gpus=gpus,
                     deadline_hours=deadline_hours, gpu_counts=gpu_counts, batch_sizes=batch_sizes,
                     max_epochs=max_epochs)
 

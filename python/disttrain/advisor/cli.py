@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", help="CSV with columns gpu,price_per_gpu_hour")
     p.add_argument("--deadline-hours", type=float, metavar="H",
                    help="keep the configurations that finish within H hours (default, or inf: no deadline)")
-    p.add_argument("--top", type=int, default=10, help="rows of the ranked table to print")
+    p.add_argument("--top", type=int, help="rows of the ranked table to print (default 10)")
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="epoch-log or trainer CSVs, or folders of them, added to the default logs "
                         "($DISTTRAIN_EPOCH_LOGS if set, else the logs shipped with disttrain)")
@@ -73,9 +73,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", nargs="+", metavar="CSV",
                    help="predict the time per epoch of the configurations in these CSVs (a trainer's metrics.csv, or "
                         "rows in the logs' columns); a device calibrated here is predicted from its measurement")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", help="with --serve: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="with --serve: the port (default 8765; 0: any free port)")
     return p
+
+
+# Each mode and the options that belong to it alone (the training-data options and --json, --no-cache
+# belong to every mode). Given to another mode they were ignored: --serve --calibrate served and
+# never calibrated, --evaluate --prices ranked nothing.
+_MODES = {"--serve": ("serve", ("host", "port")),
+          "--evaluate": ("evaluate", ("max_folds",)),
+          "--calibrate": ("calibrate", ("device",)),
+          "--predict": ("predict", ()),
+          "--model/--target-acc": (None, ("model", "target_acc", "gpus", "prices", "deadline_hours", "top"))}
+
+
+def _mode(args) -> str:
+    """The one mode the command line asks for (its flag as written), refusing two modes at once and an
+    option of one mode given to another."""
+    recommend = args.model is not None or args.target_acc is not None
+    chosen = [flag for flag, (attr, _) in _MODES.items() if (getattr(args, attr) if attr else recommend)]
+    if len(chosen) > 1:
+        raise AdvisorInputError(f"{' and '.join(chosen)}: give one of --serve, --evaluate, --calibrate, --predict "
+                                f"or a recommendation (--model, --target-acc) at a time")
+    mode = chosen[0] if chosen else "--model/--target-acc"
+    for flag, (_, options) in _MODES.items():
+        if flag != mode:
+            given = [o for o in options if getattr(args, o) not in (None, [])]
+            if given:
+                what = "a recommendation" if mode == "--model/--target-acc" else mode
+                raise AdvisorInputError(f"--{given[0].replace('_', '-')} belongs to {flag}, not to {what}")
+    return mode
 
 
 def _sources(args) -> list:
@@ -90,11 +118,12 @@ def _recommend(args) -> int:
     from .recommend import display_table
 
     if not args.model or args.target_acc is None:
-        raise AdvisorInputError("give --model and --target-acc (or --evaluate, --serve)")
+        raise AdvisorInputError("give --model and --target-acc (or --evaluate, --serve, --calibrate, --predict)")
     if args.deadline_hours is not None and not 0 < args.deadline_hours <= float("inf"):
         raise AdvisorInputError(f"--deadline-hours {args.deadline_hours}: give a positive number of hours (inf: none)")
-    if args.top < 1:
-        raise AdvisorInputError(f"--top {args.top}: give at least 1 row")
+    top = 10 if args.top is None else args.top
+    if top < 1:
+        raise AdvisorInputError(f"--top {top}: give at least 1 row")
     prices = read_prices(args.prices) if args.prices else dict(DEFAULT_PRICES)
     gpus = None
     if args.gpus:
@@ -110,9 +139,11 @@ def _recommend(args) -> int:
     if args.json:
         print(json.dumps(rec.to_dict(), indent=1, default=float))
     else:
+        for note in rec.notes:
+            print(f"disttrain advise: note: {note}", file=sys.stderr)
         print(rec.message)
         if not rec.table.empty:
-            print(display_table(rec, args.top).to_string(index=False))
+            print(display_table(rec, top).to_string(index=False))
             print(f"(epochs_to_target: where the median predicted curve reaches the target; epochs_80pct_sure: "
                   f"by which epoch 80% of the predicted curves have; cost in {rec.units['cost']} for the GPUs x hours; "
                   f"data_split_across_gpus: each GPU trains on its share of the data, '-' for one GPU; outside_logs: "
@@ -150,14 +181,20 @@ def _evaluate(args) -> int:
           + (f", at most {args.max_folds} folds per split" if args.max_folds else ""), file=sys.stderr)
     result = evaluate(_sources(args), progress=_fold_progress, max_folds=args.max_folds)
     summary = result["summary"]
-    results_csv.parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(results_csv, index=False)
+    try:
+        results_csv.parent.mkdir(parents=True, exist_ok=True)
+        summary.to_csv(results_csv, index=False)
+        written = None
+    except OSError as e:  # a read-only folder, a full disk: the tables are still printed, then this
+        written = f"{results_csv} not written: {e.strerror or e} (run from a folder where it can be)"
     if args.json:
         # The baseline has no intervals (NaN columns): NaN and infinities are null, never bare NaN (not JSON).
         print(json.dumps(_finite_or_none({"summary": summary.to_dict(orient="records"),
                                           "random_split_baseline": result["random_split"]}),
                          indent=1, default=float, allow_nan=False))
-        return 0
+        if written:
+            print(f"disttrain advise: {written}", file=sys.stderr)
+        return 0 if written is None else 1
     rs = result["random_split"]
     print(f"baseline on a random row split (its original evaluation): time MAE {rs['time_mae_s']:.2f} s, "
           f"accuracy MAE {rs['accuracy_mae']:.3f}")
@@ -170,6 +207,9 @@ def _evaluate(args) -> int:
     print(summary[time_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\naccuracy, epochs to target (0.5..0.8) and regret of the recommendation")
     print(summary[acc_columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    if written:
+        print(f"disttrain advise: {written}", file=sys.stderr)
+        return 1
     if args.max_folds is None:
         print(f"\nwritten: {results_csv} (in a checkout, refresh docs/advisor_results.md with "
               f"'python -m disttrain.advisor.results_page')")
@@ -320,23 +360,25 @@ def main(argv: list[str] | None = None) -> int:
     # --predict alone reads CSVs (pandas) and, for a device calibrated here, measures with torch:
     # LightGBM, SciPy and scikit-learn (seconds of imports for each such process) are checked
     # there only when a configuration needs the fitted model.
-    only_predict = args.predict and not (args.serve or args.evaluate or args.calibrate)
+    only_predict = args.predict and not (args.serve or args.evaluate or args.calibrate)  # else refused below
     missing = missing_dependencies(("pandas",) if only_predict else None)
     if missing:
         print(f"disttrain advise: {missing_message(missing)}", file=sys.stderr)
         return 2
     try:
-        if args.serve:
+        mode = _mode(args)
+        if mode == "--serve":
             from .server import serve
 
-            if not 0 <= args.port <= 65535:
-                raise AdvisorInputError(f"--port {args.port}: give a port number from 0 to 65535 (0: any free port)")
-            return serve(args.host, args.port, _sources(args), cache=not args.no_cache)
-        if args.evaluate:
+            port = 8765 if args.port is None else args.port
+            if not 0 <= port <= 65535:
+                raise AdvisorInputError(f"--port {port}: give a port number from 0 to 65535 (0: any free port)")
+            return serve(args.host or "127.0.0.1", port, _sources(args), cache=not args.no_cache)
+        if mode == "--evaluate":
             return _evaluate(args)
-        if args.calibrate:
+        if mode == "--calibrate":
             return _calibrate(args)
-        if args.predict:
+        if mode == "--predict":
             return _predict(args)
         return _recommend(args)
     except AdvisorInputError as e:

@@ -44,6 +44,9 @@ DEFAULT_PRICES = {
     "V100-SXM2": 3.06,
 }
 
+# The largest price per GPU-hour taken (in any currency): beyond it a cost could overflow to inf.
+MAX_PRICE = 1e12
+
 _PATTERNS = [
     (r"V100.*SXM", "V100-SXM2"),
     (r"V100", "V100-PCIE"),
@@ -107,8 +110,9 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
         dict family -> price in currency units per GPU-hour.
 
     Raises:
-        AdvisorInputError: missing file, missing columns, a non-positive or
-            non-numeric price, a row without a GPU name, or a family priced twice.
+        AdvisorInputError: missing file, missing columns, a row with more fields than the
+            header, a price that is not a number in (0, MAX_PRICE], a row without a GPU name,
+            or a family priced twice.
     """
     from .errors import AdvisorInputError
 
@@ -125,6 +129,8 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
     prices: dict[str, float] = {}
     lines: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
+        if None in row:  # a field beyond the header's ('P40,1,5'): which one is the price?
+            raise AdvisorInputError(f"price file '{path}' line {line}: more fields than the header's")
         family = device_family(row["gpu"] or "")
         if family is None:
             raise AdvisorInputError(f"price file '{path}' line {line}: no GPU name")
@@ -132,9 +138,10 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
             price = float(row["price_per_gpu_hour"])
         except (TypeError, ValueError):
             price = float("nan")
-        if not 0 < price < float("inf"):
+        if not 0 < price <= MAX_PRICE:
             raise AdvisorInputError(
-                f"price file '{path}' line {line}: price '{row['price_per_gpu_hour']}' is not a positive number")
+                f"price file '{path}' line {line}: price '{row['price_per_gpu_hour']}' is not a positive number "
+                f"up to {MAX_PRICE:g}")
         if family in prices:  # 'P40' and 'Tesla P40' are one family: the later line silently won
             raise AdvisorInputError(
                 f"price file '{path}' line {line}: GPU '{row['gpu']}' is family {family}, already priced on line "

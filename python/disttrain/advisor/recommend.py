@@ -18,7 +18,7 @@ import pandas as pd
 
 from .curve_model import epochs_to_target, predict_curves
 from .errors import AdvisorInputError
-from .hardware import device_family, has_data_sheet
+from .hardware import MAX_PRICE, device_family, has_data_sheet
 
 # The logs' recipe: SGD, lr 0.1, step decay at epochs 60 and 80.
 RECIPE = {"learning_rate": 0.1, "milestones": "60,80"}
@@ -26,18 +26,20 @@ RECIPE = {"learning_rate": 0.1, "milestones": "60,80"}
 
 @dataclass
 class Recommendation:
-    """The ranked table plus a one-line message (empty table when out of reach)."""
+    """The ranked table plus a one-line message (empty table when out of reach), and notes:
+    what was priced but not ranked, and why."""
 
     table: pd.DataFrame
     message: str
     out_of_reach: bool = False
     curves: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """For --json: the table's rows (an unbounded end is null; ``reached_80pct`` and
         ``p_reach`` say whether the target is reached with 80% confidence), and the unit of each column."""
-        return {"message": self.message, "out_of_reach": self.out_of_reach, "units": self.units,
+        return {"message": self.message, "out_of_reach": self.out_of_reach, "notes": self.notes, "units": self.units,
                 "configurations": self.table.replace([np.inf, -np.inf], None).to_dict(orient="records")}
 
 
@@ -83,13 +85,20 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
     if max_epochs < 1:
         raise AdvisorInputError(f"max_epochs {max_epochs}: give at least 1")
     for family, price in prices.items():
-        if not 0 < price < np.inf:
-            raise AdvisorInputError(f"price {price} for GPU '{family}' is not a positive number")
+        if not 0 < price <= MAX_PRICE:
+            raise AdvisorInputError(f"price {price} for GPU '{family}' is not a positive number up to {MAX_PRICE:g}")
     if isinstance(gpus, str):
         gpus = [gpus]
     # A GPU named twice (or by a family and a full name of it) is one candidate, not two equal rows.
     families = (list(dict.fromkeys(device_family(g) or g for g in gpus)) if gpus
                 else sorted(set(prices) & set(advisor.known_families)))
+    # A priced type that is not ranked is said, not dropped in silence (a typo, 'P1OO', read as a
+    # device of its own; a data-sheet family without runs, ranked only when named).
+    notes = [] if gpus else [
+        f"'{family}' is priced but has no runs" + (f": name it in gpus (--gpus {family}) to rank it from its data sheet"
+                                                  if has_data_sheet(family) else
+                                                  " and no data sheet (a typo? give its runs with --data): not ranked")
+        for family in prices if family not in advisor.known_families]
     for family in families:
         # A family without logs is priced from its data-sheet speed, flagged in the table (CPU has none).
         if family not in advisor.known_families and not has_data_sheet(family):
@@ -97,7 +106,7 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
         if family not in prices:
             raise AdvisorInputError(f"no price for GPU '{family}': add it to the price file")
     if not families:
-        raise AdvisorInputError("no GPU type has both epoch logs and a price")
+        raise AdvisorInputError("no GPU type has both epoch logs and a price" + (f" ({'; '.join(notes)})" if notes else ""))
     grid = candidates(model_name, families, gpu_counts, batch_sizes, max_epochs)
     if grid.empty:  # was "configuration lacks column(s) model_name, gpu, batch_size (have: )"
         raise AdvisorInputError(f"no candidates: gpu_counts {tuple(gpu_counts)!r} and batch_sizes "
@@ -140,14 +149,14 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
         return Recommendation(table.iloc[:0], (
             f"target {target_acc:.3f} is out of reach for {model_name} within {max_epochs} epochs: the best predicted "
             f"accuracy is {table.loc[best, 'final_accuracy']:.3f} ({table.loc[best, 'num_of_gpus']}x "
-            f"{table.loc[best, 'gpu']}, batch {table.loc[best, 'batch_size']})"), True, curves)
+            f"{table.loc[best, 'gpu']}, batch {table.loc[best, 'batch_size']})"), True, curves, notes=notes)
     if deadline_hours is not None:
         in_time = reachable[reachable["hours"] <= deadline_hours]
         if in_time.empty:
             fastest = reachable["hours"].min()
             return Recommendation(reachable.iloc[:0], (
                 f"no configuration reaches {target_acc:.3f} within the deadline of {deadline_hours:g} h: "
-                f"the fastest needs {fastest:.2f} h"), True, curves)
+                f"the fastest needs {fastest:.2f} h"), True, curves, notes=notes)
         reachable = in_time
     ranked = reachable.sort_values(["cost", "hours"]).reset_index(drop=True)
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
@@ -158,7 +167,7 @@ def rank(advisor, model_name: str, target_acc: float, prices: dict, gpus=None, d
                f"{first['epochs']:.0f} epochs, {first['hours']:.2f} h, cost {first['cost']:.2f} {currency} "
                f"(80% range {cost_range(first)}); {reach_words(first)}")
     return Recommendation(ranked, message, False, {r: keep[i] for r, i in zip(ranked["rank"], reachable.sort_values(["cost", "hours"]).index)},
-                          units={**UNITS, "cost": currency, "cost_low": currency, "cost_high": currency})
+                          units={**UNITS, "cost": currency, "cost_low": currency, "cost_high": currency}, notes=notes)
 
 
 CONFIDENCE = 0.8
