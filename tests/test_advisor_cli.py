@@ -117,6 +117,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     ragged.write_text("gpu,price_per_gpu_hour\nP100,2\nP40,1,5\n")
     huge.write_text("gpu,price_per_gpu_hour\nP40,1e308\n")
     typo.write_text("gpu,price_per_gpu_hour\nP4O,1\n")
+    (tmp_path / "empty").mkdir()
     # Each case with a word its one line must hold, so a case that fails for another reason fails the test.
     cases = [UNKNOWN_MODEL,
              (("--model", "resnet50", "--target-acc", "0.7", "--gpus", "H100"), "no epoch logs for GPU 'H100'"),
@@ -124,6 +125,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(malformed)), "'cheap' is not a positive number"),
              (("--model", "resnet50", "--target-acc", "0.7", "--prices", str(tmp_path / "missing.csv")), "cannot read price file"),
              (("--model", "resnet50", "--target-acc", "0.7", "--data", str(bad_csv)), "logs.csv: lacks column(s)"),
+             # Beside the default logs, a folder without CSV files added nothing, in silence.
+             (("--model", "resnet50", "--target-acc", "0.7", "--data", str(tmp_path / "empty")), "no CSV files under"),
              (("--evaluate", "--max-folds", "1"), "--max-folds 1"),
              (("--serve", "--port", "99999"), "--port 99999"),  # was a traceback (OverflowError from bind)
              # These three printed argparse's whole usage, or were taken (a deadline of -1 h, --top 0).

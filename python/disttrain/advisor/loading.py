@@ -121,7 +121,10 @@ def _csv_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(Path(p) for p in glob.glob(str(path / "**" / "*.csv"), recursive=True))
+        found = sorted(Path(p) for p in glob.glob(str(path / "**" / "*.csv"), recursive=True))
+        if not found:  # beside the default logs, a folder of the wrong level added nothing, in silence
+            raise AdvisorInputError(f"no CSV files under '{path}' (a trainer's runs folder holds <run>/metrics.csv)")
+        return found
     raise AdvisorInputError(f"no such file or directory: '{path}'")
 
 
