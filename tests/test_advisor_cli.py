@@ -331,14 +331,17 @@ def test_a_priced_type_that_is_not_ranked_is_named(tmp_path, capsys):
     # A typo ('P1OO': a device of its own, without runs) and a data-sheet family without runs (A100,
     # ranked only when named in --gpus) were dropped from the ranking in silence.
     prices = tmp_path / "prices.csv"
-    prices.write_text("gpu,price_per_gpu_hour\nP40,1\nP1OO,0.01\nA100,2\n")
+    prices.write_text("gpu,price_per_gpu_hour\nP40,1\nP1OO,0.01\nA100,2\nV100-SMX2,3\nTesla P100-PCIE-16GB,2\n")
     code, stdout, stderr = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices))
     assert code == 0 and "cheapest: " in stdout, stderr
+    # And a name read as a family it does not name (the typo 'V100-SMX2' matches V100: V100-PCIE).
     assert stderr.splitlines() == [
+        f"disttrain advise: note: price file '{prices}' line 5: 'V100-SMX2' read as V100-PCIE (write the family's name to be sure)",
         "disttrain advise: note: 'P1OO' is priced but has no runs and no data sheet (a typo? give its runs with --data): not ranked",
         "disttrain advise: note: 'A100' is priced but has no runs: name it in gpus (--gpus A100) to rank it from its data sheet"]
     code, stdout, _ = advise_here(capsys, "--model", "resnet18", "--target-acc", "0.7", "--prices", str(prices), "--json")
-    assert code == 0 and [n.split("'")[1] for n in json.loads(stdout)["notes"]] == ["P1OO", "A100"]
+    notes = json.loads(stdout)["notes"]
+    assert code == 0 and [name in note for name, note in zip(("'V100-SMX2'", "'P1OO'", "'A100'"), notes)] == [True] * 3
 
 
 def test_evaluate_that_cannot_write_its_csv_prints_the_tables_then_one_line(tmp_path, capsys, monkeypatch):

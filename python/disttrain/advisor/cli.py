@@ -124,7 +124,8 @@ def _recommend(args) -> int:
     top = 10 if args.top is None else args.top
     if top < 1:
         raise AdvisorInputError(f"--top {top}: give at least 1 row")
-    prices = read_prices(args.prices) if args.prices else dict(DEFAULT_PRICES)
+    read_notes: list[str] = []
+    prices = read_prices(args.prices, read_notes) if args.prices else dict(DEFAULT_PRICES)
     gpus = None
     if args.gpus:
         gpus = []
@@ -136,6 +137,7 @@ def _recommend(args) -> int:
     advisor = Advisor.fit(_sources(args), cache=not args.no_cache)
     rec = advisor.recommend(args.model.lower(), args.target_acc, prices=prices, gpus=gpus,
                             deadline_hours=args.deadline_hours)
+    rec.notes[:0] = read_notes
     if args.json:
         print(json.dumps(rec.to_dict(), indent=1, default=float))
     else:

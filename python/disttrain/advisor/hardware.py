@@ -99,12 +99,14 @@ def has_data_sheet(family: str) -> bool:
     return family in GPU_TFLOPS and family not in NO_DATA_SHEET
 
 
-def read_prices(path: str | os.PathLike) -> dict[str, float]:
+def read_prices(path: str | os.PathLike, notes: list | None = None) -> dict[str, float]:
     """Reads a price table: a CSV with columns ``gpu`` and ``price_per_gpu_hour``.
 
     Args:
         path: CSV file; ``gpu`` may be a family ('V100-SXM2'), a full name, or a device outside
             the table (device_family: priced, it is a candidate once runs on it are given).
+        notes: if given, a line is appended for each name read as a family whose name it does
+            not hold ('V100' and the typo 'V100-SMX2' are read as V100-PCIE).
 
     Returns:
         dict family -> price in currency units per GPU-hour.
@@ -146,6 +148,9 @@ def read_prices(path: str | os.PathLike) -> dict[str, float]:
             raise AdvisorInputError(
                 f"price file '{path}' line {line}: GPU '{row['gpu']}' is family {family}, already priced on line "
                 f"{lines[family]}")
+        if notes is not None and family in GPU_TFLOPS and family.upper() not in row["gpu"].upper():
+            notes.append(f"price file '{path}' line {line}: '{row['gpu'].strip()}' read as {family} "
+                         f"(write the family's name to be sure)")
         prices[family] = price
         lines[family] = line
     return prices
