@@ -269,6 +269,27 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "cannot listen" in err and str(port) in err, err
 
 
+def test_a_resumed_peer_goes_on_with_its_metrics(tmp_path, capsys):
+    """A peer run again in its folder resumed its state but rewrote metrics.csv and peers.csv with
+    its new epochs only (the earlier ones lost) and trained -e more epochs; it now goes on from its
+    snapshot's epochs to -e in all, as the trainer does. Its folder is the only one made (the
+    checks made a stray <model>_<data>_b<batch> folder)."""
+    import pandas as pd
+
+    from disttrain.train_cli import main
+
+    args = ["--strategy", "decentralised", "-s", str(tmp_path), "--no-progress", "--listen", "127.0.0.1:0"]
+    assert main([*args, "-e", "1"]) == 0, capsys.readouterr().err
+    assert main([*args, "-e", "3"]) == 0, capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["small_cnn_digits_decentralised"]
+    run = tmp_path / "small_cnn_digits_decentralised"
+    metrics, peers = pd.read_csv(run / "metrics.csv"), pd.read_csv(run / "peers.csv")
+    assert list(metrics.iloc[:, 0]) == [0, 1, 2] and list(peers["epoch"]) == [0, 1, 2]
+    assert peers["wall_time_s"].is_monotonic_increasing
+    assert main([*args, "-e", "3"]) == 0  # done: nothing more to train, nothing lost
+    assert list(pd.read_csv(run / "metrics.csv").iloc[:, 0]) == [0, 1, 2]
+
+
 def test_config_rejects_attempts_below_one_and_an_infinite_outer_lr():
     """max_attempts 0 used to be accepted and silently disabled every round (training went on
     alone, never averaging); an infinite outer_lr made every parameter inf at the first round."""

@@ -256,7 +256,7 @@ def _train_one(args: argparse.Namespace, extra_columns: dict) -> dict:
     config = TrainerConfig(
         epochs=epochs, time_budget_hours=args.time_budget, batch_size=args.batch_size, num_workers=args.num_workers,
         save_location=args.save_location,
-        save_name=args.save_name or f"{args.model}_{args.dataset}_b{args.batch_size}",
+        save_name=run_name(args),
         snapshot_every_steps=args.snapshot_every, keep_snapshots=args.keep_snapshots, lr_scaling=args.lr_scaling,
         seed=args.seed, backend=args.backend, timeout_seconds=args.timeout, tensorboard=args.tensorboard,
         progress=not args.no_progress, resume=not args.no_resume,
@@ -345,6 +345,15 @@ def _backends() -> list[str]:
     return names
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """The run's folder inside -s/--save-location: --save-name, else one named after the run's
+    model, data set and batch size (a decentralised peer: its strategy)."""
+    if args.save_name:
+        return str(args.save_name)
+    kind = "decentralised" if args.strategy == "decentralised" else f"b{args.batch_size}"
+    return f"{args.model}_{args.dataset}_{kind}"
+
+
 def validate(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
     """Checks one run's options (from the command line or a configuration
     entry) before anything starts; raises :class:`ConfigError` naming the bad
@@ -414,8 +423,7 @@ def validate(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
             raise ConfigError(f"--save-name {args.save_name!r}: expected a relative folder name inside "
                               "-s/--save-location (no '..', not absolute)")
-    run_dir = os.path.join(args.save_location,
-                           str(args.save_name or f"{args.model}_{args.dataset}_b{args.batch_size}"))
+    run_dir = os.path.join(args.save_location, run_name(args))
     existing = _nearest_existing(run_dir)
     if not os.path.isdir(existing):
         raise ConfigError(f"-s/--save-location {args.save_location!r}: '{existing}' is a file, not a folder; the run "

@@ -863,6 +863,12 @@ PEER_COLUMNS = ["epoch", "wall_time_s", "train_loss", "test_loss", "test_acc", "
                 "failed_attempts", "rejections"]
 
 
+def _same_shapes(mine: dict, theirs: Any) -> bool:
+    """Whether a saved model state has this model's keys and shapes."""
+    return (isinstance(theirs, dict) and list(theirs) == list(mine)
+            and all(getattr(theirs[k], "shape", None) == v.shape for k, v in mine.items()))
+
+
 def _write_peer_rows(f: Any, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(f, PEER_COLUMNS)
     writer.writeheader()
@@ -880,6 +886,7 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
 
     import torch.nn.functional as F
 
+    from ..train_cli import run_name
     from ..train_metrics import write_metrics_csv
 
     config = DecentralisedConfig(
@@ -892,7 +899,7 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                     "that many samples from all peers together, so rounds (and learning) will be rare",
                     args.target_batch_size, len(train_set))
     host, _, port = (args.listen or "127.0.0.1:0").rpartition(":")
-    run_dir = os.path.join(args.save_location, args.save_name or f"{args.model}_{args.dataset}_decentralised")
+    run_dir = os.path.join(args.save_location, run_name(args))
     os.makedirs(os.path.join(run_dir, "snapshots"), exist_ok=True)
     own = os.path.join(run_dir, "snapshots", "peer.dtsnap")
     peer = Peer(model, optimizer, initial_peers=args.initial_peers or os.environ.get("DISTTRAIN_INITIAL_PEERS"),
@@ -909,17 +916,29 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
         if args.wait_for_peers:
             print(f"disttrain peer {peer.address}: waiting for {args.wait_for_peers} other peers", flush=True)
             peer.wait_for_peers(args.wait_for_peers, timeout=args.timeout)
-        if not args.no_resume and os.path.exists(own) and peer.round == 0 and not peer.live_peers():
-            try:
-                peer.restore(snapshot.load(own))
-            except DecentralisedError:
-                raise DecentralisedError(f"{own} is the snapshot of another model or optimizer (this run folder's "
-                                         "earlier run); use --no-resume or another --save-name") from None
-            log.info("resumed round %d from %s", peer.round, own)
+        saved = snapshot.load(own) if not args.no_resume and os.path.exists(own) else None
+        if saved is not None:
+            another = DecentralisedError(f"{own} is the snapshot of another model or optimizer (this run folder's "
+                                         "earlier run); use --no-resume or another --save-name")
+            if peer.round == 0 and not peer.live_peers():
+                try:
+                    peer.restore(saved)
+                except DecentralisedError:
+                    raise another from None
+                log.info("resumed round %d from %s", peer.round, own)
+            elif not _same_shapes(model.state_dict(), saved.get("model")):
+                raise another
+            # The peer's own epochs so far (a snapshot before 3 Dec 2026 has none): its metrics.csv and
+            # peers.csv go on from them, where a resumed peer rewrote them with its new epochs only.
+            run = saved.get("run") or {}
+            if run:
+                history = {k: list(run["history"][k]) for k in history}
+                rows = list(run["rows"])
         print(f"disttrain peer {peer.address} ({peer.peer_id}) started; {len(peer.live_peers())} other peers",
               flush=True)
         seed = int(hashlib.sha256(peer.peer_id.encode()).hexdigest()[:8], 16)
-        for epoch in range(epochs):
+        earlier_s = rows[-1]["wall_time_s"] if rows else 0.0
+        for epoch in range(len(history["train_loss"]), epochs):  # -e is the run's epochs in all, as the trainer's
             t0 = time.monotonic()
             if t0 - start >= budget:
                 break
@@ -940,7 +959,7 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
             history["test_loss"].append(test_loss)
             s = peer.stats
             sent, received = sum(s.bytes_sent), sum(s.bytes_received)
-            rows.append({"epoch": epoch, "wall_time_s": round(time.monotonic() - start, 3),
+            rows.append({"epoch": epoch, "wall_time_s": round(earlier_s + time.monotonic() - start, 3),
                          "train_loss": history["train_loss"][-1], "test_loss": test_loss, "test_acc": test_acc,
                          "rounds": s.rounds, "live_peers": len(peer.live_peers()), "peers_seen": len(s.peers_seen),
                          "mean_group_size": sum(s.group_sizes) / len(s.group_sizes) if s.group_sizes else 0,
@@ -954,7 +973,7 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
                                "optimizer": "SGD", "criterion": "CrossEntropyLoss", "num_epochs": epochs})
             write_atomically(os.path.join(run_dir, "peers.csv"), lambda f: _write_peer_rows(f, rows),
                              mode=0o666 & ~umask())
-            snapshot.save(own, peer.state())
+            snapshot.save(own, {**peer.state(), "run": {"history": history, "rows": rows}})
             if not args.no_progress:
                 print(f"peer {peer.address} epoch {epoch + 1}: loss {history['train_loss'][-1]:.4f}, test acc "
                       f"{test_acc:.4f}, round {peer.round}, {len(peer.live_peers()) + 1} peers live, mean group "
