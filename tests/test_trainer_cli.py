@@ -147,6 +147,20 @@ def test_train_configuration_file_entries(tmp_path, capsys):
     (tmp_path / "model.json").write_text(json.dumps([{"model_name": "resnet9000"}]))
     line = _train_error(capsys, ["-c", str(tmp_path / "model.json"), "-s", runs])
     assert "configuration 0" in line and "'resnet9000'" in line
+    # Two entries in one folder: the second resumed (0 epochs, exit 0) or replaced the first.
+    (tmp_path / "twice.json").write_text(json.dumps([{"model_name": "mlp"}, {"config_index": 0, "model_name": "mlp"}]))
+    line = _train_error(capsys, ["-c", str(tmp_path / "twice.json"), "-s", runs])
+    assert "configurations 0 and 1" in line and "'twice/config_0'" in line
+    # The epoch logs' own file: distribute_data true is what the trainer does, false it cannot do.
+    (tmp_path / "split.json").write_text(json.dumps([{"model_name": "mlp", "distribute_data": True},
+                                                     {"model_name": "mlp", "distribute_data": False}]))
+    assert "configuration 1" in _train_error(capsys, ["-c", str(tmp_path / "split.json"), "-s", runs])
+    # Each file's runs in a folder named after it (another file's config_0 was this one's).
+    (tmp_path / "sweep.json").write_text(json.dumps([{"model_name": "mlp", "distribute_data": True}]))
+    _, checked = train_cli._checked_runs(["-c", str(tmp_path / "sweep.json"), "-s", runs])
+    assert [run.save_name for run, _ in checked] == ["sweep/config_0"]
+    _, checked = train_cli._checked_runs(["-c", str(tmp_path / "sweep.json"), "-s", runs, "--save-name", "mine"])
+    assert [run.save_name for run, _ in checked] == ["mine/config_0"]
 
 
 def test_good_configurations_pass(tmp_path):
@@ -234,6 +248,19 @@ def test_full_disk_and_another_model_are_one_line(tmp_path):
     assert other.returncode == 1, other.stdout + other.stderr
     line = _one_line(other.stderr)
     assert "cannot resume from" in line and "another model ('small_cnn')" in line and "--no-resume" in line
+    # Files that pass the checks before launch but cannot be read (a truncated batch) were a traceback.
+    _fake_cifar(str(tmp_path / "cifar"))
+    other = _train(tmp_path, "--dataset", "cifar10", "-d", str(tmp_path / "cifar"), "--save-name", "new")
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert "data_batch_1' is not a CIFAR-10 python-pickle batch" in _one_line(other.stderr)
+    # The same model on another data set went on in silence, its epochs labelled with the new one.
+    from test_data import _cifar_batches
+
+    (tmp_path / "real").mkdir()
+    _cifar_batches(tmp_path / "real")
+    other = _train(tmp_path, "--dataset", "cifar10", "-d", str(tmp_path / "real"))
+    assert other.returncode == 1, other.stdout + other.stderr
+    assert "trained on the data set 'digits', this run is on 'cifar10'" in _one_line(other.stderr)
     assert _train(tmp_path, "-m", "mlp", "--no-resume").returncode == 0
 
 

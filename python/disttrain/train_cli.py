@@ -38,7 +38,8 @@ _CONFIG_KEYS = {  # configuration-file key -> option; keys of ../shared/data/epo
     "lr_scaling": "lr_scaling", "save_name": "save_name",
 }
 # Describe the launch (nodes, GPUs, backend), which the launcher decides, not the configuration.
-_LAUNCH_KEYS = {"config_index", "is_distributed", "distributed_strategy", "num_of_nodes", "num_of_gpus"}
+_LAUNCH_KEYS = {"config_index", "is_distributed", "distributed_strategy", "num_of_nodes", "num_of_gpus",
+                "distribute_data"}
 
 
 #: Exit status of a configuration error (as argparse's): bad input, not a crash; nothing was started.
@@ -49,6 +50,11 @@ STRATEGIES = ("ddp", "fsdp", "torch_ddp", "decentralised", "none")
 
 class ConfigError(ValueError):
     """A bad option value or configuration entry; the message names it and what is accepted."""
+
+
+class DataSetError(Exception):
+    """A data set whose files passed the checks before launch but cannot be used once read (a
+    truncated CIFAR-10 batch, an image folder with too few images for a test split): one line."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -99,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
     p.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-resume", action="store_true", help="ignore existing snapshots")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over: delete the run folder's snapshots of an earlier run (its metrics.csv and "
+                        "best_model.dts are replaced by this run's)")
     d = p.add_argument_group("decentralised peers (--strategy decentralised)")
     d.add_argument("--initial-peers", default=None, metavar="HOST:PORT,...",
                    help="peers to meet first (default: DISTTRAIN_INITIAL_PEERS; none: this peer is the first)")
@@ -206,8 +214,22 @@ def _configurations(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                 setattr(run, _CONFIG_KEYS[key], value)
         index = entry.get("config_index", i)
         if "save_name" not in entry:
-            run.save_name = f"{args.save_name or 'configs'}/config_{index}"
+            # Named after the file: another file's config_0 resumed this one's finished run (0 epochs
+            # trained, exit 0) or, with --no-resume, replaced it.
+            prefix = args.save_name or os.path.splitext(os.path.basename(args.configuration_file))[0] or "configs"
+            run.save_name = f"{prefix}/config_{index}"
+        if entry.get("distribute_data") is False:
+            raise ConfigError(f"configuration {i} in '{args.configuration_file}': distribute_data false (every rank "
+                              "trains on the whole data set) is not what disttrain train does: it splits the data "
+                              "across the ranks (distribute_data true)")
         runs.append((run, {"config_index": index}))
+    names = [run.save_name for run, _ in runs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        first, second = [i for i, n in enumerate(names) if n == twice][:2]
+        raise ConfigError(f"configurations {first} and {second} in '{args.configuration_file}' would share the run "
+                          f"folder '{twice}' (the second resumes, or replaces, the first): give each its own "
+                          "config_index or save_name")
     return runs
 
 
@@ -235,8 +257,11 @@ def _model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     from . import data
 
     torch.manual_seed(args.seed)  # the model's initial weights
-    train_set, num_classes, shape = data.get_dataset(args.dataset, args.data, True, args.image_size)
-    val_set, _, _ = data.get_dataset(args.dataset, args.data, False, args.image_size)
+    try:
+        train_set, num_classes, shape = data.get_dataset(args.dataset, args.data, True, args.image_size)
+        val_set, _, _ = data.get_dataset(args.dataset, args.data, False, args.image_size)
+    except (ValueError, FileNotFoundError) as e:  # what data.py raises for files it cannot use
+        raise DataSetError(f"-d/--data {args.data!r}: {e}") from None
     model = build_model(args.model, num_classes, shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -545,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                 decentralised.run_from_args(run, *_model_and_data(run),
                                             {"model_name": run.model, "dataset": run.dataset, "config_index": "",
                                              **columns})
-        except decentralised.DecentralisedError as e:  # a busy --listen port, another model's snapshot: one line
+        except (decentralised.DecentralisedError, DataSetError) as e:  # a busy --listen port, another model's snapshot
             return _run_error(str(e))
         return 0
 
@@ -559,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for run, columns in runs:
             _train_one(run, columns)
-    except ResumeError as e:  # the run folder's snapshot is of another model: one line, not a traceback
+    except (ResumeError, DataSetError) as e:  # the run folder's snapshot is of another model: one line, not a traceback
         return _run_error(str(e))
     except OSError as e:
         if e.errno not in _STORAGE_ERRNOS:

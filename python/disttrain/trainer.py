@@ -552,6 +552,14 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ResumeError(f"cannot resume from '{path}': not a disttrain trainer snapshot; start over with "
                               "--no-resume (resume=False) or use another --save-name")
+        # Another data set's run with the same model (ten classes both) went on in silence, its
+        # epochs then labelled with this data set in metrics.csv.
+        configuration = state.get("configuration")
+        saved_columns: dict[str, Any] = configuration if isinstance(configuration, dict) else {}
+        saved_data, data = saved_columns.get("dataset"), self._columns.get("dataset")
+        if saved_data is not None and data is not None and saved_data != data:
+            raise ResumeError(f"cannot resume from '{path}': it was trained on the data set '{saved_data}', this run "
+                              f"is on '{data}'; start over with --no-resume (resume=False) or use another --save-name")
         # Keys and shapes (fsdp: the parameters' keys, whose shapes its load checks before any
         # collective, and the buffers, which the wrapped module still holds, with their shapes).
         if self.sharded:
@@ -561,8 +569,7 @@ class Trainer:
             current = self.module.state_dict()
         mismatch = _state_mismatch(state.get("model"), current)
         if mismatch is not None:
-            made_with = state.get("configuration", {}).get("model_name") if isinstance(
-                state.get("configuration"), dict) else None
+            made_with = saved_columns.get("model_name")
             raise ResumeError(f"cannot resume from '{path}': it holds another model"
                               + (f" ('{made_with}')" if made_with else "") + f" ({mismatch}); resume with the "
                               "model it was made with, or start over with --no-resume (resume=False) "
@@ -651,7 +658,7 @@ class Trainer:
         if changed:
             self._say("disttrain: resuming with the snapshot's " + ", ".join(
                 f"{k} {saved[k]!r}" for k in changed) + " (given now: " + ", ".join(
-                f"{self._columns[k]!r}" for k in changed) + f"; they apply to a new run: --no-resume or another "
+                f"{self._columns[k]!r}" for k in changed) + "; they apply to a new run: --no-resume or another "
                 "--save-name)")
         for k in changed:
             self._columns[k] = saved[k]
