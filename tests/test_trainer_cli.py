@@ -5,8 +5,10 @@ launched, so no launcher restarts a configuration error as if it were a crash.""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -84,6 +86,8 @@ def _train_error(capsys, argv):
     (["-w", "-1"], "-w/--num-workers -1"),
     (["--image-size", "0"], "--image-size 0"),
     (["--timeout", "0"], "--timeout 0"),
+    (["--timeout", "1e14"], "--timeout 1e+14: expected a number > 0 and <= 1e+09"),  # was timedelta's OverflowError
+    (["--seed", str(2**64)], f"--seed {2**64}: expected a whole number >= 0 and <= {2**63 - 1}"),  # was torch's
     (["--nproc-per-node", "0"], "--nproc-per-node 0"),
     (["--max-restarts", "-1"], "--max-restarts -1"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
@@ -161,6 +165,13 @@ def test_train_configuration_file_entries(tmp_path, capsys):
     assert [run.save_name for run, _ in checked] == ["sweep/config_0"]
     _, checked = train_cli._checked_runs(["-c", str(tmp_path / "sweep.json"), "-s", runs, "--save-name", "mine"])
     assert [run.save_name for run, _ in checked] == ["mine/config_0"]
+
+
+def test_a_save_location_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    # '--save-location=~/runs' (no shell expansion after '=') made a folder named '~', as -d did not.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, runs = train_cli._checked_runs(["--save-location=~/runs", "-m", "mlp"])
+    assert runs[0][0].save_location == str(tmp_path / "runs")
 
 
 def test_good_configurations_pass(tmp_path):
@@ -262,6 +273,24 @@ def test_full_disk_and_another_model_are_one_line(tmp_path):
     assert other.returncode == 1, other.stdout + other.stderr
     assert "trained on the data set 'digits', this run is on 'cifar10'" in _one_line(other.stderr)
     assert _train(tmp_path, "-m", "mlp", "--no-resume").returncode == 0
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT) in a one-process run was a KeyboardInterrupt traceback."""
+    environment = dict(os.environ, PYTHONPATH=package_pythonpath())
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        environment.pop(var, None)
+    proc = subprocess.Popen([sys.executable, "-m", "disttrain.cli", "train", "--no-progress", "-e", "1000", "-s",
+                             str(tmp_path), "--save-name", "run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=environment)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("disttrain train: interrupted"), err
+    assert _train(tmp_path, "-e", "1").returncode == 0  # the run folder is whole: it resumes (and is done)
 
 
 def test_sigterm_to_the_launching_command_reaches_the_ranks(tmp_path):

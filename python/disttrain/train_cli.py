@@ -300,15 +300,18 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def _need_int(option: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ConfigError(f"{option} {value!r}: expected a whole number >= {minimum}")
+def _need_int(option: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(f"{option} {value!r}: expected a whole number >= {minimum}"
+                          + (f" and <= {maximum}" if maximum is not None else ""))
 
 
-def _need_number(option: str, value: Any, minimum: float, inclusive: bool) -> None:
-    if not _is_number(value) or value < minimum or (value == minimum and not inclusive):
+def _need_number(option: str, value: Any, minimum: float, inclusive: bool, maximum: float | None = None) -> None:
+    if (not _is_number(value) or value < minimum or (value == minimum and not inclusive)
+            or (maximum is not None and value > maximum)):
         shown = f"{value:g}" if isinstance(value, float) else repr(value)
-        raise ConfigError(f"{option} {shown}: expected a number {'>=' if inclusive else '>'} {minimum:g}")
+        raise ConfigError(f"{option} {shown}: expected a number {'>=' if inclusive else '>'} {minimum:g}"
+                          + (f" and <= {maximum:g}" if maximum is not None else ""))
 
 
 def _nearest_existing(path: str) -> str:
@@ -415,10 +418,10 @@ def validate(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
         raise ConfigError(f"--lr-scaling {args.lr_scaling!r}: choose from linear, sqrt, none")
     _need_int("--image-size", args.image_size, 1)
     _need_int("-w/--num-workers", args.num_workers, 0)
-    _need_int("--seed", args.seed, 0)
+    _need_int("--seed", args.seed, 0, 2**63 - 1)  # torch's generators take 64 bits (a larger one was a traceback)
     _need_int("--snapshot-every", args.snapshot_every, 0)
     _need_int("--keep-snapshots", args.keep_snapshots, 1)
-    _need_number("--timeout", args.timeout, 0, inclusive=False)
+    _need_number("--timeout", args.timeout, 0, inclusive=False, maximum=1e9)  # 31 years: 1e14 overflowed timedelta
     if args.nproc_per_node is not None:
         _need_int("--nproc-per-node", args.nproc_per_node, 1)
     _need_int("--max-restarts", args.max_restarts, 0)
@@ -443,6 +446,7 @@ def validate(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
     # The run folder: SAVE_LOCATION/SAVE_NAME, a folder that exists or can be created.
     if not isinstance(args.save_location, str) or not args.save_location:
         raise ConfigError(f"-s/--save-location {args.save_location!r}: expected a folder")
+    args.save_location = os.path.expanduser(args.save_location)  # as -d is ('--save-location=~/runs' made a '~')
     if args.save_name is not None:
         name = str(args.save_name)
         if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
@@ -530,6 +534,13 @@ def _run_error(message: str) -> int:
     return RUN_ERROR_EXIT
 
 
+def _interrupted() -> int:
+    """Ctrl-C in a rank (the terminal signals every rank): one line, where it was a traceback per rank."""
+    print("disttrain train: interrupted; the run folder keeps its last complete snapshot, from which the same "
+          "command resumes", file=sys.stderr, flush=True)
+    return 128 + signal.SIGINT
+
+
 def _config_error(message: str) -> int:
     print(f"disttrain train: error: {message}", file=sys.stderr, flush=True)
     return CONFIG_ERROR_EXIT
@@ -572,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                                              **columns})
         except (decentralised.DecentralisedError, DataSetError) as e:  # a busy --listen port, another model's snapshot
             return _run_error(str(e))
+        except KeyboardInterrupt:
+            return _interrupted()
         return 0
 
     import torch.distributed as dist
@@ -586,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             _train_one(run, columns)
     except (ResumeError, DataSetError) as e:  # the run folder's snapshot is of another model: one line, not a traceback
         return _run_error(str(e))
+    except KeyboardInterrupt:
+        return _interrupted()
     except OSError as e:
         if e.errno not in _STORAGE_ERRNOS:
             raise
