@@ -246,6 +246,10 @@ def test_cli_rejects_bad_decentralised_options(tmp_path, capsys):
         (("--strategy", "decentralised", "--nproc-per-node", "2"), "one process"),
         (("--strategy", "decentralised", "--wait-for-peers", "-1"), "--wait-for-peers"),
         (("--wait-for-peers", "2",), "applies to --strategy decentralised only"),
+        # The trainer's options a peer does not use were taken and ignored.
+        (("--strategy", "decentralised", "--milestones", "2,4"), "--milestones: does not apply to --strategy decentralised"),
+        (("--strategy", "decentralised", "--backend", "gloo"), "--backend: does not apply"),
+        (("--strategy", "decentralised", "--tensorboard"), "--tensorboard: does not apply"),
     ]:
         assert main(["train", *args, "-s", str(tmp_path)][1:]) == 2, args
         err = capsys.readouterr().err
@@ -267,6 +271,10 @@ def test_cli_run_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and "cannot listen" in err and str(port) in err, err
+    # A batch larger than the data set trained no step and logged a loss of 0.
+    assert main(["--strategy", "decentralised", "-b", "5000", "-e", "1", "-s", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "-b/--batch-size 5000 is more than the data set's" in err, err
 
 
 def test_a_resumed_peer_goes_on_with_its_metrics(tmp_path, capsys):

@@ -501,6 +501,15 @@ def _check_decentralised(args: argparse.Namespace) -> None:
     if args.nproc_per_node is not None:
         raise ConfigError("--nproc-per-node: a decentralised peer is one process; start one `disttrain train "
                           "--strategy decentralised` per peer")
+    # The trainer's options that a peer does not use were taken and ignored in silence.
+    ignored = {"--milestones": args.milestones not in ("", []), "--gamma": args.gamma != 0.1,
+               "--lr-scaling": args.lr_scaling != "linear", "--snapshot-every": args.snapshot_every != 0,
+               "--keep-snapshots": args.keep_snapshots != 3, "--tensorboard": bool(args.tensorboard),
+               "--backend": args.backend != "disttrain"}
+    given = [name for name, changed in ignored.items() if changed]
+    if given:
+        raise ConfigError(f"{given[0]}: does not apply to --strategy decentralised (a peer keeps its learning rate, "
+                          "snapshots after each epoch and talks to its peers over its own TCP links)")
     if args.local_steps is not None and args.target_batch_size is not None:
         raise ConfigError("--local-steps and --target-batch-size: choose one (DiLoCo or hivemind rounds)")
     if args.local_steps is not None:

@@ -894,6 +894,9 @@ def run_from_args(args: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
         target_batch_size=args.target_batch_size, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum,
         min_group_size=args.min_group_size, matchmaking_window=args.matchmaking_window,
         compression=args.compression, round_timeout=args.timeout)
+    if args.batch_size > len(train_set):  # whole batches only: no step at all, and a loss of 0 logged
+        raise DecentralisedError(f"-b/--batch-size {args.batch_size} is more than the data set's {len(train_set)} "
+                                 "training samples: a peer trains on whole batches only")
     if args.target_batch_size and args.target_batch_size > len(train_set):
         log.warning("--target-batch-size %d is more than one peer's whole epoch (%d samples): each round waits for "
                     "that many samples from all peers together, so rounds (and learning) will be rare",
