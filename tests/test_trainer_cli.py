@@ -167,6 +167,14 @@ def test_train_configuration_file_entries(tmp_path, capsys):
     assert [run.save_name for run, _ in checked] == ["mine/config_0"]
 
 
+def test_a_stray_rank_variable_is_one_line(tmp_path, capsys, monkeypatch):
+    # RANK left in the shell without WORLD_SIZE: disttrain.init's ValueError was a traceback.
+    monkeypatch.setenv("RANK", "0")
+    for var in ("WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert "RANK is set but WORLD_SIZE is not" in _train_error(capsys, ["-s", str(tmp_path), "-e", "1"])
+
+
 def test_a_save_location_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     # '--save-location=~/runs' (no shell expansion after '=') made a folder named '~', as -d did not.
     monkeypatch.setenv("HOME", str(tmp_path))

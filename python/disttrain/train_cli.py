@@ -428,8 +428,8 @@ def validate(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
     if args.strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {args.strategy!r}: choose from {', '.join(STRATEGIES)}")
     _check_decentralised(args)
+    ranks = _job_ranks(args, environ)  # and malformed launcher variables, one line
     if args.strategy == "none":
-        ranks = _job_ranks(args, environ)
         if ranks > 1:
             raise ConfigError(f"--strategy none: trains the model unwrapped on one rank, and the job has {ranks} ranks; "
                               "start one process (no --nproc-per-node) or choose --strategy ddp")
@@ -481,8 +481,8 @@ def _job_ranks(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
 
     try:
         env = launch_environment(environ)
-    except ValueError:  # malformed launcher variables: disttrain.init names them
-        env = None
+    except ValueError as e:  # malformed launcher variables (a stray RANK without WORLD_SIZE): was a traceback
+        raise ConfigError(str(e)) from None
     if env is not None:
         return int(env["world_size"])
     return args.nproc_per_node if _is_int(args.nproc_per_node) else 1
